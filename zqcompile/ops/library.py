@@ -1,0 +1,141 @@
+"""The zq op schemas: one torch.library custom op per quantized operation, with its reference
+implementation (plain torch, runs on any device; the spec every backend is tested against) and its fake
+implementation (shapes and dtypes only, for torch.export and fake-tensor checks).
+
+Faster backends register kernels for these same ops (zqcompile/plugins for CUDA) and translations
+(zqcompile/backends for ONNX / TensorRT). Outputs a node does not need are returned as 0-element tensors
+(flags `emit_out`, `emit_sum`) so one schema serves every variant of a fused op.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import quant_math as qm
+
+NAMESPACE = "zq"
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+# ---- activation quantization ---------------------------------------------------------------------------
+@torch.library.custom_op("zq::quantize_per_token", mutates_args=())
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [..., K] float -> (int8 [..., K], fp32 scale [..., 1]); dynamic, one scale per token."""
+    return qm.quantize_per_token(x)
+
+
+@quantize_per_token.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("zq::quantize_per_tensor", mutates_args=())
+def quantize_per_tensor(x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Static INT8 with a calibrated 0-d scale; the per-row scale output keeps the GEMM op uniform."""
+    return qm.quantize_per_tensor(x, scale)
+
+
+@quantize_per_tensor.register_fake
+def _(x, scale):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("zq::dequantize_per_token", mutates_args=())
+def dequantize_per_token(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """Unfused QDQ form (between the insert and fuse passes): int8 rows * scale -> float."""
+    return qm.dequantize_rows(q, scale, dtype)
+
+
+@dequantize_per_token.register_fake
+def _(q, scale, dtype):
+    return q.new_empty(q.shape, dtype=dtype)
+
+
+@torch.library.custom_op("zq::dequantize_weight", mutates_args=())
+def dequantize_weight(wq: Tensor, w_scale: Tensor, w_bits: int, dtype: torch.dtype) -> Tensor:
+    """Unfused QDQ form of a quantized weight: [N, K] (or packed [N, K/2]) -> float [N, K]."""
+    return qm.dequantize_weight(wq, w_scale, w_bits, dtype)
+
+
+@dequantize_weight.register_fake
+def _(wq, w_scale, w_bits, dtype):
+    k = wq.shape[1] * (2 if w_bits == 4 else 1)
+    return wq.new_empty((wq.shape[0], k), dtype=dtype)
+
+
+# ---- producers fused with quantization -----------------------------------------------------------------
+@torch.library.custom_op("zq::norm_quant", mutates_args=())
+def norm_quant(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
+               kind: str, emit_out: bool, emit_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """h = x (+ residual); y = LayerNorm/RMSNorm(h) -> (int8 y, per-token scales, y if emit_out,
+    h if emit_sum). kind: "layer" | "rms". One pass over the row in a kernel."""
+    h = x if residual is None else x + residual
+    y = qm.norm(h, weight, bias, eps, kind)
+    q, s = qm.quantize_per_token(y)
+    return q, s, (y if emit_out else _empty(x)), (h.clone() if emit_sum and residual is not None else _empty(x))
+
+
+@norm_quant.register_fake
+def _(x, residual, weight, bias, eps, kind, emit_out, emit_sum):
+    out = x.new_empty(x.shape) if emit_out else x.new_empty((0,))
+    hsum = x.new_empty(x.shape) if emit_sum and residual is not None else x.new_empty((0,))
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
+            out, hsum)
+
+
+@torch.library.custom_op("zq::act_quant", mutates_args=())
+def act_quant(x: Tensor, bias: Optional[Tensor], gate: Optional[Tensor], act: str,
+              emit_out: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """y = act(x + bias), or act(gate) * x -> (int8 y, per-token scales, y if emit_out)."""
+    y = qm.act_producer(x, bias, gate, act)
+    q, s = qm.quantize_per_token(y)
+    return q, s, (y if emit_out else _empty(x))
+
+
+@act_quant.register_fake
+def _(x, bias, gate, act, emit_out):
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
+            x.new_empty(x.shape) if emit_out else x.new_empty((0,)))
+
+
+# ---- GEMMs with the dequantization fused ---------------------------------------------------------------
+@torch.library.custom_op("zq::int8_gemm_dequant", mutates_args=())
+def int8_gemm_dequant(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                      residual: Optional[Tensor], act: str, w_bits: int, out_dtype: torch.dtype) -> Tensor:
+    """int8 x [..., K] (per-token scales [..., 1]) times INT8/INT4 W [N, K] (scales [N, K/group_k]) ->
+    (acc * x_scale * w_scale) (+ bias) -> act -> (+ residual), written once in out_dtype."""
+    return qm.int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype)
+
+
+@int8_gemm_dequant.register_fake
+def _(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype):
+    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("zq::weight_only_gemm", mutates_args=())
+def weight_only_gemm(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                     act: str, w_bits: int) -> Tensor:
+    """Float x times INT8/INT4 W (A16: weights dequantized in the mainloop) -> epilogue as above."""
+    return qm.weight_only_gemm(x, wq, w_scale, bias, residual, act, w_bits)
+
+
+@weight_only_gemm.register_fake
+def _(x, wq, w_scale, bias, residual, act, w_bits):
+    return x.new_empty((*x.shape[:-1], wq.shape[0]))
+
+
+OPS = {
+    "quantize_per_token": torch.ops.zq.quantize_per_token.default,
+    "quantize_per_tensor": torch.ops.zq.quantize_per_tensor.default,
+    "dequantize_per_token": torch.ops.zq.dequantize_per_token.default,
+    "dequantize_weight": torch.ops.zq.dequantize_weight.default,
+    "norm_quant": torch.ops.zq.norm_quant.default,
+    "act_quant": torch.ops.zq.act_quant.default,
+    "int8_gemm_dequant": torch.ops.zq.int8_gemm_dequant.default,
+    "weight_only_gemm": torch.ops.zq.weight_only_gemm.default,
+}

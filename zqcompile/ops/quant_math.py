@@ -1,0 +1,185 @@
+"""The quantization formulas, written once. Every reference op, pass, exporter and test imports these.
+
+Conventions (the contract the CUDA kernels and the ONNX/TensorRT translations implement):
+- Symmetric INT8 activations, per token (row of the last dim): amax = max|x_row| in fp32,
+  amax_c = max(amax, EPS), scale = amax_c / 127, q = clamp(round_half_even(x * (127 / amax_c)), -127, 127).
+  Multiplying by the reciprocal (not dividing) is what the kernels do, so the reference does it too.
+- Static per-tensor INT8: the same with one calibrated scale: q = clamp(round(x * (1 / scale)), -127, 127).
+- Weights W [N, K] (out, in): symmetric, qmax = 127 (INT8) or 7 (INT4); scales of shape [N, K // group_k]
+  in fp32 (row groups and per-tensor: group_k = K, the scale expanded to each row, the layout the GEMM
+  epilogue reads per output column). INT4 packs two values per byte along K: element 2j in the low
+  nibble, 2j+1 in the high nibble, two's complement.
+- GEMM: acc = sum_k xq * wq computed exactly (int32 in kernels; float64 here, exact for these ranges),
+  with K-group scales applied per group; y = acc * x_scale[m] (* w_scale[n, g]) (+ bias) -> act -> (+ residual).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-8  # an all-zero token quantizes to zeros with a tiny (not zero) scale
+QMAX = {8: 127, 4: 7}
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "silu")
+
+
+def token_scale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (last dim) amax -> (scale [..., 1], inverse multiplier [..., 1]), both fp32."""
+    amax = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(EPS)
+    return amax / 127.0, 127.0 / amax
+
+
+def quantize_rows(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+    return torch.round(x.float() * inv_scale).clamp_(-127, 127).to(torch.int8)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale, inv = token_scale(x)
+    return quantize_rows(x, inv), scale
+
+
+def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static: one calibrated scale (0-d fp32). Returns per-row scales too so the GEMM op is uniform."""
+    s = scale.float().reshape(())
+    q = quantize_rows(x, 1.0 / s)
+    return q, s.expand(*x.shape[:-1], 1).clone()
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale).to(dtype)
+
+
+def calibrated_scale(amax: float) -> float:
+    return max(float(amax), EPS) / 127.0
+
+
+# ---- weights ------------------------------------------------------------------------------------------
+def weight_group_k(shape: tuple[int, int], granularity: str, group_size: int | None) -> int:
+    """Elements along K that share one scale (K for row groups and per-tensor)."""
+    _, k = shape
+    if granularity == "k_groups":
+        g = group_size or 128
+        return min(g, k)
+    return k
+
+
+def quantize_weight(w: torch.Tensor, bits: int, granularity: str = "row_groups",
+                    num_groups: int | None = None, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] float -> (wq int8 [N, K] or packed uint8 [N, K/2], scale fp32 [N, K // group_k]).
+
+    Shape errors (groups not dividing the dims) raise ValueError; callers add the module name."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    qmax = QMAX[bits]
+    wf = w.detach().float()
+    if granularity == "tensor":
+        amax = wf.abs().amax().clamp_min(EPS).expand(n, 1)
+    elif granularity == "row_groups":
+        g = n if num_groups is None else num_groups
+        if n % g:
+            raise ValueError(f"num_groups={g} does not divide the {n} output rows")
+        amax = wf.reshape(g, n // g * k).abs().amax(dim=1).clamp_min(EPS).repeat_interleave(n // g).reshape(n, 1)
+    elif granularity == "k_groups":
+        gk = weight_group_k((n, k), granularity, group_size)
+        if k % gk:
+            raise ValueError(f"group_size={gk} does not divide K={k}")
+        amax = wf.reshape(n, k // gk, gk).abs().amax(dim=2).clamp_min(EPS)
+    else:
+        raise ValueError(f"unknown granularity {granularity!r}")
+    scale = (amax / qmax).contiguous()
+    gk = k // scale.shape[1]
+    q = torch.round(wf / scale.repeat_interleave(gk, dim=1)).clamp_(-qmax, qmax).to(torch.int8)
+    if bits == 4:
+        if k % 2:
+            raise ValueError(f"INT4 packing needs an even K, got K={k}")
+        q = pack_int4(q)
+    return q, scale
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    lo = q[:, 0::2].to(torch.int16) & 0xF
+    hi = q[:, 1::2].to(torch.int16) & 0xF
+    return (lo | (hi << 4)).to(torch.uint8)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    v = p.to(torch.int16)
+    lo = v & 0xF
+    hi = (v >> 4) & 0xF
+    lo = torch.where(lo >= 8, lo - 16, lo)
+    hi = torch.where(hi >= 8, hi - 16, hi)
+    return torch.stack([lo, hi], dim=-1).reshape(p.shape[0], p.shape[1] * 2).to(torch.int8)
+
+
+def weight_int8(wq: torch.Tensor, bits: int) -> torch.Tensor:
+    return unpack_int4(wq) if bits == 4 else wq
+
+
+def dequantize_weight(wq: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    q = weight_int8(wq, bits).float()
+    gk = q.shape[1] // scale.shape[1]
+    return (q * scale.float().repeat_interleave(gk, dim=1)).to(dtype)
+
+
+# ---- GEMM and epilogues -------------------------------------------------------------------------------
+def apply_act(y: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "none":
+        return y
+    if act == "gelu":
+        return F.gelu(y)
+    if act == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if act == "relu":
+        return F.relu(y)
+    if act == "silu":
+        return F.silu(y)
+    raise ValueError(f"unknown activation {act!r}; known: {ACTIVATIONS}")
+
+
+def epilogue(y: torch.Tensor, bias: torch.Tensor | None, act: str, residual: torch.Tensor | None,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    """fp32 accumulator (already scaled) -> + bias -> act -> + residual -> out dtype."""
+    if bias is not None:
+        y = y + bias.float()
+    y = apply_act(y, act)
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(out_dtype)
+
+
+def int_gemm_scaled(xq: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """sum over K-groups of (xq @ wq_g^T) * w_scale[:, g]: exact in float64 -> fp32 [..., N]."""
+    w = weight_int8(wq, bits).double()
+    gk = w.shape[1] // w_scale.shape[1]
+    w = w * w_scale.double().repeat_interleave(gk, dim=1)
+    return (xq.double() @ w.t()).float()
+
+
+def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out_dtype):
+    return epilogue(int_gemm_scaled(xq, wq, w_scale, w_bits) * x_scale.float(), bias, act, residual, out_dtype)
+
+
+def weight_only_gemm(x, wq, w_scale, bias, residual, act: str, w_bits: int):
+    w = dequantize_weight(wq, w_scale, w_bits, torch.float32)
+    return epilogue(x.float() @ w.t(), bias, act, residual, x.dtype)
+
+
+# ---- producers that the quantization fuses into -------------------------------------------------------
+def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str) -> torch.Tensor:
+    if kind == "layer":
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    if kind == "rms":
+        # Hugging Face LlamaRMSNorm: normalise in fp32, cast back, then scale.
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return weight * y
+    raise ValueError(f"unknown norm kind {kind!r}")
+
+
+def act_producer(x: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor | None, act: str) -> torch.Tensor:
+    """act(x + bias), or act(gate) * x when gate is given (SiLU-gated MLPs)."""
+    if bias is not None:
+        x = x + bias
+    if gate is not None:
+        return apply_act(gate, act) * x
+    return apply_act(x, act)
