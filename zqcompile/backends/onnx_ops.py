@@ -40,6 +40,9 @@ def empty_like(x):
 
 
 def dtype_of(x) -> int:
+    """ONNX dtype code of a value coming from the fx graph (values made inside a translator carry none)."""
+    if x.dtype is None:
+        raise ValueError(f"no dtype known for ONNX value {x.name!r}")
     return int(x.dtype)
 
 
@@ -172,7 +175,7 @@ def weight_only_gemm(x, wq, w_scale, bias, residual, act: str, w_bits: int):
 
 
 # ---- producers fused with quantization ------------------------------------------------------------------
-def norm(h, weight, bias, eps: float, kind: str):
+def norm(h, weight, bias, eps: float, kind: str, dtype: int):
     if kind == "layer":
         y = op.LayerNormalization(h, weight, bias, axis=-1, epsilon=eps)
         return y[0] if isinstance(y, (tuple, list)) else y
@@ -180,14 +183,14 @@ def norm(h, weight, bias, eps: float, kind: str):
         # Hugging Face RMSNorm: normalise in fp32, cast back to the input dtype, then scale
         hf = op.Cast(h, to=FLOAT)
         ms = op.ReduceMean(op.Mul(hf, hf), _ints(-1), keepdims=1)
-        y = op.Cast(op.Div(hf, op.Sqrt(op.Add(ms, _f(eps)))), to=dtype_of(h))
+        y = op.Cast(op.Div(hf, op.Sqrt(op.Add(ms, _f(eps)))), to=dtype)
         return op.Mul(weight, y)
     raise ValueError(f"no ONNX translation for norm kind {kind!r}")
 
 
 def norm_quant(x, residual, weight, bias, eps: float, kind: str, emit_out: bool, emit_sum: bool):
     h = x if residual is None else op.Add(x, residual)
-    y = norm(h, weight, bias, eps, kind)
+    y = norm(h, weight, bias, eps, kind, dtype_of(x))
     q, s = token_quant(y)
     out = y if emit_out else empty_like(x)
     hsum = op.Identity(h) if emit_sum and residual is not None else empty_like(x)
