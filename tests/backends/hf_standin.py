@@ -53,7 +53,9 @@ class _Logits(torch.nn.Module):
 
 
 def capture(model, ids: torch.Tensor) -> torch.fx.GraphModule:
-    dims = ({0: Dim("batch", max=64), 1: Dim("seq", max=120)},)
+    cfg = model.config
+    max_seq = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 128)
+    dims = ({0: Dim("batch", max=64), 1: Dim("seq", max=max_seq - 8)},)
     return torch.export.export(_Logits(model), (ids,), dynamic_shapes=dims, strict=False).module()
 
 
