@@ -147,14 +147,11 @@ def epilogue(y, bias, act: str, residual, out_dtype: int):
     return op.Cast(y, to=out_dtype)
 
 
-def int_gemm_scaled(xq, wq, w_scale, w_bits: int):
-    """fp32 [..., N] = sum over K-groups of (xq @ w_g^T) * w_scale[:, g], integer sums exact."""
+def int_gemm_k_groups(xq, wq, w_scale, w_bits: int):
+    """fp32 [..., N] = sum over K-groups of (xq @ w_g^T) * w_scale[:, g], integer sums exact, scaled in float64."""
     w = weight_int8(wq, w_bits)
     g = _num_groups(w_scale)
     s = op.Cast(w_scale, to=DOUBLE)
-    if g == 1:
-        acc = op.MatMulInteger(xq, op.Transpose(w, perm=[1, 0]))
-        return op.Cast(op.Mul(op.Cast(acc, to=DOUBLE), op.Reshape(s, _ints(-1))), to=FLOAT)
     # one int32 GEMM per K-group as a batched MatMulInteger: [G, M, gk] x [G, gk, N]
     k = _static_dim(wq, 1) * (2 if w_bits == 4 else 1)
     x2 = op.Transpose(op.Reshape(xq, _ints(-1, g, k // g)), perm=[1, 0, 2])
@@ -170,7 +167,7 @@ def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits
         acc = op.Cast(op.MatMulInteger(xq, op.Transpose(weight_int8(wq, w_bits), perm=[1, 0])), to=FLOAT)
         y = op.Mul(op.Mul(acc, op.Reshape(op.Cast(w_scale, to=FLOAT), _ints(-1))), op.Cast(x_scale, to=FLOAT))
         return epilogue(y, bias, act, residual, out_dtype)
-    y = op.Mul(int_gemm_scaled(xq, wq, w_scale, w_bits), op.Cast(x_scale, to=FLOAT))
+    y = op.Mul(int_gemm_k_groups(xq, wq, w_scale, w_bits), op.Cast(x_scale, to=FLOAT))
     return epilogue(y, bias, act, residual, out_dtype)
 
 
