@@ -108,6 +108,12 @@ def test_type_override_by_module_class():
         assert (g["kernel"] == "aten.linear") == (g["role"] in ("qkv", "head")), g
 
 
+def test_static_baseline_quant_nodes_are_reported_unfused():
+    e = engine_for("bert", "ptq-static")
+    reasons = [n for n in e.record.not_fused if n["candidate"] == "quantize_per_tensor"]
+    assert len(reasons) == sum(1 for n in e.gm.graph.nodes if n.target == zqops.quantize_per_tensor.default) > 0
+
+
 def test_outputs_keep_the_model_output_type():
     out = engine_for("gpt2", "w8a8")(ids(1, 5))
     assert type(out).__name__ == "CausalLMOutputWithCrossAttentions" and out.logits.shape == (1, 5, 1000)

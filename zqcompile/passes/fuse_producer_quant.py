@@ -126,5 +126,8 @@ def fuse_producer_quant(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                                           "no fused kernel for this producer: quantization runs as its own kernel"))
             continue
         rewritten += 1
+    for quant in calls(gm, zq.quantize_per_tensor.default):
+        ctx.not_fused.append(NotFused("quantize_per_tensor", fqn_of(quant),
+                                      "static per-tensor quantization (the PTQ baseline) runs as its own kernel"))
     gm.graph.lint()
     return PassResult(gm, rewritten > 0, matched, rewritten)
