@@ -130,8 +130,9 @@ class Generator:
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    return hasattr(model, "config") and any(a.endswith("ForCausalLM") for a in (
-        getattr(model.config, "architectures", None) or [type(model).__name__]))
+    """A Hugging Face model with a generation head (GPT2LMHeadModel, LlamaForCausalLM, OPTForCausalLM...)."""
+    can = getattr(model, "can_generate", None)
+    return hasattr(model, "config") and callable(can) and bool(can())
 
 
 def build_generator(model: nn.Module, cfg: QuantConfig, spec: CacheSpec,
