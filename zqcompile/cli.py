@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that live beside the feature they drive: (module, function adding a subparser).
-_EXTENSIONS: list[tuple[str, str]] = []
+_EXTENSIONS: list[tuple[str, str]] = [("generate_cli", "add_generate_command")]
 
 
 def main(argv: list[str] | None = None) -> int:
