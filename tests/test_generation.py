@@ -142,3 +142,20 @@ def test_encoder_engine_cannot_generate():
     engine = zq.compile(tiny_model("bert"), (make_ids(2, 8),), config="none")
     with pytest.raises(InputError, match="not compiled from a causal LM"):
         engine.generate(make_ids(1, 4))
+
+
+def test_generate_command_is_registered():
+    from zqcompile.cli import build_parser
+    args = build_parser().parse_args(["generate", "smollm2", "--prompt", "Hi", "--max-new-tokens", "7", "--chat"])
+    assert (args.model, args.prompt, args.max_new_tokens, args.chat, args.config) == ("smollm2", "Hi", 7, True, "w8a8")
+    assert args.fn.__name__ == "cmd_generate"
+
+
+def test_decode_graph_buckets_and_padding():
+    from zqcompile.decode_graphs import CudaGraphDecode, pad_rows
+    runner = CudaGraphDecode(lambda *a: None, CacheSpec(max_batch=8).buckets)
+    assert [runner.bucket_for(b) for b in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    with pytest.raises(ValueError, match="larger than the largest decode bucket 8"):
+        runner.bucket_for(9)
+    padded = pad_rows(torch.ones(3, 4, dtype=torch.long), 4)
+    assert padded.shape == (4, 4) and int(padded[3].sum()) == 0 and int(padded[:3].sum()) == 12
