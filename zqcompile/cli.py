@@ -97,25 +97,33 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="compile small built-in models and compare with fp32")
     d.add_argument("--real", action="store_true", help="run the real SmolLM2-135M model (needs the [real] extra)")
     d.set_defaults(fn=cmd_demo)
-    for mod, fn in _EXTENSIONS:
-        try:
-            module = __import__(f"zqcompile.{mod}", fromlist=[fn])
-        except ImportError:
-            continue
-        getattr(module, fn)(sub)
+    for add_command in _EXTENSIONS:
+        add_command(sub)
     return p
 
 
-# Commands that live beside the feature they drive: (module, function adding a subparser).
-_EXTENSIONS: list[tuple[str, str]] = [("generate_cli", "add_generate_command")]
+def _add_export(sub) -> None:
+    from .backends.cli_export import add_export_command
+    from .engine import load
+    add_export_command(sub, load)
+
+
+def _add_generate(sub) -> None:
+    from .generate_cli import add_generate_command
+    add_generate_command(sub)
+
+
+# Commands that live beside the feature they drive: each adds its subparser.
+_EXTENSIONS = [_add_export, _add_generate]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from . import CaptureError, ConfigError, EngineFileError, InputError, WeightError
     from .models import ModelLoadError
+    handler = getattr(args, "fn", None) or args.func
     try:
-        return args.fn(args)
+        return handler(args)
     except (ConfigError, CaptureError, InputError, WeightError, EngineFileError, ModelLoadError,
             FileNotFoundError, OSError) as e:
         print(f"zqcompile {args.command}: error: {e}", file=sys.stderr)

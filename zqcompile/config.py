@@ -151,6 +151,7 @@ class QuantConfig:
     roles: Mapping[str, GemmScheme] = field(default_factory=dict)
     overrides: Sequence[tuple[OverrideKey, GemmScheme | str]] = ()
     calibration_batches: int = 4
+    merge_gemms: bool = True  # q/k/v (and gate/up) with one input and one scheme run as one GEMM
     dynamic_batch: bool = True
     dynamic_seq: bool = True
 

@@ -46,8 +46,9 @@ class Engine:
         self.example_inputs = example_inputs
         self.snapshots = snapshots or []  # (pass name, graph text, graph html) after every pass
         self._gen_source = None  # (model, config) of a causal LM, kept only until the generation graphs exist
-        self._gen_spec = None
         self._generator = None
+        self.cuda_graphs = True  # on a CUDA device, replay one CUDA graph per input shape
+        self._graphs = None
 
     @property
     def input_names(self) -> list[str]:
@@ -55,12 +56,18 @@ class Engine:
 
     def __call__(self, *args, **kwargs):
         tensors = self.spec.bind(args, kwargs)
+        if self.cuda_graphs and tensors[0].is_cuda:
+            if self._graphs is None:
+                from .backends.cuda_graphs import ShapeBucketedGraphs
+                self._graphs = ShapeBucketedGraphs(self.gm)
+            return self._graphs(*tensors)
         with torch.no_grad():
             return self.gm(*tensors)
 
     def to(self, device: str | torch.device) -> "Engine":
         self.gm.to(device)
         self.example_inputs = tuple(t.to(device) for t in self.example_inputs)
+        self._graphs = None
         return self
 
     # ---- generation (causal LMs) -------------------------------------------------------------------------

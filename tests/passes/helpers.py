@@ -1,6 +1,8 @@
 """Run the pipeline up to a pass on a tiny hand-built module, to test one pass against eager numerics."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import fx, nn
 
@@ -27,10 +29,11 @@ def run_until(gm: fx.GraphModule, ctx: PassContext, last: str):
     raise KeyError(last)
 
 
-def before_and_after(module: nn.Module, inputs: tuple, config, last: str):
-    """(output before `last`, output after, its PassResult, gm, ctx)."""
+def before_and_after(module: nn.Module, inputs: tuple, config, last: str, merge_gemms: bool = False):
+    """(output before `last`, output after, its PassResult, gm, ctx). Sibling-GEMM merging is off unless
+    asked for, so each pass is seen on the separate q/k/v GEMMs."""
     gm = captured(module, *inputs)
-    ctx = PassContext(get_config(config), inputs)
+    ctx = PassContext(replace(get_config(config), merge_gemms=merge_gemms), inputs)
     names = [p.__name__ for p in PIPELINE]
     prev = names[names.index(last) - 1] if names.index(last) else None
     if prev:

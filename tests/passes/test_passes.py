@@ -96,6 +96,20 @@ def test_group_wise_weight_names_nan_parameter():
         before_and_after(m, inputs(), "w8a8", "group_wise_weight")
 
 
+def test_concat_sibling_gemms_merges_qkv_exactly():
+    m = Block()
+    b, a, res, gm, ctx = before_and_after(m, inputs(), "w8a8", "concat_sibling_gemms", merge_gemms=True)
+    assert res.rewritten == 1 and count(gm, aten.linear.default) == 3  # qkv, fc1, fc2
+    assert count(gm, aten.split_with_sizes.default) == 1
+    assert torch.allclose(a, b, atol=1e-6)
+    assert [g.fqn for g in ctx.gemms if g.role == "qkv"] == ["q_proj+k_proj+v_proj"]
+    assert ctx.fusions[0].kind == "concat:qkv" and ctx.fusions[0].replaced == ["q_proj", "k_proj", "v_proj"]
+    # different schemes are never merged
+    b, a, res, gm, ctx = before_and_after(m, inputs(), get_config("w8a8").with_overrides({"k_proj": "fp"}),
+                                          "concat_sibling_gemms", merge_gemms=True)
+    assert res.rewritten == 1 and [g.fqn for g in ctx.gemms if g.role == "qkv"].count("q_proj+v_proj") == 1
+
+
 def test_token_wise_quant_shares_one_quant_for_qkv():
     b, a, res, gm, _ = before_and_after(Block(), inputs(), "w8a8", "token_wise_quant")
     assert res.rewritten == 5

@@ -1,7 +1,7 @@
 """The pass pipeline: one ordered list, run by `run_pipeline`, which lints the graph and re-derives every
 node's shape/dtype with fake tensors after each pass, and hands a snapshot to the caller (for dumps).
 
-Order matters and is the method: fold decomposed ops -> canonicalize -> classify -> quantize weights -> insert activation quant ->
+Order matters and is the method: fold decomposed ops -> canonicalize -> classify -> merge sibling GEMMs -> quantize weights -> insert activation quant ->
 calibrate (static baseline only) -> fuse quant into producers -> fuse dequant into GEMMs -> GEMM epilogues
 -> cleanup.
 """
@@ -20,6 +20,7 @@ from .base import PassContext, PassResult
 from .calibrate_static import calibrate_static_ranges
 from .canonicalize import canonicalize_gemms
 from .classify_gemms import classify_gemms
+from .concat_sibling_gemms import concat_sibling_gemms
 from .cleanup import cleanup
 from .fold_decomposed import fold_decomposed_ops
 from .fuse_gemm_dequant import fuse_gemm_dequant
@@ -34,6 +35,7 @@ PIPELINE: list[Pass] = [
     fold_decomposed_ops,
     canonicalize_gemms,
     classify_gemms,
+    concat_sibling_gemms,
     group_wise_weight,
     token_wise_quant,
     calibrate_static_ranges,
