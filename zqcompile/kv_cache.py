@@ -138,7 +138,7 @@ def capture_phase(wrapper: CachedLM, phase: str, spec: CacheSpec, vocab: int) ->
     dynamic batch (the decode CUDA graphs pick static batch buckets later)."""
     device = next(wrapper.model.parameters()).device
     args = example_inputs(phase, spec, vocab, device)
-    batch = Dim("batch", min=1, max=spec.max_batch) if spec.max_batch > 1 else None
+    batch = Dim("batch", min=1, max=spec.max_batch) if spec.max_batch > 1 else Dim.STATIC
     if phase == "prefill":
         seq = Dim("prompt", min=1, max=spec.max_cache_len - 1)
         dyn = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: seq}, {0: batch})
