@@ -53,6 +53,9 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
         fusions=[asdict(f) for f in ctx.fusions],
         not_fused=[asdict(n) for n in ctx.not_fused])
     engine = Engine(gm, spec, record, tuple(bound), snapshots)
+    from .generation import is_causal_lm
+    if is_causal_lm(model):
+        engine.keep_generation_source(model, cfg)
     if dump_dir is not None:
         dump(engine, dump_dir)
     return engine

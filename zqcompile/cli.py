@@ -108,8 +108,13 @@ def _add_export(sub) -> None:
     add_export_command(sub, load)
 
 
+def _add_generate(sub) -> None:
+    from .generate_cli import add_generate_command
+    add_generate_command(sub)
+
+
 # Commands that live beside the feature they drive: each adds its subparser.
-_EXTENSIONS = [_add_export]
+_EXTENSIONS = [_add_export, _add_generate]
 
 
 def main(argv: list[str] | None = None) -> int:

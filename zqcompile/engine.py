@@ -45,6 +45,8 @@ class Engine:
         self.record = record
         self.example_inputs = example_inputs
         self.snapshots = snapshots or []  # (pass name, graph text, graph html) after every pass
+        self._gen_source = None  # (model, config) of a causal LM, kept only until the generation graphs exist
+        self._generator = None
         self.cuda_graphs = True  # on a CUDA device, replay one CUDA graph per input shape
         self._graphs = None
 
@@ -67,6 +69,39 @@ class Engine:
         self.example_inputs = tuple(t.to(device) for t in self.example_inputs)
         self._graphs = None
         return self
+
+    # ---- generation (causal LMs) -------------------------------------------------------------------------
+    def keep_generation_source(self, model, config) -> None:
+        """Called by compile for causal LMs: generate() builds its prefill/decode graphs from these once."""
+        self._gen_source = (model, config)
+
+    def prepare_generation(self, max_batch: int = 8, max_cache_len: int = 512, kv_cache: str = "model"):
+        """Build the prefill/decode graphs now, for batches up to `max_batch` and prompt + new tokens up to
+        `max_cache_len`; kv_cache "model" (model dtype) or "int8" (per-token-per-head scales)."""
+        from .generation import build_generator
+        from .kv_cache import CacheSpec
+        if kv_cache not in ("model", "int8"):
+            raise InputError(f"kv_cache must be 'model' or 'int8', got {kv_cache!r}")
+        if self._gen_source is None:
+            raise InputError("this engine cannot generate: it was not compiled from a causal LM "
+                             "(or was loaded from a file; generation graphs are not saved yet)")
+        model, config = self._gen_source
+        self._generator = build_generator(model, config, CacheSpec(max_batch, max_cache_len, kv_cache), self.gm)
+        return self._generator
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 50,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_token_id: int | list[int] | None = None, seed: int | None = None, streamer=None) -> torch.Tensor:
+        """Token ids [batch, prompt + new] (greedy by default); `streamer` gets put(ids)/end() calls like a
+        Hugging Face streamer. Rows that hit EOS are padded with the pad token until all rows are done."""
+        from .sampling import SamplingParams
+        gen = self._generator or self.prepare_generation()
+        return gen.generate(input_ids, attention_mask, max_new_tokens,
+                            SamplingParams(do_sample, temperature, top_k, top_p), eos_token_id, seed, streamer)
+
+    def release_generation_source(self) -> None:
+        """Drop the reference to the original float model (after prepare_generation, or if never generating)."""
+        self._gen_source = None
 
     def report(self) -> str:
         from .report import format_report

@@ -1,0 +1,54 @@
+"""`zqcompile generate MODEL --config w8a8 --prompt "..." [--chat]`: compile a causal LM and stream its answer
+to the terminal token by token (a Hugging Face TextStreamer fed by the engine's token loop)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def encode_prompt(tok, prompt: str, chat: bool) -> torch.Tensor:
+    if chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt")
+        return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    return tok(prompt, return_tensors="pt")["input_ids"]
+
+
+def cmd_generate(args) -> int:
+    import zqcompile as zq
+    from transformers import TextStreamer
+    from .models import load_model, load_tokenizer
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    ids = encode_prompt(tok, args.prompt, args.chat)
+    t0 = time.perf_counter()
+    engine = zq.compile(model, (ids,), config=args.config)
+    engine.prepare_generation(max_batch=1, max_cache_len=ids.shape[1] + args.max_new_tokens, kv_cache=args.kv_cache)
+    engine.release_generation_source()
+    print(f"[compiled {args.config} in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    t0 = time.perf_counter()
+    out = engine.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                          temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                          eos_token_id=tok.eos_token_id, seed=args.seed,
+                          streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
+    n = out.shape[1] - ids.shape[1]
+    dt = time.perf_counter() - t0
+    print(f"[{n} tokens in {dt:.1f} s, {n / dt:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
+    g = subparsers.add_parser("generate", help="compile a causal LM and stream generated text")
+    g.add_argument("model", help="Hugging Face folder, .gguf file, or 'smollm2'")
+    g.add_argument("--config", default="w8a8", help="quantization preset (none = no quantization)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=50)
+    g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
+    g.add_argument("--kv-cache", choices=("model", "int8"), default="model", help="KV-cache storage")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate)

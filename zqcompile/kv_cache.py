@@ -1,0 +1,176 @@
+"""The static KV cache and the capture of a causal LM's PREFILL and DECODE graphs around it.
+
+Layout, per decoder layer i (module buffers of the captured graphs, one set shared by both graphs):
+`k_cache_i`, `v_cache_i` of shape [max_batch, num_kv_heads, max_cache_len, head_dim] in the model dtype, or
+int8 with `k_scale_i`, `v_scale_i` fp32 [max_batch, num_kv_heads, max_cache_len, 1] (one scale per token per
+head: the same per-row rule as ZeroQuant's token-wise activations, from ops/quant_math). Slot t of row b holds
+the token at cache position t; a left-padded prompt fills slots 0..S-1 (pads first), generated token n goes to
+slot S+n. `kv_mask` [batch, max_cache_len] marks the valid slots; positions come from the mask, so padded rows
+get the same positions as their unpadded selves. The cache is written with `index_copy_` on a slice of the
+buffer, which torch.export keeps as an in-place op (the passes' DCE keeps it: the op mutates its input).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+from transformers.cache_utils import Cache
+
+from .capture import CaptureError, _describe_capture_failure
+from .ops import quant_math as qm
+
+KVDtype = Literal["model", "int8"]
+CACHE_PREFIXES = ("k_cache_", "v_cache_", "k_scale_", "v_scale_")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """How big the preallocated cache is. max_cache_len bounds prompt + new tokens (the engine's context)."""
+
+    max_batch: int = 8
+    max_cache_len: int = 512
+    kv_dtype: KVDtype = "model"
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """Batch sizes with one decode CUDA graph each: powers of two up to max_batch (and max_batch)."""
+        out, b = [], 1
+        while b < self.max_batch:
+            out.append(b)
+            b *= 2
+        return tuple(out + [self.max_batch])
+
+
+@dataclass(frozen=True)
+class KVShape:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    max_positions: int
+
+    @staticmethod
+    def of(model: nn.Module) -> "KVShape":
+        c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads = c.num_attention_heads
+        kv = getattr(c, "num_key_value_heads", None) or heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        return KVShape(c.num_hidden_layers, kv, head_dim, int(getattr(c, "max_position_embeddings", 0) or 2048))
+
+
+def allocate_cache(shape: KVShape, spec: CacheSpec, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    dims = (spec.max_batch, shape.kv_heads, spec.max_cache_len, shape.head_dim)
+    out = {}
+    for i in range(shape.layers):
+        for kv in ("k", "v"):
+            if spec.kv_dtype == "int8":
+                out[f"{kv}_cache_{i}"] = torch.zeros(dims, dtype=torch.int8, device=device)
+                out[f"{kv}_scale_{i}"] = torch.zeros((*dims[:3], 1), dtype=torch.float32, device=device)
+            else:
+                out[f"{kv}_cache_{i}"] = torch.zeros(dims, dtype=dtype, device=device)
+    return out
+
+
+class _SlotCache(Cache):
+    """Hugging Face Cache whose update writes the new keys/values at `slots` of the owner's buffers."""
+
+    def __init__(self, owner: "CachedLM", slots: torch.Tensor):
+        super().__init__(layers=[])
+        self.owner, self.slots = owner, slots
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        o, b = self.owner, key_states.shape[0]
+        return o.write(layer_idx, "k", key_states, self.slots, b), o.write(layer_idx, "v", value_states, self.slots, b)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class CachedLM(nn.Module):
+    """forward(input_ids, position_ids, cache_position, kv_mask) -> logits of the last position [B, 1, V],
+    reading and writing the static cache held as this module's buffers."""
+
+    def __init__(self, model: nn.Module, cache: dict[str, torch.Tensor], spec: CacheSpec):
+        super().__init__()
+        self.model = model
+        self.int8 = spec.kv_dtype == "int8"
+        self.max_cache_len = spec.max_cache_len
+        for name, t in cache.items():
+            self.register_buffer(name, t, persistent=False)
+
+    def write(self, layer: int, kv: str, new: torch.Tensor, slots: torch.Tensor, batch) -> torch.Tensor:
+        cache = getattr(self, f"{kv}_cache_{layer}")
+        if not self.int8:
+            cache[:batch].index_copy_(2, slots, new.to(cache.dtype))
+            return cache[:batch]
+        scale = getattr(self, f"{kv}_scale_{layer}")
+        q, s = qm.quantize_per_token(new)
+        cache[:batch].index_copy_(2, slots, q)
+        scale[:batch].index_copy_(2, slots, s)
+        return qm.dequantize_rows(cache[:batch], scale[:batch], new.dtype)
+
+    def forward(self, input_ids, position_ids, cache_position, kv_mask):
+        slots = torch.arange(self.max_cache_len, device=input_ids.device)
+        causal = slots[None, :] <= cache_position[:, None]
+        # each token always sees itself: a left pad's row is then never fully masked (no NaN from softmax)
+        allowed = (causal[None] & kv_mask.bool()[:, None, :]) | (slots[None, :] == cache_position[:, None])[None]
+        out = self.model(input_ids=input_ids, attention_mask=allowed[:, None], position_ids=position_ids,
+                         cache=_SlotCache(self, cache_position), use_cache=True, logits_to_keep=1)
+        return out.logits
+
+
+def example_inputs(phase: str, spec: CacheSpec, vocab: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Inputs to capture with (batch and prompt >= 2: torch.export specialises size-1 dims)."""
+    b = min(2, spec.max_batch)
+    s = min(8, spec.max_cache_len - 1) if phase == "prefill" else 1
+    start = 0 if phase == "prefill" else s
+    ids = torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(0)).to(device)
+    pos = torch.arange(start, start + s, device=device).expand(b, s).contiguous()
+    kv_mask = torch.zeros(b, spec.max_cache_len, dtype=torch.long, device=device)
+    kv_mask[:, :start + s] = 1
+    return ids, pos, torch.arange(start, start + s, device=device), kv_mask
+
+
+def capture_phase(wrapper: CachedLM, phase: str, spec: CacheSpec, vocab: int) -> tuple[fx.GraphModule, tuple]:
+    """torch.export the wrapper: prefill with dynamic batch and prompt length, decode with one token and
+    dynamic batch (the decode CUDA graphs pick static batch buckets later)."""
+    device = next(wrapper.model.parameters()).device
+    args = example_inputs(phase, spec, vocab, device)
+    batch = Dim("batch", min=1, max=spec.max_batch) if spec.max_batch > 1 else Dim.STATIC
+    if phase == "prefill":
+        seq = Dim("prompt", min=1, max=spec.max_cache_len - 1)
+        dyn = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: seq}, {0: batch})
+    else:
+        dyn = ({0: batch}, {0: batch}, None, {0: batch})
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(wrapper.eval(), args, dynamic_shapes=dyn, strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the module that failed
+        raise CaptureError(f"{phase} graph: " + _describe_capture_failure(wrapper.model, e)) from e
+    return ep.module(), args
+
+
+def share_constants(dst: fx.GraphModule, src: fx.GraphModule) -> tuple[int, int]:
+    """Point dst's buffers/parameters at src's tensors wherever name, shape, dtype and values agree, so the
+    graphs hold one copy of the quantized weights and of the KV cache. Returns (shared, kept separate)."""
+    src_t = dict(src.named_buffers(remove_duplicate=False)) | dict(src.named_parameters(remove_duplicate=False))
+    shared = kept = 0
+    for name, t in list(dst.named_buffers(remove_duplicate=False)) + list(dst.named_parameters(remove_duplicate=False)):
+        s = src_t.get(name)
+        if s is None or s.shape != t.shape or s.dtype != t.dtype or s.device != t.device:
+            kept += 1
+            continue
+        state = name.startswith(CACHE_PREFIXES)  # the cache is state: shared whatever it holds now
+        if not state and s.data_ptr() != t.data_ptr() and not torch.equal(s, t):
+            kept += 1  # e.g. a static activation range calibrated on this graph's own inputs
+            continue
+        *path, leaf = name.split(".")
+        owner = dst.get_submodule(".".join(path)) if path else dst
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = s if isinstance(s, nn.Parameter) else nn.Parameter(s, requires_grad=False)
+        else:
+            owner._buffers[leaf] = s
+        shared += 1
+    return shared, kept
