@@ -64,116 +64,144 @@ __device__ __forceinline__ float x_at(const XT* x, int64_t i) {
   if constexpr (std::is_same_v<XT, int8_t>) return (float)x[i]; else return to_f<XT>(x[i]);
 }
 
-// MT: rows of x per warp; XT: int8_t (A8) or the float type (A16); KG: K-group scales; VEC: 16-wide chunks
-// (K and the group size multiples of 16).
-template <int MT, class XT, int WBITS, bool KG, bool VEC>
+// MT: rows of x per warp; NW: output columns per warp (each x chunk loaded once, used NW times); XT: int8_t
+// (A8) or the float type (A16); KG: K-group scales; VEC: 16-wide chunks (K and group size multiples of 16).
+template <int MT, int NW, class XT, int WBITS, bool KG, bool VEC>
 __global__ void __launch_bounds__(128) gemm_simt_kernel(zq_gemm_args a) {
   constexpr bool kA8 = std::is_same_v<XT, int8_t>;
   const int lane = threadIdx.x & 31;
-  const int64_t n = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (n >= a.n) return;
+  const int64_t n0 = ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * NW;
+  if (n0 >= a.n) return;
+  const int nv = (int)min((int64_t)NW, a.n - n0);
   const int64_t m0 = (int64_t)blockIdx.y * MT;
   const int mv = (int)min((int64_t)MT, a.m - m0);
   const int64_t K = a.k;
   const XT* x = static_cast<const XT*>(a.x) + m0 * K;
-  const uint8_t* wrow = static_cast<const uint8_t*>(a.wq) + n * (WBITS == 8 ? K : K / 2);
-  const float* ws = a.w_scale + n * a.groups;
+  const int64_t wstride = WBITS == 8 ? K : K / 2;
+  const uint8_t* w0 = static_cast<const uint8_t*>(a.wq) + n0 * wstride;
   const int64_t gk = K / a.groups;
 
   // INT8 x INT8 with one scale per row accumulates exactly in int32; everything else in fp32.
   constexpr bool kIntAcc = kA8 && !KG;
-  int iacc[MT];
-  float facc[MT];
+  int iacc[MT][NW];
+  float facc[MT][NW];
 #pragma unroll
-  for (int m = 0; m < MT; ++m) { iacc[m] = 0; facc[m] = 0.f; }
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int j = 0; j < NW; ++j) { iacc[m][j] = 0; facc[m][j] = 0.f; }
 
   if constexpr (VEC) {
     for (int64_t k0 = (int64_t)lane * 16; k0 < K; k0 += 32 * 16) {
-      int w[4];
-      w_chunk<WBITS>(wrow, k0, w);
-      const float gs = KG ? ws[k0 / gk] : 1.f;
+      int w[NW][4];
+      float gs[NW];
+#pragma unroll
+      for (int j = 0; j < NW; ++j) {
+        const int jj = j < nv ? j : 0;  // columns past N re-read column n0 (results discarded)
+        w_chunk<WBITS>(w0 + jj * wstride, k0, w[j]);
+        gs[j] = KG ? a.w_scale[(n0 + jj) * a.groups + k0 / gk] : 1.f;
+      }
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         if (m < mv) {
           if constexpr (kA8) {
             const int4 xv = *reinterpret_cast<const int4*>(x + m * K + k0);
-            int s = dp4a_s8(xv.x, w[0], 0);
-            s = dp4a_s8(xv.y, w[1], s);
-            s = dp4a_s8(xv.z, w[2], s);
-            s = dp4a_s8(xv.w, w[3], s);
-            if constexpr (kIntAcc) iacc[m] += s; else facc[m] += (float)s * gs;
-          } else {
-            float s = 0.f;
 #pragma unroll
-            for (int j = 0; j < 16; ++j) {
-              const int wj = (int)(int8_t)(w[j >> 2] >> (8 * (j & 3)));
-              s += x_at<XT>(x, m * K + k0 + j) * (float)wj;
+            for (int j = 0; j < NW; ++j) {
+              int s = dp4a_s8(xv.x, w[j][0], 0);
+              s = dp4a_s8(xv.y, w[j][1], s);
+              s = dp4a_s8(xv.z, w[j][2], s);
+              s = dp4a_s8(xv.w, w[j][3], s);
+              if constexpr (kIntAcc) iacc[m][j] += s; else facc[m][j] += (float)s * gs[j];
             }
-            facc[m] += KG ? s * gs : s;
+          } else {
+            float xf[16];
+#pragma unroll
+            for (int i = 0; i < 16; ++i) xf[i] = x_at<XT>(x, m * K + k0 + i);
+#pragma unroll
+            for (int j = 0; j < NW; ++j) {
+              float s = 0.f;
+#pragma unroll
+              for (int i = 0; i < 16; ++i) s += xf[i] * (float)(int)(int8_t)(w[j][i >> 2] >> (8 * (i & 3)));
+              facc[m][j] += KG ? s * gs[j] : s;
+            }
           }
         }
       }
     }
   } else {
     for (int64_t k = lane; k < K; k += 32) {
-      const int wk = w_at<WBITS>(wrow, k);
-      const float gs = KG ? ws[k / gk] : 1.f;
 #pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        if (m < mv) {
-          if constexpr (kIntAcc) iacc[m] += (int)x[m * K + k] * wk;
-          else facc[m] += x_at<XT>(x, m * K + k) * (float)wk * gs;
+      for (int j = 0; j < NW; ++j) {
+        const int jj = j < nv ? j : 0;
+        const int wk = w_at<WBITS>(w0 + jj * wstride, k);
+        const float gs = KG ? a.w_scale[(n0 + jj) * a.groups + k / gk] : 1.f;
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (m < mv) {
+            if constexpr (kIntAcc) iacc[m][j] += (int)x[m * K + k] * wk;
+            else facc[m][j] += x_at<XT>(x, m * K + k) * (float)wk * gs;
+          }
         }
       }
     }
   }
 
-  float result = 0.f;  // lane m keeps row m
 #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    float v;
-    if constexpr (kIntAcc) {
-      int s = iacc[m];
-      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      v = (float)s * ws[0];
-    } else {
-      v = warp_sum(facc[m]);
-      if constexpr (!KG) v *= ws[0];
+  for (int j = 0; j < NW; ++j) {
+    if (j >= nv) break;
+    const int64_t n = n0 + j;
+    const float ws = a.w_scale[n * a.groups];
+    float result = 0.f;  // lane m keeps row m
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      float v;
+      if constexpr (kIntAcc) {
+        int s = iacc[m][j];
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        v = (float)s * ws;
+      } else {
+        v = warp_sum(facc[m][j]);
+        if constexpr (!KG) v *= ws;
+      }
+      if (lane == m) result = v;
     }
-    if (lane == m) result = v;
-  }
-  if (lane < mv) {
-    const int64_t m = m0 + lane;
-    float y = result;
-    if constexpr (kA8) y *= a.x_scale[m];
-    if (a.bias) y += load_any(a.bias, n, a.out_dt);
-    y = apply_act(y, a.act);
-    if (a.residual) y += load_any(a.residual, m * a.n + n, a.out_dt);
-    store_any(a.out, m * a.n + n, y, a.out_dt);
+    if (lane < mv) {
+      const int64_t m = m0 + lane;
+      float y = result;
+      if constexpr (kA8) y *= a.x_scale[m];
+      if (a.bias) y += load_any(a.bias, n, a.out_dt);
+      y = apply_act(y, a.act);
+      if (a.residual) y += load_any(a.residual, m * a.n + n, a.out_dt);
+      store_any(a.out, m * a.n + n, y, a.out_dt);
+    }
   }
 }
 
-template <int MT, class XT, int WBITS>
-cudaError_t launch_simt_mt(const zq_gemm_args& a, cudaStream_t stream) {
-  const int64_t gk = a.k / a.groups;
-  const bool kg = a.groups > 1;
-  const bool vec = a.k % 16 == 0 && (!kg || gk % 16 == 0);
-  const dim3 grid((unsigned)((a.n + 3) / 4), (unsigned)((a.m + MT - 1) / MT));
-  if (kg) {
-    if (vec) gemm_simt_kernel<MT, XT, WBITS, true, true><<<grid, 128, 0, stream>>>(a);
-    else gemm_simt_kernel<MT, XT, WBITS, true, false><<<grid, 128, 0, stream>>>(a);
-  } else {
-    if (vec) gemm_simt_kernel<MT, XT, WBITS, false, true><<<grid, 128, 0, stream>>>(a);
-    else gemm_simt_kernel<MT, XT, WBITS, false, false><<<grid, 128, 0, stream>>>(a);
-  }
+template <int MT, int NW, class XT, int WBITS, bool KG>
+cudaError_t launch_simt_kernel(const zq_gemm_args& a, bool vec, cudaStream_t stream) {
+  constexpr int64_t kColsPerBlock = 4 * NW;
+  const dim3 grid((unsigned)((a.n + kColsPerBlock - 1) / kColsPerBlock), (unsigned)((a.m + MT - 1) / MT));
+  if (vec) gemm_simt_kernel<MT, NW, XT, WBITS, KG, true><<<grid, 128, 0, stream>>>(a);
+  else gemm_simt_kernel<MT, 1, XT, WBITS, KG, false><<<dim3((unsigned)((a.n + 3) / 4), grid.y), 128, 0, stream>>>(a);
   return cudaGetLastError();
+}
+
+// Few rows: one column per warp keeps every SM busy; more rows (INT8 x): four columns per warp so each x
+// chunk (re-read from L1/L2 by every warp) serves four weight rows. The unaligned (non-16-wide) and A16
+// variants keep one column per warp: they are fallbacks, and this bounds the compile time.
+template <class XT, int WBITS, bool KG>
+cudaError_t launch_simt_m(const zq_gemm_args& a, bool vec, cudaStream_t stream) {
+  constexpr bool kA8 = std::is_same_v<XT, int8_t>;
+  if (a.m <= 1) return launch_simt_kernel<1, 1, XT, WBITS, KG>(a, vec, stream);
+  if (a.m <= 4) return launch_simt_kernel<4, kA8 ? 2 : 1, XT, WBITS, KG>(a, vec, stream);
+  return launch_simt_kernel<16, kA8 ? 4 : 1, XT, WBITS, KG>(a, vec, stream);
 }
 
 template <class XT, int WBITS>
 cudaError_t launch_simt(const zq_gemm_args& a, cudaStream_t stream) {
-  if (a.m <= 1) return launch_simt_mt<1, XT, WBITS>(a, stream);
-  if (a.m <= 4) return launch_simt_mt<4, XT, WBITS>(a, stream);
-  return launch_simt_mt<16, XT, WBITS>(a, stream);
+  const bool kg = a.groups > 1;
+  const bool vec = a.k % 16 == 0 && (!kg || (a.k / a.groups) % 16 == 0);
+  return kg ? launch_simt_m<XT, WBITS, true>(a, vec, stream) : launch_simt_m<XT, WBITS, false>(a, vec, stream);
 }
 
 template <class XT>
@@ -192,7 +220,7 @@ ZQ_API cudaError_t zq_gemm_simt(const zq_gemm_args* a, cudaStream_t stream) {
   switch (a->x_dt) {
     case ZQ_F16: return zq::launch_simt_w<__half>(*a, stream);
     case ZQ_BF16: return zq::launch_simt_w<__nv_bfloat16>(*a, stream);
-    case ZQ_F32: return zq::launch_simt_w<float>(*a, stream);
+    default: break;  // fp32 A16: the binding uses the reference implementation
   }
   return cudaErrorInvalidValue;
 }

@@ -229,7 +229,7 @@ def weight_only_gemm(x, wq, w_scale, bias, residual, act, w_bits):
     ws = w_scale.to(torch.float32).contiguous()
     res2 = None if residual is None else residual.reshape(m, n).contiguous()
     bias = None if bias is None else bias.contiguous()
-    if m <= SMALL_M:
+    if m <= SMALL_M and x.dtype != torch.float32:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
         run_gemm("simt", x2, None, wq.contiguous(), ws, bias, res2, act, w_bits, out)
     else:  # large M is compute bound: dequantize the weight once, fp16/bf16 tensor cores
