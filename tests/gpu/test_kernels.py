@@ -106,7 +106,8 @@ def test_norm_quant(dtype, kind, with_res, emit_out, emit_sum, m, k):
 def test_act_quant(dtype, act, mode, m, k):
     x = rand_act((m, k), dtype, seed=m * 3 + k)
     bias = (0.1 * torch.randn(k, device=DEV)).to(dtype) if mode == "bias" else None
-    gate = rand_act((m, k), dtype, seed=m * 5 + k) if mode == "gate" else None
+    # gate * x with both carrying outliers would overflow fp16 (the reference then quantizes inf/NaN)
+    gate = 0.02 * rand_act((m, k), dtype, seed=m * 5 + k) if mode == "gate" else None
     poison()
     got = torch.ops.zq.act_quant(x, bias, gate, act, True)
     exp = ref("act_quant")(x, bias, gate, act, True)
@@ -128,7 +129,7 @@ def make_gemm(m, k, n, bits, group_size, out_dtype, seed, with_bias=True, with_r
     return xq, xs, wq, ws, bias, res
 
 
-GEMM_SHAPES = [(1, 768, 3072), (5, 4096, 1024), (16, 3072, 768), (17, 1024, 4096), (100, 768, 520),
+GEMM_SHAPES = [(1, 768, 3072), (4, 1024, 1024), (5, 4096, 1024), (16, 3072, 768), (17, 1024, 4096), (100, 768, 520),
                (1000, 1000, 515), (4096, 4096, 4096), (16384, 768, 3072)]
 
 
@@ -146,7 +147,7 @@ def test_int8_gemm_dequant(out_dtype, m, k, n, bits, group_size):
     y = torch.ops.zq.int8_gemm_dequant(xq, xs, wq, ws, bias, res, act, bits, out_dtype)
     y_ref = ref("int8_gemm_dequant")(xq, xs, wq, ws, bias, res, act, bits, out_dtype)
     assert y.shape == y_ref.shape and y.dtype == out_dtype
-    assert_close(y, y_ref, rel=1e-2 if group_size and m > cuda.SMALL_M else 4e-3)
+    assert_close(y, y_ref, rel=1e-2 if group_size and m > cuda.SMALL_M_KGROUPS else 4e-3)
 
 
 @pytest.mark.parametrize("path", ["simt", "sm90"])

@@ -19,7 +19,11 @@ from ..ops import quant_math as qm
 
 ABI_VERSION = 1
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-SMALL_M = 16  # at or under this many tokens the GEMM is weight-read bound: the CUDA-core path
+# Tokens at or under which the CUDA-core GEMM beats the tensor-core paths (bench/results, H200): for INT8
+# weights with row scales the sm90 kernel's ~5 us floor wins from M = 5; with K-group scales the alternative
+# is the fp16 path that dequantizes the weight per call, so the CUDA-core kernel keeps M <= 16.
+SMALL_M = 4
+SMALL_M_KGROUPS = 16
 
 _lib: Optional[ctypes.CDLL] = None
 _path: Optional[Path] = None
@@ -206,7 +210,7 @@ def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out
         w8 = wq.contiguous() if w_bits == 8 else unpack_int4(wq.contiguous())
         gemm_paths["sm90"] += 1
         run_gemm("sm90", x2, xs, w8, ws, bias, res2, act, 8, out)
-    elif m > SMALL_M and tensor_core_ok:
+    elif m > SMALL_M_KGROUPS and tensor_core_ok:
         # K-group scales at large M: interim path through the fp16 tensor cores (weights dequantized to the
         # output dtype, activations dequantized per token); numerically within fp16 rounding of the spec.
         gemm_paths["kgroup_fp16"] += 1
@@ -229,10 +233,10 @@ def weight_only_gemm(x, wq, w_scale, bias, residual, act, w_bits):
     ws = w_scale.to(torch.float32).contiguous()
     res2 = None if residual is None else residual.reshape(m, n).contiguous()
     bias = None if bias is None else bias.contiguous()
-    if m <= SMALL_M and x.dtype != torch.float32:
+    if m <= SMALL_M_KGROUPS and x.dtype != torch.float32:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
         run_gemm("simt", x2, None, wq.contiguous(), ws, bias, res2, act, w_bits, out)
-    else:  # large M is compute bound: dequantize the weight once, fp16/bf16 tensor cores
+    else:  # larger M: dequantize the weight once per call, fp16/bf16 tensor cores: dequantize the weight once, fp16/bf16 tensor cores
         wf = dequantize_weight(wq.contiguous(), ws, w_bits, x.dtype)
         out = qm.epilogue(torch.nn.functional.linear(x2, wf).float(), bias, act, res2, x.dtype)
     return out.reshape(*lead, n)
