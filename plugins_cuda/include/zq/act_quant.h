@@ -1,0 +1,8 @@
+// Fused bias + activation (or SiLU-style gating act(gate) * x) -> token-wise INT8 quantization.
+// x, gate, out: [rows, k] in `dt`; bias: [k] in `dt`; q: [rows, k] int8; scale: [rows] fp32.
+// bias, gate, out may be null. act is a zq_act. Rows up to 56K elements.
+#pragma once
+#include "zq/common.h"
+
+ZQ_API cudaError_t zq_act_quant(const void* x, const void* bias, const void* gate, zq_dtype dt, int64_t rows,
+                                int64_t k, int act, int8_t* q, float* scale, void* out, cudaStream_t stream);

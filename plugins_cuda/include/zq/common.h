@@ -1,0 +1,26 @@
+// Shared types of the zq kernel library's C launch API (used by the Python binding through ctypes and by
+// the TensorRT plugins). Every launch function takes raw device pointers and a cudaStream_t, launches on
+// that stream, and returns a cudaError_t (cudaSuccess, or the launch / argument error).
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+#define ZQ_API extern "C" __attribute__((visibility("default")))
+#else
+#define ZQ_API __attribute__((visibility("default")))
+#endif
+
+// Element types of float tensors (activations, norm weights, bias, residual, GEMM outputs).
+typedef enum { ZQ_F32 = 0, ZQ_F16 = 1, ZQ_BF16 = 2 } zq_dtype;
+
+// Activations, the same names and order as zqcompile.ops.quant_math.ACTIVATIONS.
+typedef enum { ZQ_ACT_NONE = 0, ZQ_ACT_GELU = 1, ZQ_ACT_GELU_TANH = 2, ZQ_ACT_RELU = 3, ZQ_ACT_SILU = 4 } zq_act;
+
+// Library version, bumped when a launch signature changes (the binding checks it).
+#define ZQ_ABI_VERSION 1
+ZQ_API int zq_abi_version(void);
+// 1 when the Hopper (CUTLASS 3 sm90, wgmma) INT8 GEMM was compiled in.
+ZQ_API int zq_has_sm90_gemm(void);
+// Text of a cudaError_t returned by a launch function.
+ZQ_API const char* zq_error_string(cudaError_t e);

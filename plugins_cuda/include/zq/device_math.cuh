@@ -1,0 +1,85 @@
+// Device-side helpers shared by the kernel families: dtype conversion, the activation functions and the
+// per-token INT8 rounding of zqcompile/ops/quant_math.py (multiply by 127/amax in fp32, round half to even,
+// clamp to +-127, amax floored at EPS).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+#include "zq/common.h"
+
+namespace zq {
+
+constexpr float kEps = 1e-8f;  // quant_math.EPS
+
+template <class T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Round a float through T and back: the torch reference materialises intermediates in the model dtype.
+template <class T> __device__ __forceinline__ float round_to(float v) { return to_f<T>(from_f<T>(v)); }
+
+__host__ __device__ __forceinline__ float apply_act(float x, int act) {
+  switch (act) {
+    case ZQ_ACT_GELU: return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+    case ZQ_ACT_GELU_TANH: {
+      const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+      return 0.5f * x * (1.f + tanhf(inner));
+    }
+    case ZQ_ACT_RELU: return x > 0.f ? x : 0.f;
+    case ZQ_ACT_SILU: return x / (1.f + expf(-x));
+    default: return x;
+  }
+}
+
+__device__ __forceinline__ int8_t quantize_one(float v, float inv) {
+  float q = rintf(v * inv);  // rintf rounds half to even, like torch.round
+  q = fminf(fmaxf(q, -127.f), 127.f);
+  return static_cast<int8_t>(q);
+}
+
+// Block-wide reductions (blockDim.x a multiple of 32, at most 1024). `red` is 32 floats of shared memory.
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // red may still be read by a previous reduction
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < nw ? red[lane] : 0.f;
+  return warp_sum(v);
+}
+__device__ __forceinline__ float block_max(float v, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < nw ? red[lane] : 0.f;
+  return warp_max(v);
+}
+
+// Threads per row-kernel block: enough to cover short rows without idle warps.
+inline int row_threads(int64_t k) { return k <= 256 ? 64 : (k <= 1024 ? 128 : (k <= 4096 ? 256 : 512)); }
+
+}  // namespace zq
+
+#define ZQ_DISPATCH_DTYPE(dt, T, ...)                                   \
+  switch (dt) {                                                        \
+    case ZQ_F32: { using T = float; __VA_ARGS__; } break;              \
+    case ZQ_F16: { using T = __half; __VA_ARGS__; } break;             \
+    case ZQ_BF16: { using T = __nv_bfloat16; __VA_ARGS__; } break;     \
+    default: return cudaErrorInvalidValue;                             \
+  }

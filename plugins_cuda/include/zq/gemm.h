@@ -1,0 +1,38 @@
+// GEMMs with the ZeroQuant dequantization fused (quant_math.int8_gemm_dequant / weight_only_gemm):
+//   out[m, n] = epilogue( sum_g (sum_{k in g} x[m,k] * w[n,k]) * w_scale[n,g] * x_scale[m] )
+//   epilogue(y) = act(y + bias[n]) + residual[m, n], written once in out_dt.
+// x: [M, K] int8 (A8, x_scale [M] fp32) or float in x_dt (A16, x_scale null).
+// wq: [N, K] int8 (w_bits 8) or [N, K/2] uint8 packed INT4 (w_bits 4: even k in the low nibble).
+// w_scale: [N, groups] fp32, groups = 1 (row groups, per tensor) or K / group_k (K groups).
+// bias [N] and residual [M, N] are in out_dt and may be null. All tensors contiguous.
+#pragma once
+#include "zq/common.h"
+
+typedef struct {
+  const void* x; zq_dtype x_dt; int x_is_int8; const float* x_scale;
+  const void* wq; int w_bits; const float* w_scale; int64_t groups;
+  const void* bias; const void* residual; int act;
+  void* out; zq_dtype out_dt;
+  int64_t m, n, k;
+} zq_gemm_args;
+
+// CUDA-core path (dp4a for A8): any shape, INT8/INT4, row or K-group scales, A8 or A16. Reads the weight
+// once per 16 rows of x, so it is the fast path for decode-sized M (<= 16) and the fallback otherwise.
+ZQ_API cudaError_t zq_gemm_simt(const zq_gemm_args* a, cudaStream_t stream);
+
+// Hopper path (CUTLASS 3.x, wgmma, TMA; sm_90a): A8 x INT8 weights with one scale per weight row
+// (groups == 1), fp16/bf16 out, K % 16 == 0, N % 8 == 0. Returns cudaErrorNotSupported when the problem is
+// outside that, or when the library was built without it (zq_has_sm90_gemm() == 0).
+ZQ_API cudaError_t zq_gemm_sm90(const zq_gemm_args* a, cudaStream_t stream);
+
+// Weight helpers for the large-M paths that reuse the INT8 / fp16 tensor-core GEMMs.
+// INT4 packed [N, K/2] -> int8 [N, K].
+ZQ_API cudaError_t zq_unpack_int4(const uint8_t* wq, int64_t n, int64_t k, int8_t* out, cudaStream_t stream);
+// [N, K] int8 or packed INT4 with scales [N, groups] -> float [N, K] in out_dt.
+ZQ_API cudaError_t zq_dequantize_weight(const void* wq, int w_bits, const float* w_scale, int64_t groups, int64_t n,
+                                        int64_t k, void* out, zq_dtype out_dt, cudaStream_t stream);
+
+// Benchmarks and tests: run the Hopper GEMM with tile configuration cfg (0..zq_gemm_sm90_num_configs()-1;
+// -1 picks one). 0 when the library has no sm90 GEMM.
+ZQ_API cudaError_t zq_gemm_sm90_config(const zq_gemm_args* a, int cfg, cudaStream_t stream);
+ZQ_API int zq_gemm_sm90_num_configs(void);

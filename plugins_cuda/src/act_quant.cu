@@ -1,0 +1,53 @@
+// Bias + activation (GeLU for BERT/GPT FC1 outputs, SiLU gating for Llama MLPs) with the token-wise
+// quantization of the next GEMM's input fused in: one read of the row, int8 + scale written once.
+#include "zq/act_quant.h"
+#include "zq/device_math.cuh"
+
+namespace zq {
+
+template <class T>
+__global__ void act_quant_kernel(const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ gate,
+                                 int64_t k, int act, int8_t* __restrict__ q, float* __restrict__ scale,
+                                 T* __restrict__ out) {
+  extern __shared__ float row[];
+  __shared__ float red[32];
+  const int64_t off = (int64_t)blockIdx.x * k;
+  float amax = 0.f;
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+    float v = to_f<T>(x[off + i]);
+    if (bias) v = round_to<T>(v + to_f<T>(bias[i]));
+    float y;
+    if (gate) {
+      y = round_to<T>(round_to<T>(apply_act(to_f<T>(gate[off + i]), act)) * v);
+    } else {
+      y = round_to<T>(apply_act(v, act));
+    }
+    row[i] = y;
+    if (out) out[off + i] = from_f<T>(y);
+    amax = fmaxf(amax, fabsf(y));
+  }
+  amax = fmaxf(block_max(amax, red), kEps);
+  const float inv = 127.f / amax;
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) q[off + i] = quantize_one(row[i], inv);
+  if (threadIdx.x == 0) scale[blockIdx.x] = amax / 127.f;
+}
+
+}  // namespace zq
+
+ZQ_API cudaError_t zq_act_quant(const void* x, const void* bias, const void* gate, zq_dtype dt, int64_t rows,
+                                int64_t k, int act, int8_t* q, float* scale, void* out, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  if (k <= 0 || k > 56 * 1024 || rows > INT32_MAX) return cudaErrorInvalidValue;
+  const size_t smem = (size_t)k * sizeof(float);
+  ZQ_DISPATCH_DTYPE(dt, T, {
+    auto kernel = zq::act_quant_kernel<T>;
+    if (smem > 48 * 1024) {
+      cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      if (e != cudaSuccess) return e;
+    }
+    kernel<<<(unsigned)rows, zq::row_threads(k), smem, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(bias), static_cast<const T*>(gate), k, act, q, scale,
+        static_cast<T*>(out));
+  });
+  return cudaGetLastError();
+}

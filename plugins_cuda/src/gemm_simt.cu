@@ -1,0 +1,276 @@
+// CUDA-core GEMM with the dequantization epilogue fused: one warp per output column, up to MT rows of x per
+// warp, dp4a for INT8 x INT8. Decode-sized GEMMs (M <= 16) are bound by reading the weight once, which this
+// does with 16-byte loads spread over all SMs; tensor cores would not help there.
+#include <type_traits>
+
+#include "zq/device_math.cuh"
+#include "zq/gemm.h"
+
+namespace zq {
+
+__device__ __forceinline__ float load_any(const void* p, int64_t i, zq_dtype dt) {
+  switch (dt) {
+    case ZQ_F16: return __half2float(static_cast<const __half*>(p)[i]);
+    case ZQ_BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+__device__ __forceinline__ void store_any(void* p, int64_t i, float v, zq_dtype dt) {
+  switch (dt) {
+    case ZQ_F16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
+    case ZQ_BF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
+    default: static_cast<float*>(p)[i] = v;
+  }
+}
+
+// Weight element k of row n as an integer (INT4 is sign-extended from its nibble).
+template <int WBITS>
+__device__ __forceinline__ int w_at(const uint8_t* wrow, int64_t k) {
+  if constexpr (WBITS == 8) {
+    return static_cast<int8_t>(wrow[k]);
+  } else {
+    const int b = wrow[k >> 1];
+    const int nib = (k & 1) ? (b >> 4) : (b & 0xF);
+    return nib >= 8 ? nib - 16 : nib;
+  }
+}
+
+// 16 consecutive weights starting at k0 (k0 % 16 == 0) as four words of packed int8.
+template <int WBITS>
+__device__ __forceinline__ void w_chunk(const uint8_t* wrow, int64_t k0, int (&w)[4]) {
+  if constexpr (WBITS == 8) {
+    const int4 v = *reinterpret_cast<const int4*>(wrow + k0);
+    w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+  } else {
+    const uint2 v = *reinterpret_cast<const uint2*>(wrow + (k0 >> 1));
+    const uint32_t words[2] = {v.x, v.y};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {  // two bytes -> four int8 (lo, hi, lo, hi)
+        const uint32_t b0 = (words[h] >> (16 * p)) & 0xFF, b1 = (words[h] >> (16 * p + 8)) & 0xFF;
+        const int e0 = (int)(b0 << 28) >> 28, e1 = (int)(b0 << 24) >> 28;
+        const int e2 = (int)(b1 << 28) >> 28, e3 = (int)(b1 << 24) >> 28;
+        w[2 * h + p] = (e0 & 0xFF) | ((e1 & 0xFF) << 8) | ((e2 & 0xFF) << 16) | ((uint32_t)(e3 & 0xFF) << 24);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ int dp4a_s8(int a, int b, int c) { return __dp4a(a, b, c); }
+
+template <class XT>
+__device__ __forceinline__ float x_at(const XT* x, int64_t i) {
+  if constexpr (std::is_same_v<XT, int8_t>) return (float)x[i]; else return to_f<XT>(x[i]);
+}
+
+// MT: rows of x per warp; NW: output columns per warp (each x chunk loaded once, used NW times); XT: int8_t
+// (A8) or the float type (A16); KG: K-group scales; VEC: 16-wide chunks (K and group size multiples of 16).
+template <int MT, int NW, class XT, int WBITS, bool KG, bool VEC>
+__global__ void __launch_bounds__(128) gemm_simt_kernel(zq_gemm_args a) {
+  constexpr bool kA8 = std::is_same_v<XT, int8_t>;
+  const int lane = threadIdx.x & 31;
+  const int64_t n0 = ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * NW;
+  if (n0 >= a.n) return;
+  const int nv = (int)min((int64_t)NW, a.n - n0);
+  const int64_t m0 = (int64_t)blockIdx.y * MT;
+  const int mv = (int)min((int64_t)MT, a.m - m0);
+  const int64_t K = a.k;
+  const XT* x = static_cast<const XT*>(a.x) + m0 * K;
+  const int64_t wstride = WBITS == 8 ? K : K / 2;
+  const uint8_t* w0 = static_cast<const uint8_t*>(a.wq) + n0 * wstride;
+  const int64_t gk = K / a.groups;
+
+  // INT8 x INT8 with one scale per row accumulates exactly in int32; everything else in fp32.
+  constexpr bool kIntAcc = kA8 && !KG;
+  int iacc[MT][NW];
+  float facc[MT][NW];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int j = 0; j < NW; ++j) { iacc[m][j] = 0; facc[m][j] = 0.f; }
+
+  if constexpr (VEC) {
+    for (int64_t k0 = (int64_t)lane * 16; k0 < K; k0 += 32 * 16) {
+      int w[NW][4];
+      float gs[NW];
+#pragma unroll
+      for (int j = 0; j < NW; ++j) {
+        const int jj = j < nv ? j : 0;  // columns past N re-read column n0 (results discarded)
+        w_chunk<WBITS>(w0 + jj * wstride, k0, w[j]);
+        gs[j] = KG ? a.w_scale[(n0 + jj) * a.groups + k0 / gk] : 1.f;
+      }
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m < mv) {
+          if constexpr (kA8) {
+            const int4 xv = *reinterpret_cast<const int4*>(x + m * K + k0);
+#pragma unroll
+            for (int j = 0; j < NW; ++j) {
+              int s = dp4a_s8(xv.x, w[j][0], 0);
+              s = dp4a_s8(xv.y, w[j][1], s);
+              s = dp4a_s8(xv.z, w[j][2], s);
+              s = dp4a_s8(xv.w, w[j][3], s);
+              if constexpr (kIntAcc) iacc[m][j] += s; else facc[m][j] += (float)s * gs[j];
+            }
+          } else {
+            float xf[16];
+#pragma unroll
+            for (int i = 0; i < 16; ++i) xf[i] = x_at<XT>(x, m * K + k0 + i);
+#pragma unroll
+            for (int j = 0; j < NW; ++j) {
+              float s = 0.f;
+#pragma unroll
+              for (int i = 0; i < 16; ++i) s += xf[i] * (float)(int)(int8_t)(w[j][i >> 2] >> (8 * (i & 3)));
+              facc[m][j] += KG ? s * gs[j] : s;
+            }
+          }
+        }
+      }
+    }
+  } else {
+    for (int64_t k = lane; k < K; k += 32) {
+#pragma unroll
+      for (int j = 0; j < NW; ++j) {
+        const int jj = j < nv ? j : 0;
+        const int wk = w_at<WBITS>(w0 + jj * wstride, k);
+        const float gs = KG ? a.w_scale[(n0 + jj) * a.groups + k / gk] : 1.f;
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (m < mv) {
+            if constexpr (kIntAcc) iacc[m][j] += (int)x[m * K + k] * wk;
+            else facc[m][j] += x_at<XT>(x, m * K + k) * (float)wk * gs;
+          }
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int j = 0; j < NW; ++j) {
+    if (j >= nv) break;
+    const int64_t n = n0 + j;
+    const float ws = a.w_scale[n * a.groups];
+    float result = 0.f;  // lane m keeps row m
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      float v;
+      if constexpr (kIntAcc) {
+        int s = iacc[m][j];
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        v = (float)s * ws;
+      } else {
+        v = warp_sum(facc[m][j]);
+        if constexpr (!KG) v *= ws;
+      }
+      if (lane == m) result = v;
+    }
+    if (lane < mv) {
+      const int64_t m = m0 + lane;
+      float y = result;
+      if constexpr (kA8) y *= a.x_scale[m];
+      if (a.bias) y += load_any(a.bias, n, a.out_dt);
+      y = apply_act(y, a.act);
+      if (a.residual) y += load_any(a.residual, m * a.n + n, a.out_dt);
+      store_any(a.out, m * a.n + n, y, a.out_dt);
+    }
+  }
+}
+
+template <int MT, int NW, class XT, int WBITS, bool KG>
+cudaError_t launch_simt_kernel(const zq_gemm_args& a, bool vec, cudaStream_t stream) {
+  constexpr int64_t kColsPerBlock = 4 * NW;
+  const dim3 grid((unsigned)((a.n + kColsPerBlock - 1) / kColsPerBlock), (unsigned)((a.m + MT - 1) / MT));
+  if (vec) gemm_simt_kernel<MT, NW, XT, WBITS, KG, true><<<grid, 128, 0, stream>>>(a);
+  else gemm_simt_kernel<MT, 1, XT, WBITS, KG, false><<<dim3((unsigned)((a.n + 3) / 4), grid.y), 128, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// Few rows: one column per warp keeps every SM busy; more rows (INT8 x): four columns per warp so each x
+// chunk (re-read from L1/L2 by every warp) serves four weight rows. The unaligned (non-16-wide) and A16
+// variants keep one column per warp: they are fallbacks, and this bounds the compile time.
+template <class XT, int WBITS, bool KG>
+cudaError_t launch_simt_m(const zq_gemm_args& a, bool vec, cudaStream_t stream) {
+  constexpr bool kA8 = std::is_same_v<XT, int8_t>;
+  if (a.m <= 1) return launch_simt_kernel<1, 1, XT, WBITS, KG>(a, vec, stream);
+  if (a.m <= 4) return launch_simt_kernel<4, kA8 ? 2 : 1, XT, WBITS, KG>(a, vec, stream);
+  return launch_simt_kernel<16, kA8 ? 4 : 1, XT, WBITS, KG>(a, vec, stream);
+}
+
+template <class XT, int WBITS>
+cudaError_t launch_simt(const zq_gemm_args& a, cudaStream_t stream) {
+  const bool kg = a.groups > 1;
+  const bool vec = a.k % 16 == 0 && (!kg || (a.k / a.groups) % 16 == 0);
+  return kg ? launch_simt_m<XT, WBITS, true>(a, vec, stream) : launch_simt_m<XT, WBITS, false>(a, vec, stream);
+}
+
+template <class XT>
+cudaError_t launch_simt_w(const zq_gemm_args& a, cudaStream_t stream) {
+  return a.w_bits == 4 ? launch_simt<XT, 4>(a, stream) : launch_simt<XT, 8>(a, stream);
+}
+
+}  // namespace zq
+
+ZQ_API cudaError_t zq_gemm_simt(const zq_gemm_args* a, cudaStream_t stream) {
+  if (a->m == 0 || a->n == 0) return cudaSuccess;
+  if (a->groups <= 0 || a->k % a->groups || (a->w_bits != 8 && a->w_bits != 4) || (a->w_bits == 4 && a->k % 2))
+    return cudaErrorInvalidValue;
+  if (a->m > (int64_t)65535 * 16) return cudaErrorInvalidValue;
+  if (a->x_is_int8) return zq::launch_simt_w<int8_t>(*a, stream);
+  switch (a->x_dt) {
+    case ZQ_F16: return zq::launch_simt_w<__half>(*a, stream);
+    case ZQ_BF16: return zq::launch_simt_w<__nv_bfloat16>(*a, stream);
+    default: break;  // fp32 A16: the binding uses the reference implementation
+  }
+  return cudaErrorInvalidValue;
+}
+
+namespace zq {
+
+__global__ void unpack_int4_kernel(const uint8_t* __restrict__ wq, int64_t nbytes, int8_t* __restrict__ out) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < nbytes; i += (int64_t)gridDim.x * blockDim.x) {
+    const int b = wq[i];
+    const int lo = b & 0xF, hi = b >> 4;
+    char2 v;
+    v.x = (signed char)(lo >= 8 ? lo - 16 : lo);
+    v.y = (signed char)(hi >= 8 ? hi - 16 : hi);
+    reinterpret_cast<char2*>(out)[i] = v;
+  }
+}
+
+template <int WBITS>
+__global__ void dequantize_weight_kernel(const uint8_t* __restrict__ wq, const float* __restrict__ ws, int64_t groups,
+                                         int64_t n, int64_t k, void* out, zq_dtype dt) {
+  const int64_t total = n * k, gk = k / groups;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = i / k, c = i % k;
+    const int q = w_at<WBITS>(wq + r * (WBITS == 8 ? k : k / 2), c);
+    store_any(out, i, (float)q * ws[r * groups + c / gk], dt);
+  }
+}
+
+inline unsigned grid_for(int64_t n) {
+  const int64_t b = (n + 255) / 256;
+  return (unsigned)(b < 1 ? 1 : (b > 65535 * 4 ? 65535 * 4 : b));
+}
+
+}  // namespace zq
+
+ZQ_API cudaError_t zq_unpack_int4(const uint8_t* wq, int64_t n, int64_t k, int8_t* out, cudaStream_t stream) {
+  if (n * k == 0) return cudaSuccess;
+  if (k % 2) return cudaErrorInvalidValue;
+  zq::unpack_int4_kernel<<<zq::grid_for(n * k / 2), 256, 0, stream>>>(wq, n * k / 2, out);
+  return cudaGetLastError();
+}
+
+ZQ_API cudaError_t zq_dequantize_weight(const void* wq, int w_bits, const float* w_scale, int64_t groups, int64_t n,
+                                        int64_t k, void* out, zq_dtype out_dt, cudaStream_t stream) {
+  if (n * k == 0) return cudaSuccess;
+  if (groups <= 0 || k % groups) return cudaErrorInvalidValue;
+  const auto* w = static_cast<const uint8_t*>(wq);
+  if (w_bits == 4)
+    zq::dequantize_weight_kernel<4><<<zq::grid_for(n * k), 256, 0, stream>>>(w, w_scale, groups, n, k, out, out_dt);
+  else
+    zq::dequantize_weight_kernel<8><<<zq::grid_for(n * k), 256, 0, stream>>>(w, w_scale, groups, n, k, out, out_dt);
+  return cudaGetLastError();
+}

@@ -1,0 +1,195 @@
+"""The CUDA kernels of libzq_kernels.so against the reference zq ops, on fresh random data with outlier
+tokens and channels, at sizes that are not multiples of the tiles, M from 1 to 16384. Output memory is
+poisoned (NaN / 0xFF) before each call so unwritten elements fail. Runs on a CUDA machine with the library
+built (`cmake -S . -B build && cmake --build build -j`); skips elsewhere."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zqcompile  # noqa: F401  registers the zq ops
+from zqcompile import plugins
+from zqcompile.ops import library as lib
+from zqcompile.ops import quant_math as qm
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+if not plugins.load():
+    pytest.skip(f"CUDA kernel library not built: {plugins.status()}", allow_module_level=True)
+
+from zqcompile.plugins import cuda  # noqa: E402
+
+DEV = "cuda"
+FLOATS = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def ref(name):
+    return getattr(lib, name)._init_fn
+
+
+def poison():
+    """Fill (and free) a large block so the caching allocator hands out garbage-filled outputs."""
+    b = torch.empty(256 << 20, dtype=torch.uint8, device=DEV)
+    b.fill_(0xFF)
+    del b
+
+
+def rand_act(shape, dtype, seed):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(shape, generator=g, device=DEV, dtype=torch.float32)
+    rows = x.reshape(-1, shape[-1])
+    rows[:: max(1, rows.shape[0] // 3)] *= 50.0  # outlier tokens
+    x[..., 7 % shape[-1]] *= 30.0  # an outlier channel
+    return x.to(dtype)
+
+
+def assert_q_close(q, q_ref, max_diff=1, frac=1e-3):
+    d = (q.int() - q_ref.int()).abs()
+    assert d.max().item() <= max_diff, f"int8 codes differ by {d.max().item()}"
+    assert (d > 0).float().mean().item() <= frac, f"{(d > 0).float().mean().item():.2e} of the codes differ"
+
+
+def assert_close(y, y_ref, rel):
+    assert not torch.isnan(y).any(), "NaN in output (an element left unwritten?)"
+    err = (y.float() - y_ref.float()).abs().max().item()
+    bound = rel * y_ref.float().abs().max().item() + 1e-6
+    assert err <= bound, f"max abs error {err:.3e} > {bound:.3e}"
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("m,k", [(1, 768), (3, 1000), (17, 4096), (1000, 777), (16384, 1024), (2, 20000)])
+def test_quantize_per_token(dtype, m, k):
+    x = rand_act((m, k), dtype, seed=m * 7 + k)
+    poison()
+    q, s = torch.ops.zq.quantize_per_token(x)
+    q_ref, s_ref = ref("quantize_per_token")(x)
+    assert_q_close(q, q_ref, max_diff=1, frac=1e-4)
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_quantize_per_tensor(dtype):
+    x = rand_act((4, 33, 768), dtype, seed=3)
+    scale = torch.tensor(x.float().abs().amax().item() / 127 * 0.5, device=DEV)  # half: some values clamp
+    poison()
+    q, s = torch.ops.zq.quantize_per_tensor(x, scale)
+    q_ref, s_ref = ref("quantize_per_tensor")(x, scale)
+    assert_q_close(q, q_ref, max_diff=1, frac=1e-4)
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("with_res,emit_out,emit_sum", [(False, False, False), (True, True, True), (True, False, True)])
+@pytest.mark.parametrize("m,k", [(1, 768), (37, 1000), (4096, 4096), (3, 16384)])
+def test_norm_quant(dtype, kind, with_res, emit_out, emit_sum, m, k):
+    x = rand_act((m, k), dtype, seed=m + k)
+    res = rand_act((m, k), dtype, seed=m + k + 1) if with_res else None
+    w = (1 + 0.1 * torch.randn(k, device=DEV)).to(dtype)
+    b = (0.1 * torch.randn(k, device=DEV)).to(dtype) if kind == "layer" else None
+    poison()
+    got = torch.ops.zq.norm_quant(x, res, w, b, 1e-5, kind, emit_out, emit_sum)
+    exp = ref("norm_quant")(x, res, w, b, 1e-5, kind, emit_out, emit_sum)
+    assert_q_close(got[0], exp[0], max_diff=1, frac=2e-3)
+    torch.testing.assert_close(got[1], exp[1], rtol=1e-2, atol=0)
+    for g, e in zip(got[2:], exp[2:]):
+        assert g.shape == e.shape
+        if e.numel():
+            assert_close(g, e, rel=1e-2)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh", "relu", "silu"])
+@pytest.mark.parametrize("mode", ["bias", "gate", "plain"])
+@pytest.mark.parametrize("m,k", [(1, 3072), (129, 1000), (2048, 4096)])
+def test_act_quant(dtype, act, mode, m, k):
+    x = rand_act((m, k), dtype, seed=m * 3 + k)
+    bias = (0.1 * torch.randn(k, device=DEV)).to(dtype) if mode == "bias" else None
+    # gate * x with both carrying outliers would overflow fp16 (the reference then quantizes inf/NaN)
+    gate = 0.02 * rand_act((m, k), dtype, seed=m * 5 + k) if mode == "gate" else None
+    poison()
+    got = torch.ops.zq.act_quant(x, bias, gate, act, True)
+    exp = ref("act_quant")(x, bias, gate, act, True)
+    assert_q_close(got[0], exp[0], max_diff=1, frac=2e-3)
+    torch.testing.assert_close(got[1], exp[1], rtol=1e-2, atol=0)
+    assert_close(got[2], exp[2], rel=1e-2)
+
+
+def make_gemm(m, k, n, bits, group_size, out_dtype, seed, with_bias=True, with_res=False):
+    x = rand_act((m, k), torch.float32, seed)
+    xq, xs = qm.quantize_per_token(x)
+    g = torch.Generator(device=DEV).manual_seed(seed + 1)
+    w = torch.randn((n, k), generator=g, device=DEV) * 0.05
+    w[n // 3] *= 20  # an outlier output row
+    gran = "k_groups" if group_size else "row_groups"
+    wq, ws = qm.quantize_weight(w, bits, gran, group_size=group_size)
+    bias = (0.1 * torch.randn(n, device=DEV)).to(out_dtype) if with_bias else None
+    res = torch.randn((m, n), device=DEV).to(out_dtype) if with_res else None
+    return xq, xs, wq, ws, bias, res
+
+
+GEMM_SHAPES = [(1, 768, 3072), (4, 1024, 1024), (5, 4096, 1024), (16, 3072, 768), (17, 1024, 4096), (100, 768, 520),
+               (1000, 1000, 515), (4096, 4096, 4096), (16384, 768, 3072)]
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, None), (4, 128), (8, 64)])
+def test_int8_gemm_dequant(out_dtype, m, k, n, bits, group_size):
+    if group_size and k % group_size:
+        pytest.skip("group size must divide K")
+    if bits == 4 and k % 2:
+        pytest.skip("INT4 needs an even K")
+    xq, xs, wq, ws, bias, res = make_gemm(m, k, n, bits, group_size, out_dtype, seed=m + k + n, with_res=m % 2 == 0)
+    act = ["none", "gelu", "gelu_tanh", "relu", "silu"][(m + n) % 5]
+    poison()
+    y = torch.ops.zq.int8_gemm_dequant(xq, xs, wq, ws, bias, res, act, bits, out_dtype)
+    y_ref = ref("int8_gemm_dequant")(xq, xs, wq, ws, bias, res, act, bits, out_dtype)
+    assert y.shape == y_ref.shape and y.dtype == out_dtype
+    assert_close(y, y_ref, rel=1e-2 if group_size and m > cuda.SMALL_M_KGROUPS else 4e-3)
+
+
+@pytest.mark.parametrize("path", ["simt", "sm90"])
+@pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh", "relu", "silu"])
+@pytest.mark.parametrize("with_bias,with_res", [(False, False), (True, True), (True, False)])
+@pytest.mark.parametrize("m,k,n", [(1, 768, 3072), (64, 1024, 768), (300, 4096, 1032), (2048, 3072, 768)])
+def test_gemm_paths_poisoned(path, act, with_bias, with_res, m, k, n):
+    """Each GEMM kernel directly, every epilogue variant, into a NaN-filled output."""
+    if path == "sm90" and not cuda._sm90_usable(torch.device(DEV)):
+        pytest.skip("no Hopper INT8 GEMM on this device/library")
+    out_dtype = torch.float16
+    xq, xs, wq, ws, bias, res = make_gemm(m, k, n, 8, None, out_dtype, seed=m * k, with_bias=with_bias,
+                                          with_res=with_res)
+    configs = range(cuda._lib.zq_gemm_sm90_num_configs()) if path == "sm90" else [-1]
+    y_ref = ref("int8_gemm_dequant")(xq, xs, wq, ws, bias, res, act, 8, out_dtype)
+    for cfg in configs:
+        out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEV)
+        cuda.run_gemm(path, xq, xs.reshape(m), wq, ws, bias, res, act, 8, out, config=cfg)
+        assert_close(out, y_ref, rel=4e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n", [(1, 768, 3072), (7, 1000, 515), (16, 4096, 1024), (333, 1024, 768)])
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 128)])
+def test_weight_only_gemm(dtype, m, k, n, bits, group_size):
+    if group_size and k % group_size:
+        pytest.skip("group size must divide K")
+    x = rand_act((m, k), dtype, seed=m + n)
+    w = torch.randn((n, k), device=DEV) * 0.05
+    wq, ws = qm.quantize_weight(w, bits, "k_groups" if group_size else "row_groups", group_size=group_size)
+    bias = (0.1 * torch.randn(n, device=DEV)).to(dtype)
+    res = torch.randn((m, n), device=DEV).to(dtype)
+    poison()
+    y = torch.ops.zq.weight_only_gemm(x, wq, ws, bias, res, "gelu", bits)
+    y_ref = ref("weight_only_gemm")(x, wq, ws, bias, res, "gelu", bits)
+    assert_close(y, y_ref, rel=1e-2)
+
+
+def test_fallback_for_unsupported_dtypes_matches_reference():
+    """Mixed dtypes are answered by the reference implementation, not a wrong kernel."""
+    x = rand_act((4, 64), torch.float16, seed=1)
+    w = torch.ones(64, device=DEV, dtype=torch.float32)
+    got = torch.ops.zq.norm_quant(x, None, w, None, 1e-5, "rms", True, False)
+    exp = ref("norm_quant")(x, None, w, None, 1e-5, "rms", True, False)
+    assert torch.equal(got[0], exp[0])

@@ -1,0 +1,270 @@
+"""The CUDA implementations of the zq ops: thin ctypes wrappers over libzq_kernels.so's C launch API
+(plugins_cuda/include/zq/*.h), registered with torch.library for the "cuda" dispatch key.
+
+Each wrapper allocates the outputs, launches on the current stream and checks the returned CUDA error. Inputs
+the kernels do not cover (unusual dtypes, mixed dtypes) go to the reference implementation, so every call is
+answered; `describe()` and the GEMM path counters say what ran.
+"""
+from __future__ import annotations
+
+import ctypes
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..ops import quant_math as qm
+
+ABI_VERSION = 1
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Tokens at or under which the CUDA-core GEMM beats the tensor-core paths (bench/results, H200): for INT8
+# weights with row scales the sm90 kernel's ~5 us floor wins from M = 5; with K-group scales the alternative
+# is the fp16 path that dequantizes the weight per call, so the CUDA-core kernel keeps M <= 16.
+SMALL_M = 4
+SMALL_M_KGROUPS = 16
+
+_lib: Optional[ctypes.CDLL] = None
+_path: Optional[Path] = None
+gemm_paths: Counter = Counter()  # which GEMM path served each call (for reports and tests)
+
+
+class GemmArgs(ctypes.Structure):
+    """zq_gemm_args of plugins_cuda/include/zq/gemm.h."""
+    _fields_ = [("x", ctypes.c_void_p), ("x_dt", ctypes.c_int), ("x_is_int8", ctypes.c_int),
+                ("x_scale", ctypes.c_void_p), ("wq", ctypes.c_void_p), ("w_bits", ctypes.c_int),
+                ("w_scale", ctypes.c_void_p), ("groups", ctypes.c_int64), ("bias", ctypes.c_void_p),
+                ("residual", ctypes.c_void_p), ("act", ctypes.c_int), ("out", ctypes.c_void_p),
+                ("out_dt", ctypes.c_int), ("m", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64)]
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    P, I, I64, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    sigs = {
+        "zq_abi_version": (I, []), "zq_has_sm90_gemm": (I, []), "zq_gemm_sm90_num_configs": (I, []),
+        "zq_error_string": (ctypes.c_char_p, [I]),
+        "zq_quantize_per_token": (I, [P, I, I64, I64, P, P, P]),
+        "zq_quantize_per_tensor": (I, [P, I, I64, I64, P, P, P, P]),
+        "zq_norm_quant": (I, [P, P, P, P, I, I64, I64, F, I, P, P, P, P, P]),
+        "zq_act_quant": (I, [P, P, P, I, I64, I64, I, P, P, P, P]),
+        "zq_gemm_simt": (I, [ctypes.POINTER(GemmArgs), P]),
+        "zq_gemm_sm90_config": (I, [ctypes.POINTER(GemmArgs), I, P]),
+        "zq_unpack_int4": (I, [P, I64, I64, P, P]),
+        "zq_dequantize_weight": (I, [P, I, P, I64, I64, I64, P, I, P]),
+    }
+    for name, (res, args) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"zq CUDA kernel {what} failed: {_lib.zq_error_string(rc).decode()} (cudaError {rc})")
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def has_sm90_gemm() -> bool:
+    return bool(_lib.zq_has_sm90_gemm())
+
+
+def _sm90_usable(device: torch.device) -> bool:
+    return has_sm90_gemm() and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def describe() -> str:
+    return f"{_path} (Hopper INT8 GEMM: {'yes' if has_sm90_gemm() else 'no'})"
+
+
+# ---- activation quantization -------------------------------------------------------------------------
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    if x.dtype not in DTYPES or x.numel() == 0:
+        return qm.quantize_per_token(x)
+    x = x.contiguous()
+    k = x.shape[-1]
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        _check(_lib.zq_quantize_per_token(x.data_ptr(), DTYPES[x.dtype], x.numel() // k, k, q.data_ptr(),
+                                          s.data_ptr(), _stream(x)), "quantize_per_token")
+    return q, s
+
+
+def quantize_per_tensor(x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    if x.dtype not in DTYPES or x.numel() == 0:
+        return qm.quantize_per_tensor(x, scale)
+    x = x.contiguous()
+    sc = scale.to(device=x.device, dtype=torch.float32).reshape(()).contiguous()
+    k = x.shape[-1]
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        _check(_lib.zq_quantize_per_tensor(x.data_ptr(), DTYPES[x.dtype], x.numel() // k, k, sc.data_ptr(),
+                                           q.data_ptr(), s.data_ptr(), _stream(x)), "quantize_per_tensor")
+    return q, s
+
+
+# ---- producers fused with quantization -----------------------------------------------------------------
+def _same_dtype(x: Tensor, *others: Optional[Tensor]) -> bool:
+    return x.dtype in DTYPES and all(o is None or (o.dtype == x.dtype and o.device == x.device) for o in others)
+
+
+def norm_quant(x, residual, weight, bias, eps, kind, emit_out, emit_sum):
+    k = x.shape[-1]
+    if not _same_dtype(x, residual, weight, bias) or x.numel() == 0 or k > 56 * 1024 or kind not in ("layer", "rms"):
+        return _ref("norm_quant")(x, residual, weight, bias, eps, kind, emit_out, emit_sum)
+    x = x.contiguous()
+    residual = None if residual is None else residual.contiguous()
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    out = torch.empty_like(x) if emit_out else x.new_empty((0,))
+    hsum = torch.empty_like(x) if emit_sum and residual is not None else x.new_empty((0,))
+    with torch.cuda.device(x.device):
+        _check(_lib.zq_norm_quant(x.data_ptr(), _ptr(residual), weight.contiguous().data_ptr(),
+                                  _ptr(None if bias is None else bias.contiguous()), DTYPES[x.dtype],
+                                  x.numel() // k, k, float(eps), int(kind == "rms"), q.data_ptr(), s.data_ptr(),
+                                  _ptr(out), _ptr(hsum), _stream(x)), "norm_quant")
+    return q, s, out, hsum
+
+
+def act_quant(x, bias, gate, act, emit_out):
+    k = x.shape[-1]
+    if not _same_dtype(x, bias, gate) or x.numel() == 0 or k > 56 * 1024:
+        return _ref("act_quant")(x, bias, gate, act, emit_out)
+    x = x.contiguous()
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    out = torch.empty_like(x) if emit_out else x.new_empty((0,))
+    with torch.cuda.device(x.device):
+        _check(_lib.zq_act_quant(x.data_ptr(), _ptr(None if bias is None else bias.contiguous()),
+                                 _ptr(None if gate is None else gate.contiguous()), DTYPES[x.dtype],
+                                 x.numel() // k, k, qm.ACTIVATIONS.index(act), q.data_ptr(), s.data_ptr(),
+                                 _ptr(out), _stream(x)), "act_quant")
+    return q, s, out
+
+
+# ---- GEMMs ---------------------------------------------------------------------------------------------
+def _gemm_args(x, x_scale, wq, w_scale, bias, residual, act, w_bits, out, m, n, k) -> GemmArgs:
+    return GemmArgs(x=x.data_ptr(), x_dt=DTYPES.get(x.dtype, 0), x_is_int8=int(x.dtype == torch.int8),
+                    x_scale=_ptr(x_scale), wq=wq.data_ptr(), w_bits=w_bits, w_scale=w_scale.data_ptr(),
+                    groups=w_scale.shape[1], bias=_ptr(bias), residual=_ptr(residual),
+                    act=qm.ACTIVATIONS.index(act), out=out.data_ptr(), out_dt=DTYPES[out.dtype], m=m, n=n, k=k)
+
+
+def run_gemm(path: str, xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out: Tensor,
+             config: int = -1) -> None:
+    """Launch one GEMM kernel on 2-D contiguous operands into `out` ("simt" or "sm90"); benchmarks use it."""
+    m, k = xq.shape
+    a = _gemm_args(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out, m, wq.shape[0], k)
+    with torch.cuda.device(xq.device):
+        if path == "simt":
+            _check(_lib.zq_gemm_simt(ctypes.byref(a), _stream(xq)), "gemm_simt")
+        else:
+            _check(_lib.zq_gemm_sm90_config(ctypes.byref(a), config, _stream(xq)), "gemm_sm90")
+
+
+def dequantize_weight(wq: Tensor, w_scale: Tensor, w_bits: int, dtype: torch.dtype) -> Tensor:
+    n = wq.shape[0]
+    k = wq.shape[1] * (2 if w_bits == 4 else 1)
+    out = torch.empty((n, k), dtype=dtype, device=wq.device)
+    with torch.cuda.device(wq.device):
+        _check(_lib.zq_dequantize_weight(wq.data_ptr(), w_bits, w_scale.data_ptr(), w_scale.shape[1], n, k,
+                                         out.data_ptr(), DTYPES[dtype], _stream(wq)), "dequantize_weight")
+    return out
+
+
+def unpack_int4(wq: Tensor) -> Tensor:
+    n, k = wq.shape[0], wq.shape[1] * 2
+    out = torch.empty((n, k), dtype=torch.int8, device=wq.device)
+    with torch.cuda.device(wq.device):
+        _check(_lib.zq_unpack_int4(wq.data_ptr(), n, k, out.data_ptr(), _stream(wq)), "unpack_int4")
+    return out
+
+
+def _epilogue_dtypes_ok(out_dtype, *ts) -> bool:
+    return out_dtype in DTYPES and all(t is None or t.dtype == out_dtype for t in ts)
+
+
+def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype):
+    k, n = xq.shape[-1], wq.shape[0]
+    m = xq.numel() // k if k else 0
+    lead = xq.shape[:-1]
+    if not _epilogue_dtypes_ok(out_dtype, bias, residual) or m == 0 or k == 0:
+        gemm_paths["reference"] += 1
+        return _ref("int8_gemm_dequant")(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype)
+    x2 = xq.reshape(m, k).contiguous()
+    xs = x_scale.reshape(m).to(torch.float32).contiguous()
+    ws = w_scale.to(torch.float32).contiguous()
+    res2 = None if residual is None else residual.reshape(m, n).contiguous()
+    bias = None if bias is None else bias.contiguous()
+    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    tensor_core_ok = (out_dtype != torch.float32 and k % 16 == 0 and n % 8 == 0 and _sm90_usable(xq.device))
+    if m > SMALL_M and tensor_core_ok and ws.shape[1] == 1:
+        w8 = wq.contiguous() if w_bits == 8 else unpack_int4(wq.contiguous())
+        gemm_paths["sm90"] += 1
+        run_gemm("sm90", x2, xs, w8, ws, bias, res2, act, 8, out)
+    elif m > SMALL_M_KGROUPS and tensor_core_ok:
+        # K-group scales at large M: interim path through the fp16 tensor cores (weights dequantized to the
+        # output dtype, activations dequantized per token); numerically within fp16 rounding of the spec.
+        gemm_paths["kgroup_fp16"] += 1
+        wf = dequantize_weight(wq.contiguous(), ws, w_bits, out_dtype)
+        y = torch.nn.functional.linear((x2.float() * xs[:, None]).to(out_dtype), wf).float()
+        out = qm.epilogue(y, bias, act, res2, out_dtype)
+    else:
+        gemm_paths["simt"] += 1
+        run_gemm("simt", x2, xs, wq.contiguous(), ws, bias, res2, act, w_bits, out)
+    return out.reshape(*lead, n)
+
+
+def weight_only_gemm(x, wq, w_scale, bias, residual, act, w_bits):
+    k, n = x.shape[-1], wq.shape[0]
+    m = x.numel() // k if k else 0
+    if not _epilogue_dtypes_ok(x.dtype, bias, residual) or m == 0:
+        return _ref("weight_only_gemm")(x, wq, w_scale, bias, residual, act, w_bits)
+    lead = x.shape[:-1]
+    x2 = x.reshape(m, k).contiguous()
+    ws = w_scale.to(torch.float32).contiguous()
+    res2 = None if residual is None else residual.reshape(m, n).contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if m <= SMALL_M_KGROUPS and x.dtype != torch.float32:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        run_gemm("simt", x2, None, wq.contiguous(), ws, bias, res2, act, w_bits, out)
+    else:  # larger M: dequantize the weight once per call, fp16/bf16 tensor cores: dequantize the weight once, fp16/bf16 tensor cores
+        wf = dequantize_weight(wq.contiguous(), ws, w_bits, x.dtype)
+        out = qm.epilogue(torch.nn.functional.linear(x2, wf).float(), bias, act, res2, x.dtype)
+    return out.reshape(*lead, n)
+
+
+# ---- registration --------------------------------------------------------------------------------------
+def _ref(name: str):
+    """The reference implementation of op `name` (the Python function the op was defined with), called
+    directly so a fallback never dispatches back here."""
+    from ..ops import library
+
+    return getattr(library, name)._init_fn
+
+
+def register(path: Path) -> None:
+    """Load the library at `path` and register its kernels for the "cuda" dispatch key (once)."""
+    global _lib, _path
+    if _lib is not None:
+        return
+    lib = ctypes.CDLL(str(path))
+    _bind(lib)
+    if lib.zq_abi_version() != ABI_VERSION:
+        raise OSError(f"{path} has ABI version {lib.zq_abi_version()}, this zqcompile expects {ABI_VERSION}: "
+                      f"rebuild it")
+    _lib, _path = lib, path
+    from ..ops import library
+
+    for name, fn in [("quantize_per_token", quantize_per_token), ("quantize_per_tensor", quantize_per_tensor),
+                     ("norm_quant", norm_quant), ("act_quant", act_quant),
+                     ("int8_gemm_dequant", int8_gemm_dequant), ("weight_only_gemm", weight_only_gemm)]:
+        torch.library.register_kernel(f"zq::{name}", "cuda", fn)
