@@ -100,6 +100,7 @@ def main() -> None:
     try:
         import torchao
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        why_no_torchao = None
     except Exception as e:  # noqa: BLE001
         torchao, why_no_torchao = None, f"{type(e).__name__}: {e}"
     rows, memory = [], []
@@ -111,9 +112,16 @@ def main() -> None:
         engines = {c: zq.compile(model, (ids0,), c) for c in args.configs.split(",")}
         fp_gemm = gemm_weight_bytes(model)
         fp_all = sum(p.numel() * p.element_size() for p in model.parameters())
+        check = torch.randint(0, 1000, (4, 128), device=dev)
+        with torch.no_grad():
+            ref = model(check, **({"use_cache": False} if name.startswith("gpt2") else {}))
+            ref = (ref.logits if hasattr(ref, "logits") else ref.last_hidden_state).float()
         for c, e in engines.items():
+            out = e(check)
+            out = (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
             memory.append(dict(model=name, config=c, gemm_weight_ratio=engine_gemm_bytes(e) / fp_gemm,
-                               all_weight_ratio=e.weight_bytes() / fp_all))
+                               all_weight_ratio=e.weight_bytes() / fp_all,
+                               rel_l2_err_vs_fp16=float((out - ref).norm() / ref.norm())))
         compiled = torch.compile(model, dynamic=False)
         ao = None
         if torchao is not None:
@@ -141,10 +149,21 @@ def main() -> None:
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         del model, compiled, ao, engines
         torch.cuda.empty_cache()
+        save(args, rows, memory, have_kernels, torchao, why_no_torchao if torchao is None else None)
+
+
+def save(args, rows, memory, have_kernels, torchao, why_no_torchao) -> None:
+    """Write JSON + markdown after every model, so a run cut short keeps what it measured."""
+    paths = None
+    try:
+        from zqcompile.plugins import cuda as zq_cuda
+        paths = dict(zq_cuda.gemm_paths)
+    except Exception:  # noqa: BLE001 - library not loaded
+        pass
     result = dict(bench="e2e", device=torch.cuda.get_device_name(), zq_cuda_kernels=have_kernels,
                   versions=dict(torch=torch.__version__, python=platform.python_version(),
                                 torchao=getattr(torchao, "__version__", None) if torchao else None),
-                  torchao_unavailable=None if torchao else why_no_torchao,
+                  torchao_unavailable=why_no_torchao, zq_gemm_paths=paths,
                   command=" ".join(sys.argv), time=time.strftime("%Y-%m-%d %H:%M:%S"), rows=rows, memory=memory)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
@@ -165,9 +184,10 @@ def markdown(result: dict) -> str:
         ratios = [f"{r[b] / ours:.2f}x" if ours and b in r else "-"
                   for b in ("hf_eager_fp16", "torch_compile_fp16", "torchao_w8a8")]
         out.append(f"| {r['model']} | {r['seq']} | {r['batch']} | " + " | ".join(cells + ratios) + " |")
-    out += ["", "| model | config | GEMM weight bytes vs FP16 | all constants vs FP16 |", "|---|---|---|---|"]
-    out += [f"| {m['model']} | {m['config']} | {m['gemm_weight_ratio']:.3f} | {m['all_weight_ratio']:.3f} |"
-            for m in result["memory"]]
+    out += ["", "| model | config | GEMM weight bytes vs FP16 | all constants vs FP16 | rel L2 err vs HF FP16 |",
+            "|---|---|---|---|---|"]
+    out += [f"| {m['model']} | {m['config']} | {m['gemm_weight_ratio']:.3f} | {m['all_weight_ratio']:.3f} | "
+            f"{m['rel_l2_err_vs_fp16']:.4f} |" for m in result["memory"]]
     return "\n".join(out)
 
 

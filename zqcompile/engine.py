@@ -56,6 +56,8 @@ class Engine:
 
     def __call__(self, *args, **kwargs):
         tensors = self.spec.bind(args, kwargs)
+        if tensors[0].is_cuda:
+            _ensure_kernels(tensors[0].device)
         if self.cuda_graphs and tensors[0].is_cuda:
             if self._graphs is None:
                 from .backends.cuda_graphs import ShapeBucketedGraphs
@@ -86,6 +88,7 @@ class Engine:
             raise InputError("this engine cannot generate: it was not compiled from a causal LM "
                              "(or was loaded from a file; generation graphs are not saved yet)")
         model, config = self._gen_source
+        _ensure_kernels(next(iter(model.parameters())).device)
         self._generator = build_generator(model, config, CacheSpec(max_batch, max_cache_len, kv_cache), self.gm)
         return self._generator
 
@@ -150,6 +153,13 @@ class Engine:
         args = tuple(_widen_cpu(t) for t in self.example_inputs)
         with torch.no_grad():
             return torch.export.export(self.gm, args, dynamic_shapes=dyn, strict=False)
+
+
+def _ensure_kernels(device: torch.device) -> None:
+    """Register the CUDA kernels of the zq ops (warns once when the library is not built)."""
+    if device.type == "cuda":
+        from .plugins import ensure_cuda_kernels
+        ensure_cuda_kernels(device)
 
 
 def _widen_cpu(t: torch.Tensor) -> torch.Tensor:
