@@ -107,6 +107,12 @@ def fake_quantize(model: nn.Module, config: QuantConfig | str, prefix: str = "")
         scheme, _rule = resolve_scheme(config, fqn, classify_role(fqn), types)
         if scheme.is_float:
             continue
+        try:  # shape errors (groups not dividing K) surface here, named, not mid-forward
+            with torch.no_grad():
+                fake_quant_weight(FakeQuantLinear(module, scheme, fqn).weight_nk(), scheme)
+        except ValueError as e:
+            raise ValueError(f"{fqn}: {scheme.describe()}: {e}; choose another group size or keep this "
+                             f"GEMM in float with override={{{fqn!r}: 'fp'}}") from None
         parent_name, _, child = fqn[len(prefix) + 1 if prefix else 0:].rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, FakeQuantLinear(module, scheme, fqn))
