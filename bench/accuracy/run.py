@@ -65,6 +65,12 @@ LKD_ROWS = {"w4/8a8 + LKD(random)": ("w4/8a8", "random"), "w4/8a8 + LKD(text)": 
             "w4/8a8 per-row + LKD(random)": ("w4/8a8 per-row", "random")}
 
 
+# Most informative rows first: partial results are useful on a busy machine.
+DEFAULT_ORDER = ["fp32", "w8a8", "ptq-static", "w4/8a8", "w4/8a8 + LKD(random)", "w4/8a8 + LKD(text)", "w8a16",
+                 "w4/8a16", "ablation: PTQ (per-tensor W, static A)", "ablation: + group-wise W", "w4/8a8 per-row",
+                 "w4/8a16 per-row", "w4/8a8 per-row + LKD(random)"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
@@ -78,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfgs = configs()
-    names = [r for r in args.rows.split(",") if r] or [*cfgs, *LKD_ROWS]
+    names = [r for r in args.rows.split(",") if r] or DEFAULT_ORDER
     lm = load_model(args.model)
     eval_ids = tokenize_text(lm.tokenizer, Path(EVAL_TEXT).read_text())
     lkd_text = "\n\n".join(Path("/usr/share/common-licenses", f).read_text() for f in LKD_TEXTS)
