@@ -141,3 +141,44 @@ def plot_ranges(ranges: list[GemmRanges], out: str | Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+# ---- CLI: `zqcompile inspect MODEL --out ranges.png` (cli.py calls add_inspect_command) ------------------
+DEFAULT_PROMPT = ("The quick brown fox jumps over the lazy dog. Quantization maps floating-point values to "
+                  "a small set of integers; outliers in a few tokens or channels stretch the range.")
+
+
+def add_inspect_command(subparsers):
+    p = subparsers.add_parser("inspect", help="token-wise activation / row-wise weight ranges (paper Fig. 1)")
+    p.add_argument("model", help="HF folder, .gguf file, or an installed model name (smollm2, minilm)")
+    p.add_argument("--out", default="ranges.png", help="figure path (.png needs matplotlib; else .svg)")
+    p.add_argument("--text", default=None, help="text file to run (default: a built-in sentence)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.set_defaults(func=run_inspect)
+    return p
+
+
+def run_inspect(args) -> list[GemmRanges]:
+    import json
+
+    from .lkd import max_positions
+    from .models import load_model
+    lm = load_model(args.model)
+    args.max_tokens = min(args.max_tokens, max_positions(lm.model) or args.max_tokens)
+    if lm.tokenizer is not None:
+        text = Path(args.text).read_text() if args.text else DEFAULT_PROMPT
+        ids = torch.tensor([lm.tokenizer(text, add_special_tokens=False)["input_ids"][: args.max_tokens]])
+    else:  # no tokenizer: random ids still show the weight ranges and the activation shape
+        vocab = lm.model.config.vocab_size
+        ids = torch.randint(0, vocab, (1, args.max_tokens), generator=torch.Generator().manual_seed(0))
+    ranges = collect_ranges(lm.model, ids)
+    print(summary_table(ranges))
+    written = plot_ranges(ranges, args.out)
+    print(f"wrote {written}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([
+            {"fqn": r.fqn, "role": r.role, "layer": r.layer, "act_min": r.act_min.tolist(),
+             "act_max": r.act_max.tolist(), "weight_row_min": r.weight_row_min.tolist(),
+             "weight_row_max": r.weight_row_max.tolist()} for r in ranges]))
+    return ranges

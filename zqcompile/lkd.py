@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -61,10 +61,20 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def max_positions(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions"):
+        if isinstance(getattr(cfg, attr, None), int):
+            return getattr(cfg, attr)
+    return None
+
+
 def lkd_batches(model: nn.Module, lkd: LKDConfig, tokenizer=None) -> list[torch.Tensor]:
-    """LKD data -> a list of LongTensor [batch_size, seq_len] batches (at most lkd.num_batches)."""
+    """LKD data -> a list of LongTensor [batch_size, seq_len] batches (at most lkd.num_batches); seq_len is
+    capped at the model's context length."""
     g = torch.Generator().manual_seed(lkd.seed)
     data = lkd.data
+    lkd = replace(lkd, seq_len=min(lkd.seq_len, max_positions(model) or lkd.seq_len))
     if isinstance(data, str) and data == "random":
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if not vocab:
