@@ -74,7 +74,8 @@ DEFAULT_ORDER = ["fp32", "w8a8", "ptq-static", "w4/8a8", "w4/8a8 + LKD(random)",
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--path", default="fakequant", choices=["fakequant"])
+    ap.add_argument("--path", default="fakequant", choices=["fakequant", "engine"],
+                    help="fakequant: zqcompile.fakequant (module level); engine: zq.compile with reference CPU ops")
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--lkd-steps", type=int, default=100)
@@ -109,8 +110,7 @@ def main() -> None:
                           "num_batches": lkd.num_batches, "seconds_total": time.perf_counter() - t0,
                           "seconds_per_block": (time.perf_counter() - t0) / len(stats),
                           "blocks": [s.__dict__ for s in stats]}
-        fq = fake_quantize(_copy(lm.model), cfg)
-        calibrate_static(fq, list(calib.split(1)))
+        fq = _quantized(lm.model, cfg, list(calib.split(1)), args.path)
         t0 = time.perf_counter()
         r = perplexity(fq, eval_ids, window=args.window)
         row.update(config=cfg.name, ppl=r.ppl, tokens_scored=r.num_tokens_scored, eval_seconds=time.perf_counter() - t0,
@@ -121,9 +121,14 @@ def main() -> None:
         _write(out, result)
 
 
-def _copy(model):
+def _quantized(model, cfg: QuantConfig, calib: list[torch.Tensor], path: str):
+    if path == "engine":
+        from zqcompile.api import compile as zq_compile  # lands with the compiler on main
+        return zq_compile(model, (calib[0],), cfg)
     import copy
-    return copy.deepcopy(model)
+    fq = fake_quantize(copy.deepcopy(model), cfg)
+    calibrate_static(fq, calib)
+    return fq
 
 
 def _write(out: Path, result: dict) -> None:
