@@ -94,3 +94,15 @@ def test_find_blocks_known_paths():
     assert find_blocks(tiny_gpt2())[0] == "transformer.h"
     assert find_blocks(tiny_llama())[0] == "model.layers"
     assert find_blocks(tiny_bert())[0] == "encoder.layer"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lkd_on_gpu_matches_cpu():
+    cpu, gpu = tiny_llama(), tiny_llama().cuda()
+    _, s_cpu = run_lkd_with_stats(cpu, "w4/8a8", LKD)
+    _, s_gpu = run_lkd_with_stats(gpu, "w4/8a8", LKD)
+    assert all(s.loss_after < s.loss_before for s in s_gpu)
+    for a, b in zip(s_cpu, s_gpu):
+        assert b.loss_before == pytest.approx(a.loss_before, rel=1e-2)
+    assert next(gpu.parameters()).is_cuda

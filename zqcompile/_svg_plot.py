@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 PANEL_W, PANEL_H, PAD = 520, 190, 40
-MAX_SEGMENTS = 256  # per layer; evenly subsampled so the file stays small
+MAX_SEGMENTS = 64  # per layer; evenly subsampled so the file stays small
 
 
 def _panel(x0: float, y0: float, title: str, series) -> list[str]:
