@@ -136,7 +136,7 @@ class LKDConfig:
 
     data: object = "random"
     steps: int = 100
-    lr: float = 1e-5
+    lr: float = 1e-4  # Adam; block MSE on SmolLM2 fell ~2x faster than with 1e-5 (50 steps, 3 blocks)
     batch_size: int = 4
     seq_len: int = 128
     num_batches: int = 8
