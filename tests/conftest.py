@@ -1,4 +1,42 @@
+"""Shared fixtures: small random-init models of each family and a cache of compiled engines, so the suite
+compiles each (model, preset) once."""
+from __future__ import annotations
+
+import pytest
 import torch
 
-# Tiny models: one thread avoids oversubscribing the 2-core CI machines (OpenMP spin-waits dominate otherwise).
-torch.set_num_threads(1)
+import zqcompile as zq
+from zqcompile.models import tiny_model
+
+_MODELS: dict = {}
+_ENGINES: dict = {}
+
+
+def model_for(family: str):
+    if family not in _MODELS:
+        _MODELS[family] = tiny_model(family)
+    return _MODELS[family]
+
+
+def ids(batch: int, seq: int, seed: int = 0, vocab: int = 1000) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def engine_for(family: str, config: str):
+    key = (family, config)
+    if key not in _ENGINES:
+        _ENGINES[key] = zq.compile(model_for(family), (ids(2, 16),), config=config)
+    return _ENGINES[key]
+
+
+def main_output(out):
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)

@@ -38,7 +38,8 @@ def test_eval_cli_on_a_folder(gpt2_dir, tmp_path):
     out = tmp_path / "r.json"
     args = _parse(["eval", str(d), "--config", "w4/8a8", "--text", str(text), "--window", "32",
                    "--lkd", "random", "--lkd-steps", "3", "--json", str(out)])
-    res = args.func(args)
+    from zqcompile.eval_cli import run_eval
+    res = run_eval(args)
     saved = json.loads(out.read_text())
     assert saved["ppl_fp32"] == pytest.approx(res["ppl_fp32"]) and saved["ppl_w4/8a8"] > 1
     assert len(saved["lkd"]) == 2
@@ -48,15 +49,17 @@ def test_inspect_cli(gpt2_dir, tmp_path):
     d, text = gpt2_dir
     args = _parse(["inspect", str(d), "--text", str(text), "--out", str(tmp_path / "r.png"),
                    "--json", str(tmp_path / "r.json")])
-    ranges = args.func(args)
+    from zqcompile.inspect import run_inspect
+    ranges = run_inspect(args)
     data = json.loads((tmp_path / "r.json").read_text())
     assert len(data) == len(ranges) == 2 * 4 + 1
     assert any((tmp_path / n).exists() for n in ("r.png", "r.svg"))
 
 
 def test_missing_model_is_a_clear_error():
-    from zqcompile.models import ModelNotFound, load_model
-    with pytest.raises(ModelNotFound, match="no such"):
-        load_model("/nonexistent/model.gguf")
-    with pytest.raises(ModelNotFound, match="one of"):
-        load_model("gpt-17")
+    from zqcompile.eval_cli import load_for_eval
+    from zqcompile.models import ModelLoadError
+    with pytest.raises(ModelLoadError, match="no GGUF file"):
+        load_for_eval("/nonexistent/model.gguf")
+    with pytest.raises(ModelLoadError, match="neither"):
+        load_for_eval("gpt-17")

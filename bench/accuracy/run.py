@@ -26,7 +26,7 @@ from zqcompile.config import ActQuant, GemmScheme, LKDConfig, QuantConfig, Weigh
 from zqcompile.eval import perplexity, tokenize_text  # noqa: E402
 from zqcompile.fakequant import calibrate_static, fake_quantize  # noqa: E402
 from zqcompile.lkd import run_lkd_with_stats  # noqa: E402
-from zqcompile.models import load_model  # noqa: E402
+from zqcompile.eval_cli import load_for_eval  # noqa: E402
 
 EVAL_TEXT = "/usr/share/common-licenses/GPL-3"
 LKD_TEXTS = ["GFDL-1.3", "Apache-2.0", "MPL-2.0", "Artistic", "CC0-1.0"]
@@ -86,18 +86,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfgs = configs()
     names = [r for r in args.rows.split(",") if r] or DEFAULT_ORDER
-    lm = load_model(args.model)
-    eval_ids = tokenize_text(lm.tokenizer, Path(EVAL_TEXT).read_text())
+    model, tokenizer, _ = load_for_eval(args.model)
+    eval_ids = tokenize_text(tokenizer, Path(EVAL_TEXT).read_text())
     lkd_text = "\n\n".join(Path("/usr/share/common-licenses", f).read_text() for f in LKD_TEXTS)
-    calib = tokenize_text(lm.tokenizer, lkd_text)[: 4 * 512].view(4, 512)
-    fp_state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    calib = tokenize_text(tokenizer, lkd_text)[: 4 * 512].view(4, 512)
+    fp_state = {k: v.clone() for k, v in model.state_dict().items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "path": args.path, "eval_text": EVAL_TEXT, "eval_tokens": eval_ids.numel(),
               "window": args.window, "stride": args.window, "lkd_text": LKD_TEXTS, "command": " ".join(sys.argv),
               "torch": torch.__version__, "python": platform.python_version(), "device": "cpu", "rows": []}
     for name in names:
-        lm.model.load_state_dict(fp_state)
+        model.load_state_dict(fp_state)
         row: dict = {"row": name}
         cfg_name, lkd_data = LKD_ROWS.get(name, (name, None))
         cfg = cfgs[cfg_name]
@@ -105,12 +105,12 @@ def main() -> None:
             lkd = LKDConfig(data=lkd_text if lkd_data == "text" else "random", steps=args.lkd_steps,
                             lr=args.lkd_lr, progress=False)
             t0 = time.perf_counter()
-            _, stats = run_lkd_with_stats(lm.model, cfg, lkd, lm.tokenizer)
+            _, stats = run_lkd_with_stats(model, cfg, lkd, tokenizer)
             row["lkd"] = {"data": lkd_data, "steps": lkd.steps, "lr": lkd.lr, "batch": [lkd.batch_size, lkd.seq_len],
                           "num_batches": lkd.num_batches, "seconds_total": time.perf_counter() - t0,
                           "seconds_per_block": (time.perf_counter() - t0) / len(stats),
                           "blocks": [s.__dict__ for s in stats]}
-        fq = _quantized(lm.model, cfg, list(calib.split(1)), args.path)
+        fq = _quantized(model, cfg, list(calib.split(1)), args.path)
         t0 = time.perf_counter()
         r = perplexity(fq, eval_ids, window=args.window)
         row.update(config=cfg.name, ppl=r.ppl, tokens_scored=r.num_tokens_scored, eval_seconds=time.perf_counter() - t0,

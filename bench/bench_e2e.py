@@ -1,0 +1,175 @@
+"""End-to-end GPU latency: zqcompile W8A8 / W4/8A8 engines vs FP16 baselines, in one run on one GPU.
+
+Baselines: Hugging Face eager FP16, `torch.compile` FP16 (dynamic=False), torchao W8A8 dynamic
+(`Int8DynamicActivationInt8WeightConfig` + compile) where torchao is importable and the shape runs.
+Models (random init; latency does not depend on the weights' values): BERT-base and BERT-large shapes
+(the paper's Table 6 grid), and a GPT-2-medium-shaped (350M, the paper's GPT-3-350M shape) prefill.
+Medians over CUDA-event-timed repeats; prints a markdown table and writes JSON (device, versions, command).
+
+    python bench/bench_e2e.py --out bench/results/e2e.json [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import zqcompile as zq  # noqa: E402
+
+
+def make_model(name: str):
+    import transformers as T
+    if name == "bert-base":
+        return T.BertModel(T.BertConfig())
+    if name == "bert-large":
+        return T.BertModel(T.BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                        intermediate_size=4096))
+    if name == "gpt2-medium":
+        return T.GPT2LMHeadModel(T.GPT2Config(n_embd=1024, n_layer=24, n_head=16))
+    raise SystemExit(f"unknown model {name}")
+
+
+def time_ms(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def gemm_weight_bytes(model) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+               if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2
+               and type(m).__name__ in ("Linear", "Conv1D"))
+
+
+def engine_gemm_bytes(engine) -> int:
+    total = 0
+    for node in engine.gm.graph.nodes:
+        if node.op == "call_function" and node.target in (torch.ops.zq.int8_gemm_dequant.default,
+                                                          torch.ops.zq.weight_only_gemm.default):
+            idx = (2, 3) if node.target == torch.ops.zq.int8_gemm_dequant.default else (1, 2)
+            for i in idx:
+                t = getattr(engine.gm, node.args[i].target)
+                total += t.numel() * t.element_size()
+        elif node.op == "call_function" and node.target == torch.ops.aten.linear.default and "zq_gemm" in node.meta:
+            w = node.args[1]
+            if w.op == "get_attr":
+                obj = engine.gm
+                for p in w.target.split("."):
+                    obj = getattr(obj, p)
+                total += obj.numel() * obj.element_size()
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="bert-base,bert-large,gpt2-medium")
+    ap.add_argument("--batches", default="1,4,16,64,128")
+    ap.add_argument("--seqs", default="128,256")
+    ap.add_argument("--compile-batches", default="1,16,128", help="where torch.compile / torchao are timed")
+    ap.add_argument("--configs", default="w8a8,w4/8a8")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--quick", action="store_true", help="bert-base seq 128 only")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "e2e.json"))
+    args = ap.parse_args()
+    from zqcompile import plugins
+    have_kernels = plugins.load()
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    models = ["bert-base"] if args.quick else args.models.split(",")
+    seqs = [128] if args.quick else [int(s) for s in args.seqs.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    compile_batches = {int(b) for b in args.compile_batches.split(",")}
+    try:
+        import torchao
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except Exception as e:  # noqa: BLE001
+        torchao, why_no_torchao = None, f"{type(e).__name__}: {e}"
+    rows, memory = [], []
+    for name in models:
+        torch.manual_seed(0)
+        model = make_model(name).eval().half().to(dev)
+        seq_list = [128] if name == "gpt2-medium" else seqs
+        ids0 = torch.randint(0, 1000, (2, 128), device=dev)
+        engines = {c: zq.compile(model, (ids0,), c) for c in args.configs.split(",")}
+        fp_gemm = gemm_weight_bytes(model)
+        fp_all = sum(p.numel() * p.element_size() for p in model.parameters())
+        for c, e in engines.items():
+            memory.append(dict(model=name, config=c, gemm_weight_ratio=engine_gemm_bytes(e) / fp_gemm,
+                               all_weight_ratio=e.weight_bytes() / fp_all))
+        compiled = torch.compile(model, dynamic=False)
+        ao = None
+        if torchao is not None:
+            import copy
+            ao_model = copy.deepcopy(model)
+            quantize_(ao_model, Int8DynamicActivationInt8WeightConfig())
+            ao = torch.compile(ao_model, dynamic=False)
+        for seq in seq_list:
+            for bs in batches:
+                ids = torch.randint(0, 1000, (bs, seq), device=dev)
+                kw = {"use_cache": False} if name.startswith("gpt2") else {}
+                row = dict(model=name, seq=seq, batch=bs)
+                with torch.no_grad():
+                    row["hf_eager_fp16"] = time_ms(lambda: model(ids, **kw), args.reps)
+                    if bs in compile_batches:
+                        row["torch_compile_fp16"] = time_ms(lambda: compiled(ids, **kw), args.reps)
+                        if ao is not None:
+                            try:
+                                row["torchao_w8a8"] = time_ms(lambda: ao(ids, **kw), args.reps)
+                            except Exception as e:  # noqa: BLE001 - reported, not hidden
+                                row["torchao_w8a8_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+                    for c, e in engines.items():
+                        row[f"zq_{c}"] = time_ms(lambda: e(ids), args.reps)
+                rows.append(row)
+                print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        del model, compiled, ao, engines
+        torch.cuda.empty_cache()
+    result = dict(bench="e2e", device=torch.cuda.get_device_name(), zq_cuda_kernels=have_kernels,
+                  versions=dict(torch=torch.__version__, python=platform.python_version(),
+                                torchao=getattr(torchao, "__version__", None) if torchao else None),
+                  torchao_unavailable=None if torchao else why_no_torchao,
+                  command=" ".join(sys.argv), time=time.strftime("%Y-%m-%d %H:%M:%S"), rows=rows, memory=memory)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(markdown(result))
+    Path(args.out).with_suffix(".md").write_text(markdown(result) + "\n")
+
+
+def markdown(result: dict) -> str:
+    cols = ["hf_eager_fp16", "torch_compile_fp16", "torchao_w8a8"] + sorted(
+        {k for r in result["rows"] for k in r if k.startswith("zq_")})
+    out = [f"Device: {result['device']}; zq CUDA kernels loaded: {result['zq_cuda_kernels']}; "
+           f"ms, median of repeats; speed-up columns = baseline / zq w8a8", "",
+           "| model | seq | batch | " + " | ".join(cols) + " | vs eager | vs compile | vs torchao |",
+           "|---" * (len(cols) + 6) + "|"]
+    for r in result["rows"]:
+        ours = r.get("zq_w8a8")
+        cells = [f"{r[c]:.2f}" if c in r else ("fail" if c + "_error" in r else "-") for c in cols]
+        ratios = [f"{r[b] / ours:.2f}x" if ours and b in r else "-"
+                  for b in ("hf_eager_fp16", "torch_compile_fp16", "torchao_w8a8")]
+        out.append(f"| {r['model']} | {r['seq']} | {r['batch']} | " + " | ".join(cells + ratios) + " |")
+    out += ["", "| model | config | GEMM weight bytes vs FP16 | all constants vs FP16 |", "|---|---|---|---|"]
+    out += [f"| {m['model']} | {m['config']} | {m['gemm_weight_ratio']:.3f} | {m['all_weight_ratio']:.3f} |"
+            for m in result["memory"]]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Each pass on a tiny hand-built module: what it matched / emitted (op counts) and numerics vs eager."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from zqcompile.ops import quant_math as qm
+from zqcompile.passes import PassContext
+from zqcompile.config import QuantConfig, get_config
+
+from .helpers import Block, before_and_after, captured, count, run_until
+
+aten, zq = torch.ops.aten, torch.ops.zq
+
+
+def inputs(seed=0, d=32):
+    g = torch.Generator().manual_seed(seed)
+    x, r = torch.randn(2, 8, d, generator=g), torch.randn(2, 8, d, generator=g)
+    x[1, 3] *= 20  # an outlier token
+    return x, r
+
+
+class HandWritten(nn.Module):
+    """RMSNorm and tanh-GeLU written out as Hugging Face writes them."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.activations import NewGELUActivation
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        self.norm, self.act, self.fc1 = LlamaRMSNorm(32, 1e-6), NewGELUActivation(), nn.Linear(32, 32)
+
+    def forward(self, x, r):
+        return self.act(self.fc1(self.norm(x + r)))
+
+
+def test_fold_decomposed_ops_rmsnorm_and_tanh_gelu():
+    m = HandWritten()
+    b, a, res, gm, _ = before_and_after(m, inputs(), "w8a8", "fold_decomposed_ops")
+    assert res.rewritten == 2
+    assert count(gm, aten.rms_norm.default) == 1 and count(gm, aten.tanh.default) == 0
+    assert count(gm, aten.gelu.default) == 1
+    assert torch.allclose(a, m(*inputs()), atol=1e-6) and torch.allclose(a, b, atol=1e-6)
+
+
+def test_canonicalize_gemms_conv1d_becomes_linear():
+    from transformers.pytorch_utils import Conv1D
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.c_fc = Conv1D(48, 32)
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, x, r):
+            return self.drop(self.c_fc(x + r))
+
+    m = M().eval()
+    b, a, res, gm, _ = before_and_after(m, inputs(), "w8a8", "canonicalize_gemms")
+    assert res.rewritten == 1
+    assert count(gm, aten.addmm.default) == 0 and count(gm, aten.linear.default) == 1
+    assert count(gm, aten.dropout.default) == 0 and count(gm, aten.view.default) == 0
+    assert torch.allclose(a, m(*inputs()), atol=1e-6)
+
+
+def test_classify_gemms_roles_and_overrides():
+    cfg = get_config("w4/8a8").with_overrides({r"^k_proj$": "fp16", nn.GELU: "w8a8"})
+    gm = captured(Block(), *inputs())
+    ctx = PassContext(cfg, inputs())
+    run_until(gm, ctx, "classify_gemms")
+    plan = {g.fqn: g for g in ctx.gemms}
+    assert {f: g.role for f, g in plan.items()} == {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv",
+                                                    "fc1": "fc1", "fc2": "fc2"}
+    assert plan["k_proj"].scheme.is_float and "override" in plan["k_proj"].rule
+    assert plan["fc1"].scheme.weight.bits == 4 and plan["q_proj"].scheme.weight.bits == 8
+
+
+def test_group_wise_weight_replaces_weights_with_dequantized_int8():
+    m = Block()
+    b, a, res, gm, _ = before_and_after(m, inputs(), "w8a8", "group_wise_weight")
+    assert res.rewritten == 5 and count(gm, zq.dequantize_weight.default) == 5
+    # numerics: eager with every weight replaced by its dequantized INT8 copy
+    ref = Block()
+    for lin in (ref.q_proj, ref.k_proj, ref.v_proj, ref.fc1, ref.fc2):
+        lin.weight.data = qm.dequantize_weight(*qm.quantize_weight(lin.weight, 8), 8, torch.float32)
+    assert torch.allclose(a, ref(*inputs()), atol=1e-5)
+    assert 0 < float((a - b).norm() / b.norm()) < 0.01
+
+
+def test_group_wise_weight_names_nan_parameter():
+    m = Block()
+    m.fc2.weight.data[0, 0] = float("nan")
+    from zqcompile.passes import WeightError
+    with pytest.raises(WeightError, match="fc2.weight"):
+        before_and_after(m, inputs(), "w8a8", "group_wise_weight")
+
+
+def test_concat_sibling_gemms_merges_qkv_exactly():
+    m = Block()
+    b, a, res, gm, ctx = before_and_after(m, inputs(), "w8a8", "concat_sibling_gemms", merge_gemms=True)
+    assert res.rewritten == 1 and count(gm, aten.linear.default) == 3  # qkv, fc1, fc2
+    assert count(gm, aten.split_with_sizes.default) == 1
+    assert torch.allclose(a, b, atol=1e-6)
+    assert [g.fqn for g in ctx.gemms if g.role == "qkv"] == ["q_proj+k_proj+v_proj"]
+    assert ctx.fusions[0].kind == "concat:qkv" and ctx.fusions[0].replaced == ["q_proj", "k_proj", "v_proj"]
+    # different schemes are never merged
+    b, a, res, gm, ctx = before_and_after(m, inputs(), get_config("w8a8").with_overrides({"k_proj": "fp"}),
+                                          "concat_sibling_gemms", merge_gemms=True)
+    assert res.rewritten == 1 and [g.fqn for g in ctx.gemms if g.role == "qkv"].count("q_proj+v_proj") == 1
+
+
+def test_token_wise_quant_shares_one_quant_for_qkv():
+    b, a, res, gm, _ = before_and_after(Block(), inputs(), "w8a8", "token_wise_quant")
+    assert res.rewritten == 5
+    assert count(gm, zq.quantize_per_token.default) == 3  # q/k/v share the LayerNorm output; fc1; fc2
+    err = float((a - b).norm() / b.norm())
+    assert 0 < err < 0.02
+
+
+def test_static_calibration_sets_amax_over_127():
+    x, r = inputs()
+    gm = captured(Block(), x, r)
+    ctx = PassContext(get_config("ptq-static"), (x, r))
+    run_until(gm, ctx, "calibrate_static_ranges")
+    ln_out = nn.functional.layer_norm(x + r, (32,), Block().ln.weight, Block().ln.bias).detach()
+    scales = sorted(float(getattr(gm, n.args[1].target)) for n in gm.graph.nodes
+                    if n.op == "call_function" and n.target == zq.quantize_per_tensor.default)
+    assert len(scales) == 3
+    assert any(math.isclose(s, float(ln_out.abs().max()) / 127, rel_tol=1e-5) for s in scales)
+
+
+def test_fuse_producer_quant_layernorm_residual_and_gelu():
+    b, a, res, gm, ctx = before_and_after(Block(), inputs(), "w8a8", "fuse_producer_quant")
+    assert count(gm, zq.norm_quant.default) == 1 and count(gm, zq.act_quant.default) == 1
+    assert count(gm, aten.layer_norm.default) == 0 and count(gm, aten.gelu.default) == 0
+    nq = next(n for n in gm.graph.nodes if n.target == zq.norm_quant.default)
+    assert nq.args[1] is not None  # the residual add went into the kernel
+    assert nq.args[6] is False and nq.args[7] is True  # LN output only quantized; sum kept for the residual
+    kinds = sorted(f.kind for f in ctx.fusions)
+    assert kinds == ["add+layernorm+quant", "gelu+quant"]
+    assert torch.equal(a, b)  # fusion changes no number
+    assert any("reshape" not in nf.candidate for nf in ctx.not_fused) or not ctx.not_fused
+
+
+def test_fuse_gemm_dequant_and_epilogue():
+    b, a, res, gm, ctx = before_and_after(Block(), inputs(), "w8a8", "fuse_gemm_dequant")
+    assert res.rewritten == 5 and count(gm, zq.int8_gemm_dequant.default) == 5
+    assert count(gm, aten.linear.default) == 0 and count(gm, zq.dequantize_weight.default) == 0
+    assert torch.allclose(a, b, atol=1e-5)
+    b2, a2, res2, gm2, ctx2 = before_and_after(Block(), inputs(), "w8a8", "fuse_gemm_epilogue")
+    # v_proj(y) + q*k and fc2(..) + h: both adds of a same-shape tensor go into the GEMM epilogue
+    assert [(f.kind, f.fqn) for f in ctx2.fusions if f.kind.startswith("epilogue")] == [
+        ("epilogue:residual", "v_proj"), ("epilogue:residual", "fc2")]
+    assert torch.allclose(a2, b2, atol=1e-5)
+    # A16: GeLU goes into fc1's epilogue (no quant consumes it)
+    b3, a3, _, gm3, ctx3 = before_and_after(Block(), inputs(), "w8a16", "fuse_gemm_epilogue")
+    assert sorted(f.kind for f in ctx3.fusions if f.kind.startswith("epilogue")) == [
+        "epilogue:gelu", "epilogue:residual", "epilogue:residual"]
+    assert count(gm3, zq.weight_only_gemm.default) == 5 and count(gm3, aten.gelu.default) == 0
+    assert torch.allclose(a3, b3, atol=1e-5)
+
+
+def test_cleanup_frees_float_weights():
+    b, a, res, gm, ctx = before_and_after(Block(), inputs(), "w8a8", "cleanup")
+    names = {n for n, _ in gm.named_parameters()}
+    assert not any(n.endswith(("q_proj.weight", "fc1.weight", "fc2.weight")) for n in names)
+    assert any(n.endswith("ln.weight") for n in names)  # still used by the fused LayerNorm
+    assert res.rewritten == 5 and torch.equal(a, b)

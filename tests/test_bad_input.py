@@ -1,0 +1,130 @@
+"""Bad input gets a clear error naming the cause, early, and leaves nothing half-written."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import zqcompile as zq
+from zqcompile.config import GemmScheme, QuantConfig, WeightQuant
+
+from .conftest import engine_for, ids, model_for
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(zq.ConfigError, match="valid presets: w8a8, w4/8a8"):
+        zq.compile(model_for("gpt2"), (ids(2, 8),), "w3a3")
+
+
+@pytest.mark.parametrize("bad,match", [
+    (WeightQuant(bits=5), "bits must be 4 or 8"),
+    (WeightQuant(symmetric=False), "only symmetric"),
+    (WeightQuant(granularity="cols"), "granularity"),
+])
+def test_invalid_weight_config(bad, match):
+    with pytest.raises(zq.ConfigError, match=match):
+        zq.get_config(QuantConfig(default=GemmScheme(bad)))
+
+
+def test_group_size_not_dividing_names_the_module():
+    cfg = QuantConfig(default=GemmScheme(WeightQuant(4, "k_groups", group_size=48)))
+    with pytest.raises(zq.ConfigError, match=r"transformer\.h\.0\.attn\.c_attn.*group_size=48 does not divide K=64"):
+        zq.compile(model_for("gpt2"), (ids(2, 8),), cfg)
+
+
+def test_nan_weight_names_the_parameter():
+    from zqcompile.models import tiny_model
+    m = tiny_model("opt")
+    m.model.decoder.layers[1].fc1.weight.data[3, 3] = float("inf")
+    with pytest.raises(zq.WeightError, match=r"model\.decoder\.layers\.1\.fc1\.weight"):
+        zq.compile(m, (ids(2, 8),), "w8a8")
+
+
+def test_example_inputs_of_wrong_type():
+    with pytest.raises(zq.InputError, match="must be a torch.Tensor"):
+        zq.compile(model_for("bert"), ([[1, 2, 3]],), "w8a8")
+    with pytest.raises(zq.InputError, match="torch.nn.Module"):
+        zq.compile("bert", (ids(2, 8),), "w8a8")
+
+
+def test_wrong_dtype_and_shape_at_call_time():
+    e = engine_for("bert", "w8a8")
+    with pytest.raises(zq.InputError, match="dtype torch.float32"):
+        e(torch.zeros(2, 8))
+    with pytest.raises(zq.InputError, match="expects 2 dims"):
+        e(ids(2, 8)[0])
+    with pytest.raises(zq.InputError, match="sequence length 500 outside 1..128"):
+        e(ids(1, 500))
+    with pytest.raises(zq.InputError, match="unexpected"):
+        e(ids(1, 8), token_type_ids=ids(1, 8))
+
+
+def test_capture_failure_names_the_module():
+    class Bad(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.export cannot capture it
+                return x
+            return -x
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Bad()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.inner(self.fc(x))
+
+    with pytest.raises(zq.CaptureError, match=r"module 'inner' \(Bad\)"):
+        zq.compile(Outer(), (torch.randn(2, 4, 8),), "w8a8")
+
+
+def test_save_to_unwritable_path_leaves_nothing(tmp_path):
+    e = engine_for("bert", "w8a8")
+    with pytest.raises(OSError, match="does not exist"):
+        e.save(tmp_path / "missing" / "m.zq")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        if os.access(ro, os.W_OK):  # running as root: permissions do not apply
+            pytest.skip("running as root: cannot make a directory unwritable")
+        with pytest.raises(OSError, match="not writable"):
+            e.save(ro / "m.zq")
+        assert os.listdir(ro) == []
+    finally:
+        os.chmod(ro, 0o700)
+
+
+def test_save_failure_midway_leaves_no_partial_file(tmp_path, monkeypatch):
+    e = engine_for("bert", "w8a8")
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch.export, "save", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        e.save(tmp_path / "m.zq")
+    assert os.listdir(tmp_path) == []
+
+
+def test_load_corrupt_or_foreign_file(tmp_path):
+    junk = tmp_path / "junk.zq"
+    junk.write_bytes(b"not an engine at all")
+    with pytest.raises(zq.EngineFileError, match="not a readable zqcompile engine"):
+        zq.load(junk)
+    foreign = tmp_path / "foreign.zq"
+    ep = torch.export.export(nn.Linear(2, 2), (torch.randn(1, 2),))
+    with open(foreign, "wb") as f:
+        torch.export.save(ep, f)
+    with pytest.raises(zq.EngineFileError, match="not a zqcompile engine"):
+        zq.load(foreign)
+    good = tmp_path / "good.zq"
+    engine_for("bert", "w8a8").save(good)
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.zq"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(zq.EngineFileError):
+        zq.load(truncated)
+    with pytest.raises(FileNotFoundError):
+        zq.load(tmp_path / "nope.zq")

@@ -1,0 +1,66 @@
+"""Public entry points: compile, dump, load. compile = validate -> (LKD) -> capture -> pass pipeline -> Engine."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from .capture import InputError, capture
+from .config import LKDConfig, QuantConfig, get_config
+from .engine import CompileRecord, Engine, load
+from .passes import PassContext, run_pipeline
+
+
+def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str = "w8a8",
+            dump_dir: str | os.PathLike | None = None, lkd: LKDConfig | None = None,
+            calibration_data: list[tuple] | None = None, example_kwargs: dict | None = None) -> Engine:
+    """Quantize and fuse `model` into a ZeroQuant engine.
+
+    example_inputs: positional inputs of model.forward (e.g. `(input_ids,)`), used to capture the graph with
+    dynamic batch and sequence length. config: a preset name (see zqcompile.PRESETS) or a QuantConfig.
+    calibration_data: input tuples for static ("ptq-static") activation ranges; defaults to example_inputs.
+    lkd: run layer-by-layer knowledge distillation on the weights first (ZeroQuant Sec. 4.2).
+    """
+    cfg = get_config(config)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise InputError(f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = model.eval()
+    if lkd is not None:
+        from .lkd import run_lkd
+        model = run_lkd(model, cfg, lkd)
+    gm, spec = capture(model, tuple(example_inputs), example_kwargs, (cfg.dynamic_batch, cfg.dynamic_seq))
+    bound = spec.bind(tuple(example_inputs), dict(example_kwargs or {}))
+    calib = [tuple(spec.bind(tuple(c), {})) for c in (calibration_data or [])]
+    ctx = PassContext(cfg, tuple(bound), calib)
+    snapshots: list[tuple[str, str, str]] = []
+
+    def snap(name, g):
+        from .graph_dump import graph_html, graph_text
+        snapshots.append((name, graph_text(g), graph_html(g, name)))
+
+    records = run_pipeline(gm, ctx, on_pass=snap)
+    record = CompileRecord(
+        config=cfg.name, model=type(model).__name__,
+        gemms=[{"fqn": g.fqn, "role": g.role, "scheme": g.scheme.describe(), "rule": g.rule,
+                "shape": list(g.shape), "kernel": g.kernel} for g in ctx.gemms],
+        passes=[asdict(r) for r in records],
+        fusions=[asdict(f) for f in ctx.fusions],
+        not_fused=[asdict(n) for n in ctx.not_fused])
+    engine = Engine(gm, spec, record, tuple(bound), snapshots)
+    if dump_dir is not None:
+        dump(engine, dump_dir)
+    return engine
+
+
+def dump(engine: Engine, out_dir: str | os.PathLike) -> list[str]:
+    from .graph_dump import write_dump
+    return write_dump(engine, os.fspath(out_dir))
+
+
+__all__ = ["compile", "dump", "load"]

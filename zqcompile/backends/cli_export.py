@@ -1,0 +1,40 @@
+"""`zqcompile export model.zq --format onnx|onnx-trt|tensorrt -o PATH`: the export subcommand, for cli.py to
+wire with `add_export_command(subparsers, load=zqcompile.api.load)` (loading stays with the API layer)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+FORMATS = {"onnx": "standard ONNX (opset 18), runs in ONNX Runtime",
+           "onnx-trt": "ONNX with fused ops as zq.trt TensorRT plugin nodes",
+           "tensorrt": "TensorRT plan built with zqcompile's plugins (needs TensorRT)"}
+
+
+def add_export_command(subparsers: argparse._SubParsersAction, load: Callable[[str], object]) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("export", help="export a compiled engine to ONNX or TensorRT",
+                              description="\n".join(f"{k}: {v}" for k, v in FORMATS.items()),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("engine", help="a compiled engine saved by zq.save / `zqcompile compile` (.zq)")
+    p.add_argument("--format", choices=sorted(FORMATS), default="onnx")
+    p.add_argument("-o", "--output", required=True, help="file to write (written atomically)")
+    p.add_argument("--plugin-library", default=None, help="libzq_trt_plugins.so (format tensorrt)")
+    p.set_defaults(func=lambda args: run_export(args, load))
+    return p
+
+
+def run_export(args: argparse.Namespace, load: Callable[[str], object]) -> int:
+    from .onnx import ExportError, export_onnx
+    from .tensorrt import TensorRTUnavailable, export_tensorrt
+    try:
+        engine = load(args.engine)
+        if args.format == "tensorrt":
+            out = export_tensorrt(engine, args.output, plugin_library=args.plugin_library)
+        else:
+            out = export_onnx(engine, args.output, dialect="standard" if args.format == "onnx" else "tensorrt")
+    except (ExportError, TensorRTUnavailable, FileNotFoundError) as e:
+        print(f"zqcompile export: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({Path(out).stat().st_size / 1e6:.2f} MB, {args.format})")
+    return 0

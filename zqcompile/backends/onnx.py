@@ -1,0 +1,196 @@
+"""ONNX export of a compiled engine: the graph (ATen ops + zq ops) goes through the torch.onnx exporter
+(dynamo=True) with a translation table for the zq ops, is validated with the full ONNX checker, and is written
+atomically. Two dialects: "standard" (every zq op as standard ONNX ops; runs in ONNX Runtime CPU) and
+"tensorrt" (each fused zq op as one plugin node in the `zq.trt` domain, see zqcompile/plugins/trt_spec.py).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence, Union
+
+import torch
+
+OPSET = 18  # torchlib's native opset: LayerNormalization (17), ReduceMax with axes as an input (18)
+DIALECTS = ("standard", "tensorrt")
+_EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a file at 2 GiB; above this the weights go to <name>.data
+
+
+class ExportError(RuntimeError):
+    """The graph cannot be exported (an op without translation, a shape the exporter rejects, a bad path)."""
+
+
+class Exportable(Protocol):
+    """What export needs from an engine (zqcompile.engine.Engine satisfies it)."""
+    gm: torch.fx.GraphModule
+    example_inputs: tuple
+    input_names: list[str]
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    gm: torch.nn.Module
+    example_inputs: tuple
+    input_names: list[str]
+
+
+def resolve_source(engine_or_gm: Union[Exportable, torch.nn.Module], example_inputs: Sequence[Any] | None,
+                   input_names: Sequence[str] | None) -> ExportSource:
+    if isinstance(engine_or_gm, torch.nn.Module):
+        if example_inputs is None:
+            raise ExportError("export of a plain GraphModule needs example_inputs=(tensor, ...)")
+        gm, inputs, names = engine_or_gm, tuple(example_inputs), input_names
+    elif hasattr(engine_or_gm, "gm") and hasattr(engine_or_gm, "example_inputs"):
+        gm = engine_or_gm.gm
+        inputs = tuple(example_inputs if example_inputs is not None else engine_or_gm.example_inputs)
+        names = input_names or getattr(engine_or_gm, "input_names", None)
+    else:
+        raise ExportError(f"cannot export a {type(engine_or_gm).__name__}: pass a zqcompile Engine "
+                          "(zq.compile / zq.load) or a GraphModule with example_inputs")
+    names = list(names) if names else [f"input_{i}" for i in range(len(inputs))]
+    if len(names) != len(inputs):
+        raise ExportError(f"{len(names)} input names {names} for {len(inputs)} example inputs")
+    return ExportSource(gm, inputs, names)
+
+
+# ---- translation tables ---------------------------------------------------------------------------------
+def translation_table(dialect: str) -> dict[Any, Callable]:
+    if dialect == "standard":
+        from .onnx_ops import TRANSLATIONS
+        return dict(TRANSLATIONS)
+    if dialect == "tensorrt":
+        from .onnx_trt_ops import TRANSLATIONS
+        return dict(TRANSLATIONS)
+    raise ExportError(f"unknown ONNX dialect {dialect!r}; choose one of {DIALECTS}")
+
+
+_BUILTIN_NAMESPACES = {"aten", "prims", "_operator", "builtins", "math", "higher_order"}
+
+
+def module_fqn(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<top level>"
+    path, _type = list(stack.values())[-1]
+    return path or "<top level>"
+
+
+def check_translatable(gm: torch.nn.Module, table: dict[Any, Callable]) -> None:
+    """Fail before the exporter does, naming the op and the module it came from."""
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        if node.target.namespace in _BUILTIN_NAMESPACES or node.target in table:
+            continue
+        raise ExportError(f"no ONNX translation for op {node.target.name()} (node {node.name!r}) in module "
+                          f"{module_fqn(node)!r}. Register a translator in zqcompile/backends/onnx_ops.py, or "
+                          f"keep that module out of quantization (override={{{module_fqn(node)!r}: 'fp16'}}).")
+
+
+def dynamic_shapes_for(inputs: tuple, names: list[str]) -> tuple:
+    """Batch (dim 0) and sequence (dim 1) stay symbolic, named so across inputs."""
+    shapes = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim() >= 2:
+            shapes.append({0: "batch", 1: "seq"})
+        elif isinstance(x, torch.Tensor) and x.dim() == 1:
+            shapes.append({0: "batch"})
+        else:
+            shapes.append(None)
+    return tuple(shapes)
+
+
+def _run_exporter(src: ExportSource, table: dict, dynamic: bool):
+    kwargs = dict(dynamo=True, custom_translation_table=table, input_names=src.input_names,
+                  opset_version=OPSET, optimize=True, verbose=False, external_data=False)
+    if dynamic:
+        kwargs["dynamic_shapes"] = dynamic_shapes_for(src.example_inputs, src.input_names)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return torch.onnx.export(src.gm, src.example_inputs, **kwargs)
+
+
+def to_onnx_model(src: ExportSource, dialect: str, dynamic: bool = True):
+    """Export to an in-memory onnx.ModelProto (not yet checked or written)."""
+    table = translation_table(dialect)
+    check_translatable(src.gm, table)
+    if dialect == "tensorrt":
+        from ..plugins import trt_spec
+        trt_spec.register_onnx_schemas()
+    try:
+        program = _run_exporter(src, table, dynamic)
+    except Exception as e:  # the exporter raises its own classes; only this one retry is shape-related
+        if not dynamic or "static shape" not in str(e):
+            raise ExportError(f"torch.onnx could not export the graph ({dialect} dialect): "
+                              f"{type(e).__name__}: {_summary(e)}") from e
+        warnings.warn("the engine's graph was captured with static shapes; exporting ONNX with fixed "
+                      f"input shapes {[tuple(x.shape) for x in src.example_inputs]} (capture with dynamic "
+                      "batch/seq to keep them dynamic)", stacklevel=3)
+        program = _run_exporter(src, table, dynamic=False)
+    model = program.model_proto
+    if dialect == "tensorrt":
+        from .onnx_trt_ops import finalize_trt_model
+        finalize_trt_model(model)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "zqcompile.dialect", dialect
+    return model
+
+
+def _summary(e: Exception) -> str:
+    text = str(e)
+    if "## Exception summary" in text:
+        text = text.split("## Exception summary", 1)[1]
+    return text.strip()[:2000]
+
+
+# ---- atomic write ---------------------------------------------------------------------------------------
+def save_atomic(model, path: Union[str, os.PathLike]) -> Path:
+    """Write model to path (+ path.data when > 1 GiB of weights) via a temp dir in the same folder and
+    os.replace, checking the written file with the full checker first: on any failure nothing is left."""
+    import onnx
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ExportError(f"cannot write {path}: folder {parent} does not exist")
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror} (folder {parent})") from e
+    try:
+        tmp = tmpdir / path.name
+        data_name = f"{path.name}.data"
+        big = model.ByteSize() > _EXTERNAL_DATA_BYTES
+        onnx.save_model(model, str(tmp), save_as_external_data=big, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        onnx.checker.check_model(str(tmp), full_check=True)
+        if big:
+            os.replace(tmpdir / data_name, parent / data_name)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror}") from e
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def export_onnx(engine: Union[Exportable, torch.nn.Module], path: Union[str, os.PathLike],
+                dialect: str = "standard", example_inputs: Sequence[Any] | None = None,
+                input_names: Sequence[str] | None = None, dynamic: bool = True) -> Path:
+    """Export a compiled engine (or a GraphModule + example_inputs) to ONNX at `path`.
+
+    dialect="standard": standard ONNX (opset 18), runs in ONNX Runtime on CPU.
+    dialect="tensorrt": fused zq ops as `zq.trt` plugin nodes for TensorRT with libzq_trt_plugins.
+    Batch and sequence axes stay dynamic when the captured graph allows it."""
+    if dialect not in DIALECTS:
+        raise ExportError(f"unknown ONNX dialect {dialect!r}; choose one of {DIALECTS}")
+    src = resolve_source(engine, example_inputs, input_names)
+    model = to_onnx_model(src, dialect, dynamic)
+    return save_atomic(model, path)

@@ -1,0 +1,117 @@
+"""TensorRT-dialect ONNX translations: each fused zq op becomes ONE node in the `zq.trt` domain whose op type
+and attributes are exactly its plugin's name and fields (zqcompile/plugins/trt_spec.py). Absent optional
+inputs are left out and flagged by `has_*` fields; outputs not emitted are not produced by the plugin and
+are replaced by empty constants. Ops without a plugin (quantize_per_tensor, the unfused QDQ forms) keep
+their standard translation: TensorRT builds those elementwise ops natively.
+"""
+from __future__ import annotations
+
+import onnxscript
+
+from ..ops import OPS
+from ..plugins import trt_spec
+from . import onnx_ops
+from .onnx_ops import empty_like
+
+trt_spec.register_onnx_schemas()
+_trt = onnxscript.values.Opset(trt_spec.DOMAIN, trt_spec.DOMAIN_VERSION)
+
+
+def plugin_node(zq_op: str, inputs: list, attrs: dict, num_outputs: int):
+    spec = trt_spec.plugin_for(zq_op)
+    trt_spec.check_attributes(spec, attrs)
+    present = [x for x in inputs if x is not None]
+    outs = getattr(_trt, spec.name)(*present, **attrs, _outputs=num_outputs)
+    return outs if num_outputs > 1 else (outs,)
+
+
+def _flag(v) -> int:
+    return int(v is not None)
+
+
+def quantize_per_token(x):
+    return plugin_node("quantize_per_token", [x], {}, 2)
+
+
+def norm_quant(x, residual, weight, bias, eps: float, kind: str, emit_out: bool, emit_sum: bool):
+    emit_sum = bool(emit_sum and residual is not None)
+    attrs = dict(eps=float(eps), kind=kind, emit_out=int(emit_out), emit_sum=int(emit_sum),
+                 has_residual=_flag(residual), has_bias=_flag(bias))
+    outs = list(plugin_node("norm_quant", [x, residual, weight, bias], attrs, 2 + emit_out + emit_sum))
+    q, s = outs[:2]
+    rest = outs[2:]
+    out = rest.pop(0) if emit_out else empty_like(x)
+    hsum = rest.pop(0) if emit_sum else empty_like(x)
+    return q, s, out, hsum
+
+
+def act_quant(x, bias, gate, act: str, emit_out: bool):
+    attrs = dict(act=act, emit_out=int(emit_out), has_bias=_flag(bias), has_gate=_flag(gate))
+    outs = plugin_node("act_quant", [x, bias, gate], attrs, 2 + int(emit_out))
+    return outs[0], outs[1], (outs[2] if emit_out else empty_like(x))
+
+
+def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out_dtype: int):
+    attrs = dict(act=act, w_bits=int(w_bits), out_dtype=int(out_dtype), has_bias=_flag(bias),
+                 has_residual=_flag(residual))
+    return plugin_node("int8_gemm_dequant", [xq, x_scale, wq, w_scale, bias, residual], attrs, 1)[0]
+
+
+def weight_only_gemm(x, wq, w_scale, bias, residual, act: str, w_bits: int):
+    attrs = dict(act=act, w_bits=int(w_bits), has_bias=_flag(bias), has_residual=_flag(residual))
+    return plugin_node("weight_only_gemm", [x, wq, w_scale, bias, residual], attrs, 1)[0]
+
+
+TRANSLATIONS = {
+    **onnx_ops.TRANSLATIONS,
+    OPS["quantize_per_token"]: quantize_per_token,
+    OPS["norm_quant"]: norm_quant,
+    OPS["act_quant"]: act_quant,
+    OPS["int8_gemm_dequant"]: int8_gemm_dequant,
+    OPS["weight_only_gemm"]: weight_only_gemm,
+}
+
+
+_PACKED_WEIGHT_INPUT = {trt_spec.PLUGINS["int8_gemm_dequant"].name: 2, trt_spec.PLUGINS["weight_only_gemm"].name: 1}
+
+
+def present_outputs(spec: trt_spec.PluginSpec, attrs: dict) -> int:
+    return sum(1 for p in spec.outputs if p.optional_flag is None or attrs.get(p.optional_flag) == 1)
+
+
+def _trim_outputs(model) -> None:
+    """The plugin produces only the outputs its flags ask for, in order; onnxscript gives a schema'd node all
+    of its outputs, so the unused tail is cut (and checked to be unused)."""
+    import onnx
+    by_name = {s.name: s for s in trt_spec.PLUGINS.values()}
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.domain != trt_spec.DOMAIN:
+            continue
+        spec = by_name[node.op_type]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        n = present_outputs(spec, attrs)
+        extra = list(node.output[n:])
+        if any(e in used for e in extra):
+            raise RuntimeError(f"{node.op_type} {node.name}: outputs {extra} beyond its {n} flagged outputs are used")
+        del node.output[n:]
+
+
+def finalize_trt_model(model) -> None:
+    """Trim plugin outputs to the flagged ones; relabel INT4 weights. INT4 weights are packed uint8 in the graph; TensorRT plugins take the bytes as an int8 tensor
+    (TensorRT has no uint8 constants), so the initializer is relabelled int8 with its bytes unchanged."""
+    import onnx
+    from onnx import numpy_helper
+    _trim_outputs(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        idx = _PACKED_WEIGHT_INPUT.get(node.op_type) if node.domain == trt_spec.DOMAIN else None
+        if idx is None or idx >= len(node.input) or node.input[idx] not in inits:
+            continue
+        t = inits[node.input[idx]]
+        if t.data_type == onnx.TensorProto.UINT8:
+            arr = numpy_helper.to_array(t).view("int8")
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+            for vi in list(model.graph.value_info) + list(model.graph.input):
+                if vi.name == t.name:
+                    vi.type.tensor_type.elem_type = onnx.TensorProto.INT8

@@ -1,0 +1,199 @@
+"""Capture: a PyTorch / Hugging Face model -> an ATen-level torch.fx GraphModule via torch.export (non-strict).
+
+transformers 5.x has no `transformers.utils.fx` and plain symbolic tracing fails on its models, so we use
+torch.export with dynamic batch and sequence axes. The model is wrapped so the graph takes the user's
+inputs as positional tensors (bound to the forward's parameter names once, here) and fixed keyword
+arguments (`use_cache=False`) are baked in. Graph nodes keep `nn_module_stack`, from which `fqn_of`
+recovers the user's module names.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+import traceback
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+WRAPPER_PREFIX = "model."
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured with torch.export."""
+
+
+class InputError(TypeError):
+    """Inputs of the wrong type, dtype or shape (at compile or at call time)."""
+
+
+class _Bound(nn.Module):
+    """Calls `model(**dict(zip(names, args)), **fixed)` so torch.export sees positional tensors only."""
+
+    def __init__(self, model: nn.Module, names: list[str], fixed: dict):
+        super().__init__()
+        self.model = model
+        self.names = names
+        self.fixed = fixed
+
+    def forward(self, *args):
+        return self.model(**dict(zip(self.names, args)), **self.fixed)
+
+
+@dataclass
+class InputSpec:
+    """What the captured graph takes: names, dtypes and ranks of the positional tensors."""
+
+    names: list[str]
+    dtypes: list[torch.dtype]
+    ranks: list[int]
+    max_batch: int
+    max_seq: int
+
+    forward_params: list[str]  # the model's forward parameter names, in order (binds positional inputs)
+
+    def bind(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        if len(args) > len(self.forward_params):
+            raise InputError(f"got {len(args)} positional inputs; the model's forward takes {self.forward_params}")
+        bound = dict(zip(self.forward_params, args))
+        dup = set(bound) & set(kwargs)
+        if dup:
+            raise InputError(f"input(s) {sorted(dup)} given both positionally and by name")
+        bound.update(kwargs)
+        extra = [k for k in bound if k not in self.names]
+        if extra:
+            raise InputError(f"the engine was compiled for inputs {self.names}; got unexpected {extra}")
+        missing = [k for k in self.names if k not in bound]
+        if missing:
+            raise InputError(f"missing input(s) {missing}; the engine takes {self.names}")
+        tensors = [bound[n] for n in self.names]
+        self.check(tensors)
+        return tensors
+
+    def check(self, tensors: list) -> None:
+        for name, t, dt, rank in zip(self.names, tensors, self.dtypes, self.ranks):
+            if not isinstance(t, torch.Tensor):
+                raise InputError(f"input {name!r} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype != dt:
+                raise InputError(f"input {name!r} has dtype {t.dtype}; the engine was compiled for {dt}")
+            if t.dim() != rank:
+                raise InputError(f"input {name!r} has shape {tuple(t.shape)}; the engine expects {rank} dims")
+            if rank >= 1 and not 1 <= t.shape[0] <= self.max_batch:
+                raise InputError(f"input {name!r}: batch {t.shape[0]} outside 1..{self.max_batch}")
+            if rank >= 2 and not 1 <= t.shape[1] <= self.max_seq:
+                raise InputError(f"input {name!r}: sequence length {t.shape[1]} outside 1..{self.max_seq}")
+        shapes = {tuple(t.shape[:2]) for t in tensors if t.dim() >= 2}
+        if len(shapes) > 1:
+            raise InputError(f"inputs disagree on (batch, seq): {sorted(shapes)}")
+
+
+def forward_signature(model: nn.Module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fixed_kwargs(sig: inspect.Signature | None, bound: dict) -> dict:
+    fixed = {}
+    if sig is not None and "use_cache" in sig.parameters and "use_cache" not in bound:
+        fixed["use_cache"] = False  # no KV-cache objects in the graph; generation has its own engine
+    return fixed
+
+
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    """torch.export specialises size-1 dims; capture on >= 2 so batch and sequence stay dynamic."""
+    for dim in range(min(t.dim(), 2)):
+        if t.shape[dim] == 1:
+            t = torch.cat([t, t], dim=dim)
+    return t
+
+
+def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None,
+            dynamic: tuple[bool, bool] = (True, True)) -> tuple[fx.GraphModule, InputSpec]:
+    """Export `model(*example_inputs, **example_kwargs)`; returns the graph and its input spec (which binds
+    call-time inputs the way the model's forward does)."""
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, (tuple, list)):
+        raise InputError("example_inputs must be a tuple of tensors, e.g. (input_ids,)")
+    kwargs = dict(example_kwargs or {})
+    sig = forward_signature(model)
+    try:
+        bound = sig.bind_partial(*example_inputs, **kwargs).arguments if sig else {
+            f"arg{i}": a for i, a in enumerate(example_inputs)}
+    except TypeError as e:
+        raise InputError(f"example inputs do not match {type(model).__name__}.forward: {e}") from None
+    names, tensors = [], []
+    for name, value in bound.items():
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"example input {name!r} must be a torch.Tensor, got {type(value).__name__}")
+        names.append(name)
+        tensors.append(value)
+    if not tensors:
+        raise InputError("example_inputs is empty; pass at least (input_ids,)")
+    max_seq = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 4096)
+    max_batch = 1024
+    batch = Dim("batch", min=1, max=max_batch) if dynamic[0] else None
+    seq = Dim("seq", min=1, max=max_seq) if dynamic[1] else None
+    dyn = []
+    widened = []
+    for t in tensors:
+        spec = {}
+        if t.dim() >= 1 and batch is not None:
+            spec[0] = batch
+        if t.dim() >= 2 and seq is not None:
+            spec[1] = seq
+        dyn.append(spec)
+        widened.append(_widen(t) if dynamic != (False, False) else t)
+    wrapper = _Bound(model, names, _fixed_kwargs(sig, bound)).eval()
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(wrapper, tuple(widened), dynamic_shapes=(tuple(dyn),), strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with the module that failed
+        raise CaptureError(_describe_capture_failure(model, e)) from e
+    gm = ep.module()
+    params = [p.name for p in sig.parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)] if sig else names
+    spec = InputSpec(names, [t.dtype for t in tensors], [t.dim() for t in tensors], max_batch, max_seq, params)
+    return gm, spec
+
+
+def _describe_capture_failure(model: nn.Module, err: Exception) -> str:
+    """Name the innermost user module whose forward was running when capture failed."""
+    fqn_of_module = {id(m): (n or "<root>") for n, m in model.named_modules()}
+    culprit = None
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, nn.Module) and id(obj) in fqn_of_module:
+            culprit = (fqn_of_module[id(obj)], type(obj).__name__)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    where = f"in module {culprit[0]!r} ({culprit[1]})" if culprit else f"in {type(model).__name__}"
+    return (f"torch.export could not capture the model {where}: {type(err).__name__}: {first}\n"
+            f"zqcompile needs a model torch.export can trace (non-strict). Try example inputs of the shapes "
+            f"you will use, or replace the unsupported construct in that module; a module that only needs to "
+            f"stay un-quantized can be kept in FP with config.with_overrides({{{culprit[0] if culprit else 'name'!r}: 'fp16'}}).")
+
+
+# ---- node -> user names ------------------------------------------------------------------------------------
+def module_stack(node: fx.Node) -> list[tuple[str, object]]:
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for path, typ in stack.values():
+        if path.startswith(WRAPPER_PREFIX):
+            path = path[len(WRAPPER_PREFIX):]
+        elif path == "model":
+            path = ""
+        out.append((path, typ))
+    return out
+
+
+def fqn_of(node: fx.Node) -> str:
+    """The user's module FQN for a node (e.g. 'encoder.layer.3.intermediate.dense'), '' when unknown."""
+    stack = module_stack(node)
+    return stack[-1][0] if stack else ""
+
+
+def param_fqn(target: str) -> str:
+    return target[len(WRAPPER_PREFIX):] if target.startswith(WRAPPER_PREFIX) else target

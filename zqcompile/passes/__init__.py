@@ -1,0 +1,84 @@
+"""The pass pipeline: one ordered list, run by `run_pipeline`, which lints the graph and re-derives every
+node's shape/dtype with fake tensors after each pass, and hands a snapshot to the caller (for dumps).
+
+Order matters and is the method: fold decomposed ops -> canonicalize -> classify -> merge sibling GEMMs -> quantize weights -> insert activation quant ->
+calibrate (static baseline only) -> fuse quant into producers -> fuse dequant into GEMMs -> GEMM epilogues
+-> cleanup.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from .base import PassContext, PassResult
+from .calibrate_static import calibrate_static_ranges
+from .canonicalize import canonicalize_gemms
+from .classify_gemms import classify_gemms
+from .concat_sibling_gemms import concat_sibling_gemms
+from .cleanup import cleanup
+from .fold_decomposed import fold_decomposed_ops
+from .fuse_gemm_dequant import fuse_gemm_dequant
+from .fuse_gemm_epilogue import fuse_gemm_epilogue
+from .fuse_producer_quant import fuse_producer_quant
+from .group_wise_weight import WeightError, group_wise_weight
+from .token_wise_quant import token_wise_quant
+
+Pass = Callable[[fx.GraphModule, PassContext], PassResult]
+
+PIPELINE: list[Pass] = [
+    fold_decomposed_ops,
+    canonicalize_gemms,
+    classify_gemms,
+    concat_sibling_gemms,
+    group_wise_weight,
+    token_wise_quant,
+    calibrate_static_ranges,
+    fuse_producer_quant,
+    fuse_gemm_dequant,
+    fuse_gemm_epilogue,
+    cleanup,
+]
+
+
+@dataclass
+class PassRecord:
+    name: str
+    matched: int
+    rewritten: int
+    seconds: float
+    notes: list[str]
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Fake-tensor type check: every node gets meta['val'] (shape, dtype) or the pass broke the graph."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+    FakeTensorProp(gm, mode).propagate(*fake)
+
+
+def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: list[Pass] | None = None,
+                 on_pass: Callable[[str, fx.GraphModule], None] | None = None) -> list[PassRecord]:
+    records = []
+    propagate_shapes(gm, ctx.example_inputs)
+    if on_pass:
+        on_pass("00_captured", gm)
+    for i, p in enumerate(passes or PIPELINE, start=1):
+        t0 = time.perf_counter()
+        res = p(gm, ctx)
+        gm = res.graph_module
+        gm.graph.lint()
+        gm.recompile()
+        propagate_shapes(gm, ctx.example_inputs)
+        records.append(PassRecord(p.__name__, res.matched, res.rewritten, time.perf_counter() - t0, res.notes))
+        if on_pass:
+            on_pass(f"{i:02d}_{p.__name__}", gm)
+    return records
+
+
+__all__ = ["PIPELINE", "PassContext", "PassRecord", "PassResult", "WeightError", "propagate_shapes", "run_pipeline"]

@@ -1,0 +1,155 @@
+"""Pass infrastructure shared by every pass: the result type, the compile context (config, per-GEMM plan,
+fusion records) and small graph helpers (the one matcher every fusion uses).
+
+A pass is `fn(gm, ctx) -> PassResult`; it mutates `gm` in place and says what it matched and rewrote.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import fx
+
+from ..capture import fqn_of, module_stack
+from ..config import GemmScheme, QuantConfig
+
+aten = torch.ops.aten
+zq = torch.ops.zq
+
+
+@dataclass
+class GemmInfo:
+    """One GEMM of the model and the plan for it (stored in node.meta['zq_gemm'])."""
+
+    fqn: str
+    role: str
+    scheme: GemmScheme
+    rule: str
+    shape: tuple[int, int] = (0, 0)  # (N, K)
+    kernel: str = "aten.linear"  # the op that finally runs it
+
+
+@dataclass
+class FusionRecord:
+    kind: str  # e.g. "layernorm+quant", "gemm+dequant", "epilogue:gelu"
+    fqn: str
+    replaced: list[str]
+    fused_op: str
+    note: str = ""
+
+
+@dataclass
+class NotFused:
+    candidate: str
+    fqn: str
+    reason: str
+
+
+@dataclass
+class PassResult:
+    graph_module: fx.GraphModule
+    modified: bool
+    matched: int = 0
+    rewritten: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PassContext:
+    """What passes may read besides the graph: the config, calibration inputs, and the records they keep."""
+
+    config: QuantConfig
+    example_inputs: tuple = ()
+    calibration_inputs: list[tuple] = field(default_factory=list)
+    gemms: list[GemmInfo] = field(default_factory=list)
+    fusions: list[FusionRecord] = field(default_factory=list)
+    not_fused: list[NotFused] = field(default_factory=list)
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------
+def is_call(node: object, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def calls(gm: fx.GraphModule, *targets) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if is_call(n, *targets)]
+
+
+def match_chain(node: fx.Node, producers: Iterable) -> list[fx.Node] | None:
+    """Walk first-argument producers: match_chain(q, [gelu]) -> [gelu_node] when q's input is a gelu call.
+    Returns the matched producer nodes (nearest first) or None. The one matcher every fusion pass uses."""
+    out, cur = [], node
+    for target in producers:
+        prev = cur.args[0] if cur.args else None
+        targets = target if isinstance(target, tuple) else (target,)
+        if not is_call(prev, *targets):
+            return None
+        out.append(prev)
+        cur = prev
+    return out
+
+
+def val(node: fx.Node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def dtype_of(node: fx.Node, default: torch.dtype = torch.float32) -> torch.dtype:
+    v = val(node)
+    return v.dtype if isinstance(v, torch.Tensor) else default
+
+
+def shape_of(node: fx.Node):
+    v = val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def get_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The constant behind a get_attr node (None for anything else)."""
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    obj = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def add_constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
+    """Register `tensor` as a buffer of gm's root (unique name) and return a get_attr node for it."""
+    base = "zq_" + name.replace(".", "_").replace("-", "_")
+    attr, i = base, 1
+    while hasattr(gm, attr):
+        attr, i = f"{base}_{i}", i + 1
+    gm.register_buffer(attr, tensor)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(attr)
+    node.meta["val"] = tensor
+    return node
+
+
+def first_user_position(node: fx.Node) -> fx.Node:
+    """Where to insert nodes that consume `node`: right after it."""
+    return node.next
+
+
+def getitems(gm: fx.GraphModule, node: fx.Node, count: int) -> list[fx.Node]:
+    import operator
+    outs = []
+    with gm.graph.inserting_after(node):
+        for i in reversed(range(count)):
+            outs.append(gm.graph.call_function(operator.getitem, (node, i)))
+    outs.reverse()
+    for o in outs:
+        o.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    return outs
+
+
+def copy_meta(dst: fx.Node, src: fx.Node) -> None:
+    for key in ("nn_module_stack", "stack_trace", "zq_gemm"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+
+
+__all__ = ["GemmInfo", "FusionRecord", "NotFused", "PassResult", "PassContext", "aten", "zq", "is_call",
+           "calls", "match_chain", "val", "dtype_of", "shape_of", "get_tensor", "add_constant", "getitems",
+           "copy_meta", "fqn_of", "module_stack", "first_user_position"]

@@ -1,0 +1,68 @@
+"""canonicalize_gemms: bring every GEMM with a constant weight to one form, `aten.linear(x, W[N,K], b)`.
+
+Matches: eval-mode `aten.dropout` (removed); `view(addmm(b, view(x, [-1, K]), W[K, N]), [..., N])` (GPT-2's
+Conv1D) and `addmm`/`mm`/`matmul` with a constant [K, N] weight. Emits: `aten.linear` with a transposed
+constant weight, so later passes handle a single GEMM op.
+"""
+from __future__ import annotations
+
+from torch import fx
+
+from .base import PassContext, PassResult, add_constant, aten, copy_meta, get_tensor, is_call, shape_of
+
+
+def _drop_eval_dropout(gm: fx.GraphModule) -> int:
+    n_removed = 0
+    for node in list(gm.graph.nodes):
+        if is_call(node, aten.dropout.default) and (len(node.args) < 3 or node.args[2] is False):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            n_removed += 1
+    return n_removed
+
+
+def _to_linear(gm: fx.GraphModule, node: fx.Node, x: fx.Node, w_node: fx.Node, bias) -> fx.Node:
+    w = get_tensor(gm, w_node)
+    wt = add_constant(gm, w_node.target + "_t", w.detach().t().contiguous(), before=node)
+    # A flattening view in front of the GEMM (GPT-2 Conv1D) is undone: linear takes N-D inputs, and later
+    # passes need to see the real producer of x (LayerNorm, GeLU).
+    out_view = None
+    if is_call(x, aten.view.default, aten.reshape.default) and len(node.users) == 1:
+        (user,) = node.users
+        src_shape, out_shape = shape_of(x.args[0]), shape_of(user)
+        if (is_call(user, aten.view.default, aten.reshape.default) and src_shape and out_shape
+                and src_shape[:-1] == out_shape[:-1] and src_shape[-1] == w.shape[0]):
+            x, out_view = x.args[0], user
+    with gm.graph.inserting_before(node):
+        lin = gm.graph.call_function(aten.linear.default, (x, wt, bias))
+    copy_meta(lin, node)
+    target = out_view if out_view is not None else node
+    lin.meta["val"] = target.meta.get("val")
+    target.replace_all_uses_with(lin)
+    in_view = node.args[1] if out_view is not None else None
+    for dead in (out_view, node, in_view):
+        if dead is not None and not dead.users:
+            gm.graph.erase_node(dead)
+    return lin
+
+
+def canonicalize_gemms(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    removed = _drop_eval_dropout(gm)
+    matched = rewritten = 0
+    for node in list(gm.graph.nodes):
+        if is_call(node, aten.addmm.default):
+            bias, x, w = node.args[:3]
+            if get_tensor(gm, w) is not None and get_tensor(gm, w).dim() == 2 and not node.kwargs:
+                matched += 1
+                _to_linear(gm, node, x, w, bias)
+                rewritten += 1
+        elif is_call(node, aten.mm.default, aten.matmul.default):
+            x, w = node.args[:2]
+            wt = get_tensor(gm, w)
+            if wt is not None and wt.dim() == 2:
+                matched += 1
+                _to_linear(gm, node, x, w, None)
+                rewritten += 1
+    gm.graph.lint()
+    notes = [f"removed {removed} eval-mode dropout(s)"] if removed else []
+    return PassResult(gm, bool(removed or rewritten), matched, rewritten, notes)

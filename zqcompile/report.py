@@ -1,0 +1,34 @@
+"""engine.report(): plain-text tables of what the compiler did (passes, GEMMs by precision, fusions and the
+candidates not fused, with reasons). The CLI prints the same text."""
+from __future__ import annotations
+
+from collections import Counter
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def format_report(rec) -> str:
+    out = [f"zqcompile engine: {rec.model}, config {rec.config}", ""]
+    out += ["Passes", _table(["pass", "matched", "rewritten", "ms", "notes"],
+                             [[p["name"], p["matched"], p["rewritten"], f"{p['seconds'] * 1e3:.1f}",
+                               "; ".join(p["notes"])] for p in rec.passes]), ""]
+    by_kernel = Counter((g["scheme"], g["kernel"]) for g in rec.gemms)
+    out += ["GEMMs by precision", _table(["scheme", "runs as", "count"],
+                                         [[s, k, c] for (s, k), c in sorted(by_kernel.items())]), ""]
+    out += ["GEMM plan", _table(["module", "role", "N x K", "scheme", "decided by", "runs as"],
+                                [[g["fqn"], g["role"], "x".join(map(str, g["shape"])), g["scheme"], g["rule"],
+                                  g["kernel"]] for g in rec.gemms]), ""]
+    kinds = Counter(f["kind"] for f in rec.fusions)
+    out += ["Fusions (" + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())) + ")",
+            _table(["kind", "module", "replaced", "fused op", "note"],
+                   [[f["kind"], f["fqn"], " + ".join(f["replaced"]), f["fused_op"], f["note"]] for f in rec.fusions]),
+            ""]
+    out += ["Not fused", _table(["candidate", "module", "why"],
+                                [[n["candidate"], n["fqn"], n["reason"]] for n in rec.not_fused])
+            if rec.not_fused else "(none)"]
+    return "\n".join(out)
