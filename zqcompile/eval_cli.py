@@ -63,7 +63,7 @@ def _quantized(model, config, calib: list[torch.Tensor], path: str, example: tor
         except ImportError:
             raise SystemExit("--path engine needs zqcompile.api.compile, which this installation lacks; "
                              "use --path fakequant") from None
-        return zq_compile(model, (example,), config)
+        return zq_compile(model, (example,), config, calibration_data=[(c,) for c in calib])
     fq = fake_quantize(copy.deepcopy(model), config)
     calibrate_static(fq, calib)
     return fq

@@ -124,7 +124,7 @@ def main() -> None:
 def _quantized(model, cfg: QuantConfig, calib: list[torch.Tensor], path: str):
     if path == "engine":
         from zqcompile.api import compile as zq_compile  # lands with the compiler on main
-        return zq_compile(model, (calib[0],), cfg)
+        return zq_compile(model, (calib[0],), cfg, calibration_data=[(c,) for c in calib])
     import copy
     fq = fake_quantize(copy.deepcopy(model), cfg)
     calibrate_static(fq, calib)
