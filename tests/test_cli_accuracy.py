@@ -63,3 +63,10 @@ def test_missing_model_is_a_clear_error():
         load_for_eval("/nonexistent/model.gguf")
     with pytest.raises(ModelLoadError, match="neither"):
         load_for_eval("gpt-17")
+
+
+def test_registered_in_zqcompile_cli(gpt2_dir, tmp_path):
+    from zqcompile.cli import main
+    d, text = gpt2_dir
+    assert main(["inspect", str(d), "--text", str(text), "--max-tokens", "16", "--out", str(tmp_path / "x.svg")]) == 0
+    assert (tmp_path / "x.svg").read_text().startswith("<svg")
