@@ -113,8 +113,15 @@ def _add_generate(sub) -> None:
     add_generate_command(sub)
 
 
+def _add_accuracy(sub) -> None:
+    from .eval_cli import add_eval_command
+    from .inspect import add_inspect_command
+    add_eval_command(sub)
+    add_inspect_command(sub)
+
+
 # Commands that live beside the feature they drive: each adds its subparser.
-_EXTENSIONS = [_add_export, _add_generate]
+_EXTENSIONS = [_add_export, _add_generate, _add_accuracy]
 
 
 def main(argv: list[str] | None = None) -> int:

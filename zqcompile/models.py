@@ -50,7 +50,7 @@ def load_model(path_or_name: str, causal_lm: bool | None = None, dtype: torch.dt
     if not glob.glob(os.path.join(path, "config.json")):
         raise ModelLoadError(f"{path!r} has no config.json: not a Hugging Face model folder")
     config = T.AutoConfig.from_pretrained(path)
-    is_lm = causal_lm if causal_lm is not None else any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    is_lm = causal_lm if causal_lm is not None else any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
     cls = T.AutoModelForCausalLM if is_lm else T.AutoModel
     return cls.from_pretrained(path, dtype=dtype).eval()
 

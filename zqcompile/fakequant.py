@@ -1,0 +1,164 @@
+"""Module-level fake quantization: an nn.Module model whose quantized GEMMs compute in float with the
+engine's quantizers applied (quantize -> dequantize, formulas from `ops.quant_math`).
+
+It is the student of LKD (rounding uses a straight-through estimator, so it trains) and an accuracy path
+independent of the compiled graph. Every nn.Linear / HF Conv1D whose scheme (`resolve_scheme` with
+`classify_role` on its FQN) is quantized is replaced by a `FakeQuantLinear` wrapping the original module
+(the wrapped module keeps the fp parameters: training the wrapper trains them). Static per-tensor
+activations need a calibrated range: run `calibrate_static` on sample batches before use.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .config import GemmScheme, QuantConfig, classify_role, get_config, resolve_scheme
+from .ops import quant_math as qm
+
+try:  # HF GPT-2 style Conv1D: weight [K, N] (in, out), y = x @ W + b
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but keep fakequant importable
+    Conv1D = ()  # type: ignore[assignment]
+
+
+def _ste(x: torch.Tensor, x_qdq: torch.Tensor) -> torch.Tensor:
+    """Forward x_qdq, backward identity: rounding has no useful gradient (straight-through estimator)."""
+    return x + (x_qdq - x).detach()
+
+
+def fake_quant_weight(w_nk: torch.Tensor, scheme: GemmScheme) -> torch.Tensor:
+    """W [N, K] -> dequantize(quantize(W)) with the engine's scales; differentiable through the STE."""
+    wq = scheme.weight
+    q, scale = qm.quantize_weight(w_nk, wq.bits, wq.granularity, wq.num_groups, wq.group_size)
+    return _ste(w_nk, qm.dequantize_weight(q, scale, wq.bits, w_nk.dtype))
+
+
+def fake_quant_tokens(x: torch.Tensor) -> torch.Tensor:
+    q, scale = qm.quantize_per_token(x)
+    return _ste(x, qm.dequantize_rows(q, scale, x.dtype))
+
+
+def fake_quant_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    q, s = qm.quantize_per_tensor(x, scale)
+    return _ste(x, qm.dequantize_rows(q, s, x.dtype))
+
+
+class FakeQuantLinear(nn.Module):
+    """A quantized GEMM in float: y = fq(x) @ fq(W)^T + b. Wraps (does not copy) the original module."""
+
+    def __init__(self, inner: nn.Module, scheme: GemmScheme, fqn: str):
+        super().__init__()
+        self.inner = inner
+        self.scheme = scheme
+        self.fqn = fqn
+        self.observing = False  # static activations: record max|x| instead of quantizing
+        self.register_buffer("act_amax", torch.zeros(()), persistent=False)
+        self.register_buffer("act_scale", torch.full((), float("nan")), persistent=False)
+        self._w_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def weight_nk(self) -> torch.Tensor:
+        w = self.inner.weight
+        return w.t() if isinstance(self.inner, Conv1D) else w
+
+    def _weight(self) -> torch.Tensor:
+        w = self.inner.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return fake_quant_weight(self.weight_nk(), self.scheme)
+        # Inference: the quantized weight only changes when the fp weight does.
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._w_cache is None or self._w_cache[0] != key:
+            with torch.no_grad():
+                self._w_cache = (key, fake_quant_weight(self.weight_nk(), self.scheme))
+        return self._w_cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.scheme.act.mode
+        if mode == "tensor":
+            if self.observing:
+                self.act_amax = torch.maximum(self.act_amax, x.detach().abs().amax().float().to(self.act_amax.device))
+            elif torch.isnan(self.act_scale):
+                raise RuntimeError(f"{self.fqn}: static per-tensor activations are not calibrated; "
+                                   "run zqcompile.fakequant.calibrate_static(model, batches) first")
+            else:
+                x = fake_quant_tensor(x, self.act_scale)
+        elif mode == "token":
+            x = fake_quant_tokens(x)
+        bias = self.inner.bias
+        return nn.functional.linear(x, self._weight(), bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.fqn}: {self.scheme.describe()}"
+
+
+def is_gemm_module(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (bool(Conv1D) and isinstance(m, Conv1D))
+
+
+def fake_quantize(model: nn.Module, config: QuantConfig | str, prefix: str = "") -> nn.Module:
+    """Replace (in place) every quantized GEMM of `model` by a FakeQuantLinear; returns `model`.
+
+    `prefix` is the FQN of `model` inside a larger model (LKD fake-quantizes one block but resolves
+    schemes with the block's full names, e.g. "model.layers.3")."""
+    config = get_config(config)
+    for fqn, module, ancestors in list(_gemms(model, prefix)):
+        types = [type(module), *(type(a) for a in ancestors)]
+        scheme, _rule = resolve_scheme(config, fqn, classify_role(fqn), types)
+        if scheme.is_float:
+            continue
+        try:  # shape errors (groups not dividing K) surface here, named, not mid-forward
+            with torch.no_grad():
+                fake_quant_weight(FakeQuantLinear(module, scheme, fqn).weight_nk(), scheme)
+        except ValueError as e:
+            raise ValueError(f"{fqn}: {scheme.describe()}: {e}; choose another group size or keep this "
+                             f"GEMM in float with override={{{fqn!r}: 'fp'}}") from None
+        parent_name, _, child = fqn[len(prefix) + 1 if prefix else 0:].rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FakeQuantLinear(module, scheme, fqn))
+    return model
+
+
+def _gemms(model: nn.Module, prefix: str, ancestors: tuple = ()) -> Iterable[tuple[str, nn.Module, tuple]]:
+    for name, child in model.named_children():
+        fqn = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, FakeQuantLinear):
+            continue
+        if is_gemm_module(child):
+            yield fqn, child, (model, *ancestors)
+        else:
+            yield from _gemms(child, fqn, (model, *ancestors))
+
+
+def fake_quant_modules(model: nn.Module) -> list[FakeQuantLinear]:
+    return [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
+
+
+def remove_fake_quant(model: nn.Module) -> nn.Module:
+    """Put the original modules back (in place); the fp weights are whatever training left in them."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, FakeQuantLinear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, m.inner)
+    return model
+
+
+@torch.no_grad()
+def calibrate_static(model: nn.Module, batches: Sequence[torch.Tensor],
+                     forward: Callable[[torch.Tensor], object] | None = None) -> int:
+    """Set each static per-tensor activation scale from max|x| over `batches` (the ptq-static baseline).
+    Returns the number of GEMMs calibrated."""
+    mods = [m for m in fake_quant_modules(model) if m.scheme.act.mode == "tensor"]
+    if not mods:
+        return 0
+    for m in mods:
+        m.observing, m.act_amax = True, torch.zeros((), device=m.act_amax.device)
+    try:
+        for b in batches:
+            (forward or model)(b)
+    finally:
+        for m in mods:
+            m.observing = False
+    for m in mods:
+        m.act_scale = torch.tensor(qm.calibrated_scale(float(m.act_amax)), device=m.act_amax.device)
+    return len(mods)

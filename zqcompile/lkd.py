@@ -1,0 +1,216 @@
+"""Layer-by-layer knowledge distillation (ZeroQuant Sec. 4.2, Eq. 1), tuning the fp weights of a model so
+that each transformer block, once quantized, reproduces its own full-precision output.
+
+For block k the inputs are the outputs of the ORIGINAL blocks 1..k-1 on the LKD data (produced on the fly
+and kept on CPU; block 1's inputs are captured with a forward pre-hook, so whatever positional embeddings
+or masks the model passes its blocks as args/kwargs are reused as-is). Teacher = original block k;
+student = a fake-quantized copy (`zqcompile.fakequant`, the engine's quantizers with a straight-through
+estimator); the student minimises MSE(student(x), teacher(x)) over block k's parameters only, then its
+tuned fp weights are written back into block k. Only one extra block is ever in memory. The model is
+modified IN PLACE (and returned); the quantized engine is then built from the tuned weights as usual.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ConfigError, LKDConfig, QuantConfig, get_config
+from .fakequant import calibrate_static, fake_quantize, remove_fake_quant
+
+# Where the usual Hugging Face families keep their transformer blocks (checked before the generic search).
+KNOWN_BLOCK_LISTS = ("model.layers", "model.decoder.layers", "transformer.h", "encoder.layer",
+                     "bert.encoder.layer", "gpt_neox.layers", "transformer.layers", "layers", "h")
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    fqn: str
+    loss_before: float  # mean MSE over the LKD data, quantized student vs fp teacher, before tuning
+    loss_after: float  # after tuning (== loss_before when the tuning was not kept)
+    seconds: float
+    kept: bool = True  # False: tuning did not lower the loss on the LKD data, block k left unchanged
+
+
+class _StopForward(Exception):
+    pass
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer blocks: a known HF path, else the ModuleList of identical modules
+    holding the most parameters."""
+    for path in KNOWN_BLOCK_LISTS:
+        try:
+            m = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(m, nn.ModuleList) and len(m):
+            return path, m
+    best, best_n = None, 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1:
+            n = sum(p.numel() for p in m.parameters())
+            if n > best_n:
+                best, best_n = (name, m), n
+    if best is None:
+        raise ValueError(f"LKD: found no ModuleList of transformer blocks in {type(model).__name__}")
+    return best
+
+
+def max_positions(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions"):
+        if isinstance(getattr(cfg, attr, None), int):
+            return getattr(cfg, attr)
+    return None
+
+
+def lkd_batches(model: nn.Module, lkd: LKDConfig, tokenizer=None) -> list[torch.Tensor]:
+    """LKD data -> a list of LongTensor [batch_size, seq_len] batches (at most lkd.num_batches); seq_len is
+    capped at the model's context length."""
+    g = torch.Generator().manual_seed(lkd.seed)
+    data = lkd.data
+    lkd = replace(lkd, seq_len=min(lkd.seq_len, max_positions(model) or lkd.seq_len))
+    if isinstance(data, str) and data == "random":
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if not vocab:
+            raise ConfigError("LKD data='random' needs model.config.vocab_size")
+        # Uniform random token ids: the paper's data-free variant (Table 10).
+        return [torch.randint(0, vocab, (lkd.batch_size, lkd.seq_len), generator=g) for _ in range(lkd.num_batches)]
+    if isinstance(data, str):
+        if tokenizer is None:
+            raise ConfigError("LKD data given as text needs the model's tokenizer: run_lkd(..., tokenizer=tok)")
+        ids = torch.tensor(tokenizer(data, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        per_batch = lkd.batch_size * lkd.seq_len
+        n = min(lkd.num_batches, ids.numel() // per_batch)
+        if n < 1:
+            raise ConfigError(f"LKD text has {ids.numel()} tokens; one batch needs {per_batch} "
+                              f"(batch_size={lkd.batch_size} x seq_len={lkd.seq_len})")
+        return [ids[i * per_batch:(i + 1) * per_batch].view(lkd.batch_size, lkd.seq_len) for i in range(n)]
+    if isinstance(data, (list, tuple)) and data and all(isinstance(b, torch.Tensor) for b in data):
+        return [b if b.dim() == 2 else b.view(1, -1) for b in data][: lkd.num_batches]
+    raise ConfigError("LKDConfig.data must be 'random', a text string, or a list of LongTensor token batches")
+
+
+def _map_tensors(x: Any, fn) -> Any:
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map_tensors(v, fn) for v in x)
+    if isinstance(x, dict):
+        return {k: _map_tensors(v, fn) for k, v in x.items()}
+    return x
+
+
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batch: torch.Tensor) -> tuple[tuple, dict]:
+    """(args, kwargs) the model passes its first block for `batch`, moved to CPU; the forward stops there."""
+    seen: dict[str, Any] = {}
+
+    def hook(_mod, args, kwargs):
+        seen["args"], seen["kwargs"] = _map_tensors((args, kwargs), lambda t: t.detach().cpu())
+        raise _StopForward
+
+    h = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    dev = next(model.parameters()).device
+    try:
+        try:
+            model(batch.to(dev), use_cache=False)
+        except TypeError:
+            model(batch.to(dev))
+    except _StopForward:
+        pass
+    finally:
+        h.remove()
+    if "args" not in seen:
+        raise RuntimeError("LKD: the model's forward never reached its first transformer block")
+    return seen["args"], seen["kwargs"]
+
+
+def _block_out(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _call(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, device) -> torch.Tensor:
+    a, kw = _map_tensors((args[1:], kwargs), lambda t: t.to(device))
+    return _block_out(block(hidden.to(device), *a, **kw))
+
+
+def _mean_loss(student: nn.Module, inputs, targets, ctx, device) -> float:
+    with torch.no_grad():
+        return sum(float(nn.functional.mse_loss(_call(student, x, *c, device), t.to(device)))
+                   for x, t, c in zip(inputs, targets, ctx)) / len(inputs)
+
+
+def run_lkd_with_stats(model: nn.Module, config: QuantConfig | str, lkd: LKDConfig,
+                       tokenizer=None) -> tuple[nn.Module, list[BlockStats]]:
+    """`run_lkd`, also returning loss before/after and runtime per block."""
+    if lkd.loss != "mse":
+        raise ConfigError(f"LKD loss {lkd.loss!r} is not implemented; use loss='mse' (the paper's Eq. 1)")
+    config = get_config(config)
+    torch.manual_seed(lkd.seed)
+    prefix, blocks = find_blocks(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    batches = lkd_batches(model, lkd, tokenizer)
+    captured = [capture_block_inputs(model, blocks[0], b) for b in batches]
+    hidden = [args[0] if args else kw.pop("hidden_states") for args, kw in captured]
+    ctx = [(args if args else (None,), kw) for args, kw in captured]
+    stats: list[BlockStats] = []
+    bar = _progress(len(blocks), lkd.progress)
+    for k, block in enumerate(blocks):
+        t0 = time.perf_counter()
+        with torch.no_grad():  # teacher outputs: also the inputs of block k+1
+            targets = [_call(block, x, *c, device).cpu() for x, c in zip(hidden, ctx)]
+        student = fake_quantize(copy.deepcopy(block), config, prefix=f"{prefix}.{k}")
+        if config.uses_static_activations:
+            calibrate_static(student, [(x, c) for x, c in zip(hidden, ctx)],
+                             forward=lambda xc: _call(student, xc[0], *xc[1], device))
+        before = _mean_loss(student, hidden, targets, ctx, device)
+        params = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=lkd.lr)
+        for step in range(lkd.steps):
+            i = step % len(hidden)
+            loss = nn.functional.mse_loss(_call(student, hidden[i], *ctx[i], device), targets[i].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        after = _mean_loss(student, hidden, targets, ctx, device)
+        # Never make a block worse on the LKD data (a too-large lr, or W8 blocks whose error is already tiny).
+        kept = after < before
+        if kept:
+            with torch.no_grad():
+                block.load_state_dict(remove_fake_quant(student).state_dict())
+        del student, opt
+        hidden = targets
+        stats.append(BlockStats(f"{prefix}.{k}", before, after if kept else before, time.perf_counter() - t0, kept))
+        if bar is not None:
+            note = "" if kept else " (not kept: tuning did not lower the loss)"
+            bar.write(f"LKD {prefix}.{k}: mse {before:.4g} -> {after:.4g} ({stats[-1].seconds:.1f} s){note}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    model.train(was_training)
+    return model, stats
+
+
+def run_lkd(model: nn.Module, config: QuantConfig | str, lkd: LKDConfig, tokenizer=None) -> nn.Module:
+    """Tune `model`'s fp weights IN PLACE with LKD for `config`'s quantizers; returns the same model.
+
+    `zq.compile(model, inputs, config, lkd=LKDConfig(...))` is `compile(run_lkd(model, config, lkd), ...)`.
+    """
+    return run_lkd_with_stats(model, config, lkd, tokenizer)[0]
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="LKD", unit="block")
+
+
+__all__ = ["BlockStats", "find_blocks", "lkd_batches", "run_lkd", "run_lkd_with_stats"]
