@@ -167,3 +167,25 @@ def test_cleanup_frees_float_weights():
     assert not any(n.endswith(("q_proj.weight", "fc1.weight", "fc2.weight")) for n in names)
     assert any(n.endswith("ln.weight") for n in names)  # still used by the fused LayerNorm
     assert res.rewritten == 5 and torch.equal(a, b)
+
+
+def test_simplify_attention_masks_shape_only_masks_only():
+    import zqcompile as zq
+    from zqcompile.models import tiny_model
+    for family, kind in (("bert", False), ("llama", True)):
+        m = tiny_model(family)
+        e = zq.compile(m, (torch.randint(0, 1000, (2, 8)),), "none")
+        sdpa = [n for n in e.gm.graph.nodes if n.target == aten.scaled_dot_product_attention.default]
+        assert len(sdpa) == 2 and all(len(n.args) == 3 and n.kwargs["is_causal"] is kind for n in sdpa)
+        x = torch.randint(0, 1000, (3, 11))
+        out, ref = e(x), m(x)
+        key = "logits" if family == "llama" else "last_hidden_state"
+        assert torch.allclose(getattr(out, key), getattr(ref, key), atol=1e-5)
+    # a real attention_mask input is data: its mask stays
+    m = tiny_model("bert")
+    ids, mask = torch.randint(0, 1000, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    e = zq.compile(m, (ids, mask), "none")
+    sdpa = [n for n in e.gm.graph.nodes if n.target == aten.scaled_dot_product_attention.default]
+    assert all(len(n.args) == 4 for n in sdpa)
+    assert torch.allclose(e(ids, mask).last_hidden_state, m(ids, mask).last_hidden_state, atol=1e-5)

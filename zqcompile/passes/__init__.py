@@ -1,7 +1,7 @@
 """The pass pipeline: one ordered list, run by `run_pipeline`, which lints the graph and re-derives every
 node's shape/dtype with fake tensors after each pass, and hands a snapshot to the caller (for dumps).
 
-Order matters and is the method: fold decomposed ops -> canonicalize -> classify -> merge sibling GEMMs -> quantize weights -> insert activation quant ->
+Order matters and is the method: fold decomposed ops -> simplify shape-only attention masks -> canonicalize -> classify -> merge sibling GEMMs -> quantize weights -> insert activation quant ->
 calibrate (static baseline only) -> fuse quant into producers -> fuse dequant into GEMMs -> GEMM epilogues
 -> cleanup.
 """
@@ -27,12 +27,14 @@ from .fuse_gemm_dequant import fuse_gemm_dequant
 from .fuse_gemm_epilogue import fuse_gemm_epilogue
 from .fuse_producer_quant import fuse_producer_quant
 from .group_wise_weight import WeightError, group_wise_weight
+from .simplify_attention_masks import simplify_attention_masks
 from .token_wise_quant import token_wise_quant
 
 Pass = Callable[[fx.GraphModule, PassContext], PassResult]
 
 PIPELINE: list[Pass] = [
     fold_decomposed_ops,
+    simplify_attention_masks,
     canonicalize_gemms,
     classify_gemms,
     concat_sibling_gemms,
