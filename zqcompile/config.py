@@ -57,7 +57,7 @@ class WeightQuant:
         if self.granularity == "row_groups":
             g = "per-row" if self.num_groups is None else f"{self.num_groups} row groups"
         elif self.granularity == "k_groups":
-            g = f"K groups of {self.group_size or 128}"
+            g = f"K groups of {self.group_size}" if self.group_size else "K groups of 128 (or the largest power of two dividing K)"
         else:
             g = "per-tensor"
         return f"INT{self.bits} {g}"
@@ -118,8 +118,8 @@ SCHEME_NAMES: dict[str, GemmScheme] = {
     "fp": FP, "fp16": FP16, "bf16": BF16,
     "w8a8": GemmScheme(WeightQuant(8), ActQuant("token")),
     "w8a16": GemmScheme(WeightQuant(8), ActQuant("none")),
-    "w4a8": GemmScheme(WeightQuant(4, "k_groups", group_size=128), ActQuant("token")),
-    "w4a16": GemmScheme(WeightQuant(4, "k_groups", group_size=128), ActQuant("none")),
+    "w4a8": GemmScheme(WeightQuant(4, "k_groups"), ActQuant("token")),
+    "w4a16": GemmScheme(WeightQuant(4, "k_groups"), ActQuant("none")),
 }
 
 OverrideKey = Union[str, type]
@@ -202,7 +202,7 @@ def as_scheme(value: GemmScheme | str) -> GemmScheme:
 # transformer blocks' GEMMs; a user can quantize the head with an override.
 _HEAD_FP = {"head": FP}
 _W8 = WeightQuant(8)
-_W4 = WeightQuant(4, "k_groups", group_size=128)
+_W4 = WeightQuant(4, "k_groups")  # groups of 128 along K, smaller where K needs it
 
 
 def _preset_w8a8() -> QuantConfig:

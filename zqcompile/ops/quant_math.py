@@ -57,7 +57,12 @@ def weight_group_k(shape: tuple[int, int], granularity: str, group_size: int | N
     """Elements along K that share one scale (K for row groups and per-tensor)."""
     _, k = shape
     if granularity == "k_groups":
-        g = group_size or 128
+        if group_size is not None:
+            return min(group_size, k)
+        # default: 128 along K, or the largest power of two under it that divides K (SmolLM2's K = 576 -> 64)
+        g = 128
+        while g > 1 and k % g:
+            g //= 2
         return min(g, k)
     return k
 
@@ -80,7 +85,7 @@ def quantize_weight(w: torch.Tensor, bits: int, granularity: str = "row_groups",
             raise ValueError(f"num_groups={g} does not divide the {n} output rows")
         amax = wf.reshape(g, n // g * k).abs().amax(dim=1).clamp_min(EPS).repeat_interleave(n // g).reshape(n, 1)
     elif granularity == "k_groups":
-        gk = weight_group_k((n, k), granularity, group_size)
+        gk = weight_group_k((n, k), granularity, group_size)  # explicit sizes must divide K (checked below)
         if k % gk:
             raise ValueError(f"group_size={gk} does not divide K={k}")
         amax = wf.reshape(n, k // gk, gk).abs().amax(dim=2).clamp_min(EPS)
