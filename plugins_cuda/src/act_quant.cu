@@ -36,7 +36,7 @@ __global__ void act_quant_kernel(const T* __restrict__ x, const T* __restrict__ 
 }
 
 template <class T, bool kWarpRow, int kVecs>
-__global__ void __launch_bounds__(kWarpRow ? 32 * kWarpRowsPerBlock : kMaxRowThreads)
+__global__ void __launch_bounds__(row_block_threads<T, kWarpRow>())
 act_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ gate,
                      int64_t rows, int64_t k, int act, int8_t* __restrict__ q, float* __restrict__ scale,
                      T* __restrict__ out) {
@@ -100,7 +100,7 @@ ZQ_API cudaError_t zq_act_quant(const void* x, const void* bias, const void* gat
   if (rows == 0) return cudaSuccess;
   if (k <= 0 || k > 56 * 1024 || rows > INT32_MAX) return cudaErrorInvalidValue;
   zq::RowLaunch l;
-  if (zq::vec_row_launch(rows, k, {x, bias, gate, q, out}, &l)) {
+  if (zq::vec_row_launch(rows, k, zq::max_row_threads(dt), {x, bias, gate, q, out}, &l)) {
     ZQ_DISPATCH_DTYPE(dt, T, ZQ_DISPATCH_ROW(l, zq::act_quant_vec_kernel<T, kWarpRow, kVecs>
                                                     <<<l.blocks, l.threads, 0, stream>>>(
                                                         static_cast<const T*>(x), static_cast<const T*>(bias),

@@ -23,7 +23,7 @@ __global__ void quantize_per_token_kernel(const T* __restrict__ x, int64_t k, in
 }
 
 template <class T, bool kWarpRow, int kVecs>
-__global__ void __launch_bounds__(kWarpRow ? 32 * kWarpRowsPerBlock : kMaxRowThreads)
+__global__ void __launch_bounds__(row_block_threads<T, kWarpRow>())
 quantize_per_token_vec_kernel(const T* __restrict__ x, int64_t rows, int64_t k, int8_t* __restrict__ q,
                               float* __restrict__ scale) {
   __shared__ float red[32];
@@ -81,7 +81,7 @@ ZQ_API cudaError_t zq_quantize_per_token(const void* x, zq_dtype dt, int64_t row
   if (rows == 0) return cudaSuccess;
   if (k <= 0 || rows > INT32_MAX) return cudaErrorInvalidValue;
   zq::RowLaunch l;
-  if (zq::vec_row_launch(rows, k, {x, q}, &l)) {
+  if (zq::vec_row_launch(rows, k, zq::max_row_threads(dt), {x, q}, &l)) {
     ZQ_DISPATCH_DTYPE(dt, T, ZQ_DISPATCH_ROW(l, zq::quantize_per_token_vec_kernel<T, kWarpRow, kVecs>
                                                     <<<l.blocks, l.threads, 0, stream>>>(
                                                         static_cast<const T*>(x), rows, k, q, scale)));

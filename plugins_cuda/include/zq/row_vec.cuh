@@ -2,7 +2,7 @@
 // packs of 8 elements (one 16-byte access for fp16/bf16, two for fp32), and held in registers as those raw
 // packs until the int8 codes are written. Short rows (K <= 1024) take one warp each (several rows per block,
 // shuffle-only reductions); long rows take a whole block. Only K % 8 == 0 with 16-byte aligned pointers and
-// K <= 32768 qualify; everything else runs the scalar kernels (row cached in shared memory).
+// K <= 32768 (fp32: 16384) qualify; everything else runs the scalar kernels (row cached in shared memory).
 // Holding raw packs (not fp32) is exact: every value kept is already rounded to the model dtype.
 #pragma once
 #include <stdint.h>
@@ -14,7 +14,12 @@ namespace zq {
 constexpr int kPack = 8;              // elements per pack
 constexpr int kMaxVecs = 4;           // packs per thread
 constexpr int kWarpRowsPerBlock = 4;  // rows per block when a warp takes a row
-constexpr int kMaxRowThreads = 1024;
+// Threads of a block row: 1024 at most (64 registers a thread), 512 for fp32 (its packs take twice the registers).
+template <class T> constexpr int max_row_threads() { return sizeof(T) == 4 ? 512 : 1024; }
+inline int max_row_threads(zq_dtype dt) { return dt == ZQ_F32 ? 512 : 1024; }
+template <class T, bool kWarpRow> constexpr int row_block_threads() {
+  return kWarpRow ? 32 * kWarpRowsPerBlock : max_row_threads<T>();
+}
 
 template <class T> struct Raw { uint4 w[sizeof(T) / 2]; };  // 8 elements of T
 
@@ -115,7 +120,8 @@ template <bool kWarpRow> __device__ __forceinline__ float row_max(float v, float
 
 // Host: the vector path's launch geometry, or false when the row kernel must take the scalar path.
 struct RowLaunch { bool warp_row; int vecs; int threads; unsigned blocks; };
-inline bool vec_row_launch(int64_t rows, int64_t k, std::initializer_list<const void*> ptrs, RowLaunch* l) {
+inline bool vec_row_launch(int64_t rows, int64_t k, int max_threads, std::initializer_list<const void*> ptrs,
+                           RowLaunch* l) {
   if (k % kPack != 0) return false;
   for (const void* p : ptrs)
     if (p != nullptr && (reinterpret_cast<uintptr_t>(p) & 15u) != 0) return false;
@@ -127,7 +133,7 @@ inline bool vec_row_launch(int64_t rows, int64_t k, std::initializer_list<const 
     l->blocks = (unsigned)((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock);
     return true;
   }
-  if (k8 > (int64_t)kMaxRowThreads * kMaxVecs) return false;
+  if (k8 > (int64_t)max_threads * kMaxVecs) return false;
   int threads = 128;
   while ((int64_t)threads * kMaxVecs < k8) threads *= 2;
   l->warp_row = false;
