@@ -1,7 +1,10 @@
 // Bias + activation (GeLU for BERT/GPT FC1 outputs, SiLU gating for Llama MLPs) with the token-wise
 // quantization of the next GEMM's input fused in: one read of the row, int8 + scale written once.
+// The vector path (zq/row_vec.cuh) keeps the row in registers; the scalar kernel (row cached in shared
+// memory) takes unaligned pointers, K % 8 != 0 and very long rows. Both do the same per-element fp32 math.
 #include "zq/act_quant.h"
 #include "zq/device_math.cuh"
+#include "zq/row_vec.cuh"
 
 namespace zq {
 
@@ -32,12 +35,79 @@ __global__ void act_quant_kernel(const T* __restrict__ x, const T* __restrict__ 
   if (threadIdx.x == 0) scale[blockIdx.x] = amax / 127.f;
 }
 
+template <class T, bool kWarpRow, int kVecs>
+__global__ void __launch_bounds__(row_block_threads<T, kWarpRow>())
+act_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ gate,
+                     int64_t rows, int64_t k, int act, int8_t* __restrict__ q, float* __restrict__ scale,
+                     T* __restrict__ out) {
+  __shared__ float red[32];
+  const RowPos p = row_pos<kWarpRow>();
+  if (p.row >= rows) return;  // a whole warp (warp rows); never taken with block rows
+  const int64_t off = p.row * k;
+  const int k8 = (int)(k / kPack);
+  Raw<T> yv[kVecs];  // x, then act(...) rounded to T
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int j = p.t + v * p.nthr;
+    if (j < k8) yv[v] = load_raw(x + off + (int64_t)j * kPack);
+  }
+  float amax = 0.f;
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int j = p.t + v * p.nthr;
+    if (j < k8) {
+      float xs[kPack], y[kPack];
+      unpack<T>(yv[v], xs);
+      if (bias) {
+        float b[kPack];
+        load_unpack(bias + (int64_t)j * kPack, b);
+#pragma unroll
+        for (int i = 0; i < kPack; ++i) xs[i] = round_to<T>(xs[i] + b[i]);
+      }
+      if (gate) {
+        float g[kPack];
+        load_unpack(gate + off + (int64_t)j * kPack, g);
+#pragma unroll
+        for (int i = 0; i < kPack; ++i) y[i] = round_to<T>(round_to<T>(apply_act(g[i], act)) * xs[i]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kPack; ++i) y[i] = round_to<T>(apply_act(xs[i], act));
+      }
+      yv[v] = pack<T>(y);
+      if (out) store_raw(out + off + (int64_t)j * kPack, yv[v]);
+#pragma unroll
+      for (int i = 0; i < kPack; ++i) amax = fmaxf(amax, fabsf(y[i]));
+    }
+  }
+  amax = fmaxf(row_max<kWarpRow>(amax, red), kEps);
+  const float inv = 127.f / amax;
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int j = p.t + v * p.nthr;
+    if (j < k8) {
+      float y[kPack];
+      unpack<T>(yv[v], y);
+      store_q8(q + off + (int64_t)j * kPack, y, inv);
+    }
+  }
+  if (p.t == 0) scale[p.row] = amax / 127.f;
+}
+
 }  // namespace zq
 
 ZQ_API cudaError_t zq_act_quant(const void* x, const void* bias, const void* gate, zq_dtype dt, int64_t rows,
                                 int64_t k, int act, int8_t* q, float* scale, void* out, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   if (k <= 0 || k > 56 * 1024 || rows > INT32_MAX) return cudaErrorInvalidValue;
+  zq::RowLaunch l;
+  if (zq::vec_row_launch(rows, k, zq::max_row_threads(dt), {x, bias, gate, q, out}, &l)) {
+    ZQ_DISPATCH_DTYPE(dt, T, ZQ_DISPATCH_ROW(l, zq::act_quant_vec_kernel<T, kWarpRow, kVecs>
+                                                    <<<l.blocks, l.threads, 0, stream>>>(
+                                                        static_cast<const T*>(x), static_cast<const T*>(bias),
+                                                        static_cast<const T*>(gate), rows, k, act, q, scale,
+                                                        static_cast<T*>(out))));
+    return cudaGetLastError();
+  }
   const size_t smem = (size_t)k * sizeof(float);
   ZQ_DISPATCH_DTYPE(dt, T, {
     auto kernel = zq::act_quant_kernel<T>;

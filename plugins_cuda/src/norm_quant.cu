@@ -1,10 +1,24 @@
 // LayerNorm / RMSNorm with the token-wise quantization fused (ZeroQuant Sec. 4.3: quantization is fused
 // into the producer of a GEMM input). Intermediates are rounded to the model dtype exactly where the torch
-// reference materialises them, so the int8 codes match it up to ties.
+// reference materialises them, so the int8 codes match it up to ties. The vector path (zq/row_vec.cuh) keeps
+// the row in registers; the scalar kernel (row cached in shared memory) takes the other shapes and pointers.
 #include "zq/device_math.cuh"
 #include "zq/norm_quant.h"
+#include "zq/row_vec.cuh"
 
 namespace zq {
+
+// The normalised, scaled output of one element, rounded to T; shared by both kernels so they round alike.
+// The bias add is an explicit fma: what nvcc contracts `t * w + b` to, and what torch's layer_norm computes.
+template <class T, bool kRms>
+__device__ __forceinline__ float norm_affine(float h, float mean, float rstd, float w, float b, bool has_bias) {
+  if constexpr (kRms) {
+    return round_to<T>(w * round_to<T>(h * rstd));
+  } else {
+    const float t = (h - mean) * rstd;
+    return round_to<T>(has_bias ? __fmaf_rn(t, w, b) : t * w);
+  }
+}
 
 template <class T, bool kRms>
 __global__ void norm_quant_kernel(const T* __restrict__ x, const T* __restrict__ residual,
@@ -40,14 +54,8 @@ __global__ void norm_quant_kernel(const T* __restrict__ x, const T* __restrict__
   }
   float amax = 0.f;
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
-    float y;
-    if constexpr (kRms) {
-      y = round_to<T>(to_f<T>(weight[i]) * round_to<T>(row[i] * rstd));
-    } else {
-      y = (row[i] - mean) * rstd * to_f<T>(weight[i]);
-      if (bias) y += to_f<T>(bias[i]);
-      y = round_to<T>(y);
-    }
+    const float b = (!kRms && bias) ? to_f<T>(bias[i]) : 0.f;
+    const float y = norm_affine<T, kRms>(row[i], mean, rstd, to_f<T>(weight[i]), b, bias != nullptr);
     row[i] = y;
     if (out) out[off + i] = from_f<T>(y);
     amax = fmaxf(amax, fabsf(y));
@@ -58,10 +66,124 @@ __global__ void norm_quant_kernel(const T* __restrict__ x, const T* __restrict__
   if (threadIdx.x == 0) scale[blockIdx.x] = amax / 127.f;
 }
 
+template <class T, bool kRms, bool kWarpRow, int kVecs>
+__global__ void __launch_bounds__(row_block_threads<T, kWarpRow>())
+norm_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ weight,
+                      const T* __restrict__ bias, int64_t rows, int64_t k, float eps, int8_t* __restrict__ q,
+                      float* __restrict__ scale, T* __restrict__ out, T* __restrict__ hsum) {
+  __shared__ float red[32];
+  const RowPos p = row_pos<kWarpRow>();
+  if (p.row >= rows) return;  // a whole warp (warp rows); never taken with block rows
+  const int64_t off = p.row * k;
+  const int k8 = (int)(k / kPack);
+  Raw<T> hv[kVecs];  // x (+ residual), then the normalised output, rounded to T
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int j = p.t + v * p.nthr;
+    if (j < k8) hv[v] = load_raw(x + off + (int64_t)j * kPack);
+  }
+  if (residual) {
+    Raw<T> rv[kVecs];
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) {
+      const int j = p.t + v * p.nthr;
+      if (j < k8) rv[v] = load_raw(residual + off + (int64_t)j * kPack);
+    }
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) {
+      const int j = p.t + v * p.nthr;
+      if (j < k8) {
+        float h[kPack], r[kPack];
+        unpack<T>(hv[v], h);
+        unpack<T>(rv[v], r);
+#pragma unroll
+        for (int i = 0; i < kPack; ++i) h[i] = round_to<T>(h[i] + r[i]);
+        hv[v] = pack<T>(h);
+        if (hsum) store_raw(hsum + off + (int64_t)j * kPack, hv[v]);
+      }
+    }
+  }
+  float sum = 0.f;
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    if (p.t + v * p.nthr < k8) {
+      float h[kPack];
+      unpack<T>(hv[v], h);
+#pragma unroll
+      for (int i = 0; i < kPack; ++i) sum += kRms ? h[i] * h[i] : h[i];
+    }
+  }
+  sum = row_sum<kWarpRow>(sum, red);
+  float mean = 0.f, rstd;
+  if constexpr (kRms) {
+    rstd = rsqrtf(sum / (float)k + eps);
+  } else {
+    mean = sum / (float)k;
+    float var = 0.f;  // second pass over the held row: exact for rows with large offsets (outliers)
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) {
+      if (p.t + v * p.nthr < k8) {
+        float h[kPack];
+        unpack<T>(hv[v], h);
+#pragma unroll
+        for (int i = 0; i < kPack; ++i) {
+          const float d = h[i] - mean;
+          var += d * d;
+        }
+      }
+    }
+    var = row_sum<kWarpRow>(var, red);
+    rstd = rsqrtf(var / (float)k + eps);
+  }
+  float amax = 0.f;
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int j = p.t + v * p.nthr;
+    if (j < k8) {
+      float h[kPack], w[kPack], y[kPack];
+      unpack<T>(hv[v], h);
+      load_unpack(weight + (int64_t)j * kPack, w);
+      if (!kRms && bias) {
+        float b[kPack];
+        load_unpack(bias + (int64_t)j * kPack, b);
+#pragma unroll
+        for (int i = 0; i < kPack; ++i) y[i] = norm_affine<T, kRms>(h[i], mean, rstd, w[i], b[i], true);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kPack; ++i) y[i] = norm_affine<T, kRms>(h[i], mean, rstd, w[i], 0.f, false);
+      }
+      hv[v] = pack<T>(y);
+      if (out) store_raw(out + off + (int64_t)j * kPack, hv[v]);
+#pragma unroll
+      for (int i = 0; i < kPack; ++i) amax = fmaxf(amax, fabsf(y[i]));
+    }
+  }
+  amax = fmaxf(row_max<kWarpRow>(amax, red), kEps);
+  const float inv = 127.f / amax;
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int j = p.t + v * p.nthr;
+    if (j < k8) {
+      float y[kPack];
+      unpack<T>(hv[v], y);
+      store_q8(q + off + (int64_t)j * kPack, y, inv);
+    }
+  }
+  if (p.t == 0) scale[p.row] = amax / 127.f;
+}
+
 template <class T, bool kRms>
 cudaError_t launch_norm_quant(const void* x, const void* residual, const void* weight, const void* bias,
                               int64_t rows, int64_t k, float eps, int8_t* q, float* scale, void* out, void* hsum,
                               cudaStream_t stream) {
+  RowLaunch l;
+  if (vec_row_launch(rows, k, zq::max_row_threads<T>(), {x, residual, weight, bias, q, out, hsum}, &l)) {
+    ZQ_DISPATCH_ROW(l, norm_quant_vec_kernel<T, kRms, kWarpRow, kVecs><<<l.blocks, l.threads, 0, stream>>>(
+                           static_cast<const T*>(x), static_cast<const T*>(residual),
+                           static_cast<const T*>(weight), static_cast<const T*>(bias), rows, k, eps, q, scale,
+                           static_cast<T*>(out), static_cast<T*>(hsum)));
+    return cudaGetLastError();
+  }
   const size_t smem = (size_t)k * sizeof(float);
   auto kernel = norm_quant_kernel<T, kRms>;
   if (smem > 48 * 1024) {

@@ -1,7 +1,9 @@
-// Per-token and per-tensor INT8 quantization of activations: one block per token, two reads of the row
-// (the second hits L2), so any K works.
+// Per-token and per-tensor INT8 quantization of activations. Per token: the vector path (zq/row_vec.cuh)
+// reads the row once into registers; the scalar fallback takes one block per token and reads the row twice
+// (the second read hits L2), so any K and alignment works.
 #include "zq/device_math.cuh"
 #include "zq/quantize.h"
+#include "zq/row_vec.cuh"
 
 namespace zq {
 
@@ -18,6 +20,45 @@ __global__ void quantize_per_token_kernel(const T* __restrict__ x, int64_t k, in
   int8_t* qr = q + row * k;
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x) qr[i] = quantize_one(to_f<T>(xr[i]), inv);
   if (threadIdx.x == 0) scale[row] = amax / 127.f;
+}
+
+template <class T, bool kWarpRow, int kVecs>
+__global__ void __launch_bounds__(row_block_threads<T, kWarpRow>())
+quantize_per_token_vec_kernel(const T* __restrict__ x, int64_t rows, int64_t k, int8_t* __restrict__ q,
+                              float* __restrict__ scale) {
+  __shared__ float red[32];
+  const RowPos p = row_pos<kWarpRow>();
+  if (p.row >= rows) return;  // a whole warp (warp rows); never taken with block rows
+  const int64_t off = p.row * k;
+  const int k8 = (int)(k / kPack);
+  Raw<T> xv[kVecs];
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int j = p.t + v * p.nthr;
+    if (j < k8) xv[v] = load_raw(x + off + (int64_t)j * kPack);
+  }
+  float amax = 0.f;
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    if (p.t + v * p.nthr < k8) {
+      float f[kPack];
+      unpack<T>(xv[v], f);
+#pragma unroll
+      for (int i = 0; i < kPack; ++i) amax = fmaxf(amax, fabsf(f[i]));
+    }
+  }
+  amax = fmaxf(row_max<kWarpRow>(amax, red), kEps);
+  const float inv = 127.f / amax;
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int j = p.t + v * p.nthr;
+    if (j < k8) {
+      float f[kPack];
+      unpack<T>(xv[v], f);
+      store_q8(q + off + (int64_t)j * kPack, f, inv);
+    }
+  }
+  if (p.t == 0) scale[p.row] = amax / 127.f;
 }
 
 template <class T>
@@ -39,6 +80,13 @@ ZQ_API cudaError_t zq_quantize_per_token(const void* x, zq_dtype dt, int64_t row
                                          float* scale, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   if (k <= 0 || rows > INT32_MAX) return cudaErrorInvalidValue;
+  zq::RowLaunch l;
+  if (zq::vec_row_launch(rows, k, zq::max_row_threads(dt), {x, q}, &l)) {
+    ZQ_DISPATCH_DTYPE(dt, T, ZQ_DISPATCH_ROW(l, zq::quantize_per_token_vec_kernel<T, kWarpRow, kVecs>
+                                                    <<<l.blocks, l.threads, 0, stream>>>(
+                                                        static_cast<const T*>(x), rows, k, q, scale)));
+    return cudaGetLastError();
+  }
   const int threads = zq::row_threads(k);
   ZQ_DISPATCH_DTYPE(dt, T, zq::quantize_per_token_kernel<T><<<(unsigned)rows, threads, 0, stream>>>(
                                static_cast<const T*>(x), k, q, scale));

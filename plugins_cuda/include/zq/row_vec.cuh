@@ -1,0 +1,157 @@
+// Building blocks of the vectorized per-token (row) kernels: the row is read from global memory once, in
+// packs of 8 elements (one 16-byte access for fp16/bf16, two for fp32), and held in registers as those raw
+// packs until the int8 codes are written. Short rows (K <= 1024) take one warp each (several rows per block,
+// shuffle-only reductions); long rows take a whole block. Only K % 8 == 0 with 16-byte aligned pointers and
+// K <= 32768 (fp32: 16384) qualify; everything else runs the scalar kernels (row cached in shared memory).
+// Holding raw packs (not fp32) is exact: every value kept is already rounded to the model dtype.
+#pragma once
+#include <stdint.h>
+#include <initializer_list>
+#include "zq/device_math.cuh"
+
+namespace zq {
+
+constexpr int kPack = 8;              // elements per pack
+constexpr int kMaxVecs = 4;           // packs per thread
+constexpr int kWarpRowsPerBlock = 4;  // rows per block when a warp takes a row
+// Threads of a block row: 1024 at most (64 registers a thread), 512 for fp32 (its packs take twice the registers).
+template <class T> constexpr int max_row_threads() { return sizeof(T) == 4 ? 512 : 1024; }
+inline int max_row_threads(zq_dtype dt) { return dt == ZQ_F32 ? 512 : 1024; }
+template <class T, bool kWarpRow> constexpr int row_block_threads() {
+  return kWarpRow ? 32 * kWarpRowsPerBlock : max_row_threads<T>();
+}
+
+template <class T> struct Raw { uint4 w[sizeof(T) / 2]; };  // 8 elements of T
+
+template <class T> __device__ __forceinline__ Raw<T> load_raw(const T* p) {
+  Raw<T> r;
+#pragma unroll
+  for (int i = 0; i < (int)(sizeof(T) / 2); ++i) r.w[i] = reinterpret_cast<const uint4*>(p)[i];
+  return r;
+}
+template <class T> __device__ __forceinline__ void store_raw(T* p, const Raw<T>& r) {
+#pragma unroll
+  for (int i = 0; i < (int)(sizeof(T) / 2); ++i) reinterpret_cast<uint4*>(p)[i] = r.w[i];
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+__device__ __forceinline__ uint4 make_words(const uint32_t (&u)[4]) { return make_uint4(u[0], u[1], u[2], u[3]); }
+
+// Pack <-> 8 floats. The conversions are exact (to fp32) or round-to-nearest-even (from fp32), the same as
+// to_f / from_f element by element.
+template <class T> __device__ __forceinline__ void unpack(const Raw<T>& r, float (&f)[kPack]);
+template <class T> __device__ __forceinline__ Raw<T> pack(const float (&f)[kPack]);
+
+template <> __device__ __forceinline__ void unpack<float>(const Raw<float>& r, float (&f)[kPack]) {
+#pragma unroll
+  for (int i = 0; i < kPack; ++i) f[i] = __uint_as_float(word(r.w[i / 4], i % 4));
+}
+template <> __device__ __forceinline__ Raw<float> pack<float>(const float (&f)[kPack]) {
+  Raw<float> r;
+  r.w[0] = make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+  r.w[1] = make_uint4(__float_as_uint(f[4]), __float_as_uint(f[5]), __float_as_uint(f[6]), __float_as_uint(f[7]));
+  return r;
+}
+template <> __device__ __forceinline__ void unpack<__half>(const Raw<__half>& r, float (&f)[kPack]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t u = word(r.w[0], i);
+    const float2 p = __half22float2(*reinterpret_cast<const __half2*>(&u));
+    f[2 * i] = p.x;
+    f[2 * i + 1] = p.y;
+  }
+}
+template <> __device__ __forceinline__ Raw<__half> pack<__half>(const float (&f)[kPack]) {
+  uint32_t u[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __half2 h = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+    u[i] = *reinterpret_cast<const uint32_t*>(&h);
+  }
+  return Raw<__half>{{make_words(u)}};
+}
+template <> __device__ __forceinline__ void unpack<__nv_bfloat16>(const Raw<__nv_bfloat16>& r, float (&f)[kPack]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t u = word(r.w[0], i);
+    const float2 p = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
+    f[2 * i] = p.x;
+    f[2 * i + 1] = p.y;
+  }
+}
+template <> __device__ __forceinline__ Raw<__nv_bfloat16> pack<__nv_bfloat16>(const float (&f)[kPack]) {
+  uint32_t u[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    u[i] = *reinterpret_cast<const uint32_t*>(&h);
+  }
+  return Raw<__nv_bfloat16>{{make_words(u)}};
+}
+
+template <class T> __device__ __forceinline__ Raw<T> load_unpack(const T* p, float (&f)[kPack]) {
+  const Raw<T> r = load_raw(p);
+  unpack<T>(r, f);
+  return r;
+}
+
+// 8 codes (quantize_one each) in one 8-byte store.
+__device__ __forceinline__ void store_q8(int8_t* p, const float (&f)[kPack], float inv) {
+  uint32_t u[2] = {0u, 0u};
+#pragma unroll
+  for (int i = 0; i < kPack; ++i) u[i / 4] |= (uint32_t)(uint8_t)quantize_one(f[i], inv) << (8 * (i % 4));
+  *reinterpret_cast<uint2*>(p) = make_uint2(u[0], u[1]);
+}
+
+// Where a thread sits: its row, its index within the row's threads, and how many threads share the row.
+struct RowPos { int64_t row; int t; int nthr; };
+template <bool kWarpRow> __device__ __forceinline__ RowPos row_pos() {
+  if constexpr (kWarpRow)
+    return {(int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), (int)(threadIdx.x & 31), 32};
+  else
+    return {(int64_t)blockIdx.x, (int)threadIdx.x, (int)blockDim.x};
+}
+template <bool kWarpRow> __device__ __forceinline__ float row_sum(float v, float* red) {
+  if constexpr (kWarpRow) return warp_sum(v); else return block_sum(v, red);
+}
+template <bool kWarpRow> __device__ __forceinline__ float row_max(float v, float* red) {
+  if constexpr (kWarpRow) return warp_max(v); else return block_max(v, red);
+}
+
+// Host: the vector path's launch geometry, or false when the row kernel must take the scalar path.
+struct RowLaunch { bool warp_row; int vecs; int threads; unsigned blocks; };
+inline bool vec_row_launch(int64_t rows, int64_t k, int max_threads, std::initializer_list<const void*> ptrs,
+                           RowLaunch* l) {
+  if (k % kPack != 0) return false;
+  for (const void* p : ptrs)
+    if (p != nullptr && (reinterpret_cast<uintptr_t>(p) & 15u) != 0) return false;
+  const int64_t k8 = k / kPack;
+  if (k8 <= 32 * kMaxVecs) {
+    l->warp_row = true;
+    l->threads = 32 * kWarpRowsPerBlock;
+    l->vecs = (int)((k8 + 31) / 32);
+    l->blocks = (unsigned)((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock);
+    return true;
+  }
+  if (k8 > (int64_t)max_threads * kMaxVecs) return false;
+  int threads = 128;
+  while ((int64_t)threads * kMaxVecs < k8) threads *= 2;
+  l->warp_row = false;
+  l->threads = threads;
+  l->vecs = (int)((k8 + threads - 1) / threads);
+  l->blocks = (unsigned)rows;
+  return true;
+}
+
+}  // namespace zq
+
+// Instantiate `body` with constexpr kWarpRow / kVecs matching a RowLaunch.
+#define ZQ_ROW_CASE(W, V, ...) \
+  case (W ? 8 : 0) + V: { constexpr bool kWarpRow = W; constexpr int kVecs = V; __VA_ARGS__; } break;
+#define ZQ_DISPATCH_ROW(l, ...)                                                                            \
+  switch (((l).warp_row ? 8 : 0) + (l).vecs) {                                                            \
+    ZQ_ROW_CASE(true, 1, __VA_ARGS__) ZQ_ROW_CASE(true, 2, __VA_ARGS__) ZQ_ROW_CASE(true, 3, __VA_ARGS__)   \
+    ZQ_ROW_CASE(true, 4, __VA_ARGS__) ZQ_ROW_CASE(false, 1, __VA_ARGS__) ZQ_ROW_CASE(false, 2, __VA_ARGS__) \
+    ZQ_ROW_CASE(false, 3, __VA_ARGS__) ZQ_ROW_CASE(false, 4, __VA_ARGS__)                                  \
+    default: return cudaErrorInvalidValue;                                                                \
+  }
