@@ -149,8 +149,7 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None
         widened.append(_widen(t) if dynamic != (False, False) else t)
     wrapper = _Bound(model, names, _fixed_kwargs(sig, bound)).eval()
     try:
-        with torch.no_grad():
-            ep = torch.export.export(wrapper, tuple(widened), dynamic_shapes=(tuple(dyn),), strict=False)
+        ep = export_dynamic(wrapper, tuple(widened), (tuple(dyn),))
     except Exception as e:  # noqa: BLE001 - re-raised with the module that failed
         raise CaptureError(_describe_capture_failure(model, e)) from e
     gm = ep.module()
@@ -158,6 +157,29 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)] if sig else names
     spec = InputSpec(names, [t.dtype for t in tensors], [t.dim() for t in tensors], max_batch, max_seq, params)
     return gm, spec
+
+
+def export_dynamic(module: nn.Module, args: tuple, dynamic_shapes) -> torch.export.ExportedProgram:
+    """torch.export with named dynamic dims; when export cannot prove a guard it derived over them (seen on
+    CUDA with SmolLM2's GQA shapes: min(64*seq, 192*seq) == 64*seq), retry with Dim.AUTO, which lets export
+    keep the guard as a runtime check instead of failing."""
+    with torch.no_grad():
+        try:
+            return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as e:  # noqa: BLE001
+            if "Constraints violated" not in str(e):
+                raise
+            return torch.export.export(module, args, dynamic_shapes=_auto(dynamic_shapes), strict=False)
+
+
+def _auto(spec):
+    if isinstance(spec, dict):
+        return {k: _auto(v) for k, v in spec.items()}
+    if isinstance(spec, (tuple, list)):
+        return type(spec)(_auto(v) for v in spec)
+    if spec is None or spec is Dim.STATIC:
+        return spec
+    return Dim.AUTO
 
 
 def _describe_capture_failure(model: nn.Module, err: Exception) -> str:

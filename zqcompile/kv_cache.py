@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.export import Dim
 from transformers.cache_utils import Cache
 
-from .capture import CaptureError, _describe_capture_failure
+from .capture import CaptureError, _describe_capture_failure, export_dynamic
 from .ops import quant_math as qm
 
 KVDtype = Literal["model", "int8"]
@@ -145,8 +145,7 @@ def capture_phase(wrapper: CachedLM, phase: str, spec: CacheSpec, vocab: int) ->
     else:
         dyn = ({0: batch}, {0: batch}, None, {0: batch})
     try:
-        with torch.no_grad():
-            ep = torch.export.export(wrapper.eval(), args, dynamic_shapes=dyn, strict=False)
+        ep = export_dynamic(wrapper.eval(), args, dyn)
     except Exception as e:  # noqa: BLE001 - re-raised naming the module that failed
         raise CaptureError(f"{phase} graph: " + _describe_capture_failure(wrapper.model, e)) from e
     return ep.module(), args
