@@ -163,7 +163,10 @@ def export_dynamic(module: nn.Module, args: tuple, dynamic_shapes) -> torch.expo
     """torch.export with named dynamic dims; when export cannot prove a guard it derived over them (seen on
     CUDA with SmolLM2's GQA shapes: min(64*seq, 192*seq) == 64*seq), retry with Dim.AUTO, which lets export
     keep the guard as a runtime check instead of failing."""
-    with torch.no_grad():
+    # The traced op stays aten.scaled_dot_product_attention (the fused kernel is chosen at run time); forcing
+    # the math backend while tracing only keeps CUDA's kernel-selection checks out of the shape guards.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
         try:
             return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as e:  # noqa: BLE001
