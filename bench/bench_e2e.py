@@ -35,6 +35,10 @@ def make_model(name: str):
                                         intermediate_size=4096))
     if name == "gpt2-medium":
         return T.GPT2LMHeadModel(T.GPT2Config(n_embd=1024, n_layer=24, n_head=16))
+    if name == "smollm2":  # SmolLM2-135M's shape (LLaMA: GQA 9/3 heads, SiLU-gated MLP, tied embeddings)
+        return T.LlamaForCausalLM(T.LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                                                num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
+                                                max_position_embeddings=2048, tie_word_embeddings=True))
     raise SystemExit(f"unknown model {name}")
 
 
@@ -84,6 +88,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16,64,128")
     ap.add_argument("--seqs", default="128,256")
     ap.add_argument("--compile-batches", default="1,16,128", help="where torch.compile / torchao are timed")
+    ap.add_argument("--causal-batches", default="1,8,32", type=lambda v: [int(b) for b in v.split(",")],
+                    help="prefill batches for the causal LMs (prompt 128)")
     ap.add_argument("--torchao-batches", default="128", help="torchao's int8 GEMM needs M > 16 (FACTS.md)")
     ap.add_argument("--configs", default="w8a8,w4/8a8")
     ap.add_argument("--reps", type=int, default=30)
@@ -109,7 +115,8 @@ def main() -> None:
     for name in models:
         torch.manual_seed(0)
         model = make_model(name).eval().half().to(dev)
-        seq_list = [128] if name == "gpt2-medium" else seqs
+        causal = name in ("gpt2-medium", "smollm2")
+        seq_list = [128] if causal else seqs
         ids0 = torch.randint(0, 1000, (2, 128), device=dev)
         t0 = time.perf_counter()
         engines = {c: zq.compile(model, (ids0,), c) for c in args.configs.split(",")}
@@ -118,7 +125,7 @@ def main() -> None:
         fp_all = sum(p.numel() * p.element_size() for p in model.parameters())
         check = torch.randint(0, 1000, (4, 128), device=dev)
         with torch.no_grad():
-            ref = model(check, **({"use_cache": False} if name.startswith("gpt2") else {}))
+            ref = model(check, **({"use_cache": False} if causal else {}))
             ref = (ref.logits if hasattr(ref, "logits") else ref.last_hidden_state).float()
         for c, e in engines.items():
             out = e(check)
@@ -134,9 +141,9 @@ def main() -> None:
             quantize_(ao_model, Int8DynamicActivationInt8WeightConfig())
             ao = torch.compile(ao_model, dynamic=False)
         for seq in seq_list:
-            for bs in batches:
+            for bs in (args.causal_batches if causal else batches):
                 ids = torch.randint(0, 1000, (bs, seq), device=dev)
-                kw = {"use_cache": False} if name.startswith("gpt2") else {}
+                kw = {"use_cache": False} if causal else {}
                 row = dict(model=name, seq=seq, batch=bs)
                 with torch.no_grad():
                     row["hf_eager_fp16"] = time_ms(lambda: model(ids, **kw), args.reps)
