@@ -158,18 +158,7 @@ norm_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ residual, c
       for (int i = 0; i < kPack; ++i) amax = fmaxf(amax, fabsf(y[i]));
     }
   }
-  amax = fmaxf(row_max<kWarpRow>(amax, red), kEps);
-  const float inv = 127.f / amax;
-#pragma unroll
-  for (int v = 0; v < kVecs; ++v) {
-    const int j = p.t + v * p.nthr;
-    if (j < k8) {
-      float y[kPack];
-      unpack<T>(hv[v], y);
-      store_q8(q + off + (int64_t)j * kPack, y, inv);
-    }
-  }
-  if (p.t == 0) scale[p.row] = amax / 127.f;
+  quantize_held_row<T, kVecs, kWarpRow>(hv, amax, p, k8, q + off, scale, red);
 }
 
 template <class T, bool kRms>

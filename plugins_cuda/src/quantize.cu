@@ -47,18 +47,7 @@ quantize_per_token_vec_kernel(const T* __restrict__ x, int64_t rows, int64_t k, 
       for (int i = 0; i < kPack; ++i) amax = fmaxf(amax, fabsf(f[i]));
     }
   }
-  amax = fmaxf(row_max<kWarpRow>(amax, red), kEps);
-  const float inv = 127.f / amax;
-#pragma unroll
-  for (int v = 0; v < kVecs; ++v) {
-    const int j = p.t + v * p.nthr;
-    if (j < k8) {
-      float f[kPack];
-      unpack<T>(xv[v], f);
-      store_q8(q + off + (int64_t)j * kPack, f, inv);
-    }
-  }
-  if (p.t == 0) scale[p.row] = amax / 127.f;
+  quantize_held_row<T, kVecs, kWarpRow>(xv, amax, p, k8, q + off, scale, red);
 }
 
 template <class T>

@@ -143,6 +143,26 @@ inline bool vec_row_launch(int64_t rows, int64_t k, int max_threads, std::initia
   return true;
 }
 
+
+// The end of every per-token kernel (quant_math.quantize_per_token): the row's amax from each thread's part,
+// then the int8 codes of the packs the thread holds and, once per row, the scale.
+template <class T, int kVecs, bool kWarpRow>
+__device__ __forceinline__ void quantize_held_row(const Raw<T> (&held)[kVecs], float amax, const RowPos& p, int k8,
+                                                  int8_t* q_row, float* scale, float* red) {
+  amax = fmaxf(row_max<kWarpRow>(amax, red), kEps);
+  const float inv = 127.f / amax;
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int j = p.t + v * p.nthr;
+    if (j < k8) {
+      float f[kPack];
+      unpack<T>(held[v], f);
+      store_q8(q_row + (int64_t)j * kPack, f, inv);
+    }
+  }
+  if (p.t == 0) scale[p.row] = amax / 127.f;
+}
+
 }  // namespace zq
 
 // Instantiate `body` with constexpr kWarpRow / kVecs matching a RowLaunch.
