@@ -2,7 +2,6 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from zqcompile.eval_cli import add_eval_command
 from zqcompile.inspect import add_inspect_command

@@ -5,7 +5,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 from zqcompile.eval import encoder_agreement, perplexity, tokenize_text
 from zqcompile.fakequant import calibrate_static, fake_quantize

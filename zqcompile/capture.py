@@ -9,7 +9,6 @@ recovers the user's module names.
 from __future__ import annotations
 
 import inspect
-import sys
 import traceback
 from dataclasses import dataclass
 

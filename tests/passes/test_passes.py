@@ -7,7 +7,7 @@ from torch import nn
 
 from zqcompile.ops import quant_math as qm
 from zqcompile.passes import PassContext
-from zqcompile.config import QuantConfig, get_config
+from zqcompile.config import get_config
 
 from .helpers import Block, before_and_after, captured, count, run_until
 

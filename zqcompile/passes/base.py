@@ -6,7 +6,7 @@ A pass is `fn(gm, ctx) -> PassResult`; it mutates `gm` in place and says what it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import fx
@@ -127,11 +127,6 @@ def add_constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor, before: fx
     return node
 
 
-def first_user_position(node: fx.Node) -> fx.Node:
-    """Where to insert nodes that consume `node`: right after it."""
-    return node.next
-
-
 def getitems(gm: fx.GraphModule, node: fx.Node, count: int) -> list[fx.Node]:
     import operator
     outs = []
@@ -152,4 +147,4 @@ def copy_meta(dst: fx.Node, src: fx.Node) -> None:
 
 __all__ = ["GemmInfo", "FusionRecord", "NotFused", "PassResult", "PassContext", "aten", "zq", "is_call",
            "calls", "match_chain", "val", "dtype_of", "shape_of", "get_tensor", "add_constant", "getitems",
-           "copy_meta", "fqn_of", "module_stack", "first_user_position"]
+           "copy_meta", "fqn_of", "module_stack"]

@@ -246,7 +246,7 @@ def weight_only_gemm(x, wq, w_scale, bias, residual, act, w_bits):
 def _ref(name: str):
     """The reference implementation of op `name` (the Python function the op was defined with), called
     directly so a fallback never dispatches back here."""
-    from ..ops import library
+    from ..ops import library  # noqa: F401 - the zq ops must exist before kernels register for them
 
     return getattr(library, name)._init_fn
 
@@ -262,7 +262,7 @@ def register(path: Path) -> None:
         raise OSError(f"{path} has ABI version {lib.zq_abi_version()}, this zqcompile expects {ABI_VERSION}: "
                       f"rebuild it")
     _lib, _path = lib, path
-    from ..ops import library
+    from ..ops import library  # noqa: F401 - the zq ops must exist before kernels register for them
 
     for name, fn in [("quantize_per_token", quantize_per_token), ("quantize_per_tensor", quantize_per_tensor),
                      ("norm_quant", norm_quant), ("act_quant", act_quant),
