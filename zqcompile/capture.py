@@ -200,17 +200,6 @@ def _describe_capture_failure(model: nn.Module, err: Exception) -> str:
             f"stay un-quantized can be kept in FP with config.with_overrides({{{culprit[0] if culprit else 'name'!r}: 'fp16'}}).")
 
 
-def retarget_device(gm: fx.GraphModule, device: torch.device) -> None:
-    """Move a graph captured on the CPU to `device`: its constants, and the `device=` arguments that export
-    recorded for tensors the graph creates (arange, ones, ...)."""
-    for node in gm.graph.nodes:
-        dev = node.kwargs.get("device") if node.op == "call_function" else None
-        if isinstance(dev, torch.device) and dev.type == "cpu":
-            node.kwargs = {**node.kwargs, "device": device}
-    gm.recompile()
-    gm.to(device)
-
-
 # ---- node -> user names ------------------------------------------------------------------------------------
 def module_stack(node: fx.Node) -> list[tuple[str, object]]:
     stack = node.meta.get("nn_module_stack") or {}

@@ -10,14 +10,13 @@ compile that is only used for `engine(...)` pays nothing for generation.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
-from .capture import InputError, retarget_device
+from .capture import InputError
 from .config import QuantConfig
 from .kv_cache import CachedLM, CacheSpec, KVShape, allocate_cache, capture_phase, share_constants
 from .sampling import SamplingParams, select_next
@@ -147,19 +146,12 @@ def build_generator(model: nn.Module, cfg: QuantConfig, spec: CacheSpec,
     if spec.max_batch < 1 or spec.max_cache_len < 2:
         raise InputError(f"max_batch must be >= 1 and max_cache_len >= 2, got {spec}")
     param = next(model.parameters())
-    target = param.device
-    if target.type != "cpu":
-        # Captured on the CPU and moved: on CUDA, torch.export could not relate the prompt length to the cache
-        # length through the attention kernels' checks (H200, torch 2.11); the graph itself is device-neutral.
-        model = copy.deepcopy(model).to("cpu")
-    cache = allocate_cache(shape, spec, param.dtype, torch.device("cpu") if target.type != "cpu" else target)
+    cache = allocate_cache(shape, spec, param.dtype, param.device)
     vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
     graphs = {}
     for phase in ("prefill", "decode"):
         gm, args = capture_phase(CachedLM(model, cache, spec), phase, spec, vocab)
         run_pipeline(gm, PassContext(cfg, args, []))
-        if target.type != "cpu":
-            retarget_device(gm, target)
         graphs[phase] = gm
     record = GenerationRecord(spec)
     if share_with is not None:
