@@ -26,20 +26,19 @@ def _to_linear(gm: fx.GraphModule, node: fx.Node, x: fx.Node, w_node: fx.Node, b
     wt = add_constant(gm, w_node.target + "_t", w.detach().t().contiguous(), before=node)
     # A flattening view in front of the GEMM (GPT-2 Conv1D) is undone: linear takes N-D inputs, and later
     # passes need to see the real producer of x (LayerNorm, GeLU).
-    out_view = None
+    out_view, in_view = None, None
     if is_call(x, aten.view.default, aten.reshape.default) and len(node.users) == 1:
         (user,) = node.users
         src_shape, out_shape = shape_of(x.args[0]), shape_of(user)
         if (is_call(user, aten.view.default, aten.reshape.default) and src_shape and out_shape
                 and src_shape[:-1] == out_shape[:-1] and src_shape[-1] == w.shape[0]):
-            x, out_view = x.args[0], user
+            in_view, x, out_view = x, x.args[0], user
     with gm.graph.inserting_before(node):
         lin = gm.graph.call_function(aten.linear.default, (x, wt, bias))
     copy_meta(lin, node)
     target = out_view if out_view is not None else node
     lin.meta["val"] = target.meta.get("val")
     target.replace_all_uses_with(lin)
-    in_view = node.args[1] if out_view is not None else None
     for dead in (out_view, node, in_view):
         if dead is not None and not dead.users:
             gm.graph.erase_node(dead)
