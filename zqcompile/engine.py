@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx
 
-from .capture import InputError, InputSpec
+from .capture import InputError, InputSpec, _widen, export_dynamic
 
 FORMAT = "zqcompile-engine"
 FORMAT_VERSION = 1
@@ -150,9 +150,7 @@ class Engine:
         batch = Dim("batch", min=1, max=self.spec.max_batch)
         seq = Dim("seq", min=1, max=self.spec.max_seq)
         dyn = tuple({i: d for i, d in zip(range(t.dim()), (batch, seq))} for t in self.example_inputs)
-        args = tuple(_widen_cpu(t) for t in self.example_inputs)
-        with torch.no_grad():
-            return torch.export.export(self.gm, args, dynamic_shapes=dyn, strict=False)
+        return export_dynamic(self.gm, tuple(_widen(t) for t in self.example_inputs), dyn)
 
 
 def _ensure_kernels(device: torch.device) -> None:
@@ -160,11 +158,6 @@ def _ensure_kernels(device: torch.device) -> None:
     if device.type == "cuda":
         from .plugins import ensure_cuda_kernels
         ensure_cuda_kernels(device)
-
-
-def _widen_cpu(t: torch.Tensor) -> torch.Tensor:
-    from .capture import _widen
-    return _widen(t)
 
 
 def load(path: str | os.PathLike) -> Engine:

@@ -90,6 +90,16 @@ def match_chain(node: fx.Node, producers: Iterable) -> list[fx.Node] | None:
     return out
 
 
+ACTIVATION_OPS = {aten.gelu.default: "gelu", aten.relu.default: "relu", aten.silu.default: "silu"}
+
+
+def act_of(node: fx.Node) -> str:
+    """The quant_math activation name of an ACTIVATION_OPS call ("gelu_tanh" for gelu(approximate="tanh"))."""
+    act = ACTIVATION_OPS[node.target]
+    approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+    return "gelu_tanh" if act == "gelu" and approximate == "tanh" else act
+
+
 def val(node: fx.Node):
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
@@ -145,6 +155,6 @@ def copy_meta(dst: fx.Node, src: fx.Node) -> None:
             dst.meta[key] = src.meta[key]
 
 
-__all__ = ["GemmInfo", "FusionRecord", "NotFused", "PassResult", "PassContext", "aten", "zq", "is_call",
+__all__ = ["ACTIVATION_OPS", "act_of", "GemmInfo", "FusionRecord", "NotFused", "PassResult", "PassContext", "aten", "zq", "is_call",
            "calls", "match_chain", "val", "dtype_of", "shape_of", "get_tensor", "add_constant", "getitems",
            "copy_meta", "fqn_of", "module_stack"]

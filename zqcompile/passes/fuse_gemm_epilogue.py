@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from torch import fx
 
-from .base import FusionRecord, NotFused, PassContext, PassResult, aten, calls, dtype_of, fqn_of, is_call, shape_of, zq
+from .base import (ACTIVATION_OPS, FusionRecord, NotFused, PassContext, PassResult, act_of, aten, calls, dtype_of,
+                   fqn_of, is_call, shape_of, zq)
 
 GEMMS = (zq.int8_gemm_dequant.default, zq.weight_only_gemm.default)
-ACTS = {aten.gelu.default: "gelu", aten.relu.default: "relu", aten.silu.default: "silu"}
 _ACT_ARG, _RES_ARG = {GEMMS[0]: 6, GEMMS[1]: 5}, {GEMMS[0]: 5, GEMMS[1]: 4}
 
 
@@ -35,11 +35,9 @@ def fuse_gemm_epilogue(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         info = gemm.meta.get("zq_gemm")
         fqn = info.fqn if info else fqn_of(gemm)
         user = _only_user(gemm)
-        if is_call(user, *ACTS) and gemm.args[_ACT_ARG[gemm.target]] == "none":
+        if is_call(user, *ACTIVATION_OPS) and gemm.args[_ACT_ARG[gemm.target]] == "none":
             matched += 1
-            act = ACTS[user.target]
-            if act == "gelu" and user.kwargs.get("approximate", user.args[1] if len(user.args) > 1 else "none") == "tanh":
-                act = "gelu_tanh"
+            act = act_of(user)
             _set(gemm, _ACT_ARG[gemm.target], act)
             gemm.meta["val"] = user.meta.get("val")
             user.replace_all_uses_with(gemm)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from torch import fx
 
-from .base import (FusionRecord, NotFused, PassContext, PassResult, aten, calls, copy_meta, fqn_of, getitems,
-                   is_call, shape_of, zq)
+from .base import (ACTIVATION_OPS, FusionRecord, NotFused, PassContext, PassResult, act_of, aten, calls, copy_meta,
+                   fqn_of, getitems, is_call, shape_of, zq)
 
 NORMS = {aten.layer_norm.default: "layer", aten.rms_norm.default: "rms"}
-ACTS = {aten.gelu.default: "gelu", aten.relu.default: "relu", aten.silu.default: "silu"}
 
 
 def _insert_after_inputs(gm: fx.GraphModule, inputs: list) -> fx.Node:
@@ -87,10 +86,8 @@ def _fuse_act(gm: fx.GraphModule, ctx: PassContext, quant: fx.Node, prod: fx.Nod
         x, gate, act, replaced = up, silu.args[0], "silu", ["aten.silu", "aten.mul", "zq.quantize_per_token"]
         dead = [prod, silu] if len(silu.users) == 1 else [prod]
     else:
-        act = ACTS[prod.target]
-        if act == "gelu" and prod.kwargs.get("approximate", prod.args[1] if len(prod.args) > 1 else "none") == "tanh":
-            act = "gelu_tanh"
-        x, gate, replaced, dead = prod.args[0], None, [f"aten.{ACTS[prod.target]}", "zq.quantize_per_token"], [prod]
+        act = act_of(prod)
+        x, gate, replaced, dead = prod.args[0], None, [f"aten.{ACTIVATION_OPS[prod.target]}", "zq.quantize_per_token"], [prod]
     users = _others(prod, quant)
     with gm.graph.inserting_after(_insert_after_inputs(gm, [x, gate])):
         fused = gm.graph.call_function(zq.act_quant.default, (x, None, gate, act, bool(users)))
@@ -118,7 +115,7 @@ def fuse_producer_quant(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         prod = quant.args[0]
         if is_call(prod, *NORMS):
             _fuse_norm(gm, ctx, quant, prod)
-        elif is_call(prod, *ACTS) or _is_silu_mul(prod):
+        elif is_call(prod, *ACTIVATION_OPS) or _is_silu_mul(prod):
             _fuse_act(gm, ctx, quant, prod)
         else:
             what = f"{prod.op} {getattr(prod.target, '__name__', prod.target)}" if isinstance(prod, fx.Node) else "?"
