@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import zqcompile as zq  # noqa: E402
+from zqcompile.passes.base import get_tensor  # noqa: E402
 
 
 def make_model(name: str):
@@ -70,15 +71,12 @@ def engine_gemm_bytes(engine) -> int:
                                                           torch.ops.zq.weight_only_gemm.default):
             idx = (2, 3) if node.target == torch.ops.zq.int8_gemm_dequant.default else (1, 2)
             for i in idx:
-                t = getattr(engine.gm, node.args[i].target)
+                t = get_tensor(engine.gm, node.args[i])
                 total += t.numel() * t.element_size()
         elif node.op == "call_function" and node.target == torch.ops.aten.linear.default and "zq_gemm" in node.meta:
-            w = node.args[1]
-            if w.op == "get_attr":
-                obj = engine.gm
-                for p in w.target.split("."):
-                    obj = getattr(obj, p)
-                total += obj.numel() * obj.element_size()
+            w = get_tensor(engine.gm, node.args[1])  # None when the weight is cast first (fp16/bf16 switch)
+            if w is not None:
+                total += w.numel() * w.element_size()
     return total
 
 

@@ -112,16 +112,9 @@ class Engine:
 
     def weight_bytes(self) -> int:
         """Bytes of every constant the graph reads (quantized weights, scales, remaining float params)."""
-        seen, total = set(), 0
-        for n in self.gm.graph.nodes:
-            if n.op == "get_attr" and n.target not in seen:
-                seen.add(n.target)
-                obj = self.gm
-                for p in n.target.split("."):
-                    obj = getattr(obj, p)
-                if isinstance(obj, torch.Tensor):
-                    total += obj.numel() * obj.element_size()
-        return total
+        from .passes.base import get_tensor
+        constants = {n.target: get_tensor(self.gm, n) for n in self.gm.graph.nodes if n.op == "get_attr"}
+        return sum(t.numel() * t.element_size() for t in constants.values() if t is not None)
 
     # ---- persistence ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
