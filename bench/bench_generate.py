@@ -74,7 +74,7 @@ def prefill_seconds(engine, ids, device: str, repeat: int) -> float:
     mask = torch.zeros(ids.shape[0], gen.spec.max_cache_len, dtype=torch.long, device=device)
     mask[:, :s] = 1
     with torch.no_grad():
-        return timed(lambda: gen.prefill(ids, pos, torch.arange(s, device=device), mask), device, repeat)
+        return timed(lambda: gen._prefill(ids, pos, torch.arange(s, device=device), mask), device, repeat)
 
 
 def run(args) -> list[dict]:

@@ -160,3 +160,28 @@ def test_decode_graph_buckets_and_padding():
         runner.bucket_for(9)
     padded = pad_rows(torch.ones(3, 4, dtype=torch.long), 4)
     assert padded.shape == (4, 4) and int(padded[3].sum()) == 0 and int(padded[:3].sum()) == 12
+
+
+def test_cache_keyword_follows_the_model_signature():
+    """transformers < 5.18 takes the Cache as `past_key_values`, later as `cache`; a model taking neither is
+    a clear capture error (an unknown keyword would be swallowed and the graph would ignore our cache)."""
+    from torch import nn
+
+    from zqcompile.capture import CaptureError
+    from zqcompile.kv_cache import cache_kwarg
+
+    class Old(nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs):
+            return input_ids
+
+    class New(nn.Module):
+        def forward(self, input_ids, cache=None, **kwargs):
+            return input_ids
+
+    class Neither(nn.Module):
+        def forward(self, input_ids, **kwargs):
+            return input_ids
+
+    assert cache_kwarg(Old()) == "past_key_values" and cache_kwarg(New()) == "cache"
+    with pytest.raises(CaptureError, match="neither `cache` nor `past_key_values`"):
+        cache_kwarg(Neither())

@@ -3,7 +3,8 @@ the static cache of kv_cache.py and run through the same quantization pass pipel
 engine), makes both graphs (and the engine's own full-sequence graph) share one copy of every quantized
 weight and of the cache, and runs the token loop: prefill once, then one decode step per token, greedy or
 seeded sampling, left-padded batches, EOS, streaming. On CUDA the decode step replays CUDA graphs
-(decode_graphs.py); on CPU everything runs the reference ops eagerly.
+(decode_graphs.py) and the prefill one graph per prompt shape (backends/cuda_graphs.py); on CPU everything
+runs the reference ops eagerly.
 
 The graphs are built on the first `generate` (from the model the engine keeps only until then), so a
 compile that is only used for `engine(...)` pays nothing for generation.
@@ -42,6 +43,7 @@ class Generator:
         self.spec, self.shape, self.record = spec, shape, record
         self.pad_token_id = pad_token_id
         self._cuda_decode = None
+        self._cuda_prefill = None
 
     @property
     def device(self) -> torch.device:
@@ -99,7 +101,7 @@ class Generator:
             streamer.put(ids.cpu())
         out = [ids]
         with torch.no_grad():
-            logits = self.prefill(ids, pos, torch.arange(s, device=dev), kv_mask)[:, -1]
+            logits = self._prefill(ids, pos, torch.arange(s, device=dev), kv_mask)[:, -1]
             pos = pos[:, -1:]
             for t in range(max_new_tokens):
                 tok = select_next(logits, params, gen)
@@ -119,6 +121,15 @@ class Generator:
         if streamer is not None:
             streamer.end()
         return torch.cat(out, dim=1)
+
+    def _prefill(self, ids, pos, cache_position, kv_mask) -> torch.Tensor:
+        """On CUDA one graph per (batch, prompt length) replays the whole prefill (eager past 16 shapes)."""
+        if self.device.type != "cuda":
+            return self.prefill(ids, pos, cache_position, kv_mask)
+        if self._cuda_prefill is None:
+            from .backends.cuda_graphs import ShapeBucketedGraphs
+            self._cuda_prefill = ShapeBucketedGraphs(self.prefill, max_graphs=16)
+        return self._cuda_prefill(ids, pos, cache_position, kv_mask)
 
     def _decode_step(self, ids, pos, cache_position, kv_mask) -> torch.Tensor:
         if self.device.type != "cuda":

@@ -11,6 +11,7 @@ buffer, which torch.export keeps as an in-place op (the passes' DCE keeps it: th
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Literal
 
@@ -73,6 +74,18 @@ def allocate_cache(shape: KVShape, spec: CacheSpec, dtype: torch.dtype, device: 
     return out
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword a Hugging Face causal LM takes its Cache under: `cache` from transformers 5.18,
+    `past_key_values` before (an unknown keyword is swallowed by **kwargs, and the model then builds its own
+    dynamic cache: the graph would attend over the prompt only)."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise CaptureError(f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`: "
+                       "zqcompile's KV cache cannot be passed to it")
+
+
 class _SlotCache(Cache):
     """Hugging Face Cache whose update writes the new keys/values at `slots` of the owner's buffers."""
 
@@ -97,6 +110,7 @@ class CachedLM(nn.Module):
         self.model = model
         self.int8 = spec.kv_dtype == "int8"
         self.max_cache_len = spec.max_cache_len
+        self.cache_kwarg = cache_kwarg(model)
         for name, t in cache.items():
             self.register_buffer(name, t, persistent=False)
 
@@ -116,8 +130,9 @@ class CachedLM(nn.Module):
         causal = slots[None, :] <= cache_position[:, None]
         # each token always sees itself: a left pad's row is then never fully masked (no NaN from softmax)
         allowed = (causal[None] & kv_mask.bool()[:, None, :]) | (slots[None, :] == cache_position[:, None])[None]
+        cache = {self.cache_kwarg: _SlotCache(self, cache_position)}
         out = self.model(input_ids=input_ids, attention_mask=allowed[:, None], position_ids=position_ids,
-                         cache=_SlotCache(self, cache_position), use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **cache)
         return out.logits
 
 
