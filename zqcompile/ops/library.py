@@ -129,6 +129,31 @@ def _(x, wq, w_scale, bias, residual, act, w_bits):
     return x.new_empty((*x.shape[:-1], wq.shape[0]))
 
 
+# ---- attention around a KV cache (generation graphs) ----------------------------------------------------
+@torch.library.custom_op("zq::rope", mutates_args=())
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotary embedding of the query and key heads in one op: q [B, Hq, S, D], k [B, Hkv, S, D] (any strides),
+    cos / sin [B, 1, S, D] in their dtype -> contiguous (q', k')."""
+    return qm.rope(q, cos, sin).contiguous(), qm.rope(k, cos, sin).contiguous()
+
+
+@rope.register_fake
+def _(q, k, cos, sin):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.custom_op("zq::gqa_attention", mutates_args=())
+def gqa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Attention of q [B, Hq, S, D] over the KV cache k / v [B, Hkv, L, D] with boolean mask [B, 1, S, L],
+    the KV heads shared by Hq / Hkv query heads without materialising the repeat -> [B, Hq, S, D]."""
+    return qm.gqa_attention(q, k, v, mask, scale)
+
+
+@gqa_attention.register_fake
+def _(q, k, v, mask, scale):
+    return q.new_empty(q.shape)
+
+
 OPS = {
     "quantize_per_token": torch.ops.zq.quantize_per_token.default,
     "quantize_per_tensor": torch.ops.zq.quantize_per_tensor.default,
@@ -138,4 +163,6 @@ OPS = {
     "act_quant": torch.ops.zq.act_quant.default,
     "int8_gemm_dequant": torch.ops.zq.int8_gemm_dequant.default,
     "weight_only_gemm": torch.ops.zq.weight_only_gemm.default,
+    "rope": torch.ops.zq.rope.default,
+    "gqa_attention": torch.ops.zq.gqa_attention.default,
 }

@@ -188,3 +188,25 @@ def act_producer(x: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor 
     if gate is not None:
         return apply_act(gate, act) * x
     return apply_act(x, act)
+
+
+# ---- attention around a KV cache (generation graphs) ----------------------------------------------------
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (the rotate-half form of LLaMA / Qwen2 / Mistral): x [B, H, S, D],
+    cos / sin broadcastable to it ([B, 1, S, D]), in x's dtype like Hugging Face computes it."""
+    return x * cos + rotate_half(x) * sin
+
+
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention with grouped KV heads: q [B, Hq, S, D], k / v [B, Hkv, L, D] (Hq % Hkv == 0, query head
+    h reads KV head h // (Hq / Hkv)), boolean mask [B, 1 or Hq, S, L] (True = attend) -> [B, Hq, S, D]."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
