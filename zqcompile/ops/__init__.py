@@ -3,6 +3,6 @@
 Importing this package registers the ops with torch.library. `quant_math` holds the formulas.
 """
 from . import quant_math
-from .library import NAMESPACE, OPS
+from .library import GENERATION_OPS, NAMESPACE, OPS
 
-__all__ = ["NAMESPACE", "OPS", "quant_math"]
+__all__ = ["GENERATION_OPS", "NAMESPACE", "OPS", "quant_math"]

@@ -163,6 +163,10 @@ OPS = {
     "act_quant": torch.ops.zq.act_quant.default,
     "int8_gemm_dequant": torch.ops.zq.int8_gemm_dequant.default,
     "weight_only_gemm": torch.ops.zq.weight_only_gemm.default,
+}
+# Ops only the generation graphs (prefill / decode around the KV cache) use; those graphs run on the engine's
+# runtime only (no ONNX / TensorRT lowering).
+GENERATION_OPS = {
     "rope": torch.ops.zq.rope.default,
     "gqa_attention": torch.ops.zq.gqa_attention.default,
 }
