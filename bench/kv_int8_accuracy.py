@@ -1,7 +1,7 @@
 """INT8 KV cache (per-token-per-head scales) vs the FP32 model on SmolLM2-135M: teacher-forced perplexity of
 the first N tokens of /usr/share/common-licenses/GPL-3 (one window, token by token through the decode graph,
 so every attention reads the quantized cache), cache bytes, and the France chat answer.
-Usage: python bench/kv_int8_accuracy.py [--tokens 256] [--config none]"""
+Usage: python bench/kv_int8_accuracy.py [--tokens 256] [--config none] [--out FILE.json]"""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +35,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--config", default="none")
+    p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args()
     model, tok = load_model("smollm2"), load_tokenizer("smollm2")
     text = open("/usr/share/common-licenses/GPL-3").read()
@@ -52,7 +53,11 @@ def main() -> None:
                                           "cache_bytes": gen.record.cache_bytes,
                                           "answer": tok.decode(out[0, chat.shape[1]:], skip_special_tokens=True)}
         print(rows, flush=True)
-    print(json.dumps(dict(tokens=a.tokens, text="GPL-3 first tokens", rows=rows), indent=1))
+    result = json.dumps(dict(tokens=a.tokens, text="GPL-3 first tokens", config=a.config, rows=rows), indent=1)
+    print(result)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(result)
 
 
 if __name__ == "__main__":

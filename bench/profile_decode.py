@@ -122,7 +122,8 @@ def main() -> None:
     for cfg in args.configs:
         result["steps"] += profile_config(model, cfg, args.batches, args.top)
     if any(c != "none" for c in args.configs):
-        rows = gemm_rows([(576, 960), (576, 576), (576, 3072), (1536, 576)], args.batches)
+        rows = gemm_rows([(576, 960), (576, 576), (576, 3072), (1536, 576), (1024, 3072), (4096, 1024)],
+                         [1, 2, 4, 8, 16, 32, 64])
         result["gemm"] = rows
         print("\n| K | N | M | cuBLAS fp16 us | simt us | sm90 us |\n|---|---|---|---|---|---|")
         for r in rows:

@@ -149,7 +149,7 @@ def is_causal_lm(model: nn.Module) -> bool:
 def build_generator(model: nn.Module, cfg: QuantConfig, spec: CacheSpec,
                     share_with: fx.GraphModule | None = None) -> Generator:
     """Capture prefill and decode around one preallocated cache, quantize both with `cfg`, share constants."""
-    from .passes import PassContext, run_pipeline
+    from .passes import GENERATION_PIPELINE, PassContext, run_pipeline
     t0 = time.perf_counter()
     shape = KVShape.of(model)
     if spec.max_cache_len > shape.max_positions:
@@ -162,7 +162,7 @@ def build_generator(model: nn.Module, cfg: QuantConfig, spec: CacheSpec,
     graphs = {}
     for phase in ("prefill", "decode"):
         gm, args = capture_phase(CachedLM(model, cache, spec), phase, spec, vocab)
-        run_pipeline(gm, PassContext(cfg, args, []))
+        run_pipeline(gm, PassContext(cfg, args, []), GENERATION_PIPELINE)
         graphs[phase] = gm
     record = GenerationRecord(spec)
     if share_with is not None:

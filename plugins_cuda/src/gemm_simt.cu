@@ -64,6 +64,29 @@ __device__ __forceinline__ float x_at(const XT* x, int64_t i) {
   if constexpr (std::is_same_v<XT, int8_t>) return (float)x[i]; else return to_f<XT>(x[i]);
 }
 
+// Warp transpose-reduce of MT per-lane partial sums (MT a power of two <= 32): each halving step a lane
+// keeps one half of its values, sends the other half to its partner and adds what it receives, so the MT
+// sums cost MT - 1 + log2(32 / MT) shuffles instead of 5 * MT. Afterwards v[0] of lane l is the sum over
+// the warp for row `returned` (a bit-reversal of l's low bits); lanes l and l + MT hold the same row.
+template <int MT, class T>
+__device__ __forceinline__ int reduce_rows(T (&v)[MT], int lane) {
+  int row = 0;
+#pragma unroll
+  for (int w = MT, bit = 0; w > 1; w >>= 1, ++bit) {
+    const bool upper = (lane >> bit) & 1;
+#pragma unroll
+    for (int i = 0; i < w / 2; ++i) {
+      const T send = upper ? v[i] : v[i + w / 2];
+      const T keep = upper ? v[i + w / 2] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 1 << bit);
+    }
+    row += upper ? w / 2 : 0;
+  }
+#pragma unroll
+  for (int o = MT; o < 32; o <<= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
+  return row;
+}
+
 // MT: rows of x per warp; NW: output columns per warp (each x chunk loaded once, used NW times); XT: int8_t
 // (A8) or the float type (A16); KG: K-group scales; VEC: 16-wide chunks (K and group size multiples of 16).
 template <int MT, int NW, class XT, int WBITS, bool KG, bool VEC>
@@ -151,23 +174,16 @@ __global__ void __launch_bounds__(128) gemm_simt_kernel(zq_gemm_args a) {
     if (j >= nv) break;
     const int64_t n = n0 + j;
     const float ws = a.w_scale[n * a.groups];
-    float result = 0.f;  // lane m keeps row m
+    using Acc = std::conditional_t<kIntAcc, int, float>;  // INT8 x INT8 row-scaled: exact int32 sums
+    Acc part[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-      float v;
-      if constexpr (kIntAcc) {
-        int s = iacc[m][j];
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        v = (float)s * ws;
-      } else {
-        v = warp_sum(facc[m][j]);
-        if constexpr (!KG) v *= ws;
-      }
-      if (lane == m) result = v;
+      if constexpr (kIntAcc) part[m] = iacc[m][j]; else part[m] = facc[m][j];
     }
-    if (lane < mv) {
-      const int64_t m = m0 + lane;
-      float y = result;
+    const int row = reduce_rows<MT>(part, lane);  // lane now holds the warp's sum for its row
+    if (row < mv && lane < MT) {
+      const int64_t m = m0 + row;
+      float y = KG ? (float)part[0] : (float)part[0] * ws;
       if constexpr (kA8) y *= a.x_scale[m];
       if (a.bias) y += load_any(a.bias, n, a.out_dt);
       y = apply_act(y, a.act);

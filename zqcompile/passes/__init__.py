@@ -25,7 +25,9 @@ from .cleanup import cleanup
 from .fold_decomposed import fold_decomposed_ops
 from .fuse_gemm_dequant import fuse_gemm_dequant
 from .fuse_gemm_epilogue import fuse_gemm_epilogue
+from .fuse_gqa_attention import fuse_gqa_attention
 from .fuse_producer_quant import fuse_producer_quant
+from .fuse_rotary import fuse_rotary
 from .group_wise_weight import WeightError, group_wise_weight
 from .simplify_attention_masks import simplify_attention_masks
 from .token_wise_quant import token_wise_quant
@@ -46,6 +48,9 @@ PIPELINE: list[Pass] = [
     fuse_gemm_epilogue,
     cleanup,
 ]
+# The prefill / decode graphs around the KV cache (generation.py) also fuse their attention: the rotary
+# embedding of q and k into one op, and SDPA over the cache without the repeat_kv copies.
+GENERATION_PIPELINE: list[Pass] = PIPELINE[:-1] + [fuse_rotary, fuse_gqa_attention, cleanup]
 
 
 @dataclass
@@ -83,4 +88,4 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: list[Pass] | None
     return records
 
 
-__all__ = ["PIPELINE", "PassContext", "PassRecord", "PassResult", "WeightError", "propagate_shapes", "run_pipeline"]
+__all__ = ["GENERATION_PIPELINE", "PIPELINE", "PassContext", "PassRecord", "PassResult", "WeightError", "propagate_shapes", "run_pipeline"]
