@@ -30,5 +30,6 @@ def test_kernel_library_builds_and_loads(tmp_path):
     assert lib.zq_abi_version() == 1
     assert lib.zq_has_sm90_gemm() == int(sm90 == "ON")
     for sym in ["zq_quantize_per_token", "zq_quantize_per_tensor", "zq_norm_quant", "zq_act_quant",
-                "zq_gemm_simt", "zq_gemm_sm90", "zq_unpack_int4", "zq_dequantize_weight"]:
+                "zq_gemm_simt", "zq_gemm_sm90", "zq_unpack_int4", "zq_dequantize_weight", "zq_rope",
+                "zq_decode_attention"]:
         assert hasattr(lib, sym), sym

@@ -3,7 +3,7 @@
 
 Each wrapper allocates the outputs, launches on the current stream and checks the returned CUDA error. Inputs
 the kernels do not cover (unusual dtypes, mixed dtypes) go to the reference implementation, so every call is
-answered; `describe()` and the GEMM path counters say what ran.
+answered; `describe()` and the path counters (GEMMs, attention) say what ran.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ SMALL_M_KGROUPS = 16
 _lib: Optional[ctypes.CDLL] = None
 _path: Optional[Path] = None
 gemm_paths: Counter = Counter()  # which GEMM path served each call (for reports and tests)
+attention_paths: Counter = Counter()  # "rope" / "decode_attention" (kernels) or "<op>_reference"
+CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: the kernel declined the inputs, nothing was launched
 
 
 class GemmArgs(ctypes.Structure):
@@ -53,6 +55,13 @@ def _bind(lib: ctypes.CDLL) -> None:
         "zq_unpack_int4": (I, [P, I64, I64, P, P]),
         "zq_dequantize_weight": (I, [P, I, P, I64, I64, I64, P, I, P]),
     }
+    # Added after ABI 1 was released: a library built before them lacks the symbols (the ops then keep their
+    # reference implementations on CUDA).
+    optional = {
+        "zq_rope": (I, [P, P, P, P, P, P, I, I64, I64, I64, I64, I64, P, P, P]),
+        "zq_decode_attention": (I, [P, I64, I64, P, P, P, I, I64, I64, I64, I64, I64, F, P, P]),
+    }
+    sigs.update({name: sig for name, sig in optional.items() if hasattr(lib, name)})
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
@@ -79,8 +88,13 @@ def _sm90_usable(device: torch.device) -> bool:
     return has_sm90_gemm() and torch.cuda.get_device_capability(device) == (9, 0)
 
 
+def has_attention_kernels() -> bool:
+    return hasattr(_lib, "zq_rope") and hasattr(_lib, "zq_decode_attention")
+
+
 def describe() -> str:
-    return f"{_path} (Hopper INT8 GEMM: {'yes' if has_sm90_gemm() else 'no'})"
+    return (f"{_path} (Hopper INT8 GEMM: {'yes' if has_sm90_gemm() else 'no'}; "
+            f"RoPE / decode attention: {'yes' if has_attention_kernels() else 'no'})")
 
 
 # ---- activation quantization -------------------------------------------------------------------------
@@ -242,6 +256,60 @@ def weight_only_gemm(x, wq, w_scale, bias, residual, act, w_bits):
     return out.reshape(*lead, n)
 
 
+# ---- attention around the KV cache (generation graphs) ---------------------------------------------------
+def _int64s(values) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def rope(q, k, cos, sin):
+    b, hq, s, d = q.shape
+    hkv = k.shape[1]
+    fits = (q.dtype in DTYPES and all(t.dtype == q.dtype and t.device == q.device for t in (k, cos, sin))
+            and k.dim() == 4 and (k.shape[0], k.shape[2], k.shape[3]) == (b, s, d) and d % 2 == 0 and d <= 512
+            and all(t.dim() == 4 and t.shape[1:] == (1, s, d) and t.shape[0] in (1, b) for t in (cos, sin))
+            and q.numel() > 0)
+    if not fits:
+        attention_paths["rope_reference"] += 1
+        return _ref("rope")(q, k, cos, sin)
+    cos3, sin3 = (t.expand(b, 1, s, d).reshape(b, s, d).contiguous() for t in (cos, sin))
+    q_out = torch.empty((b, hq, s, d), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((b, hkv, s, d), dtype=q.dtype, device=q.device)
+    with torch.cuda.device(q.device):
+        _check(_lib.zq_rope(q.data_ptr(), _int64s(q.stride()), k.data_ptr(), _int64s(k.stride()), cos3.data_ptr(),
+                            sin3.data_ptr(), DTYPES[q.dtype], b, hq, hkv, s, d, q_out.data_ptr(), k_out.data_ptr(),
+                            _stream(q)), "rope")
+    attention_paths["rope"] += 1
+    return q_out, k_out
+
+
+def gqa_attention(q, k, v, mask, scale):
+    b, hq, s, d = q.shape
+    hkv, l = k.shape[1], k.shape[2]
+    fits = (s == 1 and q.dtype in DTYPES and all(t.dtype == q.dtype and t.device == q.device for t in (k, v))
+            and k.shape == v.shape == (b, hkv, l, d) and hq % hkv == 0 and d % 8 == 0 and d <= 256
+            and mask.dtype == torch.bool and mask.device == q.device and mask.dim() == 4
+            and mask.shape[1:] == (1, 1, l) and mask.shape[0] in (1, b) and b > 0)
+    if fits:
+        # one token per row: its mask row [B, L] as bytes; q read in place when its heads are 16-byte aligned
+        m = mask.expand(b, 1, 1, l).reshape(b, l).contiguous().view(torch.uint8)
+        q_sb, q_sh = (q.stride(0) if b > 1 else 0), (q.stride(1) if hq > 1 else 0)
+        if q.stride(3) != 1 or q_sb % 8 or q_sh % 8 or q.data_ptr() % 16:
+            q = q.contiguous()
+            q_sb, q_sh = hq * d, d
+        k, v = k.contiguous(), v.contiguous()
+        out = torch.empty((b, hq, 1, d), dtype=q.dtype, device=q.device)
+        with torch.cuda.device(q.device):
+            rc = _lib.zq_decode_attention(q.data_ptr(), q_sb, q_sh, k.data_ptr(), v.data_ptr(), m.data_ptr(),
+                                          DTYPES[q.dtype], b, hq, hkv, l, d, float(scale), out.data_ptr(),
+                                          _stream(q))
+        if rc != CUDA_ERROR_NOT_SUPPORTED:  # e.g. a cache slice that is not 16-byte aligned, L past shared memory
+            _check(rc, "decode_attention")
+            attention_paths["decode_attention"] += 1
+            return out
+    attention_paths["gqa_attention_reference"] += 1
+    return _ref("gqa_attention")(q, k, v, mask, scale)
+
+
 # ---- registration --------------------------------------------------------------------------------------
 def _ref(name: str):
     """The reference implementation of op `name` (the Python function the op was defined with), called
@@ -268,3 +336,6 @@ def register(path: Path) -> None:
                      ("norm_quant", norm_quant), ("act_quant", act_quant),
                      ("int8_gemm_dequant", int8_gemm_dequant), ("weight_only_gemm", weight_only_gemm)]:
         torch.library.register_kernel(f"zq::{name}", "cuda", fn)
+    if has_attention_kernels():
+        torch.library.register_kernel("zq::rope", "cuda", rope)
+        torch.library.register_kernel("zq::gqa_attention", "cuda", gqa_attention)

@@ -1,0 +1,29 @@
+// Attention around the KV cache in the generation graphs (zq::rope, zq::gqa_attention), one launch each.
+//
+// zq_rope: rotary embedding (rotate-half form) of the query and key heads together.
+//   q: [b, hq, s, d], k: [b, hkv, s, d] in `dt`, any strides (q_stride / k_stride: 4 element strides each,
+//   host arrays; typically transposed views of a fused QKV GEMM output). cos, sin: [b, s, d] contiguous in `dt`.
+//   q_out: [b, hq, s, d], k_out: [b, hkv, s, d] contiguous. For i < d/2 (x one head's row, h = d/2):
+//     out[i] = x[i] * cos[i] - x[i + h] * sin[i],   out[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h]
+//   in fp32, rounded once to `dt`. d even, d <= 512.
+//
+// zq_decode_attention: one query token per row against the cache, grouped KV heads read in place.
+//   q: [b, hq, 1, d] in `dt`, element strides q_sb (batch) and q_sh (head), last stride 1;
+//   k, v: [b, hkv, l, d] contiguous in `dt`; mask: [b, l] bytes (nonzero = attend); out: [b, hq, 1, d]
+//   contiguous. Query head h reads KV head h / (hq / hkv). Softmax(scale * q.k_t) over the attended slots in
+//   fp32, out = sum_t p_t v_t rounded once to `dt`; a row with no attended slot is written as zeros.
+//   d % 8 == 0, d <= 256; q, k, v 16-byte aligned with q_sb, q_sh multiples of 8; the l fp32 scores of a row
+//   must fit in shared memory next to ~4 KB of the kernel's own (l up to ~56K on sm_90, ~40K on sm_80).
+//
+// Both return cudaErrorNotSupported, launching nothing, for inputs outside that contract (the caller falls
+// back to the reference implementation).
+#pragma once
+#include "zq/common.h"
+
+ZQ_API cudaError_t zq_rope(const void* q, const int64_t* q_stride, const void* k, const int64_t* k_stride,
+                           const void* cos, const void* sin, zq_dtype dt, int64_t b, int64_t hq, int64_t hkv,
+                           int64_t s, int64_t d, void* q_out, void* k_out, cudaStream_t stream);
+
+ZQ_API cudaError_t zq_decode_attention(const void* q, int64_t q_sb, int64_t q_sh, const void* k, const void* v,
+                                       const uint8_t* mask, zq_dtype dt, int64_t b, int64_t hq, int64_t hkv,
+                                       int64_t l, int64_t d, float scale, void* out, cudaStream_t stream);
