@@ -17,13 +17,14 @@ from torch import Tensor
 
 from ..ops import quant_math as qm
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Tokens at or under which the CUDA-core GEMM beats the tensor-core paths (bench/results, H200): for INT8
 # weights with row scales the sm90 kernel's ~5 us floor wins from M = 5; with K-group scales the alternative
 # is the fp16 path that dequantizes the weight per call, so the CUDA-core kernel keeps M <= 16.
 SMALL_M = 4
 SMALL_M_KGROUPS = 16
+CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: the kernel does not take this problem
 
 _lib: Optional[ctypes.CDLL] = None
 _path: Optional[Path] = None
@@ -50,6 +51,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         "zq_act_quant": (I, [P, P, P, I, I64, I64, I, P, P, P, P]),
         "zq_gemm_simt": (I, [ctypes.POINTER(GemmArgs), P]),
         "zq_gemm_sm90_config": (I, [ctypes.POINTER(GemmArgs), I, P]),
+        "zq_gemm_mma_config": (I, [ctypes.POINTER(GemmArgs), I, P]), "zq_gemm_mma_num_configs": (I, []),
         "zq_unpack_int4": (I, [P, I64, I64, P, P]),
         "zq_dequantize_weight": (I, [P, I, P, I64, I64, I64, P, I, P]),
     }
@@ -158,16 +160,34 @@ def _gemm_args(x, x_scale, wq, w_scale, bias, residual, act, w_bits, out, m, n, 
                     act=qm.ACTIVATIONS.index(act), out=out.data_ptr(), out_dt=DTYPES[out.dtype], m=m, n=n, k=k)
 
 
-def run_gemm(path: str, xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out: Tensor,
-             config: int = -1) -> None:
-    """Launch one GEMM kernel on 2-D contiguous operands into `out` ("simt" or "sm90"); benchmarks use it."""
+def _launch_gemm(path: str, xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out: Tensor,
+                 config: int) -> int:
     m, k = xq.shape
     a = _gemm_args(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out, m, wq.shape[0], k)
     with torch.cuda.device(xq.device):
         if path == "simt":
-            _check(_lib.zq_gemm_simt(ctypes.byref(a), _stream(xq)), "gemm_simt")
-        else:
-            _check(_lib.zq_gemm_sm90_config(ctypes.byref(a), config, _stream(xq)), "gemm_sm90")
+            return _lib.zq_gemm_simt(ctypes.byref(a), _stream(xq))
+        if path == "mma":
+            return _lib.zq_gemm_mma_config(ctypes.byref(a), config, _stream(xq))
+        if path == "sm90":
+            return _lib.zq_gemm_sm90_config(ctypes.byref(a), config, _stream(xq))
+    raise ValueError(f"unknown GEMM path {path!r}; known: simt, mma, sm90")
+
+
+def run_gemm(path: str, xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out: Tensor,
+             config: int = -1) -> None:
+    """Launch one GEMM kernel on 2-D contiguous operands into `out` ("simt", "mma" or "sm90"; `config` picks the
+    tile configuration of mma / sm90, -1 the default); benchmarks and tests use it."""
+    _check(_launch_gemm(path, xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out, config), f"gemm_{path}")
+
+
+def _try_gemm_mma(xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out: Tensor) -> bool:
+    """Run the mma tensor-core GEMM; False (nothing launched) when the problem is outside its contract."""
+    rc = _launch_gemm("mma", xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out, -1)
+    if rc == CUDA_ERROR_NOT_SUPPORTED:
+        return False
+    _check(rc, "gemm_mma")
+    return True
 
 
 def dequantize_weight(wq: Tensor, w_scale: Tensor, w_bits: int, dtype: torch.dtype) -> Tensor:
@@ -257,10 +277,11 @@ def register(path: Path) -> None:
     if _lib is not None:
         return
     lib = ctypes.CDLL(str(path))
-    _bind(lib)
-    if lib.zq_abi_version() != ABI_VERSION:
+    lib.zq_abi_version.restype, lib.zq_abi_version.argtypes = ctypes.c_int, []
+    if lib.zq_abi_version() != ABI_VERSION:  # before binding: an older library lacks newer symbols
         raise OSError(f"{path} has ABI version {lib.zq_abi_version()}, this zqcompile expects {ABI_VERSION}: "
                       f"rebuild it")
+    _bind(lib)
     _lib, _path = lib, path
     from ..ops import library  # noqa: F401 - the zq ops must exist before kernels register for them
 
