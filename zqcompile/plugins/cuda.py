@@ -21,7 +21,8 @@ ABI_VERSION = 2
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Tokens at or under which the CUDA-core GEMM beats the tensor-core paths (bench/results, H200): for INT8
 # weights with row scales the sm90 kernel's ~5 us floor wins from M = 5; with K-group scales the alternative
-# is the fp16 path that dequantizes the weight per call, so the CUDA-core kernel keeps M <= 16.
+# was the fp16 path that dequantizes the weight per call, so the CUDA-core kernel keeps M <= 16 (not yet
+# re-measured against the mma kernel that now takes K groups: bench/bench_gemm.py).
 SMALL_M = 4
 SMALL_M_KGROUPS = 16
 CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: the kernel does not take this problem
@@ -225,14 +226,22 @@ def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out
     res2 = None if residual is None else residual.reshape(m, n).contiguous()
     bias = None if bias is None else bias.contiguous()
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    row_scales = ws.shape[1] == 1
     tensor_core_ok = (out_dtype != torch.float32 and k % 16 == 0 and n % 8 == 0 and _sm90_usable(xq.device))
-    if m > SMALL_M and tensor_core_ok and ws.shape[1] == 1:
+    # The mma kernel (sm_80+) takes K-group scales and INT4 weights, and INT8 row scales where there is no
+    # Hopper kernel (A100); it declines problems outside its contract (K % 32, N % 8, ...), which then go on.
+    mma_first = (m > SMALL_M_KGROUPS if not row_scales else
+                 m > SMALL_M and (w_bits == 4 or not tensor_core_ok))
+    if mma_first and _try_gemm_mma(x2, xs, wq.contiguous(), ws, bias, res2, act, w_bits, out):
+        gemm_paths["mma"] += 1
+    elif m > SMALL_M and tensor_core_ok and row_scales:
         w8 = wq.contiguous() if w_bits == 8 else unpack_int4(wq.contiguous())
         gemm_paths["sm90"] += 1
         run_gemm("sm90", x2, xs, w8, ws, bias, res2, act, 8, out)
     elif m > SMALL_M_KGROUPS and tensor_core_ok:
-        # K-group scales at large M: interim path through the fp16 tensor cores (weights dequantized to the
-        # output dtype, activations dequantized per token); numerically within fp16 rounding of the spec.
+        # K-group scales at large M that the mma kernel declines (group_k % 32 != 0, ...): the fp16
+        # tensor cores (weights dequantized to the output dtype, activations dequantized per token); numerically
+        # within fp16 rounding of the spec.
         gemm_paths["kgroup_fp16"] += 1
         wf = dequantize_weight(wq.contiguous(), ws, w_bits, out_dtype)
         y = torch.nn.functional.linear((x2.float() * xs[:, None]).to(out_dtype), wf).float()
