@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "device_info.h"
 #include "gemm_sm90.cuh"
 
 namespace zq::sm90 {
@@ -13,17 +14,6 @@ namespace zq::sm90 {
 int pick_config(int64_t m, int64_t n, int sm_count) {
   const int64_t tiles_128 = ((m + 127) / 128) * ((n + 127) / 128);
   return tiles_128 < 2 * (int64_t)sm_count ? 0 : 1;
-}
-
-int device_sm_count(int* device) {
-  static int counts[64] = {0};
-  if (cudaGetDevice(device) != cudaSuccess || *device < 0 || *device >= 64) return 0;
-  if (counts[*device] == 0) {
-    int c = 0;
-    cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, *device);
-    counts[*device] = c;
-  }
-  return counts[*device];
 }
 
 }  // namespace zq::sm90
@@ -37,9 +27,9 @@ ZQ_API cudaError_t zq_gemm_sm90_config(const zq_gemm_args* a, int cfg, cudaStrea
       a->n > INT32_MAX || a->k > INT32_MAX || (a->out_dt != ZQ_F16 && a->out_dt != ZQ_BF16))
     return cudaErrorNotSupported;
   if (a->m == 0 || a->n == 0) return cudaSuccess;
-  int device = 0;
-  const int sms = device_sm_count(&device);
-  if (sms == 0) return cudaErrorInvalidDevice;
+  zq::DeviceInfo dev;
+  if (!zq::current_device_info(&dev)) return cudaErrorInvalidDevice;
+  const int sms = dev.sm_count, device = dev.device;
   if (cfg < 0) cfg = pick_config(a->m, a->n, sms);
   if (cfg >= kNumConfigs) return cudaErrorInvalidValue;
   const bool res = a->residual != nullptr;

@@ -22,10 +22,6 @@ from zqcompile.plugins import cuda  # noqa: E402
 
 from .test_kernels import assert_close, poison  # noqa: E402  (same skip conditions as this module)
 
-if not cuda.has_attention_kernels():
-    pytest.skip("the CUDA kernel library predates zq_rope / zq_decode_attention: rebuild it",
-                allow_module_level=True)
-
 DEV = "cuda"
 HALVES = [torch.float16, torch.bfloat16]
 HEADS = [(9, 3), (4, 4), (32, 8)]  # (query heads, KV heads): SmolLM2-135M, MHA, Llama-3-8B

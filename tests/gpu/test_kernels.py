@@ -150,7 +150,19 @@ def test_int8_gemm_dequant(out_dtype, m, k, n, bits, group_size):
     assert_close(y, y_ref, rel=1e-2 if group_size and m > cuda.SMALL_M_KGROUPS else 4e-3)
 
 
-@pytest.mark.parametrize("path", ["simt", "sm90"])
+def mma_usable() -> bool:
+    return torch.cuda.get_device_capability(torch.device(DEV)) >= (8, 0)
+
+
+def gemm_configs(path: str) -> range:
+    if path == "sm90":
+        return range(cuda._lib.zq_gemm_sm90_num_configs())
+    if path == "mma":
+        return range(cuda._lib.zq_gemm_mma_num_configs())
+    return range(-1, 0)
+
+
+@pytest.mark.parametrize("path", ["simt", "sm90", "mma"])
 @pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh", "relu", "silu"])
 @pytest.mark.parametrize("with_bias,with_res", [(False, False), (True, True), (True, False)])
 @pytest.mark.parametrize("m,k,n", [(1, 768, 3072), (64, 1024, 768), (300, 4096, 1032), (2048, 3072, 768)])
@@ -158,15 +170,157 @@ def test_gemm_paths_poisoned(path, act, with_bias, with_res, m, k, n):
     """Each GEMM kernel directly, every epilogue variant, into a NaN-filled output."""
     if path == "sm90" and not cuda._sm90_usable(torch.device(DEV)):
         pytest.skip("no Hopper INT8 GEMM on this device/library")
+    if path == "mma" and not mma_usable():
+        pytest.skip("the mma GEMM needs sm_80 or later")
     out_dtype = torch.float16
     xq, xs, wq, ws, bias, res = make_gemm(m, k, n, 8, None, out_dtype, seed=m * k, with_bias=with_bias,
                                           with_res=with_res)
-    configs = range(cuda._lib.zq_gemm_sm90_num_configs()) if path == "sm90" else [-1]
+    configs = gemm_configs(path)
     y_ref = ref("int8_gemm_dequant")(xq, xs, wq, ws, bias, res, act, 8, out_dtype)
     for cfg in configs:
         out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEV)
         cuda.run_gemm(path, xq, xs.reshape(m), wq, ws, bias, res, act, 8, out, config=cfg)
         assert_close(out, y_ref, rel=4e-3)
+
+
+# ---- the mma tensor-core GEMM (zq_gemm_mma): every tile configuration on edge shapes -------------------------
+ACTS = ["none", "gelu", "gelu_tanh", "relu", "silu"]
+ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def assert_gemm_exact(y, y_ref):
+    """Element-wise: the kernel's fp32 result rounds to within one output ulp of the reference's (the INT32
+    accumulation is exact; only fp32 scaling and the final rounding differ), plus fp32 noise near zero. Much
+    tighter than assert_close, whose bound is relative to the largest (outlier) output."""
+    assert not torch.isnan(y).any(), "NaN in output (an element left unwritten?)"
+    err = (y.float() - y_ref.float()).abs()
+    bound = ULP[y.dtype] * torch.maximum(y.float().abs(), y_ref.float().abs()) + 1e-4 * y_ref.float().abs().max()
+    bad = err > bound
+    assert not bad.any(), (f"{bad.sum().item()} elements off, first at {tuple(bad.nonzero()[0].tolist())}: "
+                           f"max abs error {err.max().item():.3e}")
+
+
+def run_mma_all_configs(xq, xs, wq, ws, bias, res, act, bits, y_ref):
+    """Every mma tile configuration into a NaN-filled output with a NaN guard row after it (catches stores
+    past row M)."""
+    m, n = y_ref.shape
+    for cfg in gemm_configs("mma"):
+        buf = torch.full((m + 1, n), float("nan"), dtype=y_ref.dtype, device=DEV)
+        cuda.run_gemm("mma", xq, xs.reshape(m), wq, ws, bias, res, act, bits, buf[:m], config=cfg)
+        assert_gemm_exact(buf[:m], y_ref)
+        assert torch.isnan(buf[m]).all(), f"config {cfg} wrote past row M"
+
+
+def mma_cases():
+    for m in [1, 17, 100, 128, 129, 1000, 4096]:
+        for k, n in [(32, 8), (96, 136), (768, 3072), (3072, 768)]:
+            for bits in (4, 8):
+                for group_size in (None, 32, 64, 96, 128, 256):
+                    if group_size is None or (group_size < k and k % group_size == 0):
+                        yield m, k, n, bits, group_size
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n,bits,group_size", list(mma_cases()))
+def test_gemm_mma(out_dtype, m, k, n, bits, group_size):
+    """W4A8 / W8A8, row and K-group scales (group_k 32: two groups per 64-wide k slice; 96: groups across
+    slices; 256: the exact-I2F fold), M, N, K off the tiles (K = 32, 96: a half slice at the end)."""
+    if not mma_usable():
+        pytest.skip("the mma GEMM needs sm_80 or later")
+    seed = m * 31 + k + n + bits
+    xq, xs, wq, ws, bias, res = make_gemm(m, k, n, bits, group_size, out_dtype, seed=seed,
+                                          with_bias=seed % 3 != 0, with_res=seed % 2 == 0)
+    assert ws.shape[1] == (k // group_size if group_size else 1)
+    act = ACTS[seed % 5]
+    y_ref = ref("int8_gemm_dequant")(xq, xs, wq, ws, bias, res, act, bits, out_dtype)
+    run_mma_all_configs(xq, xs, wq, ws, bias, res, act, bits, y_ref)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("with_bias,with_res", [(False, False), (True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, None), (4, 128), (8, 32)])
+def test_gemm_mma_epilogues(out_dtype, act, with_bias, with_res, bits, group_size):
+    if not mma_usable():
+        pytest.skip("the mma GEMM needs sm_80 or later")
+    m, k, n = 300, 1024, 1032
+    xq, xs, wq, ws, bias, res = make_gemm(m, k, n, bits, group_size, out_dtype, seed=5, with_bias=with_bias,
+                                          with_res=with_res)
+    y_ref = ref("int8_gemm_dequant")(xq, xs, wq, ws, bias, res, act, bits, out_dtype)
+    run_mma_all_configs(xq, xs, wq, ws, bias, res, act, bits, y_ref)
+
+
+@pytest.mark.parametrize("m,k,n,p_low", [(130, 4096, 136, 0.9), (20, 65536, 16, 1.0)])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gemm_mma_extreme_codes(m, k, n, p_low, bits):
+    """Codes at the int8 / INT4 extremes (x -127/-128 times w -128 or -8, every product 2^14 at p_low = 1, up to
+    the largest K the kernel takes): the int32 accumulation and the INT4 unpack (nibble << 4, scaled back by
+    1/16) stay exact."""
+    if not mma_usable():
+        pytest.skip("the mma GEMM needs sm_80 or later")
+    g = torch.Generator(device=DEV).manual_seed(9)
+    xq = -127 - torch.randint(0, 2, (m, k), generator=g, device=DEV, dtype=torch.int8)
+    if p_low == 1.0:
+        xq.fill_(-128)
+    xs = torch.rand((m, 1), generator=g, device=DEV) * 1e-3
+    lo, hi = (-128, 127) if bits == 8 else (-8, 7)
+    w = torch.where(torch.rand((n, k), generator=g, device=DEV) < p_low, lo, hi).to(torch.int8)
+    wq = qm.pack_int4(w) if bits == 4 else w
+    for groups in (1, k // 1024, k // 32):  # row scales; K groups folded through I2F / the float bit pattern
+        ws = torch.rand((n, groups), generator=g, device=DEV) * 1e-2
+        y_ref = ref("int8_gemm_dequant")(xq, xs, wq, ws, None, None, "none", bits, torch.bfloat16)
+        run_mma_all_configs(xq, xs, wq, ws, None, None, "none", bits, y_ref)
+
+
+@pytest.mark.parametrize("case", ["k_not_32", "n_not_8", "group_16", "fp32_out", "x_misaligned", "a16"])
+def test_gemm_mma_declines_outside_contract(case):
+    """Outside its contract the kernel returns cudaErrorNotSupported and writes nothing; the op then takes
+    another path and still matches the reference."""
+    if not mma_usable():
+        pytest.skip("the mma GEMM needs sm_80 or later")
+    m, k, n, group_size, out_dtype = 40, 256, 64, 64, torch.float16
+    k, n, group_size = {"k_not_32": (272, 64, None), "n_not_8": (256, 60, 64), "group_16": (256, 64, 16)}.get(
+        case, (k, n, group_size))
+    out_dtype = torch.float32 if case == "fp32_out" else out_dtype
+    xq, xs, wq, ws, bias, res = make_gemm(m, k, n, 8, group_size, out_dtype, seed=3, with_res=True)
+    x_arg = xq
+    if case == "x_misaligned":
+        x_arg = torch.empty(m * k + 8, dtype=torch.int8, device=DEV)[8:].view(m, k)
+        x_arg.copy_(xq)
+    elif case == "a16":
+        x_arg = xq.to(torch.float16)
+    out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEV)
+    rc = cuda._launch_gemm("mma", x_arg, xs.reshape(m), wq, ws, bias, res, "none", 8, out, -1)
+    torch.cuda.synchronize()
+    assert rc == cuda.CUDA_ERROR_NOT_SUPPORTED
+    assert torch.isnan(out).all()
+    if case != "a16":
+        y = torch.ops.zq.int8_gemm_dequant(x_arg, xs, wq, ws, bias, res, "none", 8, out_dtype)
+        y_ref = ref("int8_gemm_dequant")(xq, xs, wq, ws, bias, res, "none", 8, out_dtype)
+        assert_close(y, y_ref, rel=1e-2)
+
+
+@pytest.mark.parametrize("m,k,n,bits,group_size,path", [
+    (17, 1024, 768, 4, 128, "mma"), (17, 1024, 768, 8, 32, "mma"), (16, 1024, 768, 4, 128, "simt"),
+    (5, 1024, 768, 4, None, "mma"), (4, 1024, 768, 4, None, "simt"), (2048, 4096, 1024, 4, 64, "mma"),
+    (64, 1024, 768, 8, None, "sm90 or mma")])
+def test_int8_gemm_dequant_routes_to_mma(m, k, n, bits, group_size, path):
+    """K-group scales above SMALL_M_KGROUPS and INT4 row scales above SMALL_M run on the mma kernel, and so do
+    INT8 row scales above SMALL_M where there is no Hopper kernel (A100)."""
+    if not mma_usable():
+        pytest.skip("the mma GEMM needs sm_80 or later")
+    if path == "sm90 or mma":
+        path = "sm90" if cuda._sm90_usable(torch.device(DEV)) else "mma"
+    xq, xs, wq, ws, bias, res = make_gemm(m, k, n, bits, group_size, torch.bfloat16, seed=m + k, with_res=True)
+    before = cuda.gemm_paths[path]
+    poison()
+    y = torch.ops.zq.int8_gemm_dequant(xq, xs, wq, ws, bias, res, "silu", bits, torch.bfloat16)
+    assert cuda.gemm_paths[path] == before + 1
+    y_ref = ref("int8_gemm_dequant")(xq, xs, wq, ws, bias, res, "silu", bits, torch.bfloat16)
+    if path == "mma":
+        assert_gemm_exact(y, y_ref)
+    else:
+        assert_close(y, y_ref, rel=4e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -27,9 +27,10 @@ def test_kernel_library_builds_and_loads(tmp_path):
     lib_path = build / "libzq_kernels.so"
     assert lib_path.is_file()
     lib = ctypes.CDLL(str(lib_path))
-    assert lib.zq_abi_version() == 1
+    assert lib.zq_abi_version() == 2
     assert lib.zq_has_sm90_gemm() == int(sm90 == "ON")
+    assert lib.zq_gemm_mma_num_configs() > 0  # the sm_80+ tensor-core GEMM is always built
     for sym in ["zq_quantize_per_token", "zq_quantize_per_tensor", "zq_norm_quant", "zq_act_quant",
-                "zq_gemm_simt", "zq_gemm_sm90", "zq_unpack_int4", "zq_dequantize_weight", "zq_rope",
-                "zq_decode_attention"]:
+                "zq_gemm_simt", "zq_gemm_sm90", "zq_gemm_mma", "zq_gemm_mma_config", "zq_unpack_int4",
+                "zq_dequantize_weight", "zq_rope", "zq_decode_attention"]:
         assert hasattr(lib, sym), sym

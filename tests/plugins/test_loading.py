@@ -2,7 +2,6 @@
 library without the attention kernels still binds."""
 from __future__ import annotations
 
-import types
 import warnings
 
 import pytest
@@ -32,23 +31,3 @@ def test_missing_library_is_silent_on_cpu(no_library):
         warnings.simplefilter("always")
         assert plugins.ensure_cuda_kernels("cpu") is False
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
-
-
-def test_library_without_attention_kernels_binds(monkeypatch):
-    """A library built before zq_rope / zq_decode_attention: every other symbol is bound, and the two ops are
-    left to their reference implementations."""
-    from zqcompile.plugins import cuda
-
-    class OldLibrary:  # ctypes.CDLL stand-in exporting the ABI-1 symbols only
-        def __getattr__(self, name):
-            if name in ("zq_rope", "zq_decode_attention"):
-                raise AttributeError(name)
-            fn = types.SimpleNamespace()
-            setattr(self, name, fn)
-            return fn
-
-    lib = OldLibrary()
-    cuda._bind(lib)
-    assert lib.zq_act_quant.argtypes and lib.zq_gemm_simt.restype is not None
-    monkeypatch.setattr(cuda, "_lib", lib)
-    assert not cuda.has_attention_kernels()

@@ -17,13 +17,15 @@ from torch import Tensor
 
 from ..ops import quant_math as qm
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Tokens at or under which the CUDA-core GEMM beats the tensor-core paths (bench/results, H200): for INT8
 # weights with row scales the sm90 kernel's ~5 us floor wins from M = 5; with K-group scales the alternative
-# is the fp16 path that dequantizes the weight per call, so the CUDA-core kernel keeps M <= 16.
+# was the fp16 path that dequantizes the weight per call, so the CUDA-core kernel keeps M <= 16 (not yet
+# re-measured against the mma kernel that now takes K groups: bench/bench_gemm.py).
 SMALL_M = 4
 SMALL_M_KGROUPS = 16
+CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: the kernel does not take this problem
 
 _lib: Optional[ctypes.CDLL] = None
 _path: Optional[Path] = None
@@ -52,16 +54,12 @@ def _bind(lib: ctypes.CDLL) -> None:
         "zq_act_quant": (I, [P, P, P, I, I64, I64, I, P, P, P, P]),
         "zq_gemm_simt": (I, [ctypes.POINTER(GemmArgs), P]),
         "zq_gemm_sm90_config": (I, [ctypes.POINTER(GemmArgs), I, P]),
+        "zq_gemm_mma_config": (I, [ctypes.POINTER(GemmArgs), I, P]), "zq_gemm_mma_num_configs": (I, []),
         "zq_unpack_int4": (I, [P, I64, I64, P, P]),
         "zq_dequantize_weight": (I, [P, I, P, I64, I64, I64, P, I, P]),
-    }
-    # Added after ABI 1 was released: a library built before them lacks the symbols (the ops then keep their
-    # reference implementations on CUDA).
-    optional = {
         "zq_rope": (I, [P, P, P, P, P, P, I, I64, I64, I64, I64, I64, P, P, P]),
         "zq_decode_attention": (I, [P, I64, I64, P, P, P, I, I64, I64, I64, I64, I64, F, P, P]),
     }
-    sigs.update({name: sig for name, sig in optional.items() if hasattr(lib, name)})
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
@@ -88,13 +86,8 @@ def _sm90_usable(device: torch.device) -> bool:
     return has_sm90_gemm() and torch.cuda.get_device_capability(device) == (9, 0)
 
 
-def has_attention_kernels() -> bool:
-    return hasattr(_lib, "zq_rope") and hasattr(_lib, "zq_decode_attention")
-
-
 def describe() -> str:
-    return (f"{_path} (Hopper INT8 GEMM: {'yes' if has_sm90_gemm() else 'no'}; "
-            f"RoPE / decode attention: {'yes' if has_attention_kernels() else 'no'})")
+    return f"{_path} (Hopper INT8 GEMM: {'yes' if has_sm90_gemm() else 'no'})"
 
 
 # ---- activation quantization -------------------------------------------------------------------------
@@ -172,16 +165,34 @@ def _gemm_args(x, x_scale, wq, w_scale, bias, residual, act, w_bits, out, m, n, 
                     act=qm.ACTIVATIONS.index(act), out=out.data_ptr(), out_dt=DTYPES[out.dtype], m=m, n=n, k=k)
 
 
-def run_gemm(path: str, xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out: Tensor,
-             config: int = -1) -> None:
-    """Launch one GEMM kernel on 2-D contiguous operands into `out` ("simt" or "sm90"); benchmarks use it."""
+def _launch_gemm(path: str, xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out: Tensor,
+                 config: int) -> int:
     m, k = xq.shape
     a = _gemm_args(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out, m, wq.shape[0], k)
     with torch.cuda.device(xq.device):
         if path == "simt":
-            _check(_lib.zq_gemm_simt(ctypes.byref(a), _stream(xq)), "gemm_simt")
-        else:
-            _check(_lib.zq_gemm_sm90_config(ctypes.byref(a), config, _stream(xq)), "gemm_sm90")
+            return _lib.zq_gemm_simt(ctypes.byref(a), _stream(xq))
+        if path == "mma":
+            return _lib.zq_gemm_mma_config(ctypes.byref(a), config, _stream(xq))
+        if path == "sm90":
+            return _lib.zq_gemm_sm90_config(ctypes.byref(a), config, _stream(xq))
+    raise ValueError(f"unknown GEMM path {path!r}; known: simt, mma, sm90")
+
+
+def run_gemm(path: str, xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out: Tensor,
+             config: int = -1) -> None:
+    """Launch one GEMM kernel on 2-D contiguous operands into `out` ("simt", "mma" or "sm90"; `config` picks the
+    tile configuration of mma / sm90, -1 the default); benchmarks and tests use it."""
+    _check(_launch_gemm(path, xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out, config), f"gemm_{path}")
+
+
+def _try_gemm_mma(xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out: Tensor) -> bool:
+    """Run the mma tensor-core GEMM; False (nothing launched) when the problem is outside its contract."""
+    rc = _launch_gemm("mma", xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out, -1)
+    if rc == CUDA_ERROR_NOT_SUPPORTED:
+        return False
+    _check(rc, "gemm_mma")
+    return True
 
 
 def dequantize_weight(wq: Tensor, w_scale: Tensor, w_bits: int, dtype: torch.dtype) -> Tensor:
@@ -219,14 +230,22 @@ def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out
     res2 = None if residual is None else residual.reshape(m, n).contiguous()
     bias = None if bias is None else bias.contiguous()
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    row_scales = ws.shape[1] == 1
     tensor_core_ok = (out_dtype != torch.float32 and k % 16 == 0 and n % 8 == 0 and _sm90_usable(xq.device))
-    if m > SMALL_M and tensor_core_ok and ws.shape[1] == 1:
+    # The mma kernel (sm_80+) takes K-group scales and INT4 weights, and INT8 row scales where there is no
+    # Hopper kernel (A100); it declines problems outside its contract (K % 32, N % 8, ...), which then go on.
+    mma_first = (m > SMALL_M_KGROUPS if not row_scales else
+                 m > SMALL_M and (w_bits == 4 or not tensor_core_ok))
+    if mma_first and _try_gemm_mma(x2, xs, wq.contiguous(), ws, bias, res2, act, w_bits, out):
+        gemm_paths["mma"] += 1
+    elif m > SMALL_M and tensor_core_ok and row_scales:
         w8 = wq.contiguous() if w_bits == 8 else unpack_int4(wq.contiguous())
         gemm_paths["sm90"] += 1
         run_gemm("sm90", x2, xs, w8, ws, bias, res2, act, 8, out)
     elif m > SMALL_M_KGROUPS and tensor_core_ok:
-        # K-group scales at large M: interim path through the fp16 tensor cores (weights dequantized to the
-        # output dtype, activations dequantized per token); numerically within fp16 rounding of the spec.
+        # K-group scales at large M that the mma kernel declines (group_k % 32 != 0, ...): the fp16
+        # tensor cores (weights dequantized to the output dtype, activations dequantized per token); numerically
+        # within fp16 rounding of the spec.
         gemm_paths["kgroup_fp16"] += 1
         wf = dequantize_weight(wq.contiguous(), ws, w_bits, out_dtype)
         y = torch.nn.functional.linear((x2.float() * xs[:, None]).to(out_dtype), wf).float()
@@ -325,17 +344,16 @@ def register(path: Path) -> None:
     if _lib is not None:
         return
     lib = ctypes.CDLL(str(path))
-    _bind(lib)
-    if lib.zq_abi_version() != ABI_VERSION:
+    lib.zq_abi_version.restype, lib.zq_abi_version.argtypes = ctypes.c_int, []
+    if lib.zq_abi_version() != ABI_VERSION:  # before binding: an older library lacks newer symbols
         raise OSError(f"{path} has ABI version {lib.zq_abi_version()}, this zqcompile expects {ABI_VERSION}: "
                       f"rebuild it")
+    _bind(lib)
     _lib, _path = lib, path
     from ..ops import library  # noqa: F401 - the zq ops must exist before kernels register for them
 
     for name, fn in [("quantize_per_token", quantize_per_token), ("quantize_per_tensor", quantize_per_tensor),
                      ("norm_quant", norm_quant), ("act_quant", act_quant),
-                     ("int8_gemm_dequant", int8_gemm_dequant), ("weight_only_gemm", weight_only_gemm)]:
+                     ("int8_gemm_dequant", int8_gemm_dequant), ("weight_only_gemm", weight_only_gemm),
+                     ("rope", rope), ("gqa_attention", gqa_attention)]:
         torch.library.register_kernel(f"zq::{name}", "cuda", fn)
-    if has_attention_kernels():
-        torch.library.register_kernel("zq::rope", "cuda", rope)
-        torch.library.register_kernel("zq::gqa_attention", "cuda", gqa_attention)

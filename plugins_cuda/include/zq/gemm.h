@@ -25,6 +25,18 @@ ZQ_API cudaError_t zq_gemm_simt(const zq_gemm_args* a, cudaStream_t stream);
 // outside that, or when the library was built without it (zq_has_sm90_gemm() == 0).
 ZQ_API cudaError_t zq_gemm_sm90(const zq_gemm_args* a, cudaStream_t stream);
 
+// Tensor-core path for sm_80 and later (mma.sync m16n8k32 s8; the A100 path, and on Hopper the path of INT4
+// weights and of K-group scales): A8 x INT8 or packed INT4 weights (unpacked in the mainloop, never in memory),
+// row scales or K-group scales. Takes: x_is_int8; w_bits 8 or 4; out_dt fp16 or bf16; K % 32 == 0; N % 8 == 0;
+// groups == 1 or group_k = K / groups with group_k % 32 == 0; K (groups == 1) or group_k at most 65536 (so the
+// int32 sum of a group is exact); x and wq 16-byte aligned, out and residual 4-byte aligned; x_scale and w_scale
+// non-null; any M (M <= 65535 row tiles); a device of compute capability 8.0 or later. Anything else returns
+// cudaErrorNotSupported without launching (zq_gemm_simt takes every shape).
+ZQ_API cudaError_t zq_gemm_mma(const zq_gemm_args* a, cudaStream_t stream);
+// Benchmarks and tests: the mma GEMM with tile configuration cfg (0..zq_gemm_mma_num_configs()-1; -1 picks one).
+ZQ_API cudaError_t zq_gemm_mma_config(const zq_gemm_args* a, int cfg, cudaStream_t stream);
+ZQ_API int zq_gemm_mma_num_configs(void);
+
 // Weight helpers for the large-M paths that reuse the INT8 / fp16 tensor-core GEMMs.
 // INT4 packed [N, K/2] -> int8 [N, K].
 ZQ_API cudaError_t zq_unpack_int4(const uint8_t* wq, int64_t n, int64_t k, int8_t* out, cudaStream_t stream);
