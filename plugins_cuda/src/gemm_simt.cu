@@ -5,6 +5,7 @@
 
 #include "zq/device_math.cuh"
 #include "zq/gemm.h"
+#include "device_info.h"
 
 namespace zq {
 
@@ -70,9 +71,12 @@ __device__ __forceinline__ float x_at(const XT* x, int64_t i) {
 // the warp for row `returned` (a bit-reversal of l's low bits); lanes l and l + MT hold the same row.
 template <int MT, class T>
 __device__ __forceinline__ int reduce_rows(T (&v)[MT], int lane) {
+  constexpr int kSteps = MT >= 16 ? 4 : MT >= 8 ? 3 : MT >= 4 ? 2 : MT >= 2 ? 1 : 0;  // log2(MT)
+  static_assert((1 << kSteps) == MT, "MT must be a power of two <= 16");
   int row = 0;
 #pragma unroll
-  for (int w = MT, bit = 0; w > 1; w >>= 1, ++bit) {
+  for (int bit = 0; bit < kSteps; ++bit) {
+    const int w = MT >> bit;
     const bool upper = (lane >> bit) & 1;
 #pragma unroll
     for (int i = 0; i < w / 2; ++i) {
@@ -171,7 +175,7 @@ __global__ void __launch_bounds__(128) gemm_simt_kernel(zq_gemm_args a) {
 
 #pragma unroll
   for (int j = 0; j < NW; ++j) {
-    if (j >= nv) break;
+    if (j >= nv) continue;  // (not break: the loop must unroll so iacc/facc stay in registers)
     const int64_t n = n0 + j;
     const float ws = a.w_scale[n * a.groups];
     using Acc = std::conditional_t<kIntAcc, int, float>;  // INT8 x INT8 row-scaled: exact int32 sums
@@ -202,15 +206,29 @@ cudaError_t launch_simt_kernel(const zq_gemm_args& a, bool vec, cudaStream_t str
   return cudaGetLastError();
 }
 
-// Few rows: one column per warp keeps every SM busy; more rows (INT8 x): four columns per warp so each x
-// chunk (re-read from L1/L2 by every warp) serves four weight rows. The unaligned (non-16-wide) and A16
-// variants keep one column per warp: they are fallbacks, and this bounds the compile time.
+// Rows of x per warp (MT) from M; columns per warp (NW, INT8 x only: each x chunk, re-read from L1/L2 by
+// every warp, then serves NW weight rows) as many as still leave two blocks per SM: decode-sized GEMMs of
+// small models (N ~ 1000) are latency-bound and need the parallelism more than the reuse. The unaligned
+// (non-16-wide) and A16 variants keep one column per warp: they are fallbacks, and this bounds compile time.
+template <int MT, class XT, int WBITS, bool KG>
+cudaError_t launch_simt_nw(const zq_gemm_args& a, bool vec, cudaStream_t stream) {
+  constexpr bool kA8 = std::is_same_v<XT, int8_t>;
+  if constexpr (kA8 && MT > 1) {
+    DeviceInfo dev;
+    const int64_t want = 2 * (current_device_info(&dev) ? dev.sm_count : 132);
+    const int64_t row_blocks = (a.m + MT - 1) / MT;
+    if ((a.n + 15) / 16 * row_blocks >= want) return launch_simt_kernel<MT, 4, XT, WBITS, KG>(a, vec, stream);
+    if ((a.n + 7) / 8 * row_blocks >= want) return launch_simt_kernel<MT, 2, XT, WBITS, KG>(a, vec, stream);
+  }
+  return launch_simt_kernel<MT, 1, XT, WBITS, KG>(a, vec, stream);
+}
+
 template <class XT, int WBITS, bool KG>
 cudaError_t launch_simt_m(const zq_gemm_args& a, bool vec, cudaStream_t stream) {
-  constexpr bool kA8 = std::is_same_v<XT, int8_t>;
   if (a.m <= 1) return launch_simt_kernel<1, 1, XT, WBITS, KG>(a, vec, stream);
-  if (a.m <= 4) return launch_simt_kernel<4, kA8 ? 2 : 1, XT, WBITS, KG>(a, vec, stream);
-  return launch_simt_kernel<16, kA8 ? 4 : 1, XT, WBITS, KG>(a, vec, stream);
+  if (a.m <= 4) return launch_simt_nw<4, XT, WBITS, KG>(a, vec, stream);
+  if (a.m <= 8) return launch_simt_nw<8, XT, WBITS, KG>(a, vec, stream);
+  return launch_simt_nw<16, XT, WBITS, KG>(a, vec, stream);
 }
 
 template <class XT, int WBITS>

@@ -84,7 +84,7 @@ def attention_ref(q, k, v, mask, scale):
 @pytest.mark.parametrize("b,s", [(1, 1), (3, 1), (32, 1), (3, 7), (1, 178)])
 def test_rope(dtype, d, hq, hkv, b, s):
     q, k, _ = qkv_heads(b, s, hq, hkv, d, dtype, seed=b * 100 + s + d)
-    assert not q.is_contiguous() and not k.is_contiguous()
+    assert b * s == 1 or (not q.is_contiguous() and not k.is_contiguous())  # one token: the view is contiguous
     positions = torch.arange(s, device=DEV)[None] + torch.arange(b, device=DEV)[:, None] * 5
     cos, sin = rotary(positions, d, dtype)
     poison()
