@@ -82,6 +82,8 @@ def gemm_rows(shapes: list[tuple[int, int]], ms: list[int]) -> list[dict]:
             row = dict(k=k, n=n, m=m, fp16_us=1e3 * time_graph(lambda i: torch.matmul(x, w.t(), out=out), 20),
                        simt_us=1e3 * time_graph(
                            lambda i: C.run_gemm("simt", xq, xs, wq, ws, None, None, "none", 8, out), 20))
+            row["mma_us"] = 1e3 * time_graph(
+                lambda i: C.run_gemm("mma", xq, xs, wq, ws, None, None, "none", 8, out), 20)
             if C._sm90_usable(torch.device("cuda")):
                 row["sm90_us"] = 1e3 * time_graph(
                     lambda i: C.run_gemm("sm90", xq, xs, wq, ws, None, None, "none", 8, out), 20)
@@ -125,9 +127,9 @@ def main() -> None:
         rows = gemm_rows([(576, 960), (576, 576), (576, 3072), (1536, 576), (1024, 3072), (4096, 1024)],
                          [1, 2, 4, 8, 16, 32, 64])
         result["gemm"] = rows
-        print("\n| K | N | M | cuBLAS fp16 us | simt us | sm90 us |\n|---|---|---|---|---|---|")
+        print("\n| K | N | M | cuBLAS fp16 us | simt us | mma us | sm90 us |\n|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['k']} | {r['n']} | {r['m']} | {r['fp16_us']:.1f} | {r['simt_us']:.1f} | "
+            print(f"| {r['k']} | {r['n']} | {r['m']} | {r['fp16_us']:.1f} | {r['simt_us']:.1f} | {r['mma_us']:.1f} | "
                   f"{r.get('sm90_us', 0):.1f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -100,7 +100,7 @@ decode_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, con
       if (lane == 0 && t < l) score[t] = on[u] ? dot * scale : -INFINITY;
     }
   }
-  mx = block_max(mx, red);  // its barriers also publish score[]
+  mx = block_max(mx, red, -INFINITY);  // its barriers also publish score[]
   if (mx == -INFINITY) {    // nothing attended (uniform across the block)
     for (int e = threadIdx.x; e < d; e += kAttnThreads) o_row[e] = from_f<T>(0.f);
     return;

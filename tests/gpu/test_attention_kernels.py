@@ -181,3 +181,14 @@ def test_attention_outside_the_kernel_contract_runs_the_reference():
         got = torch.ops.zq.gqa_attention(qi, ki, vi, mi, 0.125)
         assert cuda.attention_paths["gqa_attention_reference"] == before + 1
         assert torch.equal(got, cuda._ref("gqa_attention")(qi, ki, vi, mi, 0.125))
+
+
+def test_decode_attention_all_scores_very_negative():
+    """Every score far below zero: the softmax max must be the true max (not 0), or exp underflows to 0/0."""
+    b, hq, hkv, l, d = 2, 4, 2, 40, 64
+    q = torch.ones(b, hq, 1, d, device=DEV, dtype=torch.float16)
+    k = -torch.rand(b, hkv, l, d, device=DEV, dtype=torch.float16) - 1.0
+    v = cache(b, hkv, l, d, torch.float16, seed=14)
+    mask = decode_mask(b, l)
+    out = torch.ops.zq.gqa_attention(q, k, v, mask, 4.0)  # scores ~ -4 * 64 * 1.5
+    assert_close(out, attention_ref(q, k, v, mask, 4.0), rel=5e-3)

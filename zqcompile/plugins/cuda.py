@@ -25,6 +25,14 @@ DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # re-measured against the mma kernel that now takes K groups: bench/bench_gemm.py).
 SMALL_M = 4
 SMALL_M_KGROUPS = 16
+# Where the mma tensor-core kernel beats the alternatives on Hopper (bench/results/gemm_NVIDIA_H200.md and
+# profile_decode_H200.md, H200): row-scaled INT8 at M <= 64 with K <= 1024 (4.2-4.4 us vs 5.0 for the Hopper
+# kernel on SmolLM2's decode GEMMs); INT4 row-scaled at M <= 64 (the Hopper kernel needs a per-call unpack,
+# which only pays off for larger M); INT4 K-groups up to M = 2048 (4096^2 x 4096: 590 us vs 398 us for the
+# fp16 dequant path at M = 4096, 53 vs 122 us at M = 256; the crossover between was not measured).
+MMA_ROW_MAX_M = 64
+MMA_ROW_MAX_K = 1024
+MMA_KGROUP_MAX_M = 2048
 CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: the kernel does not take this problem
 
 _lib: Optional[ctypes.CDLL] = None
@@ -234,8 +242,14 @@ def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out
     tensor_core_ok = (out_dtype != torch.float32 and k % 16 == 0 and n % 8 == 0 and _sm90_usable(xq.device))
     # The mma kernel (sm_80+) takes K-group scales and INT4 weights, and INT8 row scales where there is no
     # Hopper kernel (A100); it declines problems outside its contract (K % 32, N % 8, ...), which then go on.
-    mma_first = (m > SMALL_M_KGROUPS if not row_scales else
-                 m > SMALL_M and (w_bits == 4 or not tensor_core_ok))
+    # On Hopper it also wins the decode-sized row-scaled GEMMs with short K, and loses to the Hopper kernel
+    # (after a per-call INT4 unpack) or the fp16 dequant path at large M: see MMA_* above.
+    if not row_scales:
+        mma_first = SMALL_M_KGROUPS < m <= MMA_KGROUP_MAX_M or not tensor_core_ok and m > SMALL_M_KGROUPS
+    elif not tensor_core_ok:
+        mma_first = m > SMALL_M
+    else:
+        mma_first = SMALL_M < m <= MMA_ROW_MAX_M and (w_bits == 4 or k <= MMA_ROW_MAX_K)
     if mma_first and _try_gemm_mma(x2, xs, wq.contiguous(), ws, bias, res2, act, w_bits, out):
         gemm_paths["mma"] += 1
     elif m > SMALL_M and tensor_core_ok and row_scales:

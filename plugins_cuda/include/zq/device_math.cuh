@@ -61,13 +61,14 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   v = lane < nw ? red[lane] : 0.f;
   return warp_sum(v);
 }
-__device__ __forceinline__ float block_max(float v, float* red) {
+// `lowest`: the identity the lanes past the block's warps contribute (0 for |x| maxima, -inf for scores).
+__device__ __forceinline__ float block_max(float v, float* red, float lowest = 0.f) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   v = warp_max(v);
   __syncthreads();
   if (lane == 0) red[warp] = v;
   __syncthreads();
-  v = lane < nw ? red[lane] : 0.f;
+  v = lane < nw ? red[lane] : lowest;
   return warp_max(v);
 }
 
