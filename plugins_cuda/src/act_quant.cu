@@ -46,11 +46,7 @@ act_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ bias, const 
   const int64_t off = p.row * k;
   const int k8 = (int)(k / kPack);
   Raw<T> yv[kVecs];  // x, then act(...) rounded to T
-#pragma unroll
-  for (int v = 0; v < kVecs; ++v) {
-    const int j = p.t + v * p.nthr;
-    if (j < k8) yv[v] = load_raw(x + off + (int64_t)j * kPack);
-  }
+  load_held_row(x + off, p, k8, yv);
   float amax = 0.f;
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {

@@ -77,18 +77,10 @@ norm_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ residual, c
   const int64_t off = p.row * k;
   const int k8 = (int)(k / kPack);
   Raw<T> hv[kVecs];  // x (+ residual), then the normalised output, rounded to T
-#pragma unroll
-  for (int v = 0; v < kVecs; ++v) {
-    const int j = p.t + v * p.nthr;
-    if (j < k8) hv[v] = load_raw(x + off + (int64_t)j * kPack);
-  }
+  load_held_row(x + off, p, k8, hv);
   if (residual) {
     Raw<T> rv[kVecs];
-#pragma unroll
-    for (int v = 0; v < kVecs; ++v) {
-      const int j = p.t + v * p.nthr;
-      if (j < k8) rv[v] = load_raw(residual + off + (int64_t)j * kPack);
-    }
+    load_held_row(residual + off, p, k8, rv);
 #pragma unroll
     for (int v = 0; v < kVecs; ++v) {
       const int j = p.t + v * p.nthr;

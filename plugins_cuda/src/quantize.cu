@@ -32,11 +32,7 @@ quantize_per_token_vec_kernel(const T* __restrict__ x, int64_t rows, int64_t k, 
   const int64_t off = p.row * k;
   const int k8 = (int)(k / kPack);
   Raw<T> xv[kVecs];
-#pragma unroll
-  for (int v = 0; v < kVecs; ++v) {
-    const int j = p.t + v * p.nthr;
-    if (j < k8) xv[v] = load_raw(x + off + (int64_t)j * kPack);
-  }
+  load_held_row(x + off, p, k8, xv);
   float amax = 0.f;
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {

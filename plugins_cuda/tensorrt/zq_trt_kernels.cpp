@@ -22,10 +22,26 @@ int64_t groups(int64_t k, int64_t groupK)
     return groupK > 0 && groupK < k ? k / groupK : 1;
 }
 
-// The engine's choice (zqcompile/plugins/cuda.py): the Hopper INT8 GEMM where it applies (INT8 weights, or INT4
-// unpacked into the workspace, with one scale per weight row), else the CUDA-core kernel, which takes any shape.
+// The engine's choice (zqcompile/plugins/cuda.py int8_gemm_dequant; limits measured on an H200): the sm80+ mma
+// kernel for K-group scales above M = 16 (no per-call fp16 dequant path here, so at every larger M) and for INT4
+// or short-K INT8 row scales at 4 < M <= 64; else the Hopper INT8 GEMM (INT4 unpacked into the workspace); else
+// the mma kernel again (A100: no Hopper kernel); the CUDA-core kernel, which takes any shape, last.
+bool tryMma(zq_gemm_args const& a, cudaStream_t stream, cudaError_t* rc)
+{
+    *rc = zq_gemm_mma(&a, stream);
+    return *rc != cudaErrorNotSupported;
+}
+
 cudaError_t runGemm(zq_gemm_args& a, void* workspace, size_t workspaceBytes, cudaStream_t stream)
 {
+    cudaError_t rc = cudaSuccess;
+    if (a.x_is_int8)
+    {
+        bool const rowScales = a.groups == 1;
+        bool const mmaFirst = rowScales ? (a.m > 4 && a.m <= 64 && (a.w_bits == 4 || a.k <= 1024)) : a.m > 16;
+        if (mmaFirst && tryMma(a, stream, &rc))
+            return rc;
+    }
     if (a.x_is_int8 && a.groups == 1 && a.m > 4)
     {
         zq_gemm_args t = a;
@@ -49,6 +65,8 @@ cudaError_t runGemm(zq_gemm_args& a, void* workspace, size_t workspaceBytes, cud
             if (e != cudaErrorNotSupported)
                 return e;
         }
+        if (tryMma(a, stream, &rc))
+            return rc;
     }
     return zq_gemm_simt(&a, stream);
 }

@@ -346,6 +346,8 @@ def test_fallback_for_unsupported_dtypes_matches_reference():
     """Mixed dtypes are answered by the reference implementation, not a wrong kernel."""
     x = rand_act((4, 64), torch.float16, seed=1)
     w = torch.ones(64, device=DEV, dtype=torch.float32)
+    before = sum(n for (op, _), n in cuda.fallbacks.items() if op == "norm_quant")
     got = torch.ops.zq.norm_quant(x, None, w, None, 1e-5, "rms", True, False)
+    assert sum(n for (op, _), n in cuda.fallbacks.items() if op == "norm_quant") == before + 1  # counted, warned
     exp = ref("norm_quant")(x, None, w, None, 1e-5, "rms", True, False)
     assert torch.equal(got[0], exp[0])

@@ -31,3 +31,19 @@ def test_missing_library_is_silent_on_cpu(no_library):
         warnings.simplefilter("always")
         assert plugins.ensure_cuda_kernels("cpu") is False
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_kernel_fallback_is_counted_and_warned_once(monkeypatch):
+    """A CUDA input no kernel covers runs the reference op: counted per (op, reason), one warning per pair."""
+    from zqcompile.plugins import cuda
+
+    monkeypatch.setattr(cuda, "fallbacks", cuda.Counter())
+    monkeypatch.setattr(cuda, "_ref", lambda op: (lambda *a: (op, a)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cuda._fallback("norm_quant", "mixed dtypes", 1, 2) == ("norm_quant", (1, 2))
+        cuda._fallback("norm_quant", "mixed dtypes", 3)
+        cuda._fallback("act_quant", "rows over 56K", 4)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 2 and "norm_quant ran its reference implementation (mixed dtypes)" in msgs[0]
+    assert cuda.fallbacks == {("norm_quant", "mixed dtypes"): 2, ("act_quant", "rows over 56K"): 1}

@@ -30,5 +30,5 @@ def test_adapter_defines_every_declared_launch(tmp_path):
     assert defined == declared
     undefined = subprocess.run(["nm", "-u", str(obj)], capture_output=True, text=True).stdout
     for api in ("zq_quantize_per_token", "zq_norm_quant", "zq_act_quant", "zq_gemm_simt", "zq_gemm_sm90",
-                "zq_unpack_int4"):
+                "zq_gemm_mma", "zq_unpack_int4"):
         assert api in undefined  # resolved by libzq_kernels.so, the engine's own kernels

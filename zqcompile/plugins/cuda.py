@@ -8,6 +8,7 @@ answered; `describe()` and the path counters (GEMMs, attention) say what ran.
 from __future__ import annotations
 
 import ctypes
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -38,6 +39,20 @@ CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: the kernel does not tak
 _lib: Optional[ctypes.CDLL] = None
 _path: Optional[Path] = None
 gemm_paths: Counter = Counter()  # which GEMM path served each call (for reports and tests)
+# (op, reason) -> calls that ran the reference implementation on a CUDA tensor instead of a kernel; each new
+# pair warns once, so a slow path is never silent.
+fallbacks: Counter = Counter()
+
+
+def _fallback(op: str, why: str, *args):
+    """Run op's reference implementation for inputs no kernel covers, counted and warned about once."""
+    key = (op, why)
+    if key not in fallbacks:
+        warnings.warn(f"zq CUDA kernels: {op} ran its reference implementation ({why}); inputs like these are "
+                      f"slower than the kernel path (counts: zqcompile.plugins.cuda.fallbacks)", RuntimeWarning,
+                      stacklevel=3)
+    fallbacks[key] += 1
+    return _ref(op)(*args)
 attention_paths: Counter = Counter()  # "rope" / "decode_attention" (kernels) or "<op>_reference"
 CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: the kernel declined the inputs, nothing was launched
 
@@ -133,8 +148,11 @@ def _same_dtype(x: Tensor, *others: Optional[Tensor]) -> bool:
 
 def norm_quant(x, residual, weight, bias, eps, kind, emit_out, emit_sum):
     k = x.shape[-1]
-    if not _same_dtype(x, residual, weight, bias) or x.numel() == 0 or k > 56 * 1024 or kind not in ("layer", "rms"):
+    if x.numel() == 0:
         return _ref("norm_quant")(x, residual, weight, bias, eps, kind, emit_out, emit_sum)
+    if not _same_dtype(x, residual, weight, bias) or k > 56 * 1024 or kind not in ("layer", "rms"):
+        return _fallback("norm_quant", "mixed or fp64 dtypes, rows over 56K, or an unknown norm", x, residual, weight,
+                         bias, eps, kind, emit_out, emit_sum)
     x = x.contiguous()
     residual = None if residual is None else residual.contiguous()
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
@@ -151,8 +169,10 @@ def norm_quant(x, residual, weight, bias, eps, kind, emit_out, emit_sum):
 
 def act_quant(x, bias, gate, act, emit_out):
     k = x.shape[-1]
-    if not _same_dtype(x, bias, gate) or x.numel() == 0 or k > 56 * 1024:
+    if x.numel() == 0:
         return _ref("act_quant")(x, bias, gate, act, emit_out)
+    if not _same_dtype(x, bias, gate) or k > 56 * 1024:
+        return _fallback("act_quant", "mixed or fp64 dtypes, or rows over 56K", x, bias, gate, act, emit_out)
     x = x.contiguous()
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
@@ -229,9 +249,12 @@ def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out
     k, n = xq.shape[-1], wq.shape[0]
     m = xq.numel() // k if k else 0
     lead = xq.shape[:-1]
-    if not _epilogue_dtypes_ok(out_dtype, bias, residual) or m == 0 or k == 0:
-        gemm_paths["reference"] += 1
+    if m == 0 or k == 0:
         return _ref("int8_gemm_dequant")(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype)
+    if not _epilogue_dtypes_ok(out_dtype, bias, residual):
+        gemm_paths["reference"] += 1
+        return _fallback("int8_gemm_dequant", "bias / residual dtype differs from the output dtype", xq, x_scale, wq,
+                         w_scale, bias, residual, act, w_bits, out_dtype)
     x2 = xq.reshape(m, k).contiguous()
     xs = x_scale.reshape(m).to(torch.float32).contiguous()
     ws = w_scale.to(torch.float32).contiguous()
@@ -273,8 +296,11 @@ def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out
 def weight_only_gemm(x, wq, w_scale, bias, residual, act, w_bits):
     k, n = x.shape[-1], wq.shape[0]
     m = x.numel() // k if k else 0
-    if not _epilogue_dtypes_ok(x.dtype, bias, residual) or m == 0:
+    if m == 0:
         return _ref("weight_only_gemm")(x, wq, w_scale, bias, residual, act, w_bits)
+    if not _epilogue_dtypes_ok(x.dtype, bias, residual):
+        return _fallback("weight_only_gemm", "bias / residual dtype differs from x's", x, wq, w_scale, bias, residual,
+                         act, w_bits)
     lead = x.shape[:-1]
     x2 = x.reshape(m, k).contiguous()
     ws = w_scale.to(torch.float32).contiguous()
@@ -303,7 +329,9 @@ def rope(q, k, cos, sin):
             and q.numel() > 0)
     if not fits:
         attention_paths["rope_reference"] += 1
-        return _ref("rope")(q, k, cos, sin)
+        if q.numel() == 0:
+            return _ref("rope")(q, k, cos, sin)
+        return _fallback("rope", "mixed dtypes, odd or > 512 head dim, or cos/sin not [B, 1, S, D]", q, k, cos, sin)
     cos3, sin3 = (t.expand(b, 1, s, d).reshape(b, s, d).contiguous() for t in (cos, sin))
     q_out = torch.empty((b, hq, s, d), dtype=q.dtype, device=q.device)
     k_out = torch.empty((b, hkv, s, d), dtype=q.dtype, device=q.device)
@@ -340,7 +368,10 @@ def gqa_attention(q, k, v, mask, scale):
             attention_paths["decode_attention"] += 1
             return out
     attention_paths["gqa_attention_reference"] += 1
-    return _ref("gqa_attention")(q, k, v, mask, scale)
+    if s > 1 or b == 0:  # prefill: SDPA (the kernel is for one query token per row)
+        return _ref("gqa_attention")(q, k, v, mask, scale)
+    return _fallback("gqa_attention", "one-token attention outside the kernel's contract (dtype, head dim, mask "
+                     "shape, alignment or a cache longer than shared memory)", q, k, v, mask, scale)
 
 
 # ---- registration --------------------------------------------------------------------------------------

@@ -146,6 +146,17 @@ inline bool vec_row_launch(int64_t rows, int64_t k, int max_threads, std::initia
 
 // The end of every per-token kernel (quant_math.quantize_per_token): the row's amax from each thread's part,
 // then the int8 codes of the packs the thread holds and, once per row, the scale.
+// This thread's packs of a row (`row` points at the row's first element): pack v is element pack
+// p.t + v * p.nthr; packs past the row's k8 are left unset (every loop over held packs checks j < k8).
+template <class T, int kVecs>
+__device__ __forceinline__ void load_held_row(const T* __restrict__ row, const RowPos& p, int k8, Raw<T> (&hv)[kVecs]) {
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int j = p.t + v * p.nthr;
+    if (j < k8) hv[v] = load_raw(row + (int64_t)j * kPack);
+  }
+}
+
 template <class T, int kVecs, bool kWarpRow>
 __device__ __forceinline__ void quantize_held_row(const Raw<T> (&held)[kVecs], float amax, const RowPos& p, int k8,
                                                   int8_t* q_row, float* scale, float* red) {
