@@ -185,3 +185,28 @@ def test_cache_keyword_follows_the_model_signature():
     assert cache_kwarg(Old()) == "past_key_values" and cache_kwarg(New()) == "cache"
     with pytest.raises(CaptureError, match="neither `cache` nor `past_key_values`"):
         cache_kwarg(Neither())
+
+
+def test_saved_engine_generates_after_load(tmp_path, llama):
+    """Generation graphs built before save travel in the engine file; the loaded engine generates the same
+    tokens, with one copy of the weights and cache again."""
+    model, _ = llama
+    engine = zq.compile(model, (make_ids(1, 8),), config="w8a8")
+    engine.prepare_generation(max_batch=2, max_cache_len=40)
+    ids = make_ids(2, 9, seed=5)
+    want = engine.generate(ids, max_new_tokens=12)
+    engine.save(tmp_path / "gen.zq")
+    loaded = zq.load(tmp_path / "gen.zq")
+    assert torch.equal(loaded.generate(ids, max_new_tokens=12), want)
+    gen = loaded._generator
+    assert gen.decode.k_cache_0.data_ptr() == gen.prefill.k_cache_0.data_ptr()
+    assert gen.record.shared["decode<-prefill"][1] == 0
+    torch.testing.assert_close(loaded(ids), engine(ids))
+
+
+def test_engine_saved_without_generation_graphs_cannot_generate(tmp_path, llama):
+    model, _ = llama
+    engine = zq.compile(model, (make_ids(1, 8),), config="none")
+    engine.save(tmp_path / "plain.zq")
+    with pytest.raises(InputError, match="saved before prepare_generation"):
+        zq.load(tmp_path / "plain.zq").generate(make_ids(1, 4), max_new_tokens=2)

@@ -70,6 +70,8 @@ class Engine:
         self.gm.to(device)
         self.example_inputs = tuple(t.to(device) for t in self.example_inputs)
         self._graphs = None
+        if self._generator is not None:
+            self._generator.to(device, share_with=self.gm)
         return self
 
     # ---- generation (causal LMs) -------------------------------------------------------------------------
@@ -85,8 +87,9 @@ class Engine:
         if kv_cache not in ("model", "int8"):
             raise InputError(f"kv_cache must be 'model' or 'int8', got {kv_cache!r}")
         if self._gen_source is None:
-            raise InputError("this engine cannot generate: it was not compiled from a causal LM "
-                             "(or was loaded from a file; generation graphs are not saved yet)")
+            raise InputError("this engine cannot generate: it was not compiled from a causal LM, or it was "
+                             "saved before prepare_generation() and loaded (a file keeps the generation graphs "
+                             "only when they were built before Engine.save)")
         model, config = self._gen_source
         _ensure_kernels(next(iter(model.parameters())).device)
         self._generator = build_generator(model, config, CacheSpec(max_batch, max_cache_len, kv_cache), self.gm)
@@ -118,6 +121,9 @@ class Engine:
 
     # ---- persistence ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
+        """Write the engine to `path` (atomically). When the generation graphs exist (after generate() or
+        prepare_generation()) they are saved too, so the loaded engine generates; the file then holds the
+        constants three times (engine, prefill, decode graphs: one copy again once loaded)."""
         path = os.fspath(path)
         d = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(d):
@@ -128,11 +134,20 @@ class Engine:
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "spec": asdict(self.spec),
                 "record": asdict(self.record)}
         meta["spec"]["dtypes"] = [str(t).removeprefix("torch.") for t in self.spec.dtypes]
+        programs = {}
+        if self._generator is not None:
+            programs = self._generator.export_programs()
+            meta["generation"] = self._generator.meta()
         fd, tmp = tempfile.mkstemp(prefix=".zq-", suffix=".tmp", dir=d)
         os.close(fd)
         try:
             with open(tmp, "wb") as f:  # a file object: torch.export wants a '.pt2' name otherwise
-                torch.export.save(ep, f, extra_files={META_FILE: json.dumps(meta)})
+                if programs:  # one archive, three programs ("model" is what torch.export.load reads)
+                    from torch.export.pt2_archive._package import package_pt2
+                    package_pt2(f, exported_programs={"model": ep, **programs},
+                                extra_files={META_FILE: json.dumps(meta)})
+                else:
+                    torch.export.save(ep, f, extra_files={META_FILE: json.dumps(meta)})
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -178,7 +193,16 @@ def load(path: str | os.PathLike) -> Engine:
     record = CompileRecord(**meta["record"])
     gm = ep.module()
     examples = tuple(torch.zeros([2] * r, dtype=dt) for r, dt in zip(spec.ranks, spec.dtypes))
-    return Engine(gm, spec, record, examples)
+    engine = Engine(gm, spec, record, examples)
+    if "generation" in meta:
+        from torch.export.pt2_archive._package import load_pt2
+
+        from .generation import Generator
+        with open(path, "rb") as f:
+            programs = load_pt2(f).exported_programs
+        engine._generator = Generator.from_programs(programs["prefill"].module(), programs["decode"].module(),
+                                                    meta["generation"], share_with=gm)
+    return engine
 
 
 __all__ = ["CompileRecord", "Engine", "EngineFileError", "InputError", "load"]

@@ -12,14 +12,15 @@ compile that is only used for `engine(...)` pays nothing for generation.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import fx, nn
 
 from .capture import InputError
 from .config import QuantConfig
-from .kv_cache import CachedLM, CacheSpec, KVShape, allocate_cache, capture_phase, share_constants
+from .kv_cache import (CACHE_PREFIXES, CachedLM, CacheSpec, KVShape, allocate_cache, capture_phase,
+                       share_constants)
 from .sampling import SamplingParams, select_next
 
 
@@ -48,6 +49,43 @@ class Generator:
     @property
     def device(self) -> torch.device:
         return self.decode.k_cache_0.device
+
+    # ---- persistence (Engine.save / zqcompile.load) -----------------------------------------------------
+    def export_programs(self) -> dict[str, torch.export.ExportedProgram]:
+        """The prefill and decode graphs as exported programs (each holds its own copy of the constants)."""
+        from .capture import export_dynamic
+        from .kv_cache import example_inputs, phase_dynamic_shapes
+        out = {}
+        for phase, gm in (("prefill", self.prefill), ("decode", self.decode)):
+            args = example_inputs(phase, self.spec, 2, self.device)
+            out[phase] = export_dynamic(gm, args, phase_dynamic_shapes(phase, self.spec))
+        return out
+
+    def meta(self) -> dict:
+        return {"spec": asdict(self.spec), "shape": asdict(self.shape), "pad_token_id": self.pad_token_id}
+
+    @staticmethod
+    def from_programs(prefill: fx.GraphModule, decode: fx.GraphModule, meta: dict,
+                      share_with: fx.GraphModule | None = None) -> Generator:
+        """Rebuild a saved generator: one copy of the weights and the cache again, as build_generator made."""
+        spec, shape = CacheSpec(**meta["spec"]), KVShape(**meta["shape"])
+        record = GenerationRecord(spec)
+        if share_with is not None:
+            record.shared["prefill<-engine"] = share_constants(prefill, share_with)
+        record.shared["decode<-prefill"] = share_constants(decode, prefill)
+        record.cache_bytes = sum(t.numel() * t.element_size() for n, t in decode.named_buffers()
+                                 if n.startswith(CACHE_PREFIXES))
+        return Generator(prefill, decode, spec, shape, record, int(meta["pad_token_id"]))
+
+    def to(self, device: torch.device | str, share_with: fx.GraphModule | None = None) -> Generator:
+        """Move both graphs (and the cache) to `device`, keeping one copy of every shared constant."""
+        self.prefill.to(device)
+        self.decode.to(device)
+        if share_with is not None:
+            share_constants(self.prefill, share_with)
+        share_constants(self.decode, self.prefill)
+        self._cuda_decode = self._cuda_prefill = None
+        return self
 
     def describe(self) -> str:
         r = self.record

@@ -148,19 +148,22 @@ def example_inputs(phase: str, spec: CacheSpec, vocab: int, device: torch.device
     return ids, pos, torch.arange(start, start + s, device=device), kv_mask
 
 
-def capture_phase(wrapper: CachedLM, phase: str, spec: CacheSpec, vocab: int) -> tuple[fx.GraphModule, tuple]:
-    """torch.export the wrapper: prefill with dynamic batch and prompt length, decode with one token and
-    dynamic batch (the decode CUDA graphs pick static batch buckets later)."""
-    device = next(wrapper.model.parameters()).device
-    args = example_inputs(phase, spec, vocab, device)
+def phase_dynamic_shapes(phase: str, spec: CacheSpec) -> tuple:
+    """Dynamic dims of (input_ids, position_ids, cache_position, kv_mask): prefill has dynamic batch and prompt
+    length, decode one token and dynamic batch (its CUDA graphs pick static batch buckets later)."""
     batch = Dim("batch", min=1, max=spec.max_batch) if spec.max_batch > 1 else Dim.STATIC
     if phase == "prefill":
         seq = Dim("prompt", min=1, max=spec.max_cache_len - 1)
-        dyn = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: seq}, {0: batch})
-    else:
-        dyn = ({0: batch}, {0: batch}, None, {0: batch})
+        return {0: batch, 1: seq}, {0: batch, 1: seq}, {0: seq}, {0: batch}
+    return {0: batch}, {0: batch}, None, {0: batch}
+
+
+def capture_phase(wrapper: CachedLM, phase: str, spec: CacheSpec, vocab: int) -> tuple[fx.GraphModule, tuple]:
+    """torch.export the wrapper around the cache for one phase (prefill or decode)."""
+    device = next(wrapper.model.parameters()).device
+    args = example_inputs(phase, spec, vocab, device)
     try:
-        ep = export_dynamic(wrapper.eval(), args, dyn)
+        ep = export_dynamic(wrapper.eval(), args, phase_dynamic_shapes(phase, spec))
     except Exception as e:  # noqa: BLE001 - re-raised naming the module that failed
         raise CaptureError(f"{phase} graph: " + _describe_capture_failure(wrapper.model, e)) from e
     return ep.module(), args
