@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zqcompile as zq  # noqa: E402
+from bench.bench_e2e import time_ms  # noqa: E402
 from bench.bench_gemm import time_graph  # noqa: E402
 from bench.bench_generate import make_model  # noqa: E402
 from zqcompile.ops import quant_math as qm  # noqa: E402
@@ -54,20 +54,6 @@ def kernel_table(fn, reps: int = 5) -> tuple[dict[str, tuple[int, float]], int, 
     return table, sum(c for c, _ in table.values()), sum(t for _, t in table.values())
 
 
-def event_us(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(out)
-
-
 def gemm_rows(shapes: list[tuple[int, int]], ms: list[int]) -> list[dict]:
     from zqcompile.plugins import cuda as C
     rows = []
@@ -99,7 +85,7 @@ def profile_config(model, cfg: str, batches: list[int], top_n: int) -> list[dict
         inp = decode_inputs(gen, b, 0)
         with torch.no_grad():
             table, count, kernel_us = kernel_table(lambda inp=inp: gen.decode(*inp))
-            graph_us = event_us(lambda inp=inp: gen._decode_step(*inp))
+            graph_us = 1e3 * time_ms(lambda inp=inp: gen._decode_step(*inp), 20)
         top = sorted(table.items(), key=lambda kv: -kv[1][1])[:top_n]
         steps.append({"config": cfg, "batch": b, "kernels": count, "kernel_us": kernel_us, "graph_us": graph_us,
                       "top": [(k, c, t) for k, (c, t) in top]})
