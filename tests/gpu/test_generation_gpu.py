@@ -12,9 +12,10 @@ import zqcompile as zq
 from zqcompile import plugins
 from zqcompile.models import tiny_model
 
+from . import require_cuda
+
 pytestmark = pytest.mark.gpu
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+require_cuda(kernels=False)
 
 DEV = "cuda"
 NEW = 30

@@ -8,15 +8,13 @@ import pytest
 import torch
 
 import zqcompile  # noqa: F401  registers the zq ops
-from zqcompile import plugins
 from zqcompile.ops import library as lib
 from zqcompile.ops import quant_math as qm
 
+from . import require_cuda
+
 pytestmark = pytest.mark.gpu
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-if not plugins.load():
-    pytest.skip(f"CUDA kernel library not built: {plugins.status()}", allow_module_level=True)
+require_cuda()
 
 from zqcompile.plugins import cuda  # noqa: E402
 
