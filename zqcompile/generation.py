@@ -69,10 +69,7 @@ class Generator:
                       share_with: fx.GraphModule | None = None) -> Generator:
         """Rebuild a saved generator: one copy of the weights and the cache again, as build_generator made."""
         spec, shape = CacheSpec(**meta["spec"]), KVShape(**meta["shape"])
-        record = GenerationRecord(spec)
-        if share_with is not None:
-            record.shared["prefill<-engine"] = share_constants(prefill, share_with)
-        record.shared["decode<-prefill"] = share_constants(decode, prefill)
+        record = GenerationRecord(spec, shared=tie_constants(prefill, decode, share_with))
         record.cache_bytes = sum(t.numel() * t.element_size() for n, t in decode.named_buffers()
                                  if n.startswith(CACHE_PREFIXES))
         return Generator(prefill, decode, spec, shape, record, int(meta["pad_token_id"]))
@@ -81,9 +78,7 @@ class Generator:
         """Move both graphs (and the cache) to `device`, keeping one copy of every shared constant."""
         self.prefill.to(device)
         self.decode.to(device)
-        if share_with is not None:
-            share_constants(self.prefill, share_with)
-        share_constants(self.decode, self.prefill)
+        tie_constants(self.prefill, self.decode, share_with)
         self._cuda_decode = self._cuda_prefill = None
         return self
 
@@ -178,6 +173,17 @@ class Generator:
         return self._cuda_decode(ids, pos, cache_position, kv_mask)
 
 
+def tie_constants(prefill: fx.GraphModule, decode: fx.GraphModule,
+                  share_with: fx.GraphModule | None = None) -> dict[str, tuple[int, int]]:
+    """One copy of every constant the graphs have in common (and of the cache): prefill takes the engine
+    graph's tensors, decode the prefill's. Returns {pair: (shared, kept separate)} for the record."""
+    shared = {}
+    if share_with is not None:
+        shared["prefill<-engine"] = share_constants(prefill, share_with)
+    shared["decode<-prefill"] = share_constants(decode, prefill)
+    return shared
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     """A Hugging Face model with a generation head (GPT2LMHeadModel, LlamaForCausalLM, OPTForCausalLM...)."""
     can = getattr(model, "can_generate", None)
@@ -202,10 +208,7 @@ def build_generator(model: nn.Module, cfg: QuantConfig, spec: CacheSpec,
         gm, args = capture_phase(CachedLM(model, cache, spec), phase, spec, vocab)
         run_pipeline(gm, PassContext(cfg, args, []), GENERATION_PIPELINE)
         graphs[phase] = gm
-    record = GenerationRecord(spec)
-    if share_with is not None:
-        record.shared["prefill<-engine"] = share_constants(graphs["prefill"], share_with)
-    record.shared["decode<-prefill"] = share_constants(graphs["decode"], graphs["prefill"])
+    record = GenerationRecord(spec, shared=tie_constants(graphs["prefill"], graphs["decode"], share_with))
     record.cache_bytes = sum(t.numel() * t.element_size() for t in cache.values())
     record.seconds = time.perf_counter() - t0
     gc = getattr(model, "generation_config", None)
