@@ -173,14 +173,16 @@ def load(path: str | os.PathLike) -> Engine:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no engine file at {path!r}")
-    extra = {META_FILE: ""}
-    try:
+    from torch.export.pt2_archive._package import load_pt2
+    try:  # one read of the archive: the engine's program, the generation programs if saved, our metadata
         with open(path, "rb") as f:
-            ep = torch.export.load(f, extra_files=extra)
+            contents = load_pt2(f)
+        programs = contents.exported_programs
+        ep = programs["model"]
     except Exception as e:  # noqa: BLE001 - any failure to parse means not a valid engine
         raise EngineFileError(f"{path!r} is not a readable zqcompile engine ({type(e).__name__}: {e})") from None
     try:
-        meta = json.loads(extra[META_FILE])
+        meta = json.loads(contents.extra_files.get(META_FILE, ""))
         if meta.get("format") != FORMAT:
             raise ValueError("format tag missing")
     except (ValueError, TypeError, AttributeError):
@@ -195,11 +197,7 @@ def load(path: str | os.PathLike) -> Engine:
     examples = tuple(torch.zeros([2] * r, dtype=dt) for r, dt in zip(spec.ranks, spec.dtypes))
     engine = Engine(gm, spec, record, examples)
     if "generation" in meta:
-        from torch.export.pt2_archive._package import load_pt2
-
         from .generation import Generator
-        with open(path, "rb") as f:
-            programs = load_pt2(f).exported_programs
         engine._generator = Generator.from_programs(programs["prefill"].module(), programs["decode"].module(),
                                                     meta["generation"], share_with=gm)
     return engine
