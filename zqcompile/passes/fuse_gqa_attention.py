@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import math
 
-from torch import fx
-
 import torch
+from torch import fx
 
 from .base import FusionRecord, NotFused, PassContext, PassResult, aten, copy_meta, dtype_of, fqn_of, is_call, \
     shape_of, zq
