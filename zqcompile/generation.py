@@ -69,9 +69,8 @@ class Generator:
                       share_with: fx.GraphModule | None = None) -> Generator:
         """Rebuild a saved generator: one copy of the weights and the cache again, as build_generator made."""
         spec, shape = CacheSpec(**meta["spec"]), KVShape(**meta["shape"])
-        record = GenerationRecord(spec, shared=tie_constants(prefill, decode, share_with))
-        record.cache_bytes = sum(t.numel() * t.element_size() for n, t in decode.named_buffers()
-                                 if n.startswith(CACHE_PREFIXES))
+        record = GenerationRecord(spec, shared=tie_constants(prefill, decode, share_with),
+                                  cache_bytes=cache_bytes(decode))
         return Generator(prefill, decode, spec, shape, record, int(meta["pad_token_id"]))
 
     def to(self, device: torch.device | str, share_with: fx.GraphModule | None = None) -> Generator:
@@ -184,6 +183,11 @@ def tie_constants(prefill: fx.GraphModule, decode: fx.GraphModule,
     return shared
 
 
+def cache_bytes(graph: fx.GraphModule) -> int:
+    """Bytes of the KV cache (and its INT8 scales) a prefill or decode graph holds."""
+    return sum(t.numel() * t.element_size() for n, t in graph.named_buffers() if n.startswith(CACHE_PREFIXES))
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     """A Hugging Face model with a generation head (GPT2LMHeadModel, LlamaForCausalLM, OPTForCausalLM...)."""
     can = getattr(model, "can_generate", None)
@@ -208,8 +212,8 @@ def build_generator(model: nn.Module, cfg: QuantConfig, spec: CacheSpec,
         gm, args = capture_phase(CachedLM(model, cache, spec), phase, spec, vocab)
         run_pipeline(gm, PassContext(cfg, args, []), GENERATION_PIPELINE)
         graphs[phase] = gm
-    record = GenerationRecord(spec, shared=tie_constants(graphs["prefill"], graphs["decode"], share_with))
-    record.cache_bytes = sum(t.numel() * t.element_size() for t in cache.values())
+    record = GenerationRecord(spec, shared=tie_constants(graphs["prefill"], graphs["decode"], share_with),
+                              cache_bytes=cache_bytes(graphs["decode"]))
     record.seconds = time.perf_counter() - t0
     gc = getattr(model, "generation_config", None)
     pad = getattr(gc, "pad_token_id", None)
