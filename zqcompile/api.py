@@ -10,7 +10,9 @@ from torch import nn
 from .capture import InputError, capture
 from .config import LKDConfig, QuantConfig, get_config
 from .engine import CompileRecord, Engine, load
-from .passes import PassContext, run_pipeline
+from .outputs import flatten_graph_outputs
+from . import progress
+from .passes import PIPELINE, PassContext, run_pipeline
 
 
 def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str = "w8a8",
@@ -30,21 +32,30 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
         raise InputError(f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if dump_dir is not None:
+        from .graph_dump import check_dump_dir
+        check_dump_dir(dump_dir)
     model = model.eval()
     if lkd is not None:
         from .lkd import run_lkd
         model = run_lkd(model, cfg, lkd)
-    gm, spec = capture(model, tuple(example_inputs), example_kwargs, (cfg.dynamic_batch, cfg.dynamic_seq))
+    with progress.step(f"capturing {type(model).__name__} with torch.export"):
+        gm, spec = capture(model, tuple(example_inputs), example_kwargs, (cfg.dynamic_batch, cfg.dynamic_seq))
+    outputs = flatten_graph_outputs(gm)  # the engine file then needs no output types registered to load
     bound = spec.bind(tuple(example_inputs), dict(example_kwargs or {}))
     calib = [tuple(spec.bind(tuple(c), {})) for c in (calibration_data or [])]
     ctx = PassContext(cfg, tuple(bound), calib)
     snapshots: list[tuple[str, str, str]] = []
 
+    bar, tick = progress.pass_bar(len(PIPELINE) + 1, f"compiling ({cfg.name})")
+
     def snap(name, g):
         from .graph_dump import graph_html, graph_text
         snapshots.append((name, graph_text(g), graph_html(g, name)))
+        tick(name, g)
 
-    records = run_pipeline(gm, ctx, on_pass=snap)
+    with bar:
+        records = run_pipeline(gm, ctx, on_pass=snap)
     record = CompileRecord(
         config=cfg.name, model=type(model).__name__,
         gemms=[{"fqn": g.fqn, "role": g.role, "scheme": g.scheme.describe(), "rule": g.rule,
@@ -52,7 +63,7 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
         passes=[asdict(r) for r in records],
         fusions=[asdict(f) for f in ctx.fusions],
         not_fused=[asdict(n) for n in ctx.not_fused])
-    engine = Engine(gm, spec, record, tuple(bound), snapshots)
+    engine = Engine(gm, spec, record, tuple(bound), snapshots, outputs)
     from .generation import is_causal_lm
     if is_causal_lm(model):
         engine.keep_generation_source(model, cfg)

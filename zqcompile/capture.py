@@ -51,6 +51,8 @@ class InputSpec:
     max_seq: int
 
     forward_params: list[str]  # the model's forward parameter names, in order (binds positional inputs)
+    static_batch: int | None = None  # the only batch size the graph takes (config.dynamic_batch=False)
+    static_seq: int | None = None  # the only sequence length (config.dynamic_seq=False)
 
     def bind(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         if len(args) > len(self.forward_params):
@@ -78,6 +80,12 @@ class InputSpec:
                 raise InputError(f"input {name!r} has dtype {t.dtype}; the engine was compiled for {dt}")
             if t.dim() != rank:
                 raise InputError(f"input {name!r} has shape {tuple(t.shape)}; the engine expects {rank} dims")
+            if rank >= 1 and self.static_batch is not None and t.shape[0] != self.static_batch:
+                raise InputError(f"input {name!r}: batch {t.shape[0]}; the engine was compiled for batch "
+                                 f"{self.static_batch} only (dynamic_batch=False)")
+            if rank >= 2 and self.static_seq is not None and t.shape[1] != self.static_seq:
+                raise InputError(f"input {name!r}: sequence length {t.shape[1]}; the engine was compiled for "
+                                 f"length {self.static_seq} only (dynamic_seq=False)")
             if rank >= 1 and not 1 <= t.shape[0] <= self.max_batch:
                 raise InputError(f"input {name!r}: batch {t.shape[0]} outside 1..{self.max_batch}")
             if rank >= 2 and not 1 <= t.shape[1] <= self.max_seq:
@@ -101,10 +109,10 @@ def _fixed_kwargs(sig: inspect.Signature | None, bound: dict) -> dict:
     return fixed
 
 
-def _widen(t: torch.Tensor) -> torch.Tensor:
+def _widen(t: torch.Tensor, dynamic: tuple[bool, bool] = (True, True)) -> torch.Tensor:
     """torch.export specialises size-1 dims; capture on >= 2 so batch and sequence stay dynamic."""
     for dim in range(min(t.dim(), 2)):
-        if t.shape[dim] == 1:
+        if dynamic[dim] and t.shape[dim] == 1:
             t = torch.cat([t, t], dim=dim)
     return t
 
@@ -145,7 +153,8 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None
         if t.dim() >= 2 and seq is not None:
             spec[1] = seq
         dyn.append(spec)
-        widened.append(_widen(t) if dynamic != (False, False) else t)
+        # a copy, never the caller's tensor: torch.export guards a view input on its base's shape
+        widened.append(_widen(t, dynamic).clone(memory_format=torch.contiguous_format))
     wrapper = _Bound(model, names, _fixed_kwargs(sig, bound)).eval()
     try:
         ep = export_dynamic(wrapper, tuple(widened), (tuple(dyn),))
@@ -154,7 +163,10 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None
     gm = ep.module()
     params = [p.name for p in sig.parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)] if sig else names
-    spec = InputSpec(names, [t.dtype for t in tensors], [t.dim() for t in tensors], max_batch, max_seq, params)
+    first = tensors[0]
+    spec = InputSpec(names, [t.dtype for t in tensors], [t.dim() for t in tensors], max_batch, max_seq, params,
+                     None if dynamic[0] or first.dim() < 1 else int(first.shape[0]),
+                     None if dynamic[1] or first.dim() < 2 else int(first.shape[1]))
     return gm, spec
 
 

@@ -1,21 +1,26 @@
-"""The compiled engine: the transformed GraphModule, how to bind its inputs, and what the compiler did
-(plan, pass records, fusions) for reports and dumps. Saving goes through torch.export's archive format with
-our metadata beside the program; writes are atomic.
+"""The compiled engine: the transformed GraphModule, how to bind its inputs and rebuild its outputs, and what
+the compiler did (plan, pass records, fusions) for reports and dumps. Saving goes through torch.export's
+archive format (a zip) with our metadata beside the program; writes are atomic (zqcompile.files), and load
+verifies every archive member's stored CRC-32 before trusting any of it, so a damaged file is refused by name
+instead of computing different numbers.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import fx
 
 from .capture import InputError, InputSpec, _widen, export_dynamic
+from .files import atomic_file
+from .outputs import OutputStructure
 
 FORMAT = "zqcompile-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the graph returns flat outputs, rebuilt from meta["outputs"]
 META_FILE = "zqcompile.json"
 
 
@@ -39,8 +44,9 @@ class Engine:
     """Callable like the original model: `engine(input_ids)` returns what `model(input_ids)` returned."""
 
     def __init__(self, gm: fx.GraphModule, spec: InputSpec, record: CompileRecord, example_inputs: tuple,
-                 snapshots: list[tuple[str, str, str]] | None = None):
-        self.gm = gm
+                 snapshots: list[tuple[str, str, str]] | None = None, outputs: OutputStructure | None = None):
+        self.gm = gm  # returns the output leaves as a flat tuple when `outputs` is set
+        self.outputs = outputs
         self.spec = spec
         self.record = record
         self.example_inputs = example_inputs
@@ -62,9 +68,11 @@ class Engine:
             if self._graphs is None:
                 from .backends.cuda_graphs import ShapeBucketedGraphs
                 self._graphs = ShapeBucketedGraphs(self.gm)
-            return self._graphs(*tensors)
-        with torch.no_grad():
-            return self.gm(*tensors)
+            out = self._graphs(*tensors)
+        else:
+            with torch.no_grad():
+                out = self.gm(*tensors)
+        return self.outputs.rebuild(out) if self.outputs is not None else out
 
     def to(self, device: str | torch.device) -> "Engine":
         self.gm.to(device)
@@ -121,44 +129,43 @@ class Engine:
 
     # ---- persistence ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the engine to `path` (atomically). When the generation graphs exist (after generate() or
-        prepare_generation()) they are saved too, so the loaded engine generates; the file then holds the
-        constants three times (engine, prefill, decode graphs: one copy again once loaded)."""
-        path = os.fspath(path)
-        d = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(d):
-            raise OSError(f"cannot save engine to {path!r}: directory {d!r} does not exist")
-        if not os.access(d, os.W_OK):
-            raise OSError(f"cannot save engine to {path!r}: directory {d!r} is not writable")
+        """Write the engine to `path` atomically. An existing file there is replaced only if it is a zqcompile
+        engine; anything else (another file, a directory, a device) is refused with OutputPathError. When the
+        generation graphs exist (after generate() or prepare_generation()) they are saved too, so the loaded
+        engine generates; the file then holds the constants three times (one copy again once loaded)."""
+        with atomic_file(path, "engine", replaceable=is_engine_file) as tmp:
+            self.write_to(tmp)
+
+    def write_to(self, path: str) -> None:
+        """Write the archive to `path` as it is (no checks, not atomic): for callers that stage their outputs
+        (zqcompile.files.Staged); everyone else calls save()."""
         ep = self._export()
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "spec": asdict(self.spec),
                 "record": asdict(self.record)}
         meta["spec"]["dtypes"] = [str(t).removeprefix("torch.") for t in self.spec.dtypes]
+        if self.outputs is not None:
+            meta["outputs"] = self.outputs.tree
         programs = {}
         if self._generator is not None:
             programs = self._generator.export_programs()
             meta["generation"] = self._generator.meta()
-        fd, tmp = tempfile.mkstemp(prefix=".zq-", suffix=".tmp", dir=d)
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as f:  # a file object: torch.export wants a '.pt2' name otherwise
-                if programs:  # one archive, three programs ("model" is what torch.export.load reads)
-                    from torch.export.pt2_archive._package import package_pt2
-                    package_pt2(f, exported_programs={"model": ep, **programs},
-                                extra_files={META_FILE: json.dumps(meta)})
-                else:
-                    torch.export.save(ep, f, extra_files={META_FILE: json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        from . import progress
+        with progress.step(f"writing the engine ({1 + len(programs)} program(s), "
+                           f"{self.weight_bytes() / 2**20:.0f} MiB of constants each)"), open(path, "wb") as f:  # a file object: torch.export wants a '.pt2' name otherwise
+            if programs:  # one archive, three programs ("model" is what torch.export.load reads)
+                from torch.export.pt2_archive._package import package_pt2
+                package_pt2(f, exported_programs={"model": ep, **programs},
+                            extra_files={META_FILE: json.dumps(meta)})
+            else:
+                torch.export.save(ep, f, extra_files={META_FILE: json.dumps(meta)})
 
     def _export(self) -> torch.export.ExportedProgram:
         from torch.export import Dim
-        batch = Dim("batch", min=1, max=self.spec.max_batch)
-        seq = Dim("seq", min=1, max=self.spec.max_seq)
-        dyn = tuple({i: d for i, d in zip(range(t.dim()), (batch, seq))} for t in self.example_inputs)
-        return export_dynamic(self.gm, tuple(_widen(t) for t in self.example_inputs), dyn)
+        dims = (None if self.spec.static_batch else Dim("batch", min=1, max=self.spec.max_batch),
+                None if self.spec.static_seq else Dim("seq", min=1, max=self.spec.max_seq))
+        dyn = tuple({i: d for i, d in zip(range(t.dim()), dims) if d is not None} for t in self.example_inputs)
+        dynamic = (dims[0] is not None, dims[1] is not None)
+        return export_dynamic(self.gm, tuple(_widen(t, dynamic) for t in self.example_inputs), dyn)
 
 
 def _ensure_kernels(device: torch.device) -> None:
@@ -168,11 +175,61 @@ def _ensure_kernels(device: torch.device) -> None:
         ensure_cuda_kernels(device)
 
 
+def is_engine_file(path: str) -> bool:
+    """A zip archive holding zqcompile's metadata (the only kind of existing file save() replaces)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/extra/" + META_FILE) for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def verify_archive(path: str) -> None:
+    """Read every member of the archive, checking it against the CRC-32 the zip stores for it (and each
+    member's local header against the directory); raise EngineFileError naming the damaged part."""
+    try:
+        z = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise EngineFileError(f"{path!r} is not a readable zqcompile engine: not a zip archive, or its "
+                              f"directory (the end of the file) is damaged or missing") from None
+    with z:
+        for info in z.infolist():
+            try:
+                with z.open(info) as f:
+                    while f.read(1 << 24):
+                        pass
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+                raise EngineFileError(f"{path!r} is damaged: {_describe_member(z, info.filename)} fails its "
+                                      f"check ({e}); the file was corrupted after it was written: copy or "
+                                      f"compile it again") from None
+
+
+def _describe_member(z: zipfile.ZipFile, member: str) -> str:
+    """'constant <name> of the <program> program (<member>)' for a weight file, else the member's name."""
+    folder, _, leaf = member.rpartition("/")
+    if folder.endswith("data/weights") or folder.endswith("data/constants"):
+        for name in z.namelist():
+            if name.startswith(folder + "/") and name.endswith("_config.json"):
+                try:
+                    config = json.loads(z.read(name)).get("config", {})
+                except (ValueError, zipfile.BadZipFile, zlib.error):
+                    continue
+                for const, entry in config.items():
+                    if entry.get("path_name") == leaf:
+                        program = name.rsplit("/", 1)[1].split("_")[0]
+                        return f"constant {const!r} of the {program} program (archive member {member!r})"
+    return f"archive member {member!r}"
+
+
 def load(path: str | os.PathLike) -> Engine:
     """Load an engine written by Engine.save; foreign or corrupt files raise EngineFileError."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no engine file at {path!r}")
+    from . import progress
+    with progress.step(f"verifying {path}", show=os.path.getsize(path) > 64 << 20):
+        verify_archive(path)
+    from . import ops  # noqa: F401 - the zq ops must be registered before the programs are deserialized
     from torch.export.pt2_archive._package import load_pt2
     try:  # one read of the archive: the engine's program, the generation programs if saved, our metadata
         with open(path, "rb") as f:
@@ -191,11 +248,13 @@ def load(path: str | os.PathLike) -> Engine:
         raise EngineFileError(f"{path!r} was written by a newer zqcompile (format {meta['version']})")
     s = meta["spec"]
     spec = InputSpec(s["names"], [getattr(torch, d) for d in s["dtypes"]], s["ranks"], s["max_batch"],
-                     s["max_seq"], s["forward_params"])
+                     s["max_seq"], s["forward_params"], s.get("static_batch"), s.get("static_seq"))
     record = CompileRecord(**meta["record"])
     gm = ep.module()
-    examples = tuple(torch.zeros([2] * r, dtype=dt) for r, dt in zip(spec.ranks, spec.dtypes))
-    engine = Engine(gm, spec, record, examples)
+    lead = [spec.static_batch or 2, spec.static_seq or 2]
+    examples = tuple(torch.zeros((lead + [2] * r)[:r], dtype=dt) for r, dt in zip(spec.ranks, spec.dtypes))
+    outputs = OutputStructure(meta["outputs"]) if "outputs" in meta else None
+    engine = Engine(gm, spec, record, examples, outputs=outputs)
     if "generation" in meta:
         from .generation import Generator
         engine._generator = Generator.from_programs(programs["prefill"].module(), programs["decode"].module(),
@@ -203,4 +262,4 @@ def load(path: str | os.PathLike) -> Engine:
     return engine
 
 
-__all__ = ["CompileRecord", "Engine", "EngineFileError", "InputError", "load"]
+__all__ = ["CompileRecord", "Engine", "EngineFileError", "InputError", "is_engine_file", "load", "verify_archive"]

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx, nn
 
+from . import progress
 from .capture import InputError
 from .config import QuantConfig
 from .kv_cache import (CACHE_PREFIXES, CachedLM, CacheSpec, KVShape, allocate_cache, capture_phase,
@@ -209,8 +210,11 @@ def build_generator(model: nn.Module, cfg: QuantConfig, spec: CacheSpec,
     vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
     graphs = {}
     for phase in ("prefill", "decode"):
-        gm, args = capture_phase(CachedLM(model, cache, spec), phase, spec, vocab)
-        run_pipeline(gm, PassContext(cfg, args, []), GENERATION_PIPELINE)
+        bar, tick = progress.pass_bar(len(GENERATION_PIPELINE) + 2, f"{phase} graph ({cfg.name})")
+        with bar:
+            gm, args = capture_phase(CachedLM(model, cache, spec), phase, spec, vocab)
+            tick("0_captured", gm)
+            run_pipeline(gm, PassContext(cfg, args, []), GENERATION_PIPELINE, on_pass=tick)
         graphs[phase] = gm
     record = GenerationRecord(spec, shared=tie_constants(graphs["prefill"], graphs["decode"], share_with),
                               cache_bytes=cache_bytes(graphs["decode"]))

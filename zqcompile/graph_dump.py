@@ -1,7 +1,9 @@
 """Graph dumps: after every pass, the graph as readable text and as a self-contained HTML page with an SVG
 picture (quantized ops, fused ops and FP GEMMs coloured differently, labelled with module FQNs), plus the
-fusion table and the report. `write_dump` builds everything in memory, then writes it into a fresh temporary
-folder that replaces the target at the end, so a failed dump leaves nothing half-written."""
+fusion table and the report. A dump writes a manifest (zqcompile-dump.json) listing its files and never
+touches anything else: the target must be new, empty, or an earlier dump (whose listed files it replaces;
+files the user added there are kept). Everything is written into a temporary folder first and moved into
+place at the end, so a failed or interrupted dump leaves nothing half-written."""
 from __future__ import annotations
 
 import html
@@ -9,11 +11,15 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from .capture import fqn_of
+from .files import TMP_PREFIX, OutputPathError
+
+MANIFEST = "zqcompile-dump.json"
 
 COLOURS = {"fused": "#7fd17f", "quant": "#8fb8ff", "fp_gemm": "#ffb36b", "qdq": "#ff8080", "other": "#e8e8e8"}
 _FUSED = {"norm_quant", "act_quant", "int8_gemm_dequant", "weight_only_gemm"}
@@ -104,7 +110,8 @@ def fusion_table(record) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_dump(engine, out_dir: str) -> list[str]:
+def dump_files(engine) -> dict[str, str]:
+    """Every file of the dump, in memory: {file name: text}."""
     if not engine.snapshots:
         raise ValueError("this engine has no pass snapshots (engines loaded from a file keep only the report); "
                          "compile again with dump_dir= to get the per-pass graphs")
@@ -115,23 +122,96 @@ def write_dump(engine, out_dir: str) -> list[str]:
     files["fusions.md"] = fusion_table(engine.record)
     files["report.txt"] = engine.report() + "\n"
     files["plan.json"] = json.dumps(engine.record.gemms, indent=1)
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OSError(f"cannot dump to {out_dir!r}: it is a file")
+    return files
+
+
+def _earlier_dump(out_dir: str) -> list[str] | None:
+    """The files an earlier dump in `out_dir` wrote (from its manifest), None when there is no manifest."""
     try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".zq-dump-", dir=parent)
+        with open(os.path.join(out_dir, MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+        return [str(n) for n in manifest["files"]] if manifest.get("format") == "zqcompile-dump" else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_dump_dir(out_dir: str | os.PathLike) -> str:
+    """Before any work: the absolute dump folder, or OutputPathError when writing there would touch files
+    zqcompile did not write."""
+    user = os.fspath(out_dir)
+    full = os.path.abspath(user)
+    if os.path.lexists(full) and (os.path.islink(full) or not os.path.isdir(full)):
+        raise OutputPathError(f"cannot dump to {user!r}: it is a file, not a folder")
+    if os.path.isdir(full):
+        entries = [e for e in os.listdir(full) if not e.startswith(TMP_PREFIX)]
+        if entries and _earlier_dump(full) is None:
+            raise OutputPathError(f"cannot dump to {user!r}: the folder is not empty and holds no earlier "
+                                  f"zqcompile dump ({MANIFEST}); give a new or empty folder")
+    parent = os.path.dirname(full)
+    if not os.path.isdir(parent):
+        raise OutputPathError(f"cannot dump to {user!r}: folder {parent!r} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.isdir(full) and not os.access(full, os.W_OK)):
+        raise OutputPathError(f"cannot dump to {user!r}: not writable")
+    return full
+
+
+@dataclass
+class StagedDump:
+    """A dump written to a temporary folder beside its target, put in place by commit()."""
+
+    tmp: str
+    target: str
+    user_path: str
+    names: list[str]
+
+    def commit(self) -> None:
+        if not os.path.exists(self.target):
+            os.rename(self.tmp, self.target)  # a new folder: one atomic rename
+            return
+        old = _earlier_dump(self.target) or []
+        for name in self.names:  # an empty folder or an earlier dump: replace file by file, manifest last
+            os.replace(os.path.join(self.tmp, name), os.path.join(self.target, name))
+        for name in set(old) - set(self.names):
+            path = os.path.join(self.target, name)
+            if os.path.isfile(path) and os.path.dirname(os.path.abspath(path)) == self.target:
+                os.unlink(path)
+        self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def stage_dump(engine, out_dir: str | os.PathLike) -> StagedDump:
+    """Check the target, then write the whole dump into a temporary folder next to it."""
+    target = check_dump_dir(out_dir)
+    files = dump_files(engine)
+    names = sorted(files) + [MANIFEST]
+    files[MANIFEST] = json.dumps({"format": "zqcompile-dump", "version": 1, "model": engine.record.model,
+                                  "config": engine.record.config, "files": names}, indent=1)
+    try:
+        tmp = tempfile.mkdtemp(prefix=TMP_PREFIX + "dump-", dir=os.path.dirname(target))
     except OSError as e:
-        raise OSError(f"cannot dump to {out_dir!r}: {e.strerror}") from None
+        raise OutputPathError(f"cannot dump to {os.fspath(out_dir)!r}: {e.strerror}") from None
+    staged = StagedDump(tmp, target, os.fspath(out_dir), names)
     try:
-        for fname, content in files.items():
+        for fname in names:  # the manifest last: its presence says the dump is complete
             with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
-                f.write(content)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+                f.write(files[fname])
+    except BaseException as e:
+        staged.discard()
+        if isinstance(e, OSError):
+            raise OutputPathError(f"cannot dump to {os.fspath(out_dir)!r}: {e.strerror or e} (nothing written)") from None
+        raise
+    return staged
+
+
+def write_dump(engine, out_dir: str | os.PathLike) -> list[str]:
+    """Write the dump into `out_dir` (new, empty, or an earlier dump); returns the paths written."""
+    staged = stage_dump(engine, out_dir)
+    try:
+        staged.commit()
+    except OSError as e:
+        raise OutputPathError(f"cannot dump to {os.fspath(out_dir)!r}: {e.strerror or e}") from None
     finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return sorted(os.path.join(out_dir, f) for f in files)
+        staged.discard()
+    return [os.path.join(staged.target, n) for n in staged.names]

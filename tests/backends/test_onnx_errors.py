@@ -51,7 +51,8 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 
 def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "m.onnx"
-    target.write_bytes(b"previous export")
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "previous", [], [])), str(target))
+    previous = target.read_bytes()
 
     def save_half_then_fail(model, path, **kwargs):
         with open(path, "wb") as f:
@@ -62,8 +63,17 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     gm = torch.export.export(torch.nn.ReLU(), (torch.randn(2, 3),)).module()
     with pytest.raises(ExportError, match="No space left"):
         export_onnx(gm, target, example_inputs=(torch.randn(2, 3),), dynamic=False)
-    assert target.read_bytes() == b"previous export"
+    assert target.read_bytes() == previous
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_export_never_replaces_a_file_that_is_not_an_onnx_model(tmp_path):
+    notes = tmp_path / "notes.onnx"
+    notes.write_text("my notes")
+    gm = torch.export.export(torch.nn.ReLU(), (torch.randn(2, 3),)).module()
+    with pytest.raises(ExportError, match="not an ONNX model is there"):
+        export_onnx(gm, notes, example_inputs=(torch.randn(2, 3),), dynamic=False)
+    assert notes.read_text() == "my notes"
 
 
 def test_unknown_dialect(tmp_path):

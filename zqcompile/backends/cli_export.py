@@ -27,13 +27,16 @@ def add_export_command(subparsers: argparse._SubParsersAction, load: Callable[[s
 def run_export(args: argparse.Namespace, load: Callable[[str], object]) -> int:
     from .onnx import ExportError, export_onnx
     from .tensorrt import TensorRTUnavailable, export_tensorrt
+    from ..files import OutputPathError, check_output_file, looks_like_onnx
     try:
+        check_output_file(args.output, "ONNX model" if args.format != "tensorrt" else "TensorRT plan",
+                          replaceable=looks_like_onnx if args.format != "tensorrt" else None, kind="an ONNX model")
         engine = load(args.engine)
         if args.format == "tensorrt":
             out = export_tensorrt(engine, args.output, plugin_library=args.plugin_library)
         else:
             out = export_onnx(engine, args.output, dialect="standard" if args.format == "onnx" else "tensorrt")
-    except (ExportError, TensorRTUnavailable, FileNotFoundError) as e:
+    except (ExportError, TensorRTUnavailable, FileNotFoundError, OutputPathError) as e:
         print(f"zqcompile export: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out} ({Path(out).stat().st_size / 1e6:.2f} MB, {args.format})")

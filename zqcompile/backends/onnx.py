@@ -15,6 +15,8 @@ from typing import Any, Callable, Protocol, Sequence, Union
 
 import torch
 
+from .. import ops  # noqa: F401 - the zq ops this module lowers
+
 OPSET = 18  # torchlib's native opset: LayerNormalization (17), ReduceMax with axes as an input (18)
 DIALECTS = ("standard", "tensorrt")
 _EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a file at 2 GiB; above this the weights go to <name>.data
@@ -156,10 +158,14 @@ def save_atomic(model, path: Union[str, os.PathLike]) -> Path:
     """Write model to path (+ path.data when > 1 GiB of weights) via a temp dir in the same folder and
     os.replace, checking the written file with the full checker first: on any failure nothing is left."""
     import onnx
+
+    from ..files import OutputPathError, check_output_file, looks_like_onnx
+    try:
+        check_output_file(path, "ONNX model", replaceable=looks_like_onnx, kind="an ONNX model")
+    except OutputPathError as e:
+        raise ExportError(str(e)) from None
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ExportError(f"cannot write {path}: folder {parent} does not exist")
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
     except OSError as e:

@@ -1,0 +1,170 @@
+"""Writing user files safely: every target is checked before any long work starts, written to a temporary
+file next to it and renamed into place (a failed or interrupted write leaves the old file and no temporary),
+and nothing zqcompile did not write is ever replaced or deleted.
+
+`check_output_file` refuses a target that is not a regular file (a directory, a device, a symlink), an
+existing file that is not of the kind being written (`replaceable` says which files may be replaced, e.g. an
+earlier engine), and a directory that cannot be written. `Staged` collects several outputs of one command
+(an engine and its dump) and renames them into place together at the end, so an interrupt leaves nothing.
+Every message names the user's path, never a temporary one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+TMP_PREFIX = ".zq-"
+
+
+class OutputPathError(OSError):
+    """A target path that cannot be written (checked before any work)."""
+
+
+def looks_like_onnx(path: str) -> bool:
+    """An ONNX model file (a ModelProto starts with field 1, ir_version: byte 0x08)."""
+    try:
+        with open(path, "rb") as f:
+            return path.endswith(".onnx") and f.read(1) == b"\x08"
+    except OSError:
+        return False
+
+
+def looks_like_json(path: str) -> bool:
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            json.load(f)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def check_output_file(path: str | os.PathLike, what: str = "file",
+                      replaceable: Callable[[str], bool] | None = None, kind: str | None = None) -> str:
+    """The target's absolute path, or OutputPathError saying why it cannot be written and what to do.
+    An existing regular file is replaced only when `replaceable(path)` says it is `kind` (e.g. an engine)."""
+    p = os.fspath(path)
+    if not p:
+        raise OutputPathError(f"cannot write the {what}: empty path")
+    full = os.path.abspath(p)
+    try:
+        st = os.lstat(full)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise OutputPathError(f"cannot write the {what} to {p!r}: {e.strerror}") from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise OutputPathError(f"cannot write the {what} to {p!r}: it is a directory; give a file name "
+                                  f"(e.g. {os.path.join(p, 'model.zq')!r})")
+        if stat.S_ISLNK(st.st_mode):
+            raise OutputPathError(f"cannot write the {what} to {p!r}: it is a symbolic link; give the real path")
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputPathError(f"cannot write the {what} to {p!r}: it exists and is not a regular file")
+        if replaceable is None or not replaceable(full):
+            raise OutputPathError(f"cannot write the {what} to {p!r}: a file that is not {kind or 'a zqcompile ' + what} "
+                                  f"is there; remove it or choose another path")
+    check_writable_dir(os.path.dirname(full), p, what)
+    return full
+
+
+def check_writable_dir(d: str, user_path: str, what: str) -> None:
+    """Create and remove a probe file in `d` (os.access is not enough: /proc, read-only mounts, root)."""
+    if not os.path.isdir(d):
+        raise OutputPathError(f"cannot write the {what} to {user_path!r}: directory {d!r} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".probe", dir=d)
+    except OSError as e:
+        raise OutputPathError(f"cannot write the {what} to {user_path!r}: directory {d!r} is not writable "
+                              f"({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, what: str = "file",
+                replaceable: Callable[[str], bool] | None = None) -> Iterator[str]:
+    """Yield a temporary path next to `path`; on success it is fsynced and renamed onto `path`, on any
+    failure (or Ctrl-C) removed. OSErrors name the user's path."""
+    target = check_output_file(path, what, replaceable)
+    tmp = _temp_path(target, what, path)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, target)
+    except OSError as e:
+        raise OutputPathError(f"cannot write the {what} to {os.fspath(path)!r}: {e.strerror or e} "
+                              f"(nothing written)") from None
+    finally:
+        _remove(tmp)
+
+
+def _temp_path(target: str, what: str, user_path) -> str:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=os.path.dirname(target))
+    except OSError as e:
+        raise OutputPathError(f"cannot write the {what} to {os.fspath(user_path)!r}: {e.strerror}") from None
+    os.close(fd)
+    return tmp
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+class Staged:
+    """Outputs of one command, written to temporaries and put in place together by `commit()`; anything
+    not committed (an error, Ctrl-C) is removed by `close()`. Use as a context manager."""
+
+    def __init__(self) -> None:
+        self._files: list[tuple[str, str, str, str]] = []  # (tmp, target, user path, what)
+        self._actions: list[tuple[Callable[[], None], Callable[[], None]]] = []  # (commit, discard)
+
+    def file(self, path: str | os.PathLike, what: str = "file",
+             replaceable: Callable[[str], bool] | None = None) -> str:
+        target = check_output_file(path, what, replaceable)
+        tmp = _temp_path(target, what, path)
+        self._files.append((tmp, target, os.fspath(path), what))
+        return tmp
+
+    def action(self, commit: Callable[[], None], discard: Callable[[], None]) -> None:
+        """A custom output (e.g. a dump folder) with its own commit and discard steps."""
+        self._actions.append((commit, discard))
+
+    def commit(self) -> None:
+        for tmp, target, user, what in self._files:
+            try:
+                _fsync(tmp)
+                os.replace(tmp, target)
+            except OSError as e:
+                raise OutputPathError(f"cannot write the {what} to {user!r}: {e.strerror or e}") from None
+        self._files.clear()
+        for commit, _ in self._actions:
+            commit()
+        self._actions.clear()
+
+    def close(self) -> None:
+        for tmp, *_ in self._files:
+            _remove(tmp)
+        for _, discard in self._actions:
+            discard()
+        self._files.clear()
+        self._actions.clear()
+
+    def __enter__(self) -> "Staged":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
