@@ -1,14 +1,36 @@
-"""zqcompile: ZeroQuant post-training quantization compiler for transformer models."""
-from . import ops  # registers the zq ops
-from .api import compile, dump, load
-from .backends.onnx import export_onnx
-from .backends.tensorrt import export_tensorrt, load_tensorrt
-from .capture import CaptureError, InputError
-from .engine import Engine, EngineFileError
-from .passes import WeightError
-from .config import (ActQuant, ConfigError, GemmScheme, LKDConfig, PRESETS, QuantConfig, WeightQuant,
-                     get_config)
+"""zqcompile: ZeroQuant post-training quantization compiler for transformer models.
 
-__all__ = ["compile", "dump", "load", "export_onnx", "export_tensorrt", "load_tensorrt", "Engine", "EngineFileError", "CaptureError", "InputError", "WeightError",
-           "ActQuant", "ConfigError", "GemmScheme", "LKDConfig", "PRESETS", "QuantConfig", "WeightQuant",
-           "get_config", "ops"]
+The public names resolve on first use (PEP 562), so the `zqcompile` command starts (and answers --help, a
+bad argument or Ctrl-C) before torch and transformers are imported.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "compile": "api", "dump": "api", "load": "api",
+    "export_onnx": "backends.onnx", "export_tensorrt": "backends.tensorrt", "load_tensorrt": "backends.tensorrt",
+    "CaptureError": "capture", "InputError": "capture",
+    "Engine": "engine", "EngineFileError": "engine",
+    "WeightError": "passes",
+    "ActQuant": "config", "ConfigError": "config", "GemmScheme": "config", "LKDConfig": "config",
+    "PRESETS": "config", "QuantConfig": "config", "WeightQuant": "config", "get_config": "config",
+    "OutputPathError": "files",
+}
+
+__all__ = [*_EXPORTS, "ops"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name == "ops":
+        value = importlib.import_module(".ops", __name__)  # registers the zq ops
+    else:
+        raise AttributeError(f"module 'zqcompile' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

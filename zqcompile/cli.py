@@ -1,31 +1,79 @@
-"""`zqcompile` command line: compile, report, demo (and the commands other modules register)."""
+"""`zqcompile` command line: compile, report, demo (and the commands other modules register).
+
+Every user error ends in one line `zqcompile <command>: error: <cause and what to do>` and exit code 2;
+arguments and output paths are checked before any model is loaded; Ctrl-C prints `interrupted; nothing
+written` (exit 130) and leaves no file behind: outputs are staged and put in place only at the end. Heavy
+imports (torch, transformers) happen inside the commands, so even an early Ctrl-C is handled.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
-import torch
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage dump)."""
+
+    def error(self, message: str) -> None:  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _example_ids(model, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _example_ids(model, batch: int, seq: int, seed: int = 0):
+    import torch
     vocab = getattr(getattr(model, "config", None), "vocab_size", 1000)
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
 
 
+def check_seq_fits(model, seq: int, what: str = "--seq") -> None:
+    """A sequence longer than the model's positions fails deep in capture: say so first."""
+    from .capture import InputError
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit and seq > limit:
+        raise InputError(f"{what} {seq} is longer than the model's context ({limit} positions); "
+                         f"use at most {limit}")
+
+
 def cmd_compile(args) -> int:
+    from .config import get_config
+    from .engine import is_engine_file
+    from .files import Staged, check_output_file
+    from .graph_dump import check_dump_dir, stage_dump
+    if args.out:
+        check_output_file(args.out, "engine", replaceable=is_engine_file)
+    if args.dump:
+        check_dump_dir(args.dump)
+    get_config(args.config)  # a bad preset name fails before the model loads
     import zqcompile as zq
     from .models import load_model
     model = load_model(args.model)
+    check_seq_fits(model, args.seq)
     ids = _example_ids(model, args.batch, args.seq)
     t0 = time.perf_counter()
-    engine = zq.compile(model, (ids,), config=args.config, dump_dir=args.dump)
+    engine = zq.compile(model, (ids,), config=args.config)
     print(engine.report())
     print(f"\ncompiled in {time.perf_counter() - t0:.1f} s")
+    with Staged() as outputs:
+        if args.out:
+            engine.write_to(outputs.file(args.out, "engine", replaceable=is_engine_file))
+        if args.dump:
+            staged = stage_dump(engine, args.dump)
+            outputs.action(staged.commit, staged.discard)
+        outputs.commit()
     if args.out:
-        engine.save(args.out)
-        print(f"saved {args.out}")
+        print(f"saved {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB)")
     if args.dump:
         print(f"graph dumps in {args.dump}/")
     return 0
@@ -43,6 +91,8 @@ def _rel_err(out, ref) -> float:
 
 def demo_rows(families=("bert", "gpt2"), configs=("w8a8", "w4/8a8", "ptq-static")) -> list[dict]:
     """Compile small built-in models and compare each engine with fp32 eager (also used by tests)."""
+    import torch
+
     import zqcompile as zq
     from .models import tiny_model
     rows = []
@@ -81,15 +131,15 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zqcompile", description="ZeroQuant post-training quantization compiler")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="zqcompile", description="ZeroQuant post-training quantization compiler")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     c = sub.add_parser("compile", help="compile a model folder / .gguf / packaged model name")
     c.add_argument("model", help="Hugging Face folder, .gguf file, or 'minilm' / 'smollm2'")
     c.add_argument("--config", default="w8a8", help="preset: w8a8, w4/8a8, w4/8a16, w8a8/16, w8a16, ptq-static, none")
-    c.add_argument("--out", help="write the engine here (e.g. model.zq)")
-    c.add_argument("--dump", help="write per-pass graph dumps into this folder")
-    c.add_argument("--batch", type=int, default=2)
-    c.add_argument("--seq", type=int, default=32)
+    c.add_argument("--out", help="write the engine here (e.g. model.zq); an existing engine there is replaced")
+    c.add_argument("--dump", help="write per-pass graph dumps into this folder (new, empty, or an earlier dump)")
+    c.add_argument("--batch", type=positive_int, default=2, help="example batch size (the engine takes any)")
+    c.add_argument("--seq", type=positive_int, default=32, help="example sequence length (the engine takes any)")
     c.set_defaults(fn=cmd_compile)
     r = sub.add_parser("report", help="print the report of a saved engine")
     r.add_argument("engine")
@@ -102,10 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load_engine(path: str):
+    from .engine import load
+    return load(path)
+
+
 def _add_export(sub) -> None:
     from .backends.cli_export import add_export_command
-    from .engine import load
-    add_export_command(sub, load)
+    add_export_command(sub, _load_engine)
 
 
 def _add_generate(sub) -> None:
@@ -124,17 +178,57 @@ def _add_accuracy(sub) -> None:
 _EXTENSIONS = [_add_export, _add_generate, _add_accuracy]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def quiet_libraries() -> None:
+    """Keep the terminal to zqcompile's own output: no Hugging Face info/progress chatter, no warnings
+    from libraries about things the user did not ask for (optional packages missing, tokenizer lengths)."""
+    import logging
+    import warnings
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", module=r"(transformers|torch|huggingface_hub|onnxscript|onnx_ir)\b")
+    for name in ("transformers", "torch", "huggingface_hub", "onnxscript", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
     from . import CaptureError, ConfigError, EngineFileError, InputError, WeightError
     from .models import ModelLoadError
-    handler = getattr(args, "fn", None) or args.func
+    return (ConfigError, CaptureError, InputError, WeightError, EngineFileError, ModelLoadError, OSError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = "zqcompile"
     try:
-        return handler(args)
-    except (ConfigError, CaptureError, InputError, WeightError, EngineFileError, ModelLoadError,
-            FileNotFoundError, OSError) as e:
-        print(f"zqcompile {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = f"zqcompile {args.command}"
+        quiet_libraries()
+        from . import progress
+        handler = getattr(args, "fn", None) or args.func
+        errors = _user_errors()
+        try:
+            with progress.forced(True):
+                return handler(args)
+        except BrokenPipeError:  # `zqcompile report m.zq | head`: the reader left; not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        except errors as e:
+            print(f"{command}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
+        print(f"\n{command}: interrupted; nothing written", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.split("\n")) if len(text) < 600 else text.splitlines()[0]
 
 
 if __name__ == "__main__":

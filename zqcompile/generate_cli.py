@@ -6,10 +6,9 @@ import argparse
 import sys
 import time
 
-import torch
 
-
-def encode_prompt(tok, prompt: str, chat: bool) -> torch.Tensor:
+def encode_prompt(tok, prompt: str, chat: bool):
+    import torch
     if chat:
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       return_tensors="pt")
@@ -17,12 +16,30 @@ def encode_prompt(tok, prompt: str, chat: bool) -> torch.Tensor:
     return tok(prompt, return_tensors="pt")["input_ids"]
 
 
+def check_context(model, prompt_tokens: int, new_tokens: int) -> None:
+    """Prompt + new tokens must fit the model's positions: say so before compiling (tens of seconds)."""
+    from .capture import InputError
+    from .kv_cache import KVShape
+    limit = KVShape.of(model).max_positions
+    if prompt_tokens + new_tokens > limit:
+        raise InputError(f"the prompt is {prompt_tokens} tokens and --max-new-tokens {new_tokens} asks for "
+                         f"{prompt_tokens + new_tokens} in all, more than the model's context of {limit}; "
+                         f"shorten the prompt or lower --max-new-tokens to at most {max(limit - prompt_tokens, 0)}")
+
+
 def cmd_generate(args) -> int:
     import zqcompile as zq
     from transformers import TextStreamer
+
+    from .config import get_config
     from .models import load_model, load_tokenizer
+    get_config(args.config)  # a bad preset name fails before the model loads
     model, tok = load_model(args.model), load_tokenizer(args.model)
     ids = encode_prompt(tok, args.prompt, args.chat)
+    if ids.numel() == 0:
+        from .capture import InputError
+        raise InputError(f"the prompt {args.prompt!r} encodes to no tokens with this tokenizer; give some text")
+    check_context(model, ids.shape[1], args.max_new_tokens)
     t0 = time.perf_counter()
     engine = zq.compile(model, (ids,), config=args.config)
     engine.prepare_generation(max_batch=1, max_cache_len=ids.shape[1] + args.max_new_tokens, kv_cache=args.kv_cache)
@@ -40,15 +57,16 @@ def cmd_generate(args) -> int:
 
 
 def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
+    from .cli import positive_int
     g = subparsers.add_parser("generate", help="compile a causal LM and stream generated text")
     g.add_argument("model", help="Hugging Face folder, .gguf file, or 'smollm2'")
     g.add_argument("--config", default="w8a8", help="quantization preset (none = no quantization)")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=50)
+    g.add_argument("--max-new-tokens", type=positive_int, default=50)
     g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
     g.add_argument("--kv-cache", choices=("model", "int8"), default="model", help="KV-cache storage")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = no top-k filtering")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate)

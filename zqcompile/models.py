@@ -20,6 +20,10 @@ class ModelLoadError(RuntimeError):
     """The model could not be found or loaded."""
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def packaged_path(name: str) -> str:
     """Path of a model shipped inside an installed package; clear error naming the package when absent."""
     module, rel, dist = PACKAGED[name]
@@ -49,20 +53,59 @@ def load_model(path_or_name: str, causal_lm: bool | None = None, dtype: torch.dt
         raise ModelLoadError(f"{path_or_name!r} is neither a model folder, a .gguf file, nor one of {list(PACKAGED)}")
     if not glob.glob(os.path.join(path, "config.json")):
         raise ModelLoadError(f"{path!r} has no config.json: not a Hugging Face model folder")
-    config = T.AutoConfig.from_pretrained(path)
+    config = _read_config(path)
     is_lm = causal_lm if causal_lm is not None else any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
     cls = T.AutoModelForCausalLM if is_lm else T.AutoModel
-    return cls.from_pretrained(path, dtype=dtype).eval()
+    try:
+        return cls.from_pretrained(path, dtype=dtype).eval()
+    except Exception as e:  # noqa: BLE001 - any loader failure is reported as one line naming the folder
+        raise ModelLoadError(f"cannot load the weights in {path!r}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:2]) if lines else type(e).__name__
+
+
+def _read_config(path: str):
+    """AutoConfig, with its failures (bad JSON, a field of the wrong type, an unknown model type) as one
+    ModelLoadError line naming config.json and the field."""
+    import json
+
+    import transformers as T
+    cfg_file = os.path.join(path, "config.json")
+    try:
+        with open(cfg_file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{cfg_file}: not readable JSON ({e})") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type is not None and model_type not in T.CONFIG_MAPPING:
+        raise ModelLoadError(f"{cfg_file}: model_type {model_type!r} is not known to transformers "
+                             f"{T.__version__}; fix model_type or upgrade transformers")
+    try:
+        return T.AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"{cfg_file}: {_first_line(e)}") from None
 
 
 def load_tokenizer(path_or_name: str):
+    """The tokenizer next to a model; ModelLoadError naming the folder when there is none."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers as T
     path = resolve(path_or_name)
-    if path.endswith(".gguf"):
-        d, f = os.path.split(path)
-        return T.AutoTokenizer.from_pretrained(d, gguf_file=f)
-    return T.AutoTokenizer.from_pretrained(path)
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"no tokenizer in {path!r}: this command needs the tokenizer files next to the "
+                             f"model (one of {', '.join(TOKENIZER_FILES[:3])}, ...), e.g. "
+                             f"tokenizer.save_pretrained({path!r})")
+    try:
+        if path.endswith(".gguf"):
+            d, f = os.path.split(path)
+            return T.AutoTokenizer.from_pretrained(d, gguf_file=f)
+        return T.AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - no or broken tokenizer files: one line naming the folder
+        raise ModelLoadError(f"no usable tokenizer in {path!r} (tokenizer.json / tokenizer_config.json next to "
+                             f"the model): {_first_line(e)}") from None
 
 
 def tiny_model(family: str, seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 1000) -> nn.Module:

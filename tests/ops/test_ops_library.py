@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import zqcompile  # noqa: F401 - registers the ops
+import zqcompile.ops  # noqa: F401 - registers the ops
 from zqcompile.ops import quant_math as qm
 
 zq = torch.ops.zq

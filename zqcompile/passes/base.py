@@ -11,6 +11,7 @@ from typing import Iterable
 import torch
 from torch import fx
 
+from .. import ops  # noqa: F401 - registers the zq ops the passes emit
 from ..capture import fqn_of, module_stack
 from ..config import GemmScheme, QuantConfig
 
