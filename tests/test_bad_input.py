@@ -17,13 +17,14 @@ def test_unknown_preset_lists_valid_ones():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (WeightQuant(bits=5), "bits must be 4 or 8"),
-    (WeightQuant(symmetric=False), "only symmetric"),
-    (WeightQuant(granularity="cols"), "granularity"),
+    ({"bits": 5}, "bits must be 4 or 8"),
+    ({"symmetric": False}, "only symmetric"),
+    ({"granularity": "cols"}, "granularity"),
 ])
 def test_invalid_weight_config(bad, match):
+    # Raised when the WeightQuant is built (validated in __post_init__), before any config or compile.
     with pytest.raises(zq.ConfigError, match=match):
-        zq.get_config(QuantConfig(default=GemmScheme(bad)))
+        zq.get_config(QuantConfig(default=GemmScheme(WeightQuant(**bad))))
 
 
 def test_group_size_not_dividing_names_the_module():
