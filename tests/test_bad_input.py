@@ -33,6 +33,18 @@ def test_group_size_not_dividing_names_the_module():
         zq.compile(model_for("gpt2"), (ids(2, 8),), cfg)
 
 
+def test_override_matching_no_gemm_warns_at_the_compile_call_and_shows_in_the_report():
+    cfg = zq.get_config("w8a8").with_overrides({r"h\.0\.mlp\.c_fcc$": "fp16", r"lm_head": "w8a8"})
+    with pytest.warns(zq.ConfigWarning) as rec:
+        e = zq.compile(model_for("gpt2"), (ids(2, 8),), cfg)
+    line = (r"override 'h\\.0\\.mlp\\.c_fcc$' matched no GEMM of this model, so it has no effect; "
+            r"near matches: 'transformer.h.0.mlp.c_fc', 'transformer.h.1.mlp.c_fc'")
+    assert [str(w.message) for w in rec] == [line]
+    assert rec[0].filename == __file__  # points at the user's zq.compile line, not inside zqcompile
+    assert line in e.report()
+    assert {g["fqn"]: g["rule"] for g in e.record.gemms}["lm_head"] == "override 'lm_head'"
+
+
 def test_nan_weight_names_the_parameter():
     from zqcompile.models import tiny_model
     m = tiny_model("opt")

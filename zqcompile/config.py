@@ -286,7 +286,7 @@ class QuantConfig:
             try:
                 as_scheme(value).validate()
             except ConfigError as e:
-                raise ConfigError(f"override {_key_text(key)}: {e}") from None
+                raise ConfigError(f"override {override_text(key)}: {e}") from None
         _check_int("QuantConfig", "calibration_batches", self.calibration_batches, 1)
         for name in ("merge_gemms", "dynamic_batch", "dynamic_seq"):
             _check_bool("QuantConfig", name, getattr(self, name))
@@ -301,10 +301,6 @@ class QuantConfig:
     def uses_static_activations(self) -> bool:
         schemes = [self.default, *self.roles.values(), *(as_scheme(v) for _, v in self.overrides)]
         return any(s.act.mode == "tensor" for s in schemes)
-
-
-def _key_text(key: OverrideKey) -> str:
-    return repr(key) if isinstance(key, str) else f"type {key.__name__}"
 
 
 def _scheme_name_hint(value: object) -> str:
@@ -387,13 +383,28 @@ def get_config(config: "QuantConfig | str") -> QuantConfig:
     return cfg
 
 
+def override_matches(key: OverrideKey, fqn: str, module_types: Sequence[type | str]) -> bool:
+    """Does one override key apply to a GEMM (regex on its FQN, or a class among its module and ancestors)?"""
+    if isinstance(key, str):
+        return re.search(key, fqn) is not None
+    return any(_type_matches(key, t) for t in module_types)
+
+
+def matching_overrides(config: QuantConfig, fqn: str, module_types: Sequence[type | str]) -> list[int]:
+    """Indices of every override that applies to a GEMM; the first one decides it (resolve_scheme)."""
+    return [i for i, (key, _) in enumerate(config.overrides) if override_matches(key, fqn, module_types)]
+
+
+def override_text(key: OverrideKey) -> str:
+    """How the report names an override key: the regex in quotes, or 'type ClassName'."""
+    return repr(key) if isinstance(key, str) else f"type {key.__name__}"
+
+
 def resolve_scheme(config: QuantConfig, fqn: str, role: str, module_types: Sequence[type | str]) -> tuple[GemmScheme, str]:
     """Pick one GEMM's scheme; return it with the rule that decided it (shown in the report)."""
     for key, value in config.overrides:
-        if isinstance(key, str) and re.search(key, fqn):
-            return as_scheme(value), f"override {key!r}"
-        if isinstance(key, type) and any(_type_matches(key, t) for t in module_types):
-            return as_scheme(value), f"override type {key.__name__}"
+        if override_matches(key, fqn, module_types):
+            return as_scheme(value), f"override {override_text(key)}"
     if role in config.roles:
         return config.roles[role], f"{config.name} role {role}"
     return config.default, f"{config.name} default"
