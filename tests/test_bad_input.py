@@ -33,6 +33,32 @@ def test_group_size_not_dividing_names_the_module():
         zq.compile(model_for("gpt2"), (ids(2, 8),), cfg)
 
 
+def test_group_size_larger_than_k_names_the_module_and_what_fits():
+    cfg = QuantConfig(default=GemmScheme(WeightQuant(4, "k_groups", group_size=128)))
+    msg = (r"cannot quantize transformer\.h\.0\.attn\.c_attn \(weight N x K = 192 x 64\) as INT4 K groups of 128: "
+           r"group_size=128 is larger than K=64 .*choose a group_size that divides K=64 \(e\.g\. 64, 32, 16, 8\), "
+           r"or .*with_overrides\(\{'transformer\.h\.0\.attn\.c_attn': 'w8a8'\}\)")
+    with pytest.raises(zq.ConfigError, match=msg):
+        zq.compile(model_for("gpt2"), (ids(2, 8),), cfg)
+    from zqcompile.fakequant import fake_quantize
+    with pytest.raises(zq.ConfigError, match=msg):  # the eval path says the same
+        fake_quantize(model_for("gpt2"), cfg)
+    rows = QuantConfig(default=GemmScheme(WeightQuant(8, num_groups=512)))
+    with pytest.raises(zq.ConfigError, match=r"c_attn .*num_groups=512 is more than the 192 output rows; "
+                                             r"choose a num_groups that divides N=192 \(e\.g\. 192, 96, 64, 48\)"):
+        zq.compile(model_for("gpt2"), (ids(2, 8),), rows)
+
+
+def test_plan_names_the_k_group_size_actually_used():
+    e = engine_for("gpt2", "w4/8a8")  # INT4 fc1 / fc2: K = 64 and 256; the default group is 128
+    plan = {g["fqn"]: g["scheme"] for g in e.record.gemms}
+    assert plan["transformer.h.0.mlp.c_fc"] == "W: INT4 K groups of 64 | A8 per-token"
+    assert plan["transformer.h.0.mlp.c_proj"] == "W: INT4 K groups of 128 | A8 per-token"
+    assert e.gm.get_buffer("zq_transformer_h_0_mlp_c_fc_w_scale").shape == (256, 1)
+    notes = {p["name"]: p["notes"] for p in e.record.passes}["classify_gemms"]
+    assert "K groups of 64 for 2 GEMM(s) with K=64 (the default 128 does not fit K)" in notes
+
+
 def test_override_matching_no_gemm_warns_at_the_compile_call_and_shows_in_the_report():
     cfg = zq.get_config("w8a8").with_overrides({r"h\.0\.mlp\.c_fcc$": "fp16", r"lm_head": "w8a8"})
     with pytest.warns(zq.ConfigWarning) as rec:

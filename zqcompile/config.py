@@ -303,6 +303,29 @@ class QuantConfig:
         return any(s.act.mode == "tensor" for s in schemes)
 
 
+def weight_groups_error(fqn: str, shape: tuple[int, int], weight: WeightQuant, reason: str) -> ConfigError:
+    """The error for a weight scheme whose groups do not fit one GEMM's [N, K] weight: the module, its shape,
+    why, and what would fit (the compiler and fakequant raise this same error)."""
+    n, k = shape
+    if weight.bits == 4 and k % 2:
+        fix = "INT4 cannot pack an odd K: give this module an 8-bit scheme"
+    elif weight.granularity == "k_groups":
+        sizes = _divisors_at_most(k, weight.group_size or k, even=weight.bits == 4)
+        fix = f"choose a group_size that divides K={k} (e.g. {', '.join(map(str, sizes))})"
+    elif weight.granularity == "row_groups":
+        fix = f"choose a num_groups that divides N={n} (e.g. {', '.join(map(str, _divisors_at_most(n, weight.num_groups or n)))})"
+    else:
+        fix = "choose another scheme for it"
+    return ConfigError(f"cannot quantize {fqn} (weight N x K = {n} x {k}) as {weight.describe()}: {reason}; {fix}, "
+                       f"or give this module its own scheme with an override: config.with_overrides({{{fqn!r}: "
+                       f"'w8a8'}}), or {{{fqn!r}: 'fp'}} to keep it in floating point")
+
+
+def _divisors_at_most(m: int, limit: int, even: bool = False, count: int = 4) -> list[int]:
+    found = [d for d in range(min(limit, m), 0, -1) if m % d == 0 and not (even and d % 2)]
+    return found[:count]
+
+
 def _scheme_name_hint(value: object) -> str:
     if isinstance(value, str) and value.lower() in SCHEME_NAMES:
         return f"; for a scheme name use zqcompile.config.SCHEME_NAMES[{value.lower()!r}]"

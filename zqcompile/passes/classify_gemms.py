@@ -13,11 +13,15 @@ import os
 import re
 import sys
 import warnings
+from collections import Counter
+from dataclasses import replace
 
 from torch import fx
 
 from ..capture import param_fqn
-from ..config import ConfigWarning, OverrideKey, classify_role, matching_overrides, override_text, resolve_scheme
+from ..config import (ConfigWarning, GemmScheme, OverrideKey, classify_role, matching_overrides, override_text,
+                      resolve_scheme, weight_groups_error)
+from ..ops import quant_math as qm
 from .base import GemmInfo, PassContext, PassResult, aten, calls, fqn_of, get_tensor, module_stack
 
 _MAX_NEAR = 5
@@ -86,12 +90,28 @@ def _unmatched_override_notes(keys: list[OverrideKey], hits: list[int], decided:
     return notes
 
 
+def _as_applied(scheme: GemmScheme, fqn: str, shape: tuple[int, int]) -> GemmScheme:
+    """The scheme exactly as this weight gets it: groups checked against [N, K] here, before any weight is
+    quantized, and the default K-group size replaced by the size used, so the plan says what was applied."""
+    wq = scheme.weight
+    if wq is None:
+        return scheme
+    try:
+        gk = qm.check_weight_groups(shape, wq.bits, wq.granularity, wq.num_groups, wq.group_size)
+    except ValueError as e:
+        raise weight_groups_error(fqn, shape, wq, str(e)) from None
+    if wq.granularity == "k_groups" and wq.group_size is None:
+        return replace(scheme, weight=replace(wq, group_size=gk))
+    return scheme
+
+
 def classify_gemms(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ctx.gemms.clear()
     keys = [k for k, _ in ctx.config.overrides]
     hits, decided = [0] * len(keys), [0] * len(keys)
     fqns: list[str] = []
     class_names: list[str] = []
+    smaller_groups: Counter = Counter()  # (group size used, K) -> GEMMs where the default K group did not fit
     for node in calls(gm, aten.linear.default):
         w = get_tensor(gm, node.args[1])
         if w is None or w.dim() != 2:
@@ -100,6 +120,10 @@ def classify_gemms(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         role = classify_role(fqn)
         types = [t for _, t in module_stack(node)]
         scheme, rule = resolve_scheme(ctx.config, fqn, role, types)
+        applied = _as_applied(scheme, fqn, tuple(w.shape))
+        if applied is not scheme and applied.weight.group_size != qm.DEFAULT_K_GROUP:
+            smaller_groups[(applied.weight.group_size, w.shape[1])] += 1
+        scheme = applied
         matches = matching_overrides(ctx.config, fqn, types)
         for i in matches:
             hits[i] += 1
@@ -114,6 +138,8 @@ def classify_gemms(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if name not in class_names and not name.startswith("_"):  # not capture's private wrapper
                 class_names.append(name)
     notes = [f"{len(fqns)} GEMMs found"]
+    notes += [f"K groups of {g} for {c} GEMM(s) with K={k} (the default {qm.DEFAULT_K_GROUP} does not fit K)"
+              for (g, k), c in sorted(smaller_groups.items())]
     for line in _unmatched_override_notes(keys, hits, decided, fqns, class_names):
         _warn_at_caller(line)
         notes.append(line)
