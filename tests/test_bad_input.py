@@ -79,6 +79,20 @@ def test_nan_weight_names_the_parameter():
         zq.compile(m, (ids(2, 8),), "w8a8")
 
 
+@pytest.mark.parametrize("family,param", [
+    ("gpt2", "transformer.h.0.mlp.c_fc.weight"),  # Conv1D: canonicalize made a transposed copy
+    ("opt", "model.decoder.layers.0.self_attn.k_proj.bias"),  # merged with q/v into one GEMM later
+    ("llama", "model.layers.1.mlp.up_proj.weight"),  # merged with gate_proj
+])
+def test_nan_or_inf_names_the_users_parameter_path(family, param):
+    from zqcompile.models import tiny_model
+    m = tiny_model(family)
+    m.get_parameter(param).data.view(-1)[5] = float("nan") if param.endswith("bias") else float("inf")
+    with pytest.raises(zq.WeightError) as err:
+        zq.compile(m, (ids(2, 8),), "w8a8")
+    assert str(err.value) == f"parameter {param!r} has 1 NaN/Inf value(s); fix the checkpoint before quantizing"
+
+
 def test_example_inputs_of_wrong_type():
     with pytest.raises(zq.InputError, match="must be a torch.Tensor"):
         zq.compile(model_for("bert"), ([[1, 2, 3]],), "w8a8")

@@ -16,13 +16,13 @@ import warnings
 from collections import Counter
 from dataclasses import replace
 
+import torch
 from torch import fx
 
-from ..capture import param_fqn
 from ..config import (ConfigWarning, GemmScheme, OverrideKey, classify_role, matching_overrides, override_text,
                       resolve_scheme, weight_groups_error)
 from ..ops import quant_math as qm
-from .base import GemmInfo, PassContext, PassResult, aten, calls, fqn_of, get_tensor, module_stack
+from .base import GemmInfo, PassContext, PassResult, aten, calls, fqn_of, get_tensor, module_stack, param_name
 
 _MAX_NEAR = 5
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,6 +90,21 @@ def _unmatched_override_notes(keys: list[OverrideKey], hits: list[int], decided:
     return notes
 
 
+class WeightError(ValueError):
+    """A weight that cannot be quantized (NaN/Inf values)."""
+
+
+def _check_finite(gm: fx.GraphModule, node: fx.Node) -> None:
+    """NaN/Inf in a GEMM's weight or bias, named by the user's parameter path, before any weight is
+    quantized (and before sibling GEMMs are merged into one constant)."""
+    for arg in node.args[1:3]:
+        t = get_tensor(gm, arg)
+        if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise WeightError(f"parameter {param_name(arg)!r} has {bad} NaN/Inf value(s); "
+                              f"fix the checkpoint before quantizing")
+
+
 def _as_applied(scheme: GemmScheme, fqn: str, shape: tuple[int, int]) -> GemmScheme:
     """The scheme exactly as this weight gets it: groups checked against [N, K] here, before any weight is
     quantized, and the default K-group size replaced by the size used, so the plan says what was applied."""
@@ -116,7 +131,8 @@ def classify_gemms(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         w = get_tensor(gm, node.args[1])
         if w is None or w.dim() != 2:
             continue  # activation x activation products (attention scores) are not weight GEMMs
-        fqn = fqn_of(node) or param_fqn(node.args[1].target).rsplit(".", 1)[0]
+        _check_finite(gm, node)
+        fqn = fqn_of(node) or param_name(node.args[1]).rsplit(".", 1)[0]
         role = classify_role(fqn)
         types = [t for _, t in module_stack(node)]
         scheme, rule = resolve_scheme(ctx.config, fqn, role, types)

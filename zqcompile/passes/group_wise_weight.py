@@ -9,25 +9,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..capture import param_fqn
 from ..config import weight_groups_error
 from ..ops import quant_math as qm
 from .base import PassContext, PassResult, add_constant, aten, calls, copy_meta, dtype_of, get_tensor, zq
 
 _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class WeightError(ValueError):
-    """A weight that cannot be quantized (NaN/Inf values)."""
-
-
-def _check_finite(gm: fx.GraphModule, node: fx.Node) -> None:
-    for arg in node.args[1:3]:
-        t = get_tensor(gm, arg)
-        if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
-            raise WeightError(f"parameter {param_fqn(arg.target)!r} has {bad} NaN/Inf value(s); "
-                              f"fix the checkpoint before quantizing")
 
 
 def _cast_float_gemm(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype) -> None:
@@ -52,7 +38,6 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if info is None:
             continue
         matched += 1
-        _check_finite(gm, node)
         scheme = info.scheme
         if scheme.is_float:
             if scheme.float_dtype:
