@@ -128,8 +128,47 @@ def test_capture_failure_names_the_module():
         def forward(self, x):
             return self.inner(self.fc(x))
 
-    with pytest.raises(zq.CaptureError, match=r"module 'inner' \(Bad\)"):
+    with pytest.raises(zq.CaptureError, match=r"module 'inner' \(Bad\)") as err:
         zq.compile(Outer(), (torch.randn(2, 4, 8),), "w8a8")
+    line = Bad.forward.__code__.co_firstlineno + 1
+    msg = str(err.value)
+    assert f"module 'inner' (Bad) at {__file__}:{line} `if x.sum() > 0:" in msg
+    assert msg.endswith("-- this is data-dependent Python control flow (an `if`, `int()`, `.item()` or `bool()` on a "
+                        "tensor's values): torch.export cannot branch on values; rewrite it with torch.where, or "
+                        "torch.cond for two branches.")
+    # overrides act on the captured graph: suggesting one could never fix a capture failure
+    assert "override" not in msg and "\n" not in msg
+
+
+def test_capture_failure_other_constructs_say_what_to_change():
+    class Reshape(nn.Module):
+        def forward(self, x):  # the view only holds for some sizes; export traces batch / seq as symbols
+            return x.view(2, -1, 3)
+
+    class ToNumpy(nn.Module):
+        def forward(self, x):
+            return torch.from_numpy(x.detach().numpy())
+
+    with pytest.raises(zq.CaptureError, match=r"module '<root>' \(Reshape\) at .*`return x\.view\(2, -1, 3\)`.* -- "
+                                              r"this is a shape problem: check that the example inputs"):
+        zq.compile(Reshape(), (torch.randn(2, 4, 8),), "w8a8")
+    with pytest.raises(zq.CaptureError, match=r"module '<root>' \(ToNumpy\) .*RuntimeError: .*numpy.* -- that construct "
+                                              r"must be changed so that torch\.export \(non-strict\) can trace it\.$"):
+        zq.compile(ToNumpy(), (torch.randn(2, 4, 8),), "w8a8")
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    ((ids(0, 8),), {}, r"example input 'input_ids' has shape \(0, 8\), with a zero-size dimension; give at least "
+                       r"one batch row and one token"),
+    ((ids(2, 0),), {}, r"example input 'input_ids' has shape \(2, 0\), with a zero-size dimension"),
+    ((ids(2, 8),), {"attention_mask": torch.ones(2, 5, dtype=torch.long)},
+     r"example inputs disagree on \(batch, seq\): \{'input_ids': \(2, 8\), 'attention_mask': \(2, 5\)\}"),
+    ((ids(2, 300),), {}, r"example input 'input_ids' has shape \(2, 300\); batch must be <= 1024 and sequence "
+                         r"length <= 128 \(the model's context length\)"),
+])
+def test_example_input_shapes_are_checked_before_capture(args, kwargs, match):
+    with pytest.raises(zq.InputError, match=match):
+        zq.compile(model_for("gpt2"), args, "w8a8", example_kwargs=kwargs)
 
 
 def test_save_to_unwritable_path_leaves_nothing(tmp_path):
