@@ -55,14 +55,32 @@ def load_model(path_or_name: str, causal_lm: bool | None = None, dtype: torch.dt
     return cls.from_pretrained(path, dtype=dtype).eval()
 
 
+# Files a saved Hugging Face tokenizer is made of (any one lets AutoTokenizer build it).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(path_or_name: str):
+    """The tokenizer saved with a model (a folder's tokenizer files, or a .gguf file's vocabulary)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers as T
     path = resolve(path_or_name)
     if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"no GGUF file at {path!r}")
         d, f = os.path.split(path)
         return T.AutoTokenizer.from_pretrained(d, gguf_file=f)
-    return T.AutoTokenizer.from_pretrained(path)
+    if not os.path.isdir(path):
+        raise ModelLoadError(f"{path_or_name!r} is neither a model folder, a .gguf file, nor one of {list(PACKAGED)}")
+    missing = (f"the folder {path!r} has no tokenizer files ({' / '.join(TOKENIZER_FILES[:2])}); save the "
+               f"tokenizer next to the model: tokenizer.save_pretrained({path!r})")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ModelLoadError(missing)
+    tok = T.AutoTokenizer.from_pretrained(path)
+    # transformers builds an empty tokenizer (vocab_size 0) from a model config when its files are unusable
+    if getattr(tok, "vocab_size", 1) == 0:
+        raise ModelLoadError(missing)
+    return tok
 
 
 def tiny_model(family: str, seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 1000) -> nn.Module:
