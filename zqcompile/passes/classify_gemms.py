@@ -2,9 +2,10 @@
 role (qkv / attn_out / fc1 / fc2 / head / other) and resolve its scheme from the config (overrides first).
 
 Emits no new nodes: it stores a GemmInfo in node.meta['zq_gemm'] and in ctx.gemms (the plan the report shows).
-An override that changes no GEMM (it matches none, or only GEMMs an earlier override decides) gets a
-ConfigWarning and a note naming the closest GEMM names: a config may be shared across model families, so
-this is not an error, but a typo in a key must not pass silently.
+Before any weight is quantized it refuses NaN/Inf weights (WeightError naming the parameter) and groups that do
+not fit a weight (ConfigError naming the module), and plans the K-group size actually used. An override that
+changes no GEMM gets a ConfigWarning and a note with the closest names: a config may be shared across model
+families, so that is no error, but a typo in a key must not pass silently.
 """
 from __future__ import annotations
 
