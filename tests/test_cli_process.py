@@ -100,7 +100,7 @@ def _cases(folders, tmp_path) -> dict:
         "unknown_preset": (["compile", g, "--config", "w3a3"], r"unknown preset 'w3a3'; valid presets"),
         "seq_beyond_context": (["compile", g, "--seq", "500"], r"--seq 500 is longer than the model's context"),
         "generate_zero_tokens": (["generate", l, "--prompt", "w1", "--max-new-tokens", "0"], r"must be >= 1, got 0"),
-        "generate_no_tokenizer": (["generate", g, "--prompt", "hi"], r"no tokenizer in '.*gpt2'"),
+        "generate_no_tokenizer": (["generate", g, "--prompt", "hi"], r"folder '.*gpt2' has no tokenizer files"),
         "generate_empty_prompt": (["generate", l, "--prompt", ""], r"encodes to no tokens"),
         "generate_prompt_too_long": (["generate", l, "--prompt", long_prompt, "--max-new-tokens", "20"],
                                      r"prompt is 120 tokens .* 140 in all, more than the model's context of 128"),

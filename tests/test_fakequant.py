@@ -28,7 +28,8 @@ def test_conv1d_weight_is_transposed_and_ste_gradient_flows():
     conv = Conv1D(16, 64)  # nx=64 in, nf=16 out; weight [64, 16]
     fq = FakeQuantLinear(conv, get_config("w4/8a8").roles["fc1"], "c_fc")
     x = torch.randn(2, 64)
-    w = qm.dequantize_weight(*qm.quantize_weight(conv.weight.t(), 4, "k_groups", group_size=128), 4, torch.float32)
+    # the preset's default K group (128) does not fit K=64: the weight gets groups of 64
+    w = qm.dequantize_weight(*qm.quantize_weight(conv.weight.t(), 4, "k_groups", group_size=64), 4, torch.float32)
     expect = qm.dequantize_rows(*qm.quantize_per_token(x), torch.float32) @ w.t() + conv.bias
     y = fq(x)
     assert torch.allclose(y, expect, atol=1e-5)

@@ -32,6 +32,11 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
         raise InputError(f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    given = [("positional input %d" % i, t) for i, t in enumerate(example_inputs)] + list((example_kwargs or {}).items())
+    shapes = {tuple(t.shape[:2]) for _, t in given if isinstance(t, torch.Tensor) and t.dim() >= 2}
+    if len(shapes) > 1:  # the engine shares one batch and one sequence dim across its inputs: say so before capture
+        raise InputError("example inputs disagree on (batch, seq): "
+                         f"{ {n: tuple(t.shape) for n, t in given if isinstance(t, torch.Tensor)} }")
     if dump_dir is not None:
         from .graph_dump import check_dump_dir
         check_dump_dir(dump_dir)

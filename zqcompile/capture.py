@@ -9,6 +9,8 @@ recovers the user's module names.
 from __future__ import annotations
 
 import inspect
+import linecache
+import re
 import traceback
 from dataclasses import dataclass
 
@@ -136,12 +138,19 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None
     for name, value in bound.items():
         if not isinstance(value, torch.Tensor):
             raise InputError(f"example input {name!r} must be a torch.Tensor, got {type(value).__name__}")
+        if 0 in value.shape:
+            raise InputError(f"example input {name!r} has shape {tuple(value.shape)}, with a zero-size dimension; "
+                             f"give at least one batch row and one token, e.g. shape (2, 16)")
         names.append(name)
         tensors.append(value)
     if not tensors:
         raise InputError("example_inputs is empty; pass at least (input_ids,)")
     max_seq = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 4096)
     max_batch = 1024
+    for name, t in zip(names, tensors):
+        if (dynamic[0] and t.dim() >= 1 and t.shape[0] > max_batch) or (t.dim() >= 2 and t.shape[1] > max_seq):
+            raise InputError(f"example input {name!r} has shape {tuple(t.shape)}; batch must be <= {max_batch} and "
+                             f"sequence length <= {max_seq} (the model's context length)")
     batch = Dim("batch", min=1, max=max_batch) if dynamic[0] else None
     seq = Dim("seq", min=1, max=max_seq) if dynamic[1] else None
     dyn = []
@@ -197,19 +206,32 @@ def _auto(spec):
 
 
 def _describe_capture_failure(model: nn.Module, err: Exception) -> str:
-    """Name the innermost user module whose forward was running when capture failed."""
+    """Name the innermost user module whose forward was running when capture failed, the line, and what
+    would let torch.export trace it. Overrides act on the captured graph, so they cannot help here."""
     fqn_of_module = {id(m): (n or "<root>") for n, m in model.named_modules()}
     culprit = None
-    for frame, _ in traceback.walk_tb(err.__traceback__):
+    for frame, lineno in traceback.walk_tb(err.__traceback__):
         obj = frame.f_locals.get("self")
         if isinstance(obj, nn.Module) and id(obj) in fqn_of_module:
-            culprit = (fqn_of_module[id(obj)], type(obj).__name__)
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    where = f"in module {culprit[0]!r} ({culprit[1]})" if culprit else f"in {type(model).__name__}"
-    return (f"torch.export could not capture the model {where}: {type(err).__name__}: {first}\n"
-            f"zqcompile needs a model torch.export can trace (non-strict). Try example inputs of the shapes "
-            f"you will use, or replace the unsupported construct in that module; a module that only needs to "
-            f"stay un-quantized can be kept in FP with config.with_overrides({{{culprit[0] if culprit else 'name'!r}: 'fp16'}}).")
+            culprit = (fqn_of_module[id(obj)], type(obj).__name__, frame.f_code.co_filename, lineno)
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    where = f"in {type(model).__name__}"
+    if culprit:
+        code = linecache.getline(culprit[2], culprit[3]).strip()
+        where = f"in module {culprit[0]!r} ({culprit[1]}) at {culprit[2]}:{culprit[3]}" + (f" `{code}`" if code else "")
+    if type(err).__name__ == "GuardOnDataDependentSymNode" or "data-dependent" in text:
+        fix = ("this is data-dependent Python control flow (an `if`, `int()`, `.item()` or `bool()` on a tensor's values): "
+               "torch.export cannot branch on values; rewrite it with torch.where, or torch.cond for two branches")
+    elif "ConstraintViolation" in type(err).__name__ or re.search(
+            r"shape|size|dimension|out of range|not in range|Constraints violated", text, re.IGNORECASE):
+        fix = ("this is a shape problem: check that the example inputs have the shapes the model expects (batch and sequence "
+               ">= 1, within its context, masks matching input_ids); if they do, that module computes a shape that "
+               "does not hold for every batch / sequence length (export traces them as symbols such as s0): derive "
+               "it from the input's .shape instead")
+    else:
+        fix = "that construct must be changed so that torch.export (non-strict) can trace it"
+    return f"torch.export could not capture the model {where}: {type(err).__name__}: {first} -- {fix}."
 
 
 # ---- node -> user names ------------------------------------------------------------------------------------

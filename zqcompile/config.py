@@ -8,9 +8,12 @@ compile plan records which rule decided it so the report can say why.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Literal, Mapping, Sequence, Union
+
+import torch
 
 GemmRole = Literal["qkv", "attn_out", "fc1", "fc2", "head", "other"]
 ROLES: tuple[str, ...] = ("qkv", "attn_out", "fc1", "fc2", "head", "other")
@@ -18,6 +21,33 @@ ROLES: tuple[str, ...] = ("qkv", "attn_out", "fc1", "fc2", "head", "other")
 
 class ConfigError(ValueError):
     """An invalid quantization configuration (raised before any graph work starts)."""
+
+
+class ConfigWarning(UserWarning):
+    """A configuration that is valid but probably not what was meant (e.g. an override matching no GEMM)."""
+
+
+# ---- field checks shared by the config dataclasses (each runs in __post_init__, so replace() checks too) ---
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_int(owner: str, name: str, v: object, minimum: int, optional: bool = False) -> None:
+    if optional and v is None:
+        return
+    if not _is_int(v) or v < minimum:
+        none = "None or " if optional else ""
+        raise ConfigError(f"{owner}.{name} must be {none}an integer >= {minimum}, got {v!r}")
+
+
+def _check_bool(owner: str, name: str, v: object) -> None:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{owner}.{name} must be True or False, got {v!r}")
+
+
+def _check_choice(owner: str, name: str, v: object, choices: Sequence) -> None:
+    if not any(v is c or (type(v) is type(c) and v == c) for c in choices):
+        raise ConfigError(f"{owner}.{name} must be one of {', '.join(map(repr, choices))}, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -38,20 +68,31 @@ class WeightQuant:
     group_size: int | None = None
     symmetric: bool = True
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        if self.bits not in (4, 8):
-            raise ConfigError(f"weight bits must be 4 or 8, got {self.bits}")
+        if not _is_int(self.bits) or self.bits not in (4, 8):
+            raise ConfigError(f"WeightQuant.bits must be 4 or 8, got {self.bits!r}")
         if self.granularity not in ("row_groups", "k_groups", "tensor"):
-            raise ConfigError(
-                f"weight granularity must be 'row_groups', 'k_groups' or 'tensor', got {self.granularity!r}")
+            raise ConfigError(f"WeightQuant.granularity must be 'row_groups', 'k_groups' or 'tensor', "
+                              f"got {self.granularity!r}")
+        _check_bool("WeightQuant", "symmetric", self.symmetric)
         if not self.symmetric:
-            raise ConfigError("only symmetric weight quantization is implemented (ZeroQuant uses symmetric)")
-        if self.num_groups is not None and self.num_groups < 1:
-            raise ConfigError(f"num_groups must be >= 1, got {self.num_groups}")
-        if self.group_size is not None and self.group_size < 1:
-            raise ConfigError(f"group_size must be >= 1, got {self.group_size}")
+            raise ConfigError("WeightQuant.symmetric=False: only symmetric weight quantization is implemented "
+                              "(ZeroQuant uses symmetric)")
+        _check_int("WeightQuant", "num_groups", self.num_groups, 1, optional=True)
+        _check_int("WeightQuant", "group_size", self.group_size, 1, optional=True)
+        # A field the granularity does not read would be silently ignored: say which one applies.
+        if self.num_groups is not None and self.granularity != "row_groups":
+            raise ConfigError(f"WeightQuant.num_groups={self.num_groups} only applies to granularity='row_groups' "
+                              f"(got {self.granularity!r}); for K groups set group_size instead")
+        if self.group_size is not None and self.granularity != "k_groups":
+            raise ConfigError(f"WeightQuant.group_size={self.group_size} only applies to granularity='k_groups' "
+                              f"(got {self.granularity!r}); for row groups set num_groups instead")
         if self.granularity == "k_groups" and self.group_size is not None and self.group_size % 2 and self.bits == 4:
-            raise ConfigError(f"INT4 k-groups must have an even group_size, got {self.group_size}")
+            raise ConfigError(f"WeightQuant.group_size: INT4 k-groups must have an even group_size "
+                              f"(two values per byte), got {self.group_size}")
 
     def describe(self) -> str:
         if self.granularity == "row_groups":
@@ -74,11 +115,14 @@ class ActQuant:
     mode: Literal["token", "tensor", "none"] = "token"
     bits: int = 8
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if self.mode not in ("token", "tensor", "none"):
-            raise ConfigError(f"activation mode must be 'token', 'tensor' or 'none', got {self.mode!r}")
-        if self.bits != 8:
-            raise ConfigError(f"only 8-bit activations are implemented, got {self.bits}")
+            raise ConfigError(f"ActQuant.mode must be 'token', 'tensor' or 'none', got {self.mode!r}")
+        if not _is_int(self.bits) or self.bits != 8:
+            raise ConfigError(f"ActQuant.bits: only 8-bit activations are implemented, got {self.bits!r}")
 
 
 @dataclass(frozen=True)
@@ -94,15 +138,26 @@ class GemmScheme:
     def is_float(self) -> bool:
         return self.weight is None
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        if self.weight is not None and not isinstance(self.weight, WeightQuant):
+            raise ConfigError(f"GemmScheme.weight must be a WeightQuant or None (floating point), "
+                              f"got {type(self.weight).__name__} {self.weight!r}")
+        if not isinstance(self.act, ActQuant):
+            raise ConfigError(f"GemmScheme.act must be an ActQuant, got {type(self.act).__name__} {self.act!r}")
         if self.weight is None:
             if self.act.mode != "none":
-                raise ConfigError("a floating-point GEMM (weight=None) cannot quantize its activations")
+                raise ConfigError(f"GemmScheme: a floating-point GEMM (weight=None) cannot quantize its activations "
+                                  f"(act mode {self.act.mode!r}); use act=ActQuant('none'), or the scheme name 'fp'")
         else:
             self.weight.validate()
         self.act.validate()
-        if self.float_dtype not in (None, "fp16", "bf16"):
-            raise ConfigError(f"float_dtype must be None, 'fp16' or 'bf16', got {self.float_dtype!r}")
+        _check_choice("GemmScheme", "float_dtype", self.float_dtype, (None, "fp16", "bf16"))
+        if self.float_dtype is not None and self.weight is not None:
+            raise ConfigError(f"GemmScheme.float_dtype={self.float_dtype!r} only applies to a floating-point GEMM "
+                              f"(weight=None); a quantized GEMM runs in the model's dtype")
 
     def describe(self) -> str:
         if self.weight is None:
@@ -144,6 +199,38 @@ class LKDConfig:
     seed: int = 0
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        data = self.data
+        if isinstance(data, str):
+            if not data.strip():
+                raise ConfigError("LKDConfig.data is an empty string; give 'random', a text, or token batches")
+        elif isinstance(data, (list, tuple)):
+            if not data:
+                raise ConfigError("LKDConfig.data is an empty list; give at least one LongTensor token batch")
+            for i, b in enumerate(data):
+                if not isinstance(b, torch.Tensor) or b.dtype not in (torch.long, torch.int32) or b.dim() not in (1, 2) \
+                        or b.numel() == 0:
+                    what = (f"{b.dtype} tensor of shape {tuple(b.shape)}" if isinstance(b, torch.Tensor)
+                            else type(b).__name__)
+                    raise ConfigError(f"LKDConfig.data[{i}] must be a non-empty integer token tensor [batch, seq] "
+                                      f"or [seq], got {what}")
+        else:
+            raise ConfigError(f"LKDConfig.data must be 'random', a text string, or a list of LongTensor token "
+                              f"batches, got {type(data).__name__}")
+        _check_int("LKDConfig", "steps", self.steps, 0)
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
+                or self.lr <= 0:
+            raise ConfigError(f"LKDConfig.lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("batch_size", "seq_len", "num_batches"):
+            _check_int("LKDConfig", name, getattr(self, name), 1)
+        _check_choice("LKDConfig", "loss", self.loss, ("mse",))
+        if not _is_int(self.seed):
+            raise ConfigError(f"LKDConfig.seed must be an integer, got {self.seed!r}")
+        _check_bool("LKDConfig", "progress", self.progress)
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -162,13 +249,33 @@ class QuantConfig:
     dynamic_batch: bool = True
     dynamic_seq: bool = True
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"QuantConfig.name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.default, GemmScheme):
+            raise ConfigError(f"QuantConfig.default must be a GemmScheme, got {type(self.default).__name__} "
+                              f"{self.default!r}{_scheme_name_hint(self.default)}")
         self.default.validate()
+        if not isinstance(self.roles, Mapping):
+            raise ConfigError(f"QuantConfig.roles must be a mapping role -> GemmScheme, got {type(self.roles).__name__}")
         for role, scheme in self.roles.items():
             if role not in ROLES:
-                raise ConfigError(f"unknown GEMM role {role!r}; roles are {', '.join(ROLES)}")
+                raise ConfigError(f"QuantConfig.roles: unknown GEMM role {role!r}; roles are {', '.join(ROLES)}")
+            if not isinstance(scheme, GemmScheme):
+                raise ConfigError(f"QuantConfig.roles[{role!r}] must be a GemmScheme, got {type(scheme).__name__} "
+                                  f"{scheme!r}{_scheme_name_hint(scheme)}")
             scheme.validate()
-        for key, value in self.overrides:
+        if isinstance(self.overrides, Mapping) or not isinstance(self.overrides, (list, tuple)):
+            raise ConfigError(f"QuantConfig.overrides must be a sequence of (regex or module class, scheme) pairs, "
+                              f"got {type(self.overrides).__name__}; from a dict use config.with_overrides({{...}})")
+        for i, item in enumerate(self.overrides):
+            if not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise ConfigError(f"QuantConfig.overrides[{i}] must be a (regex or module class, scheme) pair, "
+                                  f"got {item!r}")
+            key, value = item
             if isinstance(key, str):
                 try:
                     re.compile(key)
@@ -176,17 +283,53 @@ class QuantConfig:
                     raise ConfigError(f"override key {key!r} is not a valid regex: {e}") from None
             elif not isinstance(key, type):
                 raise ConfigError(f"override key must be a regex string or a module class, got {key!r}")
-            as_scheme(value).validate()
-        if self.calibration_batches < 1:
-            raise ConfigError("calibration_batches must be >= 1")
+            try:
+                as_scheme(value).validate()
+            except ConfigError as e:
+                raise ConfigError(f"override {override_text(key)}: {e}") from None
+        _check_int("QuantConfig", "calibration_batches", self.calibration_batches, 1)
+        for name in ("merge_gemms", "dynamic_batch", "dynamic_seq"):
+            _check_bool("QuantConfig", name, getattr(self, name))
 
     def with_overrides(self, overrides: Mapping[OverrideKey, GemmScheme | str]) -> "QuantConfig":
+        if not isinstance(overrides, Mapping):
+            raise ConfigError(f"with_overrides takes a dict {{regex or module class: scheme}}, "
+                              f"got {type(overrides).__name__}")
         return replace(self, overrides=tuple(self.overrides) + tuple(overrides.items()))
 
     @property
     def uses_static_activations(self) -> bool:
         schemes = [self.default, *self.roles.values(), *(as_scheme(v) for _, v in self.overrides)]
         return any(s.act.mode == "tensor" for s in schemes)
+
+
+def weight_groups_error(fqn: str, shape: tuple[int, int], weight: WeightQuant, reason: str) -> ConfigError:
+    """The error for a weight scheme whose groups do not fit one GEMM's [N, K] weight: the module, its shape,
+    why, and what would fit (the compiler and fakequant raise this same error)."""
+    n, k = shape
+    if weight.bits == 4 and k % 2:
+        fix = "INT4 cannot pack an odd K: give this module an 8-bit scheme"
+    elif weight.granularity == "k_groups":
+        sizes = _divisors_at_most(k, weight.group_size or k, even=weight.bits == 4)
+        fix = f"choose a group_size that divides K={k} (e.g. {', '.join(map(str, sizes))})"
+    elif weight.granularity == "row_groups":
+        fix = f"choose a num_groups that divides N={n} (e.g. {', '.join(map(str, _divisors_at_most(n, weight.num_groups or n)))})"
+    else:
+        fix = "choose another scheme for it"
+    return ConfigError(f"cannot quantize {fqn} (weight N x K = {n} x {k}) as {weight.describe()}: {reason}; {fix}, "
+                       f"or give this module its own scheme with an override: config.with_overrides({{{fqn!r}: "
+                       f"'w8a8'}}), or {{{fqn!r}: 'fp'}} to keep it in floating point")
+
+
+def _divisors_at_most(m: int, limit: int, even: bool = False, count: int = 4) -> list[int]:
+    found = [d for d in range(min(limit, m), 0, -1) if m % d == 0 and not (even and d % 2)]
+    return found[:count]
+
+
+def _scheme_name_hint(value: object) -> str:
+    if isinstance(value, str) and value.lower() in SCHEME_NAMES:
+        return f"; for a scheme name use zqcompile.config.SCHEME_NAMES[{value.lower()!r}]"
+    return ""
 
 
 def as_scheme(value: GemmScheme | str) -> GemmScheme:
@@ -263,13 +406,28 @@ def get_config(config: "QuantConfig | str") -> QuantConfig:
     return cfg
 
 
+def override_matches(key: OverrideKey, fqn: str, module_types: Sequence[type | str]) -> bool:
+    """Does one override key apply to a GEMM (regex on its FQN, or a class among its module and ancestors)?"""
+    if isinstance(key, str):
+        return re.search(key, fqn) is not None
+    return any(_type_matches(key, t) for t in module_types)
+
+
+def matching_overrides(config: QuantConfig, fqn: str, module_types: Sequence[type | str]) -> list[int]:
+    """Indices of every override that applies to a GEMM; the first one decides it (resolve_scheme)."""
+    return [i for i, (key, _) in enumerate(config.overrides) if override_matches(key, fqn, module_types)]
+
+
+def override_text(key: OverrideKey) -> str:
+    """How the report names an override key: the regex in quotes, or 'type ClassName'."""
+    return repr(key) if isinstance(key, str) else f"type {key.__name__}"
+
+
 def resolve_scheme(config: QuantConfig, fqn: str, role: str, module_types: Sequence[type | str]) -> tuple[GemmScheme, str]:
     """Pick one GEMM's scheme; return it with the rule that decided it (shown in the report)."""
     for key, value in config.overrides:
-        if isinstance(key, str) and re.search(key, fqn):
-            return as_scheme(value), f"override {key!r}"
-        if isinstance(key, type) and any(_type_matches(key, t) for t in module_types):
-            return as_scheme(value), f"override type {key.__name__}"
+        if override_matches(key, fqn, module_types):
+            return as_scheme(value), f"override {override_text(key)}"
     if role in config.roles:
         return config.roles[role], f"{config.name} role {role}"
     return config.default, f"{config.name} default"

@@ -8,16 +8,21 @@ cli.py calls `add_eval_command(subparsers)`; the handler is `run_eval(args)`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import math
+import os
+import tempfile
 from pathlib import Path
 
 import torch
 
+from .capture import InputError
 from .config import LKDConfig, get_config
 from .eval import encoder_agreement, perplexity, tokenize_text
 from .fakequant import calibrate_static, fake_quantize
-from .lkd import run_lkd_with_stats
+from .lkd import max_positions, run_lkd_with_stats
 from .models import ModelLoadError, load_model, load_tokenizer
 
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
@@ -61,7 +66,7 @@ def _quantized(model, config, calib: list[torch.Tensor], path: str, example: tor
         try:
             from .api import compile as zq_compile
         except ImportError:
-            raise SystemExit("--path engine needs zqcompile.api.compile, which this installation lacks; "
+            raise InputError("--path engine needs zqcompile.api.compile, which this installation lacks; "
                              "use --path fakequant") from None
         return zq_compile(model, (example,), config, calibration_data=[(c,) for c in calib])
     fq = fake_quantize(copy.deepcopy(model), config)
@@ -69,23 +74,95 @@ def _quantized(model, config, calib: list[torch.Tensor], path: str, example: tor
     return fq
 
 
+def _read_text(path: str, flag: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{flag} {p}: no such file")
+    if p.is_dir():
+        raise InputError(f"{flag} {p} is a directory; give a text file")
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise InputError(f"{flag} {p} is not UTF-8 text") from None
+    except OSError as e:
+        raise InputError(f"{flag} {p} cannot be read: {e.strerror or e}") from None
+    if not text.strip():
+        raise InputError(f"{flag} {p} is empty")
+    return text
+
+
+def _check_args(args: argparse.Namespace) -> tuple[str, str | None]:
+    """Every argument checked before the model loads: (eval text, LKD text or None)."""
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise InputError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.window < 2:
+        raise InputError(f"--window must be >= 2 (a token and the one it predicts), got {args.window}")
+    if args.stride is not None and not 1 <= args.stride <= args.window:
+        raise InputError(f"--stride must be between 1 and --window ({args.window}), got {args.stride}")
+    if args.lkd_steps < 0:
+        raise InputError(f"--lkd-steps must be >= 0, got {args.lkd_steps}")
+    if not math.isfinite(args.lkd_lr) or args.lkd_lr <= 0:
+        raise InputError(f"--lkd-lr must be a number > 0, got {args.lkd_lr}")
+    if args.json:
+        out = Path(args.json)
+        if out.is_dir():
+            raise InputError(f"--json {out} is a directory; give a file path, e.g. {out / 'eval.json'}")
+        if not out.parent.is_dir():
+            raise InputError(f"--json {out}: the folder {out.parent} does not exist")
+    text = _read_text(args.text, "--text")
+    lkd_text = None
+    if args.lkd and args.lkd != "random":
+        if Path(args.lkd).resolve() == Path(args.text).resolve():
+            raise InputError("--lkd text must not be the evaluation text (--text)")
+        lkd_text = _read_text(args.lkd, "--lkd")
+    return text, lkd_text
+
+
+def _check_tokens(args: argparse.Namespace, ids: torch.Tensor, n_ctx: int, context: int | None) -> None:
+    if context is not None and n_ctx > context:
+        raise InputError(f"windows of {n_ctx} tokens (--window) are longer than the model's context of {context} "
+                         f"tokens; use --window {context} or less")
+    n = ids.numel()
+    cut = f" (its first --max-tokens {args.max_tokens})" if args.max_tokens is not None else ""
+    if n < 2:
+        raise InputError(f"--text {args.text}{cut} has {n} token(s); eval needs at least 2: use a longer text")
+    if n < n_ctx:
+        raise InputError(f"--text {args.text}{cut} has {n} tokens, fewer than one window of {n_ctx}: lower "
+                         f"--window to {n} or less, or raise --max-tokens / use a longer text")
+
+
+def _write_json(path: str, result: dict) -> None:
+    """Write the results atomically: a temp file in the same folder, renamed over the target."""
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(result, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a results file is as readable as any other
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def run_eval(args: argparse.Namespace) -> dict:
     config = get_config(args.config)
-    fp_model, tokenizer, is_causal_lm = load_for_eval(args.model)
-    if tokenizer is None:
-        raise SystemExit(f"{args.model}: no tokenizer found next to the model; eval needs one to read text")
-    text_path = Path(args.text)
-    if not text_path.is_file():
-        raise SystemExit(f"eval text not found: {text_path} (pass --text FILE)")
-    ids = tokenize_text(tokenizer, text_path.read_text())[: args.max_tokens]
+    text, lkd_text = _check_args(args)
+    tokenizer = load_tokenizer(args.model)  # before the model: a folder without one fails fast
+    ids = tokenize_text(tokenizer, text)[: args.max_tokens]
+    fp_model = load_model(args.model)
+    is_causal_lm = fp_model.get_output_embeddings() is not None
     n_ctx = args.window if is_causal_lm else min(args.window, 128)
+    _check_tokens(args, ids, n_ctx, max_positions(fp_model))
+    text_path = Path(args.text)
     result: dict = {"model": args.model, "config": config.name, "text": str(text_path), "tokens": ids.numel(),
                     "path": args.path}
     qmodel_src = fp_model
     if args.lkd:
-        data = "random" if args.lkd == "random" else Path(args.lkd).read_text()
-        if args.lkd != "random" and Path(args.lkd).resolve() == text_path.resolve():
-            raise SystemExit("--lkd text must not be the evaluation text")
+        data = "random" if args.lkd == "random" else lkd_text
         qmodel_src = copy.deepcopy(fp_model)
         _, stats = run_lkd_with_stats(qmodel_src, config, LKDConfig(data=data, steps=args.lkd_steps,
                                                                     lr=args.lkd_lr), tokenizer)
@@ -105,5 +182,5 @@ def run_eval(args: argparse.Namespace) -> dict:
         print(f"{config.name}: embedding cosine vs fp32 mean {a.cosine_mean:.5f} min {a.cosine_min:.5f}, "
               f"token cosine mean {a.token_cosine_mean:.5f} over {a.num_sequences} sequences of {n_ctx} tokens")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        _write_json(args.json, result)
     return result

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .config import GemmScheme, QuantConfig, classify_role, get_config, resolve_scheme
+from .config import GemmScheme, QuantConfig, classify_role, get_config, resolve_scheme, weight_groups_error
 from .ops import quant_math as qm
 
 try:  # HF GPT-2 style Conv1D: weight [K, N] (in, out), y = x @ W + b
@@ -107,12 +107,12 @@ def fake_quantize(model: nn.Module, config: QuantConfig | str, prefix: str = "")
         scheme, _rule = resolve_scheme(config, fqn, classify_role(fqn), types)
         if scheme.is_float:
             continue
-        try:  # shape errors (groups not dividing K) surface here, named, not mid-forward
-            with torch.no_grad():
-                fake_quant_weight(FakeQuantLinear(module, scheme, fqn).weight_nk(), scheme)
+        shape = tuple(FakeQuantLinear(module, scheme, fqn).weight_nk().shape)
+        try:  # shape errors (groups not fitting the weight) surface here, named, not mid-forward
+            wq = scheme.weight
+            qm.check_weight_groups(shape, wq.bits, wq.granularity, wq.num_groups, wq.group_size)
         except ValueError as e:
-            raise ValueError(f"{fqn}: {scheme.describe()}: {e}; choose another group size or keep this "
-                             f"GEMM in float with override={{{fqn!r}: 'fp'}}") from None
+            raise weight_groups_error(fqn, shape, wq, str(e)) from None
         parent_name, _, child = fqn[len(prefix) + 1 if prefix else 0:].rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, FakeQuantLinear(module, scheme, fqn))

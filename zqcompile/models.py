@@ -20,9 +20,6 @@ class ModelLoadError(RuntimeError):
     """The model could not be found or loaded."""
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model", "sentencepiece.bpe.model")
-
 
 def packaged_path(name: str) -> str:
     """Path of a model shipped inside an installed package; clear error naming the package when absent."""
@@ -89,23 +86,35 @@ def _read_config(path: str):
         raise ModelLoadError(f"{cfg_file}: {_first_line(e)}") from None
 
 
+# Files a saved Hugging Face tokenizer is made of (any one lets AutoTokenizer build it).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(path_or_name: str):
-    """The tokenizer next to a model; ModelLoadError naming the folder when there is none."""
+    """The tokenizer saved with a model (a folder's tokenizer files, or a .gguf file's vocabulary)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers as T
     path = resolve(path_or_name)
-    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        raise ModelLoadError(f"no tokenizer in {path!r}: this command needs the tokenizer files next to the "
-                             f"model (one of {', '.join(TOKENIZER_FILES[:3])}, ...), e.g. "
-                             f"tokenizer.save_pretrained({path!r})")
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"no GGUF file at {path!r}")
+        d, f = os.path.split(path)
+        return T.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    if not os.path.isdir(path):
+        raise ModelLoadError(f"{path_or_name!r} is neither a model folder, a .gguf file, nor one of {list(PACKAGED)}")
+    missing = (f"the folder {path!r} has no tokenizer files ({' / '.join(TOKENIZER_FILES[:2])}); save the "
+               f"tokenizer next to the model: tokenizer.save_pretrained({path!r})")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ModelLoadError(missing)
     try:
-        if path.endswith(".gguf"):
-            d, f = os.path.split(path)
-            return T.AutoTokenizer.from_pretrained(d, gguf_file=f)
-        return T.AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - no or broken tokenizer files: one line naming the folder
-        raise ModelLoadError(f"no usable tokenizer in {path!r} (tokenizer.json / tokenizer_config.json next to "
-                             f"the model): {_first_line(e)}") from None
+        tok = T.AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - broken tokenizer files: one line naming the folder
+        raise ModelLoadError(f"the tokenizer files in {path!r} cannot be read: {_first_line(e)}") from None
+    # transformers builds an empty tokenizer (vocab_size 0) from a model config when its files are unusable
+    if getattr(tok, "vocab_size", 1) == 0:
+        raise ModelLoadError(missing)
+    return tok
 
 
 def tiny_model(family: str, seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 1000) -> nn.Module:

@@ -66,6 +66,19 @@ def test_group_size_must_divide():
         qm.quantize_weight(torch.randn(6, 8), 8, "row_groups", num_groups=4)
 
 
+def test_groups_that_do_not_fit_are_refused_not_clamped():
+    with pytest.raises(ValueError, match=r"group_size=128 is larger than K=64"):
+        qm.quantize_weight(torch.randn(8, 64), 4, "k_groups", group_size=128)
+    with pytest.raises(ValueError, match=r"num_groups=16 is more than the 8 output rows"):
+        qm.quantize_weight(torch.randn(8, 64), 8, "row_groups", num_groups=16)
+    with pytest.raises(ValueError, match=r"INT4 packs two values per byte along K, so K must be even, got K=63"):
+        qm.check_weight_groups((8, 63), 4, "row_groups")
+    # the size a weight really gets: explicit as given, the default 128 halved until it divides K
+    assert qm.check_weight_groups((8, 64), 4, "k_groups", group_size=64) == 64
+    assert [qm.check_weight_groups((8, k), 4, "k_groups") for k in (1024, 576, 64, 48)] == [128, 64, 64, 16]
+    assert qm.quantize_weight(torch.randn(8, 576), 4, "k_groups")[1].shape == (8, 9)
+
+
 def test_int_gemm_is_exact_integer_accumulation(rng):
     xq = torch.randint(-127, 128, (5, 3072), dtype=torch.int8, generator=rng)
     wq = torch.randint(-127, 128, (7, 3072), dtype=torch.int8, generator=rng)

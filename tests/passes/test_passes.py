@@ -68,12 +68,34 @@ def test_classify_gemms_roles_and_overrides():
     cfg = get_config("w4/8a8").with_overrides({r"^k_proj$": "fp16", nn.GELU: "w8a8"})
     gm = captured(Block(), *inputs())
     ctx = PassContext(cfg, inputs())
-    run_until(gm, ctx, "classify_gemms")
+    with pytest.warns(UserWarning, match="override type GELU matched no GEMM"):  # no Linear inside the GELU
+        run_until(gm, ctx, "classify_gemms")
     plan = {g.fqn: g for g in ctx.gemms}
     assert {f: g.role for f, g in plan.items()} == {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv",
                                                     "fc1": "fc1", "fc2": "fc2"}
     assert plan["k_proj"].scheme.is_float and "override" in plan["k_proj"].rule
     assert plan["fc1"].scheme.weight.bits == 4 and plan["q_proj"].scheme.weight.bits == 8
+
+
+def test_classify_gemms_warns_about_overrides_that_change_nothing():
+    from zqcompile.config import ConfigWarning
+    cfg = get_config("w8a8").with_overrides({r"^k_proj$": "fp16", r"^k_prj$": "fp", nn.GELU: "fp",
+                                             r"k_proj": "w8a16", r"q_proj|fc2": "w8a16"})
+    gm = captured(Block(), *inputs())
+    ctx = PassContext(cfg, inputs())
+    with pytest.warns(ConfigWarning) as rec:
+        res = run_until(gm, ctx, "classify_gemms")
+    expected = [
+        "override '^k_prj$' matched no GEMM of this model, so it has no effect; near matches: 'k_proj'",
+        "override type GELU matched no GEMM of this model, so it has no effect; no module class around the GEMMs "
+        "is close (e.g. Block, Linear)",
+        "override 'k_proj' changes nothing: the 1 GEMM(s) it matches are all decided by an earlier override "
+        "(first match wins); move it before them or remove it",
+    ]
+    assert [str(w.message) for w in rec] == expected
+    assert res.notes == ["5 GEMMs found", *expected]
+    plan = {g.fqn: g.rule for g in ctx.gemms}
+    assert plan["k_proj"] == "override '^k_proj$'" and plan["fc2"] == "override 'q_proj|fc2'"
 
 
 def test_group_wise_weight_replaces_weights_with_dequantized_int8():

@@ -53,50 +53,69 @@ def calibrated_scale(amax: float) -> float:
 
 
 # ---- weights ------------------------------------------------------------------------------------------
+DEFAULT_K_GROUP = 128  # INT4 K-group size when none is given (the paper's and GPTQ-style kernels' choice)
+
+
 def weight_group_k(shape: tuple[int, int], granularity: str, group_size: int | None) -> int:
-    """Elements along K that share one scale (K for row groups and per-tensor)."""
+    """Elements along K that share one scale (K for row groups and per-tensor). Does not check that the
+    size fits: check_weight_groups does."""
     _, k = shape
     if granularity == "k_groups":
         if group_size is not None:
-            return min(group_size, k)
+            return group_size
         # default: 128 along K, or the largest power of two under it that divides K (SmolLM2's K = 576 -> 64)
-        g = 128
+        g = DEFAULT_K_GROUP
         while g > 1 and k % g:
             g //= 2
-        return min(g, k)
+        return g
     return k
+
+
+def check_weight_groups(shape: tuple[int, int], bits: int, granularity: str, num_groups: int | None = None,
+                        group_size: int | None = None) -> int:
+    """The K-group size a [N, K] weight gets under this scheme; ValueError (the reason, no module name) when
+    the groups do not fit the weight. Never clamps: a scheme is applied as asked or not at all."""
+    n, k = shape
+    if granularity not in ("row_groups", "k_groups", "tensor"):
+        raise ValueError(f"unknown granularity {granularity!r}")
+    if bits == 4 and k % 2:
+        raise ValueError(f"INT4 packs two values per byte along K, so K must be even, got K={k}")
+    if granularity == "row_groups" and num_groups is not None:
+        if num_groups > n:
+            raise ValueError(f"num_groups={num_groups} is more than the {n} output rows")
+        if n % num_groups:
+            raise ValueError(f"num_groups={num_groups} does not divide the {n} output rows")
+    gk = weight_group_k(shape, granularity, group_size)
+    if granularity == "k_groups":
+        if gk > k:
+            raise ValueError(f"group_size={gk} is larger than K={k} (the scales would have one group per row)")
+        if k % gk:
+            raise ValueError(f"group_size={gk} does not divide K={k}")
+    return gk
 
 
 def quantize_weight(w: torch.Tensor, bits: int, granularity: str = "row_groups",
                     num_groups: int | None = None, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """W [N, K] float -> (wq int8 [N, K] or packed uint8 [N, K/2], scale fp32 [N, K // group_k]).
 
-    Shape errors (groups not dividing the dims) raise ValueError; callers add the module name."""
+    Shape errors (groups not fitting the dims) raise ValueError; callers add the module name."""
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     n, k = w.shape
+    gk = check_weight_groups((n, k), bits, granularity, num_groups, group_size)
     qmax = QMAX[bits]
     wf = w.detach().float()
     if granularity == "tensor":
         amax = wf.abs().amax().clamp_min(EPS).expand(n, 1)
     elif granularity == "row_groups":
         g = n if num_groups is None else num_groups
-        if n % g:
-            raise ValueError(f"num_groups={g} does not divide the {n} output rows")
         amax = wf.reshape(g, n // g * k).abs().amax(dim=1).clamp_min(EPS).repeat_interleave(n // g).reshape(n, 1)
-    elif granularity == "k_groups":
-        gk = weight_group_k((n, k), granularity, group_size)  # explicit sizes must divide K (checked below)
-        if k % gk:
-            raise ValueError(f"group_size={gk} does not divide K={k}")
-        amax = wf.reshape(n, k // gk, gk).abs().amax(dim=2).clamp_min(EPS)
     else:
-        raise ValueError(f"unknown granularity {granularity!r}")
+        amax = wf.reshape(n, k // gk, gk).abs().amax(dim=2).clamp_min(EPS)
     scale = (amax / qmax).contiguous()
     gk = k // scale.shape[1]
     q = torch.round(wf / scale.repeat_interleave(gk, dim=1)).clamp_(-qmax, qmax).to(torch.int8)
     if bits == 4:
-        if k % 2:
-            raise ValueError(f"INT4 packing needs an even K, got K={k}")
         q = pack_int4(q)
     return q, scale
 

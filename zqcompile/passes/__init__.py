@@ -19,7 +19,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from .base import PassContext, PassResult
 from .calibrate_static import calibrate_static_ranges
 from .canonicalize import canonicalize_gemms
-from .classify_gemms import classify_gemms
+from .classify_gemms import WeightError, classify_gemms
 from .concat_sibling_gemms import concat_sibling_gemms
 from .cleanup import cleanup
 from .fold_decomposed import fold_decomposed_ops
@@ -28,7 +28,7 @@ from .fuse_gemm_epilogue import fuse_gemm_epilogue
 from .fuse_gqa_attention import fuse_gqa_attention
 from .fuse_producer_quant import fuse_producer_quant
 from .fuse_rotary import fuse_rotary
-from .group_wise_weight import WeightError, group_wise_weight
+from .group_wise_weight import group_wise_weight
 from .simplify_attention_masks import simplify_attention_masks
 from .token_wise_quant import token_wise_quant
 

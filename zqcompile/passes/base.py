@@ -12,7 +12,7 @@ import torch
 from torch import fx
 
 from .. import ops  # noqa: F401 - registers the zq ops the passes emit
-from ..capture import fqn_of, module_stack
+from ..capture import fqn_of, module_stack, param_fqn
 from ..config import GemmScheme, QuantConfig
 
 aten = torch.ops.aten
@@ -125,6 +125,13 @@ def get_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     return obj if isinstance(obj, torch.Tensor) else None
 
 
+def param_name(node: fx.Node) -> str:
+    """The user's parameter path behind a constant ('transformer.h.0.mlp.c_fc.weight'): the name recorded
+    when a pass made the constant from a parameter (canonicalize's transposed Conv1D weights), else the
+    get_attr target without the capture wrapper's prefix."""
+    return node.meta.get("zq_param") or param_fqn(node.target)
+
+
 def add_constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
     """Register `tensor` as a buffer of gm's root (unique name) and return a get_attr node for it."""
     base = "zq_" + name.replace(".", "_").replace("-", "_")
@@ -157,5 +164,5 @@ def copy_meta(dst: fx.Node, src: fx.Node) -> None:
 
 
 __all__ = ["ACTIVATION_OPS", "act_of", "GemmInfo", "FusionRecord", "NotFused", "PassResult", "PassContext", "aten", "zq", "is_call",
-           "calls", "match_chain", "val", "dtype_of", "shape_of", "get_tensor", "add_constant", "getitems",
+           "calls", "match_chain", "val", "dtype_of", "shape_of", "get_tensor", "param_name", "add_constant", "getitems",
            "copy_meta", "fqn_of", "module_stack"]

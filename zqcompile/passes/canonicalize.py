@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from .base import PassContext, PassResult, add_constant, aten, copy_meta, get_tensor, is_call, shape_of
+from .base import PassContext, PassResult, add_constant, aten, copy_meta, get_tensor, is_call, param_name, shape_of
 
 
 def _drop_eval_dropout(gm: fx.GraphModule) -> int:
@@ -24,6 +24,7 @@ def _drop_eval_dropout(gm: fx.GraphModule) -> int:
 def _to_linear(gm: fx.GraphModule, node: fx.Node, x: fx.Node, w_node: fx.Node, bias) -> fx.Node:
     w = get_tensor(gm, w_node)
     wt = add_constant(gm, w_node.target + "_t", w.detach().t().contiguous(), before=node)
+    wt.meta["zq_param"] = param_name(w_node)  # errors about this weight name the user's parameter
     # A flattening view in front of the GEMM (GPT-2 Conv1D) is undone: linear takes N-D inputs, and later
     # passes need to see the real producer of x (LayerNorm, GeLU).
     out_view, in_view = None, None

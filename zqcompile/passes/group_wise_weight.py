@@ -9,25 +9,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..capture import param_fqn
-from ..config import ConfigError
+from ..config import weight_groups_error
 from ..ops import quant_math as qm
 from .base import PassContext, PassResult, add_constant, aten, calls, copy_meta, dtype_of, get_tensor, zq
 
 _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class WeightError(ValueError):
-    """A weight that cannot be quantized (NaN/Inf values)."""
-
-
-def _check_finite(gm: fx.GraphModule, node: fx.Node) -> None:
-    for arg in node.args[1:3]:
-        t = get_tensor(gm, arg)
-        if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
-            raise WeightError(f"parameter {param_fqn(arg.target)!r} has {bad} NaN/Inf value(s); "
-                              f"fix the checkpoint before quantizing")
 
 
 def _cast_float_gemm(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype) -> None:
@@ -52,7 +38,6 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if info is None:
             continue
         matched += 1
-        _check_finite(gm, node)
         scheme = info.scheme
         if scheme.is_float:
             if scheme.float_dtype:
@@ -60,11 +45,10 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         wq_cfg = scheme.weight
         w = get_tensor(gm, node.args[1])
-        try:
+        try:  # classify_gemms checked every plan against its weight already; this names a custom plan's error
             wq, ws = qm.quantize_weight(w, wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size)
         except ValueError as e:
-            raise ConfigError(f"cannot quantize {info.fqn} (weight {tuple(w.shape)}) as {wq_cfg.describe()}: {e}; "
-                              f"pick a group size that divides it or override {{{info.fqn!r}: 'fp16'}}") from None
+            raise weight_groups_error(info.fqn, tuple(w.shape), wq_cfg, str(e)) from None
         wq_node = add_constant(gm, info.fqn + ".wq", wq, before=node)
         ws_node = add_constant(gm, info.fqn + ".w_scale", ws, before=node)
         with gm.graph.inserting_before(node):

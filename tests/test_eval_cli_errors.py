@@ -1,0 +1,103 @@
+"""`zqcompile eval` refuses bad arguments, a model without a tokenizer and a text shorter than one window
+with one line `zqcompile eval: error: ...` and exit code 2, before loading the model where it can."""
+import json
+import os
+
+import pytest
+
+from zqcompile.cli import main
+
+from ._tiny import tiny_gpt2
+from .subproc import run_cli
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    root = tmp_path_factory.mktemp("eval_errors")
+    model = tiny_gpt2()  # context: 64 positions
+    model.save_pretrained(root / "bare")  # what model.save_pretrained(dir) alone leaves: no tokenizer
+    model.save_pretrained(root / "tok")
+    vocab = {w: i for i, w in enumerate(["[UNK]", *"abcdefghijklmnopqrstuvwxyz"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(root / "tok")
+    (root / "t.txt").write_text("the quick brown fox jumps over the lazy dog " * 4)
+    return root
+
+
+def _one_line_error(r, cause: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("zqcompile eval: error: ")]
+    assert lines == [f"zqcompile eval: error: {cause}"], r.stderr
+
+
+def test_model_folder_without_tokenizer(folders):
+    bare = folders / "bare"
+    r = run_cli("eval", bare, "--text", folders / "t.txt", "--max-tokens", "100")
+    _one_line_error(r, f"the folder {str(bare)!r} has no tokenizer files (tokenizer.json / tokenizer_config.json); "
+                       f"save the tokenizer next to the model: tokenizer.save_pretrained({str(bare)!r})")
+
+
+def test_text_shorter_than_one_window(folders):
+    text = folders / "t.txt"
+    r = run_cli("eval", folders / "tok", "--text", text, "--max-tokens", "20", "--window", "48")
+    _one_line_error(r, f"--text {text} (its first --max-tokens 20) has 20 tokens, fewer than one window of 48: "
+                       f"lower --window to 20 or less, or raise --max-tokens / use a longer text")
+
+
+def test_window_longer_than_the_models_context(folders, capsys):
+    assert main(["eval", str(folders / "tok"), "--text", str(folders / "t.txt"), "--max-tokens", "100",
+                 "--window", "512"]) == 2
+    err = capsys.readouterr().err  # after the weight-loading progress bar
+    assert err.splitlines()[-1] == ("zqcompile eval: error: windows of 512 tokens (--window) are longer than the "
+                                    "model's context of 64 tokens; use --window 64 or less")
+
+
+def _bad_args(root):
+    text, empty = root / "t.txt", root / "empty.txt"
+    empty.write_text("  \n")
+    return [
+        (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
+        (["--window", "1"], "--window must be >= 2 (a token and the one it predicts), got 1"),
+        (["--window", "8", "--stride", "9"], "--stride must be between 1 and --window (8), got 9"),
+        (["--stride", "0"], "--stride must be between 1 and --window (512), got 0"),
+        (["--lkd-steps", "-1"], "--lkd-steps must be >= 0, got -1"),
+        (["--lkd-lr", "0"], "--lkd-lr must be a number > 0, got 0.0"),
+        (["--lkd-lr", "nan"], "--lkd-lr must be a number > 0, got nan"),
+        (["--text", str(root / "nope.txt")], f"--text {root / 'nope.txt'}: no such file"),
+        (["--text", str(root)], f"--text {root} is a directory; give a text file"),
+        (["--text", str(empty)], f"--text {empty} is empty"),
+        (["--lkd", str(text)], "--lkd text must not be the evaluation text (--text)"),
+        (["--json", str(root)], f"--json {root} is a directory; give a file path, e.g. {root / 'eval.json'}"),
+        (["--json", str(root / "no" / "r.json")], f"--json {root / 'no' / 'r.json'}: the folder {root / 'no'} does "
+                                                  f"not exist"),
+    ]
+
+
+def test_arguments_are_checked_before_the_model_loads(folders, capsys):
+    # the model does not exist: each error below comes before any attempt to load it
+    for extra, cause in _bad_args(folders):
+        argv = ["eval", "/nonexistent/model", "--text", str(folders / "t.txt"), *extra]
+        assert main(argv) == 2, extra
+        assert capsys.readouterr().err == f"zqcompile eval: error: {cause}\n", extra
+
+
+def test_json_is_written_atomically(tmp_path, monkeypatch):
+    from zqcompile import eval_cli
+    out = tmp_path / "r.json"
+    eval_cli._write_json(str(out), {"ppl_fp32": 1.5})
+    assert json.loads(out.read_text()) == {"ppl_fp32": 1.5} and os.listdir(tmp_path) == ["r.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(eval_cli.json, "dump", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        eval_cli._write_json(str(out), {"ppl_fp32": 2.0})
+    assert json.loads(out.read_text()) == {"ppl_fp32": 1.5} and os.listdir(tmp_path) == ["r.json"]
