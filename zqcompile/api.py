@@ -37,7 +37,7 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
     gm, spec = capture(model, tuple(example_inputs), example_kwargs, (cfg.dynamic_batch, cfg.dynamic_seq))
     bound = spec.bind(tuple(example_inputs), dict(example_kwargs or {}))
     calib = [tuple(spec.bind(tuple(c), {})) for c in (calibration_data or [])]
-    ctx = PassContext(cfg, tuple(bound), calib)
+    ctx = PassContext(cfg, tuple(bound), calib, max_seq=spec.max_seq)
     snapshots: list[tuple[str, str, str]] = []
 
     def snap(name, g):

@@ -210,7 +210,8 @@ def build_generator(model: nn.Module, cfg: QuantConfig, spec: CacheSpec,
     graphs = {}
     for phase in ("prefill", "decode"):
         gm, args = capture_phase(CachedLM(model, cache, spec), phase, spec, vocab)
-        run_pipeline(gm, PassContext(cfg, args, []), GENERATION_PIPELINE)
+        ctx = PassContext(cfg, args, [], max_seq=spec.max_cache_len)
+        run_pipeline(gm, ctx, GENERATION_PIPELINE)
         graphs[phase] = gm
     record = GenerationRecord(spec, shared=tie_constants(graphs["prefill"], graphs["decode"], share_with),
                               cache_bytes=cache_bytes(graphs["decode"]))
