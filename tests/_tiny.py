@@ -29,7 +29,8 @@ def tiny_bert(seed: int = 0):
 
 def tiny_windowed(family: str, window: int = 16, seed: int = 0, **extra):
     """Causal LMs whose layers attend over a window (or chunk) of `window` tokens: "mistral" (every layer
-    sliding), "qwen2" and "gemma3" (layer 0 sliding, layer 1 full), "llama4" (layer 0 chunked, layer 1 full)."""
+    sliding), "qwen2", "gemma2" (eager attention) and "gemma3" (layer 0 sliding, layer 1 full), "llama4"
+    (layer 0 chunked, layer 1 full)."""
     import transformers as T
     torch.manual_seed(seed)
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -41,6 +42,9 @@ def tiny_windowed(family: str, window: int = 16, seed: int = 0, **extra):
     if family == "qwen2":
         return T.Qwen2ForCausalLM(T.Qwen2Config(**common, use_sliding_window=True, sliding_window=window,
                                                  max_window_layers=0, layer_types=mixed)).eval()
+    if family == "gemma2":
+        return T.Gemma2ForCausalLM(T.Gemma2Config(**common, head_dim=16, sliding_window=window,
+                                                   layer_types=mixed)).eval()
     if family == "gemma3":
         return T.Gemma3ForCausalLM(T.Gemma3TextConfig(**common, head_dim=16, sliding_window=window,
                                                        layer_types=mixed)).eval()
