@@ -45,6 +45,10 @@ def test_probe_shapes_cross_every_reachable_constant():
     assert probe_shapes(static_seq, ex, [16]) == [(2, 8), (3, 8)]
     static_batch = PassContext(replace(get_config("none"), dynamic_batch=False), (ex,), max_seq=128)
     assert probe_shapes(static_batch, ex, [16]) == [(2, 5), (2, 9), (2, 18)]
+    big = torch.zeros(8, 8, dtype=torch.long)  # a static batch of 8 probes 8 rows: 1/8 of the length
+    static_big = PassContext(replace(get_config("none"), dynamic_batch=False), (big,), max_seq=10**6)
+    assert probe_shapes(static_big, big, [MAX_PROBE_SEQ // 4])[-1] == (8, MAX_PROBE_SEQ // 4 + 2)
+    assert probe_shapes(static_big, big, [MAX_PROBE_SEQ // 2]) is None
 
 
 @pytest.mark.parametrize("family, preset, causal", [

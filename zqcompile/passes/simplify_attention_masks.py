@@ -12,6 +12,7 @@ from a real attention_mask input is data, so it is never touched.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -77,7 +78,7 @@ def mask_constants(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[int]:
 
 def probe_shapes(ctx: PassContext, example: torch.Tensor, constants: list[int]) -> list[tuple[int, int]] | None:
     """(batch, seq) shapes to evaluate a mask at, varying only the dims the graph keeps dynamic; None when the
-    long probe would pass MAX_PROBE_SEQ. Soundness, for the masks transformers builds: tracing folds config ints
+    long probe would outgrow a (1, MAX_PROBE_SEQ) one. Soundness, for the masks transformers builds: tracing folds config ints
     (sliding_window, attention_chunk_size) into literals k, and those masks compare positions or their difference
     with k or floor-divide positions by k, so the pattern changes only where a position reaches k or k + 1; a
     probe of max(k) + 2 tokens (k < max_seq: larger ones are never reached; at most max_seq) meets every change."""
@@ -89,10 +90,11 @@ def probe_shapes(ctx: PassContext, example: torch.Tensor, constants: list[int]) 
         long = max(reach, default=0) + 2
         if ctx.max_seq is not None:
             long = min(long, ctx.max_seq)
-        if long > MAX_PROBE_SEQ:
+        batch = 1 if dyn_b else b0
+        if batch * long * long > MAX_PROBE_SEQ * MAX_PROBE_SEQ:  # a static batch probes at its own size
             return None
         if long > max(s for _, s in shapes):
-            shapes.append((1 if dyn_b else b0, long))
+            shapes.append((batch, long))
     return list(dict.fromkeys(shapes))
 
 
@@ -110,7 +112,8 @@ def _evaluator(gm: fx.GraphModule, nodes: list[fx.Node], mask: fx.Node) -> fx.Gr
 
 
 def _kind(m: torch.Tensor, s: int) -> str | None:
-    """'none' (all visible), 'causal', or None for any other pattern of one [.., s, s] mask."""
+    """'none' (all visible), 'causal', or None for any other pattern of one [.., s, s] mask. Compared one
+    [s, s] slice at a time, and once per broadcast (stride-0) dim, so a long probe stays one s x s copy."""
     m = m.detach()
     if m.dtype != torch.bool and not m.is_floating_point():
         return None
@@ -120,10 +123,17 @@ def _kind(m: torch.Tensor, s: int) -> str | None:
     if visible.shape[-2:] != (s, s) and visible.shape[-2:] not in ((1, s), (s, 1), (1, 1)):
         return None
     visible = visible.expand(*visible.shape[:-2], s, s)
-    if bool(visible.all()):
-        return "none"
+    for d in range(visible.dim() - 2):
+        if visible.stride(d) == 0:
+            visible = visible.narrow(d, 0, 1)
     causal = torch.ones(s, s, dtype=torch.bool, device=visible.device).tril()
-    return "causal" if bool((visible == causal).all()) else None
+    kinds = set()
+    for idx in itertools.product(*map(range, visible.shape[:-2])):
+        one = visible[idx]
+        kinds.add("none" if bool(one.all()) else "causal" if torch.equal(one, causal) else None)
+        if len(kinds) > 1 or None in kinds:
+            return None
+    return kinds.pop()
 
 
 def _classify(gm: fx.GraphModule, ctx: PassContext, mask: fx.Node) -> tuple[str | None, str]:
