@@ -78,10 +78,10 @@ def mask_constants(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[int]:
 
 def probe_shapes(ctx: PassContext, example: torch.Tensor, constants: list[int]) -> list[tuple[int, int]] | None:
     """(batch, seq) shapes to evaluate a mask at, varying only the dims the graph keeps dynamic; None when the
-    long probe would outgrow a (1, MAX_PROBE_SEQ) one. Soundness, for the masks transformers builds: tracing folds config ints
-    (sliding_window, attention_chunk_size) into literals k, and those masks compare positions or their difference
-    with k or floor-divide positions by k, so the pattern changes only where a position reaches k or k + 1; a
-    probe of max(k) + 2 tokens (k < max_seq: larger ones are never reached; at most max_seq) meets every change."""
+    long probe would outgrow a (1, MAX_PROBE_SEQ) one. Sound for the masks transformers builds: tracing folds
+    config ints (sliding_window, attention_chunk_size) into literals k, and those masks compare positions or
+    their difference with k or floor-divide positions by k, so the pattern changes only where a position reaches
+    k or k + 1; max(k) + 2 tokens (k < max_seq: larger are never reached; at most max_seq) meet every change."""
     b0, s0 = example.shape[:2]
     dyn_b, dyn_s = ctx.config.dynamic_batch, ctx.config.dynamic_seq
     shapes = [(b if dyn_b else b0, s if dyn_s else s0) for b, s in _SMALL_PROBES]
