@@ -6,9 +6,12 @@ import pytest
 import torch
 from transformers import masking_utils as hf
 
-import zqcompile as zq
 from zqcompile.cache_masks import CHUNKED, FULL, SLIDING, MaskLayout
 from zqcompile.capture import CaptureError
+from zqcompile.config import get_config
+from zqcompile.generation import build_generator
+from zqcompile.kv_cache import CacheSpec
+from zqcompile.sampling import SamplingParams
 
 from ._tiny import tiny_windowed
 from .conftest import rel_err
@@ -65,7 +68,8 @@ def test_mask_layout_follows_the_config_as_transformers_generate_does():
 def test_greedy_past_the_window_equals_hf_generate(family):
     """window 8, prompts of 10 (two rows left-padded), 30 new tokens; EOS off so that HF generates all 30.
     Mistral takes one mask for all layers, Qwen2 and Gemma2 {layer type: mask}; Gemma2's eager attention
-    adds its mask to the scores (a boolean mask would add 0 / 1 and mask nothing)."""
+    adds its mask to the scores (a boolean mask would add 0 / 1 and mask nothing). The generation graphs are
+    built directly (as in test_generation_real) to skip the full-sequence graph."""
     model = tiny_windowed(family, window=WINDOW, eos_token_id=None)
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(1, 128, (3, 10), generator=g)
@@ -73,9 +77,8 @@ def test_greedy_past_the_window_equals_hf_generate(family):
     mask[1, :3] = 0
     mask[2, :6] = 0
     ids = ids.masked_fill(mask == 0, 0)
-    engine = zq.compile(model, (ids[:, :8].clone(),), "none")
-    gen = engine.prepare_generation(max_batch=4, max_cache_len=64)
-    out = engine.generate(ids, attention_mask=mask, max_new_tokens=30)
+    gen = build_generator(model, get_config("none"), CacheSpec(max_batch=4, max_cache_len=64))
+    out = gen.generate(ids, mask, 30, SamplingParams(), None, None, None)
     assert torch.equal(out, model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False))
     # a 20-token prompt's prefill logits: the causal-only boolean mask gave 0.57 (mistral), 0.34 (qwen2), 1.2 (gemma2)
     prompt = torch.randint(0, 128, (2, 20), generator=g)
