@@ -25,3 +25,31 @@ def tiny_bert(seed: int = 0):
     cfg = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=128, max_position_embeddings=64)
     return BertModel(cfg).eval()
+
+
+def tiny_windowed(family: str, window: int = 16, seed: int = 0, **extra):
+    """Causal LMs whose layers attend over a window (or chunk) of `window` tokens: "mistral" (every layer
+    sliding), "qwen2", "gemma2" (eager attention) and "gemma3" (layer 0 sliding, layer 1 full), "llama4"
+    (layer 0 chunked, layer 1 full)."""
+    import transformers as T
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    common.update(extra)
+    mixed = ["sliding_attention", "full_attention"]
+    if family == "mistral":
+        return T.MistralForCausalLM(T.MistralConfig(**common, sliding_window=window)).eval()
+    if family == "qwen2":
+        return T.Qwen2ForCausalLM(T.Qwen2Config(**common, use_sliding_window=True, sliding_window=window,
+                                                 max_window_layers=0, layer_types=mixed)).eval()
+    if family == "gemma2":
+        return T.Gemma2ForCausalLM(T.Gemma2Config(**common, head_dim=16, sliding_window=window,
+                                                   layer_types=mixed)).eval()
+    if family == "gemma3":
+        return T.Gemma3ForCausalLM(T.Gemma3TextConfig(**common, head_dim=16, sliding_window=window,
+                                                       layer_types=mixed)).eval()
+    if family == "llama4":
+        return T.Llama4ForCausalLM(T.Llama4TextConfig(**common, head_dim=16, intermediate_size_mlp=128,
+                                                       attention_chunk_size=window, num_local_experts=2,
+                                                       interleave_moe_layer_step=2, no_rope_layers=[1, 0])).eval()
+    raise KeyError(family)

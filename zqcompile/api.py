@@ -49,7 +49,7 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
     outputs = flatten_graph_outputs(gm)  # the engine file then needs no output types registered to load
     bound = spec.bind(tuple(example_inputs), dict(example_kwargs or {}))
     calib = [tuple(spec.bind(tuple(c), {})) for c in (calibration_data or [])]
-    ctx = PassContext(cfg, tuple(bound), calib)
+    ctx = PassContext(cfg, tuple(bound), calib, max_seq=spec.max_seq)
     snapshots: list[tuple[str, str, str]] = []
 
     bar, tick = progress.pass_bar(len(PIPELINE) + 1, f"compiling ({cfg.name})")

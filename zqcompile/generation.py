@@ -214,7 +214,8 @@ def build_generator(model: nn.Module, cfg: QuantConfig, spec: CacheSpec,
         with bar:
             gm, args = capture_phase(CachedLM(model, cache, spec), phase, spec, vocab)
             tick("0_captured", gm)
-            run_pipeline(gm, PassContext(cfg, args, []), GENERATION_PIPELINE, on_pass=tick)
+            ctx = PassContext(cfg, args, [], max_seq=spec.max_cache_len)
+            run_pipeline(gm, ctx, GENERATION_PIPELINE, on_pass=tick)
         graphs[phase] = gm
     record = GenerationRecord(spec, shared=tie_constants(graphs["prefill"], graphs["decode"], share_with),
                               cache_bytes=cache_bytes(graphs["decode"]))

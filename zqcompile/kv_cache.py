@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.export import Dim
 from transformers.cache_utils import Cache
 
+from .cache_masks import MaskLayout
 from .capture import CaptureError, _describe_capture_failure, export_dynamic
 from .ops import quant_math as qm
 
@@ -111,6 +112,8 @@ class CachedLM(nn.Module):
         self.int8 = spec.kv_dtype == "int8"
         self.max_cache_len = spec.max_cache_len
         self.cache_kwarg = cache_kwarg(model)
+        self.mask_layout = MaskLayout.of(model)
+        self.mask_dtype = next(model.parameters()).dtype  # an eager model's additive mask
         for name, t in cache.items():
             self.register_buffer(name, t, persistent=False)
 
@@ -126,12 +129,10 @@ class CachedLM(nn.Module):
         return qm.dequantize_rows(cache[:batch], scale[:batch], new.dtype)
 
     def forward(self, input_ids, position_ids, cache_position, kv_mask):
-        slots = torch.arange(self.max_cache_len, device=input_ids.device)
-        causal = slots[None, :] <= cache_position[:, None]
-        # each token always sees itself: a left pad's row is then never fully masked (no NaN from softmax)
-        allowed = (causal[None] & kv_mask.bool()[:, None, :]) | (slots[None, :] == cache_position[:, None])[None]
+        # Hugging Face takes a 4D mask as given: the sliding / chunked layers' windows are in it (cache_masks)
+        masks = self.mask_layout.masks(kv_mask, cache_position, self.mask_dtype)
         cache = {self.cache_kwarg: _SlotCache(self, cache_position)}
-        out = self.model(input_ids=input_ids, attention_mask=allowed[:, None], position_ids=position_ids,
+        out = self.model(input_ids=input_ids, attention_mask=masks, position_ids=position_ids,
                          use_cache=True, logits_to_keep=1, **cache)
         return out.logits
 

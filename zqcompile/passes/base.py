@@ -66,6 +66,7 @@ class PassContext:
     gemms: list[GemmInfo] = field(default_factory=list)
     fusions: list[FusionRecord] = field(default_factory=list)
     not_fused: list[NotFused] = field(default_factory=list)
+    max_seq: int | None = None  # longest sequence the graph accepts (its seq dim's bound); None = unknown
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------
