@@ -186,3 +186,18 @@ def test_example_input_that_is_a_view_gives_a_general_engine():
     with torch.no_grad():
         ref = model(big).logits
     assert torch.allclose(engine(big).logits, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_static_shape_engine_names_the_shape_it_takes(tmp_path):
+    import dataclasses
+    model = tiny_model("bert")
+    engine = zq.compile(model, (ids(2, 8),), dataclasses.replace(zq.get_config("none"), dynamic_seq=False))
+    engine.save(tmp_path / "static.zq")
+    loaded = zq.load(tmp_path / "static.zq")
+    for e in (engine, loaded):
+        with pytest.raises(zq.InputError, match="compiled for length 8 only"):
+            e(ids(2, 9))
+        x = ids(3, 8, seed=2)  # batch stays dynamic
+        with torch.no_grad():
+            ref = model(x).last_hidden_state
+        assert torch.allclose(e(x).last_hidden_state, ref, atol=1e-5)
