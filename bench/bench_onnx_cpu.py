@@ -25,7 +25,7 @@ import onnxruntime as ort  # noqa: E402
 from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: E402
 
 import zqcompile as zq  # noqa: E402
-from zqcompile.backends.onnx import export_onnx  # noqa: E402
+from zqcompile.export.onnx import export_onnx  # noqa: E402
 
 
 def build(arch: str, hidden: int, layers: int, ids: torch.Tensor):

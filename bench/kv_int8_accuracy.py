@@ -11,10 +11,10 @@ import math
 import torch
 
 from zqcompile.config import get_config
-from zqcompile.generation import build_generator
-from zqcompile.kv_cache import CacheSpec
+from zqcompile.generation.generator import build_generator
+from zqcompile.generation.kv_cache import CacheSpec
 from zqcompile.models import load_model, load_tokenizer
-from zqcompile.sampling import SamplingParams
+from zqcompile.generation.sampling import SamplingParams
 
 
 def teacher_forced_nll(gen, ids: torch.Tensor) -> float:

@@ -40,7 +40,7 @@ def test_group_size_larger_than_k_names_the_module_and_what_fits():
            r"or .*with_overrides\(\{'transformer\.h\.0\.attn\.c_attn': 'w8a8'\}\)")
     with pytest.raises(zq.ConfigError, match=msg):
         zq.compile(model_for("gpt2"), (ids(2, 8),), cfg)
-    from zqcompile.fakequant import fake_quantize
+    from zqcompile.accuracy.fakequant import fake_quantize
     from zqcompile.models import tiny_model
     with pytest.raises(zq.ConfigError, match=msg):  # the eval path says the same (fake_quantize works in place)
         fake_quantize(tiny_model("gpt2"), cfg)

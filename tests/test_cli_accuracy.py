@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from zqcompile.eval_cli import add_eval_command
-from zqcompile.inspect import add_inspect_command
+from zqcompile.cli.eval import add_eval_command
+from zqcompile.cli.inspect import add_inspect_command
 
 from ._tiny import tiny_gpt2
 
@@ -37,7 +37,7 @@ def test_eval_cli_on_a_folder(gpt2_dir, tmp_path):
     out = tmp_path / "r.json"
     args = _parse(["eval", str(d), "--config", "w4/8a8", "--text", str(text), "--window", "32",
                    "--lkd", "random", "--lkd-steps", "3", "--json", str(out)])
-    from zqcompile.eval_cli import run_eval
+    from zqcompile.cli.eval import run_eval
     res = run_eval(args)
     saved = json.loads(out.read_text())
     assert saved["ppl_fp32"] == pytest.approx(res["ppl_fp32"]) and saved["ppl_w4/8a8"] > 1
@@ -48,7 +48,7 @@ def test_inspect_cli(gpt2_dir, tmp_path):
     d, text = gpt2_dir
     args = _parse(["inspect", str(d), "--text", str(text), "--out", str(tmp_path / "r.png"),
                    "--json", str(tmp_path / "r.json")])
-    from zqcompile.inspect import run_inspect
+    from zqcompile.cli.inspect import run_inspect
     ranges = run_inspect(args)
     data = json.loads((tmp_path / "r.json").read_text())
     assert len(data) == len(ranges) == 2 * 4 + 1
@@ -56,7 +56,7 @@ def test_inspect_cli(gpt2_dir, tmp_path):
 
 
 def test_missing_model_is_a_clear_error():
-    from zqcompile.eval_cli import load_for_eval
+    from zqcompile.cli.eval import load_for_eval
     from zqcompile.models import ModelLoadError
     with pytest.raises(ModelLoadError, match="no GGUF file"):
         load_for_eval("/nonexistent/model.gguf")
@@ -65,7 +65,7 @@ def test_missing_model_is_a_clear_error():
 
 
 def test_registered_in_zqcompile_cli(gpt2_dir, tmp_path):
-    from zqcompile.cli import main
+    from zqcompile.cli.main import main
     d, text = gpt2_dir
     assert main(["inspect", str(d), "--text", str(text), "--max-tokens", "16", "--out", str(tmp_path / "x.svg")]) == 0
     assert (tmp_path / "x.svg").read_text().startswith("<svg")

@@ -135,7 +135,7 @@ def test_bad_input_is_one_line_naming_the_cause(folders, tmp_path, case):
 def test_bad_input_in_process_cases(folders, tmp_path, capsys):
     import re
 
-    from zqcompile.cli import main
+    from zqcompile.cli.main import main
     cases = _cases(folders, tmp_path)
     for case, (args, expect) in cases.items():
         if case in _SUBPROCESS_CASES:
@@ -165,8 +165,8 @@ def test_ctrl_c_during_compile_leaves_nothing(folders, tmp_path):
 
 
 _INTERRUPT_WHILE_SAVING = """
-import sys, zqcompile.engine as eng
-from zqcompile.cli import main
+import sys, zqcompile.runtime.engine as eng
+from zqcompile.cli.main import main
 real = eng.Engine.write_to
 def write_then_interrupt(self, path):
     real(self, path)          # the engine is fully written to its temporary file...

@@ -4,7 +4,8 @@ import os
 import pytest
 
 import zqcompile as zq
-from zqcompile.cli import demo_rows, main
+from zqcompile.cli.demo import demo_rows
+from zqcompile.cli.main import main
 
 from .conftest import engine_for, ids, model_for
 

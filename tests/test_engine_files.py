@@ -132,7 +132,6 @@ def test_save_refuses_what_is_not_an_engine(saved_engines, tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
 def test_save_into_an_unwritable_place_names_the_users_path():
-    engine = zq.load  # noqa: F841 - keep the import used even when the message check fails first
     e = zq.compile(tiny_model("bert"), (ids(2, 8),), "none")
     with pytest.raises(OSError, match=r"'/proc/xyz'.*not writable") as err:
         e.save("/proc/xyz")

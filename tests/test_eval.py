@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from zqcompile.eval import encoder_agreement, output_tensor, perplexity, windows
+from zqcompile.accuracy.eval import encoder_agreement, output_tensor, perplexity, windows
 
 from ._tiny import tiny_gpt2
 

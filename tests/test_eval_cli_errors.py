@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from zqcompile.cli import main
+from zqcompile.cli.main import main
 
 from ._tiny import tiny_gpt2
 from .subproc import run_cli
@@ -71,9 +71,12 @@ def _bad_args(root):
         (["--text", str(root)], f"--text {root} is a directory; give a text file"),
         (["--text", str(empty)], f"--text {empty} is empty"),
         (["--lkd", str(text)], "--lkd text must not be the evaluation text (--text)"),
-        (["--json", str(root)], f"--json {root} is a directory; give a file path, e.g. {root / 'eval.json'}"),
-        (["--json", str(root / "no" / "r.json")], f"--json {root / 'no' / 'r.json'}: the folder {root / 'no'} does "
-                                                  f"not exist"),
+        (["--json", str(root)], f"cannot write the eval results to {str(root)!r}: it is a directory; give a file "
+                                f"name (a path inside it, or another one)"),
+        (["--json", str(root / "no" / "r.json")], f"cannot write the eval results to {str(root / 'no' / 'r.json')!r}: "
+                                                  f"directory {str(root / 'no')!r} does not exist"),
+        (["--json", str(text)], f"cannot write the eval results to {str(text)!r}: a file that is not a JSON file is "
+                                f"there; remove it or choose another path"),
     ]
 
 
@@ -86,7 +89,7 @@ def test_arguments_are_checked_before_the_model_loads(folders, capsys):
 
 
 def test_json_is_written_atomically(tmp_path, monkeypatch):
-    from zqcompile import eval_cli
+    from zqcompile.cli import eval as eval_cli
     out = tmp_path / "r.json"
     eval_cli._write_json(str(out), {"ppl_fp32": 1.5})
     assert json.loads(out.read_text()) == {"ppl_fp32": 1.5} and os.listdir(tmp_path) == ["r.json"]
@@ -97,7 +100,7 @@ def test_json_is_written_atomically(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(eval_cli.json, "dump", boom)
+    monkeypatch.setattr(json, "dumps", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         eval_cli._write_json(str(out), {"ppl_fp32": 2.0})
     assert json.loads(out.read_text()) == {"ppl_fp32": 1.5} and os.listdir(tmp_path) == ["r.json"]

@@ -3,7 +3,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from zqcompile.config import get_config
-from zqcompile.fakequant import (FakeQuantLinear, calibrate_static, fake_quant_modules, fake_quantize,
+from zqcompile.accuracy.fakequant import (FakeQuantLinear, calibrate_static, fake_quant_modules, fake_quantize,
                                  remove_fake_quant)
 from zqcompile.ops import quant_math as qm
 

@@ -5,7 +5,7 @@ import torch
 
 import zqcompile as zq
 from zqcompile.capture import InputError
-from zqcompile.kv_cache import CacheSpec
+from zqcompile.generation.kv_cache import CacheSpec
 from zqcompile.models import tiny_model
 
 from .conftest import ids as make_ids
@@ -146,14 +146,14 @@ def test_encoder_engine_cannot_generate():
 
 
 def test_generate_command_is_registered():
-    from zqcompile.cli import build_parser
+    from zqcompile.cli.main import build_parser
     args = build_parser().parse_args(["generate", "smollm2", "--prompt", "Hi", "--max-new-tokens", "7", "--chat"])
     assert (args.model, args.prompt, args.max_new_tokens, args.chat, args.config) == ("smollm2", "Hi", 7, True, "w8a8")
     assert args.fn.__name__ == "cmd_generate"
 
 
 def test_decode_graph_buckets_and_padding():
-    from zqcompile.decode_graphs import CudaGraphDecode, pad_rows
+    from zqcompile.runtime.decode_graphs import CudaGraphDecode, pad_rows
     runner = CudaGraphDecode(lambda *a: None, CacheSpec(max_batch=8).buckets)
     assert [runner.bucket_for(b) for b in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
     with pytest.raises(ValueError, match="larger than the largest decode bucket 8"):
@@ -168,7 +168,7 @@ def test_cache_keyword_follows_the_model_signature():
     from torch import nn
 
     from zqcompile.capture import CaptureError
-    from zqcompile.kv_cache import cache_kwarg
+    from zqcompile.generation.kv_cache import cache_kwarg
 
     class Old(nn.Module):
         def forward(self, input_ids, past_key_values=None, **kwargs):

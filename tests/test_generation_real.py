@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from zqcompile.config import get_config
-from zqcompile.generation import build_generator
-from zqcompile.kv_cache import CacheSpec
-from zqcompile.sampling import SamplingParams
+from zqcompile.generation.generator import build_generator
+from zqcompile.generation.kv_cache import CacheSpec
+from zqcompile.generation.sampling import SamplingParams
 
 pytestmark = pytest.mark.real
 

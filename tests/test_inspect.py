@@ -1,6 +1,6 @@
 import torch
 
-from zqcompile.inspect import collect_ranges, plot_ranges, summary_table
+from zqcompile.accuracy.ranges import collect_ranges, plot_ranges, summary_table
 
 from ._tiny import tiny_gpt2, tiny_llama
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from zqcompile.config import ConfigError, LKDConfig
-from zqcompile.fakequant import fake_quantize
-from zqcompile.lkd import capture_block_inputs, find_blocks, lkd_batches, run_lkd, run_lkd_with_stats
+from zqcompile.accuracy.fakequant import fake_quantize
+from zqcompile.accuracy.lkd import capture_block_inputs, find_blocks, lkd_batches, run_lkd, run_lkd_with_stats
 
 from ._tiny import tiny_bert, tiny_gpt2, tiny_llama
 

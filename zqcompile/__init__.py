@@ -9,9 +9,9 @@ import importlib
 
 _EXPORTS = {
     "compile": "api", "dump": "api", "load": "api",
-    "export_onnx": "backends.onnx", "export_tensorrt": "backends.tensorrt", "load_tensorrt": "backends.tensorrt",
+    "export_onnx": "export.onnx", "export_tensorrt": "export.tensorrt", "load_tensorrt": "export.tensorrt",
     "CaptureError": "capture", "InputError": "capture",
-    "Engine": "engine", "EngineFileError": "engine",
+    "Engine": "runtime.engine", "EngineFileError": "runtime.engine",
     "WeightError": "passes",
     "ActQuant": "config", "ConfigError": "config", "ConfigWarning": "config", "GemmScheme": "config", "LKDConfig": "config",
     "PRESETS": "config", "QuantConfig": "config", "WeightQuant": "config", "get_config": "config",

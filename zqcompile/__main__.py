@@ -1,6 +1,6 @@
 """`python -m zqcompile ...` runs the command line (as torchrun and other launchers invoke modules)."""
 import sys
 
-from .cli import main
+from zqcompile.cli.main import main
 
 sys.exit(main())

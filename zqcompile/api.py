@@ -7,12 +7,12 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from .capture import InputError, capture
-from .config import LKDConfig, QuantConfig, get_config
-from .engine import CompileRecord, Engine, load
-from .outputs import flatten_graph_outputs
-from . import progress
-from .passes import PIPELINE, PassContext, run_pipeline
+from zqcompile.capture import InputError, capture
+from zqcompile.config import LKDConfig, QuantConfig, get_config
+from zqcompile.runtime.engine import CompileRecord, Engine, load
+from zqcompile.runtime.outputs import flatten_graph_outputs
+from zqcompile import progress
+from zqcompile.passes import PIPELINE, PassContext, run_pipeline
 
 
 def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str = "w8a8",
@@ -38,11 +38,11 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
         raise InputError("example inputs disagree on (batch, seq): "
                          f"{ {n: tuple(t.shape) for n, t in given if isinstance(t, torch.Tensor)} }")
     if dump_dir is not None:
-        from .graph_dump import check_dump_dir
+        from zqcompile.graph_dump import check_dump_dir
         check_dump_dir(dump_dir)
     model = model.eval()
     if lkd is not None:
-        from .lkd import run_lkd
+        from zqcompile.accuracy.lkd import run_lkd
         model = run_lkd(model, cfg, lkd)
     with progress.step(f"capturing {type(model).__name__} with torch.export"):
         gm, spec = capture(model, tuple(example_inputs), example_kwargs, (cfg.dynamic_batch, cfg.dynamic_seq))
@@ -55,7 +55,7 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
     bar, tick = progress.pass_bar(len(PIPELINE) + 1, f"compiling ({cfg.name})")
 
     def snap(name, g):
-        from .graph_dump import graph_html, graph_text
+        from zqcompile.graph_dump import graph_html, graph_text
         snapshots.append((name, graph_text(g), graph_html(g, name)))
         tick(name, g)
 
@@ -69,7 +69,7 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
         fusions=[asdict(f) for f in ctx.fusions],
         not_fused=[asdict(n) for n in ctx.not_fused])
     engine = Engine(gm, spec, record, tuple(bound), snapshots, outputs)
-    from .generation import is_causal_lm
+    from zqcompile.generation.generator import is_causal_lm
     if is_causal_lm(model):
         engine.keep_generation_source(model, cfg)
     if dump_dir is not None:
@@ -78,7 +78,7 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
 
 
 def dump(engine: Engine, out_dir: str | os.PathLike) -> list[str]:
-    from .graph_dump import write_dump
+    from zqcompile.graph_dump import write_dump
     return write_dump(engine, os.fspath(out_dir))
 
 

@@ -17,16 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from zqcompile.errors import CaptureError, InputError  # noqa: F401 - raised here, defined there
 
 WRAPPER_PREFIX = "model."
-
-
-class CaptureError(RuntimeError):
-    """The model could not be captured with torch.export."""
-
-
-class InputError(TypeError):
-    """Inputs of the wrong type, dtype or shape (at compile or at call time)."""
 
 
 class _Bound(nn.Module):

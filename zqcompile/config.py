@@ -13,18 +13,10 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Literal, Mapping, Sequence, Union
 
-import torch
+from zqcompile.errors import ConfigError, ConfigWarning  # noqa: F401 - raised here, defined there
 
 GemmRole = Literal["qkv", "attn_out", "fc1", "fc2", "head", "other"]
 ROLES: tuple[str, ...] = ("qkv", "attn_out", "fc1", "fc2", "head", "other")
-
-
-class ConfigError(ValueError):
-    """An invalid quantization configuration (raised before any graph work starts)."""
-
-
-class ConfigWarning(UserWarning):
-    """A configuration that is valid but probably not what was meant (e.g. an override matching no GEMM)."""
 
 
 # ---- field checks shared by the config dataclasses (each runs in __post_init__, so replace() checks too) ---
@@ -182,7 +174,7 @@ OverrideKey = Union[str, type]
 
 @dataclass(frozen=True)
 class LKDConfig:
-    """Layer-by-layer knowledge distillation (ZeroQuant Sec. 4.2); used by zqcompile.lkd.
+    """Layer-by-layer knowledge distillation (ZeroQuant Sec. 4.2); used by zqcompile.accuracy.lkd.
 
     data: "random" (uniform random token ids, the paper's data-free variant), a text string (tokenized
     with the model's tokenizer), or a list of LongTensor token batches. LKD keeps `num_batches` batches of
@@ -210,6 +202,7 @@ class LKDConfig:
         elif isinstance(data, (list, tuple)):
             if not data:
                 raise ConfigError("LKDConfig.data is an empty list; give at least one LongTensor token batch")
+            import torch  # only a token-batch list needs it; the rest of config stays torch-free (CLI start-up)
             for i, b in enumerate(data):
                 if not isinstance(b, torch.Tensor) or b.dtype not in (torch.long, torch.int32) or b.dim() not in (1, 2) \
                         or b.numel() == 0:

@@ -16,12 +16,9 @@ import stat
 import tempfile
 from contextlib import contextmanager
 from typing import Callable, Iterator
+from zqcompile.errors import OutputPathError  # noqa: F401 - raised here, defined there
 
 TMP_PREFIX = ".zq-"
-
-
-class OutputPathError(OSError):
-    """A target path that cannot be written (checked before any work)."""
 
 
 def looks_like_onnx(path: str) -> bool:
@@ -33,6 +30,16 @@ def looks_like_onnx(path: str) -> bool:
         return False
 
 
+def looks_like_figure(path: str) -> bool:
+    """A PNG (its 8-byte signature) or an SVG (an XML text mentioning <svg)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG\r\n\x1a\n") or b"<svg" in head
+
+
 def looks_like_json(path: str) -> bool:
     import json
     try:
@@ -41,6 +48,15 @@ def looks_like_json(path: str) -> bool:
         return True
     except (OSError, ValueError):
         return False
+
+
+def write_json_atomic(path: str | os.PathLike, data, what: str = "JSON results") -> None:
+    """json.dumps(data) to `path` atomically; an existing JSON file there is replaced, anything else refused."""
+    import json
+    text = json.dumps(data, indent=1)
+    with atomic_file(path, what, replaceable=looks_like_json, kind="a JSON file") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 def check_output_file(path: str | os.PathLike, what: str = "file",
@@ -60,7 +76,7 @@ def check_output_file(path: str | os.PathLike, what: str = "file",
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
             raise OutputPathError(f"cannot write the {what} to {p!r}: it is a directory; give a file name "
-                                  f"(e.g. {os.path.join(p, 'model.zq')!r})")
+                                  f"(a path inside it, or another one)")
         if stat.S_ISLNK(st.st_mode):
             raise OutputPathError(f"cannot write the {what} to {p!r}: it is a symbolic link; give the real path")
         if not stat.S_ISREG(st.st_mode):
@@ -86,12 +102,13 @@ def check_writable_dir(d: str, user_path: str, what: str) -> None:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike, what: str = "file",
-                replaceable: Callable[[str], bool] | None = None) -> Iterator[str]:
-    """Yield a temporary path next to `path`; on success it is fsynced and renamed onto `path`, on any
-    failure (or Ctrl-C) removed. OSErrors name the user's path."""
-    target = check_output_file(path, what, replaceable)
-    tmp = _temp_path(target, what, path)
+def atomic_file(path: str | os.PathLike, what: str = "file", replaceable: Callable[[str], bool] | None = None,
+                kind: str | None = None, suffix: str = ".tmp") -> Iterator[str]:
+    """Yield a temporary path next to `path` (ending in `suffix`, for writers that go by the extension); on
+    success it is fsynced and renamed onto `path`, on any failure (or Ctrl-C) removed. OSErrors name the
+    user's path."""
+    target = check_output_file(path, what, replaceable, kind)
+    tmp = _temp_path(target, what, path, suffix)
     try:
         yield tmp
         _fsync(tmp)
@@ -103,12 +120,15 @@ def atomic_file(path: str | os.PathLike, what: str = "file",
         _remove(tmp)
 
 
-def _temp_path(target: str, what: str, user_path) -> str:
+def _temp_path(target: str, what: str, user_path, suffix: str = ".tmp") -> str:
     try:
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=os.path.dirname(target))
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=os.path.dirname(target))
     except OSError as e:
         raise OutputPathError(f"cannot write the {what} to {os.fspath(user_path)!r}: {e.strerror}") from None
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; what we write is as readable as any new file
     return tmp
 
 
@@ -133,8 +153,8 @@ class Staged:
         self._actions: list[tuple[Callable[[], None], Callable[[], None]]] = []  # (commit, discard)
 
     def file(self, path: str | os.PathLike, what: str = "file",
-             replaceable: Callable[[str], bool] | None = None) -> str:
-        target = check_output_file(path, what, replaceable)
+             replaceable: Callable[[str], bool] | None = None, kind: str | None = None) -> str:
+        target = check_output_file(path, what, replaceable, kind)
         tmp = _temp_path(target, what, path)
         self._files.append((tmp, target, os.fspath(path), what))
         return tmp

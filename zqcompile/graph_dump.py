@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .capture import fqn_of
-from .files import TMP_PREFIX, OutputPathError
+from zqcompile.capture import fqn_of
+from zqcompile.files import TMP_PREFIX, OutputPathError
 
 MANIFEST = "zqcompile-dump.json"
 

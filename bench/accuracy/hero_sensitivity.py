@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from zqcompile.config import get_config  # noqa: E402
-from zqcompile.eval import perplexity, tokenize_text  # noqa: E402
-from zqcompile.eval_cli import load_for_eval  # noqa: E402
-from zqcompile.fakequant import fake_quantize  # noqa: E402
+from zqcompile.accuracy.eval import perplexity, tokenize_text  # noqa: E402
+from zqcompile.cli.eval import load_for_eval  # noqa: E402
+from zqcompile.accuracy.fakequant import fake_quantize  # noqa: E402
 
 ROLE_PATTERNS = {"qkv": r"\.(q_proj|k_proj|v_proj)$", "attn_out": r"\.o_proj$", "fc1": r"\.(gate_proj|up_proj)$",
                  "fc2": r"\.down_proj$"}

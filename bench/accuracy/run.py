@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from zqcompile.config import ActQuant, GemmScheme, LKDConfig, QuantConfig, WeightQuant, get_config  # noqa: E402
-from zqcompile.eval import perplexity, tokenize_text  # noqa: E402
-from zqcompile.fakequant import calibrate_static, fake_quantize  # noqa: E402
-from zqcompile.lkd import run_lkd_with_stats  # noqa: E402
-from zqcompile.eval_cli import load_for_eval  # noqa: E402
+from zqcompile.accuracy.eval import perplexity, tokenize_text  # noqa: E402
+from zqcompile.accuracy.fakequant import calibrate_static, fake_quantize  # noqa: E402
+from zqcompile.accuracy.lkd import run_lkd_with_stats  # noqa: E402
+from zqcompile.cli.eval import load_for_eval  # noqa: E402
 
 EVAL_TEXT = "/usr/share/common-licenses/GPL-3"
 LKD_TEXTS = ["GFDL-1.3", "Apache-2.0", "MPL-2.0", "Artistic", "CC0-1.0"]
@@ -75,7 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--path", default="fakequant", choices=["fakequant", "engine"],
-                    help="fakequant: zqcompile.fakequant (module level); engine: zq.compile with reference CPU ops")
+                    help="fakequant: zqcompile.accuracy.fakequant (module level); engine: zq.compile with reference CPU ops")
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--lkd-steps", type=int, default=100)

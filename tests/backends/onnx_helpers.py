@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch.export import Dim
 
-from zqcompile.backends.onnx import export_onnx
+from zqcompile.export.onnx import export_onnx
 
 
 def outlier_tokens(*shape: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import onnx
 import torch
 
-from zqcompile.backends.cli_export import add_export_command
+from zqcompile.cli.export import add_export_command
 
 from onnx_helpers import outlier_tokens
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import zqcompile as zq
-from zqcompile.backends.onnx import export_onnx
+from zqcompile.export.onnx import export_onnx
 
 from zqcompile.models import tiny_model
 from onnx_helpers import run_ort

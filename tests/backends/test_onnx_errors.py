@@ -5,7 +5,7 @@ import onnx
 import pytest
 import torch
 
-from zqcompile.backends.onnx import ExportError, export_onnx
+from zqcompile.export.onnx import ExportError, export_onnx
 
 from onnx_helpers import export_module, outlier_tokens
 

@@ -14,7 +14,7 @@ import torch
 
 from zqcompile.ops import OPS
 from zqcompile.ops import quant_math as qm
-from zqcompile.backends.onnx_ops import TRANSLATIONS
+from zqcompile.export.onnx_ops import TRANSLATIONS
 
 from onnx_helpers import export_module, outlier_tokens, run_ort
 

@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 
-from zqcompile.backends import tensorrt as zq_trt
+from zqcompile.export import tensorrt as zq_trt
 from zqcompile.ops import quant_math as qm
 from zqcompile.plugins import trt_spec
 
@@ -53,7 +53,7 @@ def test_fused_ops_become_single_plugin_nodes(trt_model):
 
 
 def test_plugin_nodes_carry_exactly_their_fields(trt_model):
-    from zqcompile.backends.onnx_trt_ops import present_outputs
+    from zqcompile.export.onnx_trt_ops import present_outputs
     by_name = {s.name: s for s in trt_spec.PLUGINS.values()}
     for node in (n for n in trt_model.graph.node if n.domain == trt_spec.DOMAIN):
         spec = by_name[node.op_type]

@@ -2,7 +2,7 @@
 
 Importing this package registers the ops with torch.library. `quant_math` holds the formulas.
 """
-from . import quant_math
-from .library import GENERATION_OPS, NAMESPACE, OPS
+from zqcompile.ops import quant_math
+from zqcompile.ops.library import GENERATION_OPS, NAMESPACE, OPS
 
 __all__ = ["GENERATION_OPS", "NAMESPACE", "OPS", "quant_math"]

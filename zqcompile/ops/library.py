@@ -3,7 +3,7 @@ implementation (plain torch, runs on any device; the spec every backend is teste
 implementation (shapes and dtypes only, for torch.export and fake-tensor checks).
 
 Faster backends register kernels for these same ops (zqcompile/plugins for CUDA) and translations
-(zqcompile/backends for ONNX / TensorRT). Outputs a node does not need are returned as 0-element tensors
+(zqcompile/export for ONNX / TensorRT). Outputs a node does not need are returned as 0-element tensors
 (flags `emit_out`, `emit_sum`) so one schema serves every variant of a fused op.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import quant_math as qm
+from zqcompile.ops import quant_math as qm
 
 NAMESPACE = "zq"
 

@@ -16,21 +16,21 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from .base import PassContext, PassResult
-from .calibrate_static import calibrate_static_ranges
-from .canonicalize import canonicalize_gemms
-from .classify_gemms import WeightError, classify_gemms
-from .concat_sibling_gemms import concat_sibling_gemms
-from .cleanup import cleanup
-from .fold_decomposed import fold_decomposed_ops
-from .fuse_gemm_dequant import fuse_gemm_dequant
-from .fuse_gemm_epilogue import fuse_gemm_epilogue
-from .fuse_gqa_attention import fuse_gqa_attention
-from .fuse_producer_quant import fuse_producer_quant
-from .fuse_rotary import fuse_rotary
-from .group_wise_weight import group_wise_weight
-from .simplify_attention_masks import simplify_attention_masks
-from .token_wise_quant import token_wise_quant
+from zqcompile.passes.base import PassContext, PassResult
+from zqcompile.passes.calibrate_static import calibrate_static_ranges
+from zqcompile.passes.canonicalize import canonicalize_gemms
+from zqcompile.passes.classify_gemms import WeightError, classify_gemms
+from zqcompile.passes.concat_sibling_gemms import concat_sibling_gemms
+from zqcompile.passes.cleanup import cleanup
+from zqcompile.passes.fold_decomposed import fold_decomposed_ops
+from zqcompile.passes.fuse_gemm_dequant import fuse_gemm_dequant
+from zqcompile.passes.fuse_gemm_epilogue import fuse_gemm_epilogue
+from zqcompile.passes.fuse_gqa_attention import fuse_gqa_attention
+from zqcompile.passes.fuse_producer_quant import fuse_producer_quant
+from zqcompile.passes.fuse_rotary import fuse_rotary
+from zqcompile.passes.group_wise_weight import group_wise_weight
+from zqcompile.passes.simplify_attention_masks import simplify_attention_masks
+from zqcompile.passes.token_wise_quant import token_wise_quant
 
 Pass = Callable[[fx.GraphModule, PassContext], PassResult]
 

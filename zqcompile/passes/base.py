@@ -11,9 +11,9 @@ from typing import Iterable
 import torch
 from torch import fx
 
-from .. import ops  # noqa: F401 - registers the zq ops the passes emit
-from ..capture import fqn_of, module_stack, param_fqn
-from ..config import GemmScheme, QuantConfig
+from zqcompile import ops  # noqa: F401 - registers the zq ops the passes emit
+from zqcompile.capture import fqn_of, module_stack, param_fqn
+from zqcompile.config import GemmScheme, QuantConfig
 
 aten = torch.ops.aten
 zq = torch.ops.zq

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..ops import quant_math as qm
-from .base import PassContext, PassResult, calls, zq
+from zqcompile.ops import quant_math as qm
+from zqcompile.passes.base import PassContext, PassResult, calls, zq
 
 
 class _AmaxRecorder(fx.Interpreter):

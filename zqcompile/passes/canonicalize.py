@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from .base import PassContext, PassResult, add_constant, aten, copy_meta, get_tensor, is_call, param_name, shape_of
+from zqcompile.passes.base import PassContext, PassResult, add_constant, aten, copy_meta, get_tensor, is_call, param_name, shape_of
 
 
 def _drop_eval_dropout(gm: fx.GraphModule) -> int:

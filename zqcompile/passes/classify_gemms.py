@@ -20,10 +20,11 @@ from dataclasses import replace
 import torch
 from torch import fx
 
-from ..config import (ConfigWarning, GemmScheme, OverrideKey, classify_role, matching_overrides, override_text,
+from zqcompile.config import (ConfigWarning, GemmScheme, OverrideKey, classify_role, matching_overrides, override_text,
                       resolve_scheme, weight_groups_error)
-from ..ops import quant_math as qm
-from .base import GemmInfo, PassContext, PassResult, aten, calls, fqn_of, get_tensor, module_stack, param_name
+from zqcompile.ops import quant_math as qm
+from zqcompile.passes.base import GemmInfo, PassContext, PassResult, aten, calls, fqn_of, get_tensor, module_stack, param_name
+from zqcompile.errors import WeightError  # noqa: F401 - raised here, defined there
 
 _MAX_NEAR = 5
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,10 +90,6 @@ def _unmatched_override_notes(keys: list[OverrideKey], hits: list[int], decided:
                     f"no module class around the GEMMs is close (e.g. {', '.join(class_names[:_MAX_NEAR])})")
         notes.append(f"{name} matched no GEMM of this model, so it has no effect; {hint}")
     return notes
-
-
-class WeightError(ValueError):
-    """A weight that cannot be quantized (NaN/Inf values)."""
 
 
 def _check_finite(gm: fx.GraphModule, node: fx.Node) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from .base import NotFused, PassContext, PassResult, calls, fqn_of, zq
+from zqcompile.passes.base import NotFused, PassContext, PassResult, calls, fqn_of, zq
 
 
 def _delete_attr(gm: fx.GraphModule, target: str) -> bool:

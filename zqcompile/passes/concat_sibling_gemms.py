@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 from torch import fx
 
-from .base import FusionRecord, GemmInfo, PassContext, PassResult, add_constant, aten, calls, copy_meta, get_tensor
+from zqcompile.passes.base import FusionRecord, GemmInfo, PassContext, PassResult, add_constant, aten, calls, copy_meta, get_tensor
 
 _ROLES = ("qkv", "fc1")
 

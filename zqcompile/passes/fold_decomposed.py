@@ -9,7 +9,7 @@ import math
 
 from torch import fx
 
-from .base import PassContext, PassResult, aten, copy_meta, dtype_of, get_tensor, is_call
+from zqcompile.passes.base import PassContext, PassResult, aten, copy_meta, dtype_of, get_tensor, is_call
 
 _TO = (aten.to.dtype, aten._to_copy.default)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from .base import FusionRecord, PassContext, PassResult, aten, calls, copy_meta, dtype_of, is_call, zq
+from zqcompile.passes.base import FusionRecord, PassContext, PassResult, aten, calls, copy_meta, dtype_of, is_call, zq
 
 
 def fuse_gemm_dequant(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

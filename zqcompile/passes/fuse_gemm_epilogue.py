@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from .base import (ACTIVATION_OPS, FusionRecord, NotFused, PassContext, PassResult, act_of, aten, calls, dtype_of,
+from zqcompile.passes.base import (ACTIVATION_OPS, FusionRecord, NotFused, PassContext, PassResult, act_of, aten, calls, dtype_of,
                    fqn_of, is_call, shape_of, zq)
 
 GEMMS = (zq.int8_gemm_dequant.default, zq.weight_only_gemm.default)

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import fx
 
-from .base import FusionRecord, NotFused, PassContext, PassResult, aten, copy_meta, dtype_of, fqn_of, is_call, \
+from zqcompile.passes.base import FusionRecord, NotFused, PassContext, PassResult, aten, copy_meta, dtype_of, fqn_of, is_call, \
     shape_of, zq
 
 

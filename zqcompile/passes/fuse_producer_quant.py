@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from .base import (ACTIVATION_OPS, FusionRecord, NotFused, PassContext, PassResult, act_of, aten, calls, copy_meta,
+from zqcompile.passes.base import (ACTIVATION_OPS, FusionRecord, NotFused, PassContext, PassResult, act_of, aten, calls, copy_meta,
                    fqn_of, getitems, is_call, shape_of, zq)
 
 NORMS = {aten.layer_norm.default: "layer", aten.rms_norm.default: "rms"}

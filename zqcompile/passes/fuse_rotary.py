@@ -12,7 +12,7 @@ from collections import defaultdict
 
 from torch import fx
 
-from .base import FusionRecord, NotFused, PassContext, PassResult, aten, copy_meta, dtype_of, fqn_of, getitems, \
+from zqcompile.passes.base import FusionRecord, NotFused, PassContext, PassResult, aten, copy_meta, dtype_of, fqn_of, getitems, \
     is_call, shape_of, zq
 
 _LAST = (-1, 3)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..config import weight_groups_error
-from ..ops import quant_math as qm
-from .base import PassContext, PassResult, add_constant, aten, calls, copy_meta, dtype_of, get_tensor, zq
+from zqcompile.config import weight_groups_error
+from zqcompile.ops import quant_math as qm
+from zqcompile.passes.base import PassContext, PassResult, add_constant, aten, calls, copy_meta, dtype_of, get_tensor, zq
 
 _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

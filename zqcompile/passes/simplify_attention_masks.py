@@ -18,7 +18,7 @@ import math
 import torch
 from torch import fx
 
-from .base import PassContext, PassResult, aten, calls, fqn_of, get_tensor
+from zqcompile.passes.base import PassContext, PassResult, aten, calls, fqn_of, get_tensor
 
 _SIZE_OPS = (aten.sym_size.int,)
 _SMALL_PROBES = ((2, 5), (3, 9))  # (batch, seq)

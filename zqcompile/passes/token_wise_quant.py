@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .base import PassContext, PassResult, add_constant, aten, calls, copy_meta, dtype_of, getitems, is_call, zq
+from zqcompile.passes.base import PassContext, PassResult, add_constant, aten, calls, copy_meta, dtype_of, getitems, is_call, zq
 
 
 def token_wise_quant(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -47,7 +47,7 @@ def load() -> bool:
         _state["loaded"] = False
         _state["error"] = f"{LIBRARY_NAME} not found (looked in: {', '.join(map(str, candidate_paths()))})"
         return False
-    from . import cuda  # imports ctypes bindings only when a library exists
+    from zqcompile.plugins import cuda  # imports ctypes bindings only when a library exists
 
     try:
         cuda.register(path)
@@ -62,7 +62,7 @@ def load() -> bool:
 def status() -> str:
     """One line for reports: which implementation the zq ops run on CUDA devices."""
     if load():
-        from . import cuda
+        from zqcompile.plugins import cuda
 
         return f"zq CUDA kernels: {cuda.describe()}"
     return f"zq CUDA kernels: not loaded ({_state['error']}); zq ops run their reference implementations"

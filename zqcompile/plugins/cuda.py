@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops import quant_math as qm
+from zqcompile.ops import quant_math as qm
 
 ABI_VERSION = 2
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -378,7 +378,7 @@ def gqa_attention(q, k, v, mask, scale):
 def _ref(name: str):
     """The reference implementation of op `name` (the Python function the op was defined with), called
     directly so a fallback never dispatches back here."""
-    from ..ops import library  # noqa: F401 - the zq ops must exist before kernels register for them
+    from zqcompile.ops import library  # noqa: F401 - the zq ops must exist before kernels register for them
 
     return getattr(library, name)._init_fn
 
@@ -395,7 +395,7 @@ def register(path: Path) -> None:
                       f"rebuild it")
     _bind(lib)
     _lib, _path = lib, path
-    from ..ops import library  # noqa: F401 - the zq ops must exist before kernels register for them
+    from zqcompile.ops import library  # noqa: F401 - the zq ops must exist before kernels register for them
 
     for name, fn in [("quantize_per_token", quantize_per_token), ("quantize_per_tensor", quantize_per_tensor),
                      ("norm_quant", norm_quant), ("act_quant", act_quant),

@@ -1,7 +1,7 @@
 """The one spec of zqcompile's TensorRT plugins: for each fused zq op, the plugin's name, version, inputs,
 outputs and fields (name + type). Three things are generated from it and must agree:
 - the ONNX `zq.trt` domain schemas (so `onnx.checker` validates every plugin node's attributes),
-- the attributes the TensorRT-dialect exporter writes on each node (zqcompile/backends/onnx_trt_ops.py),
+- the attributes the TensorRT-dialect exporter writes on each node (zqcompile/export/onnx_trt_ops.py),
 - the C++ header `plugins_cuda/tensorrt/zq_trt_fields.h` with the field names/types the IPluginV3 creators
   declare (`python -m zqcompile.plugins.trt_spec > plugins_cuda/tensorrt/zq_trt_fields.h`; a test diffs it).
 TensorRT's ONNX parser turns an unknown node into a plugin whose creator has the node's op type as name and

@@ -18,8 +18,8 @@ def encode_prompt(tok, prompt: str, chat: bool):
 
 def check_context(model, prompt_tokens: int, new_tokens: int) -> None:
     """Prompt + new tokens must fit the model's positions: say so before compiling (tens of seconds)."""
-    from .capture import InputError
-    from .kv_cache import KVShape
+    from zqcompile.capture import InputError
+    from zqcompile.generation.kv_cache import KVShape
     limit = KVShape.of(model).max_positions
     if prompt_tokens + new_tokens > limit:
         raise InputError(f"the prompt is {prompt_tokens} tokens and --max-new-tokens {new_tokens} asks for "
@@ -31,13 +31,13 @@ def cmd_generate(args) -> int:
     import zqcompile as zq
     from transformers import TextStreamer
 
-    from .config import get_config
-    from .models import load_model, load_tokenizer
+    from zqcompile.config import get_config
+    from zqcompile.models import load_model, load_tokenizer
     get_config(args.config)  # a bad preset name fails before the model loads
     model, tok = load_model(args.model), load_tokenizer(args.model)
     ids = encode_prompt(tok, args.prompt, args.chat)
     if ids.numel() == 0:
-        from .capture import InputError
+        from zqcompile.capture import InputError
         raise InputError(f"the prompt {args.prompt!r} encodes to no tokens with this tokenizer; give some text")
     check_context(model, ids.shape[1], args.max_new_tokens)
     t0 = time.perf_counter()
@@ -57,7 +57,7 @@ def cmd_generate(args) -> int:
 
 
 def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
-    from .cli import positive_int
+    from zqcompile.cli.main import positive_int
     g = subparsers.add_parser("generate", help="compile a causal LM and stream generated text")
     g.add_argument("model", help="Hugging Face folder, .gguf file, or 'smollm2'")
     g.add_argument("--config", default="w8a8", help="quantization preset (none = no quantization)")

@@ -2,7 +2,7 @@
 
 Both take any callable `model_fn(input_ids) -> logits` (or an output with `.logits` / `.last_hidden_state`,
 or a tuple whose first element is that): a Hugging Face model, a fake-quantized model
-(`zqcompile.fakequant`) or a compiled engine. The `zqcompile eval` command lives in `eval_cli.py`.
+(`zqcompile.accuracy.fakequant`) or a compiled engine. The `zqcompile eval` command lives in `zqcompile/cli/eval.py`.
 """
 from __future__ import annotations
 

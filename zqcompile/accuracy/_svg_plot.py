@@ -1,4 +1,4 @@
-"""A dependency-free SVG of the range panels of `zqcompile.inspect` (used when matplotlib is absent):
+"""A dependency-free SVG of the range panels of `zqcompile.accuracy.ranges` (used when matplotlib is absent):
 per panel, one vertical segment per token (or weight row) from its min to its max, at x = layer."""
 from __future__ import annotations
 

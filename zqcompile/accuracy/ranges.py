@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import classify_role
-from .fakequant import Conv1D, is_gemm_module
+from zqcompile.config import classify_role
+from zqcompile.accuracy.fakequant import Conv1D, is_gemm_module
 
 ROLE_ORDER = ("qkv", "attn_out", "fc1", "fc2")
 
@@ -54,7 +54,7 @@ def _layer_of(fqn: str, prefix: str | None) -> int:
 @torch.no_grad()
 def collect_ranges(model: nn.Module, input_ids: torch.Tensor) -> list[GemmRanges]:
     """One fp forward of `input_ids` ([B, T]); ranges for every GEMM, in execution order."""
-    from .lkd import find_blocks
+    from zqcompile.accuracy.lkd import find_blocks
     try:
         prefix, _ = find_blocks(model)
     except ValueError:
@@ -109,24 +109,39 @@ def _panels(ranges: list[GemmRanges]) -> list[tuple[str, str, list[tuple[int, to
     return panels
 
 
-def plot_ranges(ranges: list[GemmRanges], out: str | Path) -> Path:
-    """Write the figure; returns the path written (".svg" instead of ".png" when matplotlib is absent,
-    and a message says so)."""
+def has_matplotlib() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def figure_path(out: str | Path) -> Path:
+    """The file plot_ranges will write for `out`: ".svg" instead of ".png" when matplotlib is absent."""
     out = Path(out)
+    return out if has_matplotlib() or out.suffix.lower() == ".svg" else out.with_suffix(".svg")
+
+
+def plot_ranges(ranges: list[GemmRanges], out: str | Path) -> Path:
+    """Write the figure atomically to figure_path(out) (an existing figure there is replaced, any other file
+    refused); returns the path written."""
+    from zqcompile.files import atomic_file, looks_like_figure
+    out = figure_path(out)
     panels = _panels(ranges)
     if not panels:
         raise ValueError("no GEMM inside a transformer block was found to plot")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        if out.suffix.lower() != ".svg":
-            out = out.with_suffix(".svg")
-            print(f"matplotlib is not installed (pip install -e '.[plot]'): writing an SVG instead: {out}")
-        from ._svg_plot import write_svg
-        write_svg(panels, out)
-        return out
+    with atomic_file(out, "figure", replaceable=looks_like_figure, kind="a PNG or SVG figure",
+                     suffix=out.suffix) as tmp:
+        if not has_matplotlib():
+            from zqcompile.accuracy._svg_plot import write_svg
+            write_svg(panels, Path(tmp))
+            return out
+        _plot_matplotlib(panels, tmp)
+    return out
+
+
+def _plot_matplotlib(panels, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     nrows = len(panels) // 2
     fig, axes = plt.subplots(nrows, 2, figsize=(12, 2.6 * nrows), squeeze=False)
     for ax, (role, kind, series) in zip(axes.flat, panels):
@@ -138,47 +153,5 @@ def plot_ranges(ranges: list[GemmRanges], out: str | Path) -> Path:
         ax.set_title(f"{role}: {what}", fontsize=9)
         ax.set_xlabel("layer")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return out
-
-
-# ---- CLI: `zqcompile inspect MODEL --out ranges.png` (cli.py calls add_inspect_command) ------------------
-DEFAULT_PROMPT = ("The quick brown fox jumps over the lazy dog. Quantization maps floating-point values to "
-                  "a small set of integers; outliers in a few tokens or channels stretch the range.")
-
-
-def add_inspect_command(subparsers):
-    p = subparsers.add_parser("inspect", help="token-wise activation / row-wise weight ranges (paper Fig. 1)")
-    p.add_argument("model", help="HF folder, .gguf file, or an installed model name (smollm2, minilm)")
-    p.add_argument("--out", default="ranges.png", help="figure path (.png needs matplotlib; else .svg)")
-    p.add_argument("--text", default=None, help="text file to run (default: a built-in sentence)")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    p.set_defaults(func=lambda args: (run_inspect(args), 0)[1])
-    return p
-
-
-def run_inspect(args) -> list[GemmRanges]:
-    import json
-
-    from .lkd import max_positions
-    from .eval_cli import load_for_eval
-    model, tokenizer, _ = load_for_eval(args.model)
-    args.max_tokens = min(args.max_tokens, max_positions(model) or args.max_tokens)
-    if tokenizer is not None:
-        text = Path(args.text).read_text() if args.text else DEFAULT_PROMPT
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][: args.max_tokens]])
-    else:  # no tokenizer: random ids still show the weight ranges and the activation shape
-        vocab = model.config.vocab_size
-        ids = torch.randint(0, vocab, (1, args.max_tokens), generator=torch.Generator().manual_seed(0))
-    ranges = collect_ranges(model, ids)
-    print(summary_table(ranges))
-    written = plot_ranges(ranges, args.out)
-    print(f"wrote {written}")
-    if args.json:
-        Path(args.json).write_text(json.dumps([
-            {"fqn": r.fqn, "role": r.role, "layer": r.layer, "act_min": r.act_min.tolist(),
-             "act_max": r.act_max.tolist(), "weight_row_min": r.weight_row_min.tolist(),
-             "weight_row_max": r.weight_row_max.tolist()} for r in ranges]))
-    return ranges

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import onnxscript
 
-from ..ops import OPS
-from ..plugins import trt_spec
-from . import onnx_ops
-from .onnx_ops import empty_like
+from zqcompile.ops import OPS
+from zqcompile.plugins import trt_spec
+from zqcompile.export import onnx_ops
+from zqcompile.export.onnx_ops import empty_like
 
 trt_spec.register_onnx_schemas()
 _trt = onnxscript.values.Opset(trt_spec.DOMAIN, trt_spec.DOMAIN_VERSION)

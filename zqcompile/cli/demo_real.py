@@ -19,8 +19,8 @@ def _answer(engine, tok, ids, new: int) -> tuple[str, float]:
 
 def run_real_demo(args) -> int:
     import zqcompile as zq
-    from .generate_cli import encode_prompt
-    from .models import load_model, load_tokenizer
+    from zqcompile.cli.generate import encode_prompt
+    from zqcompile.models import load_model, load_tokenizer
     t0 = time.perf_counter()
     model, tok = load_model("smollm2"), load_tokenizer("smollm2")
     ids = encode_prompt(tok, QUESTION, chat=True)

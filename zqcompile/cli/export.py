@@ -1,4 +1,4 @@
-"""`zqcompile export model.zq --format onnx|onnx-trt|tensorrt -o PATH`: the export subcommand, for cli.py to
+"""`zqcompile export model.zq --format onnx|onnx-trt|tensorrt -o PATH`: the export subcommand, for cli/main.py to
 wire with `add_export_command(subparsers, load=zqcompile.api.load)` (loading stays with the API layer)."""
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ def add_export_command(subparsers: argparse._SubParsersAction, load: Callable[[s
 
 
 def run_export(args: argparse.Namespace, load: Callable[[str], object]) -> int:
-    from .onnx import ExportError, export_onnx
-    from .tensorrt import TensorRTUnavailable, export_tensorrt
-    from ..files import OutputPathError, check_output_file, looks_like_onnx
+    from zqcompile.export.onnx import ExportError, export_onnx
+    from zqcompile.export.tensorrt import TensorRTUnavailable, export_tensorrt
+    from zqcompile.files import OutputPathError, check_output_file, looks_like_onnx
     try:
         check_output_file(args.output, "ONNX model" if args.format != "tensorrt" else "TensorRT plan",
                           replaceable=looks_like_onnx if args.format != "tensorrt" else None, kind="an ONNX model")

@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript import opset18 as op
 
-from ..ops import quant_math as qm
+from zqcompile.ops import quant_math as qm
 
 FLOAT, DOUBLE, UINT8, INT8, INT32, INT64 = 1, 11, 2, 3, 6, 7
 
@@ -224,7 +224,7 @@ def act_quant(x, bias, gate, act: str, emit_out: bool):
 
 
 def _table():
-    from ..ops import OPS
+    from zqcompile.ops import OPS
     return {
         OPS["quantize_per_token"]: quantize_per_token,
         OPS["quantize_per_tensor"]: quantize_per_tensor,

@@ -20,9 +20,9 @@ from torch import fx, nn
 from torch.export import Dim
 from transformers.cache_utils import Cache
 
-from .cache_masks import MaskLayout
-from .capture import CaptureError, _describe_capture_failure, export_dynamic
-from .ops import quant_math as qm
+from zqcompile.generation.masks import MaskLayout
+from zqcompile.capture import CaptureError, _describe_capture_failure, export_dynamic
+from zqcompile.ops import quant_math as qm
 
 KVDtype = Literal["model", "int8"]
 CACHE_PREFIXES = ("k_cache_", "v_cache_", "k_scale_", "v_scale_")

@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx, nn
 
-from . import progress
-from .capture import InputError
-from .config import QuantConfig
-from .kv_cache import (CACHE_PREFIXES, CachedLM, CacheSpec, KVShape, allocate_cache, capture_phase,
+from zqcompile import progress
+from zqcompile.capture import InputError
+from zqcompile.config import QuantConfig
+from zqcompile.generation.kv_cache import (CACHE_PREFIXES, CachedLM, CacheSpec, KVShape, allocate_cache, capture_phase,
                        share_constants)
-from .sampling import SamplingParams, select_next
+from zqcompile.generation.sampling import SamplingParams, select_next
 
 
 @dataclass
@@ -54,8 +54,8 @@ class Generator:
     # ---- persistence (Engine.save / zqcompile.load) -----------------------------------------------------
     def export_programs(self) -> dict[str, torch.export.ExportedProgram]:
         """The prefill and decode graphs as exported programs (each holds its own copy of the constants)."""
-        from .capture import export_dynamic
-        from .kv_cache import example_inputs, phase_dynamic_shapes
+        from zqcompile.capture import export_dynamic
+        from zqcompile.generation.kv_cache import example_inputs, phase_dynamic_shapes
         out = {}
         for phase, gm in (("prefill", self.prefill), ("decode", self.decode)):
             args = example_inputs(phase, self.spec, 2, self.device)
@@ -160,7 +160,7 @@ class Generator:
         if self.device.type != "cuda":
             return self.prefill(ids, pos, cache_position, kv_mask)
         if self._cuda_prefill is None:
-            from .backends.cuda_graphs import ShapeBucketedGraphs
+            from zqcompile.runtime.cuda_graphs import ShapeBucketedGraphs
             self._cuda_prefill = ShapeBucketedGraphs(self.prefill, max_graphs=16)
         return self._cuda_prefill(ids, pos, cache_position, kv_mask)
 
@@ -168,7 +168,7 @@ class Generator:
         if self.device.type != "cuda":
             return self.decode(ids, pos, cache_position, kv_mask)
         if self._cuda_decode is None:
-            from .decode_graphs import CudaGraphDecode
+            from zqcompile.runtime.decode_graphs import CudaGraphDecode
             self._cuda_decode = CudaGraphDecode(self.decode, self.spec.buckets)
         return self._cuda_decode(ids, pos, cache_position, kv_mask)
 
@@ -198,7 +198,7 @@ def is_causal_lm(model: nn.Module) -> bool:
 def build_generator(model: nn.Module, cfg: QuantConfig, spec: CacheSpec,
                     share_with: fx.GraphModule | None = None) -> Generator:
     """Capture prefill and decode around one preallocated cache, quantize both with `cfg`, share constants."""
-    from .passes import GENERATION_PIPELINE, PassContext, run_pipeline
+    from zqcompile.passes import GENERATION_PIPELINE, PassContext, run_pipeline
     t0 = time.perf_counter()
     shape = KVShape.of(model)
     if spec.max_cache_len > shape.max_positions:

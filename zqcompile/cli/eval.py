@@ -3,27 +3,21 @@ self, on real text: perplexity for causal LMs, embedding agreement for encoders.
 
 The quantized model is measured through the fake-quant path (`--path fakequant`, module-level, independent
 of the compiler) or through the compiled engine (`--path engine`, needs `zqcompile.api.compile`).
-cli.py calls `add_eval_command(subparsers)`; the handler is `run_eval(args)`.
+cli/main.py calls `add_eval_command(subparsers)`; the handler is `run_eval(args)` (heavy imports inside it).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from zqcompile.config import LKDConfig, get_config
+from zqcompile.errors import InputError, ModelLoadError
 
-from .capture import InputError
-from .config import LKDConfig, get_config
-from .eval import encoder_agreement, perplexity, tokenize_text
-from .fakequant import calibrate_static, fake_quantize
-from .lkd import max_positions, run_lkd_with_stats
-from .models import ModelLoadError, load_model, load_tokenizer
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 
@@ -49,6 +43,7 @@ def add_eval_command(subparsers) -> argparse.ArgumentParser:
 
 def load_for_eval(name: str):
     """(model, tokenizer or None, is_causal_lm) for a folder, a .gguf file or a packaged model name."""
+    from zqcompile.models import load_model, load_tokenizer
     model = load_model(name)
     try:
         tok = load_tokenizer(name)
@@ -64,11 +59,12 @@ def _chunks(ids: torch.Tensor, n: int) -> list[torch.Tensor]:
 def _quantized(model, config, calib: list[torch.Tensor], path: str, example: torch.Tensor):
     if path == "engine":
         try:
-            from .api import compile as zq_compile
+            from zqcompile.api import compile as zq_compile
         except ImportError:
             raise InputError("--path engine needs zqcompile.api.compile, which this installation lacks; "
                              "use --path fakequant") from None
         return zq_compile(model, (example,), config, calibration_data=[(c,) for c in calib])
+    from zqcompile.accuracy.fakequant import calibrate_static, fake_quantize
     fq = fake_quantize(copy.deepcopy(model), config)
     calibrate_static(fq, calib)
     return fq
@@ -104,11 +100,8 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str | None]:
     if not math.isfinite(args.lkd_lr) or args.lkd_lr <= 0:
         raise InputError(f"--lkd-lr must be a number > 0, got {args.lkd_lr}")
     if args.json:
-        out = Path(args.json)
-        if out.is_dir():
-            raise InputError(f"--json {out} is a directory; give a file path, e.g. {out / 'eval.json'}")
-        if not out.parent.is_dir():
-            raise InputError(f"--json {out}: the folder {out.parent} does not exist")
+        from zqcompile.files import check_output_file, looks_like_json
+        check_output_file(args.json, "eval results", replaceable=looks_like_json, kind="a JSON file")
     text = _read_text(args.text, "--text")
     lkd_text = None
     if args.lkd and args.lkd != "random":
@@ -132,23 +125,14 @@ def _check_tokens(args: argparse.Namespace, ids: torch.Tensor, n_ctx: int, conte
 
 
 def _write_json(path: str, result: dict) -> None:
-    """Write the results atomically: a temp file in the same folder, renamed over the target."""
-    out = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=1)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a results file is as readable as any other
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    from zqcompile.files import write_json_atomic
+    write_json_atomic(path, result, "eval results")
 
 
 def run_eval(args: argparse.Namespace) -> dict:
+    from zqcompile.accuracy.eval import encoder_agreement, perplexity, tokenize_text
+    from zqcompile.accuracy.lkd import max_positions, run_lkd_with_stats
+    from zqcompile.models import load_model, load_tokenizer
     config = get_config(args.config)
     text, lkd_text = _check_args(args)
     tokenizer = load_tokenizer(args.model)  # before the model: a folder without one fails fast

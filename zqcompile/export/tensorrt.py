@@ -17,14 +17,11 @@ from typing import Any, Sequence, Union
 
 import torch
 
-from .onnx import ExportError, Exportable, resolve_source, save_atomic, to_onnx_model
+from zqcompile.export.onnx import ExportError, Exportable, resolve_source, save_atomic, to_onnx_model
+from zqcompile.errors import TensorRTUnavailable  # noqa: F401 - raised here, defined there
 
 PLUGIN_LIBRARY_ENV = "ZQ_TRT_PLUGIN_LIB"
 _DEFAULT_PLUGIN_LIBRARY = Path(__file__).resolve().parents[2] / "build" / "plugins_cuda" / "tensorrt" / "libzq_trt_plugins.so"
-
-
-class TensorRTUnavailable(ImportError):
-    """TensorRT (its Python package with the builder) or our plugin library is missing."""
 
 
 def import_tensorrt():

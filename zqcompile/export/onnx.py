@@ -15,19 +15,16 @@ from typing import Any, Callable, Protocol, Sequence, Union
 
 import torch
 
-from .. import ops  # noqa: F401 - the zq ops this module lowers
+from zqcompile import ops  # noqa: F401 - the zq ops this module lowers
+from zqcompile.errors import ExportError  # noqa: F401 - raised here, defined there
 
 OPSET = 18  # torchlib's native opset: LayerNormalization (17), ReduceMax with axes as an input (18)
 DIALECTS = ("standard", "tensorrt")
 _EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a file at 2 GiB; above this the weights go to <name>.data
 
 
-class ExportError(RuntimeError):
-    """The graph cannot be exported (an op without translation, a shape the exporter rejects, a bad path)."""
-
-
 class Exportable(Protocol):
-    """What export needs from an engine (zqcompile.engine.Engine satisfies it)."""
+    """What export needs from an engine (zqcompile.runtime.engine.Engine satisfies it)."""
     gm: torch.fx.GraphModule
     example_inputs: tuple
     input_names: list[str]
@@ -62,10 +59,10 @@ def resolve_source(engine_or_gm: Union[Exportable, torch.nn.Module], example_inp
 # ---- translation tables ---------------------------------------------------------------------------------
 def translation_table(dialect: str) -> dict[Any, Callable]:
     if dialect == "standard":
-        from .onnx_ops import TRANSLATIONS
+        from zqcompile.export.onnx_ops import TRANSLATIONS
         return dict(TRANSLATIONS)
     if dialect == "tensorrt":
-        from .onnx_trt_ops import TRANSLATIONS
+        from zqcompile.export.onnx_trt_ops import TRANSLATIONS
         return dict(TRANSLATIONS)
     raise ExportError(f"unknown ONNX dialect {dialect!r}; choose one of {DIALECTS}")
 
@@ -92,7 +89,7 @@ def check_translatable(gm: torch.nn.Module, table: dict[Any, Callable]) -> None:
         if node.target.namespace in _BUILTIN_NAMESPACES or node.target in table:
             continue
         raise ExportError(f"no ONNX translation for op {node.target.name()} (node {node.name!r}) in module "
-                          f"{module_fqn(node)!r}. Register a translator in zqcompile/backends/onnx_ops.py, or "
+                          f"{module_fqn(node)!r}. Register a translator in zqcompile/export/onnx_ops.py, or "
                           f"keep that module out of quantization (override={{{module_fqn(node)!r}: 'fp16'}}).")
 
 
@@ -125,7 +122,7 @@ def to_onnx_model(src: ExportSource, dialect: str, dynamic: bool = True):
     table = translation_table(dialect)
     check_translatable(src.gm, table)
     if dialect == "tensorrt":
-        from ..plugins import trt_spec
+        from zqcompile.plugins import trt_spec
         trt_spec.register_onnx_schemas()
     try:
         program = _run_exporter(src, table, dynamic)
@@ -139,7 +136,7 @@ def to_onnx_model(src: ExportSource, dialect: str, dynamic: bool = True):
         program = _run_exporter(src, table, dynamic=False)
     model = program.model_proto
     if dialect == "tensorrt":
-        from .onnx_trt_ops import finalize_trt_model
+        from zqcompile.export.onnx_trt_ops import finalize_trt_model
         finalize_trt_model(model)
     entry = model.metadata_props.add()
     entry.key, entry.value = "zqcompile.dialect", dialect
@@ -159,7 +156,7 @@ def save_atomic(model, path: Union[str, os.PathLike]) -> Path:
     os.replace, checking the written file with the full checker first: on any failure nothing is left."""
     import onnx
 
-    from ..files import OutputPathError, check_output_file, looks_like_onnx
+    from zqcompile.files import OutputPathError, check_output_file, looks_like_onnx
     try:
         check_output_file(path, "ONNX model", replaceable=looks_like_onnx, kind="an ONNX model")
     except OutputPathError as e:

@@ -15,17 +15,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx
 
-from .capture import InputError, InputSpec, _widen, export_dynamic
-from .files import atomic_file
-from .outputs import OutputStructure
+from zqcompile.capture import InputError, InputSpec, _widen, export_dynamic
+from zqcompile.files import atomic_file
+from zqcompile.runtime.outputs import OutputStructure
+from zqcompile.errors import EngineFileError  # noqa: F401 - raised here, defined there
 
 FORMAT = "zqcompile-engine"
 FORMAT_VERSION = 2  # 2: the graph returns flat outputs, rebuilt from meta["outputs"]
 META_FILE = "zqcompile.json"
-
-
-class EngineFileError(ValueError):
-    """A file that is not a (readable) zqcompile engine."""
 
 
 @dataclass
@@ -66,7 +63,7 @@ class Engine:
             _ensure_kernels(tensors[0].device)
         if self.cuda_graphs and tensors[0].is_cuda:
             if self._graphs is None:
-                from .backends.cuda_graphs import ShapeBucketedGraphs
+                from zqcompile.runtime.cuda_graphs import ShapeBucketedGraphs
                 self._graphs = ShapeBucketedGraphs(self.gm)
             out = self._graphs(*tensors)
         else:
@@ -90,8 +87,8 @@ class Engine:
     def prepare_generation(self, max_batch: int = 8, max_cache_len: int = 512, kv_cache: str = "model"):
         """Build the prefill/decode graphs now, for batches up to `max_batch` and prompt + new tokens up to
         `max_cache_len`; kv_cache "model" (model dtype) or "int8" (per-token-per-head scales)."""
-        from .generation import build_generator
-        from .kv_cache import CacheSpec
+        from zqcompile.generation.generator import build_generator
+        from zqcompile.generation.kv_cache import CacheSpec
         if kv_cache not in ("model", "int8"):
             raise InputError(f"kv_cache must be 'model' or 'int8', got {kv_cache!r}")
         if self._gen_source is None:
@@ -108,7 +105,7 @@ class Engine:
                  eos_token_id: int | list[int] | None = None, seed: int | None = None, streamer=None) -> torch.Tensor:
         """Token ids [batch, prompt + new] (greedy by default); `streamer` gets put(ids)/end() calls like a
         Hugging Face streamer. Rows that hit EOS are padded with the pad token until all rows are done."""
-        from .sampling import SamplingParams
+        from zqcompile.generation.sampling import SamplingParams
         gen = self._generator or self.prepare_generation()
         return gen.generate(input_ids, attention_mask, max_new_tokens,
                             SamplingParams(do_sample, temperature, top_k, top_p), eos_token_id, seed, streamer)
@@ -118,12 +115,12 @@ class Engine:
         self._gen_source = None
 
     def report(self) -> str:
-        from .report import format_report
+        from zqcompile.report import format_report
         return format_report(self.record)
 
     def weight_bytes(self) -> int:
         """Bytes of every constant the graph reads (quantized weights, scales, remaining float params)."""
-        from .passes.base import get_tensor
+        from zqcompile.passes.base import get_tensor
         constants = {n.target: get_tensor(self.gm, n) for n in self.gm.graph.nodes if n.op == "get_attr"}
         return sum(t.numel() * t.element_size() for t in constants.values() if t is not None)
 
@@ -149,7 +146,7 @@ class Engine:
         if self._generator is not None:
             programs = self._generator.export_programs()
             meta["generation"] = self._generator.meta()
-        from . import progress
+        from zqcompile import progress
         with progress.step(f"writing the engine ({1 + len(programs)} program(s), "
                            f"{self.weight_bytes() / 2**20:.0f} MiB of constants each)"), open(path, "wb") as f:  # a file object: torch.export wants a '.pt2' name otherwise
             if programs:  # one archive, three programs ("model" is what torch.export.load reads)
@@ -171,7 +168,7 @@ class Engine:
 def _ensure_kernels(device: torch.device) -> None:
     """Register the CUDA kernels of the zq ops (warns once when the library is not built)."""
     if device.type == "cuda":
-        from .plugins import ensure_cuda_kernels
+        from zqcompile.plugins import ensure_cuda_kernels
         ensure_cuda_kernels(device)
 
 
@@ -226,10 +223,10 @@ def load(path: str | os.PathLike) -> Engine:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no engine file at {path!r}")
-    from . import progress
+    from zqcompile import progress
     with progress.step(f"verifying {path}", show=os.path.getsize(path) > 64 << 20):
         verify_archive(path)
-    from . import ops  # noqa: F401 - the zq ops must be registered before the programs are deserialized
+    from zqcompile import ops  # noqa: F401 - the zq ops must be registered before the programs are deserialized
     from torch.export.pt2_archive._package import load_pt2
     try:  # one read of the archive: the engine's program, the generation programs if saved, our metadata
         with open(path, "rb") as f:
@@ -256,7 +253,7 @@ def load(path: str | os.PathLike) -> Engine:
     outputs = OutputStructure(meta["outputs"]) if "outputs" in meta else None
     engine = Engine(gm, spec, record, examples, outputs=outputs)
     if "generation" in meta:
-        from .generation import Generator
+        from zqcompile.generation.generator import Generator
         engine._generator = Generator.from_programs(programs["prefill"].module(), programs["decode"].module(),
                                                     meta["generation"], share_with=gm)
     return engine

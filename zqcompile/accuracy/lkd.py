@@ -4,7 +4,7 @@ that each transformer block, once quantized, reproduces its own full-precision o
 For block k the inputs are the outputs of the ORIGINAL blocks 1..k-1 on the LKD data (produced on the fly
 and kept on CPU; block 1's inputs are captured with a forward pre-hook, so whatever positional embeddings
 or masks the model passes its blocks as args/kwargs are reused as-is). Teacher = original block k;
-student = a fake-quantized copy (`zqcompile.fakequant`, the engine's quantizers with a straight-through
+student = a fake-quantized copy (`zqcompile.accuracy.fakequant`, the engine's quantizers with a straight-through
 estimator); the student minimises MSE(student(x), teacher(x)) over block k's parameters only, then its
 tuned fp weights are written back into block k. Only one extra block is ever in memory. The model is
 modified IN PLACE (and returned); the quantized engine is then built from the tuned weights as usual.
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError, LKDConfig, QuantConfig, get_config
-from .fakequant import calibrate_static, fake_quantize, remove_fake_quant
+from zqcompile.config import ConfigError, LKDConfig, QuantConfig, get_config
+from zqcompile.accuracy.fakequant import calibrate_static, fake_quantize, remove_fake_quant
 
 # Where the usual Hugging Face families keep their transformer blocks (checked before the generic search).
 KNOWN_BLOCK_LISTS = ("model.layers", "model.decoder.layers", "transformer.h", "encoder.layer",

@@ -14,8 +14,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .config import GemmScheme, QuantConfig, classify_role, get_config, resolve_scheme, weight_groups_error
-from .ops import quant_math as qm
+from zqcompile.config import GemmScheme, QuantConfig, classify_role, get_config, resolve_scheme, weight_groups_error
+from zqcompile.ops import quant_math as qm
 
 try:  # HF GPT-2 style Conv1D: weight [K, N] (in, out), y = x @ W + b
     from transformers.pytorch_utils import Conv1D
@@ -80,7 +80,7 @@ class FakeQuantLinear(nn.Module):
                 self.act_amax = torch.maximum(self.act_amax, x.detach().abs().amax().float().to(self.act_amax.device))
             elif torch.isnan(self.act_scale):
                 raise RuntimeError(f"{self.fqn}: static per-tensor activations are not calibrated; "
-                                   "run zqcompile.fakequant.calibrate_static(model, batches) first")
+                                   "run zqcompile.accuracy.fakequant.calibrate_static(model, batches) first")
             else:
                 x = fake_quant_tensor(x, self.act_scale)
         elif mode == "token":

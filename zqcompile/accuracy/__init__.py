@@ -1,0 +1,1 @@
+"""Measuring and recovering accuracy: perplexity / agreement, fake quantization, LKD, range plots."""

@@ -1,0 +1,75 @@
+"""`zqcompile compile MODEL --config w8a8 --out m.zq --dump d/` and `zqcompile report m.zq`."""
+from __future__ import annotations
+
+import os
+import time
+
+
+def example_ids(model, batch: int, seq: int, seed: int = 0):
+    """Random token ids in the model's vocabulary (the example inputs capture needs)."""
+    import torch
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 1000)
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def check_seq_fits(model, seq: int, what: str = "--seq") -> None:
+    """A sequence longer than the model's positions fails deep in capture: say so first."""
+    from zqcompile.errors import InputError
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit and seq > limit:
+        raise InputError(f"{what} {seq} is longer than the model's context ({limit} positions); "
+                         f"use at most {limit}")
+
+
+def cmd_compile(args) -> int:
+    from zqcompile.config import get_config
+    from zqcompile.files import Staged, check_output_file
+    from zqcompile.graph_dump import check_dump_dir, stage_dump
+    from zqcompile.runtime.engine import is_engine_file
+    if args.out:
+        check_output_file(args.out, "engine", replaceable=is_engine_file)
+    if args.dump:
+        check_dump_dir(args.dump)
+    get_config(args.config)  # a bad preset name fails before the model loads
+    import zqcompile as zq
+    from zqcompile.models import load_model
+    model = load_model(args.model)
+    check_seq_fits(model, args.seq)
+    ids = example_ids(model, args.batch, args.seq)
+    t0 = time.perf_counter()
+    engine = zq.compile(model, (ids,), config=args.config)
+    print(engine.report())
+    print(f"\ncompiled in {time.perf_counter() - t0:.1f} s")
+    with Staged() as outputs:  # the engine and the dump go in place together, at the end
+        if args.out:
+            engine.write_to(outputs.file(args.out, "engine", replaceable=is_engine_file))
+        if args.dump:
+            staged = stage_dump(engine, args.dump)
+            outputs.action(staged.commit, staged.discard)
+        outputs.commit()
+    if args.out:
+        print(f"saved {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB)")
+    if args.dump:
+        print(f"graph dumps in {args.dump}/")
+    return 0
+
+
+def cmd_report(args) -> int:
+    import zqcompile as zq
+    print(zq.load(args.engine).report())
+    return 0
+
+
+def add_compile_commands(sub) -> None:
+    from zqcompile.cli.main import positive_int
+    c = sub.add_parser("compile", help="compile a model folder / .gguf / packaged model name")
+    c.add_argument("model", help="Hugging Face folder, .gguf file, or 'minilm' / 'smollm2'")
+    c.add_argument("--config", default="w8a8", help="preset: w8a8, w4/8a8, w4/8a16, w8a8/16, w8a16, ptq-static, none")
+    c.add_argument("--out", help="write the engine here (e.g. model.zq); an existing engine there is replaced")
+    c.add_argument("--dump", help="write per-pass graph dumps into this folder (new, empty, or an earlier dump)")
+    c.add_argument("--batch", type=positive_int, default=2, help="example batch size (the engine takes any)")
+    c.add_argument("--seq", type=positive_int, default=32, help="example sequence length (the engine takes any)")
+    c.set_defaults(fn=cmd_compile)
+    r = sub.add_parser("report", help="print the report of a saved engine")
+    r.add_argument("engine")
+    r.set_defaults(fn=cmd_report)

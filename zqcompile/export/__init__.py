@@ -1,0 +1,1 @@
+"""Lowering an engine to other runtimes: ONNX (standard and TensorRT dialects) and TensorRT."""

@@ -1,0 +1,1 @@
+"""Generation with a KV cache: the prefill/decode graphs' capture, their masks, the token loop."""

@@ -1,0 +1,1 @@
+"""Running compiled graphs: the engine, its file format, the weight store, CUDA-graph replay."""
