@@ -95,8 +95,8 @@ def run(args) -> list[dict]:
                 rows.append(dict(shape=shape, engine=name, batch=b, ms_per_token=1e3 * sec / new,
                                  tokens_per_s=b * new / sec))
         for cfg in args.configs:
-            engine = zq.compile(model, (ids_of[1],), config=cfg)
-            engine.prepare_generation(max_batch=max(batches), max_cache_len=prompt + new)
+            engine = zq.compile(model, (ids_of[1],), config=cfg,
+                                generation=zq.CacheSpec(max(batches), prompt + new))
             wbytes = engine.weight_bytes()
             pre = prefill_seconds(engine, ids_of[1], args.device, args.repeat)
             for b in batches:

@@ -23,11 +23,11 @@ def teacher_forced_nll(gen, ids: torch.Tensor) -> float:
     mask[:, 0] = 1
     nll = 0.0
     with torch.no_grad():
-        logits = gen.prefill(ids[:, :1], torch.zeros(1, 1, dtype=torch.long), torch.arange(1), mask)[:, -1]
+        logits = gen.prefill(ids[:, :1], torch.zeros(1, 1, dtype=torch.long), torch.arange(1), mask)[0][:, -1]
         for t in range(1, n):
             nll -= float(logits.log_softmax(-1)[0, ids[0, t]])
             mask[:, t] = 1
-            logits = gen.decode(ids[:, t:t + 1], torch.tensor([[t]]), torch.tensor([t]), mask)[:, -1]
+            logits = gen.decode(ids[:, t:t + 1], torch.tensor([[t]]), torch.tensor([t]), mask)[0][:, -1]
     return nll / (n - 1)
 
 

@@ -78,7 +78,8 @@ def gemm_rows(shapes: list[tuple[int, int]], ms: list[int]) -> list[dict]:
 
 
 def profile_config(model, cfg: str, batches: list[int], top_n: int) -> list[dict]:
-    engine = zq.compile(model, (torch.randint(3, 1000, (1, 16), device="cuda"),), config=cfg)
+    engine = zq.compile(model, (torch.randint(3, 1000, (1, 16), device="cuda"),), config=cfg,
+                        generation=zq.CacheSpec(max(batches), PROMPT + 50))
     gen = engine.prepare_generation(max_batch=max(batches), max_cache_len=PROMPT + 50)
     steps = []
     for b in batches:

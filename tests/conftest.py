@@ -25,7 +25,8 @@ def ids(batch: int, seq: int, seed: int = 0, vocab: int = 1000) -> torch.Tensor:
 def engine_for(family: str, config: str):
     key = (family, config)
     if key not in _ENGINES:
-        _ENGINES[key] = zq.compile(model_for(family), (ids(2, 16),), config=config)
+        # logits only (tests/test_generation.py builds generation graphs where it tests them)
+        _ENGINES[key] = zq.compile(model_for(family), (ids(2, 16),), config=config, generation=False)
     return _ENGINES[key]
 
 

@@ -30,7 +30,7 @@ def test_invalid_weight_config(bad, match):
 def test_group_size_not_dividing_names_the_module():
     cfg = QuantConfig(default=GemmScheme(WeightQuant(4, "k_groups", group_size=48)))
     with pytest.raises(zq.ConfigError, match=r"transformer\.h\.0\.attn\.c_attn.*group_size=48 does not divide K=64"):
-        zq.compile(model_for("gpt2"), (ids(2, 8),), cfg)
+        zq.compile(model_for("gpt2"), (ids(2, 8),), cfg, generation=False)
 
 
 def test_group_size_larger_than_k_names_the_module_and_what_fits():
@@ -39,7 +39,7 @@ def test_group_size_larger_than_k_names_the_module_and_what_fits():
            r"group_size=128 is larger than K=64 .*choose a group_size that divides K=64 \(e\.g\. 64, 32, 16, 8\), "
            r"or .*with_overrides\(\{'transformer\.h\.0\.attn\.c_attn': 'w8a8'\}\)")
     with pytest.raises(zq.ConfigError, match=msg):
-        zq.compile(model_for("gpt2"), (ids(2, 8),), cfg)
+        zq.compile(model_for("gpt2"), (ids(2, 8),), cfg, generation=False)
     from zqcompile.accuracy.fakequant import fake_quantize
     from zqcompile.models import tiny_model
     with pytest.raises(zq.ConfigError, match=msg):  # the eval path says the same (fake_quantize works in place)
@@ -63,7 +63,7 @@ def test_plan_names_the_k_group_size_actually_used():
 def test_override_matching_no_gemm_warns_at_the_compile_call_and_shows_in_the_report():
     cfg = zq.get_config("w8a8").with_overrides({r"h\.0\.mlp\.c_fcc$": "fp16", r"lm_head": "w8a8"})
     with pytest.warns(zq.ConfigWarning) as rec:
-        e = zq.compile(model_for("gpt2"), (ids(2, 8),), cfg)
+        e = zq.compile(model_for("gpt2"), (ids(2, 8),), cfg, generation=False)
     line = (r"override 'h\\.0\\.mlp\\.c_fcc$' matched no GEMM of this model, so it has no effect; "
             r"near matches: 'transformer.h.0.mlp.c_fc', 'transformer.h.1.mlp.c_fc'")
     assert [str(w.message) for w in rec] == [line]
@@ -77,7 +77,7 @@ def test_nan_weight_names_the_parameter():
     m = tiny_model("opt")
     m.model.decoder.layers[1].fc1.weight.data[3, 3] = float("inf")
     with pytest.raises(zq.WeightError, match=r"model\.decoder\.layers\.1\.fc1\.weight"):
-        zq.compile(m, (ids(2, 8),), "w8a8")
+        zq.compile(m, (ids(2, 8),), "w8a8", generation=False)
 
 
 @pytest.mark.parametrize("family,param", [
@@ -90,7 +90,7 @@ def test_nan_or_inf_names_the_users_parameter_path(family, param):
     m = tiny_model(family)
     m.get_parameter(param).data.view(-1)[5] = float("nan") if param.endswith("bias") else float("inf")
     with pytest.raises(zq.WeightError) as err:
-        zq.compile(m, (ids(2, 8),), "w8a8")
+        zq.compile(m, (ids(2, 8),), "w8a8", generation=False)
     assert str(err.value) == f"parameter {param!r} has 1 NaN/Inf value(s); fix the checkpoint before quantizing"
 
 

@@ -87,7 +87,7 @@ def test_w8a8_16_keeps_qkv_input_in_float():
 def test_overrides_keep_named_gemms_in_fp():
     model = model_for("gpt2")
     cfg = zq.get_config("w8a8").with_overrides({r"h\.1\.mlp": "fp16", r"attn\.c_attn$": "fp"})
-    e = zq.compile(model, (ids(2, 16),), cfg)
+    e = zq.compile(model, (ids(2, 16),), cfg, generation=False)
     kernels = {g["fqn"]: g["kernel"] for g in e.record.gemms}
     assert kernels["transformer.h.1.mlp.c_fc"] == "aten.linear" and kernels["transformer.h.1.mlp.c_proj"] == "aten.linear"
     assert kernels["transformer.h.0.attn.c_attn"] == "aten.linear"
@@ -135,8 +135,8 @@ def test_static_ptq_is_visibly_worse_than_token_wise_on_outlier_tokens():
     x[:, ::8] *= 40.0  # every 8th token is an outlier token, as in the paper's Figure 1
     m = OutlierMLP().eval()
     ref = m(x)
-    static = zq.compile(m, (x,), "ptq-static", calibration_data=[(x,)])
-    token = zq.compile(m, (x,), "w8a8")
+    static = zq.compile(m, (x,), "ptq-static", calibration_data=[(x,)], generation=False)
+    token = zq.compile(m, (x,), "w8a8", generation=False)
     normal = [i for i in range(32) if i % 8]
     e_static = rel_err(static(x)[:, normal], ref[:, normal])
     e_token = rel_err(token(x)[:, normal], ref[:, normal])

@@ -39,12 +39,11 @@ def saved_engines(tmp_path_factory):
     made = {}
     for family, config, generate in (("gpt2", "w8a8", False), ("bert", "w4/8a8", False), ("llama", "w8a8", True)):
         model = tiny_model(family)
-        engine = zq.compile(model, (ids(2, 8),), config)
+        engine = zq.compile(model, (ids(2, 8),), config, generation=zq.CacheSpec(2, 16) if generate else False)
         x = ids(3, 11, seed=5)
         ref = engine(x)
         tokens = None
         if generate:
-            engine.prepare_generation(max_batch=2, max_cache_len=16)
             tokens = engine.generate(x[:1, :5], max_new_tokens=6)
         path = d / f"{family}.zq"
         engine.save(path)
@@ -72,8 +71,8 @@ def test_flipped_bits_never_load_silently_different(saved_engines, tmp_path):
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0x10
     middle.write_bytes(flipped)
-    with pytest.raises(zq.EngineFileError, match=r"middle\.zq.* is damaged: (constant '[^']+' of the model "
-                                                 r"program|archive member)"):
+    with pytest.raises(zq.EngineFileError, match=r"middle\.zq.* is damaged: (constant '[^']+'|the \w+ program|the "
+                                                 r"metadata) \(archive member '[^']+'\) fails its check"):
         zq.load(middle)
     rng = random.Random(0)
     detected = 0

@@ -85,5 +85,5 @@ def test_greedy_past_the_window_equals_hf_generate(family):
     kv_mask = torch.zeros(2, 64, dtype=torch.long)
     kv_mask[:, :20] = 1
     with torch.no_grad():
-        logits = gen.prefill(prompt, torch.arange(20).expand(2, 20), torch.arange(20), kv_mask)[:, -1]
+        logits = gen.prefill(prompt, torch.arange(20).expand(2, 20), torch.arange(20), kv_mask)[0][:, -1]
         assert rel_err(logits, model(prompt).logits[:, -1]) < 1e-5

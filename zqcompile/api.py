@@ -9,6 +9,9 @@ from torch import nn
 
 from zqcompile.capture import InputError, capture
 from zqcompile.config import LKDConfig, QuantConfig, get_config
+from zqcompile.generation.generator import is_causal_lm
+from zqcompile.generation.kv_cache import CacheSpec
+from zqcompile.memory import peak_memory
 from zqcompile.runtime.engine import CompileRecord, Engine, load
 from zqcompile.runtime.outputs import flatten_graph_outputs
 from zqcompile import progress
@@ -17,15 +20,22 @@ from zqcompile.passes import PIPELINE, PassContext, run_pipeline
 
 def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str = "w8a8",
             dump_dir: str | os.PathLike | None = None, lkd: LKDConfig | None = None,
-            calibration_data: list[tuple] | None = None, example_kwargs: dict | None = None) -> Engine:
+            calibration_data: list[tuple] | None = None, example_kwargs: dict | None = None,
+            generation: CacheSpec | bool | None = None) -> Engine:
     """Quantize and fuse `model` into a ZeroQuant engine.
 
     example_inputs: positional inputs of model.forward (e.g. `(input_ids,)`), used to capture the graph with
     dynamic batch and sequence length. config: a preset name (see zqcompile.PRESETS) or a QuantConfig.
     calibration_data: input tuples for static ("ptq-static") activation ranges; defaults to example_inputs.
     lkd: run layer-by-layer knowledge distillation on the weights first (ZeroQuant Sec. 4.2).
+    generation (causal LMs): the KV cache the prefill/decode graphs of `engine.generate` are built for, here,
+    sharing the engine's quantized weights: a CacheSpec, None for CacheSpec() (batches up to 8, 512 tokens),
+    False for none. The engine keeps no reference to `model`.
     """
     cfg = get_config(config)
+    if generation is not None and not isinstance(generation, (bool, CacheSpec)):
+        raise InputError(f"generation must be a zqcompile.CacheSpec, True/None (the default cache) or False, "
+                         f"got {type(generation).__name__}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
@@ -44,6 +54,16 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
     if lkd is not None:
         from zqcompile.accuracy.lkd import run_lkd
         model = run_lkd(model, cfg, lkd)
+    with peak_memory() as peak:
+        engine = _compile(model, cfg, example_inputs, example_kwargs, calibration_data, generation)
+    engine.record.memory = {**peak, "engine_bytes": engine.memory_bytes()}
+    if dump_dir is not None:
+        dump(engine, dump_dir)
+    return engine
+
+
+def _compile(model: nn.Module, cfg: QuantConfig, example_inputs, example_kwargs, calibration_data,
+             generation: CacheSpec | bool | None) -> Engine:
     with progress.step(f"capturing {type(model).__name__} with torch.export"):
         gm, spec = capture(model, tuple(example_inputs), example_kwargs, (cfg.dynamic_batch, cfg.dynamic_seq))
     outputs = flatten_graph_outputs(gm)  # the engine file then needs no output types registered to load
@@ -68,13 +88,15 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
         passes=[asdict(r) for r in records],
         fusions=[asdict(f) for f in ctx.fusions],
         not_fused=[asdict(n) for n in ctx.not_fused])
-    engine = Engine(gm, spec, record, tuple(bound), snapshots, outputs)
-    from zqcompile.generation.generator import is_causal_lm
-    if is_causal_lm(model):
-        engine.keep_generation_source(model, cfg)
-    if dump_dir is not None:
-        dump(engine, dump_dir)
-    return engine
+    generator = None
+    if generation is not False and is_causal_lm(model):
+        from zqcompile.generation.generator import build_generator
+        cache = generation if isinstance(generation, CacheSpec) else CacheSpec()
+        # the same quantized weights, by construction; the engine graph's pass already warned about the config
+        generator = build_generator(model, cfg, cache, ctx.constants, warn=False)
+        record.generation = generator.describe()
+    ctx.constants.release()
+    return Engine(gm, spec, record, tuple(bound), snapshots, outputs, generator)
 
 
 def dump(engine: Engine, out_dir: str | os.PathLike) -> list[str]:
@@ -82,4 +104,4 @@ def dump(engine: Engine, out_dir: str | os.PathLike) -> list[str]:
     return write_dump(engine, os.fspath(out_dir))
 
 
-__all__ = ["compile", "dump", "load"]
+__all__ = ["CacheSpec", "compile", "dump", "load"]

@@ -248,3 +248,13 @@ def fqn_of(node: fx.Node) -> str:
 
 def param_fqn(target: str) -> str:
     return target[len(WRAPPER_PREFIX):] if target.startswith(WRAPPER_PREFIX) else target
+
+
+def get_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The constant behind a get_attr node (None for anything else)."""
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    obj = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj if isinstance(obj, torch.Tensor) else None

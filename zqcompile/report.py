@@ -12,8 +12,31 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def memory_lines(rec) -> list[str]:
+    """What compiling took and what the engine holds (bytes counted once per shared tensor)."""
+    m = getattr(rec, "memory", None) or {}
+    out = []
+    if "engine_bytes" in m:
+        out.append(f"engine holds {_mib(m['engine_bytes'])} (every constant of every graph once, KV cache included)")
+    if "host_peak_bytes" in m:
+        scope = "during compile" if m.get("host_peak_scope") == "compile" else "of the process so far"
+        out.append(f"compile peak host memory {_mib(m['host_peak_bytes'])} (resident set, peak {scope})")
+    if "gpu_peak_above_start_bytes" in m:
+        out.append(f"compile peak GPU memory {_mib(m['gpu_peak_above_start_bytes'])} above what was allocated "
+                   f"before (the model)")
+    return out
+
+
 def format_report(rec) -> str:
     out = [f"zqcompile engine: {rec.model}, config {rec.config}", ""]
+    if getattr(rec, "generation", ""):
+        out += [f"Generation: {rec.generation}", ""]
+    if memory_lines(rec):
+        out += ["Memory", *memory_lines(rec), ""]
     out += ["Passes", _table(["pass", "matched", "rewritten", "ms", "notes"],
                              [[p["name"], p["matched"], p["rewritten"], f"{p['seconds'] * 1e3:.1f}",
                                "; ".join(p["notes"])] for p in rec.passes]), ""]

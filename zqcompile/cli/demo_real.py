@@ -28,8 +28,7 @@ def run_real_demo(args) -> int:
     rows = {}
     for preset in ("none", "w8a8"):
         t0 = time.perf_counter()
-        engine = zq.compile(model, (ids,), config=preset)
-        engine.prepare_generation(max_batch=1, max_cache_len=ids.shape[1] + 24)
+        engine = zq.compile(model, (ids,), config=preset, generation=zq.CacheSpec(1, ids.shape[1] + 24))
         secs = time.perf_counter() - t0
         if preset == "w8a8":
             print(engine.report().split("\n\n")[0])

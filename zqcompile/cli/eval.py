@@ -63,7 +63,7 @@ def _quantized(model, config, calib: list[torch.Tensor], path: str, example: tor
         except ImportError:
             raise InputError("--path engine needs zqcompile.api.compile, which this installation lacks; "
                              "use --path fakequant") from None
-        return zq_compile(model, (example,), config, calibration_data=[(c,) for c in calib])
+        return zq_compile(model, (example,), config, calibration_data=[(c,) for c in calib], generation=False)
     from zqcompile.accuracy.fakequant import calibrate_static, fake_quantize
     fq = fake_quantize(copy.deepcopy(model), config)
     calibrate_static(fq, calib)

@@ -41,9 +41,8 @@ def cmd_generate(args) -> int:
         raise InputError(f"the prompt {args.prompt!r} encodes to no tokens with this tokenizer; give some text")
     check_context(model, ids.shape[1], args.max_new_tokens)
     t0 = time.perf_counter()
-    engine = zq.compile(model, (ids,), config=args.config)
-    engine.prepare_generation(max_batch=1, max_cache_len=ids.shape[1] + args.max_new_tokens, kv_cache=args.kv_cache)
-    engine.release_generation_source()
+    engine = zq.compile(model, (ids,), config=args.config,
+                        generation=zq.CacheSpec(1, ids.shape[1] + args.max_new_tokens, args.kv_cache))
     print(f"[compiled {args.config} in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     t0 = time.perf_counter()
     out = engine.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,

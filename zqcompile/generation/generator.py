@@ -1,18 +1,18 @@
-"""KV-cache generation for causal LMs: builds the PREFILL and DECODE graphs (each captured separately around
-the static cache of kv_cache.py and run through the same quantization pass pipeline and config as the
-engine), makes both graphs (and the engine's own full-sequence graph) share one copy of every quantized
-weight and of the cache, and runs the token loop: prefill once, then one decode step per token, greedy or
-seeded sampling, left-padded batches, EOS, streaming. On CUDA the decode step replays CUDA graphs
-(decode_graphs.py) and the prefill one graph per prompt shape (backends/cuda_graphs.py); on CPU everything
-runs the reference ops eagerly.
+"""KV-cache generation for causal LMs: the PREFILL and DECODE graphs (each captured around the static cache
+of kv_cache.py and run through the same pass pipeline and config as the engine, with the engine's
+SharedConstants, so all three graphs read one copy of every quantized weight) and the token loop: prefill
+once, then one decode step per token, greedy or seeded sampling, left-padded batches, EOS, streaming. On CUDA
+the decode step replays CUDA graphs (runtime/decode_graphs.py) and the prefill one graph per prompt shape
+(runtime/cuda_graphs.py); on CPU everything runs the reference ops eagerly.
 
-The graphs are built on the first `generate` (from the model the engine keeps only until then), so a
-compile that is only used for `engine(...)` pays nothing for generation.
+The graphs are built by `zq.compile` (for a cache given by `generation=CacheSpec(...)`), while the float
+model is still there; the engine keeps no reference to it.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
@@ -20,9 +20,12 @@ from torch import fx, nn
 from zqcompile import progress
 from zqcompile.capture import InputError
 from zqcompile.config import QuantConfig
-from zqcompile.generation.kv_cache import (CACHE_PREFIXES, CachedLM, CacheSpec, KVShape, allocate_cache, capture_phase,
-                       share_constants)
+from zqcompile.generation.kv_cache import (CachedLM, CacheSpec, KVShape, allocate_cache, cache_bytes, capture_phase,
+                                           example_inputs, phase_dynamic_shapes)
 from zqcompile.generation.sampling import SamplingParams, select_next
+
+if TYPE_CHECKING:
+    from zqcompile.passes.constants import SharedConstants
 
 
 @dataclass
@@ -31,9 +34,7 @@ class GenerationRecord:
 
     spec: CacheSpec
     seconds: float = 0.0
-    shared: dict[str, tuple[int, int]] = field(default_factory=dict)  # pair -> (shared, kept separate)
     cache_bytes: int = 0
-    weight_bytes: int = 0
 
 
 class Generator:
@@ -52,43 +53,32 @@ class Generator:
         return self.decode.k_cache_0.device
 
     # ---- persistence (Engine.save / zqcompile.load) -----------------------------------------------------
-    def export_programs(self) -> dict[str, torch.export.ExportedProgram]:
-        """The prefill and decode graphs as exported programs (each holds its own copy of the constants)."""
-        from zqcompile.capture import export_dynamic
-        from zqcompile.generation.kv_cache import example_inputs, phase_dynamic_shapes
-        out = {}
-        for phase, gm in (("prefill", self.prefill), ("decode", self.decode)):
-            args = example_inputs(phase, self.spec, 2, self.device)
-            out[phase] = export_dynamic(gm, args, phase_dynamic_shapes(phase, self.spec))
-        return out
+    def programs(self) -> dict:
+        """The prefill and decode graphs with the inputs and dynamic dims to export them with."""
+        from zqcompile.runtime.enginefile import Program
+        return {phase: Program(gm, example_inputs(phase, self.spec, 2, self.device), phase_dynamic_shapes(phase, self.spec))
+                for phase, gm in (("prefill", self.prefill), ("decode", self.decode))}
 
     def meta(self) -> dict:
         return {"spec": asdict(self.spec), "shape": asdict(self.shape), "pad_token_id": self.pad_token_id}
 
     @staticmethod
-    def from_programs(prefill: fx.GraphModule, decode: fx.GraphModule, meta: dict,
-                      share_with: fx.GraphModule | None = None) -> Generator:
-        """Rebuild a saved generator: one copy of the weights and the cache again, as build_generator made."""
+    def from_meta(prefill: fx.GraphModule, decode: fx.GraphModule, meta: dict) -> Generator:
+        """A saved generator again (its graphs already share constants: zq.load binds them to one copy)."""
         spec, shape = CacheSpec(**meta["spec"]), KVShape(**meta["shape"])
-        record = GenerationRecord(spec, shared=tie_constants(prefill, decode, share_with),
-                                  cache_bytes=cache_bytes(decode))
-        return Generator(prefill, decode, spec, shape, record, int(meta["pad_token_id"]))
+        return Generator(prefill, decode, spec, shape, GenerationRecord(spec, cache_bytes=cache_bytes(decode)),
+                         int(meta["pad_token_id"]))
 
-    def to(self, device: torch.device | str, share_with: fx.GraphModule | None = None) -> Generator:
-        """Move both graphs (and the cache) to `device`, keeping one copy of every shared constant."""
-        self.prefill.to(device)
-        self.decode.to(device)
-        tie_constants(self.prefill, self.decode, share_with)
+    def reset_runners(self) -> None:
+        """Forget the CUDA graphs (after the constants moved to another device)."""
         self._cuda_decode = self._cuda_prefill = None
-        return self
 
     def describe(self) -> str:
         r = self.record
         kv = "INT8 per-token-per-head" if self.spec.kv_dtype == "int8" else "model dtype"
-        pairs = ", ".join(f"{k}: {s} shared / {n} separate" for k, (s, n) in r.shared.items())
-        return (f"generation: prefill + decode graphs built in {r.seconds:.1f} s; KV cache {kv}, "
-                f"{self.spec.max_batch} x {self.spec.max_cache_len} slots, {r.cache_bytes / 2**20:.1f} MiB; "
-                f"constants {pairs}")
+        built = f" built in {r.seconds:.1f} s" if r.seconds else ""
+        return (f"prefill + decode graphs{built}, sharing the engine's constants; KV cache {kv}, batches up to "
+                f"{self.spec.max_batch}, {self.spec.max_cache_len} tokens, {r.cache_bytes / 2**20:.1f} MiB")
 
     # ---- input checks (before any state changes) --------------------------------------------------------
     def check(self, ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int, p: SamplingParams) -> None:
@@ -101,7 +91,7 @@ class Generator:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if b > self.spec.max_batch:
             raise InputError(f"batch {b} is larger than the largest batch bucket ({self.spec.max_batch}); split "
-                             f"the batch, or call engine.prepare_generation(max_batch={b}) before generating")
+                             f"the batch, or compile with generation=zq.CacheSpec(max_batch={b}, ...)")
         if s + max_new_tokens > self.spec.max_cache_len:
             raise InputError(f"prompt ({s} tokens) + max_new_tokens ({max_new_tokens}) = {s + max_new_tokens} exceeds "
                              f"the engine's context of {self.spec.max_cache_len} tokens (KV-cache slots; the model allows "
@@ -158,35 +148,24 @@ class Generator:
     def _prefill(self, ids, pos, cache_position, kv_mask) -> torch.Tensor:
         """On CUDA one graph per (batch, prompt length) replays the whole prefill (eager past 16 shapes)."""
         if self.device.type != "cuda":
-            return self.prefill(ids, pos, cache_position, kv_mask)
+            return _logits(self.prefill, ids, pos, cache_position, kv_mask)
         if self._cuda_prefill is None:
             from zqcompile.runtime.cuda_graphs import ShapeBucketedGraphs
-            self._cuda_prefill = ShapeBucketedGraphs(self.prefill, max_graphs=16)
+            self._cuda_prefill = ShapeBucketedGraphs(lambda *a: _logits(self.prefill, *a), max_graphs=16)
         return self._cuda_prefill(ids, pos, cache_position, kv_mask)
 
     def _decode_step(self, ids, pos, cache_position, kv_mask) -> torch.Tensor:
         if self.device.type != "cuda":
-            return self.decode(ids, pos, cache_position, kv_mask)
+            return _logits(self.decode, ids, pos, cache_position, kv_mask)
         if self._cuda_decode is None:
             from zqcompile.runtime.decode_graphs import CudaGraphDecode
-            self._cuda_decode = CudaGraphDecode(self.decode, self.spec.buckets)
+            self._cuda_decode = CudaGraphDecode(lambda *a: _logits(self.decode, *a), self.spec.buckets)
         return self._cuda_decode(ids, pos, cache_position, kv_mask)
 
 
-def tie_constants(prefill: fx.GraphModule, decode: fx.GraphModule,
-                  share_with: fx.GraphModule | None = None) -> dict[str, tuple[int, int]]:
-    """One copy of every constant the graphs have in common (and of the cache): prefill takes the engine
-    graph's tensors, decode the prefill's. Returns {pair: (shared, kept separate)} for the record."""
-    shared = {}
-    if share_with is not None:
-        shared["prefill<-engine"] = share_constants(prefill, share_with)
-    shared["decode<-prefill"] = share_constants(decode, prefill)
-    return shared
-
-
-def cache_bytes(graph: fx.GraphModule) -> int:
-    """Bytes of the KV cache (and its INT8 scales) a prefill or decode graph holds."""
-    return sum(t.numel() * t.element_size() for n, t in graph.named_buffers() if n.startswith(CACHE_PREFIXES))
+def _logits(graph: fx.GraphModule, *inputs) -> torch.Tensor:
+    """A prefill/decode graph returns (logits,), flat like every engine graph."""
+    return graph(*inputs)[0]
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -196,15 +175,17 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 def build_generator(model: nn.Module, cfg: QuantConfig, spec: CacheSpec,
-                    share_with: fx.GraphModule | None = None) -> Generator:
-    """Capture prefill and decode around one preallocated cache, quantize both with `cfg`, share constants."""
+                    constants: SharedConstants | None = None, warn: bool = True) -> Generator:
+    """Capture prefill and decode around one preallocated cache and run the pipeline on both with `cfg`;
+    `constants` (the engine's, when it compiles them) makes every graph read the same quantized weights."""
     from zqcompile.passes import GENERATION_PIPELINE, PassContext, run_pipeline
+    from zqcompile.passes.constants import SharedConstants
+    from zqcompile.runtime.outputs import flatten_graph_outputs
+    constants = constants if constants is not None else SharedConstants()
     t0 = time.perf_counter()
     shape = KVShape.of(model)
     if spec.max_cache_len > shape.max_positions:
         spec = CacheSpec(spec.max_batch, shape.max_positions, spec.kv_dtype)
-    if spec.max_batch < 1 or spec.max_cache_len < 2:
-        raise InputError(f"max_batch must be >= 1 and max_cache_len >= 2, got {spec}")
     param = next(model.parameters())
     cache = allocate_cache(shape, spec, param.dtype, param.device)
     vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
@@ -214,11 +195,11 @@ def build_generator(model: nn.Module, cfg: QuantConfig, spec: CacheSpec,
         with bar:
             gm, args = capture_phase(CachedLM(model, cache, spec), phase, spec, vocab)
             tick("0_captured", gm)
-            ctx = PassContext(cfg, args, [], max_seq=spec.max_cache_len)
+            flatten_graph_outputs(gm)  # (logits,): as every engine graph, a flat tuple
+            ctx = PassContext(cfg, args, [], max_seq=spec.max_cache_len, constants=constants, warn=warn)
             run_pipeline(gm, ctx, GENERATION_PIPELINE, on_pass=tick)
         graphs[phase] = gm
-    record = GenerationRecord(spec, shared=tie_constants(graphs["prefill"], graphs["decode"], share_with),
-                              cache_bytes=cache_bytes(graphs["decode"]))
+    record = GenerationRecord(spec, cache_bytes=cache_bytes(graphs["decode"]))
     record.seconds = time.perf_counter() - t0
     gc = getattr(model, "generation_config", None)
     pad = getattr(gc, "pad_token_id", None)

@@ -36,6 +36,15 @@ class CacheSpec:
     max_cache_len: int = 512
     kv_dtype: KVDtype = "model"
 
+    def __post_init__(self) -> None:
+        from zqcompile.errors import ConfigError
+        for name, low in (("max_batch", 1), ("max_cache_len", 2)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"CacheSpec.{name} must be an integer >= {low}, got {v!r}")
+        if self.kv_dtype not in ("model", "int8"):
+            raise ConfigError(f"CacheSpec.kv_dtype must be 'model' or 'int8', got {self.kv_dtype!r}")
+
     @property
     def buckets(self) -> tuple[int, ...]:
         """Batch sizes with one decode CUDA graph each: powers of two up to max_batch (and max_batch)."""
@@ -170,25 +179,11 @@ def capture_phase(wrapper: CachedLM, phase: str, spec: CacheSpec, vocab: int) ->
     return ep.module(), args
 
 
-def share_constants(dst: fx.GraphModule, src: fx.GraphModule) -> tuple[int, int]:
-    """Point dst's buffers/parameters at src's tensors wherever name, shape, dtype and values agree, so the
-    graphs hold one copy of the quantized weights and of the KV cache. Returns (shared, kept separate)."""
-    src_t = dict(src.named_buffers(remove_duplicate=False)) | dict(src.named_parameters(remove_duplicate=False))
-    shared = kept = 0
-    for name, t in list(dst.named_buffers(remove_duplicate=False)) + list(dst.named_parameters(remove_duplicate=False)):
-        s = src_t.get(name)
-        if s is None or s.shape != t.shape or s.dtype != t.dtype or s.device != t.device:
-            kept += 1
-            continue
-        state = name.startswith(CACHE_PREFIXES)  # the cache is state: shared whatever it holds now
-        if not state and s.data_ptr() != t.data_ptr() and not torch.equal(s, t):
-            kept += 1  # e.g. a static activation range calibrated on this graph's own inputs
-            continue
-        *path, leaf = name.split(".")
-        owner = dst.get_submodule(".".join(path)) if path else dst
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = s if isinstance(s, nn.Parameter) else nn.Parameter(s, requires_grad=False)
-        else:
-            owner._buffers[leaf] = s
-        shared += 1
-    return shared, kept
+def is_cache_buffer(name: str) -> bool:
+    """A KV-cache buffer (or its INT8 scales): state, allocated at load instead of stored."""
+    return name.startswith(CACHE_PREFIXES)
+
+
+def cache_bytes(graph: fx.GraphModule) -> int:
+    """Bytes of the KV cache (and its INT8 scales) a prefill or decode graph holds."""
+    return sum(t.numel() * t.element_size() for n, t in graph.named_buffers() if is_cache_buffer(n.rsplit(".", 1)[-1]))

@@ -1,5 +1,5 @@
 """The pass pipeline: one ordered list, run by `run_pipeline`, which lints the graph and re-derives every
-node's shape/dtype with fake tensors after each pass, and hands a snapshot to the caller (for dumps).
+node's shape/dtype with fake tensors after each pass that changed the graph, and hands a snapshot to the caller (for dumps).
 
 Order matters and is the method: fold decomposed ops -> simplify shape-only attention masks -> canonicalize -> classify -> merge sibling GEMMs -> quantize weights -> insert activation quant ->
 calibrate (static baseline only) -> fuse quant into producers -> fuse dequant into GEMMs -> GEMM epilogues
@@ -81,7 +81,8 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: list[Pass] | None
         gm = res.graph_module
         gm.graph.lint()
         gm.recompile()
-        propagate_shapes(gm, ctx.example_inputs)
+        if res.modified:  # a pass that changed nothing left every node's meta valid
+            propagate_shapes(gm, ctx.example_inputs)
         records.append(PassRecord(p.__name__, res.matched, res.rewritten, time.perf_counter() - t0, res.notes))
         if on_pass:
             on_pass(f"{i:02d}_{p.__name__}", gm)

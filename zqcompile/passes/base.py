@@ -12,8 +12,9 @@ import torch
 from torch import fx
 
 from zqcompile import ops  # noqa: F401 - registers the zq ops the passes emit
-from zqcompile.capture import fqn_of, module_stack, param_fqn
+from zqcompile.capture import fqn_of, get_tensor, module_stack, param_fqn
 from zqcompile.config import GemmScheme, QuantConfig
+from zqcompile.passes.constants import SharedConstants
 
 aten = torch.ops.aten
 zq = torch.ops.zq
@@ -67,6 +68,8 @@ class PassContext:
     fusions: list[FusionRecord] = field(default_factory=list)
     not_fused: list[NotFused] = field(default_factory=list)
     max_seq: int | None = None  # longest sequence the graph accepts (its seq dim's bound); None = unknown
+    constants: SharedConstants = field(default_factory=SharedConstants)  # shared by the graphs of one compile
+    warn: bool = True  # config warnings; off for the generation graphs of a compile (the engine graph warned)
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------
@@ -114,16 +117,6 @@ def dtype_of(node: fx.Node, default: torch.dtype = torch.float32) -> torch.dtype
 def shape_of(node: fx.Node):
     v = val(node)
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
-
-
-def get_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    """The constant behind a get_attr node (None for anything else)."""
-    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
-        return None
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj if isinstance(obj, torch.Tensor) else None
 
 
 def param_name(node: fx.Node) -> str:

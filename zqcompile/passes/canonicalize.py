@@ -21,9 +21,10 @@ def _drop_eval_dropout(gm: fx.GraphModule) -> int:
     return n_removed
 
 
-def _to_linear(gm: fx.GraphModule, node: fx.Node, x: fx.Node, w_node: fx.Node, bias) -> fx.Node:
+def _to_linear(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, x: fx.Node, w_node: fx.Node, bias) -> fx.Node:
     w = get_tensor(gm, w_node)
-    wt = add_constant(gm, w_node.target + "_t", w.detach().t().contiguous(), before=node)
+    w_t = ctx.constants.get(("transpose", w), lambda: w.detach().t().contiguous())
+    wt = add_constant(gm, w_node.target + "_t", w_t, before=node)
     wt.meta["zq_param"] = param_name(w_node)  # errors about this weight name the user's parameter
     # A flattening view in front of the GEMM (GPT-2 Conv1D) is undone: linear takes N-D inputs, and later
     # passes need to see the real producer of x (LayerNorm, GeLU).
@@ -54,14 +55,14 @@ def canonicalize_gemms(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             bias, x, w = node.args[:3]
             if get_tensor(gm, w) is not None and get_tensor(gm, w).dim() == 2 and not node.kwargs:
                 matched += 1
-                _to_linear(gm, node, x, w, bias)
+                _to_linear(gm, ctx, node, x, w, bias)
                 rewritten += 1
         elif is_call(node, aten.mm.default, aten.matmul.default):
             x, w = node.args[:2]
             wt = get_tensor(gm, w)
             if wt is not None and wt.dim() == 2:
                 matched += 1
-                _to_linear(gm, node, x, w, None)
+                _to_linear(gm, ctx, node, x, w, None)
                 rewritten += 1
     gm.graph.lint()
     notes = [f"removed {removed} eval-mode dropout(s)"] if removed else []

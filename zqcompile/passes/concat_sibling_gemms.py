@@ -30,6 +30,7 @@ def _merge(gm: fx.GraphModule, ctx: PassContext, group: list[fx.Node]) -> None:
     g = gm.graph
     weights = [get_tensor(gm, n.args[1]) for n in group]
     biases = [get_tensor(gm, n.args[2]) if len(n.args) > 2 and n.args[2] is not None else None for n in group]
+    bias_recipe = ("cat", *(b if b is not None else ("zeros", w.shape[0]) for b, w in zip(biases, weights)))
     if any(b is None for b in biases) and not all(b is None for b in biases):
         biases = [b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype) for b, w in zip(biases, weights)]
     infos = [n.meta["zq_gemm"] for n in group]
@@ -37,9 +38,12 @@ def _merge(gm: fx.GraphModule, ctx: PassContext, group: list[fx.Node]) -> None:
     prefix = infos[0].fqn.rsplit(".", 1)[0] if "." in infos[0].fqn else ""
     fqn = (prefix + "." if prefix else "") + "+".join(leaves)
     first = min(group, key=lambda n: list(g.nodes).index(n))
-    w_node = add_constant(gm, fqn + ".weight", torch.cat(weights).contiguous(), before=first)
-    b_node = (add_constant(gm, fqn + ".bias", torch.cat(biases).contiguous(), before=first)
-              if biases[0] is not None else None)
+    w_cat = ctx.constants.get(("cat", *weights), lambda: torch.cat(weights).contiguous())
+    w_node = add_constant(gm, fqn + ".weight", w_cat, before=first)
+    b_node = None
+    if biases[0] is not None:
+        b_cat = ctx.constants.get(bias_recipe, lambda: torch.cat(biases).contiguous())
+        b_node = add_constant(gm, fqn + ".bias", b_cat, before=first)
     with g.inserting_before(first):
         lin = g.call_function(aten.linear.default, (group[0].args[0], w_node, b_node))
         sizes = [w.shape[0] for w in weights]

@@ -1,0 +1,76 @@
+"""One copy of every weight: the engine, prefill and decode graphs hold the same quantized tensors (made once
+at compile), the float model is released after compile, an engine file stores each constant once, deleting
+an engine frees what it held, and the report says what compiling took."""
+from __future__ import annotations
+
+import gc
+import os
+import weakref
+
+import torch
+import transformers as T
+
+import zqcompile as zq
+from zqcompile.generation.kv_cache import is_cache_buffer
+from zqcompile.runtime.constants import tensor_bytes, unique_tensors
+
+from .conftest import ids
+
+
+def _llama(vocab: int = 8000, hidden: int = 256):
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return T.LlamaForCausalLM(cfg).eval()
+
+
+def _quantized(gm) -> dict[str, torch.Tensor]:
+    return {n: t for n, t in gm.named_buffers() if n.endswith(("_wq", "_w_scale"))}
+
+
+def test_graphs_share_the_quantized_weights_and_the_float_model_is_released(tmp_path):
+    model = _llama()
+    x = ids(2, 8, vocab=8000)
+    with torch.no_grad():
+        want = model(x).logits
+    alive = weakref.ref(model)
+    engine = zq.compile(model, (x,), "w8a8", generation=zq.CacheSpec(2, 32))
+    del model
+    gc.collect()
+    assert alive() is None  # nothing of the engine keeps the float model
+
+    gen = engine._generator
+    full = {id(t) for t in _quantized(engine.gm).values()}
+    for graph in (gen.prefill, gen.decode):
+        q = _quantized(graph)
+        assert len(q) == len(full) == 2 * 7 * 2 - 2 * 3 * 2  # wq + scale per GEMM, q/k/v and gate/up merged
+        assert {id(t) for t in q.values()} == full  # the same tensor objects: quantized once
+    cache = tensor_bytes(t for n, t in gen.decode.named_buffers() if is_cache_buffer(n))
+    extra = engine.memory_bytes() - cache - engine.weight_bytes()
+    assert 0 <= extra < 0.01 * engine.weight_bytes(), extra  # beyond the engine graph's: only small constants
+    assert (engine(x).logits - want).norm() / want.norm() < 0.05
+
+    with_gen, plain = tmp_path / "gen.zq", tmp_path / "plain.zq"
+    engine.save(with_gen)
+    zq.compile(_llama(), (x,), "w8a8", generation=False).save(plain)
+    ratio = os.path.getsize(with_gen) / os.path.getsize(plain)
+    assert ratio <= 1.1, ratio  # the generation graphs add programs, not weights
+
+    report = engine.report()
+    assert "compile peak host memory" in report and "engine holds" in report
+    assert engine.record.memory["host_peak_bytes"] > engine.record.memory["engine_bytes"] > 0
+
+
+def test_moving_keeps_one_copy_and_deleting_frees_everything():
+    engine = zq.compile(_llama(vocab=1000, hidden=64), (ids(2, 8),), "w8a8", generation=zq.CacheSpec(2, 16))
+    before = engine.memory_bytes()
+    engine.to("cpu")  # a move (here to the same device) re-binds every graph to one copy of each tensor
+    assert engine.memory_bytes() == before
+    gen = engine._generator
+    assert {id(t) for t in _quantized(gen.decode).values()} == {id(t) for t in _quantized(engine.gm).values()}
+    assert gen.decode.k_cache_0 is gen.prefill.k_cache_0
+    held = [weakref.ref(t) for t in unique_tensors(engine.graphs)]
+    assert len(held) > 20
+    del engine, gen
+    gc.collect()
+    assert not [r for r in held if r() is not None]
