@@ -95,6 +95,8 @@ def act_quant(x: Tensor, bias: Optional[Tensor], gate: Optional[Tensor], act: st
     """y = act(x + bias), or act(gate) * x -> (int8 y, per-token scales, y if emit_out)."""
     y = qm.act_producer(x, bias, gate, act)
     q, s = qm.quantize_per_token(y)
+    if y is x:  # act "none" without bias or gate: an op's output must not be its input (torch.library's contract)
+        y = x.clone()
     return q, s, (y if emit_out else _empty(x))
 
 
