@@ -1,7 +1,7 @@
 """Adding an op is one declaration plus its backend registrations: a throwaway op declared here (its own
 namespace, so the zq ops are untouched) is exported to ONNX in both dialects and coloured by the dump with no
-table edited; an op declared without a translation is named by the exporter; the declarations refuse backends
-their scope rules out. The registry forgets the throwaway ops afterwards."""
+table edited; an op declared without a translation, and a runtime-only op, are named by the exporter; the
+declarations refuse backends their scope rules out. The registry forgets the throwaway ops afterwards."""
 from __future__ import annotations
 
 import numpy as np
@@ -91,6 +91,18 @@ def test_declared_op_without_translation_is_named(new_ops, tmp_path):
     with pytest.raises(ExportError) as err:
         _export(Untranslated(), torch.randn(2, 3, 16), tmp_path / "m.onnx", "standard")
     assert f"@onnx_translation('untranslated_op', dialect='standard')" in str(err.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_runtime_only_op_is_refused_by_the_exporter(tmp_path):
+    class Rotary(torch.nn.Module):
+        def forward(self, q, k, cos, sin):
+            return torch.ops.zq.rope(q, k, cos, sin)
+
+    args = (torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8))
+    gm = torch.export.export(Rotary(), args, strict=False).module()
+    with pytest.raises(ExportError, match="zq::rope .* is runtime-only"):
+        export_onnx(gm, tmp_path / "m.onnx", example_inputs=args, dynamic=False)
     assert not list(tmp_path.iterdir())
 
 

@@ -95,8 +95,8 @@ def check_translatable(gm: torch.nn.Module, table: dict[Any, Callable], dialect:
         keep_out = f"keep that module out of quantization (override={{{module_fqn(node)!r}: 'fp16'}})"
         decl = registry.lookup(node.target)
         if decl is not None and not decl.exported:
-            raise ExportError(f"op {decl.qualname} {where} is runtime-only (the generation graphs' ops run on the "
-                              f"engine's runtime and have no ONNX lowering); export the model's forward graph")
+            raise ExportError(f"op {decl.qualname} {where} is runtime-only: the generation graphs' ops run on the "
+                              f"engine's runtime and have no ONNX lowering; export the engine (its forward graph)")
         if decl is not None:
             raise ExportError(f"no {dialect} ONNX translation for op {decl.qualname} {where}. Register one with "
                               f"@onnx_translation({decl.name!r}, dialect={dialect!r}) in zqcompile/export/, or "
