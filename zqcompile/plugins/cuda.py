@@ -404,6 +404,6 @@ def register(path: Path) -> None:
                       f"rebuild it")
     _bind(lib)
     _lib, _path = lib, path
-    for decl in registry.declared():
+    for decl in registry.declared(namespace=None):
         if decl.cuda_kernel is not None:
             torch.library.register_kernel(decl.qualname, "cuda", decl.cuda_kernel)
