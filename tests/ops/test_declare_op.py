@@ -90,7 +90,7 @@ def test_declared_op_without_translation_is_named(new_ops, tmp_path):
 
     with pytest.raises(ExportError) as err:
         _export(Untranslated(), torch.randn(2, 3, 16), tmp_path / "m.onnx", "standard")
-    assert f"@onnx_translation('untranslated_op', dialect='standard')" in str(err.value)
+    assert "@onnx_translation('untranslated_op', dialect='standard')" in str(err.value)
     assert not list(tmp_path.iterdir())
 
 
