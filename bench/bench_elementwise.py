@@ -18,7 +18,7 @@ from bench_gemm import time_graph  # noqa: E402
 
 import zqcompile  # noqa: E402,F401
 from zqcompile import plugins  # noqa: E402
-from zqcompile.ops import library  # noqa: E402
+from zqcompile.ops import registry  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
         }
         for name, (call, op, nbytes) in cases.items():
             ours = time_graph(lambda i: call(getattr(torch.ops.zq, op)), 1)
-            ref = time_graph(lambda i: call(getattr(library, op)._init_fn), 1)
+            ref = time_graph(lambda i: call(registry.op(op).reference), 1)
             rows.append({"op": name, "m": m, "k": k, "ours_us": ours * 1e3, "ref_us": ref * 1e3,
                          "ours_gbs": nbytes / ours / 1e6, "speedup": ref / ours})
     props = torch.cuda.get_device_properties(0)

@@ -1,5 +1,5 @@
 """Graph dumps: after every pass, the graph as readable text and as a self-contained HTML page with an SVG
-picture (quantized ops, fused ops and FP GEMMs coloured differently, labelled with module FQNs), plus the
+picture (zq ops coloured by their declared category, FP GEMMs apart, labelled with module FQNs), plus the
 fusion table and the report. A dump writes a manifest (zqcompile-dump.json) listing its files and never
 touches anything else: the target must be new, empty, or an earlier dump (whose listed files it replaces;
 files the user added there are kept). Everything is written into a temporary folder first and moved into
@@ -18,13 +18,13 @@ from torch import fx
 
 from zqcompile.capture import fqn_of
 from zqcompile.files import TMP_PREFIX, OutputPathError
+from zqcompile.ops import registry
 
 MANIFEST = "zqcompile-dump.json"
 
-COLOURS = {"fused": "#7fd17f", "quant": "#8fb8ff", "fp_gemm": "#ffb36b", "qdq": "#ff8080", "other": "#e8e8e8"}
-_FUSED = {"norm_quant", "act_quant", "int8_gemm_dequant", "weight_only_gemm"}
-_QUANT = {"quantize_per_token", "quantize_per_tensor"}
-_QDQ = {"dequantize_per_token", "dequantize_weight"}
+# one colour per op category of zqcompile.ops.registry.CATEGORIES, plus FP GEMMs and everything else
+COLOURS = {"fused": "#7fd17f", "quant": "#8fb8ff", "attention": "#c9a7ff", "fp_gemm": "#ffb36b", "qdq": "#ff8080",
+           "other": "#e8e8e8"}
 _HIDDEN = {"getitem", "sym_size", "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"}
 
 
@@ -38,13 +38,12 @@ def _op_name(n: fx.Node) -> str:
 
 
 def category(n: fx.Node) -> str:
+    """A zq op's declared category (zqcompile/ops/library.py), "fp_gemm" for GEMMs the plan keeps in float,
+    else "other"."""
+    decl = registry.lookup(n.target) if n.op == "call_function" else None
+    if decl is not None:
+        return decl.category
     name = _op_name(n).split("::")[-1].split(".")[0]
-    if name in _FUSED:
-        return "fused"
-    if name in _QUANT:
-        return "quant"
-    if name in _QDQ:
-        return "qdq"
     if name in ("linear", "addmm", "mm", "matmul") and "zq_gemm" in n.meta:
         return "fp_gemm"
     return "other"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zqcompile  # noqa: F401  registers the zq ops
-from zqcompile.ops import library as lib
+from zqcompile.ops import registry
 from zqcompile.ops import quant_math as qm
 
 from . import require_cuda
@@ -23,7 +23,7 @@ FLOATS = [torch.float16, torch.bfloat16, torch.float32]
 
 
 def ref(name):
-    return getattr(lib, name)._init_fn
+    return registry.op(name).reference
 
 
 def poison():

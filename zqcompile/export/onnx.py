@@ -15,11 +15,11 @@ from typing import Any, Callable, Protocol, Sequence, Union
 
 import torch
 
-from zqcompile import ops  # noqa: F401 - the zq ops this module lowers
 from zqcompile.errors import ExportError  # noqa: F401 - raised here, defined there
+from zqcompile.ops import registry
 
 OPSET = 18  # torchlib's native opset: LayerNormalization (17), ReduceMax with axes as an input (18)
-DIALECTS = ("standard", "tensorrt")
+DIALECTS = registry.ONNX_DIALECTS
 _EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a file at 2 GiB; above this the weights go to <name>.data
 
 
@@ -58,13 +58,16 @@ def resolve_source(engine_or_gm: Union[Exportable, torch.nn.Module], example_inp
 
 # ---- translation tables ---------------------------------------------------------------------------------
 def translation_table(dialect: str) -> dict[Any, Callable]:
-    if dialect == "standard":
-        from zqcompile.export.onnx_ops import TRANSLATIONS
-        return dict(TRANSLATIONS)
+    """{zq op overload: onnxscript translator} for `dialect`, read from the op registry once the translator
+    modules have registered against it."""
+    if dialect not in DIALECTS:
+        raise ExportError(f"unknown ONNX dialect {dialect!r}; choose one of {DIALECTS}")
+    from zqcompile.export import onnx_ops  # noqa: F401 - registers the standard translations
     if dialect == "tensorrt":
-        from zqcompile.export.onnx_trt_ops import TRANSLATIONS
-        return dict(TRANSLATIONS)
-    raise ExportError(f"unknown ONNX dialect {dialect!r}; choose one of {DIALECTS}")
+        from zqcompile.export import onnx_trt_ops  # noqa: F401 - registers the plugin-node translations
+        from zqcompile.plugins import trt_spec
+        trt_spec.check_declarations()
+    return registry.translation_table(dialect)
 
 
 _BUILTIN_NAMESPACES = {"aten", "prims", "_operator", "builtins", "math", "higher_order"}
@@ -78,7 +81,7 @@ def module_fqn(node: torch.fx.Node) -> str:
     return path or "<top level>"
 
 
-def check_translatable(gm: torch.nn.Module, table: dict[Any, Callable]) -> None:
+def check_translatable(gm: torch.nn.Module, table: dict[Any, Callable], dialect: str = "standard") -> None:
     """Fail before the exporter does, naming the op and the module it came from."""
     graph = getattr(gm, "graph", None)
     if graph is None:
@@ -88,9 +91,19 @@ def check_translatable(gm: torch.nn.Module, table: dict[Any, Callable]) -> None:
             continue
         if node.target.namespace in _BUILTIN_NAMESPACES or node.target in table:
             continue
-        raise ExportError(f"no ONNX translation for op {node.target.name()} (node {node.name!r}) in module "
-                          f"{module_fqn(node)!r}. Register a translator in zqcompile/export/onnx_ops.py, or "
-                          f"keep that module out of quantization (override={{{module_fqn(node)!r}: 'fp16'}}).")
+        where = f"(node {node.name!r}) in module {module_fqn(node)!r}"
+        keep_out = f"keep that module out of quantization (override={{{module_fqn(node)!r}: 'fp16'}})"
+        decl = registry.lookup(node.target)
+        if decl is not None and not decl.exported:
+            raise ExportError(f"op {decl.qualname} {where} is runtime-only: the generation graphs' ops run on the "
+                              f"engine's runtime and have no ONNX lowering; export the engine (its forward graph)")
+        if decl is not None:
+            raise ExportError(f"no {dialect} ONNX translation for op {decl.qualname} {where}. Register one with "
+                              f"@onnx_translation({decl.name!r}, dialect={dialect!r}) in zqcompile/export/, or "
+                              f"{keep_out}.")
+        raise ExportError(f"no ONNX translation for op {node.target.name()} {where}. Declare it in "
+                          f"zqcompile/ops/library.py and register a translator with @onnx_translation, or "
+                          f"{keep_out}.")
 
 
 def dynamic_shapes_for(inputs: tuple, names: list[str]) -> tuple:
@@ -120,7 +133,7 @@ def _run_exporter(src: ExportSource, table: dict, dynamic: bool):
 def to_onnx_model(src: ExportSource, dialect: str, dynamic: bool = True):
     """Export to an in-memory onnx.ModelProto (not yet checked or written)."""
     table = translation_table(dialect)
-    check_translatable(src.gm, table)
+    check_translatable(src.gm, table, dialect)
     if dialect == "tensorrt":
         from zqcompile.plugins import trt_spec
         trt_spec.register_onnx_schemas()

@@ -1,5 +1,6 @@
-"""Standard-dialect ONNX translations of the zq ops: a table `zq op -> onnxscript translator` that the
-torch.onnx exporter (dynamo=True) calls through `custom_translation_table`.
+"""Standard-dialect ONNX translations of the zq ops, each registered against its op declaration with
+`@onnx_translation(name, dialect="standard")`; the exporter (zqcompile/export/onnx.py) builds torch.onnx's
+`custom_translation_table` from the registry. Ops declared tensorrt="standard" use these inside TensorRT too.
 
 Each translator restates one op of zqcompile/ops/quant_math.py with standard ONNX ops (opset 18) that ONNX
 Runtime's CPU provider runs. The constants (EPS, QMAX) are imported from quant_math, never re-typed.
@@ -23,6 +24,7 @@ import onnx_ir as ir
 from onnxscript import opset18 as op
 
 from zqcompile.ops import quant_math as qm
+from zqcompile.ops.registry import onnx_translation
 
 FLOAT, DOUBLE, UINT8, INT8, INT32, INT64 = 1, 11, 2, 3, 6, 7
 
@@ -63,10 +65,12 @@ def token_quant(x):
     return _quantize_rows(xf, inv), op.Div(amax, _f(127.0))
 
 
+@onnx_translation("quantize_per_token", dialect="standard")
 def quantize_per_token(x):
     return token_quant(x)
 
 
+@onnx_translation("quantize_per_tensor", dialect="standard")
 def quantize_per_tensor(x, scale):
     s = op.Reshape(op.Cast(scale, to=FLOAT), _ints())  # 0-d
     q = _quantize_rows(op.Cast(x, to=FLOAT), op.Div(_f(1.0), s))
@@ -74,6 +78,7 @@ def quantize_per_tensor(x, scale):
     return q, op.Expand(s, rows)
 
 
+@onnx_translation("dequantize_per_token", dialect="standard")
 def dequantize_per_token(q, scale, dtype: int):
     return op.Cast(op.Mul(op.Cast(q, to=FLOAT), op.Cast(scale, to=FLOAT)), to=dtype)
 
@@ -117,6 +122,7 @@ def dequantize_weight_float(wq, w_scale, w_bits: int):
     return op.Reshape(op.Mul(wg, op.Unsqueeze(s, _ints(-1))), _ints(0, -1))
 
 
+@onnx_translation("dequantize_weight", dialect="standard")
 def dequantize_weight(wq, w_scale, w_bits: int, dtype: int):
     return op.Cast(dequantize_weight_float(wq, w_scale, w_bits), to=dtype)
 
@@ -171,6 +177,7 @@ def int_gemm_k_groups(xq, wq, w_scale, w_bits: int):
     return op.Cast(op.Reshape(acc, out_shape), to=FLOAT)
 
 
+@onnx_translation("int8_gemm_dequant", dialect="standard")
 def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out_dtype: int):
     if _num_groups(w_scale) == 1:
         acc = op.Cast(matmul_integer(xq, op.Transpose(weight_int8(wq, w_bits), perm=[1, 0])), to=FLOAT)
@@ -180,6 +187,7 @@ def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits
     return epilogue(y, bias, act, residual, out_dtype)
 
 
+@onnx_translation("weight_only_gemm", dialect="standard")
 def weight_only_gemm(x, wq, w_scale, bias, residual, act: str, w_bits: int):
     w = dequantize_weight_float(wq, w_scale, w_bits)
     y = op.MatMul(op.Cast(x, to=FLOAT), op.Transpose(w, perm=[1, 0]))
@@ -200,6 +208,7 @@ def norm(h, weight, bias, eps: float, kind: str, dtype: int):
     raise ValueError(f"no ONNX translation for norm kind {kind!r}")
 
 
+@onnx_translation("norm_quant", dialect="standard")
 def norm_quant(x, residual, weight, bias, eps: float, kind: str, emit_out: bool, emit_sum: bool):
     h = x if residual is None else op.Add(x, residual)
     y = norm(h, weight, bias, eps, kind, dtype_of(x))
@@ -217,25 +226,8 @@ def act_producer(x, bias, gate, act: str):
     return apply_act(x, act)
 
 
+@onnx_translation("act_quant", dialect="standard")
 def act_quant(x, bias, gate, act: str, emit_out: bool):
     y = act_producer(x, bias, gate, act)
     q, s = token_quant(y)
     return q, s, (y if emit_out else empty_like(x))
-
-
-def _table():
-    from zqcompile.ops import OPS
-    return {
-        OPS["quantize_per_token"]: quantize_per_token,
-        OPS["quantize_per_tensor"]: quantize_per_tensor,
-        OPS["dequantize_per_token"]: dequantize_per_token,
-        OPS["dequantize_weight"]: dequantize_weight,
-        OPS["norm_quant"]: norm_quant,
-        OPS["act_quant"]: act_quant,
-        OPS["int8_gemm_dequant"]: int8_gemm_dequant,
-        OPS["weight_only_gemm"]: weight_only_gemm,
-    }
-
-
-TRANSLATIONS = _table()
-"""zq op -> standard-ONNX translator; every op in zqcompile.ops.OPS has one (a test checks)."""

@@ -1,17 +1,17 @@
-"""TensorRT-dialect ONNX translations: each fused zq op becomes ONE node in the `zq.trt` domain whose op type
-and attributes are exactly its plugin's name and fields (zqcompile/plugins/trt_spec.py). Absent optional
-inputs are left out and flagged by `has_*` fields; outputs not emitted are not produced by the plugin and
-are replaced by empty constants. Ops without a plugin (quantize_per_tensor, the unfused QDQ forms) keep
-their standard translation: TensorRT builds those elementwise ops natively.
+"""TensorRT-dialect ONNX translations: each op declared tensorrt="plugin" becomes ONE node in the `zq.trt` domain
+whose op type and attributes are exactly its plugin's name and fields (zqcompile/plugins/trt_spec.py),
+registered with `@onnx_translation(name, dialect="tensorrt")`. Absent optional inputs are left out and flagged by
+`has_*` fields; outputs not emitted are not produced by the plugin and are replaced by empty constants. Ops
+declared tensorrt="standard" (static quantization, the unfused QDQ forms) keep their standard translation:
+TensorRT builds those elementwise ops natively.
 """
 from __future__ import annotations
 
 import onnxscript
 
-from zqcompile.ops import OPS
-from zqcompile.plugins import trt_spec
-from zqcompile.export import onnx_ops
 from zqcompile.export.onnx_ops import empty_like
+from zqcompile.ops.registry import onnx_translation
+from zqcompile.plugins import trt_spec
 
 trt_spec.register_onnx_schemas()
 _trt = onnxscript.values.Opset(trt_spec.DOMAIN, trt_spec.DOMAIN_VERSION)
@@ -29,10 +29,12 @@ def _flag(v) -> int:
     return int(v is not None)
 
 
+@onnx_translation("quantize_per_token", dialect="tensorrt")
 def quantize_per_token(x):
     return plugin_node("quantize_per_token", [x], {}, 2)
 
 
+@onnx_translation("norm_quant", dialect="tensorrt")
 def norm_quant(x, residual, weight, bias, eps: float, kind: str, emit_out: bool, emit_sum: bool):
     emit_sum = bool(emit_sum and residual is not None)
     attrs = dict(eps=float(eps), kind=kind, emit_out=int(emit_out), emit_sum=int(emit_sum),
@@ -45,34 +47,24 @@ def norm_quant(x, residual, weight, bias, eps: float, kind: str, emit_out: bool,
     return q, s, out, hsum
 
 
+@onnx_translation("act_quant", dialect="tensorrt")
 def act_quant(x, bias, gate, act: str, emit_out: bool):
     attrs = dict(act=act, emit_out=int(emit_out), has_bias=_flag(bias), has_gate=_flag(gate))
     outs = plugin_node("act_quant", [x, bias, gate], attrs, 2 + int(emit_out))
     return outs[0], outs[1], (outs[2] if emit_out else empty_like(x))
 
 
+@onnx_translation("int8_gemm_dequant", dialect="tensorrt")
 def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out_dtype: int):
     attrs = dict(act=act, w_bits=int(w_bits), out_dtype=int(out_dtype), has_bias=_flag(bias),
                  has_residual=_flag(residual))
     return plugin_node("int8_gemm_dequant", [xq, x_scale, wq, w_scale, bias, residual], attrs, 1)[0]
 
 
+@onnx_translation("weight_only_gemm", dialect="tensorrt")
 def weight_only_gemm(x, wq, w_scale, bias, residual, act: str, w_bits: int):
     attrs = dict(act=act, w_bits=int(w_bits), has_bias=_flag(bias), has_residual=_flag(residual))
     return plugin_node("weight_only_gemm", [x, wq, w_scale, bias, residual], attrs, 1)[0]
-
-
-TRANSLATIONS = {
-    **onnx_ops.TRANSLATIONS,
-    OPS["quantize_per_token"]: quantize_per_token,
-    OPS["norm_quant"]: norm_quant,
-    OPS["act_quant"]: act_quant,
-    OPS["int8_gemm_dequant"]: int8_gemm_dequant,
-    OPS["weight_only_gemm"]: weight_only_gemm,
-}
-
-
-_PACKED_WEIGHT_INPUT = {trt_spec.PLUGINS["int8_gemm_dequant"].name: 2, trt_spec.PLUGINS["weight_only_gemm"].name: 1}
 
 
 def present_outputs(spec: trt_spec.PluginSpec, attrs: dict) -> int:
@@ -98,14 +90,17 @@ def _trim_outputs(model) -> None:
 
 
 def finalize_trt_model(model) -> None:
-    """Trim plugin outputs to the flagged ones; relabel INT4 weights. INT4 weights are packed uint8 in the graph; TensorRT plugins take the bytes as an int8 tensor
-    (TensorRT has no uint8 constants), so the initializer is relabelled int8 with its bytes unchanged."""
+    """Trim plugin outputs to the flagged ones; relabel INT4 weights. INT4 weights are packed uint8 in the graph;
+    TensorRT plugins take the bytes as an int8 tensor (TensorRT has no uint8 constants), so the initializer is
+    relabelled int8 with its bytes unchanged."""
     import onnx
     from onnx import numpy_helper
     _trim_outputs(model)
     inits = {t.name: t for t in model.graph.initializer}
+    by_name = {s.name: s for s in trt_spec.PLUGINS.values()}
     for node in model.graph.node:
-        idx = _PACKED_WEIGHT_INPUT.get(node.op_type) if node.domain == trt_spec.DOMAIN else None
+        spec = by_name.get(node.op_type) if node.domain == trt_spec.DOMAIN else None
+        idx = spec.weight_input if spec is not None else None
         if idx is None or idx >= len(node.input) or node.input[idx] not in inits:
             continue
         t = inits[node.input[idx]]

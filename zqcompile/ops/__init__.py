@@ -1,8 +1,15 @@
-"""Op schemas and reference implementations of zqcompile's quantized ops (namespace `zq`).
+"""Op declarations and reference implementations of zqcompile's quantized ops (namespace `zq`).
 
-Importing this package registers the ops with torch.library. `quant_math` holds the formulas.
+Importing this package declares the ops (zqcompile/ops/library.py) in the registry (zqcompile/ops/registry.py)
+and with torch.library. `quant_math` holds the formulas. OPS (exported ops) and GENERATION_OPS (runtime-only
+ops of the generation graphs) map names to overloads; both are read from the registry.
 """
-from zqcompile.ops import quant_math
-from zqcompile.ops.library import GENERATION_OPS, NAMESPACE, OPS
+from zqcompile.ops import library, quant_math, registry
+from zqcompile.ops.registry import NAMESPACE
 
-__all__ = ["GENERATION_OPS", "NAMESPACE", "OPS", "quant_math"]
+OPS = {d.name: d.overload for d in registry.declared() if d.exported}
+# Ops only the generation graphs (prefill / decode around the KV cache) use; those graphs run on the engine's
+# runtime only (no ONNX / TensorRT lowering).
+GENERATION_OPS = {d.name: d.overload for d in registry.declared() if not d.exported}
+
+__all__ = ["GENERATION_OPS", "NAMESPACE", "OPS", "library", "quant_math", "registry"]

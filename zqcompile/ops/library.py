@@ -1,10 +1,12 @@
-"""The zq op schemas: one torch.library custom op per quantized operation, with its reference
-implementation (plain torch, runs on any device; the spec every backend is tested against) and its fake
-implementation (shapes and dtypes only, for torch.export and fake-tensor checks).
+"""The zq op declarations: one `@declare` per quantized operation (zqcompile/ops/registry.py), whose function is
+the reference implementation (plain torch, runs on any device; the spec every backend is tested against),
+followed by its fake implementation (shapes and dtypes only, for torch.export and fake-tensor checks).
 
-Faster backends register kernels for these same ops (zqcompile/plugins for CUDA) and translations
-(zqcompile/export for ONNX / TensorRT). Outputs a node does not need are returned as 0-element tensors
-(flags `emit_out`, `emit_sum`) so one schema serves every variant of a fused op.
+The declaration also gives the op's dump category, whether ONNX / TensorRT export it (and whether TensorRT runs
+it as a plugin or as standard ONNX ops) or only the engine's runtime runs it, and whether a CUDA kernel is
+expected. Backends register against these declarations (zqcompile/plugins/cuda.py, zqcompile/export/).
+Outputs a node does not need are returned as 0-element tensors (flags `emit_out`, `emit_sum`) so one schema
+serves every variant of a fused op.
 """
 from __future__ import annotations
 
@@ -14,8 +16,7 @@ import torch
 from torch import Tensor
 
 from zqcompile.ops import quant_math as qm
-
-NAMESPACE = "zq"
+from zqcompile.ops.registry import declare
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -23,7 +24,7 @@ def _empty(like: Tensor) -> Tensor:
 
 
 # ---- activation quantization ---------------------------------------------------------------------------
-@torch.library.custom_op("zq::quantize_per_token", mutates_args=())
+@declare("quant", cuda="kernel", tensorrt="plugin")
 def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     """x [..., K] float -> (int8 [..., K], fp32 scale [..., 1]); dynamic, one scale per token."""
     return qm.quantize_per_token(x)
@@ -34,7 +35,7 @@ def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
-@torch.library.custom_op("zq::quantize_per_tensor", mutates_args=())
+@declare("quant", cuda="kernel", tensorrt="standard")
 def quantize_per_tensor(x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """Static INT8 with a calibrated 0-d scale; the per-row scale output keeps the GEMM op uniform."""
     return qm.quantize_per_tensor(x, scale)
@@ -45,7 +46,7 @@ def _(x, scale):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
-@torch.library.custom_op("zq::dequantize_per_token", mutates_args=())
+@declare("qdq", cuda="reference", tensorrt="standard")
 def dequantize_per_token(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     """Unfused QDQ form (between the insert and fuse passes): int8 rows * scale -> float."""
     return qm.dequantize_rows(q, scale, dtype)
@@ -56,7 +57,7 @@ def _(q, scale, dtype):
     return q.new_empty(q.shape, dtype=dtype)
 
 
-@torch.library.custom_op("zq::dequantize_weight", mutates_args=())
+@declare("qdq", cuda="reference", tensorrt="standard")
 def dequantize_weight(wq: Tensor, w_scale: Tensor, w_bits: int, dtype: torch.dtype) -> Tensor:
     """Unfused QDQ form of a quantized weight: [N, K] (or packed [N, K/2]) -> float [N, K]."""
     return qm.dequantize_weight(wq, w_scale, w_bits, dtype)
@@ -69,7 +70,7 @@ def _(wq, w_scale, w_bits, dtype):
 
 
 # ---- producers fused with quantization -----------------------------------------------------------------
-@torch.library.custom_op("zq::norm_quant", mutates_args=())
+@declare("fused", cuda="kernel", tensorrt="plugin")
 def norm_quant(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
                kind: str, emit_out: bool, emit_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """h = x (+ residual); y = LayerNorm/RMSNorm(h) -> (int8 y, per-token scales, y if emit_out,
@@ -88,12 +89,14 @@ def _(x, residual, weight, bias, eps, kind, emit_out, emit_sum):
             out, hsum)
 
 
-@torch.library.custom_op("zq::act_quant", mutates_args=())
+@declare("fused", cuda="kernel", tensorrt="plugin")
 def act_quant(x: Tensor, bias: Optional[Tensor], gate: Optional[Tensor], act: str,
               emit_out: bool) -> tuple[Tensor, Tensor, Tensor]:
     """y = act(x + bias), or act(gate) * x -> (int8 y, per-token scales, y if emit_out)."""
     y = qm.act_producer(x, bias, gate, act)
     q, s = qm.quantize_per_token(y)
+    if y is x:  # act "none" without bias or gate: an op's output must not be its input (torch.library's contract)
+        y = x.clone()
     return q, s, (y if emit_out else _empty(x))
 
 
@@ -104,7 +107,7 @@ def _(x, bias, gate, act, emit_out):
 
 
 # ---- GEMMs with the dequantization fused ---------------------------------------------------------------
-@torch.library.custom_op("zq::int8_gemm_dequant", mutates_args=())
+@declare("fused", cuda="kernel", tensorrt="plugin")
 def int8_gemm_dequant(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor],
                       residual: Optional[Tensor], act: str, w_bits: int, out_dtype: torch.dtype) -> Tensor:
     """int8 x [..., K] (per-token scales [..., 1]) times INT8/INT4 W [N, K] (scales [N, K/group_k]) ->
@@ -117,7 +120,7 @@ def _(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype):
     return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("zq::weight_only_gemm", mutates_args=())
+@declare("fused", cuda="kernel", tensorrt="plugin")
 def weight_only_gemm(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                      act: str, w_bits: int) -> Tensor:
     """Float x times INT8/INT4 W (A16: weights dequantized in the mainloop) -> epilogue as above."""
@@ -130,7 +133,7 @@ def _(x, wq, w_scale, bias, residual, act, w_bits):
 
 
 # ---- attention around a KV cache (generation graphs) ----------------------------------------------------
-@torch.library.custom_op("zq::rope", mutates_args=())
+@declare("attention", cuda="kernel", runtime_only=True)
 def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """Rotary embedding of the query and key heads in one op: q [B, Hq, S, D], k [B, Hkv, S, D] (any strides),
     cos / sin [B, 1, S, D] in their dtype -> contiguous (q', k')."""
@@ -142,7 +145,7 @@ def _(q, k, cos, sin):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
-@torch.library.custom_op("zq::gqa_attention", mutates_args=())
+@declare("attention", cuda="kernel", runtime_only=True)
 def gqa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
     """Attention of q [B, Hq, S, D] over the KV cache k / v [B, Hkv, L, D] with boolean mask [B, 1, S, L],
     the KV heads shared by Hq / Hkv query heads without materialising the repeat -> [B, Hq, S, D]."""
@@ -152,21 +155,3 @@ def gqa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -
 @gqa_attention.register_fake
 def _(q, k, v, mask, scale):
     return q.new_empty(q.shape)
-
-
-OPS = {
-    "quantize_per_token": torch.ops.zq.quantize_per_token.default,
-    "quantize_per_tensor": torch.ops.zq.quantize_per_tensor.default,
-    "dequantize_per_token": torch.ops.zq.dequantize_per_token.default,
-    "dequantize_weight": torch.ops.zq.dequantize_weight.default,
-    "norm_quant": torch.ops.zq.norm_quant.default,
-    "act_quant": torch.ops.zq.act_quant.default,
-    "int8_gemm_dequant": torch.ops.zq.int8_gemm_dequant.default,
-    "weight_only_gemm": torch.ops.zq.weight_only_gemm.default,
-}
-# Ops only the generation graphs (prefill / decode around the KV cache) use; those graphs run on the engine's
-# runtime only (no ONNX / TensorRT lowering).
-GENERATION_OPS = {
-    "rope": torch.ops.zq.rope.default,
-    "gqa_attention": torch.ops.zq.gqa_attention.default,
-}

@@ -1,5 +1,6 @@
 """The CUDA implementations of the zq ops: thin ctypes wrappers over libzq_kernels.so's C launch API
-(plugins_cuda/include/zq/*.h), registered with torch.library for the "cuda" dispatch key.
+(plugins_cuda/include/zq/*.h). Each is recorded against its op declaration with `@cuda_kernel(name)` at import;
+`register()` binds the recorded kernels to the "cuda" dispatch key once the library loads.
 
 Each wrapper allocates the outputs, launches on the current stream and checks the returned CUDA error. Inputs
 the kernels do not cover (unusual dtypes, mixed dtypes) go to the reference implementation, so every call is
@@ -17,6 +18,8 @@ import torch
 from torch import Tensor
 
 from zqcompile.ops import quant_math as qm
+from zqcompile.ops import registry
+from zqcompile.ops.registry import cuda_kernel
 
 ABI_VERSION = 2
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -114,6 +117,7 @@ def describe() -> str:
 
 
 # ---- activation quantization -------------------------------------------------------------------------
+@cuda_kernel("quantize_per_token")
 def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     if x.dtype not in DTYPES or x.numel() == 0:
         return qm.quantize_per_token(x)
@@ -127,6 +131,7 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     return q, s
 
 
+@cuda_kernel("quantize_per_tensor")
 def quantize_per_tensor(x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     if x.dtype not in DTYPES or x.numel() == 0:
         return qm.quantize_per_tensor(x, scale)
@@ -146,6 +151,7 @@ def _same_dtype(x: Tensor, *others: Optional[Tensor]) -> bool:
     return x.dtype in DTYPES and all(o is None or (o.dtype == x.dtype and o.device == x.device) for o in others)
 
 
+@cuda_kernel("norm_quant")
 def norm_quant(x, residual, weight, bias, eps, kind, emit_out, emit_sum):
     k = x.shape[-1]
     if x.numel() == 0:
@@ -167,6 +173,7 @@ def norm_quant(x, residual, weight, bias, eps, kind, emit_out, emit_sum):
     return q, s, out, hsum
 
 
+@cuda_kernel("act_quant")
 def act_quant(x, bias, gate, act, emit_out):
     k = x.shape[-1]
     if x.numel() == 0:
@@ -245,6 +252,7 @@ def _epilogue_dtypes_ok(out_dtype, *ts) -> bool:
     return out_dtype in DTYPES and all(t is None or t.dtype == out_dtype for t in ts)
 
 
+@cuda_kernel("int8_gemm_dequant")
 def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype):
     k, n = xq.shape[-1], wq.shape[0]
     m = xq.numel() // k if k else 0
@@ -293,6 +301,7 @@ def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out
     return out.reshape(*lead, n)
 
 
+@cuda_kernel("weight_only_gemm")
 def weight_only_gemm(x, wq, w_scale, bias, residual, act, w_bits):
     k, n = x.shape[-1], wq.shape[0]
     m = x.numel() // k if k else 0
@@ -320,6 +329,7 @@ def _int64s(values) -> ctypes.Array:
     return (ctypes.c_int64 * len(values))(*values)
 
 
+@cuda_kernel("rope")
 def rope(q, k, cos, sin):
     b, hq, s, d = q.shape
     hkv = k.shape[1]
@@ -343,6 +353,7 @@ def rope(q, k, cos, sin):
     return q_out, k_out
 
 
+@cuda_kernel("gqa_attention")
 def gqa_attention(q, k, v, mask, scale):
     b, hq, s, d = q.shape
     hkv, l = k.shape[1], k.shape[2]
@@ -376,11 +387,9 @@ def gqa_attention(q, k, v, mask, scale):
 
 # ---- registration --------------------------------------------------------------------------------------
 def _ref(name: str):
-    """The reference implementation of op `name` (the Python function the op was defined with), called
-    directly so a fallback never dispatches back here."""
-    from zqcompile.ops import library  # noqa: F401 - the zq ops must exist before kernels register for them
-
-    return getattr(library, name)._init_fn
+    """The reference implementation of op `name` (the function it was declared with), called directly so a
+    fallback never dispatches back here."""
+    return registry.op(name).reference
 
 
 def register(path: Path) -> None:
@@ -395,10 +404,6 @@ def register(path: Path) -> None:
                       f"rebuild it")
     _bind(lib)
     _lib, _path = lib, path
-    from zqcompile.ops import library  # noqa: F401 - the zq ops must exist before kernels register for them
-
-    for name, fn in [("quantize_per_token", quantize_per_token), ("quantize_per_tensor", quantize_per_tensor),
-                     ("norm_quant", norm_quant), ("act_quant", act_quant),
-                     ("int8_gemm_dequant", int8_gemm_dequant), ("weight_only_gemm", weight_only_gemm),
-                     ("rope", rope), ("gqa_attention", gqa_attention)]:
-        torch.library.register_kernel(f"zq::{name}", "cuda", fn)
+    for decl in registry.declared(namespace=None):
+        if decl.cuda_kernel is not None:
+            torch.library.register_kernel(decl.qualname, "cuda", decl.cuda_kernel)

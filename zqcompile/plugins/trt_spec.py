@@ -1,5 +1,6 @@
-"""The one spec of zqcompile's TensorRT plugins: for each fused zq op, the plugin's name, version, inputs,
-outputs and fields (name + type). Three things are generated from it and must agree:
+"""The one spec of zqcompile's TensorRT plugins: for each zq op declared tensorrt="plugin" (zqcompile/ops/library.py;
+`check_declarations` holds the two together), the plugin's name, version, inputs, outputs and fields (name +
+type). Three things are generated from it and must agree:
 - the ONNX `zq.trt` domain schemas (so `onnx.checker` validates every plugin node's attributes),
 - the attributes the TensorRT-dialect exporter writes on each node (zqcompile/export/onnx_trt_ops.py),
 - the C++ header `plugins_cuda/tensorrt/zq_trt_fields.h` with the field names/types the IPluginV3 creators
@@ -48,6 +49,18 @@ class PluginSpec:
     def field_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields)
 
+    @property
+    def weight_input(self) -> int | None:
+        """Position on the node of the quantized-weight input `wq` (packed INT4 is relabelled int8 there), None
+        when the plugin takes no weight. Ports before it are never optional, so the position is fixed."""
+        names = [p.name for p in self.inputs]
+        if "wq" not in names:
+            return None
+        i = names.index("wq")
+        if any(p.optional_flag for p in self.inputs[:i]):
+            raise ValueError(f"{self.name}: an optional input before wq would move it")
+        return i
+
 
 FLOATS = ("tensor(float)", "tensor(float16)")
 F32, I8 = ("tensor(float)",), ("tensor(int8)",)
@@ -92,7 +105,24 @@ PLUGINS: dict[str, PluginSpec] = {s.zq_op: s for s in (
 
 
 def plugin_for(zq_op: str) -> PluginSpec:
-    return PLUGINS[zq_op]
+    try:
+        return PLUGINS[zq_op]
+    except KeyError:
+        raise KeyError(f"zq op {zq_op!r} has no TensorRT plugin spec in zqcompile/plugins/trt_spec.py") from None
+
+
+def check_declarations() -> None:
+    """The link to the op declarations (zqcompile/ops/library.py): the ops declared tensorrt="plugin" are exactly
+    the ops with a spec here, and each has its TensorRT-dialect translation registered."""
+    from zqcompile.ops import registry
+    declared = {d.name for d in registry.declared() if d.tensorrt == "plugin"}
+    if declared != set(PLUGINS):
+        raise ValueError(f"TensorRT plugins out of sync with the op declarations: declared tensorrt='plugin' "
+                         f"without a spec: {sorted(declared - set(PLUGINS))}; a spec for an op not declared "
+                         f"tensorrt='plugin': {sorted(set(PLUGINS) - declared)}")
+    missing = sorted(n for n in declared if "tensorrt" not in registry.op(n).translations)
+    if missing:
+        raise ValueError(f"ops with a TensorRT plugin but no @onnx_translation(..., dialect='tensorrt'): {missing}")
 
 
 def check_attributes(spec: PluginSpec, attrs: dict) -> None:
