@@ -162,7 +162,11 @@ def test_fuse_producer_quant_layernorm_residual_and_gelu():
     kinds = sorted(f.kind for f in ctx.fusions)
     assert kinds == ["add+layernorm+quant", "gelu+quant"]
     assert torch.equal(a, b)  # fusion changes no number
-    assert any("reshape" not in nf.candidate for nf in ctx.not_fused) or not ctx.not_fused
+    # fc1's input, q*k + v, has no fused producer kernel: its quantization stays a kernel of its own, reported
+    assert (res.matched, res.rewritten) == (3, 2)
+    assert [(nf.candidate, nf.fqn, nf.reason) for nf in ctx.not_fused] == [
+        ("quantize_per_token of call_function add.Tensor", "fc1",
+         "no fused kernel for this producer: quantization runs as its own kernel")]
 
 
 def test_fuse_gemm_dequant_and_epilogue():
@@ -211,3 +215,24 @@ def test_simplify_attention_masks_shape_only_masks_only():
     sdpa = [n for n in e.gm.graph.nodes if n.target == aten.scaled_dot_product_attention.default]
     assert all(len(n.args) == 4 for n in sdpa)
     assert torch.allclose(e(ids, mask).last_hidden_state, m(ids, mask).last_hidden_state, atol=1e-5)
+
+
+def test_fuse_gemm_epilogue_reports_residuals_it_cannot_take():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b, self.c = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+            self.row = nn.Parameter(torch.randn(32))
+
+        def forward(self, x, r):
+            h = self.c(x)
+            return (self.a(x) + self.row) + (self.b(x) + r * 3) + (h + h)
+
+    b, a, res, gm, ctx = before_and_after(M(), inputs(), "w8a16", "fuse_gemm_epilogue")
+    assert (res.matched, res.rewritten) == (3, 0) and count(gm, zq.weight_only_gemm.default) == 3
+    assert [(nf.candidate, nf.fqn, nf.reason) for nf in ctx.not_fused] == [
+        ("residual add", "c", "residual is computed after the GEMM"),  # h + h: the GEMM itself
+        ("residual add", "a", "the other operand is not a same-shape tensor"),  # a broadcast row
+        ("residual add", "b", "residual is computed after the GEMM")]  # r * 3 comes after the GEMM
+    assert torch.allclose(a, b, atol=1e-5)

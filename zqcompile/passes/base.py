@@ -1,12 +1,14 @@
 """Pass infrastructure shared by every pass: the result type, the compile context (config, per-GEMM plan,
-fusion records) and small graph helpers (the one matcher every fusion uses).
+fusion records) and small graph helpers (arguments read by schema name, graph order); the pattern matcher
+every fusion uses is in passes/match.py.
 
 A pass is `fn(gm, ctx) -> PassResult`; it mutates `gm` in place and says what it matched and rewrote.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from functools import lru_cache
+from typing import Any, Iterable
 
 import torch
 from torch import fx
@@ -81,18 +83,46 @@ def calls(gm: fx.GraphModule, *targets) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if is_call(n, *targets)]
 
 
-def match_chain(node: fx.Node, producers: Iterable) -> list[fx.Node] | None:
-    """Walk first-argument producers: match_chain(q, [gelu]) -> [gelu_node] when q's input is a gelu call.
-    Returns the matched producer nodes (nearest first) or None. The one matcher every fusion pass uses."""
-    out, cur = [], node
-    for target in producers:
-        prev = cur.args[0] if cur.args else None
-        targets = target if isinstance(target, tuple) else (target,)
-        if not is_call(prev, *targets):
-            return None
-        out.append(prev)
-        cur = prev
-    return out
+@lru_cache(maxsize=None)
+def _params(op) -> dict[str, tuple[int, Any]]:
+    return {a.name: (i, a) for i, a in enumerate(op._schema.arguments)}
+
+
+def arg(node: fx.Node, name: str):
+    """The argument `name` of an op call, by the op's schema (aten and zq ops alike): given positionally, by
+    keyword, or the schema's default. arg(ln, "eps"), arg(gemm, "residual")."""
+    params = _params(node.target)
+    if name not in params:
+        raise KeyError(f"{node.target} has no argument {name!r}: {node.target._schema}")
+    i, a = params[name]
+    if i < len(node.args) and not a.kwarg_only:
+        return node.args[i]
+    if name in node.kwargs:
+        return node.kwargs[name]
+    if a.has_default_value():
+        return a.default_value
+    raise KeyError(f"{node.format_node()} lacks its required argument {name!r}")
+
+
+def set_arg(node: fx.Node, name: str, value) -> None:
+    """Set an op call's argument `name` (by schema), where the call gives it, else as a keyword."""
+    i, a = _params(node.target)[name]
+    if i < len(node.args) and not a.kwarg_only:
+        node.update_arg(i, value)
+    else:
+        node.update_kwarg(name, value)
+
+
+def last_of(nodes: Iterable) -> fx.Node:
+    """The latest of `nodes` (non-nodes ignored) in graph order. fx keeps nodes ordered as it inserts them
+    (`a < b`: a comes first), as torch's own pattern matcher relies on: no per-match order dict."""
+    return max(n for n in nodes if isinstance(n, fx.Node))
+
+
+def gemm_fqn(node: fx.Node) -> str:
+    """A GEMM's name in the plan ('q_proj+k_proj+v_proj' once merged), else its module FQN."""
+    info = node.meta.get("zq_gemm")
+    return info.fqn if info is not None else fqn_of(node)
 
 
 ACTIVATION_OPS = {aten.gelu.default: "gelu", aten.relu.default: "relu", aten.silu.default: "silu"}
@@ -101,8 +131,7 @@ ACTIVATION_OPS = {aten.gelu.default: "gelu", aten.relu.default: "relu", aten.sil
 def act_of(node: fx.Node) -> str:
     """The quant_math activation name of an ACTIVATION_OPS call ("gelu_tanh" for gelu(approximate="tanh"))."""
     act = ACTIVATION_OPS[node.target]
-    approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-    return "gelu_tanh" if act == "gelu" and approximate == "tanh" else act
+    return "gelu_tanh" if act == "gelu" and arg(node, "approximate") == "tanh" else act
 
 
 def val(node: fx.Node):
@@ -157,6 +186,6 @@ def copy_meta(dst: fx.Node, src: fx.Node) -> None:
             dst.meta[key] = src.meta[key]
 
 
-__all__ = ["ACTIVATION_OPS", "act_of", "GemmInfo", "FusionRecord", "NotFused", "PassResult", "PassContext", "aten", "zq", "is_call",
-           "calls", "match_chain", "val", "dtype_of", "shape_of", "get_tensor", "param_name", "add_constant", "getitems",
-           "copy_meta", "fqn_of", "module_stack"]
+__all__ = ["ACTIVATION_OPS", "act_of", "GemmInfo", "FusionRecord", "NotFused", "PassResult", "PassContext", "aten",
+           "zq", "is_call", "calls", "arg", "set_arg", "last_of", "gemm_fqn", "val", "dtype_of", "shape_of",
+           "get_tensor", "param_name", "add_constant", "getitems", "copy_meta", "fqn_of", "module_stack"]

@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from zqcompile.ops import quant_math as qm
-from zqcompile.passes.base import PassContext, PassResult, calls, zq
+from zqcompile.passes.base import PassContext, PassResult, arg, calls, zq
 
 
 class _AmaxRecorder(fx.Interpreter):
@@ -20,9 +20,9 @@ class _AmaxRecorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node):
         if n in self.watch:
-            x = self.env[n.args[0]]
+            x = self.env[arg(n, "x")]
             a = float(x.detach().abs().max()) if x.numel() else 0.0
-            key = n.args[1].target
+            key = arg(n, "scale").target
             self.amax[key] = max(self.amax.get(key, 0.0), a)
         return super().run_node(n)
 

@@ -9,111 +9,80 @@ import math
 
 from torch import fx
 
-from zqcompile.passes.base import PassContext, PassResult, aten, copy_meta, dtype_of, get_tensor, is_call
+from zqcompile.passes.base import PassContext, PassResult, arg, aten, copy_meta, dtype_of, get_tensor, is_call
+from zqcompile.passes.match import Match, P, Rule, rewrite, substitute
 
 _TO = (aten.to.dtype, aten._to_copy.default)
 
 
-def _drop_asserts_and_noop_casts(gm: fx.GraphModule) -> int:
-    n = 0
-    for node in list(gm.graph.nodes):
-        if is_call(node, aten._assert_tensor_metadata.default):
-            gm.graph.erase_node(node)
-            n += 1
-        elif (is_call(node, aten.to.dtype) and len(node.args) >= 2 and isinstance(node.args[0], fx.Node)
-              and dtype_of(node.args[0], None) == node.args[1]) and not node.kwargs:
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-            n += 1
-    return n
+def _cast(p: P) -> P:
+    return P(_TO, p) | p  # p, or p cast to another dtype
 
 
-def _num(x, value: float, tol: float = 1e-6) -> bool:
-    return isinstance(x, (int, float)) and abs(x - value) <= tol * max(1.0, abs(value))
+def _vector_constant(weight) -> bool:
+    t = get_tensor(weight.graph.owning_module, weight) if isinstance(weight, fx.Node) else None
+    return t is not None and t.dim() == 1
 
 
-def _split(node: fx.Node, pred):
-    """For a binary call, return (arg matching pred, the other) or None."""
-    a, b = node.args[:2]
-    if pred(a):
-        return a, b
-    if pred(b):
-        return b, a
-    return None
+def _is_number(eps) -> bool:
+    return isinstance(eps, (int, float))
 
 
-def _strip_cast(n):
-    return n.args[0] if is_call(n, *_TO) else n
+X = P.any("x")
+# weight * cast(rsqrt(mean(x ** 2, -1, keepdim=True) + eps) * x)
+INV_RMS = P(aten.rsqrt.default, P(aten.add.Tensor, P(aten.mean.dim, P(aten.pow.Tensor_Scalar, X, P.num(2)), [-1], True),
+                                  P.any("eps", where=_is_number)))
+RMS_NORM = P(aten.mul.Tensor, P.any("weight", where=_vector_constant),
+             _cast(P(aten.mul.Tensor, INV_RMS, X, commute=True)), commute=True)
+# (x * 0.5) * (tanh((x + x ** 3 * 0.044715) * sqrt(2 / pi)) + 1)
+CUBIC = P(aten.add.Tensor, X, P(aten.mul.Tensor, P(aten.pow.Tensor_Scalar, X, P.num(3)), P.num(0.044715)))
+TANH = P(aten.tanh.default, P(aten.mul.Tensor, CUBIC, P.num(math.sqrt(2 / math.pi), 1e-5)))
+TANH_GELU = P(aten.mul.Tensor, P(aten.mul.Tensor, X, P.num(0.5)), P(aten.add.Tensor, TANH, P.num(1.0)), commute=True)
 
 
-def _match_rms(gm: fx.GraphModule, node: fx.Node):
-    if not is_call(node, aten.mul.Tensor):
-        return None
-    split = _split(node, lambda a: get_tensor(gm, a) is not None and get_tensor(gm, a).dim() == 1)
-    if split is None:
-        return None
-    weight, y = split
-    y = _strip_cast(y)
-    if not is_call(y, aten.mul.Tensor):
-        return None
-    split = _split(y, lambda a: is_call(a, aten.rsqrt.default))
-    if split is None:
-        return None
-    rsqrt, x = split
-    add = rsqrt.args[0]
-    if not (is_call(add, aten.add.Tensor) and isinstance(add.args[1], (int, float))):
-        return None
-    mean = add.args[0]
-    if not (is_call(mean, aten.mean.dim) and list(mean.args[1]) == [-1] and (len(mean.args) > 2 and mean.args[2])):
-        return None
-    pw = mean.args[0]
-    if not (is_call(pw, aten.pow.Tensor_Scalar) and _num(pw.args[1], 2) and pw.args[0] is x):
-        return None
-    return _strip_cast(x), weight, float(add.args[1])
+def _erase(gm: fx.GraphModule, m: Match) -> None:
+    gm.graph.erase_node(m.root)
 
 
-def _match_tanh_gelu(node: fx.Node):
-    if not is_call(node, aten.mul.Tensor):
-        return None
-    split = _split(node, lambda a: is_call(a, aten.mul.Tensor) and _num(a.args[1], 0.5))
-    if split is None:
-        return None
-    half, one_plus = split
-    x = half.args[0]
-    if not (is_call(one_plus, aten.add.Tensor) and _num(one_plus.args[1], 1.0) and is_call(one_plus.args[0], aten.tanh.default)):
-        return None
-    inner = one_plus.args[0].args[0]
-    if not (is_call(inner, aten.mul.Tensor) and _num(inner.args[1], math.sqrt(2 / math.pi), 1e-5)):
-        return None
-    s = inner.args[0]
-    if not (is_call(s, aten.add.Tensor) and s.args[0] is x and is_call(s.args[1], aten.mul.Tensor)
-            and _num(s.args[1].args[1], 0.044715) and is_call(s.args[1].args[0], aten.pow.Tensor_Scalar)
-            and s.args[1].args[0].args[0] is x and _num(s.args[1].args[0].args[1], 3)):
-        return None
-    return x
+def _bypass(gm: fx.GraphModule, m: Match) -> None:
+    substitute(gm, m.root, m["x"])
+
+
+def _replace_with(gm: fx.GraphModule, node: fx.Node, target, args: tuple, kwargs: dict | None = None) -> None:
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args, kwargs or {})
+    copy_meta(new, node)
+    new.meta["val"] = node.meta.get("val")
+    node.replace_all_uses_with(new)  # the decomposed ops die in the dead-code pass
+
+
+def _rms_norm(gm: fx.GraphModule, m: Match) -> None:
+    x = arg(m["x"], "self") if is_call(m["x"], *_TO) else m["x"]
+    weight = m["weight"]
+    _replace_with(gm, m.root, aten.rms_norm.default, (x, [get_tensor(gm, weight).shape[0]], weight, float(m["eps"])))
+
+
+def _tanh_gelu(gm: fx.GraphModule, m: Match) -> None:
+    _replace_with(gm, m.root, aten.gelu.default, (m["x"],), {"approximate": "tanh"})
+
+
+DROPS = [
+    Rule(P(aten._assert_tensor_metadata.default), _erase, "assert"),
+    # x.to(x's own dtype), spelled without options
+    Rule(P(aten.to.dtype, P.node("x"), P.any("dtype"), name="cast",
+           where=lambda cast, x, dtype: not cast.kwargs and dtype_of(x, None) == dtype), _bypass, "no-op cast"),
+]
+FOLDS = [
+    Rule(RMS_NORM, _rms_norm, "rms_norm"),
+    Rule(TANH_GELU, _tanh_gelu, "gelu_tanh"),
+]
 
 
 def fold_decomposed_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    dropped = _drop_asserts_and_noop_casts(gm)
-    rms = gelu = 0
-    for node in list(gm.graph.nodes):
-        m = _match_rms(gm, node)
-        if m is not None:
-            x, weight, eps = m
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(aten.rms_norm.default, (x, [get_tensor(gm, weight).shape[0]], weight, eps))
-            rms += 1
-        else:
-            x = _match_tanh_gelu(node)
-            if x is None:
-                continue
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(aten.gelu.default, (x,), {"approximate": "tanh"})
-            gelu += 1
-        copy_meta(new, node)
-        new.meta["val"] = node.meta.get("val")
-        node.replace_all_uses_with(new)
+    dropped = rewrite(gm, ctx, DROPS, list(gm.graph.nodes)).rewritten
+    folded = rewrite(gm, ctx, FOLDS, list(gm.graph.nodes))
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
+    rms, gelu = folded.kinds["rms_norm"], folded.kinds["gelu_tanh"]
     notes = [f"{rms} RMSNorm, {gelu} tanh-GeLU folded", f"{dropped} export asserts / no-op casts dropped"]
     return PassResult(gm, bool(rms or gelu or dropped), rms + gelu, rms + gelu, notes)

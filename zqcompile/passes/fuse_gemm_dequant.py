@@ -8,40 +8,43 @@ from __future__ import annotations
 
 from torch import fx
 
-from zqcompile.passes.base import FusionRecord, PassContext, PassResult, aten, calls, copy_meta, dtype_of, is_call, zq
+from zqcompile.passes.base import PassContext, PassResult, aten, calls, copy_meta, dtype_of, gemm_fqn, zq
+from zqcompile.passes.match import Fused, Match, P, Rule, erase_unused, op_name, rewrite, substitute
+
+W = P(zq.dequantize_weight.default, P.any("wq"), P.any("ws"), P.any("bits"))
+A8 = P(zq.dequantize_per_token.default, P.any("q"), P.any("s"))
+
+
+def _int8_gemm_dequant(gm: fx.GraphModule, m: Match) -> Fused:
+    return _emit(gm, m, zq.int8_gemm_dequant.default,
+                 (m["q"], m["s"], m["wq"], m["ws"], m["bias"], None, "none", m["bits"], dtype_of(m.root)))
+
+
+def _weight_only_gemm(gm: fx.GraphModule, m: Match) -> Fused:
+    return _emit(gm, m, zq.weight_only_gemm.default, (m["x"], m["wq"], m["ws"], m["bias"], None, "none", m["bits"]))
+
+
+RULES = [  # at each aten.linear, the first that matches
+    Rule(P(aten.linear.default, A8, W, P.any("bias")), _int8_gemm_dequant, "gemm+dequant"),
+    Rule(P(aten.linear.default, P.any("x"), W, P.any("bias")), _weight_only_gemm, "gemm+dequant"),
+]
+
+
+def _emit(gm: fx.GraphModule, m: Match, op, args: tuple) -> Fused:
+    lin = m.root
+    with gm.graph.inserting_before(lin):
+        fused = gm.graph.call_function(op, args)
+    name = op_name(fused)
+    copy_meta(fused, lin)
+    fused.meta["val"] = lin.meta.get("val")
+    substitute(gm, lin, fused)
+    erase_unused(gm, m.inner)
+    if (info := fused.meta.get("zq_gemm")) is not None:
+        info.kernel = name
+    return Fused(fused, name)
 
 
 def fuse_gemm_dequant(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    matched = rewritten = 0
-    g = gm.graph
-    for lin in calls(gm, aten.linear.default):
-        x, w = lin.args[:2]
-        bias = lin.args[2] if len(lin.args) > 2 else None
-        if not is_call(w, zq.dequantize_weight.default):
-            continue
-        matched += 1
-        wq, ws, bits, _ = w.args
-        info = lin.meta.get("zq_gemm")
-        if is_call(x, zq.dequantize_per_token.default):
-            q, s, _ = x.args
-            with g.inserting_before(lin):
-                fused = g.call_function(zq.int8_gemm_dequant.default,
-                                        (q, s, wq, ws, bias, None, "none", bits, dtype_of(lin)))
-            name, replaced = "zq.int8_gemm_dequant", ["zq.dequantize_per_token", "zq.dequantize_weight", "aten.linear"]
-        else:
-            with g.inserting_before(lin):
-                fused = g.call_function(zq.weight_only_gemm.default, (x, wq, ws, bias, None, "none", bits))
-            name, replaced = "zq.weight_only_gemm", ["zq.dequantize_weight", "aten.linear"]
-        copy_meta(fused, lin)
-        fused.meta["val"] = lin.meta.get("val")
-        lin.replace_all_uses_with(fused)
-        g.erase_node(lin)
-        for dead in (w, x):
-            if is_call(dead, zq.dequantize_weight.default, zq.dequantize_per_token.default) and not dead.users:
-                g.erase_node(dead)
-        if info is not None:
-            info.kernel = name
-        ctx.fusions.append(FusionRecord("gemm+dequant", info.fqn if info else "", replaced, name))
-        rewritten += 1
-    g.lint()
-    return PassResult(gm, rewritten > 0, matched, rewritten)
+    done = rewrite(gm, ctx, RULES, calls(gm, aten.linear.default), fqn=gemm_fqn)
+    gm.graph.lint()
+    return PassResult(gm, done.rewritten > 0, done.matched, done.rewritten)

@@ -8,56 +8,47 @@ from __future__ import annotations
 
 from torch import fx
 
-from zqcompile.passes.base import (ACTIVATION_OPS, FusionRecord, NotFused, PassContext, PassResult, act_of, aten, calls, dtype_of,
-                   fqn_of, is_call, shape_of, zq)
+from zqcompile.passes.base import (PassContext, PassResult, act_of, arg, aten, calls, dtype_of, gemm_fqn, set_arg,
+                                   shape_of, zq)
+from zqcompile.passes.match import Fused, Match, P, Rule, rewrite, substitute
 
 GEMMS = (zq.int8_gemm_dequant.default, zq.weight_only_gemm.default)
-_ACT_ARG, _RES_ARG = {GEMMS[0]: 6, GEMMS[1]: 5}, {GEMMS[0]: 5, GEMMS[1]: 4}
+ALONE = P.node("gemm", where=lambda gemm: len(gemm.users) == 1)  # the GEMM, read by nothing else
+NO_ACT = P.node("gemm", where=lambda gemm: len(gemm.users) == 1 and arg(gemm, "act") == "none")
 
 
-def _set(node: fx.Node, index: int, value) -> None:
-    args = list(node.args)
-    args[index] = value
-    node.args = tuple(args)
+def _set_act(gm: fx.GraphModule, m: Match) -> Fused:
+    gemm, act = m["gemm"], m.root
+    set_arg(gemm, "act", act_of(act))
+    gemm.meta["val"] = act.meta.get("val")
+    substitute(gm, act, gemm)
+    return Fused(gemm, str(gemm.target.name()))
 
 
-def _only_user(node: fx.Node):
-    return next(iter(node.users)) if len(node.users) == 1 else None
+def _set_residual(gm: fx.GraphModule, m: Match) -> Fused:
+    gemm = m["gemm"]
+    set_arg(gemm, "residual", m["residual"])
+    substitute(gm, m.root, gemm)
+    return Fused(gemm, str(gemm.target.name()))
 
 
-def _order(gm: fx.GraphModule) -> dict:
-    return {n: i for i, n in enumerate(gm.graph.nodes)}
+def _same_tensor(r, gemm: fx.Node) -> bool:
+    return isinstance(r, fx.Node) and shape_of(r) == shape_of(gemm) and dtype_of(r) == dtype_of(gemm)
+
+
+EPILOGUES = [  # matched at the GEMM's consumer, each in turn: an activation, then a residual add
+    Rule(P(aten.gelu.default, NO_ACT, approximate="none"), _set_act, "epilogue:gelu"),
+    Rule(P(aten.gelu.default, NO_ACT, approximate="tanh"), _set_act, "epilogue:gelu_tanh"),
+    Rule(P(aten.relu.default, NO_ACT), _set_act, "epilogue:relu"),
+    Rule(P(aten.silu.default, NO_ACT), _set_act, "epilogue:silu"),
+    Rule(P(aten.add.Tensor, ALONE, P.any("residual"), alpha=1, commute=True), _set_residual, "epilogue:residual",
+         candidate="residual add", unless=(
+             (lambda residual, gemm: not _same_tensor(residual, gemm), "the other operand is not a same-shape tensor"),
+             (lambda residual, gemm: not residual < gemm, "residual is computed after the GEMM"))),
+]
 
 
 def fuse_gemm_epilogue(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    matched = rewritten = 0
-    for gemm in calls(gm, *GEMMS):
-        info = gemm.meta.get("zq_gemm")
-        fqn = info.fqn if info else fqn_of(gemm)
-        user = _only_user(gemm)
-        if is_call(user, *ACTIVATION_OPS) and gemm.args[_ACT_ARG[gemm.target]] == "none":
-            matched += 1
-            act = act_of(user)
-            _set(gemm, _ACT_ARG[gemm.target], act)
-            gemm.meta["val"] = user.meta.get("val")
-            user.replace_all_uses_with(gemm)
-            gm.graph.erase_node(user)
-            ctx.fusions.append(FusionRecord(f"epilogue:{act}", fqn, [f"aten.{act.split('_')[0]}"], str(gemm.target.name())))
-            rewritten += 1
-            user = _only_user(gemm)
-        if is_call(user, aten.add.Tensor) and len(user.args) == 2 and not user.kwargs:
-            matched += 1
-            other = user.args[1] if user.args[0] is gemm else user.args[0]
-            if not isinstance(other, fx.Node) or shape_of(other) != shape_of(gemm) or dtype_of(other) != dtype_of(gemm):
-                ctx.not_fused.append(NotFused("residual add", fqn, "the other operand is not a same-shape tensor"))
-                continue
-            if _order(gm)[other] > _order(gm)[gemm]:
-                ctx.not_fused.append(NotFused("residual add", fqn, "residual is computed after the GEMM"))
-                continue
-            _set(gemm, _RES_ARG[gemm.target], other)
-            user.replace_all_uses_with(gemm)
-            gm.graph.erase_node(user)
-            ctx.fusions.append(FusionRecord("epilogue:residual", fqn, ["aten.add"], str(gemm.target.name())))
-            rewritten += 1
+    done = rewrite(gm, ctx, EPILOGUES, calls(gm, *GEMMS), fqn=gemm_fqn, consumers_of="gemm", all_rules=True)
     gm.graph.lint()
-    return PassResult(gm, rewritten > 0, matched, rewritten)
+    return PassResult(gm, done.rewritten > 0, done.matched, done.rewritten)

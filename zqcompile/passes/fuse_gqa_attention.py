@@ -14,57 +14,49 @@ import math
 import torch
 from torch import fx
 
-from zqcompile.passes.base import FusionRecord, NotFused, PassContext, PassResult, aten, copy_meta, dtype_of, fqn_of, is_call, \
-    shape_of, zq
+from zqcompile.passes.base import PassContext, PassResult, aten, calls, copy_meta, dtype_of, shape_of, zq
+from zqcompile.passes.match import Fused, Match, P, Rule, rewrite, substitute
 
 
-def _unrepeat(node):
-    """k when node == repeat_kv(k) = reshape(expand(unsqueeze(k, 2), ...), ...); node itself otherwise."""
-    if is_call(node, aten.reshape.default, aten.view.default):
-        ex = node.args[0]
-        if is_call(ex, aten.expand.default) and is_call(ex.args[0], aten.unsqueeze.default) \
-                and ex.args[0].args[1] == 2:
-            return ex.args[0].args[0]
-    return node
+def repeated(name: str) -> P:
+    """`name`, captured as `name`0 too when it is repeat_kv(k) = reshape(expand(unsqueeze(k, 2), ...), ...)."""
+    repeat_kv = P(aten.expand.default, P(aten.unsqueeze.default, P.any(name + "0"), 2))
+    return P((aten.reshape.default, aten.view.default), repeat_kv, name=name) | P.any(name)
 
 
-def _sdpa_arg(node: fx.Node, i: int, name: str, default):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+SDPA = P(aten.scaled_dot_product_attention.default, P.any("q"), repeated("k"), repeated("v"), attn_mask=P.any("mask"),
+         dropout_p=P.any("dropout"), is_causal=P.any("causal"), scale=P.any("scale"), enable_gqa=P.any("enable_gqa"))
+
+
+def _bool_mask(mask) -> bool:
+    ms = shape_of(mask) if isinstance(mask, fx.Node) else None
+    return ms is not None and len(ms) == 4 and ms[1] == 1 and dtype_of(mask) == torch.bool
+
+
+def _gqa_attention(gm: fx.GraphModule, m: Match) -> Fused:
+    sdpa, q, k, v = m.root, m["q"], m.get("k0", m["k"]), m.get("v0", m["v"])
+    hq, hk, hv = (shape_of(t)[1] for t in (q, k, v))
+    if hk != hv or hq % hk:  # not a whole number of query heads per KV head: keep the repeated copies
+        k, v = m["k"], m["v"]
+    scale = 1.0 / math.sqrt(shape_of(q)[-1]) if m["scale"] is None else m["scale"]
+    with gm.graph.inserting_before(sdpa):
+        node = gm.graph.call_function(zq.gqa_attention.default, (q, k, v, m["mask"], float(scale)))
+    copy_meta(node, sdpa)
+    substitute(gm, sdpa, node)
+    groups = shape_of(q)[1] // shape_of(k)[1]
+    return Fused(node, "zq.gqa_attention", f"{groups} query heads per KV head, no repeat_kv copy", [sdpa.name])
+
+
+RULES = [
+    Rule(SDPA, _gqa_attention, "gqa-attention", candidate="gqa_attention", unless=(
+        (lambda dropout, causal, enable_gqa: bool(dropout or causal or enable_gqa),
+         "dropout, is_causal or enable_gqa set: SDPA kept"),
+        (lambda mask: not _bool_mask(mask), "mask is not a boolean [B, 1, S, L] tensor: SDPA kept"))),
+]
 
 
 def fuse_gqa_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    matched = rewritten = 0
-    for n in list(gm.graph.nodes):
-        if not is_call(n, aten.scaled_dot_product_attention.default):
-            continue
-        matched += 1
-        q, k, v = n.args[:3]
-        mask = _sdpa_arg(n, 3, "attn_mask", None)
-        dropout, causal = _sdpa_arg(n, 4, "dropout_p", 0.0), _sdpa_arg(n, 5, "is_causal", False)
-        scale = _sdpa_arg(n, 6, "scale", None)
-        ms = shape_of(mask) if isinstance(mask, fx.Node) else None
-        why = None
-        if dropout or causal or _sdpa_arg(n, 7, "enable_gqa", False):
-            why = "dropout, is_causal or enable_gqa set"
-        elif ms is None or len(ms) != 4 or ms[1] != 1 or dtype_of(mask) != torch.bool:
-            why = "mask is not a boolean [B, 1, S, L] tensor"
-        if why:
-            ctx.not_fused.append(NotFused("gqa_attention", fqn_of(n), why + ": SDPA kept"))
-            continue
-        k0, v0 = _unrepeat(k), _unrepeat(v)
-        hq, hk, hv = (shape_of(t)[1] for t in (q, k0, v0))
-        if hk != hv or hq % hk:
-            k0, v0 = k, v
-        if scale is None:
-            scale = 1.0 / math.sqrt(shape_of(q)[-1])
-        with gm.graph.inserting_before(n):
-            node = gm.graph.call_function(zq.gqa_attention.default, (q, k0, v0, mask, float(scale)))
-        copy_meta(node, n)
-        n.replace_all_uses_with(node)
-        gm.graph.erase_node(n)
-        groups = shape_of(q)[1] // shape_of(k0)[1]
-        ctx.fusions.append(FusionRecord("gqa-attention", fqn_of(node), [n.name], "zq.gqa_attention",
-                                        f"{groups} query heads per KV head, no repeat_kv copy"))
-        rewritten += 1
+    done = rewrite(gm, ctx, RULES, calls(gm, aten.scaled_dot_product_attention.default))
     gm.graph.eliminate_dead_code()
-    return PassResult(gm, bool(rewritten), matched, rewritten, [f"{rewritten} of {matched} SDPA -> zq.gqa_attention"])
+    return PassResult(gm, bool(done.rewritten), done.matched, done.rewritten,
+                      [f"{done.rewritten} of {done.matched} SDPA -> zq.gqa_attention"])

@@ -2,22 +2,36 @@
 Sec. 4.3), so one kernel reads the float input and writes int8 + per-token scales.
 
 Matches `zq.quantize_per_token(p)` where p is: `layer_norm` / `rms_norm` (with a residual `add` in front of
-it when there is one), `gelu`, `relu`, or `mul(silu(gate), up)`. Emits `zq.norm_quant` / `zq.act_quant`; the
-float output (and the residual sum) are emitted only when another consumer still needs them.
+it when there is one), `gelu`, `relu`, `silu` or `mul(silu(gate), up)`. Emits `zq.norm_quant` /
+`zq.act_quant`; the float output (and the residual sum) are emitted only when another consumer still needs them.
 """
 from __future__ import annotations
 
 from torch import fx
 
-from zqcompile.passes.base import (ACTIVATION_OPS, FusionRecord, NotFused, PassContext, PassResult, act_of, aten, calls, copy_meta,
-                   fqn_of, getitems, is_call, shape_of, zq)
+from zqcompile.passes.base import (PassContext, PassResult, act_of, aten, calls, copy_meta, fqn_of, getitems, last_of,
+                                   shape_of, zq)
+from zqcompile.passes.match import Fused, Match, P, Rule, erase_unused, rewrite
 
 NORMS = {aten.layer_norm.default: "layer", aten.rms_norm.default: "rms"}
+X = P.any("x")
+# a residual sum of two same-shape tensors, which the norm kernel can compute (and emit) itself
+RESIDUAL = P(aten.add.Tensor, P.node("a"), P.node("b"), alpha=1, name="x",
+             where=lambda a, b: bool(shape_of(a)) and shape_of(a) == shape_of(b))
+SILU_MUL = P(aten.mul.Tensor, P(aten.silu.default, P.any("gate"), name="silu"), P.node("x"), name="prod", commute=True,
+             where=lambda silu, x: shape_of(silu) == shape_of(x))
 
 
-def _insert_after_inputs(gm: fx.GraphModule, inputs: list) -> fx.Node:
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return max((a for a in inputs if isinstance(a, fx.Node)), key=order.__getitem__)
+def quant(prod: P) -> P:
+    return P(zq.quantize_per_token.default, prod)
+
+
+def layer_norm(x: P) -> P:
+    return P(aten.layer_norm.default, x, weight=P.any("weight"), bias=P.any("bias"), eps=P.any("eps"), name="prod")
+
+
+def rms_norm(x: P) -> P:
+    return P(aten.rms_norm.default, x, weight=P.any("weight"), eps=P.any("eps"), name="prod")
 
 
 def _others(node: fx.Node, exclude: fx.Node) -> list[fx.Node]:
@@ -25,106 +39,81 @@ def _others(node: fx.Node, exclude: fx.Node) -> list[fx.Node]:
 
 
 def _rewire(gm: fx.GraphModule, quant: fx.Node, fused: fx.Node, n_out: int) -> list[fx.Node]:
+    """The quant's (q, scale) users now read the fused op's first two outputs; returns all its outputs."""
     outs = getitems(gm, fused, n_out)
-    for user in list(quant.users):  # getitem(quant, 0|1)
-        outs[user.args[1]].meta["val"] = user.meta.get("val")
-        user.replace_all_uses_with(outs[user.args[1]])
+    for user in list(quant.users):  # getitem(quant, 0 | 1)
+        i = user.args[1]
+        outs[i].meta["val"] = user.meta.get("val")
+        user.replace_all_uses_with(outs[i])
         gm.graph.erase_node(user)
     gm.graph.erase_node(quant)
     return outs
 
 
-def _residual_add(node: fx.Node):
-    if is_call(node, aten.add.Tensor) and len(node.args) == 2 and not node.kwargs:
-        a, b = node.args
-        if isinstance(a, fx.Node) and isinstance(b, fx.Node) and shape_of(a) == shape_of(b) and shape_of(a):
-            return a, b
-    return None
-
-
-def _fuse_norm(gm: fx.GraphModule, ctx: PassContext, quant: fx.Node, norm: fx.Node) -> None:
-    kind = NORMS[norm.target]
-    if kind == "layer":
-        x, _, weight, bias, eps = (list(norm.args) + [None, None, 1e-5])[:5]
-    else:
-        x, _, weight, eps = (list(norm.args) + [None, None])[:4]
-        bias = None
-    eps = 1e-5 if eps is None else eps
+def _norm_quant(gm: fx.GraphModule, m: Match) -> Fused:
+    """[add ->] norm -> quantize_per_token becomes norm_quant(x, residual, weight, bias, eps, kind, emit_out,
+    emit_sum)."""
+    quant, norm, x, residual = m.root, m["prod"], m["x"], "a" in m
+    kind, eps = NORMS[norm.target], 1e-5 if m["eps"] is None else m["eps"]
     norm_users = _others(norm, quant)
-    add = _residual_add(x)
-    add_users = _others(x, norm) if add else []
-    args = (add[0], add[1]) if add else (x, None)
-    inputs = [*args, weight, bias]
-    with gm.graph.inserting_after(_insert_after_inputs(gm, inputs)):
+    sum_users = _others(x, norm) if residual else []
+    inputs = ((m["a"], m["b"]) if residual else (x, None)) + (m["weight"], m.get("bias"))
+    with gm.graph.inserting_after(last_of(inputs)):
         fused = gm.graph.call_function(zq.norm_quant.default,
-                                       (*args, weight, bias, float(eps), kind, bool(norm_users), bool(add_users)))
+                                       (*inputs, float(eps), kind, bool(norm_users), bool(sum_users)))
     copy_meta(fused, norm)
     _, _, out, hsum = _rewire(gm, quant, fused, 4)
     out.meta["val"], hsum.meta["val"] = norm.meta.get("val"), x.meta.get("val")  # later matches read shapes
     norm.replace_all_uses_with(out)
-    gm.graph.erase_node(norm)
-    if add:
+    if residual:
         x.replace_all_uses_with(hsum)
-        gm.graph.erase_node(x)
-    fqn = fqn_of(fused)
-    replaced = (["aten.add"] if add else []) + [f"aten.{kind}_norm" if kind == "rms" else "aten.layer_norm",
-                                                "zq.quantize_per_token"]
+    erase_unused(gm, m.inner)
     notes = []
     if norm_users:
         notes.append(f"norm output also feeds {', '.join(sorted({fqn_of(u) or u.name for u in norm_users}))} "
                      f"in float: quant fused, float copy kept")
-    if add_users:
+    if sum_users:
         notes.append("residual sum also feeds the next residual: sum emitted by the same kernel")
-    ctx.fusions.append(FusionRecord(("add+" if add else "") + f"{kind}norm+quant", fqn, replaced,
-                                    "zq.norm_quant", "; ".join(notes)))
+    return Fused(fused, "zq.norm_quant", "; ".join(notes))
 
 
-def _fuse_act(gm: fx.GraphModule, ctx: PassContext, quant: fx.Node, prod: fx.Node) -> None:
-    if is_call(prod, aten.mul.Tensor):
-        a, b = prod.args
-        silu, up = (a, b) if is_call(a, aten.silu.default) else (b, a)
-        x, gate, act, replaced = up, silu.args[0], "silu", ["aten.silu", "aten.mul", "zq.quantize_per_token"]
-        dead = [prod, silu] if len(silu.users) == 1 else [prod]
-    else:
-        act = act_of(prod)
-        x, gate, replaced, dead = prod.args[0], None, [f"aten.{ACTIVATION_OPS[prod.target]}", "zq.quantize_per_token"], [prod]
-    users = _others(prod, quant)
-    with gm.graph.inserting_after(_insert_after_inputs(gm, [x, gate])):
+def _act_quant(gm: fx.GraphModule, m: Match) -> Fused:
+    """act(x) [* gate] -> quantize_per_token becomes act_quant(x, None, gate, act, emit_out)."""
+    quant, prod, x, gate = m.root, m["prod"], m["x"], m.get("gate")
+    act, users = act_of(m.get("silu", prod)), _others(prod, quant)
+    with gm.graph.inserting_after(last_of([x, gate])):
         fused = gm.graph.call_function(zq.act_quant.default, (x, None, gate, act, bool(users)))
     copy_meta(fused, prod)
     _, _, out = _rewire(gm, quant, fused, 3)
     out.meta["val"] = prod.meta.get("val")
     prod.replace_all_uses_with(out)
-    for d in dead:
-        if not d.users:
-            gm.graph.erase_node(d)
-    note = "activation output also has float consumers: float copy kept" if users else ""
-    ctx.fusions.append(FusionRecord(f"{act}+quant", fqn_of(fused), replaced, "zq.act_quant", note))
+    erase_unused(gm, m.inner)
+    return Fused(fused, "zq.act_quant", "activation output also has float consumers: float copy kept" if users else "")
 
 
-def _is_silu_mul(node) -> bool:
-    return is_call(node, aten.mul.Tensor) and len(node.args) == 2 and any(
-        is_call(a, aten.silu.default) for a in node.args) and all(isinstance(a, fx.Node) for a in node.args) \
-        and shape_of(node.args[0]) == shape_of(node.args[1])
+def _quant_of(x) -> str:
+    what = f"{x.op} {getattr(x.target, '__name__', x.target)}" if isinstance(x, fx.Node) else "?"
+    return f"quantize_per_token of {what}"
+
+
+RULES = [  # at each zq.quantize_per_token, the first that matches
+    Rule(quant(layer_norm(RESIDUAL)), _norm_quant, "add+layernorm+quant"),
+    Rule(quant(layer_norm(X)), _norm_quant, "layernorm+quant"),
+    Rule(quant(rms_norm(RESIDUAL)), _norm_quant, "add+rmsnorm+quant"),
+    Rule(quant(rms_norm(X)), _norm_quant, "rmsnorm+quant"),
+    Rule(quant(P(aten.gelu.default, X, approximate="none", name="prod")), _act_quant, "gelu+quant"),
+    Rule(quant(P(aten.gelu.default, X, approximate="tanh", name="prod")), _act_quant, "gelu_tanh+quant"),
+    Rule(quant(P(aten.relu.default, X, name="prod")), _act_quant, "relu+quant"),
+    Rule(quant(P(aten.silu.default, X, name="prod")), _act_quant, "silu+quant"),
+    Rule(quant(SILU_MUL), _act_quant, "silu+quant"),
+    Rule.refuse(quant(X), _quant_of, "no fused kernel for this producer: quantization runs as its own kernel"),
+]
+PER_TENSOR = [Rule.refuse(P(zq.quantize_per_tensor.default), "quantize_per_tensor",
+                          "static per-tensor quantization (the PTQ baseline) runs as its own kernel")]
 
 
 def fuse_producer_quant(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    matched = rewritten = 0
-    for quant in calls(gm, zq.quantize_per_token.default):
-        matched += 1
-        prod = quant.args[0]
-        if is_call(prod, *NORMS):
-            _fuse_norm(gm, ctx, quant, prod)
-        elif is_call(prod, *ACTIVATION_OPS) or _is_silu_mul(prod):
-            _fuse_act(gm, ctx, quant, prod)
-        else:
-            what = f"{prod.op} {getattr(prod.target, '__name__', prod.target)}" if isinstance(prod, fx.Node) else "?"
-            ctx.not_fused.append(NotFused(f"quantize_per_token of {what}", fqn_of(quant),
-                                          "no fused kernel for this producer: quantization runs as its own kernel"))
-            continue
-        rewritten += 1
-    for quant in calls(gm, zq.quantize_per_tensor.default):
-        ctx.not_fused.append(NotFused("quantize_per_tensor", fqn_of(quant),
-                                      "static per-tensor quantization (the PTQ baseline) runs as its own kernel"))
+    done = rewrite(gm, ctx, RULES, calls(gm, zq.quantize_per_token.default))
+    rewrite(gm, ctx, PER_TENSOR, calls(gm, zq.quantize_per_tensor.default))  # reported, not counted
     gm.graph.lint()
-    return PassResult(gm, rewritten > 0, matched, rewritten)
+    return PassResult(gm, done.rewritten > 0, done.matched, done.rewritten)

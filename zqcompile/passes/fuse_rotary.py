@@ -12,75 +12,58 @@ from collections import defaultdict
 
 from torch import fx
 
-from zqcompile.passes.base import FusionRecord, NotFused, PassContext, PassResult, aten, copy_meta, dtype_of, fqn_of, getitems, \
-    is_call, shape_of, zq
+from zqcompile.passes.base import (FusionRecord, NotFused, PassContext, PassResult, arg, aten, copy_meta, dtype_of,
+                                   fqn_of, getitems, shape_of, zq)
+from zqcompile.passes.match import P, match
 
 _LAST = (-1, 3)
 _END = 2**62
 
 
-def _slice_of(node, x: fx.Node, start: int, end: int | None) -> bool:
-    """node == x[..., start:end] (end None: to the end)."""
-    if not is_call(node, aten.slice.Tensor) or node.args[0] is not x:
-        return False
-    dim, s, e = (list(node.args[1:4]) + [0, None, None])[:3]
-    if dim not in _LAST or (s or 0) != start:
+def _is_half(s: fx.Node, start: int, end: int | None) -> bool:
+    """s == x[..., start:end] (end None: to the end)."""
+    e = arg(s, "end")
+    if arg(s, "dim") not in _LAST or (arg(s, "start") or 0) != start:
         return False
     return e is None or e >= _END if end is None else e == end
 
 
-def _rotate_half_of(node) -> fx.Node | None:
-    """x when node == cat([-x[..., D/2:], x[..., :D/2]], -1)."""
-    if not is_call(node, aten.cat.default) or len(node.args[0]) != 2:
-        return None
-    if (node.args[1] if len(node.args) > 1 else 0) not in _LAST:
-        return None
-    neg, low = node.args[0]
-    if not is_call(neg, aten.neg.default) or not is_call(low, aten.slice.Tensor):
-        return None
-    x = low.args[0]
+def _halves(x: fx.Node, hi: fx.Node, lo: fx.Node) -> bool:
     d = (shape_of(x) or (None,))[-1]
-    if not isinstance(d, int) or d % 2:
-        return None
-    return x if _slice_of(low, x, 0, d // 2) and _slice_of(neg.args[0], x, d // 2, None) else None
+    return isinstance(d, int) and not d % 2 and _is_half(lo, 0, d // 2) and _is_half(hi, d // 2, None)
 
 
-def _match(add: fx.Node):
-    """(x, cos, sin) of one rotary embedding ending at `add`, or None."""
-    if not is_call(add, aten.add.Tensor) or len(add.args) != 2:
-        return None
-    for m_cos, m_sin in (add.args, add.args[::-1]):
-        if not (is_call(m_cos, aten.mul.Tensor) and is_call(m_sin, aten.mul.Tensor)):
-            continue
-        for rot, sin in (m_sin.args, m_sin.args[::-1]):
-            x = _rotate_half_of(rot)
-            if x is None or x not in m_cos.args:
-                continue
-            cos = m_cos.args[1] if m_cos.args[0] is x else m_cos.args[0]
-            shape, xs = shape_of(cos), shape_of(x)
-            if (isinstance(cos, fx.Node) and isinstance(sin, fx.Node) and shape and xs and len(shape) == 4
-                    and len(xs) == 4 and shape[1] == 1 and shape_of(sin) == shape
-                    and dtype_of(cos) == dtype_of(sin) == dtype_of(x)):
-                return x, cos, sin
-    return None
+def _tables(x: fx.Node, cos, sin) -> bool:
+    """cos / sin are [B, 1, S, D] tensors in x's dtype, x is [B, H, S, D]."""
+    shape, xs = shape_of(cos), shape_of(x)
+    return (isinstance(cos, fx.Node) and isinstance(sin, fx.Node) and bool(shape) and bool(xs) and len(shape) == 4
+            and len(xs) == 4 and shape[1] == 1 and shape_of(sin) == shape
+            and dtype_of(cos) == dtype_of(sin) == dtype_of(x))
+
+
+X = P.node("x")
+# cat([-x[..., D/2:], x[..., :D/2]], -1)
+HI, LO = P(aten.slice.Tensor, X, name="hi"), P(aten.slice.Tensor, X, name="lo")
+ROTATE_HALF = P(aten.cat.default, [P(aten.neg.default, HI), LO], P.any("dim"),
+                where=lambda x, hi, lo, dim: dim in _LAST and _halves(x, hi, lo))
+ROTARY = P(aten.add.Tensor, P(aten.mul.Tensor, X, P.any("cos"), commute=True),
+           P(aten.mul.Tensor, ROTATE_HALF, P.any("sin"), commute=True), commute=True, where=_tables)
 
 
 def fuse_rotary(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     groups: dict[tuple, list[tuple[fx.Node, fx.Node]]] = defaultdict(list)
     for n in gm.graph.nodes:
-        m = _match(n)
-        if m is not None:
-            groups[(m[1], m[2])].append((n, m[0]))
+        if (m := match(ROTARY, n)) is not None:
+            groups[(m["cos"], m["sin"])].append((n, m["x"]))
     rewritten = 0
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for (cos, sin), pairs in groups.items():
         if len(pairs) != 2:
             for add, _ in pairs:
                 ctx.not_fused.append(NotFused("rope", fqn_of(add), f"{len(pairs)} rotary embeddings share cos/sin "
                                               "(zq.rope takes a query and a key): left as elementwise ops"))
             continue
-        (q_add, q), (k_add, k) = sorted(pairs, key=lambda p: order[p[0]])
-        if max(order[q], order[k], order[cos], order[sin]) > order[q_add]:
+        (q_add, q), (k_add, k) = sorted(pairs, key=lambda p: p[0])  # in graph order: the query's comes first
+        if max(q, k, cos, sin) > q_add:
             ctx.not_fused.append(NotFused("rope", fqn_of(q_add), "key heads computed after the query's rotary "
                                           "embedding: left as elementwise ops"))
             continue

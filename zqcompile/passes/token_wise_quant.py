@@ -9,20 +9,29 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from zqcompile.passes.base import PassContext, PassResult, add_constant, aten, calls, copy_meta, dtype_of, getitems, is_call, zq
+from zqcompile.passes.base import (PassContext, PassResult, add_constant, aten, calls, copy_meta, dtype_of, getitems,
+                                   set_arg, zq)
+from zqcompile.passes.match import P, match
+
+
+def _quantizes_input(gemm: fx.Node) -> bool:
+    info = gemm.meta.get("zq_gemm")
+    return info is not None and not info.scheme.is_float and info.scheme.act.mode != "none"
+
+
+QUANTIZED_GEMM = P(aten.linear.default, P.any("x"), P(zq.dequantize_weight.default), name="gemm",
+                   where=_quantizes_input)
 
 
 def token_wise_quant(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     matched = rewritten = 0
     inserted: dict[tuple[fx.Node, str], fx.Node] = {}
     for node in calls(gm, aten.linear.default):
-        info = node.meta.get("zq_gemm")
-        if info is None or info.scheme.is_float or info.scheme.act.mode == "none":
-            continue
-        if not is_call(node.args[1], zq.dequantize_weight.default):
+        if (m := match(QUANTIZED_GEMM, node)) is None:
             continue
         matched += 1
-        x, mode = node.args[0], info.scheme.act.mode
+        info = node.meta["zq_gemm"]
+        x, mode = m["x"], info.scheme.act.mode
         key = (x, mode)
         if key not in inserted:
             g = gm.graph
@@ -42,7 +51,7 @@ def token_wise_quant(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 dq = g.call_function(zq.dequantize_per_token.default, (q, s, dtype_of(x)))
             copy_meta(dq, qnode)
             inserted[key] = dq
-        node.args = (inserted[key], *node.args[1:])
+        set_arg(node, "input", inserted[key])
         rewritten += 1
     gm.graph.lint()
     return PassResult(gm, rewritten > 0, matched, rewritten, [f"{len(inserted)} activation quant nodes"])
