@@ -88,6 +88,7 @@ def _compile(model: nn.Module, cfg: QuantConfig, example_inputs, example_kwargs,
         passes=[asdict(r) for r in records],
         fusions=[asdict(f) for f in ctx.fusions],
         not_fused=[asdict(n) for n in ctx.not_fused])
+    _plan_kernels(gm, record, bound)
     generator = None
     if generation is not False and is_causal_lm(model):
         from zqcompile.generation.generator import build_generator
@@ -97,6 +98,19 @@ def _compile(model: nn.Module, cfg: QuantConfig, example_inputs, example_kwargs,
         record.generation = generator.describe()
     ctx.constants.release()
     return Engine(gm, spec, record, tuple(bound), snapshots, outputs, generator)
+
+
+def _plan_kernels(gm, record: CompileRecord, inputs: tuple) -> None:
+    """Record each quantized GEMM's problem (from its final graph node) and plan its kernels per M bucket for the
+    device the model was compiled on (the engine plans again when it runs on or moves to another)."""
+    from zqcompile.plugins.gemm_plan import plan_record, problem_of_node, record_problems
+    problems = {}
+    for node in gm.graph.nodes:
+        info, problem = node.meta.get("zq_gemm"), problem_of_node(node)
+        if info is not None and problem is not None:
+            problems.setdefault(info.fqn, problem)
+    record_problems(record, problems)
+    plan_record(record, next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu")))
 
 
 def dump(engine: Engine, out_dir: str | os.PathLike) -> list[str]:

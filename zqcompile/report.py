@@ -1,5 +1,6 @@
-"""engine.report(): plain-text tables of what the compiler did (passes, GEMMs by precision, fusions and the
-candidates not fused, with reasons). The CLI prints the same text."""
+"""engine.report(): plain-text tables of what the compiler did (passes, GEMMs by precision, the GEMM kernel per M
+bucket, fusions and the candidates not fused, with reasons) and what ran slower than planned in this process.
+The CLI prints the same text."""
 from __future__ import annotations
 
 from collections import Counter
@@ -46,6 +47,7 @@ def format_report(rec) -> str:
     out += ["GEMM plan", _table(["module", "role", "N x K", "scheme", "decided by", "runs as"],
                                 [[g["fqn"], g["role"], "x".join(map(str, g["shape"])), g["scheme"], g["rule"],
                                   g["kernel"]] for g in rec.gemms]), ""]
+    out += kernel_lines(rec)
     kinds = Counter(f["kind"] for f in rec.fusions)
     out += ["Fusions (" + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())) + ")",
             _table(["kind", "module", "replaced", "fused op", "note"],
@@ -54,4 +56,41 @@ def format_report(rec) -> str:
     out += ["Not fused", _table(["candidate", "module", "why"],
                                 [[n["candidate"], n["fqn"], n["reason"]] for n in rec.not_fused])
             if rec.not_fused else "(none)"]
+    out += fallback_lines()
     return "\n".join(out)
+
+
+def kernel_lines(rec) -> list[str]:
+    """The kernel plan (plugins/gemm_plan.py): one row per quantized GEMM, one column per M bucket; a cell shows
+    where TensorRT's plugin runs another kernel (the fp16 dequant path is PyTorch-only)."""
+    planned = [g for g in rec.gemms if "kernels" in g]
+    if not planned:
+        return ["Kernels per M bucket", "(not planned: an engine saved before kernel plans, or no quantized GEMM)", ""]
+    first = planned[0]["kernels"]
+    buckets = list(first["buckets"])
+    head = f"Kernels per M bucket (M = tokens per call), planned for {first['planned_for']}"
+    cells = {c for g in planned for c in g["kernels"]["buckets"].values()}
+    if len(cells) == 1 and next(iter(cells)).startswith("reference ("):
+        return [head, f"every quantized GEMM: {next(iter(cells))}; planned again when the engine runs on or moves "
+                f"to a CUDA device", ""]
+
+    def cell(g, b):
+        k = g["kernels"]
+        trt = k.get("tensorrt", {}).get(b)
+        return k["buckets"][b] + (f" [TRT: {trt}]" if trt and trt != k["buckets"][b] else "")
+
+    rows = [[g["fqn"], "x".join(map(str, g["shape"])), g["scheme"], *(cell(g, b) for b in buckets)] for g in planned]
+    fallbacks = sorted({f"{k} -> {f}" for g in planned for b, f in g["kernels"]["fallbacks"].items()
+                        for k in [g["kernels"]["buckets"][b]]})
+    return [head, _table(["module", "N x K", "scheme", *buckets], rows),
+            "if a kernel declines at run time (pointer alignment, grid size): " + (", ".join(fallbacks) or "none"), ""]
+
+
+def fallback_lines() -> list[str]:
+    """Calls of this process that took a slower path than the planned kernel (zqcompile.plugins.cuda.fallbacks)."""
+    from zqcompile.plugins import kernel_fallbacks
+    counts = kernel_fallbacks()
+    if not counts:
+        return []
+    return ["", "Run-time fallbacks (this process)",
+            _table(["op", "why", "calls"], [[op, why, n] for (op, why), n in sorted(counts.items())])]

@@ -65,8 +65,8 @@ constexpr char const* kName = "ZqInt8GemmDequant";
 constexpr char const* kVersion = "1";
 constexpr int32_t kNbInputsMax = 6;
 constexpr int32_t kNbOutputsMax = 1;
-constexpr int32_t kNbFields = 5;
-constexpr FieldSpec kFields[kNbFields] = {{"act", FieldType::kChar}, {"w_bits", FieldType::kInt32}, {"out_dtype", FieldType::kInt32}, {"has_bias", FieldType::kInt32}, {"has_residual", FieldType::kInt32}};
+constexpr int32_t kNbFields = 6;
+constexpr FieldSpec kFields[kNbFields] = {{"act", FieldType::kChar}, {"w_bits", FieldType::kInt32}, {"out_dtype", FieldType::kInt32}, {"has_bias", FieldType::kInt32}, {"has_residual", FieldType::kInt32}, {"kernel_plan", FieldType::kChar}};
 constexpr PortSpec kInputs[kNbInputsMax] = {{"xq", nullptr}, {"x_scale", nullptr}, {"wq", nullptr}, {"w_scale", nullptr}, {"bias", "has_bias"}, {"residual", "has_residual"}};
 constexpr PortSpec kOutputs[kNbOutputsMax] = {{"y", nullptr}};
 } // namespace ZqInt8GemmDequant
@@ -77,8 +77,8 @@ constexpr char const* kName = "ZqWeightOnlyGemm";
 constexpr char const* kVersion = "1";
 constexpr int32_t kNbInputsMax = 5;
 constexpr int32_t kNbOutputsMax = 1;
-constexpr int32_t kNbFields = 4;
-constexpr FieldSpec kFields[kNbFields] = {{"act", FieldType::kChar}, {"w_bits", FieldType::kInt32}, {"has_bias", FieldType::kInt32}, {"has_residual", FieldType::kInt32}};
+constexpr int32_t kNbFields = 5;
+constexpr FieldSpec kFields[kNbFields] = {{"act", FieldType::kChar}, {"w_bits", FieldType::kInt32}, {"has_bias", FieldType::kInt32}, {"has_residual", FieldType::kInt32}, {"kernel_plan", FieldType::kChar}};
 constexpr PortSpec kInputs[kNbInputsMax] = {{"x", nullptr}, {"wq", nullptr}, {"w_scale", nullptr}, {"bias", "has_bias"}, {"residual", "has_residual"}};
 constexpr PortSpec kOutputs[kNbOutputsMax] = {{"y", nullptr}};
 } // namespace ZqWeightOnlyGemm

@@ -8,6 +8,8 @@
 #include "zq/norm_quant.h"
 #include "zq/quantize.h"
 
+#include <cstdio>
+
 namespace zq::kernels
 {
 namespace
@@ -22,53 +24,30 @@ int64_t groups(int64_t k, int64_t groupK)
     return groupK > 0 && groupK < k ? k / groupK : 1;
 }
 
-// The engine's choice (zqcompile/plugins/cuda.py int8_gemm_dequant; limits measured on an H200): the sm80+ mma
-// kernel for K-group scales above M = 16 (no per-call fp16 dequant path here, so at every larger M) and for INT4
-// or short-K INT8 row scales at 4 < M <= 64; else the Hopper INT8 GEMM (INT4 unpacked into the workspace); else
-// the mma kernel again (A100: no Hopper kernel); the CUDA-core kernel, which takes any shape, last.
-bool tryMma(zq_gemm_args const& a, cudaStream_t stream, cudaError_t* rc)
-{
-    *rc = zq_gemm_mma(&a, stream);
-    return *rc != cudaErrorNotSupported;
-}
+static_assert(GemmPlan::kMaxEntries == ZQ_GEMM_PLAN_MAX, "GemmPlan mirrors zq_gemm_plan");
 
-cudaError_t runGemm(zq_gemm_args& a, void* workspace, size_t workspaceBytes, cudaStream_t stream)
+// The plan's kernel for a.m; its fallback when that kernel declines at run time (cudaErrorNotSupported: pointer
+// alignment, grid limits), said once per process on stderr so a slower path is never silent.
+cudaError_t runGemm(GemmPlan const& plan, zq_gemm_args const& a, void* workspace, size_t workspaceBytes,
+    cudaStream_t stream)
 {
-    cudaError_t rc = cudaSuccess;
-    if (a.x_is_int8)
+    int32_t i = 0;
+    while (i + 1 < plan.count && a.m > plan.maxM[i])
+        ++i;
+    if (plan.count == 0)
+        return cudaErrorInvalidValue;
+    cudaError_t rc = zq_gemm_run(plan.kernel[i], &a, workspace, workspaceBytes, stream);
+    if (rc != cudaErrorNotSupported || plan.fallback[i] < 0)
+        return rc;
+    static bool warned = false;
+    if (!warned)
     {
-        bool const rowScales = a.groups == 1;
-        bool const mmaFirst = rowScales ? (a.m > 4 && a.m <= 64 && (a.w_bits == 4 || a.k <= 1024)) : a.m > 16;
-        if (mmaFirst && tryMma(a, stream, &rc))
-            return rc;
+        warned = true;
+        std::fprintf(stderr, "zq TensorRT plugin: GEMM kernel %s declined M=%lld N=%lld K=%lld at run time; ran %s "
+                     "(the plan's fallback)\n", zq_gemm_kernel_name(plan.kernel[i]), static_cast<long long>(a.m),
+            static_cast<long long>(a.n), static_cast<long long>(a.k), zq_gemm_kernel_name(plan.fallback[i]));
     }
-    if (a.x_is_int8 && a.groups == 1 && a.m > 4)
-    {
-        zq_gemm_args t = a;
-        bool ready = true;
-        if (a.w_bits == 4)
-        {
-            ready = workspace != nullptr && workspaceBytes >= static_cast<size_t>(a.n * a.k);
-            if (ready)
-            {
-                cudaError_t e = zq_unpack_int4(static_cast<uint8_t const*>(a.wq), a.n, a.k,
-                    static_cast<int8_t*>(workspace), stream);
-                if (e != cudaSuccess)
-                    return e;
-                t.wq = workspace;
-                t.w_bits = 8;
-            }
-        }
-        if (ready)
-        {
-            cudaError_t e = zq_gemm_sm90(&t, stream);
-            if (e != cudaErrorNotSupported)
-                return e;
-        }
-        if (tryMma(a, stream, &rc))
-            return rc;
-    }
-    return zq_gemm_simt(&a, stream);
+    return zq_gemm_run(plan.fallback[i], &a, workspace, workspaceBytes, stream);
 }
 } // namespace
 
@@ -92,29 +71,68 @@ cudaError_t launchActQuant(void const* x, void const* bias, void const* gate, Fl
     return zq_act_quant(x, bias, gate, dtype(xType), rows, cols, static_cast<int>(act), q, scale, out, stream);
 }
 
-cudaError_t launchInt8GemmDequant(int8_t const* xq, float const* xScale, int8_t const* wq, float const* wScale,
-    void const* bias, void const* residual, FloatType epilogueType, int64_t m, int64_t n, int64_t k,
-    int64_t groupK, int32_t wBits, Act act, void* y, FloatType yType, void* workspace, size_t workspaceBytes,
-    cudaStream_t stream)
+bool parseGemmPlan(std::string const& text, GemmPlan& plan, std::string& error)
 {
-    (void) epilogueType; // bias and residual are in the output type, as in the library's epilogue
-    zq_gemm_args a{xq, ZQ_F32, 1, xScale, wq, wBits, wScale, groups(k, groupK), bias, residual, static_cast<int>(act),
-        y, dtype(yType), m, n, k};
-    return runGemm(a, workspace, workspaceBytes, stream);
+    zq_gemm_plan p;
+    if (zq_gemm_plan_parse(text.c_str(), &p) != 0)
+    {
+        error = "kernel_plan '" + text + "' is not a plan (<max M>:<kernel>[/<fallback>],...,inf:<kernel>)";
+        return false;
+    }
+    plan = GemmPlan{};
+    plan.count = p.count;
+    for (int32_t i = 0; i < p.count; ++i)
+    {
+        plan.maxM[i] = p.max_m[i];
+        plan.kernel[i] = p.kernel[i];
+        plan.fallback[i] = p.fallback[i];
+    }
+    return true;
 }
 
-cudaError_t launchWeightOnlyGemm(void const* x, FloatType xType, int8_t const* wq, float const* wScale,
-    void const* bias, void const* residual, int64_t m, int64_t n, int64_t k, int64_t groupK, int32_t wBits,
-    Act act, void* y, void* workspace, size_t workspaceBytes, cudaStream_t stream)
+cudaError_t checkGemmPlan(GemmPlan const& plan, std::string& error)
+{
+    for (int32_t i = 0; i < plan.count; ++i)
+        for (int32_t id : {plan.kernel[i], plan.fallback[i]})
+            if (id >= 0 && !zq_gemm_kernel_available(id))
+            {
+                error = std::string("kernel_plan names GEMM kernel ") + zq_gemm_kernel_name(id) +
+                    ", which cannot run on this device with this kernel library: export the ONNX model again "
+                    "for this device (zq.export_onnx(..., dialect='tensorrt', gemm_device=...))";
+                return cudaErrorNotSupported;
+            }
+    return cudaSuccess;
+}
+
+cudaError_t launchInt8GemmDequant(GemmPlan const& plan, int8_t const* xq, float const* xScale, int8_t const* wq,
+    float const* wScale, void const* bias, void const* residual, int64_t m, int64_t n, int64_t k, int64_t groupK,
+    int32_t wBits, Act act, void* y, FloatType yType, void* workspace, size_t workspaceBytes, cudaStream_t stream)
+{
+    zq_gemm_args a{xq, ZQ_F32, 1, xScale, wq, wBits, wScale, groups(k, groupK), bias, residual, static_cast<int>(act),
+        y, dtype(yType), m, n, k};
+    return runGemm(plan, a, workspace, workspaceBytes, stream);
+}
+
+cudaError_t launchWeightOnlyGemm(GemmPlan const& plan, void const* x, FloatType xType, int8_t const* wq,
+    float const* wScale, void const* bias, void const* residual, int64_t m, int64_t n, int64_t k, int64_t groupK,
+    int32_t wBits, Act act, void* y, void* workspace, size_t workspaceBytes, cudaStream_t stream)
 {
     zq_gemm_args a{x, dtype(xType), 0, nullptr, wq, wBits, wScale, groups(k, groupK), bias, residual,
         static_cast<int>(act), y, dtype(xType), m, n, k};
-    return runGemm(a, workspace, workspaceBytes, stream);
+    return runGemm(plan, a, workspace, workspaceBytes, stream);
 }
 
-size_t gemmWorkspaceBytes(int64_t m, int64_t n, int64_t k, int32_t wBits)
+size_t gemmWorkspaceBytes(GemmPlan const& plan, int64_t maxM, int64_t n, int64_t k, int32_t wBits)
 {
-    (void) m;
-    return wBits == 4 ? static_cast<size_t>(n * k) : 0; // INT4 weights unpacked to INT8 for the Hopper GEMM
+    size_t bytes = 0;
+    for (int32_t i = 0; i < plan.count; ++i)
+    {
+        for (int32_t id : {plan.kernel[i], plan.fallback[i]})
+            if (id >= 0 && zq_gemm_workspace_bytes(id, n, k, wBits) > bytes)
+                bytes = zq_gemm_workspace_bytes(id, n, k, wBits);
+        if (maxM <= plan.maxM[i])
+            break; // the buckets past maxM never run
+    }
+    return bytes;
 }
 } // namespace zq::kernels

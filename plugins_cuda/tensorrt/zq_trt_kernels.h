@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cuda_runtime_api.h>
+#include <string>
 
 namespace zq::kernels
 {
@@ -28,17 +29,35 @@ cudaError_t launchNormQuant(void const* x, void const* residual, void const* wei
 cudaError_t launchActQuant(void const* x, void const* bias, void const* gate, FloatType xType, int64_t rows,
     int64_t cols, Act act, int8_t* q, float* scale, void* out, cudaStream_t stream);
 
-// y[m, n] = act(acc[m, n] * xScale[m] * wScale[n, g] (+ bias[n])) (+ residual[m, n]), int32 accumulation.
-cudaError_t launchInt8GemmDequant(int8_t const* xq, float const* xScale, int8_t const* wq, float const* wScale,
-    void const* bias, void const* residual, FloatType epilogueType, int64_t m, int64_t n, int64_t k,
-    int64_t groupK, int32_t wBits, Act act, void* y, FloatType yType, void* workspace, size_t workspaceBytes,
-    cudaStream_t stream);
+// The GEMM kernel per M bucket that zqcompile planned for this GEMM (the plugin's kernel_plan field, e.g.
+// "4:simt,16:simt,64:mma/sm90,2048:sm90/simt,inf:sm90/simt"; zqcompile/plugins/gemm_kernels.py chose it), parsed
+// once when the plugin is created: the plugins never choose a kernel themselves.
+struct GemmPlan
+{
+    static constexpr int32_t kMaxEntries = 8;
+    int32_t count = 0;
+    int64_t maxM[kMaxEntries] = {};
+    int32_t kernel[kMaxEntries] = {};   // kernel library ids (zq_gemm_kernel)
+    int32_t fallback[kMaxEntries] = {}; // run when the kernel declines at run time; -1: none
+};
+
+// False (and a message) when the text is not a plan.
+bool parseGemmPlan(std::string const& text, GemmPlan& plan, std::string& error);
+// cudaErrorNotSupported (and a message) when a kernel of the plan cannot run on the current device, e.g. a plan
+// made for an H200 (sm90) on an A100: re-export the ONNX model for this device.
+cudaError_t checkGemmPlan(GemmPlan const& plan, std::string& error);
+
+// y[m, n] = act(acc[m, n] * xScale[m] * wScale[n, g] (+ bias[n])) (+ residual[m, n]), int32 accumulation, with
+// the plan's kernel for m (bias and residual in y's type).
+cudaError_t launchInt8GemmDequant(GemmPlan const& plan, int8_t const* xq, float const* xScale, int8_t const* wq,
+    float const* wScale, void const* bias, void const* residual, int64_t m, int64_t n, int64_t k, int64_t groupK,
+    int32_t wBits, Act act, void* y, FloatType yType, void* workspace, size_t workspaceBytes, cudaStream_t stream);
 
 // Float x times dequantized INT8/INT4 weights, same epilogue; y has x's type.
-cudaError_t launchWeightOnlyGemm(void const* x, FloatType xType, int8_t const* wq, float const* wScale,
-    void const* bias, void const* residual, int64_t m, int64_t n, int64_t k, int64_t groupK, int32_t wBits,
-    Act act, void* y, void* workspace, size_t workspaceBytes, cudaStream_t stream);
+cudaError_t launchWeightOnlyGemm(GemmPlan const& plan, void const* x, FloatType xType, int8_t const* wq,
+    float const* wScale, void const* bias, void const* residual, int64_t m, int64_t n, int64_t k, int64_t groupK,
+    int32_t wBits, Act act, void* y, void* workspace, size_t workspaceBytes, cudaStream_t stream);
 
-// Workspace the GEMM launches need for [m, n, k] (split-K partials, alignment); 0 when none.
-size_t gemmWorkspaceBytes(int64_t m, int64_t n, int64_t k, int32_t wBits);
+// Workspace the plan's kernels (fallbacks included) need for up to maxM rows of [n, k]; 0 when none.
+size_t gemmWorkspaceBytes(GemmPlan const& plan, int64_t maxM, int64_t n, int64_t k, int32_t wBits);
 } // namespace zq::kernels

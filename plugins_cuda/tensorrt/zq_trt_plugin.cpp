@@ -1,8 +1,6 @@
 // IPluginV3 plugins wrapping zqcompile's fused per-token INT8 kernels; see zq_trt_plugin.h.
 #include "zq_trt_plugin.h"
 
-#include "zq_trt_kernels.h"
-
 #include <cstdio>
 #include <cstring>
 #include <new>
@@ -117,6 +115,11 @@ int64_t rowsOf(Dims const& d) noexcept
 
 constexpr int32_t kOnnxFloat16 = 10;
 
+bool isGemm(Op op) noexcept
+{
+    return op == Op::kInt8GemmDequant || op == Op::kWeightOnlyGemm;
+}
+
 int32_t check(cudaError_t e, char const* what) noexcept
 {
     if (e == cudaSuccess)
@@ -188,10 +191,11 @@ bool parseFields(OpInfo const& info, PluginFieldCollection const* fc, FieldValue
     return true;
 }
 
-ZqPlugin::ZqPlugin(Op op, FieldValues values)
+ZqPlugin::ZqPlugin(Op op, FieldValues values, kernels::GemmPlan gemmPlan)
     : mOp(op)
     , mInfo(opInfo(op))
     , mValues(std::move(values))
+    , mGemmPlan(gemmPlan)
 {
 }
 
@@ -208,7 +212,7 @@ IPluginCapability* ZqPlugin::getCapabilityInterface(PluginCapabilityType type) n
 
 IPluginV3* ZqPlugin::clone() noexcept
 {
-    return new (std::nothrow) ZqPlugin(mOp, mValues);
+    return new (std::nothrow) ZqPlugin(mOp, mValues, mGemmPlan);
 }
 
 char const* ZqPlugin::getPluginName() const noexcept { return mInfo.name; }
@@ -306,6 +310,7 @@ bool ZqPlugin::supportsFormatCombination(
         return false;
     auto isFloat = [](DataType t) { return t == DataType::kFLOAT || t == DataType::kHALF; };
     bool const gemm = mOp == Op::kInt8GemmDequant;
+    DataType const gemmOut = mValues.getInt(mInfo, "out_dtype") == kOnnxFloat16 ? DataType::kHALF : DataType::kFLOAT;
     if (pos < nbInputs)
     {
         Ports p = portsOf(mOp);
@@ -321,16 +326,20 @@ bool ZqPlugin::supportsFormatCombination(
             if (!std::strcmp(name, "x_scale") || !std::strcmp(name, "w_scale"))
                 return d.type == DataType::kFLOAT;
             // float activations, bias, residual, norm weight: one float type per node (that of port 0, or
-            // for the GEMM, of its output)
+            // for the GEMM, of its output: the kernels read bias and residual in the output type). Weight-only
+            // GEMMs take fp16 x: their kernel (simt, the only one in the kernel library) reads 16-bit floats, so
+            // TensorRT converts an fp32 x (zqcompile plans the kernel for fp16).
             if (gemm)
-                return isFloat(d.type);
+                return d.type == gemmOut;
+            if (mOp == Op::kWeightOnlyGemm && pos == 0)
+                return d.type == DataType::kHALF;
             return pos == 0 ? isFloat(d.type) : d.type == inOut[0].desc.type;
         }
         return false;
     }
     int32_t const out = pos - nbInputs;
     if (gemm)
-        return d.type == (mValues.getInt(mInfo, "out_dtype") == kOnnxFloat16 ? DataType::kHALF : DataType::kFLOAT);
+        return d.type == gemmOut;
     if (mOp == Op::kWeightOnlyGemm)
         return d.type == inOut[0].desc.type;
     if (out == 0)
@@ -343,19 +352,27 @@ bool ZqPlugin::supportsFormatCombination(
 int32_t ZqPlugin::configurePlugin(
     DynamicPluginTensorDesc const* /*in*/, int32_t nbInputs, DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
 {
-    return nbInputs == this->nbInputs() && nbOutputs == getNbOutputs() ? 0 : -1;
+    if (nbInputs != this->nbInputs() || nbOutputs != getNbOutputs())
+        return -1;
+    std::string error;
+    if (isGemm(mOp) && kernels::checkGemmPlan(mGemmPlan, error) != cudaSuccess)
+    {
+        std::fprintf(stderr, "zq TensorRT plugin %s: %s\n", mInfo.name, error.c_str());
+        return -1;
+    }
+    return 0;
 }
 
 size_t ZqPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t /*nbInputs*/,
     DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
 {
-    if (mOp != Op::kInt8GemmDequant && mOp != Op::kWeightOnlyGemm)
+    if (!isGemm(mOp))
         return 0;
     Dims const& x = inputs[0].max;
     Dims const& w = inputs[inputIndex("wq")].max;
     int32_t const bits = mValues.getInt(mInfo, "w_bits");
     int64_t const k = w.d[1] * (bits == 4 ? 2 : 1);
-    return kernels::gemmWorkspaceBytes(rowsOf(x), w.d[0], k, bits);
+    return kernels::gemmWorkspaceBytes(mGemmPlan, rowsOf(x), w.d[0], k, bits);
 }
 
 int32_t ZqPlugin::onShapeChange(
@@ -406,16 +423,16 @@ int32_t ZqPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc co
         int64_t const k = wd.d[1] * (bits == 4 ? 2 : 1);
         int64_t const groupK = k / sd.d[1];
         auto act = parseAct(mValues.getStr(mInfo, "act"));
-        size_t const ws = kernels::gemmWorkspaceBytes(rows, n, k, bits);
+        size_t const ws = kernels::gemmWorkspaceBytes(mGemmPlan, rows, n, k, bits);
         if (mOp == Op::kWeightOnlyGemm)
-            return check(kernels::launchWeightOnlyGemm(inputs[0], xType, static_cast<int8_t const*>(inputs[wi]),
-                             static_cast<float const*>(in("w_scale")), in("bias"), in("residual"), rows, n, k, groupK,
-                             bits, act, outputs[0], workspace, ws, stream), mInfo.name);
-        kernels::FloatType const yType = floatType(outputDesc[0].type);
-        return check(kernels::launchInt8GemmDequant(static_cast<int8_t const*>(inputs[0]),
+            return check(kernels::launchWeightOnlyGemm(mGemmPlan, inputs[0], xType,
+                             static_cast<int8_t const*>(inputs[wi]), static_cast<float const*>(in("w_scale")),
+                             in("bias"), in("residual"), rows, n, k, groupK, bits, act, outputs[0], workspace, ws,
+                             stream), mInfo.name);
+        return check(kernels::launchInt8GemmDequant(mGemmPlan, static_cast<int8_t const*>(inputs[0]),
                          static_cast<float const*>(in("x_scale")), static_cast<int8_t const*>(inputs[wi]),
-                         static_cast<float const*>(in("w_scale")), in("bias"), in("residual"), yType, rows, n, k,
-                         groupK, bits, act, outputs[0], yType, workspace, ws, stream), mInfo.name);
+                         static_cast<float const*>(in("w_scale")), in("bias"), in("residual"), rows, n, k, groupK,
+                         bits, act, outputs[0], floatType(outputDesc[0].type), workspace, ws, stream), mInfo.name);
     }
     }
     return -1;
@@ -467,13 +484,17 @@ template <Op kOp>
 IPluginV3* ZqCreator<kOp>::createPlugin(char const* name, PluginFieldCollection const* fc, TensorRTPhase /*phase*/) noexcept
 {
     FieldValues values;
+    kernels::GemmPlan plan;
     std::string error;
-    if (!parseFields(opInfo(kOp), fc, values, error))
+    OpInfo const info = opInfo(kOp);
+    // the GEMMs' kernel_plan is parsed here, once: enqueue only looks its M up
+    if (!parseFields(info, fc, values, error)
+        || (isGemm(kOp) && !kernels::parseGemmPlan(values.getStr(info, "kernel_plan"), plan, error)))
     {
-        std::fprintf(stderr, "zq TensorRT plugin %s (%s): %s\n", opInfo(kOp).name, name ? name : "", error.c_str());
+        std::fprintf(stderr, "zq TensorRT plugin %s (%s): %s\n", info.name, name ? name : "", error.c_str());
         return nullptr;
     }
-    return new (std::nothrow) ZqPlugin(kOp, std::move(values));
+    return new (std::nothrow) ZqPlugin(kOp, std::move(values), plan);
 }
 
 using QuantizePerTokenCreator = ZqCreator<Op::kQuantizePerToken>;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "zq_trt_fields.h"
+#include "zq_trt_kernels.h"
 
 #include <NvInferRuntime.h>
 
@@ -45,7 +46,8 @@ class ZqPlugin : public nvinfer1::IPluginV3,
                  public nvinfer1::IPluginV3OneRuntime
 {
 public:
-    ZqPlugin(Op op, FieldValues values);
+    // gemmPlan: the parsed kernel_plan field of the GEMM ops (parseGemmPlan), empty for the others.
+    ZqPlugin(Op op, FieldValues values, kernels::GemmPlan gemmPlan = {});
     ~ZqPlugin() override = default;
 
     // IPluginV3
@@ -88,6 +90,7 @@ private:
     Op mOp;
     OpInfo mInfo;
     FieldValues mValues;
+    kernels::GemmPlan mGemmPlan;
     std::vector<nvinfer1::PluginField> mSerialized;
     nvinfer1::PluginFieldCollection mSerializedFc{};
 };

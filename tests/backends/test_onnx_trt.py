@@ -89,3 +89,55 @@ def test_export_tensorrt_without_tensorrt_names_the_package(tmp_path):
     with pytest.raises(zq_trt.TensorRTUnavailable, match="tensorrt"):
         zq_trt.load_tensorrt(tmp_path / "m.plan")
     assert not list(tmp_path.iterdir())
+
+
+def _kernel_plans(model) -> list[tuple[str, str]]:
+    return [(n.op_type, onnx.helper.get_attribute_value(a).decode()) for n in model.graph.node
+            if n.domain == trt_spec.DOMAIN for a in n.attribute if a.name == "kernel_plan"]
+
+
+def test_gemm_plugins_carry_the_chosen_kernel_plan(trt_model):
+    """fp32 outputs: the CUDA-core kernel at every M (the tensor-core kernels write fp16/bf16); the weight-only
+    plugin takes fp16 x, whose one TensorRT kernel is the CUDA-core one."""
+    assert _kernel_plans(trt_model) == [("ZqInt8GemmDequant", "4:simt,16:simt,64:simt,2048:simt,inf:simt")] * 2 + [
+        ("ZqWeightOnlyGemm", "4:simt,16:simt,64:simt,2048:simt,inf:simt")]
+    meta = {p.key: p.value for p in trt_model.metadata_props}
+    if not torch.cuda.is_available():
+        assert meta["zqcompile.gemm_kernels_planned_for"].startswith("sm_90 (assumed: no CUDA device at export)")
+
+
+class HalfGemms(torch.nn.Module):
+    """fp16 out: a W8A8 row-scaled GEMM and a W4A8 GEMM with K groups of 32."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        w8, s8 = qm.quantize_weight(torch.randn(64, 128, generator=g), 8)
+        w4, s4 = qm.quantize_weight(torch.randn(64, 64, generator=g), 4, "k_groups", group_size=32)
+        for name, t in dict(w8=w8, s8=s8, w4=w4, s4=s4).items():
+            self.register_buffer(name, t)
+
+    def forward(self, xq, xs):
+        y = zq.int8_gemm_dequant(xq, xs, self.w8, self.s8, None, None, "none", 8, torch.float16)
+        q, s, _ = zq.act_quant(y, None, None, "none", False)
+        return zq.int8_gemm_dequant(q, s, self.w4, self.s4, None, None, "none", 4, torch.float16)
+
+
+@pytest.mark.parametrize("device,plans", [
+    (("H200", (9, 0), True), ["4:simt,16:mma/sm90,64:mma/sm90,2048:sm90/simt,inf:sm90/simt",
+                              "4:simt,16:simt,64:mma/simt,2048:mma/simt,inf:mma/simt"]),
+    (("A100", (8, 0), False), ["4:simt,16:mma/simt,64:mma/simt,2048:mma/simt,inf:mma/simt",
+                               "4:simt,16:simt,64:mma/simt,2048:mma/simt,inf:mma/simt"])])
+def test_kernel_plan_follows_the_target_device(tmp_path, device, plans):
+    from zqcompile.export.onnx import export_onnx
+    from zqcompile.plugins.gemm_kernels import GemmDevice
+    name, cap, sm90 = device
+    xq, xs = qm.quantize_per_token(outlier_tokens(2, 5, 128))
+    ep = torch.export.export(HalfGemms(), (xq, xs), strict=False)
+    target = GemmDevice(name, cap, library=True, sm90_library=sm90)
+    path = export_onnx(ep.module(), tmp_path / "m.trt.onnx", dialect="tensorrt", example_inputs=(xq, xs),
+                       dynamic=False, gemm_device=target)
+    model = onnx.load(str(path))
+    assert [p for _, p in _kernel_plans(model)] == plans
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["zqcompile.gemm_kernels_planned_for"].startswith(f"{name} (sm_{cap[0]}{cap[1]}")

@@ -32,7 +32,7 @@ def test_every_plugin_wraps_a_zq_op_and_has_unique_fields():
 
 def test_check_attributes_rejects_drift():
     spec = trt_spec.PLUGINS["int8_gemm_dequant"]
-    good = dict(act="gelu", w_bits=8, out_dtype=1, has_bias=1, has_residual=0)
+    good = dict(act="gelu", w_bits=8, out_dtype=1, has_bias=1, has_residual=0, kernel_plan="inf:simt")
     trt_spec.check_attributes(spec, good)
     with pytest.raises(ValueError, match="plugin fields"):
         trt_spec.check_attributes(spec, {**good, "extra": 1})

@@ -130,30 +130,43 @@ def _run_exporter(src: ExportSource, table: dict, dynamic: bool):
         return torch.onnx.export(src.gm, src.example_inputs, **kwargs)
 
 
-def to_onnx_model(src: ExportSource, dialect: str, dynamic: bool = True):
-    """Export to an in-memory onnx.ModelProto (not yet checked or written)."""
+def to_onnx_model(src: ExportSource, dialect: str, dynamic: bool = True, gemm_device=None):
+    """Export to an in-memory onnx.ModelProto (not yet checked or written). gemm_device (TensorRT dialect): the
+    zqcompile.plugins.gemm_kernels.GemmDevice the GEMM plugins' kernel plans are made for (default: this machine's
+    CUDA device, else an sm_90 with the Hopper GEMM)."""
+    import contextlib
     table = translation_table(dialect)
     check_translatable(src.gm, table, dialect)
+    target = contextlib.nullcontext(None)
     if dialect == "tensorrt":
+        from zqcompile.export.onnx_trt_ops import default_gemm_target, gemm_target
         from zqcompile.plugins import trt_spec
         trt_spec.register_onnx_schemas()
+        target = gemm_target(gemm_device or default_gemm_target())
+    with target as planned_for:
+        program = _export(src, table, dynamic, dialect)
+    model = program.model_proto
+    if dialect == "tensorrt":
+        from zqcompile.export.onnx_trt_ops import finalize_trt_model
+        finalize_trt_model(model)
+        entry = model.metadata_props.add()
+        entry.key, entry.value = "zqcompile.gemm_kernels_planned_for", planned_for.describe()
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "zqcompile.dialect", dialect
+    return model
+
+
+def _export(src: ExportSource, table: dict, dynamic: bool, dialect: str):
     try:
-        program = _run_exporter(src, table, dynamic)
+        return _run_exporter(src, table, dynamic)
     except Exception as e:  # the exporter raises its own classes; only this one retry is shape-related
         if not dynamic or "static shape" not in str(e):
             raise ExportError(f"torch.onnx could not export the graph ({dialect} dialect): "
                               f"{type(e).__name__}: {_summary(e)}") from e
         warnings.warn("the engine's graph was captured with static shapes; exporting ONNX with fixed "
                       f"input shapes {[tuple(x.shape) for x in src.example_inputs]} (capture with dynamic "
-                      "batch/seq to keep them dynamic)", stacklevel=3)
-        program = _run_exporter(src, table, dynamic=False)
-    model = program.model_proto
-    if dialect == "tensorrt":
-        from zqcompile.export.onnx_trt_ops import finalize_trt_model
-        finalize_trt_model(model)
-    entry = model.metadata_props.add()
-    entry.key, entry.value = "zqcompile.dialect", dialect
-    return model
+                      "batch/seq to keep them dynamic)", stacklevel=4)
+        return _run_exporter(src, table, dynamic=False)
 
 
 def _summary(e: Exception) -> str:
@@ -199,14 +212,15 @@ def save_atomic(model, path: Union[str, os.PathLike]) -> Path:
 
 def export_onnx(engine: Union[Exportable, torch.nn.Module], path: Union[str, os.PathLike],
                 dialect: str = "standard", example_inputs: Sequence[Any] | None = None,
-                input_names: Sequence[str] | None = None, dynamic: bool = True) -> Path:
+                input_names: Sequence[str] | None = None, dynamic: bool = True, gemm_device=None) -> Path:
     """Export a compiled engine (or a GraphModule + example_inputs) to ONNX at `path`.
 
     dialect="standard": standard ONNX (opset 18), runs in ONNX Runtime on CPU.
     dialect="tensorrt": fused zq ops as `zq.trt` plugin nodes for TensorRT with libzq_trt_plugins.
-    Batch and sequence axes stay dynamic when the captured graph allows it."""
+    Batch and sequence axes stay dynamic when the captured graph allows it. gemm_device (TensorRT dialect): the
+    zqcompile.plugins.gemm_kernels.GemmDevice the GEMM plugins' kernel plans are for (see to_onnx_model)."""
     if dialect not in DIALECTS:
         raise ExportError(f"unknown ONNX dialect {dialect!r}; choose one of {DIALECTS}")
     src = resolve_source(engine, example_inputs, input_names)
-    model = to_onnx_model(src, dialect, dynamic)
+    model = to_onnx_model(src, dialect, dynamic, gemm_device)
     return save_atomic(model, path)

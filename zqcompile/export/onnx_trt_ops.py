@@ -4,17 +4,72 @@ registered with `@onnx_translation(name, dialect="tensorrt")`. Absent optional i
 `has_*` fields; outputs not emitted are not produced by the plugin and are replaced by empty constants. Ops
 declared tensorrt="standard" (static quantization, the unfused QDQ forms) keep their standard translation:
 TensorRT builds those elementwise ops natively.
+
+The GEMM plugins get their kernel per M bucket as the `kernel_plan` field, chosen by the engine's chooser
+(zqcompile/plugins/gemm_kernels.py) for the node's problem on the TensorRT target (`gemm_target`: the device the
+export runs on, else an H200-class sm_90 with the Hopper GEMM, written in the model's metadata); the plugin parses
+it once and never chooses.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import onnxscript
 
+from zqcompile.errors import ExportError
 from zqcompile.export.onnx_ops import empty_like
 from zqcompile.ops.registry import onnx_translation
 from zqcompile.plugins import trt_spec
+from zqcompile.plugins.gemm_kernels import GemmDevice, GemmProblem, NoGemmKernel, plan_text
 
 trt_spec.register_onnx_schemas()
 _trt = onnxscript.values.Opset(trt_spec.DOMAIN, trt_spec.DOMAIN_VERSION)
+
+
+# Without a CUDA device at export: the GPU zqcompile's kernels are tuned for (the plugin refuses a plan whose
+# kernels its device cannot run, naming gemm_device=).
+ASSUMED_TARGET = GemmDevice("sm_90 (assumed: no CUDA device at export)", (9, 0), library=True, sm90_library=True,
+                            tensorrt=True)
+_target: contextvars.ContextVar[GemmDevice] = contextvars.ContextVar("zq_trt_gemm_target", default=ASSUMED_TARGET)
+_ONNX_DTYPES = {1: "float32", 3: "int8", 10: "float16", 16: "bfloat16"}
+
+
+def default_gemm_target() -> GemmDevice:
+    """The current CUDA device as the plugin will see it (the plugin links the kernel library), else ASSUMED_TARGET."""
+    import torch
+    if not torch.cuda.is_available():
+        return ASSUMED_TARGET
+    from dataclasses import replace
+
+    from zqcompile.plugins.gemm_plan import gemm_device
+    d = gemm_device(torch.device("cuda"))
+    return replace(d, library=True, sm90_library=d.sm90_library or not d.library, tensorrt=True)
+
+
+@contextlib.contextmanager
+def gemm_target(device: GemmDevice) -> Iterator[GemmDevice]:
+    """The device the GEMM plugins' kernel plans are made for, while a TensorRT-dialect export runs."""
+    from dataclasses import replace
+    token = _target.set(replace(device, tensorrt=True))
+    try:
+        yield _target.get()
+    finally:
+        _target.reset(token)
+
+
+def kernel_plan(zq_op: str, x, wq, w_scale, w_bits: int, out_dtype: str) -> str:
+    """The kernel_plan field of a GEMM plugin node. The plugins take bias and residual in the output type and the
+    weight-only plugin fp16 x (supportsFormatCombination), so the problem is planned with those."""
+    k, groups = int(x.shape[-1]), int(w_scale.shape[1])
+    x_dtype = "int8" if zq_op == "int8_gemm_dequant" else "float16"
+    problem = GemmProblem(zq_op, int(wq.shape[0]), k, int(w_bits), 0 if groups == 1 else k // groups, x_dtype,
+                          out_dtype)
+    try:
+        return plan_text(problem, _target.get())
+    except NoGemmKernel as e:
+        raise ExportError(f"{zq_op} has no TensorRT kernel: {e}") from None
 
 
 def plugin_node(zq_op: str, inputs: list, attrs: dict, num_outputs: int):
@@ -57,13 +112,15 @@ def act_quant(x, bias, gate, act: str, emit_out: bool):
 @onnx_translation("int8_gemm_dequant", dialect="tensorrt")
 def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out_dtype: int):
     attrs = dict(act=act, w_bits=int(w_bits), out_dtype=int(out_dtype), has_bias=_flag(bias),
-                 has_residual=_flag(residual))
+                 has_residual=_flag(residual),
+                 kernel_plan=kernel_plan("int8_gemm_dequant", xq, wq, w_scale, w_bits, _ONNX_DTYPES[int(out_dtype)]))
     return plugin_node("int8_gemm_dequant", [xq, x_scale, wq, w_scale, bias, residual], attrs, 1)[0]
 
 
 @onnx_translation("weight_only_gemm", dialect="tensorrt")
 def weight_only_gemm(x, wq, w_scale, bias, residual, act: str, w_bits: int):
-    attrs = dict(act=act, w_bits=int(w_bits), has_bias=_flag(bias), has_residual=_flag(residual))
+    attrs = dict(act=act, w_bits=int(w_bits), has_bias=_flag(bias), has_residual=_flag(residual),
+                 kernel_plan=kernel_plan("weight_only_gemm", x, wq, w_scale, w_bits, "float16"))
     return plugin_node("weight_only_gemm", [x, wq, w_scale, bias, residual], attrs, 1)[0]
 
 

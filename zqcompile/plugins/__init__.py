@@ -68,6 +68,14 @@ def status() -> str:
     return f"zq CUDA kernels: not loaded ({_state['error']}); zq ops run their reference implementations"
 
 
+def kernel_fallbacks() -> dict[tuple[str, str], int]:
+    """(op, reason) -> calls of this process that ran a slower path than the planned kernel (the reference
+    implementation, or a GEMM kernel's fallback); empty when the CUDA kernels never loaded."""
+    import sys
+    cuda = sys.modules.get("zqcompile.plugins.cuda")
+    return dict(cuda.fallbacks) if cuda is not None else {}
+
+
 def ensure_cuda_kernels(device: torch.device | str) -> bool:
     """Load the kernels for a model about to run on `device`; warn once if it is a CUDA device without them."""
     ok = load()

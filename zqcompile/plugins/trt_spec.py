@@ -68,6 +68,9 @@ ACT = Field("act", "str", "none | gelu | gelu_tanh | relu | silu (zqcompile.ops.
 W_BITS = Field("w_bits", "int", "8: int8 [N, K]; 4: two INT4 per byte along K, [N, K/2] (low nibble = even k)")
 HAS_BIAS = Field("has_bias", "int", "1 when the bias input is present")
 HAS_RESIDUAL = Field("has_residual", "int", "1 when the residual input is present")
+KERNEL_PLAN = Field("kernel_plan", "str", "the GEMM kernel per M bucket that zqcompile chose "
+                    "(zqcompile/plugins/gemm_kernels.py), '<max M>:<kernel>[/<fallback>],...,inf:<kernel>', "
+                    "parsed once by the plugin (zq_gemm_plan_parse)")
 
 PLUGINS: dict[str, PluginSpec] = {s.zq_op: s for s in (
     PluginSpec("ZqQuantizePerToken", "1", "quantize_per_token",
@@ -93,14 +96,15 @@ PLUGINS: dict[str, PluginSpec] = {s.zq_op: s for s in (
                        Port("bias", FLOATS, "has_bias"), Port("residual", FLOATS, "has_residual")),
                outputs=(Port("y", FLOATS),),
                fields=(ACT, W_BITS, Field("out_dtype", "int", "ONNX TensorProto dtype of y (1 fp32, 10 fp16)"),
-                       HAS_BIAS, HAS_RESIDUAL),
+                       HAS_BIAS, HAS_RESIDUAL, KERNEL_PLAN),
                doc="W8A8 / W4A8 GEMM, int32 accumulate, x_scale[m] * w_scale[n, g] (+bias) -> act (+residual)"),
     PluginSpec("ZqWeightOnlyGemm", "1", "weight_only_gemm",
                inputs=(Port("x", FLOATS), Port("wq", I8), Port("w_scale", F32), Port("bias", FLOATS, "has_bias"),
                        Port("residual", FLOATS, "has_residual")),
                outputs=(Port("y", FLOATS),),
-               fields=(ACT, W_BITS, HAS_BIAS, HAS_RESIDUAL),
-               doc="W8A16 / W4A16: weights dequantized in the mainloop, same epilogue"),
+               fields=(ACT, W_BITS, HAS_BIAS, HAS_RESIDUAL, KERNEL_PLAN),
+               doc="W8A16 / W4A16: weights dequantized in the mainloop, same epilogue (fp16 x: the plugin's kernel "
+                   "reads 16-bit floats)"),
 )}
 
 

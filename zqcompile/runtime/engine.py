@@ -62,7 +62,7 @@ class Engine:
     def __call__(self, *args, **kwargs):
         tensors = self.spec.bind(args, kwargs)
         if tensors[0].is_cuda:
-            _ensure_kernels(tensors[0].device)
+            _ensure_kernels(tensors[0].device, self.record)
         if self.cuda_graphs and tensors[0].is_cuda:
             if self._graphs is None:
                 from zqcompile.runtime.cuda_graphs import ShapeBucketedGraphs
@@ -76,6 +76,7 @@ class Engine:
     def to(self, device: str | torch.device) -> "Engine":
         """Move every graph's constants (each shared tensor once, still shared) and the KV cache."""
         move_constants(self.graphs, device)
+        _ensure_kernels(torch.device(device), self.record)
         self.example_inputs = tuple(t.to(device) for t in self.example_inputs)
         self._graphs = None
         if self._generator is not None:
@@ -110,7 +111,7 @@ class Engine:
         Hugging Face streamer. Rows that hit EOS are padded with the pad token until all rows are done."""
         from zqcompile.generation.sampling import SamplingParams
         gen = self.prepare_generation()
-        _ensure_kernels(gen.device)
+        _ensure_kernels(gen.device, self.record)
         return gen.generate(input_ids, attention_mask, max_new_tokens,
                             SamplingParams(do_sample, temperature, top_k, top_p), eos_token_id, seed, streamer)
 
@@ -162,11 +163,15 @@ class Engine:
         return Program(self.gm, tuple(_widen(t, dynamic) for t in self.example_inputs), dyn)
 
 
-def _ensure_kernels(device: torch.device) -> None:
-    """Register the CUDA kernels of the zq ops (warns once when the library is not built)."""
+def _ensure_kernels(device: torch.device, record: CompileRecord | None = None) -> None:
+    """Register the CUDA kernels of the zq ops (warns once when the library is not built); plan the record's GEMM
+    kernels for `device` (plugins/gemm_plan.py; a no-op when already planned for it)."""
     if device.type == "cuda":
         from zqcompile.plugins import ensure_cuda_kernels
         ensure_cuda_kernels(device)
+    if record is not None:
+        from zqcompile.plugins.gemm_plan import plan_record
+        plan_record(record, device)
 
 
 def load(path: str | os.PathLike) -> Engine:

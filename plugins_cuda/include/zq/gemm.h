@@ -48,3 +48,38 @@ ZQ_API cudaError_t zq_dequantize_weight(const void* wq, int w_bits, const float*
 // -1 picks one). 0 when the library has no sm90 GEMM.
 ZQ_API cudaError_t zq_gemm_sm90_config(const zq_gemm_args* a, int cfg, cudaStream_t stream);
 ZQ_API int zq_gemm_sm90_num_configs(void);
+
+// ---- the dispatcher: one entry point for the torch binding and the TensorRT plugin ----------------------------
+// The kernels above by id; zqcompile/plugins/gemm_kernels.py names them the same and chooses among them (per GEMM
+// and M bucket, recorded in the compile plan and handed to the TensorRT plugin as its kernel_plan field). Nothing
+// here chooses: zq_gemm_run runs the kernel it is told to.
+typedef enum { ZQ_GEMM_SIMT = 0, ZQ_GEMM_MMA = 1, ZQ_GEMM_SM90 = 2, ZQ_GEMM_NUM_KERNELS = 3 } zq_gemm_kernel;
+
+// "simt", "mma", "sm90"; NULL for an unknown id.
+ZQ_API const char* zq_gemm_kernel_name(int kernel);
+// 1 when `kernel` can run on the current device with this library (mma: sm_80+; sm90: sm_90 and the library
+// built with it), else 0.
+ZQ_API int zq_gemm_kernel_available(int kernel);
+// Workspace zq_gemm_run needs: N * K bytes for sm90 with INT4 weights (unpacked to int8 per call), else 0.
+ZQ_API size_t zq_gemm_workspace_bytes(int kernel, int64_t n, int64_t k, int w_bits);
+// Run GEMM kernel `kernel` (its default tile configuration) on `a`. cudaErrorNotSupported, with nothing launched,
+// when that kernel declines the problem or cannot run on this device: the caller then runs its plan's fallback.
+// cudaErrorInvalidValue for an unknown id or a workspace smaller than zq_gemm_workspace_bytes.
+ZQ_API cudaError_t zq_gemm_run(int kernel, const zq_gemm_args* a, void* workspace, size_t workspace_bytes,
+                               cudaStream_t stream);
+
+// A kernel plan as text (the TensorRT plugins' kernel_plan field, written by zqcompile's exporter):
+// "<max M>:<kernel>[/<fallback>],...,inf:<kernel>[/<fallback>]", max M strictly increasing, the last entry "inf";
+// e.g. "4:simt,16:simt,64:mma/sm90,2048:sm90/simt,inf:sm90/simt". An M runs the kernel of the first entry whose
+// max M is >= M; the fallback (-1: none) runs when that kernel declines at run time (alignment, grid limits).
+#define ZQ_GEMM_PLAN_MAX 8
+typedef struct {
+  int count;
+  int64_t max_m[ZQ_GEMM_PLAN_MAX];  // INT64_MAX for "inf"
+  int kernel[ZQ_GEMM_PLAN_MAX];
+  int fallback[ZQ_GEMM_PLAN_MAX];
+} zq_gemm_plan;
+// 0 and *plan filled, or -1 (plan untouched) when the text is malformed.
+ZQ_API int zq_gemm_plan_parse(const char* text, zq_gemm_plan* plan);
+// Index of the entry serving M (every M >= 0 has one in a parsed plan).
+ZQ_API int zq_gemm_plan_find(const zq_gemm_plan* plan, int64_t m);

@@ -1,0 +1,147 @@
+"""The GEMM kernel chooser (zqcompile/plugins/gemm_kernels.py) against the per-call if-ladder it replaced: the same
+kernel for every case of a grid of M / N / K / bits / groups / dtypes / capability (the ladder is copied here,
+verbatim but for the names of its inputs, with the mma kernel's run-time contract from gemm_mma.cu modelled);
+every M bucket has one choice; the TensorRT device never picks the PyTorch-only paths."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from zqcompile.plugins import gemm_kernels as G
+
+SMALL_M, SMALL_M_KGROUPS, MMA_ROW_MAX_M, MMA_ROW_MAX_K, MMA_KGROUP_MAX_M = 4, 16, 64, 1024, 2048
+
+
+def mma_accepts(k, n, w_bits, groups, out_dtype, capability):
+    """zq_gemm_mma_config's checks (gemm_mma.cu) for int8 x, aligned pointers, M within its grid."""
+    group_k = k // groups if groups > 0 else 0
+    return not ((w_bits not in (8, 4)) or out_dtype not in ("float16", "bfloat16") or k == 0 or k % 32 or n % 8
+                or groups < 1 or k % groups or group_k % 32 or group_k > 65536 or capability < (8, 0))
+
+
+def old_int8_ladder(m, k, n, w_bits, groups, out_dtype, epilogue_ok, sm90_usable, capability):
+    """zqcompile/plugins/cuda.py:int8_gemm_dequant before the chooser (commit 3975077), decisions only."""
+    if not epilogue_ok:
+        return "reference"
+    row_scales = groups == 1
+    tensor_core_ok = (out_dtype != "float32" and k % 16 == 0 and n % 8 == 0 and sm90_usable)
+    if not row_scales:
+        mma_first = SMALL_M_KGROUPS < m <= MMA_KGROUP_MAX_M or not tensor_core_ok and m > SMALL_M_KGROUPS
+    elif not tensor_core_ok:
+        mma_first = m > SMALL_M
+    else:
+        mma_first = SMALL_M < m <= MMA_ROW_MAX_M and (w_bits == 4 or k <= MMA_ROW_MAX_K)
+    if mma_first and mma_accepts(k, n, w_bits, groups, out_dtype, capability):
+        return "mma"
+    elif m > SMALL_M and tensor_core_ok and row_scales:
+        return "sm90"
+    elif m > SMALL_M_KGROUPS and tensor_core_ok:
+        return "fp16_dequant"  # was counted as "kgroup_fp16"
+    else:
+        return "simt"
+
+
+def old_weight_only_ladder(m, x_dtype, epilogue_ok):
+    """zqcompile/plugins/cuda.py:weight_only_gemm before the chooser, decisions only."""
+    if not epilogue_ok:
+        return "reference"
+    if m <= SMALL_M_KGROUPS and x_dtype != "float32":
+        return "simt"
+    return "fp16_dequant"
+
+
+MS = [1, 2, 4, 5, 15, 16, 17, 63, 64, 65, 1000, 2048, 2049, 16384]
+KS = [32, 48, 96, 1024, 1056, 4096, 70000]
+NS = [8, 60, 1032]
+GROUP_KS = [0, 16, 32, 64, 96, 128]
+DEVICES = [((7, 5), False), ((8, 0), False), ((8, 6), False), ((9, 0), True), ((9, 0), False), ((10, 0), True)]
+EPILOGUES = [(None, None), ("same", "same"), ("float32", None)]  # bias, residual dtype ("same": the output's)
+
+
+def _device(capability, sm90):
+    return G.GemmDevice("fake", capability, library=True, sm90_library=sm90)
+
+
+def test_int8_chooser_equals_the_old_ladder():
+    cases = 0
+    for (k, n, w_bits, group_k, out, (cap, sm90_lib), (bias, res)) in itertools.product(
+            KS, NS, (8, 4), GROUP_KS, ("float16", "bfloat16", "float32"), DEVICES, EPILOGUES):
+        if group_k and (k % group_k or group_k >= k):
+            continue  # compile refuses K groups that do not divide K (or a single group: row scales)
+        bias, res = (out if t == "same" else t for t in (bias, res))
+        groups = k // group_k if group_k else 1
+        epilogue_ok = all(t in (None, out) for t in (bias, res))
+        sm90_usable = sm90_lib and cap == (9, 0)
+        for m in MS:
+            want = old_int8_ladder(m, k, n, w_bits, groups, out, epilogue_ok, sm90_usable, cap)
+            p = G.GemmProblem("int8_gemm_dequant", n, k, w_bits, group_k, "int8", out, bias, res, m)
+            got = G.choose_gemm(p, _device(cap, sm90_lib))
+            assert got.kernel.name == want, (p, cap, sm90_lib, got.skipped)
+            cases += 1
+    assert cases > 20000
+
+
+def test_weight_only_chooser_equals_the_old_ladder():
+    for (x, w_bits, group_k, (cap, sm90_lib), (bias, res), m) in itertools.product(
+            ("float16", "bfloat16", "float32"), (8, 4), (0, 128), DEVICES, EPILOGUES, MS):
+        bias, res = (x if t == "same" else t for t in (bias, res))
+        p = G.GemmProblem("weight_only_gemm", 1032, 1024, w_bits, group_k, x, x, bias, res, m)
+        got = G.choose_gemm(p, _device(cap, sm90_lib))
+        assert got.kernel.name == old_weight_only_ladder(m, x, all(t in (None, x) for t in (bias, res))), p
+
+
+def test_buckets_follow_the_thresholds_and_each_has_one_choice():
+    assert G.M_BUCKETS == ((1, 4), (5, 16), (17, 64), (65, 2048), (2049, math.inf))
+    assert [G.bucket_name(i) for i in range(5)] == ["1-4", "5-16", "17-64", "65-2048", ">2048"]
+    device = _device((9, 0), True)
+    for k, w_bits, group_k in itertools.product((1024, 4096), (8, 4), (0, 128)):
+        p = G.GemmProblem("int8_gemm_dequant", 1024, k, w_bits, group_k, "int8", "float16")
+        for lo, hi in G.M_BUCKETS:
+            ms = [lo, lo + 1, (lo + min(hi, 20000)) // 2, min(hi, 20000)]
+            assert len({G.choose_gemm(G.replace(p, m=m), device).kernel.name for m in ms}) == 1, (p, lo)
+
+
+def test_choices_name_the_skipped_kernels_and_a_fallback():
+    p = G.GemmProblem("int8_gemm_dequant", 768, 768, 8, 0, "int8", "float16", m=32)
+    c = G.choose_gemm(p, _device((9, 0), True))
+    assert c.kernel is G.MMA and c.fallback is G.SM90 and c.skipped == ()
+    c = G.choose_gemm(G.replace(p, m=3000), _device((9, 0), True))
+    assert c.kernel is G.SM90 and c.reason("mma").startswith("policy: M > 64")
+    c = G.choose_gemm(p, G.CPU)
+    assert c.label == "reference (CPU)" and all(r == "not a CUDA device" for _, r in c.skipped)
+    c = G.choose_gemm(p, G.GemmDevice("cuda:0", (9, 0)))
+    assert c.label == "reference (no CUDA library)"
+    c = G.choose_gemm(G.replace(p, bias_dtype="float32"), _device((9, 0), True))
+    assert c.kernel is G.REFERENCE and c.reason("simt") == "bias / residual dtype differs from the output dtype"
+
+
+@pytest.mark.parametrize("cap,sm90", DEVICES)
+def test_tensorrt_never_picks_pytorch_paths(cap, sm90):
+    device = G.GemmDevice("trt", cap, library=True, sm90_library=sm90, tensorrt=True)
+    for op, group_k, x, out in [("int8_gemm_dequant", 0, "int8", "float16"), ("int8_gemm_dequant", 128, "int8",
+                                "float16"), ("int8_gemm_dequant", 64, "int8", "float32"),
+                                ("weight_only_gemm", 128, "float16", "float16")]:
+        p = G.GemmProblem(op, 1024, 4096, 4, group_k, x, out, out, None)
+        for c in G.plan_buckets(p, device):
+            assert c.kernel.c_id is not None and (c.fallback is None or c.fallback.c_id is not None)
+    # K groups past M = 2048: the mma kernel (there is no fp16 dequant path in the C library), as the TensorRT
+    # adapter did before; the PyTorch runtime on the same device takes the fp16 dequant path there
+    p = G.GemmProblem("int8_gemm_dequant", 1024, 4096, 4, 128, "int8", "float16", m=4096)
+    if cap >= (8, 0):
+        assert G.choose_gemm(p, device).kernel is G.MMA
+    if cap == (9, 0) and sm90:
+        assert G.choose_gemm(p, _device(cap, sm90)).kernel is G.FP16_DEQUANT
+
+
+def test_plan_text():
+    trt = G.GemmDevice("trt", (9, 0), True, True, tensorrt=True)
+    row = G.GemmProblem("int8_gemm_dequant", 768, 768, 8, 0, "int8", "float16")
+    assert G.plan_text(row, trt) == "4:simt,16:mma/sm90,64:mma/sm90,2048:sm90/simt,inf:sm90/simt"
+    kg = G.GemmProblem("int8_gemm_dequant", 768, 768, 4, 128, "int8", "float16")
+    assert G.plan_text(kg, trt) == "4:simt,16:simt,64:mma/simt,2048:mma/simt,inf:mma/simt"
+    with pytest.raises(ValueError, match="tensorrt=True"):
+        G.plan_text(row, _device((9, 0), True))
+    with pytest.raises(G.NoGemmKernel, match="simt: float32 activations.*reference: no reference"):
+        G.choose_gemm(G.GemmProblem("weight_only_gemm", 8, 32, 8, 0, "float32", "float32", m=100), trt)

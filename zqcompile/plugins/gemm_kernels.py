@@ -1,0 +1,310 @@
+"""The GEMM kernels of the zq runtime as objects, and the one chooser among them (after vLLM's scaled-mm kernel
+selection). Each kernel says whether it can implement a problem on a device: None, or the reason it declines --
+its contract first (what the kernel computes at all: dtypes, K % 32, group sizes, the device), then the measured
+policy (the M range where another kernel is faster, bench/results, H200). KERNELS lists them in priority order;
+`choose_gemm` takes the first that accepts, memoized per problem key, and names the next accepting one as the
+fallback for the declines that cannot be known up front (pointer alignment, grid limits).
+
+The choice is made here once and used everywhere: the CUDA wrappers (plugins/cuda_gemm.py) launch the chosen
+kernel, the compile plan records it per GEMM and M bucket (plugins/gemm_plan.py, shown by report()), and the
+TensorRT plugins get it as their `kernel_plan` field (`plan_text`). Pure Python: no torch, no CUDA library.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+# Tokens at or under which the CUDA-core GEMM beats the tensor-core paths (bench/results, H200): for INT8
+# weights with row scales the sm90 kernel's ~5 us floor wins from M = 5; with K-group scales the alternative
+# was the fp16 path that dequantizes the weight per call, so the CUDA-core kernel keeps M <= 16 (not yet
+# re-measured against the mma kernel that now takes K groups: bench/bench_gemm.py).
+SMALL_M = 4
+SMALL_M_KGROUPS = 16
+# Where the mma tensor-core kernel beats the alternatives on Hopper (bench/results/gemm_NVIDIA_H200.md and
+# profile_decode_H200.md, H200): row-scaled INT8 at M <= 64 with K <= 1024 (4.2-4.4 us vs 5.0 for the Hopper
+# kernel on SmolLM2's decode GEMMs); INT4 row-scaled at M <= 64 (the Hopper kernel needs a per-call unpack,
+# which only pays off for larger M); INT4 K-groups up to M = 2048 (4096^2 x 4096: 590 us vs 398 us for the
+# fp16 dequant path at M = 4096, 53 vs 122 us at M = 256; the crossover between was not measured).
+MMA_ROW_MAX_M = 64
+MMA_ROW_MAX_K = 1024
+MMA_KGROUP_MAX_M = 2048
+MMA_MAX_GROUP_K = 65536  # the int32 sum of a group of K terms stays exact (gemm_mma.cu kMaxGroupK)
+
+# Every threshold above is a bucket edge, so each M bucket has one choice: 1-4, 5-16, 17-64, 65-2048, >2048.
+M_BUCKETS: tuple[tuple[int, float], ...] = tuple(
+    zip((1, *(e + 1 for e in sorted({SMALL_M, SMALL_M_KGROUPS, MMA_ROW_MAX_M, MMA_KGROUP_MAX_M}))),
+        (*sorted({SMALL_M, SMALL_M_KGROUPS, MMA_ROW_MAX_M, MMA_KGROUP_MAX_M}), math.inf)))
+HALF = ("float16", "bfloat16")
+FLOATS = ("float32", *HALF)
+
+
+def bucket_index(m: int) -> int:
+    return next(i for i, (_, hi) in enumerate(M_BUCKETS) if m <= hi)
+
+
+def bucket_name(i: int) -> str:
+    lo, hi = M_BUCKETS[i]
+    return f">{lo - 1}" if hi == math.inf else f"{lo}-{int(hi)}"
+
+
+def dtype_name(dtype) -> Optional[str]:
+    """'float16' for torch.float16 (or its name); None stays None."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class GemmProblem:
+    """One GEMM as the kernels see it. `m` is the token count, or any M of the bucket being planned."""
+    op: str  # "int8_gemm_dequant" (A8: int8 x) | "weight_only_gemm" (A16: float x)
+    n: int
+    k: int
+    w_bits: int  # 8 | 4 (packed two per byte along K)
+    group_k: int  # 0: one scale per weight row; else the K-group size
+    x_dtype: str  # "int8" or the float dtype of x
+    out_dtype: str
+    bias_dtype: Optional[str] = None
+    residual_dtype: Optional[str] = None
+    m: int = 1
+
+    @property
+    def row_scales(self) -> bool:
+        return self.group_k == 0
+
+    def key(self) -> "GemmProblem":
+        """The problem with M replaced by its bucket's first M: every M of a bucket gets the same kernel."""
+        return replace(self, m=M_BUCKETS[bucket_index(self.m)][0])
+
+    def describe(self) -> str:
+        a = "A8" if self.x_dtype == "int8" else f"A16 ({self.x_dtype})"
+        scales = "row scales" if self.row_scales else f"K groups of {self.group_k}"
+        return f"W{self.w_bits}{a} M={self.m} N={self.n} K={self.k}, {scales}, out {self.out_dtype}"
+
+
+def problem_of(op: str, x, wq, w_scale, bias, residual, w_bits: int, out_dtype, m: int = 1) -> GemmProblem:
+    """The problem of a zq GEMM call from its operands (tensors, or the fake tensors of a graph node)."""
+    k, groups = int(x.shape[-1]), int(w_scale.shape[1])
+    return GemmProblem(op, int(wq.shape[0]), k, int(w_bits), 0 if groups == 1 else k // groups, dtype_name(x.dtype),
+                       dtype_name(out_dtype), dtype_name(getattr(bias, "dtype", None)),
+                       dtype_name(getattr(residual, "dtype", None)), m)
+
+
+@dataclass(frozen=True)
+class GemmDevice:
+    """Where the GEMM runs, as far as the choice needs to know."""
+    name: str  # "cpu", "cuda:0 NVIDIA H200", ...
+    capability: Optional[tuple[int, int]] = None  # None: not a CUDA device
+    library: bool = False  # libzq_kernels.so is loaded
+    sm90_library: bool = False  # ... and was built with the Hopper GEMM
+    tensorrt: bool = False  # inside the TensorRT plugin: the C library's kernels only
+
+    def describe(self) -> str:
+        if self.capability is None:
+            return self.name
+        lib = ("kernel library with the Hopper GEMM" if self.sm90_library else "kernel library without the Hopper "
+               "GEMM") if self.library else "no kernel library"
+        return f"{self.name} (sm_{self.capability[0]}{self.capability[1]}, {lib}{', TensorRT' if self.tensorrt else ''})"
+
+
+CPU = GemmDevice("cpu")
+
+
+def _device_reason(d: GemmDevice) -> Optional[str]:
+    if d.capability is None:
+        return "not a CUDA device"
+    return None if d.library else "libzq_kernels.so is not loaded"
+
+
+def _epilogue_reason(p: GemmProblem) -> Optional[str]:
+    if p.out_dtype not in FLOATS or any(t not in (None, p.out_dtype) for t in (p.bias_dtype, p.residual_dtype)):
+        return ("bias / residual dtype differs from the output dtype" if p.op == "int8_gemm_dequant" else
+                "bias / residual dtype differs from x's") if p.out_dtype in FLOATS else f"{p.out_dtype} output"
+    return None
+
+
+def _hopper_tensor_cores(p: GemmProblem, d: GemmDevice) -> bool:
+    """Where the large-M paths were measured (and tuned): the Hopper kernel's shape rules on an sm_90 device."""
+    return p.out_dtype != "float32" and p.k % 16 == 0 and p.n % 8 == 0 and d.sm90_library and d.capability == (9, 0)
+
+
+class GemmKernel:
+    name: str
+    c_id: Optional[int] = None  # zq_gemm_kernel id in plugins_cuda/include/zq/gemm.h; None: not in the C library
+    may_decline_at_run_time = False  # what the fallback is for
+    summary: str
+
+    def can_implement(self, p: GemmProblem, d: GemmDevice) -> Optional[str]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<GEMM kernel {self.name}>"
+
+
+class Mma(GemmKernel):
+    name, c_id, may_decline_at_run_time = "mma", 1, True  # x / wq 16-byte aligned, M under its grid limit
+    summary = "sm80+ tensor cores (mma.sync), INT8 or INT4 unpacked in the mainloop, row or K-group scales"
+
+    def can_implement(self, p, d):
+        why = _device_reason(d) or _epilogue_reason(p)
+        if why:
+            return why
+        if d.capability < (8, 0):
+            return "needs compute capability 8.0 or later"
+        if p.x_dtype != "int8":
+            return "float activations (A16): it multiplies int8 x"
+        if p.out_dtype not in HALF:
+            return "float32 output: its epilogue writes fp16 / bf16"
+        if p.k % 32 or p.n % 8:
+            return "needs K % 32 == 0 and N % 8 == 0"
+        if p.group_k and (p.k % p.group_k or p.group_k % 32):
+            return "needs a K-group size that divides K and is a multiple of 32"
+        if (p.group_k or p.k) > MMA_MAX_GROUP_K:
+            return f"K (or its K-group size) over {MMA_MAX_GROUP_K}: the int32 group sum could overflow"
+        small = SMALL_M if p.row_scales else SMALL_M_KGROUPS
+        if p.m <= small:
+            return f"policy: M <= {small}: the CUDA-core kernel is faster"
+        if p.row_scales and _hopper_tensor_cores(p, d):
+            if p.m > MMA_ROW_MAX_M:
+                return f"policy: M > {MMA_ROW_MAX_M} with row scales: the Hopper kernel is faster"
+            if p.w_bits == 8 and p.k > MMA_ROW_MAX_K:
+                return f"policy: INT8 with K > {MMA_ROW_MAX_K}: the Hopper kernel is faster"
+        if not p.row_scales and p.m > MMA_KGROUP_MAX_M and FP16_DEQUANT.can_implement(p, d) is None:
+            return f"policy: M > {MMA_KGROUP_MAX_M} with K groups: the fp16 dequant path is faster"
+        return None
+
+
+class Sm90(GemmKernel):
+    name, c_id, may_decline_at_run_time = "sm90", 2, True  # M past 2^31
+    summary = "CUTLASS 3 Hopper wgmma, INT8 weights with row scales (INT4 unpacked per call)"
+
+    def can_implement(self, p, d):
+        why = _device_reason(d) or _epilogue_reason(p)
+        if why:
+            return why
+        if d.capability != (9, 0):
+            return "needs compute capability 9.0 (sm_90a code)"
+        if not d.sm90_library:
+            return "the kernel library was built without it (ZQ_WITH_SM90_GEMM=OFF or no CUTLASS)"
+        if p.x_dtype != "int8":
+            return "float activations (A16): it multiplies int8 x"
+        if p.out_dtype not in HALF:
+            return "float32 output: its epilogue writes fp16 / bf16"
+        if p.k % 16 or p.n % 8:
+            return "needs K % 16 == 0 and N % 8 == 0"
+        if not p.row_scales:
+            return "K-group scales: it takes one scale per weight row"
+        if p.m <= SMALL_M:
+            return f"policy: M <= {SMALL_M}: the CUDA-core kernel is faster (the Hopper kernel's ~5 us floor)"
+        return None
+
+
+class Fp16Dequant(GemmKernel):
+    name = "fp16_dequant"
+    summary = "the weight dequantized to the output dtype per call, then cuBLAS (PyTorch; not in the C library)"
+
+    def can_implement(self, p, d):
+        if d.tensorrt:
+            return "not in the C kernel library (dequantize + cuBLAS in PyTorch): TensorRT cannot run it"
+        why = _device_reason(d) or _epilogue_reason(p)
+        if why:
+            return why
+        if p.op == "int8_gemm_dequant":
+            if not _hopper_tensor_cores(p, d):
+                return ("policy: measured against the INT8 kernels on Hopper only (sm_90 with the Hopper GEMM, "
+                        "fp16/bf16 out, K % 16, N % 8)")
+            if p.m <= SMALL_M_KGROUPS:
+                return f"policy: M <= {SMALL_M_KGROUPS}: the CUDA-core kernel is faster"
+        elif p.m <= SMALL_M_KGROUPS and p.x_dtype != "float32":
+            return f"policy: M <= {SMALL_M_KGROUPS}: the CUDA-core kernel reads the weight once, dequantized in place"
+        return None
+
+
+class Simt(GemmKernel):
+    name, c_id = "simt", 0
+    summary = "CUDA cores (dp4a for A8), any shape: decode-sized M, and every problem the others decline"
+
+    def can_implement(self, p, d):
+        why = _device_reason(d) or _epilogue_reason(p)
+        if why:
+            return why
+        if p.x_dtype not in ("int8", *HALF):
+            return f"{p.x_dtype} activations: it reads int8, fp16 or bf16 x"
+        if p.group_k and p.k % p.group_k:
+            return "a K-group size that does not divide K"
+        if p.w_bits == 4 and p.k % 2:
+            return "INT4 with an odd K"
+        return None
+
+
+class Reference(GemmKernel):
+    name = "reference"
+    summary = "the op's reference implementation (plain torch): CPU, or inputs no kernel takes (counted, warned)"
+
+    def can_implement(self, p, d):
+        return "no reference implementation inside TensorRT" if d.tensorrt else None
+
+
+MMA, SM90, FP16_DEQUANT, SIMT, REFERENCE = Mma(), Sm90(), Fp16Dequant(), Simt(), Reference()
+KERNELS: tuple[GemmKernel, ...] = (MMA, SM90, FP16_DEQUANT, SIMT, REFERENCE)  # priority order
+BY_NAME = {k.name: k for k in KERNELS}
+
+
+class NoGemmKernel(ValueError):
+    """No kernel implements the problem (only possible for TensorRT: elsewhere the reference takes everything)."""
+
+
+@dataclass(frozen=True)
+class GemmChoice:
+    kernel: GemmKernel
+    fallback: Optional[GemmKernel]  # runs when `kernel` declines at run time
+    skipped: tuple[tuple[str, str], ...]  # (kernel, reason) of every kernel before it in KERNELS
+    device: GemmDevice
+
+    @property
+    def label(self) -> str:
+        """What the plan shows: 'mma', 'reference (CPU)', 'reference (no CUDA library)'."""
+        if self.kernel is REFERENCE and self.device.capability is None:
+            return "reference (CPU)"
+        if self.kernel is REFERENCE and not self.device.library:
+            return "reference (no CUDA library)"
+        return self.kernel.name
+
+    def reason(self, kernel: str) -> Optional[str]:
+        return dict(self.skipped).get(kernel)
+
+
+def choose_gemm(problem: GemmProblem, device: GemmDevice) -> GemmChoice:
+    """The first kernel of KERNELS that implements `problem` on `device`, with the reasons of those skipped;
+    NoGemmKernel with every kernel's reason when none does."""
+    return _choose(problem.key(), device)
+
+
+@functools.lru_cache(maxsize=8192)
+def _choose(problem: GemmProblem, device: GemmDevice) -> GemmChoice:
+    reasons = [(k, k.can_implement(problem, device)) for k in KERNELS]
+    for i, (kernel, why) in enumerate(reasons):
+        if why is None:
+            fallback = next((k for k, w in reasons[i + 1:] if w is None), None) \
+                if kernel.may_decline_at_run_time else None
+            return GemmChoice(kernel, fallback, tuple((k.name, w) for k, w in reasons[:i]), device)
+    raise NoGemmKernel(f"no GEMM kernel takes {problem.describe()} on {device.describe()}: "
+                       + "; ".join(f"{k.name}: {w}" for k, w in reasons))
+
+
+def plan_buckets(problem: GemmProblem, device: GemmDevice) -> list[GemmChoice]:
+    """The choice for each M bucket (M_BUCKETS order)."""
+    return [choose_gemm(replace(problem, m=lo), device) for lo, _ in M_BUCKETS]
+
+
+def plan_text(problem: GemmProblem, device: GemmDevice) -> str:
+    """The TensorRT plugin's kernel_plan field: '4:simt,16:simt,64:mma/sm90,2048:sm90/simt,inf:sm90/simt'
+    (max M of each bucket: kernel[/fallback]), parsed by zq_gemm_plan_parse."""
+    if not device.tensorrt:
+        raise ValueError("kernel_plan is for TensorRT: plan it with GemmDevice(..., tensorrt=True)")
+    entries = []
+    for (_, hi), c in zip(M_BUCKETS, plan_buckets(problem, device)):
+        assert c.kernel.c_id is not None and (c.fallback is None or c.fallback.c_id is not None), c
+        entries.append(f"{'inf' if hi == math.inf else int(hi)}:{c.kernel.name}"
+                       + (f"/{c.fallback.name}" if c.fallback else ""))
+    return ",".join(entries)
