@@ -4,7 +4,7 @@ import json
 import pytest
 
 from zqcompile.cli.eval import add_eval_command
-from zqcompile.cli.inspect import add_inspect_command
+from zqcompile.cli.inspect_ranges import add_inspect_command
 
 from ._tiny import tiny_gpt2
 
@@ -48,7 +48,7 @@ def test_inspect_cli(gpt2_dir, tmp_path):
     d, text = gpt2_dir
     args = _parse(["inspect", str(d), "--text", str(text), "--out", str(tmp_path / "r.png"),
                    "--json", str(tmp_path / "r.json")])
-    from zqcompile.cli.inspect import run_inspect
+    from zqcompile.cli.inspect_ranges import run_inspect
     ranges = run_inspect(args)
     data = json.loads((tmp_path / "r.json").read_text())
     assert len(data) == len(ranges) == 2 * 4 + 1

@@ -151,8 +151,8 @@ def test_generate_command_is_registered():
 
 
 def test_decode_graph_buckets_and_padding():
-    from zqcompile.runtime.decode_graphs import CudaGraphDecode, pad_rows
-    runner = CudaGraphDecode(lambda *a: None, CacheSpec(max_batch=8).buckets)
+    from zqcompile.runtime.cuda_graphs import BatchBucketedGraphs, pad_rows
+    runner = BatchBucketedGraphs(lambda *a: None, CacheSpec(max_batch=8).buckets, unbatched=(2,))
     assert [runner.bucket_for(b) for b in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
     with pytest.raises(ValueError, match="larger than the largest decode bucket 8"):
         runner.bucket_for(9)

@@ -162,7 +162,7 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None
         ep = export_dynamic(wrapper, tuple(widened), (tuple(dyn),))
     except Exception as e:  # noqa: BLE001 - re-raised with the module that failed
         raise CaptureError(_describe_capture_failure(model, e)) from e
-    gm = ep.module()
+    gm = unlift(ep)
     params = [p.name for p in sig.parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)] if sig else names
     first = tensors[0]
@@ -170,6 +170,14 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None
                      None if dynamic[0] or first.dim() < 1 else int(first.shape[0]),
                      None if dynamic[1] or first.dim() < 2 else int(first.shape[1]))
     return gm, spec
+
+
+def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
+    """The program as a GraphModule (parameters and buffers as attributes), its output structure kept in
+    gm.meta["zq_out_spec"] for runtime/outputs.py."""
+    gm = ep.module()
+    gm.meta["zq_out_spec"] = ep.call_spec.out_spec
+    return gm
 
 
 def export_dynamic(module: nn.Module, args: tuple, dynamic_shapes) -> torch.export.ExportedProgram:

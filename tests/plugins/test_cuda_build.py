@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,10 +28,14 @@ def test_kernel_library_builds_and_loads(tmp_path):
     lib_path = build / "libzq_kernels.so"
     assert lib_path.is_file()
     lib = ctypes.CDLL(str(lib_path))
-    assert lib.zq_abi_version() == 2
+    abi = re.search(r"#define ZQ_ABI_VERSION (\d+)", (REPO / "plugins_cuda/include/zq/common.h").read_text())
+    assert lib.zq_abi_version() == int(abi.group(1))
+    from zqcompile.plugins import cuda
+    assert cuda.ABI_VERSION == int(abi.group(1)), "the binding and the library disagree on the ABI version"
     assert lib.zq_has_sm90_gemm() == int(sm90 == "ON")
     assert lib.zq_gemm_mma_num_configs() > 0  # the sm_80+ tensor-core GEMM is always built
     for sym in ["zq_quantize_per_token", "zq_quantize_per_tensor", "zq_norm_quant", "zq_act_quant",
                 "zq_gemm_simt", "zq_gemm_sm90", "zq_gemm_mma", "zq_gemm_mma_config", "zq_unpack_int4",
-                "zq_dequantize_weight", "zq_rope", "zq_decode_attention"]:
+                "zq_dequantize_weight", "zq_rope", "zq_decode_attention", "zq_gemm_run", "zq_gemm_workspace_bytes",
+                "zq_gemm_kernel_name", "zq_gemm_kernel_available", "zq_gemm_plan_parse", "zq_gemm_plan_find"]:
         assert hasattr(lib, sym), sym

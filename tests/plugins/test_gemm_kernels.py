@@ -145,3 +145,41 @@ def test_plan_text():
         G.plan_text(row, _device((9, 0), True))
     with pytest.raises(G.NoGemmKernel, match="simt: float32 activations.*reference: no reference"):
         G.choose_gemm(G.GemmProblem("weight_only_gemm", 8, 32, 8, 0, "float32", "float32", m=100), trt)
+
+
+def test_engine_plan_in_report_dump_and_file(tmp_path):
+    """The compile plan records each quantized GEMM's problem and its kernel per M bucket: on CPU the reference;
+    planned for an H200 (with the library) the kernels the CUDA wrappers would launch, shown by report(), in the
+    dump's plan.json, and kept by save / load."""
+    import json
+
+    import torch
+
+    import zqcompile as zq
+    from tests._tiny import tiny_llama
+    from zqcompile.plugins.gemm_plan import plan_record
+
+    model = tiny_llama()
+    engine = zq.compile(model, (torch.randint(0, 128, (1, 8)),), "w8a8", generation=False)
+    text = engine.report()
+    assert "Kernels per M bucket" in text and "every quantized GEMM: reference (CPU)" in text
+    h200 = G.GemmDevice("cuda:0 NVIDIA H200", (9, 0), library=True, sm90_library=True)
+    for g in engine.record.gemms:  # as compiled from an fp16 model (the kernels' epilogues write fp16 / bf16)
+        if "problem" in g:
+            g["problem"]["out_dtype"] = "float16"
+    plan_record(engine.record, h200)
+    q = next(g for g in engine.record.gemms if g["role"] == "qkv")
+    assert q["problem"]["k"] == 64 and q["problem"]["x_dtype"] == "int8"
+    want = [G.choose_gemm(G.GemmProblem(**q["problem"], m=lo), h200).label for lo, _ in G.M_BUCKETS]
+    assert list(q["kernels"]["buckets"].values()) == want == ["simt", "mma", "mma", "sm90", "sm90"]
+    text = engine.report()
+    assert "planned for cuda:0 NVIDIA H200 (sm_90" in text and "1-4" in text and ">2048" in text
+    section = text[text.index("Kernels per M bucket"):]
+    row = next(line for line in section.splitlines() if line.startswith(q["fqn"]))
+    assert row.split()[-5:] == want
+    zq.dump(engine, tmp_path / "d")
+    plan = json.loads((tmp_path / "d" / "plan.json").read_text())
+    assert next(g for g in plan if g["fqn"] == q["fqn"])["kernels"]["buckets"] == q["kernels"]["buckets"]
+    engine.save(tmp_path / "e.zq")
+    loaded = zq.load(tmp_path / "e.zq")
+    assert next(g for g in loaded.record.gemms if g["fqn"] == q["fqn"])["problem"] == q["problem"]

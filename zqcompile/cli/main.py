@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     from zqcompile.cli.eval import add_eval_command
     from zqcompile.cli.export import add_export_command
     from zqcompile.cli.generate import add_generate_command
-    from zqcompile.cli.inspect import add_inspect_command
+    from zqcompile.cli.inspect_ranges import add_inspect_command
     p = _Parser(prog="zqcompile", description="ZeroQuant post-training quantization compiler")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_compile_commands(sub)

@@ -74,11 +74,9 @@ _BUILTIN_NAMESPACES = {"aten", "prims", "_operator", "builtins", "math", "higher
 
 
 def module_fqn(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return "<top level>"
-    path, _type = list(stack.values())[-1]
-    return path or "<top level>"
+    """The user's module FQN of a node, as a per-module override names it (capture's wrapper prefix removed)."""
+    from zqcompile.capture import fqn_of
+    return fqn_of(node) or "<top level>"
 
 
 def check_translatable(gm: torch.nn.Module, table: dict[Any, Callable], dialect: str = "standard") -> None:

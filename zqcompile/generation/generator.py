@@ -2,8 +2,8 @@
 of kv_cache.py and run through the same pass pipeline and config as the engine, with the engine's
 SharedConstants, so all three graphs read one copy of every quantized weight) and the token loop: prefill
 once, then one decode step per token, greedy or seeded sampling, left-padded batches, EOS, streaming. On CUDA
-the decode step replays CUDA graphs (runtime/decode_graphs.py) and the prefill one graph per prompt shape
-(runtime/cuda_graphs.py); on CPU everything runs the reference ops eagerly.
+the decode step replays one CUDA graph per batch bucket and the prefill one per prompt shape (runtime/cuda_graphs.py);
+on CPU everything runs the reference ops eagerly.
 
 The graphs are built by `zq.compile` (for a cache given by `generation=CacheSpec(...)`), while the float
 model is still there; the engine keeps no reference to it.
@@ -158,8 +158,11 @@ class Generator:
         if self.device.type != "cuda":
             return _logits(self.decode, ids, pos, cache_position, kv_mask)
         if self._cuda_decode is None:
-            from zqcompile.runtime.decode_graphs import CudaGraphDecode
-            self._cuda_decode = CudaGraphDecode(lambda *a: _logits(self.decode, *a), self.spec.buckets)
+            from zqcompile.runtime.cuda_graphs import BatchBucketedGraphs
+            # (ids, pos, cache_position, kv_mask): every input but the cache position has a batch dim; the
+            # logits are a view of the graph's memory, read before the next step
+            self._cuda_decode = BatchBucketedGraphs(lambda *a: _logits(self.decode, *a), self.spec.buckets,
+                                                    unbatched=(2,))
         return self._cuda_decode(ids, pos, cache_position, kv_mask)
 
 

@@ -21,7 +21,7 @@ from torch.export import Dim
 from transformers.cache_utils import Cache
 
 from zqcompile.generation.masks import MaskLayout
-from zqcompile.capture import CaptureError, _describe_capture_failure, export_dynamic
+from zqcompile.capture import CaptureError, _describe_capture_failure, export_dynamic, unlift
 from zqcompile.ops import quant_math as qm
 
 KVDtype = Literal["model", "int8"]
@@ -176,7 +176,7 @@ def capture_phase(wrapper: CachedLM, phase: str, spec: CacheSpec, vocab: int) ->
         ep = export_dynamic(wrapper.eval(), args, phase_dynamic_shapes(phase, spec))
     except Exception as e:  # noqa: BLE001 - re-raised naming the module that failed
         raise CaptureError(f"{phase} graph: " + _describe_capture_failure(wrapper.model, e)) from e
-    return ep.module(), args
+    return unlift(ep), args
 
 
 def is_cache_buffer(name: str) -> bool:

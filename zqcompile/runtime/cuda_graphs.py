@@ -1,30 +1,42 @@
-"""Run an engine's graph under CUDA graphs: one graph per input-shape bucket (batch x sequence), captured on
-first use and replayed after. Small-batch transformer inference is launch-bound on a fast GPU (FACTS.md:
-BERT-base bs1 spends more time launching than computing), so replaying one graph replaces hundreds of
-launches. Outputs are cloned out of the graph's static memory so callers may keep them.
+"""Run a graph under CUDA graphs: one CUDA graph per input bucket, captured on first use and replayed after.
+Small-batch transformer inference is launch-bound on a fast GPU (docs/facts.md: BERT-base batch 1 spends more
+time launching than computing; decode replays every GEMM, norm and attention launch of a step as one graph).
+
+One runner, two ways of bucketing its inputs:
+- `ShapeBucketedGraphs` (engine calls, prefill): one graph per exact (shape, dtype, device) of the inputs, up
+  to `max_graphs` (past that, a new shape each call would only cost memory: eager).
+- `BatchBucketedGraphs` (decode): one graph per batch bucket; a smaller batch is padded with zero rows (with an
+  all-zero kv_mask they attend only to themselves) and its outputs are cut back to the batch.
+
+Aliasing contract (what a caller may do with the outputs):
+- inputs are copied into the graph's static buffers, so the caller's tensors are never captured;
+- tensors the graph reads or writes in place that are not inputs (the KV cache) are the graph module's own
+  buffers, the same tensors eager calls use: a replay updates them exactly as an eager call would;
+- `clone_outputs=True` (the default; the engine's public outputs): outputs are cloned out of the graph's pool, so
+  callers may keep them; `False` (the decode loop): outputs are views of the graph's static memory, valid until
+  the next call of any graph of this runner (all share one memory pool).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.utils._pytree import tree_map
 
+_Entry = tuple[torch.cuda.CUDAGraph, list[torch.Tensor], object]
 
-class ShapeBucketedGraphs:
-    def __init__(self, fn: Callable, warmup: int = 2, max_graphs: int = 32):
+
+class _GraphRunner:
+    """Capture and replay of `fn` per bucket key; the subclasses say what a key is and how inputs fit its buffers."""
+
+    def __init__(self, fn: Callable, warmup: int = 2, clone_outputs: bool = True):
         self.fn = fn
         self.warmup = warmup
-        self.max_graphs = max_graphs
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], object]] = {}
-        self.pool = None
+        self.clone_outputs = clone_outputs
+        self.graphs: dict[object, _Entry] = {}
+        self.pool = None  # one memory pool for every graph of the runner
 
-    @staticmethod
-    def key(tensors: list[torch.Tensor]) -> tuple:
-        return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
-
-    def _capture(self, tensors: list[torch.Tensor]):
-        static = [t.clone() for t in tensors]
+    def _capture(self, static: list[torch.Tensor]) -> _Entry:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
@@ -37,16 +49,73 @@ class ShapeBucketedGraphs:
         self.pool = graph.pool()
         return graph, static, out
 
+    def _replay(self, entry: _Entry, copy_in: Callable[[list[torch.Tensor]], None]):
+        graph, static, out = entry
+        copy_in(static)
+        graph.replay()
+        return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, out) if self.clone_outputs else out
+
+
+class ShapeBucketedGraphs(_GraphRunner):
+    def __init__(self, fn: Callable, warmup: int = 2, max_graphs: int = 32, clone_outputs: bool = True):
+        super().__init__(fn, warmup, clone_outputs)
+        self.max_graphs = max_graphs
+
+    @staticmethod
+    def key(tensors: Sequence[torch.Tensor]) -> tuple:
+        return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+
     def __call__(self, *tensors: torch.Tensor):
-        k = self.key(list(tensors))
+        k = self.key(tensors)
         entry = self.graphs.get(k)
         if entry is None:
-            if len(self.graphs) >= self.max_graphs:  # a new shape each call: graphs would only cost memory
+            if len(self.graphs) >= self.max_graphs:
                 with torch.no_grad():
                     return self.fn(*tensors)
-            entry = self.graphs[k] = self._capture(list(tensors))
-        graph, static, out = entry
-        for s, t in zip(static, tensors):
-            s.copy_(t)
-        graph.replay()
-        return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, out)
+            entry = self.graphs[k] = self._capture([t.clone() for t in tensors])
+
+        def copy_in(static):
+            for s, t in zip(static, tensors):
+                s.copy_(t)
+        return self._replay(entry, copy_in)
+
+
+class BatchBucketedGraphs(_GraphRunner):
+    """Inputs with a leading batch dim, except those at `unbatched` (e.g. the cache position), padded to the
+    smallest bucket >= the batch; the first output's rows past the batch are dropped."""
+
+    def __init__(self, fn: Callable, buckets: Sequence[int], unbatched: Sequence[int] = (), warmup: int = 2,
+                 clone_outputs: bool = False):
+        super().__init__(fn, warmup, clone_outputs)
+        self.buckets = tuple(buckets)
+        self.unbatched = frozenset(unbatched)
+
+    def bucket_for(self, batch: int) -> int:
+        for b in self.buckets:
+            if b >= batch:
+                return b
+        raise ValueError(f"batch {batch} is larger than the largest decode bucket {self.buckets[-1]}")
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        batch = tensors[0].shape[0]
+        bucket = self.bucket_for(batch)
+        entry = self.graphs.get(bucket)
+        if entry is None:
+            entry = self.graphs[bucket] = self._capture(
+                [t.clone() if i in self.unbatched or not t.dim() else pad_rows(t, bucket) for i, t in enumerate(tensors)])
+
+        def copy_in(static):
+            for i, (s, t) in enumerate(zip(static, tensors)):
+                if i in self.unbatched or not t.dim():
+                    s.copy_(t)
+                else:
+                    s[:batch].copy_(t)
+                    s[batch:].zero_()  # padded rows: zero ids / positions / kv_mask
+        return self._replay(entry, copy_in)[:batch]
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t with its batch dim grown to `rows` (zeros appended); a copy even when no rows are added."""
+    if t.shape[0] == rows:
+        return t.clone()
+    return torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])

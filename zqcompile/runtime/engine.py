@@ -49,6 +49,7 @@ class Engine:
         self._generator = generator  # the prefill/decode pair (zqcompile.generation), sharing gm's constants
         self.cuda_graphs = True  # on a CUDA device, replay one CUDA graph per input shape
         self._graphs = None
+        self._kernels_for: torch.device | None = None  # the device the kernels were loaded and planned for
 
     @property
     def input_names(self) -> list[str]:
@@ -61,8 +62,9 @@ class Engine:
 
     def __call__(self, *args, **kwargs):
         tensors = self.spec.bind(args, kwargs)
-        if tensors[0].is_cuda:
+        if tensors[0].is_cuda and tensors[0].device != self._kernels_for:
             _ensure_kernels(tensors[0].device, self.record)
+            self._kernels_for = tensors[0].device
         if self.cuda_graphs and tensors[0].is_cuda:
             if self._graphs is None:
                 from zqcompile.runtime.cuda_graphs import ShapeBucketedGraphs

@@ -96,16 +96,13 @@ class OutputStructure:
 
 
 def flatten_graph_outputs(gm: fx.GraphModule) -> OutputStructure:
-    """Make `gm` (an unlifted torch.export module) return its output leaves as a flat tuple; returns the
-    structure that rebuilds what it returned before."""
-    codegen = gm.graph._codegen
-    info = getattr(codegen, "pytree_info", None)
-    out_spec = getattr(info, "out_spec", None)
-    if out_spec is None:  # already flat
+    """Make `gm` (unlifted by capture.unlift, which keeps the program's output spec in gm.meta) take and return
+    flat tensors: its code becomes plain fx code over its placeholders, its output the leaves as a tuple. Returns
+    the structure that rebuilds what it returned before."""
+    out_spec = gm.meta.pop("zq_out_spec", None)
+    gm.graph.set_codegen(fx.graph.CodeGen())
+    gm.recompile()
+    if out_spec is None:  # already flat (a program this module wrote)
         n = len(next(iter(n for n in gm.graph.nodes if n.op == "output")).args[0])
         return OutputStructure({"type": "tuple", "context": None, "children": [{"leaf": True}] * n})
-    codegen.pytree_info = info._replace(out_spec=None)
-    if hasattr(gm, "_out_spec"):
-        gm._out_spec = None
-    gm.recompile()
     return OutputStructure.of_spec(out_spec)
