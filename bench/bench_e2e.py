@@ -165,8 +165,8 @@ def save(args, rows, memory, have_kernels, torchao, why_no_torchao) -> None:
     """Write JSON + markdown after every model, so a run cut short keeps what it measured."""
     paths = None
     try:
-        from zqcompile.plugins import cuda as zq_cuda
-        paths = dict(zq_cuda.gemm_paths)
+        from zqcompile.plugins import cuda_gemm
+        paths = dict(cuda_gemm.served)  # kernel -> GEMM calls it served (eager calls and CUDA-graph captures)
     except Exception:  # noqa: BLE001 - library not loaded
         pass
     result = dict(bench="e2e", device=torch.cuda.get_device_name(), zq_cuda_kernels=have_kernels,

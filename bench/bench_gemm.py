@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import zqcompile  # noqa: E402,F401
 from zqcompile import plugins  # noqa: E402
 from zqcompile.ops import quant_math as qm  # noqa: E402
+from zqcompile.plugins.gemm_kernels import SMALL_M  # noqa: E402
 
 KN = [768, 1024, 3072, 4096]
 MS = [1, 4, 16, 64, 256, 1024, 4096, 8192, 16384]
@@ -104,11 +105,11 @@ def bench_shape(m: int, k: int, n: int, cuda_mod, configs: list[int], mma_config
     outs = [torch.empty(m, n, device=dev, dtype=torch.float16) for _ in range(copies)]
     t_fp16 = time_graph(lambda i: torch.matmul(x16, ws16[i].t(), out=outs[i]), copies)
     row = {"m": m, "k": k, "n": n, "fp16_ms": t_fp16}
-    small = m <= cuda_mod.SMALL_M
+    small = m <= SMALL_M
     row["simt_ms"] = time_graph(
         lambda i: cuda_mod.run_gemm("simt", xq, xs, wqs[i], wscale, bias, None, "none", 8, outs[i]), copies) \
         if m <= 256 else None
-    if cuda_mod._sm90_usable(torch.device(dev)):
+    if cuda_mod.sm90_usable(dev):
         for c in configs:
             row[f"sm90_cfg{c}_ms"] = time_graph(
                 lambda i: cuda_mod.run_gemm("sm90", xq, xs, wqs[i], wscale, bias, None, "none", 8, outs[i],
@@ -121,7 +122,7 @@ def bench_shape(m: int, k: int, n: int, cuda_mod, configs: list[int], mma_config
         row[f"mma_cfg{c}_ms"] = time_graph(
             lambda i, c=c: cuda_mod.run_gemm("mma", xq, xs, wqs[i], wscale, bias, None, "none", 8, outs[i],
                                              config=c), copies)
-    # What the op dispatches to (zqcompile.plugins.cuda.int8_gemm_dequant): CUDA cores up to SMALL_M, then the
+    # What the op dispatches to (zqcompile.plugins.cuda_gemm, planned by gemm_kernels.choose_gemm): CUDA cores up to SMALL_M, then the
     # sm90 kernel, or the mma kernel where there is none.
     row["ours_ms"] = row["simt_ms"] if small else row.get("sm90_auto_ms", row["mma_ms"])
     flops = 2.0 * m * n * k
@@ -139,10 +140,11 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available() or not plugins.load():
         sys.exit(f"needs a CUDA GPU and the kernel library: {plugins.status()}")
-    from zqcompile.plugins import cuda as cuda_mod
+    from zqcompile.plugins import cuda as lib
+    from zqcompile.plugins import cuda_gemm as cuda_mod
 
-    configs = list(range(cuda_mod._lib.zq_gemm_sm90_num_configs()))
-    mma_configs = list(range(cuda_mod._lib.zq_gemm_mma_num_configs())) if args.mma_configs else []
+    configs = list(range(lib._lib.zq_gemm_sm90_num_configs()))
+    mma_configs = list(range(lib._lib.zq_gemm_mma_num_configs())) if args.mma_configs else []
     shapes = [(m, k, n) for k in KN for n in KN for m in MS]
     if args.quick:
         shapes = [(m, 4096, 4096) for m in (1, 16, 256, 4096, 16384)]

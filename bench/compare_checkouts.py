@@ -6,7 +6,8 @@ checkout shows the noise. Timings are CUDA-event medians (engine forwards) and w
 generate() calls (ms per token, prefill included), as bench_e2e / bench_generate time them.
 
 Usage: python bench/compare_checkouts.py --old DIR --new DIR [--lib build/libzq_kernels.so]
-       [--out bench/results/compare_checkouts.json]
+       [--old-lib LIB --new-lib LIB] [--out bench/results/compare_checkouts.json]
+(--old-lib / --new-lib when the two checkouts bind different library ABIs; each defaults to --lib.)
 """
 from __future__ import annotations
 
@@ -84,11 +85,13 @@ def main() -> None:
     ap.add_argument("--old", required=True)
     ap.add_argument("--new", required=True)
     ap.add_argument("--lib", default=None, help="libzq_kernels.so both checkouts use (ZQ_CUDA_LIB)")
+    ap.add_argument("--old-lib", default=None, help="the old checkout's library (default: --lib)")
+    ap.add_argument("--new-lib", default=None, help="the new checkout's library (default: --lib)")
     ap.add_argument("--out", default="bench/results/compare_checkouts.json")
     args = ap.parse_args()
     runs = {"old": [], "new": []}
     for which in ("old", "new", "old", "new"):
-        runs[which].append(run(getattr(args, which), args.lib))
+        runs[which].append(run(getattr(args, which), getattr(args, f"{which}_lib") or args.lib))
     cases = [r["case"] for r in runs["new"][0]]
     table = []
     print(f"{'case':34} {'old ms (2 runs)':>18} {'new ms (2 runs)':>18} {'new/old':>8}")
@@ -101,7 +104,8 @@ def main() -> None:
     import torch
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),
-                   "old": args.old, "new": args.new, "rows": table}, f, indent=1)
+                   "old": args.old, "new": args.new, "old_lib": args.old_lib or args.lib,
+                   "new_lib": args.new_lib or args.lib, "rows": table}, f, indent=1)
 
 
 if __name__ == "__main__":

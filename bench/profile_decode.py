@@ -55,7 +55,7 @@ def kernel_table(fn, reps: int = 5) -> tuple[dict[str, tuple[int, float]], int, 
 
 
 def gemm_rows(shapes: list[tuple[int, int]], ms: list[int]) -> list[dict]:
-    from zqcompile.plugins import cuda as C
+    from zqcompile.plugins import cuda_gemm as C
     rows = []
     for k, n in shapes:
         w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.05
@@ -70,7 +70,7 @@ def gemm_rows(shapes: list[tuple[int, int]], ms: list[int]) -> list[dict]:
                            lambda i: C.run_gemm("simt", xq, xs, wq, ws, None, None, "none", 8, out), 20))
             row["mma_us"] = 1e3 * time_graph(
                 lambda i: C.run_gemm("mma", xq, xs, wq, ws, None, None, "none", 8, out), 20)
-            if C._sm90_usable(torch.device("cuda")):
+            if C.sm90_usable("cuda"):
                 row["sm90_us"] = 1e3 * time_graph(
                     lambda i: C.run_gemm("sm90", xq, xs, wq, ws, None, None, "none", 8, out), 20)
             rows.append(row)

@@ -34,10 +34,16 @@ def test_graphs_share_the_quantized_weights_and_the_float_model_is_released(tmp_
     with torch.no_grad():
         want = model(x).logits
     alive = weakref.ref(model)
+    gemm_weights = [weakref.ref(m.weight) for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     engine = zq.compile(model, (x,), "w8a8", generation=zq.CacheSpec(2, 32))
     del model
     gc.collect()
     assert alive() is None  # nothing of the engine keeps the float model
+    # ... nor its quantized layers' float weights (a KV cache written with autograd on once held them all)
+    assert sum(w() is not None for w in gemm_weights) == 0
+    assert not any(t.requires_grad or t.grad_fn is not None for g in engine.graphs
+                   for t in [*g.parameters(), *g.buffers()])
 
     gen = engine._generator
     full = {id(t) for t in _quantized(engine.gm).values()}

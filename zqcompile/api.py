@@ -97,7 +97,20 @@ def _compile(model: nn.Module, cfg: QuantConfig, example_inputs, example_kwargs,
         generator = build_generator(model, cfg, cache, ctx.constants, warn=False)
         record.generation = generator.describe()
     ctx.constants.release()
+    graphs = [gm] + ([generator.prefill, generator.decode] if generator is not None else [])
+    _drop_autograd(graphs)
     return Engine(gm, spec, record, tuple(bound), snapshots, outputs, generator)
+
+
+def _drop_autograd(graphs) -> None:
+    """An engine is for inference: its parameters need no gradient, and a buffer written while a graph was
+    traced or checked (the KV cache) must not keep that autograd history -- it would hold every float weight
+    upstream of it alive (seen: 30 MiB of float weights left on the GPU by a 16 MiB W4/8A8 engine)."""
+    for g in graphs:
+        for t in [*g.parameters(), *g.buffers()]:
+            if t.grad_fn is not None:
+                t.detach_()
+            t.requires_grad_(False)
 
 
 def _plan_kernels(gm, record: CompileRecord, inputs: tuple) -> None:

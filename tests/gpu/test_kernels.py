@@ -16,7 +16,8 @@ from . import require_cuda
 pytestmark = pytest.mark.gpu
 require_cuda()
 
-from zqcompile.plugins import cuda  # noqa: E402
+from zqcompile.plugins import cuda, cuda_gemm  # noqa: E402
+from zqcompile.plugins import gemm_kernels as G  # noqa: E402
 
 DEV = "cuda"
 FLOATS = [torch.float16, torch.bfloat16, torch.float32]
@@ -145,7 +146,7 @@ def test_int8_gemm_dequant(out_dtype, m, k, n, bits, group_size):
     y = torch.ops.zq.int8_gemm_dequant(xq, xs, wq, ws, bias, res, act, bits, out_dtype)
     y_ref = ref("int8_gemm_dequant")(xq, xs, wq, ws, bias, res, act, bits, out_dtype)
     assert y.shape == y_ref.shape and y.dtype == out_dtype
-    assert_close(y, y_ref, rel=1e-2 if group_size and m > cuda.SMALL_M_KGROUPS else 4e-3)
+    assert_close(y, y_ref, rel=1e-2 if group_size and m > G.SMALL_M_KGROUPS else 4e-3)
 
 
 def mma_usable() -> bool:
@@ -166,7 +167,7 @@ def gemm_configs(path: str) -> range:
 @pytest.mark.parametrize("m,k,n", [(1, 768, 3072), (64, 1024, 768), (300, 4096, 1032), (2048, 3072, 768)])
 def test_gemm_paths_poisoned(path, act, with_bias, with_res, m, k, n):
     """Each GEMM kernel directly, every epilogue variant, into a NaN-filled output."""
-    if path == "sm90" and not cuda._sm90_usable(torch.device(DEV)):
+    if path == "sm90" and not cuda_gemm.sm90_usable(DEV):
         pytest.skip("no Hopper INT8 GEMM on this device/library")
     if path == "mma" and not mma_usable():
         pytest.skip("the mma GEMM needs sm_80 or later")
@@ -177,7 +178,7 @@ def test_gemm_paths_poisoned(path, act, with_bias, with_res, m, k, n):
     y_ref = ref("int8_gemm_dequant")(xq, xs, wq, ws, bias, res, act, 8, out_dtype)
     for cfg in configs:
         out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEV)
-        cuda.run_gemm(path, xq, xs.reshape(m), wq, ws, bias, res, act, 8, out, config=cfg)
+        cuda_gemm.run_gemm(path, xq, xs.reshape(m), wq, ws, bias, res, act, 8, out, config=cfg)
         assert_close(out, y_ref, rel=4e-3)
 
 
@@ -204,7 +205,7 @@ def run_mma_all_configs(xq, xs, wq, ws, bias, res, act, bits, y_ref):
     m, n = y_ref.shape
     for cfg in gemm_configs("mma"):
         buf = torch.full((m + 1, n), float("nan"), dtype=y_ref.dtype, device=DEV)
-        cuda.run_gemm("mma", xq, xs.reshape(m), wq, ws, bias, res, act, bits, buf[:m], config=cfg)
+        cuda_gemm.run_gemm("mma", xq, xs.reshape(m), wq, ws, bias, res, act, bits, buf[:m], config=cfg)
         assert_gemm_exact(buf[:m], y_ref)
         assert torch.isnan(buf[m]).all(), f"config {cfg} wrote past row M"
 
@@ -288,9 +289,9 @@ def test_gemm_mma_declines_outside_contract(case):
     elif case == "a16":
         x_arg = xq.to(torch.float16)
     out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEV)
-    rc = cuda._launch_gemm("mma", x_arg, xs.reshape(m), wq, ws, bias, res, "none", 8, out, -1)
+    rc = cuda_gemm.launch_gemm("mma", x_arg, xs.reshape(m), wq, ws, bias, res, "none", 8, out)
     torch.cuda.synchronize()
-    assert rc == cuda.CUDA_ERROR_NOT_SUPPORTED
+    assert rc == cuda_gemm.CUDA_ERROR_NOT_SUPPORTED
     assert torch.isnan(out).all()
     if case != "a16":
         y = torch.ops.zq.int8_gemm_dequant(x_arg, xs, wq, ws, bias, res, "none", 8, out_dtype)
@@ -302,7 +303,7 @@ def test_gemm_mma_declines_outside_contract(case):
     (17, 1024, 768, 4, 128, "mma"), (17, 1024, 768, 8, 32, "mma"), (16, 1024, 768, 4, 128, "simt"),
     (5, 1024, 768, 4, None, "mma"), (4, 1024, 768, 4, None, "simt"), (2048, 4096, 1024, 4, 64, "mma"),
     (64, 1024, 768, 8, None, "mma"), (65, 1024, 768, 8, None, "sm90 or mma"), (64, 2048, 768, 8, None, "sm90 or mma"),
-    (65, 1024, 768, 4, None, "sm90 or mma"), (2049, 1024, 768, 4, 128, "kgroup_fp16 or mma")])
+    (65, 1024, 768, 4, None, "sm90 or mma"), (2049, 1024, 768, 4, 128, "fp16_dequant or mma")])
 def test_int8_gemm_dequant_routes_to_mma(m, k, n, bits, group_size, path):
     """The mma kernel takes K-group scales for SMALL_M_KGROUPS < M <= MMA_KGROUP_MAX_M, INT4 row scales and
     short-K INT8 row scales for SMALL_M < M <= MMA_ROW_MAX_M, and every M above SMALL_M where there is no
@@ -310,17 +311,18 @@ def test_int8_gemm_dequant_routes_to_mma(m, k, n, bits, group_size, path):
     if not mma_usable():
         pytest.skip("the mma GEMM needs sm_80 or later")
     if " or " in path:
-        path = path.split(" or ")[0 if cuda._sm90_usable(torch.device(DEV)) else 1]
+        path = path.split(" or ")[0 if cuda_gemm.sm90_usable(DEV) else 1]
     xq, xs, wq, ws, bias, res = make_gemm(m, k, n, bits, group_size, torch.bfloat16, seed=m + k, with_res=True)
-    before = cuda.gemm_paths[path]
     poison()
-    y = torch.ops.zq.int8_gemm_dequant(xq, xs, wq, ws, bias, res, "silu", bits, torch.bfloat16)
-    assert cuda.gemm_paths[path] == before + 1
+    with cuda_gemm.served_by() as served:
+        y = torch.ops.zq.int8_gemm_dequant(xq, xs, wq, ws, bias, res, "silu", bits, torch.bfloat16)
+    assert served == {path: 1}
+    assert cuda_gemm.chosen("int8_gemm_dequant", xq, wq, ws, bias, res, bits, torch.bfloat16).kernel.name == path
     y_ref = ref("int8_gemm_dequant")(xq, xs, wq, ws, bias, res, "silu", bits, torch.bfloat16)
     if path == "mma":
         assert_gemm_exact(y, y_ref)
     else:
-        assert_close(y, y_ref, rel=4e-3 if path != "kgroup_fp16" else 1e-2)
+        assert_close(y, y_ref, rel=4e-3 if path != "fp16_dequant" else 1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -52,6 +52,13 @@ def device_of(index: int) -> GemmDevice:
                       library=lib._lib is not None, sm90_library=lib._lib is not None and lib.has_sm90_gemm())
 
 
+def sm90_usable(device: torch.device | str | int = 0) -> bool:
+    """The Hopper GEMM is in the library and the device is an sm_90 (benchmarks, tests)."""
+    index = device if isinstance(device, int) else torch.device(device).index
+    d = device_of(torch.cuda.current_device() if index is None else index)
+    return d.sm90_library and d.capability == (9, 0)
+
+
 class GemmArgs(ctypes.Structure):
     """zq_gemm_args of plugins_cuda/include/zq/gemm.h."""
     _fields_ = [("x", ctypes.c_void_p), ("x_dt", ctypes.c_int), ("x_is_int8", ctypes.c_int),
