@@ -18,8 +18,13 @@ import subprocess
 import sys
 
 WORKER = r'''
-import json, sys, time, torch, transformers as T
+import json, os, sys, time, torch, transformers as T
+NEW = int(os.environ.get("ZQ_BENCH_NEW_TOKENS", "50"))
+PRESETS = os.environ.get("ZQ_BENCH_PRESETS", "none,w8a8").split(",")
 import zqcompile as zq
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 def events_ms(fn, reps=30):
     for _ in range(5):
@@ -43,7 +48,7 @@ rows = []
 torch.manual_seed(0)
 bert = T.BertModel(T.BertConfig()).eval().cuda().half()
 x = torch.randint(0, 30000, (2, 128), device="cuda")
-e = zq.compile(bert, (x,), "w8a8")
+log("bert compile"); e = zq.compile(bert, (x,), "w8a8", **({"generation": False} if hasattr(zq, "CacheSpec") else {}))
 for b in (1, 16, 128):
     xb = torch.randint(0, 30000, (b, 128), device="cuda")
     with torch.no_grad():
@@ -52,8 +57,9 @@ del e, bert
 cfg = T.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True)
 lm = T.LlamaForCausalLM(cfg).eval().cuda().half()
-prompt, new = 128, 50
-for preset in ("none", "w8a8"):
+prompt, new = 128, NEW
+for preset in PRESETS:
+    log(f"smollm2 {preset} compile")
     ids1 = torch.randint(3, 49152, (1, prompt), device="cuda")
     e = compile_gen(lm, ids1, preset, 8, prompt + new)
     for b in (1, 8):
@@ -74,9 +80,9 @@ def run(checkout: str, lib: str | None) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=checkout, PYTHONUNBUFFERED="1")
     if lib:
         env["ZQ_CUDA_LIB"] = os.path.abspath(lib)
-    res = subprocess.run([sys.executable, "-c", WORKER], env=env, capture_output=True, text=True, cwd=checkout)
+    res = subprocess.run([sys.executable, "-c", WORKER], env=env, stdout=subprocess.PIPE, text=True, cwd=checkout)
     if res.returncode != 0:
-        raise SystemExit(f"{checkout}: worker failed\n{res.stderr[-3000:]}")
+        raise SystemExit(f"{checkout}: worker failed (its stderr is above)")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -87,20 +93,24 @@ def main() -> None:
     ap.add_argument("--lib", default=None, help="libzq_kernels.so both checkouts use (ZQ_CUDA_LIB)")
     ap.add_argument("--old-lib", default=None, help="the old checkout's library (default: --lib)")
     ap.add_argument("--new-lib", default=None, help="the new checkout's library (default: --lib)")
+    ap.add_argument("--order", default="old,new,old,new", help="the order of the worker runs")
     ap.add_argument("--out", default="bench/results/compare_checkouts.json")
     args = ap.parse_args()
     runs = {"old": [], "new": []}
-    for which in ("old", "new", "old", "new"):
+    for which in args.order.split(","):
         runs[which].append(run(getattr(args, which), getattr(args, f"{which}_lib") or args.lib))
+        with open(args.out + ".partial", "w") as f:  # a run cut short keeps what it measured
+            json.dump(runs, f, indent=1)
     cases = [r["case"] for r in runs["new"][0]]
     table = []
     print(f"{'case':34} {'old ms (2 runs)':>18} {'new ms (2 runs)':>18} {'new/old':>8}")
     for i, case in enumerate(cases):
         old = [r[i]["ms"] for r in runs["old"]]
         new = [r[i]["ms"] for r in runs["new"]]
-        ratio = (sum(new) / 2) / (sum(old) / 2)
+        ratio = (sum(new) / len(new)) / (sum(old) / len(old))
         table.append({"case": case, "old_ms": old, "new_ms": new, "new_over_old": ratio})
-        print(f"{case:34} {old[0]:8.3f} {old[1]:8.3f} {new[0]:8.3f} {new[1]:8.3f} {ratio:8.3f}")
+        print(f"{case:34} {' '.join(f'{v:8.3f}' for v in old):>18} {' '.join(f'{v:8.3f}' for v in new):>18} "
+              f"{ratio:8.3f}")
     import torch
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),

@@ -80,3 +80,29 @@ def test_moving_keeps_one_copy_and_deleting_frees_everything():
     del engine, gen
     gc.collect()
     assert not [r for r in held if r() is not None]
+
+
+def test_intermediate_constants_are_freed_when_replaced_and_remade_with_the_same_key():
+    """SharedConstants holds what it made weakly and keys it by its recipe: a concatenated FP weight is freed
+    once its quantized form replaced it (it was 9 GB of the 8B shape's compile peak), and a later graph that
+    concatenates again finds the same quantized tensors."""
+    from zqcompile.passes.constants import SharedConstants
+    memo = SharedConstants()
+    q, k = torch.randn(8, 4), torch.randn(8, 4)
+    made = []
+
+    def quantized():
+        cat = memo.get(("cat", q, k), lambda: torch.cat([q, k]))
+        gone = weakref.ref(cat)
+        out = memo.get(("quantize", cat, 8), lambda: made.append(1) or (cat.round().to(torch.int8), cat.amax(1)))
+        return out, gone
+
+    (wq, ws), gone = quantized()
+    gc.collect()
+    assert gone() is None  # nothing holds the concatenation now
+    (wq2, ws2), _ = quantized()
+    assert wq2 is wq and ws2 is ws and made == [1] and memo.hits == 1
+    del wq, ws, wq2, ws2
+    gc.collect()
+    quantized()
+    assert made == [1, 1]  # every graph dropped the quantized pair: made again, never a stale tensor

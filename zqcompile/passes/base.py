@@ -189,3 +189,31 @@ def copy_meta(dst: fx.Node, src: fx.Node) -> None:
 __all__ = ["ACTIVATION_OPS", "act_of", "GemmInfo", "FusionRecord", "NotFused", "PassResult", "PassContext", "aten",
            "zq", "is_call", "calls", "arg", "set_arg", "last_of", "gemm_fqn", "val", "dtype_of", "shape_of",
            "get_tensor", "param_name", "add_constant", "getitems", "copy_meta", "fqn_of", "module_stack"]
+
+
+def delete_attr(gm: fx.GraphModule, target: str) -> bool:
+    """Delete the parameter or buffer at `target` from gm (False when there is none)."""
+    *path, name = target.split(".")
+    owner = gm
+    for p in path:
+        owner = getattr(owner, p, None)
+        if owner is None:
+            return False
+    for table in ("_parameters", "_buffers"):
+        d = getattr(owner, table, {})
+        if name in d:
+            del d[name]
+            return True
+    return False
+
+
+
+def drop_constant(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Erase a get_attr node nothing reads any more, and its tensor when no other node reads it, so a weight
+    replaced by its quantized form is freed when it is replaced rather than at cleanup."""
+    if node.op != "get_attr" or node.users:
+        return
+    target = node.target
+    gm.graph.erase_node(node)
+    if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+        delete_attr(gm, target)

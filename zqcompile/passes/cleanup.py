@@ -7,22 +7,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from zqcompile.passes.base import NotFused, PassContext, PassResult, calls, fqn_of, zq
-
-
-def _delete_attr(gm: fx.GraphModule, target: str) -> bool:
-    *path, name = target.split(".")
-    owner = gm
-    for p in path:
-        owner = getattr(owner, p, None)
-        if owner is None:
-            return False
-    for table in ("_parameters", "_buffers"):
-        d = getattr(owner, table, {})
-        if name in d:
-            del d[name]
-            return True
-    return False
+from zqcompile.passes.base import NotFused, PassContext, PassResult, calls, delete_attr, fqn_of, zq
 
 
 def cleanup(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -32,7 +17,7 @@ def cleanup(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     used = {n.target for n in g.nodes if n.op == "get_attr"}
     freed = 0
     for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        if name not in used and _delete_attr(gm, name):
+        if name not in used and delete_attr(gm, name):
             freed += 1
     for n in calls(gm, zq.dequantize_per_token.default, zq.dequantize_weight.default):
         ctx.not_fused.append(NotFused(str(n.target.name()), fqn_of(n),

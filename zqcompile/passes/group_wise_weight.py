@@ -11,7 +11,8 @@ from torch import fx
 
 from zqcompile.config import weight_groups_error
 from zqcompile.ops import quant_math as qm
-from zqcompile.passes.base import PassContext, PassResult, add_constant, aten, calls, copy_meta, dtype_of, get_tensor, zq
+from zqcompile.passes.base import (PassContext, PassResult, add_constant, aten, calls, copy_meta, drop_constant, dtype_of,
+                                   get_tensor, zq)
 
 _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -57,6 +58,8 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             dq = gm.graph.call_function(zq.dequantize_weight.default, (wq_node, ws_node, wq_cfg.bits, dtype_of(node)))
         copy_meta(dq, node)
         dq.meta.pop("zq_gemm", None)
+        old_weight = node.args[1]
         node.args = (node.args[0], dq, *node.args[2:])
+        drop_constant(gm, old_weight)  # the float weight is freed now (a concatenated one had no other owner)
         rewritten += 1
     return PassResult(gm, rewritten > 0, matched, rewritten, [f"{rewritten} weights quantized"])

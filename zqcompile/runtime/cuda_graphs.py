@@ -24,6 +24,16 @@ import torch
 from torch.utils._pytree import tree_map
 
 _Entry = tuple[torch.cuda.CUDAGraph, list[torch.Tensor], object]
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device | None = None) -> torch.cuda.Stream:
+    """The one stream per device that captures warm up on. One, not one per capture: cuBLAS keeps a workspace
+    (tens of MiB) for every stream it has run on, for the life of the process."""
+    index = torch.cuda.current_device() if device is None or device.index is None else device.index
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(index)
+    return _side_streams[index]
 
 
 class _GraphRunner:
@@ -37,7 +47,7 @@ class _GraphRunner:
         self.pool = None  # one memory pool for every graph of the runner
 
     def _capture(self, static: list[torch.Tensor]) -> _Entry:
-        side = torch.cuda.Stream()
+        side = side_stream(static[0].device if static else None)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
             for _ in range(self.warmup):  # library handles and workspaces are created outside the capture
