@@ -95,28 +95,42 @@ def check_weight_groups(shape: tuple[int, int], bits: int, granularity: str, num
 
 
 def quantize_weight(w: torch.Tensor, bits: int, granularity: str = "row_groups",
-                    num_groups: int | None = None, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    num_groups: int | None = None, group_size: int | None = None,
+                    chunk_elems: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
     """W [N, K] float -> (wq int8 [N, K] or packed uint8 [N, K/2], scale fp32 [N, K // group_k]).
 
-    Shape errors (groups not fitting the dims) raise ValueError; callers add the module name."""
+    Rows are quantized `chunk_elems` elements at a time (whole row groups), so the fp32 temporaries of a large
+    weight (Llama-3-8B's gate+up, 28672 x 4096) are 64 MiB, not 2 GiB, at the compile's peak; every element is
+    computed exactly as in one piece. Shape errors (groups not fitting the dims) raise ValueError; callers add
+    the module name."""
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     n, k = w.shape
     gk = check_weight_groups((n, k), bits, granularity, num_groups, group_size)
     qmax = QMAX[bits]
-    wf = w.detach().float()
+    w = w.detach()
+    rows_per_group = n // (n if num_groups is None else num_groups) if granularity == "row_groups" else 1
+    step = max(rows_per_group, chunk_elems // max(k, 1) // rows_per_group * rows_per_group)
+    chunks = [(r, min(r + step, n)) for r in range(0, n, step)]
+
+    def row_amax(r0: int, r1: int) -> torch.Tensor:  # [rows, K // gk] (gk = K for whole rows)
+        wf = w[r0:r1].float()
+        return wf.reshape(r1 - r0, k // gk, gk).abs().amax(dim=2)
+
     if granularity == "tensor":
-        amax = wf.abs().amax().clamp_min(EPS).expand(n, 1)
+        amax = torch.stack([row_amax(r0, r1).amax() for r0, r1 in chunks]).amax().clamp_min(EPS).expand(n, 1)
     elif granularity == "row_groups":
-        g = n if num_groups is None else num_groups
-        amax = wf.reshape(g, n // g * k).abs().amax(dim=1).clamp_min(EPS).repeat_interleave(n // g).reshape(n, 1)
+        amax = torch.cat([row_amax(r0, r1) for r0, r1 in chunks]).reshape(n // rows_per_group, rows_per_group)
+        amax = amax.amax(dim=1).clamp_min(EPS).repeat_interleave(rows_per_group).reshape(n, 1)
     else:
-        amax = wf.reshape(n, k // gk, gk).abs().amax(dim=2).clamp_min(EPS)
+        amax = torch.cat([row_amax(r0, r1) for r0, r1 in chunks]).clamp_min(EPS)
     scale = (amax / qmax).contiguous()
     gk = k // scale.shape[1]
-    q = torch.round(wf / scale.repeat_interleave(gk, dim=1)).clamp_(-qmax, qmax).to(torch.int8)
-    if bits == 4:
-        q = pack_int4(q)
+    q = torch.empty((n, k // 2 if bits == 4 else k), dtype=torch.uint8 if bits == 4 else torch.int8,
+                    device=w.device)
+    for r0, r1 in chunks:
+        qc = torch.round(w[r0:r1].float() / scale[r0:r1].repeat_interleave(gk, dim=1)).clamp_(-qmax, qmax)
+        q[r0:r1] = pack_int4(qc.to(torch.int8)) if bits == 4 else qc.to(torch.int8)
     return q, scale
 
 
