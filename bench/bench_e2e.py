@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--compile-batches", default="1,16,128", help="where torch.compile / torchao are timed")
     ap.add_argument("--causal-batches", default="1,8,32", type=lambda v: [int(b) for b in v.split(",")],
                     help="prefill batches for the causal LMs (prompt 128)")
-    ap.add_argument("--torchao-batches", default="128", help="torchao's int8 GEMM needs M > 16 (FACTS.md)")
+    ap.add_argument("--torchao-batches", default="128", help="torchao int8 GEMM needs M > 16 (docs/facts.md)")
     ap.add_argument("--configs", default="w8a8,w4/8a8")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="bert-base seq 128 only")

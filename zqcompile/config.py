@@ -226,6 +226,42 @@ class LKDConfig:
 
 
 @dataclass(frozen=True)
+class FeatureScales:
+    """ZeroQuant-HERO's feature-wise quantization (passes/feature_scales.py): per-input-channel scales
+    s = max|X_j|^alpha / max|W_j|^(1 - alpha) moved from the activations into the weights and folded into the
+    producer (norm weight, up projection rows), free at run time.
+
+    alpha: one value for every site, or None to search `alphas` per site on the calibration activations (the
+    least quantized-GEMM output error; the unscaled GEMM is a candidate too). Calibration uses the compile's
+    `calibration_data`, else `random_batches` batches of `random_batch` x `random_seq` random tokens; at most
+    `max_tokens` rows per site are kept for the search.
+    """
+
+    alpha: float | None = None
+    alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    max_tokens: int = 1024
+    random_batches: int = 4
+    random_batch: int = 2
+    random_seq: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for a in ((self.alpha,) if self.alpha is not None else ()) + tuple(self.alphas):
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:
+                raise ConfigError(f"FeatureScales alpha values must be numbers in [0, 1], got {a!r}")
+        if not isinstance(self.alphas, tuple) or not self.alphas:
+            raise ConfigError(f"FeatureScales.alphas must be a non-empty tuple of numbers in [0, 1], "
+                              f"got {self.alphas!r}")
+        for name in ("max_tokens", "random_batches", "random_batch", "random_seq"):
+            _check_int("FeatureScales", name, getattr(self, name), 1)
+        if not _is_int(self.seed):
+            raise ConfigError(f"FeatureScales.seed must be an integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """The whole quantization recipe. `overrides` is ordered: the first matching key wins.
 
@@ -241,6 +277,7 @@ class QuantConfig:
     merge_gemms: bool = True  # q/k/v (and gate/up) with one input and one scheme run as one GEMM
     dynamic_batch: bool = True
     dynamic_seq: bool = True
+    feature_scales: FeatureScales | None = None  # HERO's feature-wise scales (None: off)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -283,6 +320,9 @@ class QuantConfig:
         _check_int("QuantConfig", "calibration_batches", self.calibration_batches, 1)
         for name in ("merge_gemms", "dynamic_batch", "dynamic_seq"):
             _check_bool("QuantConfig", name, getattr(self, name))
+        if self.feature_scales is not None and not isinstance(self.feature_scales, FeatureScales):
+            raise ConfigError(f"QuantConfig.feature_scales must be a FeatureScales or None, got "
+                              f"{type(self.feature_scales).__name__}")
 
     def with_overrides(self, overrides: Mapping[OverrideKey, GemmScheme | str]) -> "QuantConfig":
         if not isinstance(overrides, Mapping):
@@ -345,6 +385,11 @@ def _preset_w8a8() -> QuantConfig:
     return QuantConfig("w8a8", GemmScheme(_W8, ActQuant("token")), dict(_HEAD_FP))
 
 
+def _preset_w8a8_fws() -> QuantConfig:
+    # ZeroQuant-HERO's feature-wise quantization on top of W8A8, alpha searched per site
+    return replace(_preset_w8a8(), name="w8a8-fws", feature_scales=FeatureScales())
+
+
 def _preset_w4_8a8() -> QuantConfig:
     w4 = GemmScheme(_W4, ActQuant("token"))
     return QuantConfig("w4/8a8", GemmScheme(_W8, ActQuant("token")), {**_HEAD_FP, "fc1": w4, "fc2": w4})
@@ -375,6 +420,7 @@ def _preset_none() -> QuantConfig:
 
 PRESETS = {
     "w8a8": _preset_w8a8,
+    "w8a8-fws": _preset_w8a8_fws,
     "w4/8a8": _preset_w4_8a8,
     "w4/8a16": _preset_w4_8a16,
     "w8a8/16": _preset_w8a8_16,

@@ -36,6 +36,10 @@ def test_engine_holds_what_its_graphs_read_and_frees_it_when_deleted(config):
         a @ a
     torch.cuda.current_stream().wait_stream(side)
     a @ a
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):  # ... and the capture stream's
+        a @ a
+    del g
     gc.collect()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()

@@ -34,6 +34,9 @@ def add_eval_command(subparsers) -> argparse.ArgumentParser:
                    help="run LKD first: 'random' (data-free) or a path to a text file (not the eval text)")
     p.add_argument("--lkd-steps", type=int, default=LKDConfig.steps)
     p.add_argument("--lkd-lr", type=float, default=LKDConfig.lr)
+    p.add_argument("--calib-text", default=None, metavar="PATH",
+                   help="calibrate (ptq-static ranges, w8a8-fws feature scales) on this text instead of the first "
+                        "windows of --text")
     p.add_argument("--path", choices=["fakequant", "engine"], default="fakequant",
                    help="measure the quantized model by fake quantization or through the compiled engine")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -103,6 +106,13 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str | None]:
         from zqcompile.files import check_output_file, looks_like_json
         check_output_file(args.json, "eval results", replaceable=looks_like_json, kind="a JSON file")
     text = _read_text(args.text, "--text")
+    if get_config(args.config).feature_scales is not None and args.path != "engine":
+        raise InputError(f"--config {args.config} uses feature-wise scales, which the compiler applies: "
+                         f"use --path engine")
+    if args.calib_text:
+        if Path(args.calib_text).resolve() == Path(args.text).resolve():
+            raise InputError("--calib-text must not be the evaluation text (--text); omit it to calibrate on --text")
+        _read_text(args.calib_text, "--calib-text")
     lkd_text = None
     if args.lkd and args.lkd != "random":
         if Path(args.lkd).resolve() == Path(args.text).resolve():
@@ -151,7 +161,11 @@ def run_eval(args: argparse.Namespace) -> dict:
         _, stats = run_lkd_with_stats(qmodel_src, config, LKDConfig(data=data, steps=args.lkd_steps,
                                                                     lr=args.lkd_lr), tokenizer)
         result["lkd"] = [s.__dict__ for s in stats]
-    calib = _chunks(ids, n_ctx)[: config.calibration_batches]
+    calib_ids = tokenize_text(tokenizer, _read_text(args.calib_text, "--calib-text")) if args.calib_text else ids
+    calib = _chunks(calib_ids, n_ctx)[: config.calibration_batches]
+    if not calib:
+        raise InputError(f"--calib-text {args.calib_text} has fewer than one window of {n_ctx} tokens")
+    result["calibration_text"] = args.calib_text or str(text_path)
     qmodel = _quantized(qmodel_src, config, calib, args.path, calib[0])
     if is_causal_lm:
         for name, fn in (("fp32", fp_model), (config.name, qmodel)):

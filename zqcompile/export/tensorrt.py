@@ -2,7 +2,7 @@
 ONNX parser with zqcompile's plugin library loaded, built with FP16 + INT8 enabled and dynamic batch/seq
 profiles, and saved as a plan; `load_tensorrt` runs a plan with the engine's call signature.
 
-TensorRT cannot be installed on our build machines (shared/FACTS.md): these paths are written against the
+TensorRT cannot be installed on our build machines (docs/facts.md): these paths are written against the
 documented TensorRT 10 Python API, gated on `import tensorrt`, and tested up to the TensorRT calls.
 """
 from __future__ import annotations

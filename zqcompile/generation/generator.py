@@ -199,7 +199,8 @@ def build_generator(model: nn.Module, cfg: QuantConfig, spec: CacheSpec,
             gm, args = capture_phase(CachedLM(model, cache, spec), phase, spec, vocab)
             tick("0_captured", gm)
             flatten_graph_outputs(gm)  # (logits,): as every engine graph, a flat tuple
-            ctx = PassContext(cfg, args, [], max_seq=spec.max_cache_len, constants=constants, warn=warn)
+            ctx = PassContext(cfg, args, [], max_seq=spec.max_cache_len, constants=constants, warn=warn,
+                              calibrate_feature_scales=False)
             run_pipeline(gm, ctx, GENERATION_PIPELINE, on_pass=tick)
         graphs[phase] = gm
     record = GenerationRecord(spec, cache_bytes=cache_bytes(graphs["decode"]))

@@ -1,7 +1,7 @@
 """The pass pipeline: one ordered list, run by `run_pipeline`, which lints the graph and re-derives every
 node's shape/dtype with fake tensors after each pass that changed the graph, and hands a snapshot to the caller (for dumps).
 
-Order matters and is the method: fold decomposed ops -> simplify shape-only attention masks -> canonicalize -> classify -> merge sibling GEMMs -> quantize weights -> insert activation quant ->
+Order matters and is the method: fold decomposed ops -> simplify shape-only attention masks -> canonicalize -> classify -> feature-wise scales (HERO, when configured) -> merge sibling GEMMs -> quantize weights -> insert activation quant ->
 calibrate (static baseline only) -> fuse quant into producers -> fuse dequant into GEMMs -> GEMM epilogues
 -> cleanup.
 """
@@ -22,6 +22,7 @@ from zqcompile.passes.canonicalize import canonicalize_gemms
 from zqcompile.passes.classify_gemms import WeightError, classify_gemms
 from zqcompile.passes.concat_sibling_gemms import concat_sibling_gemms
 from zqcompile.passes.cleanup import cleanup
+from zqcompile.passes.feature_scales import feature_scales
 from zqcompile.passes.fold_decomposed import fold_decomposed_ops
 from zqcompile.passes.fuse_gemm_dequant import fuse_gemm_dequant
 from zqcompile.passes.fuse_gemm_epilogue import fuse_gemm_epilogue
@@ -39,6 +40,7 @@ PIPELINE: list[Pass] = [
     simplify_attention_masks,
     canonicalize_gemms,
     classify_gemms,
+    feature_scales,
     concat_sibling_gemms,
     group_wise_weight,
     token_wise_quant,

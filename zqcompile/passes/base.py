@@ -72,6 +72,7 @@ class PassContext:
     max_seq: int | None = None  # longest sequence the graph accepts (its seq dim's bound); None = unknown
     constants: SharedConstants = field(default_factory=SharedConstants)  # shared by the graphs of one compile
     warn: bool = True  # config warnings; off for the generation graphs of a compile (the engine graph warned)
+    calibrate_feature_scales: bool = True  # False: fold the scales the engine graph calibrated (generation graphs)
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------

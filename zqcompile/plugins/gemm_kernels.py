@@ -123,6 +123,15 @@ def _epilogue_reason(p: GemmProblem) -> Optional[str]:
     return None
 
 
+def _int8_x_half_out(p: GemmProblem) -> Optional[str]:
+    """The tensor-core kernels multiply int8 x and write fp16 / bf16."""
+    if p.x_dtype != "int8":
+        return "float activations (A16): it multiplies int8 x"
+    if p.out_dtype not in HALF:
+        return "float32 output: its epilogue writes fp16 / bf16"
+    return None
+
+
 def _hopper_tensor_cores(p: GemmProblem, d: GemmDevice) -> bool:
     """Where the large-M paths were measured (and tuned): the Hopper kernel's shape rules on an sm_90 device."""
     return p.out_dtype != "float32" and p.k % 16 == 0 and p.n % 8 == 0 and d.sm90_library and d.capability == (9, 0)
@@ -151,10 +160,9 @@ class Mma(GemmKernel):
             return why
         if d.capability < (8, 0):
             return "needs compute capability 8.0 or later"
-        if p.x_dtype != "int8":
-            return "float activations (A16): it multiplies int8 x"
-        if p.out_dtype not in HALF:
-            return "float32 output: its epilogue writes fp16 / bf16"
+        why = _int8_x_half_out(p)
+        if why:
+            return why
         if p.k % 32 or p.n % 8:
             return "needs K % 32 == 0 and N % 8 == 0"
         if p.group_k and (p.k % p.group_k or p.group_k % 32):
@@ -186,10 +194,9 @@ class Sm90(GemmKernel):
             return "needs compute capability 9.0 (sm_90a code)"
         if not d.sm90_library:
             return "the kernel library was built without it (ZQ_WITH_SM90_GEMM=OFF or no CUTLASS)"
-        if p.x_dtype != "int8":
-            return "float activations (A16): it multiplies int8 x"
-        if p.out_dtype not in HALF:
-            return "float32 output: its epilogue writes fp16 / bf16"
+        why = _int8_x_half_out(p)
+        if why:
+            return why
         if p.k % 16 or p.n % 8:
             return "needs K % 16 == 0 and N % 8 == 0"
         if not p.row_scales:
