@@ -42,8 +42,7 @@ def test_graphs_share_the_quantized_weights_and_the_float_model_is_released(tmp_
     assert alive() is None  # nothing of the engine keeps the float model
     # ... nor its quantized layers' float weights (a KV cache written with autograd on once held them all)
     assert sum(w() is not None for w in gemm_weights) == 0
-    assert not any(t.requires_grad or t.grad_fn is not None for g in engine.graphs
-                   for t in [*g.parameters(), *g.buffers()])
+    assert not any(t.grad_fn is not None for g in engine.graphs for t in [*g.parameters(), *g.buffers()])
 
     gen = engine._generator
     full = {id(t) for t in _quantized(engine.gm).values()}
@@ -106,3 +105,15 @@ def test_intermediate_constants_are_freed_when_replaced_and_remade_with_the_same
     gc.collect()
     quantized()
     assert made == [1, 1]  # every graph dropped the quantized pair: made again, never a stale tensor
+
+
+def test_compile_leaves_the_users_model_as_it_was():
+    """The engine shares the model's float parameters (embeddings, norms, head): compile must not change them
+    (requires_grad included), and the model still trains."""
+    model = _llama(vocab=1000, hidden=64)
+    before = {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
+    zq.compile(model, (ids(2, 8, vocab=1000),), "w8a8", generation=zq.CacheSpec(2, 16))
+    for n, p in model.named_parameters():
+        assert p.requires_grad == before[n][0] and torch.equal(p, before[n][1]), n
+    model(ids(1, 4, vocab=1000)).logits.sum().backward()
+    assert model.lm_head.weight.grad is not None

@@ -103,14 +103,14 @@ def _compile(model: nn.Module, cfg: QuantConfig, example_inputs, example_kwargs,
 
 
 def _drop_autograd(graphs) -> None:
-    """An engine is for inference: its parameters need no gradient, and a buffer written while a graph was
-    traced or checked (the KV cache) must not keep that autograd history -- it would hold every float weight
-    upstream of it alive (seen: 30 MiB of float weights left on the GPU by a 16 MiB W4/8A8 engine)."""
+    """A buffer written while a graph was traced or checked (the KV cache) must not keep that autograd history:
+    it would hold every float weight upstream of it alive (seen: 30 MiB of float weights left on the GPU by a
+    16 MiB W4/8A8 engine). Parameters are left as they are: the float ones are the user's model's own."""
     for g in graphs:
-        for t in [*g.parameters(), *g.buffers()]:
+        for t in g.buffers():
             if t.grad_fn is not None:
                 t.detach_()
-            t.requires_grad_(False)
+                t.requires_grad_(False)
 
 
 def _plan_kernels(gm, record: CompileRecord, inputs: tuple) -> None:
