@@ -12,7 +12,7 @@ from .conftest import engine_for, ids, model_for
 
 
 def test_unknown_preset_lists_valid_ones():
-    with pytest.raises(zq.ConfigError, match="valid presets: w8a8, w4/8a8"):
+    with pytest.raises(zq.ConfigError, match="valid presets: w8a8, w8a8-fws, w4/8a8"):
         zq.compile(model_for("gpt2"), (ids(2, 8),), "w3a3")
 
 
