@@ -159,10 +159,11 @@ class Generator:
             return _logits(self.decode, ids, pos, cache_position, kv_mask)
         if self._cuda_decode is None:
             from zqcompile.runtime.cuda_graphs import BatchBucketedGraphs
-            # (ids, pos, cache_position, kv_mask): every input but the cache position has a batch dim; the
-            # logits are a view of the graph's memory, read before the next step
+            # (ids, pos, cache_position, kv_mask): every input but the cache position has a batch dim, padded
+            # rows attend to nothing (their kv_mask row is zero); the logits are a view of the graph's memory,
+            # read before the next step
             self._cuda_decode = BatchBucketedGraphs(lambda *a: _logits(self.decode, *a), self.spec.buckets,
-                                                    unbatched=(2,))
+                                                    unbatched=(2,), zero_padding=(3,))
         return self._cuda_decode(ids, pos, cache_position, kv_mask)
 
 

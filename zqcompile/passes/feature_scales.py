@@ -24,12 +24,10 @@ import torch
 from torch import fx
 
 from zqcompile.ops import quant_math as qm
-from zqcompile.passes.base import (FusionRecord, NotFused, PassContext, PassResult, add_constant, aten, calls,
-                                   drop_constant, fqn_of, get_tensor)
+from zqcompile.passes.base import (FusionRecord, NotFused, PassContext, PassResult, add_constant, arg, aten, calls,
+                                   drop_constant, fqn_of, get_tensor, set_arg)
 
 _NORMS = (aten.rms_norm.default, aten.layer_norm.default)
-_NORM_WEIGHT = {aten.rms_norm.default: 2, aten.layer_norm.default: 2}
-_NORM_BIAS = {aten.layer_norm.default: 3}
 _S_RANGE = (1e-4, 1e4)
 
 
@@ -60,7 +58,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[NotFused]]:
         if not any(_quantized_a8(g) for g in lin):
             continue
         name = fqn_of(norm) or norm.name
-        w = norm.args[_NORM_WEIGHT[norm.target]] if len(norm.args) > 2 else None
+        w = arg(norm, "weight")
         if other:
             skipped.append(NotFused("feature scales", name, f"the norm's output also feeds {other[0].name} "
                                     f"({other[0].target}), e.g. the residual: scaling the norm would change it"))
@@ -81,7 +79,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[NotFused]]:
         if x.target != aten.mul.Tensor or len(x.users) != 1:
             continue
         ups = [a for a in x.args if isinstance(a, fx.Node) and a.op == "call_function" and a.target == aten.linear.default
-               and len(a.users) == 1 and isinstance(a.args[1], fx.Node) and a.args[1].op == "get_attr"]
+               and len(a.users) == 1 and arg(a, "weight").op == "get_attr"]
         if len(ups) == 1:
             sites.append(Site(name, "up", ups[0], x, [down]))
     return sites, skipped
@@ -176,7 +174,7 @@ def compute_scales(gm: fx.GraphModule, ctx: PassContext, sites: list[Site]) -> d
     out = {}
     for site in sites:
         x = torch.cat(rec.rows[site.name]).float()
-        ws = [(get_tensor(gm, g.args[1]).detach().float(), g) for g in site.gemms if _quantized_a8(g)]
+        ws = [(get_tensor(gm, arg(g, "weight")).detach().float(), g) for g in site.gemms if _quantized_a8(g)]
         amax_w = torch.stack([w.abs().amax(dim=0) for w, _ in ws]).amax(dim=0)
         base = _site_error(x, ws, None)
         best = (base, None, None)
@@ -190,29 +188,30 @@ def compute_scales(gm: fx.GraphModule, ctx: PassContext, sites: list[Site]) -> d
 
 
 # ---- folding ----------------------------------------------------------------------------------------------
-def _replace_constant(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, index: int, recipe: str,
+def _replace_constant(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, name: str, recipe: str,
                       s: torch.Tensor, fn) -> None:
-    old = node.args[index]
+    """Replace the constant argument `name` of `node` by fn(constant, s) (made once per compile); an argument
+    that is not a constant (None: no bias) is left as it is."""
+    old = arg(node, name)
+    if not (isinstance(old, fx.Node) and old.op == "get_attr"):
+        return
     t = get_tensor(gm, old)
     new = ctx.constants.get((recipe, t, s), lambda: fn(t.detach().float(), s).to(t.dtype).contiguous())
-    attr = add_constant(gm, f"{old.target}_fws", new, before=node)
-    node.args = (*node.args[:index], attr, *node.args[index + 1:])
+    set_arg(node, name, add_constant(gm, f"{old.target}_fws", new, before=node))
     drop_constant(gm, old)
 
 
 def _fold(gm: fx.GraphModule, ctx: PassContext, site: Site, s: torch.Tensor) -> None:
     p = site.producer
     if site.kind == "norm":
-        _replace_constant(gm, ctx, p, _NORM_WEIGHT[p.target], "fws_div", s, lambda w, s: w / s)
-        bi = _NORM_BIAS.get(p.target)
-        if bi is not None and len(p.args) > bi and isinstance(p.args[bi], fx.Node):
-            _replace_constant(gm, ctx, p, bi, "fws_div", s, lambda b, s: b / s)
+        _replace_constant(gm, ctx, p, "weight", "fws_div", s, lambda w, s: w / s)
+        if p.target == aten.layer_norm.default:
+            _replace_constant(gm, ctx, p, "bias", "fws_div", s, lambda b, s: b / s)
     else:  # the up projection's output rows
-        _replace_constant(gm, ctx, p, 1, "fws_rows", s, lambda w, s: w / s[:, None])
-        if len(p.args) > 2 and isinstance(p.args[2], fx.Node):
-            _replace_constant(gm, ctx, p, 2, "fws_div", s, lambda b, s: b / s)
+        _replace_constant(gm, ctx, p, "weight", "fws_rows", s, lambda w, s: w / s[:, None])
+        _replace_constant(gm, ctx, p, "bias", "fws_div", s, lambda b, s: b / s)
     for g in site.gemms:
-        _replace_constant(gm, ctx, g, 1, "fws_cols", s, lambda w, s: w * s)
+        _replace_constant(gm, ctx, g, "weight", "fws_cols", s, lambda w, s: w * s)
 
 
 def feature_scales(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -241,8 +240,8 @@ def feature_scales(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         _fold(gm, ctx, site, got["s"])
         folded += 1
         s = got["s"]
-        into = "norm weight" + (" and bias" if site.producer.target in _NORM_BIAS else "") if site.kind == "norm" \
-            else "up projection rows"
+        into = "norm weight" + (" and bias" if site.producer.target == aten.layer_norm.default else "") \
+            if site.kind == "norm" else "up projection rows"
         ctx.fusions.append(FusionRecord(
             "feature-scales", site.name, [fqn_of(g) for g in site.gemms], f"x / s folded into the {into}",
             f"alpha {got['alpha']:.2f}, s in [{float(s.min()):.3g}, {float(s.max()):.3g}], quantized GEMM error "

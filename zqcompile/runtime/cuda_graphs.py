@@ -92,13 +92,16 @@ class ShapeBucketedGraphs(_GraphRunner):
 
 class BatchBucketedGraphs(_GraphRunner):
     """Inputs with a leading batch dim, except those at `unbatched` (e.g. the cache position), padded to the
-    smallest bucket >= the batch; the first output's rows past the batch are dropped."""
+    smallest bucket >= the batch; the first output's rows past the batch are dropped. Padded rows start as zeros;
+    those of the inputs at `zero_padding` (the kv_mask, which keeps them out of attention) are zeroed again on
+    every call with a smaller batch, the others keep whatever an earlier call left (their outputs are dropped)."""
 
-    def __init__(self, fn: Callable, buckets: Sequence[int], unbatched: Sequence[int] = (), warmup: int = 2,
-                 clone_outputs: bool = False):
+    def __init__(self, fn: Callable, buckets: Sequence[int], unbatched: Sequence[int] = (),
+                 zero_padding: Sequence[int] = (), warmup: int = 2, clone_outputs: bool = False):
         super().__init__(fn, warmup, clone_outputs)
         self.buckets = tuple(buckets)
         self.unbatched = frozenset(unbatched)
+        self.zero_padding = frozenset(zero_padding)
 
     def bucket_for(self, batch: int) -> int:
         for b in self.buckets:
@@ -120,7 +123,8 @@ class BatchBucketedGraphs(_GraphRunner):
                     s.copy_(t)
                 else:
                     s[:batch].copy_(t)
-                    s[batch:].zero_()  # padded rows: zero ids / positions / kv_mask
+                    if batch < bucket and i in self.zero_padding:
+                        s[batch:].zero_()
         return self._replay(entry, copy_in)[:batch]
 
 

@@ -79,6 +79,7 @@ class Engine:
         """Move every graph's constants (each shared tensor once, still shared) and the KV cache."""
         move_constants(self.graphs, device)
         _ensure_kernels(torch.device(device), self.record)
+        self._kernels_for = None  # the plan is now for `device`: the next CUDA call re-checks it
         self.example_inputs = tuple(t.to(device) for t in self.example_inputs)
         self._graphs = None
         if self._generator is not None:
