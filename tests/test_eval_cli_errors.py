@@ -71,6 +71,11 @@ def _bad_args(root):
         (["--text", str(root)], f"--text {root} is a directory; give a text file"),
         (["--text", str(empty)], f"--text {empty} is empty"),
         (["--lkd", str(text)], "--lkd text must not be the evaluation text (--text)"),
+        (["--calib-text", str(text)], "--calib-text must not be the evaluation text (--text); omit it to calibrate "
+                                      "on --text"),
+        (["--calib-text", str(root / "nope.txt")], f"--calib-text {root / 'nope.txt'}: no such file"),
+        (["--config", "w8a8-fws"], "--config w8a8-fws uses feature-wise scales, which the compiler applies: use "
+                                   "--path engine"),
         (["--json", str(root)], f"cannot write the eval results to {str(root)!r}: it is a directory; give a file "
                                 f"name (a path inside it, or another one)"),
         (["--json", str(root / "no" / "r.json")], f"cannot write the eval results to {str(root / 'no' / 'r.json')!r}: "
@@ -104,3 +109,16 @@ def test_json_is_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         eval_cli._write_json(str(out), {"ppl_fp32": 2.0})
     assert json.loads(out.read_text()) == {"ppl_fp32": 1.5} and os.listdir(tmp_path) == ["r.json"]
+
+
+def test_engine_eval_with_feature_scales_calibrated_on_another_text(folders, tmp_path):
+    """The installed command, in its own process: w8a8-fws through the engine, calibrated on --calib-text."""
+    other = tmp_path / "other.txt"
+    other.write_text("pack my box with five dozen liquor jugs " * 4)
+    out = tmp_path / "r.json"
+    r = run_cli("eval", folders / "tok", "--text", folders / "t.txt", "--calib-text", other, "--config", "w8a8-fws",
+                "--path", "engine", "--window", "32", "--max-tokens", "128", "--json", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["calibration_text"] == str(other) and res["config"] == "w8a8-fws"
+    assert 1.0 < res["ppl_fp32"] < 1e3 and abs(res["ppl_w8a8-fws"] / res["ppl_fp32"] - 1) < 0.05, res
