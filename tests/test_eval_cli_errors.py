@@ -122,3 +122,17 @@ def test_engine_eval_with_feature_scales_calibrated_on_another_text(folders, tmp
     res = json.loads(out.read_text())
     assert res["calibration_text"] == str(other) and res["config"] == "w8a8-fws"
     assert 1.0 < res["ppl_fp32"] < 1e3 and abs(res["ppl_w8a8-fws"] / res["ppl_fp32"] - 1) < 0.05, res
+
+
+def test_compile_to_an_accuracy_budget_through_the_installed_command(folders, capsys):
+    assert main(["compile", str(folders / "tok"), "--accuracy-budget", "1%"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "zqcompile compile: error: --accuracy-budget measures perplexity on calibration text: give --calib-text "
+        "FILE (text like what the model will serve)")
+    r = run_cli("compile", folders / "tok", "--accuracy-budget", "0.5%", "--calib-text", folders / "t.txt",
+                "--seq", "32", "--no-generation")
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if "accuracy-budget" in ln or "budget 0.50%" in ln)
+    fp, pred, measured = (float(x) for x in __import__("re").search(
+        r"fp ([\d.]+), .*predicted ([\d.]+) .*measured through the engine ([\d.]+)", r.stdout).groups())
+    assert pred <= fp * 1.005 + 1e-9 and abs(measured - pred) <= 0.01 * pred, line

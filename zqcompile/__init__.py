@@ -13,7 +13,7 @@ _EXPORTS = {
     "CaptureError": "capture", "InputError": "capture",
     "Engine": "runtime.engine", "EngineFileError": "runtime.engine",
     "WeightError": "passes",
-    "ActQuant": "config", "FeatureScales": "config", "ConfigError": "config", "ConfigWarning": "config", "GemmScheme": "config", "LKDConfig": "config",
+    "AccuracyBudget": "config", "ActQuant": "config", "FeatureScales": "config", "ConfigError": "config", "ConfigWarning": "config", "GemmScheme": "config", "LKDConfig": "config",
     "PRESETS": "config", "QuantConfig": "config", "WeightQuant": "config", "get_config": "config",
     "OutputPathError": "files",
 }

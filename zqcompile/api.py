@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from torch import nn
 
 from zqcompile.capture import InputError, capture
-from zqcompile.config import LKDConfig, QuantConfig, get_config
+from zqcompile.config import AccuracyBudget, LKDConfig, QuantConfig, get_config
 from zqcompile.generation.generator import is_causal_lm
 from zqcompile.generation.kv_cache import CacheSpec
 from zqcompile.memory import peak_memory
@@ -21,7 +21,7 @@ from zqcompile.passes import PIPELINE, PassContext, run_pipeline
 def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str = "w8a8",
             dump_dir: str | os.PathLike | None = None, lkd: LKDConfig | None = None,
             calibration_data: list[tuple] | None = None, example_kwargs: dict | None = None,
-            generation: CacheSpec | bool | None = None) -> Engine:
+            generation: CacheSpec | bool | None = None, accuracy_budget: float | None = None) -> Engine:
     """Quantize and fuse `model` into a ZeroQuant engine.
 
     example_inputs: positional inputs of model.forward (e.g. `(input_ids,)`), used to capture the graph with
@@ -31,8 +31,19 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
     generation (causal LMs): the KV cache the prefill/decode graphs of `engine.generate` are built for, here,
     sharing the engine's quantized weights: a CacheSpec, None for CacheSpec() (batches up to 8, 512 tokens),
     False for none. The engine keeps no reference to `model`.
+    accuracy_budget (causal LMs, with calibration_data): keep the fewest GEMMs in FP16 (HERO's mode switch)
+    for which the calibration perplexity stays within this fraction of the float model's (0.01 = +1%).
     """
     cfg = get_config(config)
+    if accuracy_budget is not None:
+        cfg = replace(cfg, accuracy_budget=AccuracyBudget(budget=accuracy_budget))
+    if cfg.accuracy_budget is not None:
+        if not calibration_data:
+            raise InputError("accuracy_budget needs calibration_data: token batches of text like what you serve, "
+                             "e.g. calibration_data=[(ids[:, :512],)]")
+        if not is_causal_lm(model):
+            raise InputError("accuracy_budget is measured as perplexity and needs a causal LM; for "
+                             f"{type(model).__name__} keep sensitive GEMMs in FP16 with overrides={{'fqn': 'fp16'}}")
     if generation is not None and not isinstance(generation, (bool, CacheSpec)):
         raise InputError(f"generation must be a zqcompile.CacheSpec, True/None (the default cache) or False, "
                          f"got {type(generation).__name__}")
@@ -57,6 +68,8 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
     with peak_memory() as peak:
         engine = _compile(model, cfg, example_inputs, example_kwargs, calibration_data, generation)
     engine.record.memory = {**peak, "engine_bytes": engine.memory_bytes()}
+    if cfg.accuracy_budget is not None:
+        _measure_budget(engine, cfg, calibration_data)
     if dump_dir is not None:
         dump(engine, dump_dir)
     return engine
@@ -100,6 +113,29 @@ def _compile(model: nn.Module, cfg: QuantConfig, example_inputs, example_kwargs,
     graphs = [gm] + ([generator.prefill, generator.decode] if generator is not None else [])
     _drop_autograd(graphs)
     return Engine(gm, spec, record, tuple(bound), snapshots, outputs, generator)
+
+
+def _measure_budget(engine: Engine, cfg: QuantConfig, calibration_data: list[tuple]) -> None:
+    """The accuracy budget's outcome through the engine itself: its perplexity on the calibration tokens the
+    choice was made on, next to the prediction in the report."""
+    import math
+
+    import torch.nn.functional as F
+
+    from zqcompile.accuracy.eval import output_tensor
+    from zqcompile.passes.mixed_precision import calibration_tokens
+    nll = count = 0.0
+    with torch.no_grad():
+        for inputs in calibration_tokens(list(calibration_data), cfg.accuracy_budget.max_tokens):
+            logits = output_tensor(engine(*inputs)).float()
+            ids = inputs[0]
+            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device),
+                                         reduction="sum"))
+            count += ids[:, 1:].numel()
+    ppl = math.exp(nll / count)
+    for f in engine.record.fusions:
+        if f["kind"] == "accuracy-budget":
+            f["note"] += f"; measured through the engine {ppl:.3f}"
 
 
 def _drop_autograd(graphs) -> None:

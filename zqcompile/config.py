@@ -231,14 +231,16 @@ class FeatureScales:
     s = max|X_j|^alpha / max|W_j|^(1 - alpha) moved from the activations into the weights and folded into the
     producer (norm weight, up projection rows), free at run time.
 
-    alpha: one value for every site, or None to search `alphas` per site on the calibration activations (the
-    least quantized-GEMM output error; the unscaled GEMM is a candidate too). Calibration uses the compile's
-    `calibration_data`, else `random_batches` batches of `random_batch` x `random_seq` random tokens; at most
-    `max_tokens` rows per site are kept for the search.
+    alpha: one value for every site, or None to search `alphas` on the calibration data: `search="model"`
+    picks one alpha for every site (or none at all) by the fake-quantized graph's output error, `"site"` one
+    per site by the error of that site's quantized GEMMs (the unscaled GEMM is a candidate too).
+    Calibration uses the compile's `calibration_data`, else `random_batches` batches of `random_batch` x
+    `random_seq` random tokens; at most `max_tokens` rows per site (and tokens for the model search) are used.
     """
 
     alpha: float | None = None
     alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    search: str = "model"
     max_tokens: int = 1024
     random_batches: int = 4
     random_batch: int = 2
@@ -252,6 +254,8 @@ class FeatureScales:
         for a in ((self.alpha,) if self.alpha is not None else ()) + tuple(self.alphas):
             if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:
                 raise ConfigError(f"FeatureScales alpha values must be numbers in [0, 1], got {a!r}")
+        if self.search not in ("model", "site"):
+            raise ConfigError(f"FeatureScales.search must be 'model' or 'site', got {self.search!r}")
         if not isinstance(self.alphas, tuple) or not self.alphas:
             raise ConfigError(f"FeatureScales.alphas must be a non-empty tuple of numbers in [0, 1], "
                               f"got {self.alphas!r}")
@@ -259,6 +263,23 @@ class FeatureScales:
             _check_int("FeatureScales", name, getattr(self, name), 1)
         if not _is_int(self.seed):
             raise ConfigError(f"FeatureScales.seed must be an integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class AccuracyBudget:
+    """HERO's per-module mode switch chosen automatically (passes/mixed_precision.py): the fewest GEMMs are
+    kept in FP16 for which the fake-quantized graph's perplexity on the calibration data (at most `max_tokens`
+    tokens of it) is within `budget` of the float graph's (0.01 = +1%). Needs calibration_data and a causal LM;
+    costs one fake-quantized forward per group of 8-bit GEMMs that read one input (4 per LLaMA layer)."""
+
+    budget: float = 0.01
+    max_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget < 1:
+            raise ConfigError(f"accuracy_budget must be a fraction in (0, 1), e.g. 0.01 for +1% perplexity, "
+                              f"got {self.budget!r}")
+        _check_int("AccuracyBudget", "max_tokens", self.max_tokens, 2)
 
 
 @dataclass(frozen=True)
@@ -278,6 +299,7 @@ class QuantConfig:
     dynamic_batch: bool = True
     dynamic_seq: bool = True
     feature_scales: FeatureScales | None = None  # HERO's feature-wise scales (None: off)
+    accuracy_budget: AccuracyBudget | None = None  # GEMMs kept in FP16 to a perplexity budget (None: off)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -320,6 +342,9 @@ class QuantConfig:
         _check_int("QuantConfig", "calibration_batches", self.calibration_batches, 1)
         for name in ("merge_gemms", "dynamic_batch", "dynamic_seq"):
             _check_bool("QuantConfig", name, getattr(self, name))
+        if self.accuracy_budget is not None and not isinstance(self.accuracy_budget, AccuracyBudget):
+            raise ConfigError(f"QuantConfig.accuracy_budget must be an AccuracyBudget or None, got "
+                              f"{type(self.accuracy_budget).__name__}")
         if self.feature_scales is not None and not isinstance(self.feature_scales, FeatureScales):
             raise ConfigError(f"QuantConfig.feature_scales must be a FeatureScales or None, got "
                               f"{type(self.feature_scales).__name__}")

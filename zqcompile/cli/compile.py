@@ -31,14 +31,17 @@ def cmd_compile(args) -> int:
     if args.dump:
         check_dump_dir(args.dump)
     get_config(args.config)  # a bad preset name fails before the model loads
+    calib_text = _calibration_text(args)
     import zqcompile as zq
     from zqcompile.models import load_model
     model = load_model(args.model)
     check_seq_fits(model, args.seq)
     ids = example_ids(model, args.batch, args.seq)
+    calibration = _calibration_data(args, calib_text, model) if calib_text is not None else None
     t0 = time.perf_counter()
     generation = False if args.no_generation else zq.CacheSpec(args.max_batch, args.max_cache_len, args.kv_cache)
-    engine = zq.compile(model, (ids,), config=args.config, generation=generation)
+    engine = zq.compile(model, (ids,), config=args.config, generation=generation, calibration_data=calibration,
+                        accuracy_budget=args.accuracy_budget)
     print(engine.report())
     print(f"\ncompiled in {time.perf_counter() - t0:.1f} s")
     with Staged() as outputs:  # the engine and the dump go in place together, at the end
@@ -55,6 +58,28 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _calibration_text(args) -> str | None:
+    from zqcompile.cli.eval import _read_text
+    from zqcompile.errors import InputError
+    if args.accuracy_budget is not None and not args.calib_text:
+        raise InputError("--accuracy-budget measures perplexity on calibration text: give --calib-text FILE "
+                         "(text like what the model will serve)")
+    return _read_text(args.calib_text, "--calib-text") if args.calib_text else None
+
+
+def _calibration_data(args, text: str, model) -> list[tuple]:
+    """Windows of --seq tokens of the calibration text (at most 4), tokenized with the model's tokenizer."""
+    from zqcompile.accuracy.eval import tokenize_text
+    from zqcompile.errors import InputError
+    from zqcompile.models import load_tokenizer
+    ids = tokenize_text(load_tokenizer(args.model), text)
+    windows = [(c.view(1, -1),) for c in ids.split(args.seq) if c.numel() == args.seq][:4]
+    if not windows:
+        raise InputError(f"--calib-text {args.calib_text} has {ids.numel()} tokens, fewer than one window of "
+                         f"--seq {args.seq}: use a longer text or a smaller --seq")
+    return windows
+
+
 def cmd_report(args) -> int:
     import zqcompile as zq
     print(zq.load(args.engine).report())
@@ -62,7 +87,7 @@ def cmd_report(args) -> int:
 
 
 def add_compile_commands(sub) -> None:
-    from zqcompile.cli.main import positive_int
+    from zqcompile.cli.main import budget_fraction, positive_int
     c = sub.add_parser("compile", help="compile a model folder / .gguf / packaged model name")
     c.add_argument("model", help="Hugging Face folder, .gguf file, or 'minilm' / 'smollm2'")
     c.add_argument("--config", default="w8a8", help="preset: w8a8, w4/8a8, w4/8a16, w8a8/16, w8a16, ptq-static, none")
@@ -70,6 +95,11 @@ def add_compile_commands(sub) -> None:
     c.add_argument("--dump", help="write per-pass graph dumps into this folder (new, empty, or an earlier dump)")
     c.add_argument("--batch", type=positive_int, default=2, help="example batch size (the engine takes any)")
     c.add_argument("--seq", type=positive_int, default=32, help="example sequence length (the engine takes any)")
+    c.add_argument("--calib-text", default=None, metavar="PATH",
+                   help="calibration text (ptq-static ranges, w8a8-fws feature scales, --accuracy-budget)")
+    c.add_argument("--accuracy-budget", type=budget_fraction, default=None, metavar="PCT",
+                   help="keep the fewest GEMMs in FP16 for which the perplexity on --calib-text stays within PCT "
+                        "(e.g. 1%%) of the float model's (causal LMs)")
     g = c.add_argument_group("generation (causal LMs: prefill/decode graphs saved with the engine)")
     g.add_argument("--no-generation", action="store_true", help="build no generation graphs (faster compile)")
     g.add_argument("--max-batch", type=positive_int, default=8, help="largest batch engine.generate takes")

@@ -23,6 +23,7 @@ DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 
 
 def add_eval_command(subparsers) -> argparse.ArgumentParser:
+    from zqcompile.cli.main import budget_fraction
     p = subparsers.add_parser("eval", help="perplexity / encoder agreement of a quantized model vs fp32")
     p.add_argument("model", help="HF folder, .gguf file, or an installed model name (smollm2, minilm)")
     p.add_argument("--config", default="w8a8", help="preset name (w8a8, w4/8a8, ptq-static, ...)")
@@ -37,6 +38,9 @@ def add_eval_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib-text", default=None, metavar="PATH",
                    help="calibrate (ptq-static ranges, w8a8-fws feature scales) on this text instead of the first "
                         "windows of --text")
+    p.add_argument("--accuracy-budget", type=budget_fraction, default=None, metavar="PCT",
+                   help="keep the fewest GEMMs in FP16 for which the calibration perplexity stays within PCT "
+                        "(e.g. 1%%) of the float model's (--path engine)")
     p.add_argument("--path", choices=["fakequant", "engine"], default="fakequant",
                    help="measure the quantized model by fake quantization or through the compiled engine")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -59,14 +63,16 @@ def _chunks(ids: torch.Tensor, n: int) -> list[torch.Tensor]:
     return [c.view(1, -1) for c in ids.split(n) if c.numel() == n]
 
 
-def _quantized(model, config, calib: list[torch.Tensor], path: str, example: torch.Tensor):
+def _quantized(model, config, calib: list[torch.Tensor], path: str, example: torch.Tensor,
+               accuracy_budget: float | None = None):
     if path == "engine":
         try:
             from zqcompile.api import compile as zq_compile
         except ImportError:
             raise InputError("--path engine needs zqcompile.api.compile, which this installation lacks; "
                              "use --path fakequant") from None
-        return zq_compile(model, (example,), config, calibration_data=[(c,) for c in calib], generation=False)
+        return zq_compile(model, (example,), config, calibration_data=[(c,) for c in calib], generation=False,
+                          accuracy_budget=accuracy_budget)
     from zqcompile.accuracy.fakequant import calibrate_static, fake_quantize
     fq = fake_quantize(copy.deepcopy(model), config)
     calibrate_static(fq, calib)
@@ -106,6 +112,8 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str | None]:
         from zqcompile.files import check_output_file, looks_like_json
         check_output_file(args.json, "eval results", replaceable=looks_like_json, kind="a JSON file")
     text = _read_text(args.text, "--text")
+    if args.accuracy_budget is not None and args.path != "engine":
+        raise InputError("--accuracy-budget chooses FP16 GEMMs in the compiler: use --path engine")
     if get_config(args.config).feature_scales is not None and args.path != "engine":
         raise InputError(f"--config {args.config} uses feature-wise scales, which the compiler applies: "
                          f"use --path engine")
@@ -166,7 +174,10 @@ def run_eval(args: argparse.Namespace) -> dict:
     if not calib:
         raise InputError(f"--calib-text {args.calib_text} has fewer than one window of {n_ctx} tokens")
     result["calibration_text"] = args.calib_text or str(text_path)
-    qmodel = _quantized(qmodel_src, config, calib, args.path, calib[0])
+    qmodel = _quantized(qmodel_src, config, calib, args.path, calib[0], args.accuracy_budget)
+    if args.accuracy_budget is not None:
+        result["accuracy_budget"] = next(f["note"] for f in qmodel.record.fusions if f["kind"] == "accuracy-budget")
+        print(f"accuracy budget {args.accuracy_budget:.2%}: {result['accuracy_budget']}")
     if is_causal_lm:
         for name, fn in (("fp32", fp_model), (config.name, qmodel)):
             r = perplexity(fn, ids, window=args.window, stride=args.stride, progress=True)

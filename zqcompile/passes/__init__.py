@@ -1,7 +1,7 @@
 """The pass pipeline: one ordered list, run by `run_pipeline`, which lints the graph and re-derives every
 node's shape/dtype with fake tensors after each pass that changed the graph, and hands a snapshot to the caller (for dumps).
 
-Order matters and is the method: fold decomposed ops -> simplify shape-only attention masks -> canonicalize -> classify -> feature-wise scales (HERO, when configured) -> merge sibling GEMMs -> quantize weights -> insert activation quant ->
+Order matters and is the method: fold decomposed ops -> simplify shape-only attention masks -> canonicalize -> classify -> feature-wise scales (HERO, when configured) -> FP16 mode switches to an accuracy budget (when configured) -> merge sibling GEMMs -> quantize weights -> insert activation quant ->
 calibrate (static baseline only) -> fuse quant into producers -> fuse dequant into GEMMs -> GEMM epilogues
 -> cleanup.
 """
@@ -30,6 +30,7 @@ from zqcompile.passes.fuse_gqa_attention import fuse_gqa_attention
 from zqcompile.passes.fuse_producer_quant import fuse_producer_quant
 from zqcompile.passes.fuse_rotary import fuse_rotary
 from zqcompile.passes.group_wise_weight import group_wise_weight
+from zqcompile.passes.mixed_precision import mixed_precision
 from zqcompile.passes.simplify_attention_masks import simplify_attention_masks
 from zqcompile.passes.token_wise_quant import token_wise_quant
 
@@ -41,6 +42,7 @@ PIPELINE: list[Pass] = [
     canonicalize_gemms,
     classify_gemms,
     feature_scales,
+    mixed_precision,
     concat_sibling_gemms,
     group_wise_weight,
     token_wise_quant,
