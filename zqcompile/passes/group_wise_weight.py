@@ -1,5 +1,6 @@
 """group_wise_weight: quantize each planned GEMM's weight group-wise (ZeroQuant Sec. 4.1) to INT8 or packed
-INT4 with fp32 scales in the layout the GEMM reads ([N, K // group_k]).
+INT4 with fp32 scales in the layout the GEMM reads ([N, K // group_k]); a tensor-parallel rank's weight as its
+slice of the full weight's quantization (ctx.weight_shards).
 
 Matches: `aten.linear(x, W, b)` carrying a quantized plan. Emits: `aten.linear(x, zq.dequantize_weight(wq,
 w_scale), b)` (the QDQ form fused later). FP GEMMs with a float_dtype switch get casts around the linear.
@@ -46,10 +47,13 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         wq_cfg = scheme.weight
         w = get_tensor(gm, node.args[1])
+        shard = ctx.shard_of(w)
+        groups = (wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size)
+        # a tensor-parallel rank's weight: exactly its slice of the full weight's quantization
+        quantize = ((lambda: qm.quantize_weight_shard(shard.full, w, shard.dim, shard.start, *groups)) if shard else
+                    (lambda: qm.quantize_weight(w, *groups)))
         try:  # classify_gemms checked every plan against its weight already; this names a custom plan's error
-            wq, ws = ctx.constants.get(
-                ("quantize_weight", w, wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size),
-                lambda: qm.quantize_weight(w, wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size))
+            wq, ws = ctx.constants.get(("quantize_weight", w, *groups), quantize)
         except ValueError as e:
             raise weight_groups_error(info.fqn, tuple(w.shape), wq_cfg, str(e)) from None
         wq_node = add_constant(gm, info.fqn + ".wq", wq, before=node)

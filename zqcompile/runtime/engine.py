@@ -32,6 +32,7 @@ class CompileRecord:
     not_fused: list[dict] = field(default_factory=list)
     memory: dict = field(default_factory=dict)  # compile peaks and what the engine holds, in bytes
     generation: str = ""  # what the prefill/decode graphs are (empty: none)
+    tensor_parallel: str = ""  # "rank r of n (backend, device)" for one rank's shard (empty: one process)
 
 
 class Engine:
