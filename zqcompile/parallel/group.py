@@ -74,6 +74,19 @@ def _launch_hint(size: int) -> str:
             f"--tp {size}`, or call torch.distributed.init_process_group first")
 
 
+def check_launch(size: int) -> int:
+    """This process's rank from the environment torchrun sets, when it was launched as one of `size` ranks;
+    ConfigError (what to run instead) otherwise. Cheap: the command line asks before loading the model."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is None or "RANK" not in os.environ:
+        raise ConfigError(f"tp={size} needs {size} processes, and this one was not launched as a rank (no RANK / "
+                          f"WORLD_SIZE in its environment); {_launch_hint(size)}")
+    if world != str(size):
+        raise ConfigError(f"tp={size} but {world} process(es) were launched (WORLD_SIZE={world}); "
+                          f"{_launch_hint(size)}")
+    return int(os.environ["RANK"])
+
+
 def join(tp: TensorParallel, model_device: torch.device) -> Rank:
     """Join (or check) the default process group for `tp`; raises ConfigError for a launch that does not match."""
     import torch.distributed as dist
@@ -84,13 +97,7 @@ def join(tp: TensorParallel, model_device: torch.device) -> Rank:
             raise ConfigError(f"tp={tp.size} but the initialized process group has {dist.get_world_size()} "
                               f"rank(s); {_launch_hint(tp.size)}")
     else:
-        world = os.environ.get("WORLD_SIZE")
-        if world is None or "RANK" not in os.environ:
-            raise ConfigError(f"tp={tp.size} needs {tp.size} processes, and this one was not launched as a rank "
-                              f"(no RANK / WORLD_SIZE in its environment); {_launch_hint(tp.size)}")
-        if int(world) != tp.size:
-            raise ConfigError(f"tp={tp.size} but {world} process(es) were launched (WORLD_SIZE={world}); "
-                              f"{_launch_hint(tp.size)}")
+        check_launch(tp.size)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         try:
