@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,15 @@ def check_shardable(model: nn.Module, size: int) -> None:
     bad = [f"{what} ({n})" for what, n in (("attention heads", heads), ("KV heads", kv), ("MLP width", width))
            if n % size]
     if bad:
-        raise ConfigError(f"tp={size} must divide {name}'s attention heads ({heads}), KV heads ({kv}) and MLP width "
-                          f"({width}), but not {', '.join(bad)}: choose a tp that divides them")
+        common = math.gcd(heads, kv, width)
+        fits = [str(d) for d in range(2, common + 1) if common % d == 0][:4]
+        raise ConfigError(f"tp={size} does not divide {name}'s {_listed(bad)}: every rank takes an equal share "
+                          f"of the attention heads, KV heads and MLP width; "
+                          + (f"use tp={' or '.join(fits)}" if fits else "this model cannot be split"))
+
+
+def _listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def shard_model(model: nn.Module, rank: Rank) -> tuple[nn.Module, dict[int, WeightShard]]:
