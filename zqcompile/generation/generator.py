@@ -47,6 +47,7 @@ class Generator:
         self.pad_token_id = pad_token_id
         self._cuda_decode = None
         self._cuda_prefill = None
+        self.cuda_graphs = True  # on a CUDA device, replay the prefill and decode steps as CUDA graphs
 
     @property
     def device(self) -> torch.device:
@@ -147,7 +148,7 @@ class Generator:
 
     def _prefill(self, ids, pos, cache_position, kv_mask) -> torch.Tensor:
         """On CUDA one graph per (batch, prompt length) replays the whole prefill (eager past 16 shapes)."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or not self.cuda_graphs:
             return _logits(self.prefill, ids, pos, cache_position, kv_mask)
         if self._cuda_prefill is None:
             from zqcompile.runtime.cuda_graphs import ShapeBucketedGraphs
@@ -155,7 +156,7 @@ class Generator:
         return self._cuda_prefill(ids, pos, cache_position, kv_mask)
 
     def _decode_step(self, ids, pos, cache_position, kv_mask) -> torch.Tensor:
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or not self.cuda_graphs:
             return _logits(self.decode, ids, pos, cache_position, kv_mask)
         if self._cuda_decode is None:
             from zqcompile.runtime.cuda_graphs import BatchBucketedGraphs

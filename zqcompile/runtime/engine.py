@@ -144,6 +144,9 @@ class Engine:
         """Write the archive to `path` as it is (no checks, not atomic): for callers that stage their outputs
         (zqcompile.files.Staged); everyone else calls save()."""
         from zqcompile import progress
+        if self.record.tensor_parallel:
+            raise InputError(f"this engine is {self.record.tensor_parallel}'s shard (tensor parallel); saving shards "
+                             f"is not supported yet: compile with tp= in each rank's process instead")
         meta = {"spec": asdict(self.spec), "record": asdict(self.record),
                 "outputs": self.outputs.tree if self.outputs is not None else None}
         meta["spec"]["dtypes"] = [str(t).removeprefix("torch.") for t in self.spec.dtypes]
