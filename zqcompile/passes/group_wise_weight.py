@@ -33,6 +33,17 @@ def _cast_float_gemm(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype) -> N
     copy_meta(back, node)
 
 
+def _weight_parts(gm: fx.GraphModule, w: fx.Node) -> list[torch.Tensor]:
+    """The float weight of a GEMM, or the parts of the `aten.cat` that concat_sibling_gemms left for it."""
+    if w.op == "call_function" and w.target == aten.cat.default:
+        return [get_tensor(gm, p) for p in w.args[0]]
+    return [get_tensor(gm, w)]
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     matched = rewritten = 0
     for node in calls(gm, aten.linear.default):
@@ -46,16 +57,21 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 _cast_float_gemm(gm, node, _FLOAT[scheme.float_dtype])
             continue
         wq_cfg = scheme.weight
-        w = get_tensor(gm, node.args[1])
-        shard = ctx.shard_of(w)
+        parts = _weight_parts(gm, node.args[1])
         groups = (wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size)
-        # a tensor-parallel rank's weight: exactly its slice of the full weight's quantization
-        quantize = ((lambda: qm.quantize_weight_shard(shard.full, w, shard.dim, shard.start, *groups)) if shard else
-                    (lambda: qm.quantize_weight(w, *groups)))
+        # A tensor-parallel rank's weight is exactly its slice of the full weight's quantization. Merged parts are
+        # column-parallel rows whose scales are per row or K group (classify_gemms refused the rest): the rows
+        # carry them, so quantizing their concatenation is that slice already.
+        shard = ctx.shard_of(parts[0]) if len(parts) == 1 else None
+        quantize = ((lambda: qm.quantize_weight_shard(shard.full, parts[0], shard.dim, shard.start, *groups)) if shard
+                    else (lambda: qm.quantize_weight(_cat(parts), *groups)))
         try:  # classify_gemms checked every plan against its weight already; this names a custom plan's error
-            wq, ws = ctx.constants.get(("quantize_weight", w, *groups), quantize)
+            # A merged GEMM's float concatenation lives only while its rows are quantized; the recipe names the
+            # parts, so the generation graphs find the quantized weight without concatenating again.
+            wq, ws = ctx.constants.get(("quantize_weight", *groups, *parts), quantize)
         except ValueError as e:
-            raise weight_groups_error(info.fqn, tuple(w.shape), wq_cfg, str(e)) from None
+            shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+            raise weight_groups_error(info.fqn, shape, wq_cfg, str(e)) from None
         wq_node = add_constant(gm, info.fqn + ".wq", wq, before=node)
         ws_node = add_constant(gm, info.fqn + ".w_scale", ws, before=node)
         with gm.graph.inserting_before(node):
@@ -64,6 +80,12 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         dq.meta.pop("zq_gemm", None)
         old_weight = node.args[1]
         node.args = (node.args[0], dq, *node.args[2:])
-        drop_constant(gm, old_weight)  # the float weight is freed now (a concatenated one had no other owner)
+        if old_weight.op == "call_function":  # the deferred concatenation of merged GEMMs
+            inputs = list(old_weight.args[0])
+            gm.graph.erase_node(old_weight)
+            for part in inputs:
+                drop_constant(gm, part)
+        else:
+            drop_constant(gm, old_weight)  # the float weight is freed now (a scaled one had no other owner)
         rewritten += 1
     return PassResult(gm, rewritten > 0, matched, rewritten, [f"{rewritten} weights quantized"])
