@@ -21,6 +21,10 @@ engine = zq.compile(tiny_model("llama"), (ids,), "none", generation=zq.CacheSpec
                     tp=zq.TensorParallel(2, timeout_s=timeout))
 result = {"logits": engine(ids).logits.tolist(), "tokens": engine.generate(ids, max_new_tokens=16).tolist(),
           "record": engine.record.tensor_parallel, "report": engine.report()}
+try:
+    engine.save(os.path.join(out_dir, f"rank{rank}.zq"))
+except zq.InputError as e:
+    result["save_refused"] = str(e)
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
 

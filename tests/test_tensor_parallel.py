@@ -45,6 +45,7 @@ def test_api_tp_engine_equals_the_single_process_engine(runs):
     for r, res in enumerate(ranks):
         assert res["record"] == f"rank {r} of 2 (gloo, cpu)"
         assert "Tensor parallel: this engine is rank" in res["report"]
+        assert res["save_refused"].startswith(f"this engine is rank {r} of 2 (gloo, cpu)'s shard (tensor parallel)")
         logits = torch.tensor(res["logits"])
         assert logits.shape == runs["ref_logits"].shape
         torch.testing.assert_close(logits, runs["ref_logits"], atol=1e-5, rtol=0)
@@ -61,6 +62,26 @@ def test_a_rank_that_stops_answering_makes_the_other_exit_with_a_clear_error(run
     failed = float(re.search(r"rank 0 failed at ([\d.]+)", err).group(1))
     assert TIMEOUT_S * 0.8 <= failed - hang <= TIMEOUT_S + 15, (hang, failed)  # the timeout, not a lucky error
     assert ended - failed < 60  # and the launch ended: nothing was left waiting
+
+
+def test_a_rank_whose_peer_never_comes_exits_1_in_one_line_after_the_timeout(tmp_path):
+    """The installed command launched as rank 0 of 2 by hand, with no rank 1: joining the group gives up after
+    --tp-timeout and the command says so in one line (exit 1: not the user's error)."""
+    import socket
+    from .test_cli_process import _tokenizer
+    tiny_model("llama").save_pretrained(tmp_path)
+    _tokenizer(1000).save_pretrained(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    res = run_cli("generate", tmp_path, "--config", "none", "--tp", "2", "--tp-timeout", "3", "--prompt", "w1",
+                  "--max-new-tokens", "2", env=env, timeout=150)  # a hang fails here
+    assert res.returncode == 1, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("zqcompile generate: error: tensor parallel: rank 0 could not join the group of 2 within "
+                           "3 s: "), res.stderr
+    assert res.stdout == ""
 
 
 # ---- refused before compiling (no process group needed) --------------------------------------------------------
