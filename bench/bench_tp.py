@@ -8,6 +8,8 @@ and writes JSON (device, versions, command line). Never part of the test suite.
 GPU (2 GPUs):  torchrun --nproc-per-node 2 bench/bench_tp.py --out bench/results/tp_8b_H200x2.json
   quicker:     ... --layers 8 --configs w8a8       (each 8B compile takes ~1.5 min; a device command has 10)
 CPU smoke (tiny Llama, gloo, fp32):  torchrun --nproc-per-node 2 bench/bench_tp.py --tiny --device cpu --out x.json
+The decode steps replay CUDA graphs, the NCCL all-reduce captured in them; --eager runs them without graphs (a
+fallback to say in the results if capture fails).
 """
 from __future__ import annotations
 
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         result = dict(device=f"{world} x {gpu}", torch=torch.__version__,
                       transformers=__import__("transformers").__version__,
                       nccl=".".join(map(str, torch.cuda.nccl.version())) if args.device == "cuda" else None,
-                      command=" ".join(sys.argv), launcher="torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else None,
+                      command=(f"torchrun --nproc-per-node {world} " if "TORCHELASTIC_RUN_ID" in os.environ else "python ")
+                      + " ".join(sys.argv), eager=args.eager,
                       shape="tiny llama" if args.tiny else f"Llama-3-8B shape, {args.layers} layers, FP16",
                       prompt=args.prompt, new_tokens=args.new, rows=rows)
         with open(args.out, "w") as f:
