@@ -58,7 +58,7 @@ def cmd_generate(args) -> int:
                         generation=zq.CacheSpec(1, ids.shape[1] + args.max_new_tokens, args.kv_cache), tp=tp)
     say = (lambda text: print(text, file=sys.stderr)) if lead else (lambda text: None)  # noqa: E731
     say(f"[compiled {args.config} in {time.perf_counter() - t0:.1f} s"
-        f"{f', {engine.record.tensor_parallel} and its peers' if tp else ''}]")
+        f"{f': {engine.record.tensor_parallel}, printing for all ranks' if tp else ''}]")
     t0 = time.perf_counter()
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if lead else None
     out = engine.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,

@@ -20,8 +20,8 @@ from dataclasses import replace
 import torch
 from torch import fx
 
-from zqcompile.config import (ConfigError, ConfigWarning, GemmScheme, OverrideKey, classify_role, matching_overrides, override_text,
-                      resolve_scheme, weight_groups_error)
+from zqcompile.config import (ConfigError, ConfigWarning, GemmScheme, OverrideKey, classify_role, matching_overrides,
+                              override_text, resolve_scheme, weight_groups_error)
 from zqcompile.ops import quant_math as qm
 from zqcompile.passes.base import (GemmInfo, PassContext, PassResult, WeightShard, aten, calls, fqn_of, get_tensor,
                                    module_stack, param_name)
@@ -160,11 +160,12 @@ def classify_gemms(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         types = [t for _, t in module_stack(node)]
         scheme, rule = resolve_scheme(ctx.config, fqn, role, types)
         shard = ctx.shard_of(w)  # a tensor-parallel slice: its groups are those of the full weight
-        applied = _as_applied(scheme, fqn, tuple((shard.full if shard else w).shape))
+        shape = tuple((shard.full if shard else w).shape)
+        applied = _as_applied(scheme, fqn, shape)
         if shard is not None:
             _check_shard(applied, fqn, shard)
         if applied is not scheme and applied.weight.group_size != qm.DEFAULT_K_GROUP:
-            smaller_groups[(applied.weight.group_size, w.shape[1])] += 1
+            smaller_groups[(applied.weight.group_size, shape[1])] += 1
         scheme = applied
         matches = matching_overrides(ctx.config, fqn, types)
         for i in matches:
