@@ -5,7 +5,7 @@ timed in one launch: rank 0 runs TP1 first while rank 1 waits, then both ranks r
 (generate(new) - generate(1)) / (new - 1), the median of --repeat runs after a warm-up. Prints a markdown table
 and writes JSON (device, versions, command line). Never part of the test suite.
 
-GPU (2 GPUs):  torchrun --nproc-per-node 2 bench/bench_tp.py --out bench/results/tp_8b_H200x2.json
+GPU (2 GPUs, from the checkout):  PYTHONPATH=. torchrun --nproc-per-node 2 bench/bench_tp.py --out bench/results/tp_8b_H200x2.json
   quicker:     ... --layers 8 --configs w8a8       (each 8B compile takes ~1.5 min; a device command has 10)
 CPU smoke (tiny Llama, gloo, fp32):  torchrun --nproc-per-node 2 bench/bench_tp.py --tiny --device cpu --out x.json
 The decode steps replay CUDA graphs, the NCCL all-reduce captured in them; --eager runs them without graphs (a
