@@ -7,7 +7,9 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,13 +192,36 @@ def test_ctrl_c_while_writing_keeps_the_earlier_engine_and_adds_nothing(folders,
     assert _listing(tmp_path) == ["m.zq"] and (tmp_path / "m.zq").read_bytes() == before
 
 
-def test_generate_streams_the_same_tokens_as_the_api(folders):
-    res = run_cli("generate", folders["llama"], "--config", "w8a8", "--prompt", "w1 w2 w3", "--max-new-tokens", "5")
-    assert res.returncode == 0, res.stderr
+@pytest.fixture(scope="module")
+def generated(folders):
+    """`zqcompile generate` of the tiny Llama, 16 greedy W8A8 tokens: the single-process command and, at the same
+    time (each is mostly one compile), `torchrun --nproc-per-node 2 -m zqcompile generate ... --tp 2` (gloo)."""
+    args = ["generate", str(folders["llama"]), "--config", "w8a8", "--prompt", "w1 w2 w3", "--max-new-tokens", "16"]
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2"]
+    env = _env({"OMP_NUM_THREADS": "1"})  # three processes share the cores
+    procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for name, cmd in (("single", [zqcompile_cmd(), *args]), ("tp", [*torchrun, "-m", "zqcompile", *args,
+                                                                             "--tp", "2"]))}
+    outputs = {name: p.communicate(timeout=400) for name, p in procs.items()}
+    return {name: (procs[name].returncode, *outputs[name]) for name in procs}
+
+
+def test_generate_streams_the_same_tokens_as_the_api(folders, generated):
+    code, stdout, stderr = generated["single"]
+    assert code == 0, stderr
     import zqcompile as zq
     from zqcompile.models import load_model, load_tokenizer
     model, tok = load_model(str(folders["llama"])), load_tokenizer(str(folders["llama"]))
     x = tok("w1 w2 w3", return_tensors="pt")["input_ids"]
-    out = zq.compile(model, (x,), "w8a8").generate(x, max_new_tokens=5, eos_token_id=tok.eos_token_id)
-    assert res.stdout.strip() == tok.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
+    out = zq.compile(model, (x,), "w8a8").generate(x, max_new_tokens=16, eos_token_id=tok.eos_token_id)
+    assert stdout.strip() == tok.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
     assert torch.is_tensor(out)
+
+
+def test_torchrun_tensor_parallel_generate_prints_the_single_process_tokens(generated):
+    """Tensor parallelism (tests/test_tensor_parallel.py): the W8A8 engine split over two ranks, each quantizing
+    its o_proj / down_proj input on its own K slice, still gives the same 16 greedy tokens; rank 0 alone prints."""
+    single, tp = generated["single"], generated["tp"]
+    assert tp[0] == 0, tp[2]
+    assert len(single[1].split()) == 16 and tp[1] == single[1]
+    assert "rank 0 of 2 (gloo, cpu)" in tp[2] and "rank 1 of 2" not in tp[2]

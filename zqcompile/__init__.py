@@ -8,14 +8,14 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "compile": "api", "dump": "api", "load": "api", "CacheSpec": "generation.kv_cache",
+    "compile": "api", "dump": "api", "load": "api", "CacheSpec": "generation.kv_cache", "TensorParallel": "parallel.group",
     "export_onnx": "export.onnx", "export_tensorrt": "export.tensorrt", "load_tensorrt": "export.tensorrt",
     "CaptureError": "capture", "InputError": "capture",
     "Engine": "runtime.engine", "EngineFileError": "runtime.engine",
     "WeightError": "passes",
     "AccuracyBudget": "config", "ActQuant": "config", "FeatureScales": "config", "ConfigError": "config", "ConfigWarning": "config", "GemmScheme": "config", "LKDConfig": "config",
     "PRESETS": "config", "QuantConfig": "config", "WeightQuant": "config", "get_config": "config",
-    "OutputPathError": "files",
+    "OutputPathError": "files", "TensorParallelError": "errors",
 }
 
 __all__ = [*_EXPORTS, "ops"]

@@ -1,6 +1,7 @@
 """Public entry points: compile, dump, load. compile = validate -> (LKD) -> capture -> pass pipeline -> Engine."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, replace
 
@@ -12,6 +13,7 @@ from zqcompile.config import AccuracyBudget, LKDConfig, QuantConfig, get_config
 from zqcompile.generation.generator import is_causal_lm
 from zqcompile.generation.kv_cache import CacheSpec
 from zqcompile.memory import peak_memory
+from zqcompile.parallel.group import TensorParallel
 from zqcompile.runtime.engine import CompileRecord, Engine, load
 from zqcompile.runtime.outputs import flatten_graph_outputs
 from zqcompile import progress
@@ -21,7 +23,8 @@ from zqcompile.passes import PIPELINE, PassContext, run_pipeline
 def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str = "w8a8",
             dump_dir: str | os.PathLike | None = None, lkd: LKDConfig | None = None,
             calibration_data: list[tuple] | None = None, example_kwargs: dict | None = None,
-            generation: CacheSpec | bool | None = None, accuracy_budget: float | None = None) -> Engine:
+            generation: CacheSpec | bool | None = None, accuracy_budget: float | None = None,
+            tp: TensorParallel | None = None) -> Engine:
     """Quantize and fuse `model` into a ZeroQuant engine.
 
     example_inputs: positional inputs of model.forward (e.g. `(input_ids,)`), used to capture the graph with
@@ -33,6 +36,9 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
     False for none. The engine keeps no reference to `model`.
     accuracy_budget (causal LMs, with calibration_data): keep the fewest GEMMs in FP16 (HERO's mode switch)
     for which the calibration perplexity stays within this fraction of the float model's (0.01 = +1%).
+    tp: tensor parallelism over torch.distributed (zqcompile.TensorParallel): this process compiles its rank's
+    shard (1/size of the heads, KV cache and MLP; an all-reduce after o_proj and down_proj); run one process
+    per rank (torchrun), each with the same arguments. Every rank's engine returns the full outputs.
     """
     cfg = get_config(config)
     if accuracy_budget is not None:
@@ -58,6 +64,11 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
     if len(shapes) > 1:  # the engine shares one batch and one sequence dim across its inputs: say so before capture
         raise InputError("example inputs disagree on (batch, seq): "
                          f"{ {n: tuple(t.shape) for n, t in given if isinstance(t, torch.Tensor)} }")
+    if tp is not None and not isinstance(tp, TensorParallel):
+        raise InputError(f"tp must be a zqcompile.TensorParallel or None, got {type(tp).__name__}")
+    tp = tp if tp is not None and tp.size > 1 else None
+    if tp is not None:
+        _check_tensor_parallel(model, cfg, tp)
     if dump_dir is not None:
         from zqcompile.graph_dump import check_dump_dir
         check_dump_dir(dump_dir)
@@ -65,8 +76,16 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
     if lkd is not None:
         from zqcompile.accuracy.lkd import run_lkd
         model = run_lkd(model, cfg, lkd)
+    shards, rank = {}, None
+    if tp is not None:  # after LKD, which distills the whole model
+        model, shards, rank, example_inputs, example_kwargs, calibration_data = _shard(
+            model, cfg, tp, example_inputs, example_kwargs, calibration_data)
     with peak_memory() as peak:
-        engine = _compile(model, cfg, example_inputs, example_kwargs, calibration_data, generation)
+        engine = _compile(model, cfg, example_inputs, example_kwargs, calibration_data, generation, shards)
+    if rank is not None:
+        from zqcompile.parallel import agree
+        engine.record.tensor_parallel = rank.describe()
+        agree(rank, "the compiled plan", [(g["fqn"], g["scheme"], g["shape"]) for g in engine.record.gemms])
     engine.record.memory = {**peak, "engine_bytes": engine.memory_bytes()}
     if cfg.accuracy_budget is not None:
         _measure_budget(engine, cfg, calibration_data)
@@ -75,14 +94,44 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
     return engine
 
 
+def _check_tensor_parallel(model: nn.Module, cfg: QuantConfig, tp: TensorParallel) -> None:
+    """What tensor parallelism cannot do, said before any process group or capture."""
+    from zqcompile.errors import ConfigError
+    from zqcompile.parallel import check_shardable
+    if cfg.accuracy_budget is not None:
+        raise ConfigError(f"tp={tp.size} with accuracy_budget is not supported: its sensitivity search runs on "
+                          f"whole GEMMs; choose the FP16 GEMMs without tp and pass them as overrides")
+    if cfg.feature_scales is not None:
+        raise ConfigError(f"tp={tp.size} with feature-wise scales ({cfg.name}) is not supported: their search runs "
+                          f"on whole GEMMs; use preset 'w8a8' or another without feature_scales, or run without tp")
+    check_shardable(model, tp.size)
+
+
+def _shard(model: nn.Module, cfg: QuantConfig, tp: TensorParallel, example_inputs, example_kwargs, calibration_data):
+    """Join the process group, check that every rank compiles the same thing, and shard the model for this rank
+    (inputs moved to the rank's device)."""
+    from zqcompile.parallel import agree, join, shard_model
+    param = next(model.parameters())
+    rank = join(tp, param.device)
+    shapes = repr([(n, tuple(p.shape)) for n, p in model.named_parameters()]).encode()
+    agree(rank, "the model, config and example inputs",
+          (type(model).__name__, hashlib.sha256(shapes).hexdigest()[:16], cfg.name, repr(cfg.overrides),
+           [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]))
+    part, shards = shard_model(model, rank)
+    move = lambda ts: type(ts)(t.to(rank.device) if isinstance(t, torch.Tensor) else t for t in ts)  # noqa: E731
+    kwargs = {k: v.to(rank.device) if isinstance(v, torch.Tensor) else v for k, v in (example_kwargs or {}).items()}
+    calib = [move(tuple(c)) for c in calibration_data] if calibration_data else calibration_data
+    return part, shards, rank, move(tuple(example_inputs)), kwargs or example_kwargs, calib
+
+
 def _compile(model: nn.Module, cfg: QuantConfig, example_inputs, example_kwargs, calibration_data,
-             generation: CacheSpec | bool | None) -> Engine:
+             generation: CacheSpec | bool | None, shards: dict | None = None) -> Engine:
     with progress.step(f"capturing {type(model).__name__} with torch.export"):
         gm, spec = capture(model, tuple(example_inputs), example_kwargs, (cfg.dynamic_batch, cfg.dynamic_seq))
     outputs = flatten_graph_outputs(gm)  # the engine file then needs no output types registered to load
     bound = spec.bind(tuple(example_inputs), dict(example_kwargs or {}))
     calib = [tuple(spec.bind(tuple(c), {})) for c in (calibration_data or [])]
-    ctx = PassContext(cfg, tuple(bound), calib, max_seq=spec.max_seq)
+    ctx = PassContext(cfg, tuple(bound), calib, max_seq=spec.max_seq, weight_shards=shards or {})
     snapshots: list[tuple[str, str, str]] = []
 
     bar, tick = progress.pass_bar(len(PIPELINE) + 1, f"compiling ({cfg.name})")
@@ -107,7 +156,7 @@ def _compile(model: nn.Module, cfg: QuantConfig, example_inputs, example_kwargs,
         from zqcompile.generation.generator import build_generator
         cache = generation if isinstance(generation, CacheSpec) else CacheSpec()
         # the same quantized weights, by construction; the engine graph's pass already warned about the config
-        generator = build_generator(model, cfg, cache, ctx.constants, warn=False)
+        generator = build_generator(model, cfg, cache, ctx.constants, warn=False, weight_shards=shards)
         record.generation = generator.describe()
     ctx.constants.release()
     graphs = [gm] + ([generator.prefill, generator.decode] if generator is not None else [])
@@ -167,4 +216,4 @@ def dump(engine: Engine, out_dir: str | os.PathLike) -> list[str]:
     return write_dump(engine, os.fspath(out_dir))
 
 
-__all__ = ["CacheSpec", "compile", "dump", "load"]
+__all__ = ["CacheSpec", "TensorParallel", "compile", "dump", "load"]

@@ -43,6 +43,11 @@ class TensorRTUnavailable(ImportError):
     """TensorRT (the `tensorrt` Python package) is not installed."""
 
 
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel run that cannot go on: another rank exited, or did not answer within the process group's
+    timeout (not a user error: the command line exits 1)."""
+
+
 # What the command line reports as a user error (one line, exit code 2).
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, InputError, CaptureError, WeightError, ModelLoadError,
                                                 EngineFileError, OutputPathError, ExportError, TensorRTUnavailable,

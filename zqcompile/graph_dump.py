@@ -24,7 +24,7 @@ MANIFEST = "zqcompile-dump.json"
 
 # one colour per op category of zqcompile.ops.registry.CATEGORIES, plus FP GEMMs and everything else
 COLOURS = {"fused": "#7fd17f", "quant": "#8fb8ff", "attention": "#c9a7ff", "fp_gemm": "#ffb36b", "qdq": "#ff8080",
-           "other": "#e8e8e8"}
+           "collective": "#f2d16b", "other": "#e8e8e8"}
 _HIDDEN = {"getitem", "sym_size", "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"}
 
 

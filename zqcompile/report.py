@@ -34,6 +34,9 @@ def memory_lines(rec) -> list[str]:
 
 def format_report(rec) -> str:
     out = [f"zqcompile engine: {rec.model}, config {rec.config}", ""]
+    if getattr(rec, "tensor_parallel", ""):
+        out += [f"Tensor parallel: this engine is {rec.tensor_parallel}: its shard of the attention heads, KV cache "
+                f"and MLP; an all-reduce after o_proj and down_proj", ""]
     if getattr(rec, "generation", ""):
         out += [f"Generation: {rec.generation}", ""]
     if memory_lines(rec):

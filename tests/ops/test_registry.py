@@ -91,11 +91,21 @@ def _gqa_attention():
     return [(q, k, v, causal, 0.25), (q[:, :, :1], k, v, torch.ones(2, 1, 1, 7, dtype=torch.bool), 0.25)]
 
 
+def _all_reduce():
+    """A process group of one rank (in memory: no port, no peer) makes the sum the input itself."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    name = dist.group.WORLD.group_name
+    return [(acts(2, 5, 48, seed=17), name), (acts(3, 64, seed=18, dtype=torch.bfloat16), name)]
+
+
 SAMPLES: dict[str, Callable[[], list[tuple]]] = {
     "quantize_per_token": _quantize_per_token, "quantize_per_tensor": _quantize_per_tensor,
     "dequantize_per_token": _dequantize_per_token, "dequantize_weight": _dequantize_weight,
     "norm_quant": _norm_quant, "act_quant": _act_quant, "int8_gemm_dequant": _int8_gemm_dequant,
     "weight_only_gemm": _weight_only_gemm, "rope": _rope, "gqa_attention": _gqa_attention,
+    "all_reduce": _all_reduce,
 }
 
 
@@ -141,8 +151,10 @@ def test_every_op_has_a_cuda_kernel_or_is_declared_reference_only():
             assert _same_parameters(decl.cuda_kernel, decl.reference), decl.qualname
         else:
             assert decl.cuda == "reference" and decl.cuda_kernel is None, decl.qualname
-    # the QDQ forms are fused away before an engine runs; everything that runs on CUDA has a kernel
-    assert {d.name for d in DECLS if d.cuda == "reference"} == {d.name for d in DECLS if d.category == "qdq"}
+    # the QDQ forms are fused away before an engine runs; everything that runs on CUDA has a kernel, but for the
+    # collectives, which torch.distributed runs (NCCL)
+    assert {d.name for d in DECLS if d.cuda == "reference"} == {d.name for d in DECLS
+                                                                if d.category in ("qdq", "collective")}
 
 
 def test_every_exported_op_has_both_onnx_dialects():
@@ -162,7 +174,7 @@ def test_every_exported_op_has_both_onnx_dialects():
 
 def test_runtime_only_ops_are_declared_so_and_have_no_lowering():
     runtime = [d for d in DECLS if not d.exported]
-    assert {d.name for d in runtime} == set(GENERATION_OPS) == {"rope", "gqa_attention"}
+    assert {d.name for d in runtime} == set(GENERATION_OPS) == {"rope", "gqa_attention", "all_reduce"}
     for decl in runtime:
         assert decl.translations == {} and decl.tensorrt is None and decl.name not in trt_spec.PLUGINS
         assert decl.overload not in translation_table("standard")

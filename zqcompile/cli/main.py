@@ -3,7 +3,8 @@ Ctrl-C handling.
 
 Every user error ends in one line `zqcompile <command>: error: <cause and what to do>` and exit code 2;
 arguments and output paths are checked before any model is loaded; Ctrl-C prints `interrupted; nothing
-written` (exit 130) and leaves no file behind (outputs are staged and put in place only at the end).
+written` (exit 130) and leaves no file behind (outputs are staged and put in place only at the end). A
+tensor-parallel rank whose peers failed or timed out prints one line too and exits 1.
 The command modules import torch and transformers inside their handlers, so the parser builds at once.
 """
 from __future__ import annotations
@@ -39,6 +40,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
@@ -90,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         command = f"zqcompile {args.command}"
         quiet_libraries()
         from zqcompile import progress
-        from zqcompile.errors import USER_ERRORS
+        from zqcompile.errors import USER_ERRORS, TensorParallelError
         handler = getattr(args, "fn", None) or args.func
         try:
             with progress.forced(True):
@@ -101,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         except USER_ERRORS as e:
             print(f"{command}: error: {_one_line(e)}", file=sys.stderr)
             return 2
+        except TensorParallelError as e:  # another rank failed: not the user's error, and nothing to clean up
+            print(f"{command}: error: {_one_line(e)}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)  # a normal exit would wait on (or abort in) the broken process group's threads
     except KeyboardInterrupt:
         print(f"\n{command}: interrupted; nothing written", file=sys.stderr)
         return 130

@@ -47,6 +47,7 @@ class Generator:
         self.pad_token_id = pad_token_id
         self._cuda_decode = None
         self._cuda_prefill = None
+        self.cuda_graphs = True  # on a CUDA device, replay the prefill and decode steps as CUDA graphs
 
     @property
     def device(self) -> torch.device:
@@ -147,7 +148,7 @@ class Generator:
 
     def _prefill(self, ids, pos, cache_position, kv_mask) -> torch.Tensor:
         """On CUDA one graph per (batch, prompt length) replays the whole prefill (eager past 16 shapes)."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or not self.cuda_graphs:
             return _logits(self.prefill, ids, pos, cache_position, kv_mask)
         if self._cuda_prefill is None:
             from zqcompile.runtime.cuda_graphs import ShapeBucketedGraphs
@@ -155,7 +156,7 @@ class Generator:
         return self._cuda_prefill(ids, pos, cache_position, kv_mask)
 
     def _decode_step(self, ids, pos, cache_position, kv_mask) -> torch.Tensor:
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or not self.cuda_graphs:
             return _logits(self.decode, ids, pos, cache_position, kv_mask)
         if self._cuda_decode is None:
             from zqcompile.runtime.cuda_graphs import BatchBucketedGraphs
@@ -179,9 +180,11 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 def build_generator(model: nn.Module, cfg: QuantConfig, spec: CacheSpec,
-                    constants: SharedConstants | None = None, warn: bool = True) -> Generator:
+                    constants: SharedConstants | None = None, warn: bool = True,
+                    weight_shards: dict | None = None) -> Generator:
     """Capture prefill and decode around one preallocated cache and run the pipeline on both with `cfg`;
-    `constants` (the engine's, when it compiles them) makes every graph read the same quantized weights."""
+    `constants` (the engine's, when it compiles them) makes every graph read the same quantized weights;
+    `weight_shards`: a tensor-parallel rank's slices of the full weights (zqcompile/parallel)."""
     from zqcompile.passes import GENERATION_PIPELINE, PassContext, run_pipeline
     from zqcompile.passes.constants import SharedConstants
     from zqcompile.runtime.outputs import flatten_graph_outputs
@@ -201,7 +204,7 @@ def build_generator(model: nn.Module, cfg: QuantConfig, spec: CacheSpec,
             tick("0_captured", gm)
             flatten_graph_outputs(gm)  # (logits,): as every engine graph, a flat tuple
             ctx = PassContext(cfg, args, [], max_seq=spec.max_cache_len, constants=constants, warn=warn,
-                              calibrate_feature_scales=False)
+                              calibrate_feature_scales=False, weight_shards=weight_shards or {})
             run_pipeline(gm, ctx, GENERATION_PIPELINE, on_pass=tick)
         graphs[phase] = gm
     record = GenerationRecord(spec, cache_bytes=cache_bytes(graphs["decode"]))

@@ -155,3 +155,27 @@ def gqa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -
 @gqa_attention.register_fake
 def _(q, k, v, mask, scale):
     return q.new_empty(q.shape)
+
+
+# ---- tensor parallelism (zqcompile/parallel) -------------------------------------------------------------
+@declare("collective", cuda="reference", runtime_only=True)
+def all_reduce(x: Tensor, group: str) -> Tensor:
+    """The sum of x over the ranks of the process group named `group` (torch.distributed's group_name), as a new
+    tensor: the partial outputs of a row-parallel GEMM (o_proj, down_proj) become the full output on every
+    rank. torch.distributed runs it (NCCL on CUDA, gloo on CPU: that is its CUDA implementation, no zq kernel);
+    a peer that exited or did not answer within the group's timeout raises TensorParallelError."""
+    import torch.distributed as dist
+    from zqcompile.errors import TensorParallelError
+    c10d = torch.ops._c10d_functional
+    try:
+        return c10d.wait_tensor(c10d.all_reduce(x.contiguous(), "sum", group))
+    except RuntimeError as e:  # gloo / NCCL: a closed connection, a timeout, an aborted communicator
+        rank = f"rank {dist.get_rank()} of {dist.get_world_size()}" if dist.is_initialized() else "this rank"
+        reason = " ".join(str(e).split())[:300]
+        raise TensorParallelError(f"tensor parallel: {rank}: an all-reduce failed: another rank exited or did not "
+                                  f"answer within the process group's timeout ({reason})") from None
+
+
+@all_reduce.register_fake
+def _(x, group):
+    return x.new_empty(x.shape)

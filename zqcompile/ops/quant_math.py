@@ -103,15 +103,30 @@ def quantize_weight(w: torch.Tensor, bits: int, granularity: str = "row_groups",
     weight (Llama-3-8B's gate+up, 28672 x 4096) are 64 MiB, not 2 GiB, at the compile's peak; every element is
     computed exactly as in one piece. Shape errors (groups not fitting the dims) raise ValueError; callers add
     the module name."""
+    scale = weight_scales(w, bits, granularity, num_groups, group_size, chunk_elems)
+    return quantize_with_scales(w, scale, bits, chunk_elems), scale
+
+
+def _rows_per_group(n: int, granularity: str, num_groups: int | None) -> int:
+    return n // (n if num_groups is None else num_groups) if granularity == "row_groups" else 1
+
+
+def _row_chunks(n: int, k: int, rows_per_group: int, chunk_elems: int) -> list[tuple[int, int]]:
+    step = max(rows_per_group, chunk_elems // max(k, 1) // rows_per_group * rows_per_group)
+    return [(r, min(r + step, n)) for r in range(0, n, step)]
+
+
+def weight_scales(w: torch.Tensor, bits: int, granularity: str = "row_groups", num_groups: int | None = None,
+                  group_size: int | None = None, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """The fp32 scales [N, K // group_k] quantize_weight gives W [N, K] (amax / qmax per group, read in row
+    chunks)."""
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     n, k = w.shape
     gk = check_weight_groups((n, k), bits, granularity, num_groups, group_size)
-    qmax = QMAX[bits]
     w = w.detach()
-    rows_per_group = n // (n if num_groups is None else num_groups) if granularity == "row_groups" else 1
-    step = max(rows_per_group, chunk_elems // max(k, 1) // rows_per_group * rows_per_group)
-    chunks = [(r, min(r + step, n)) for r in range(0, n, step)]
+    rows_per_group = _rows_per_group(n, granularity, num_groups)
+    chunks = _row_chunks(n, k, rows_per_group, chunk_elems)
 
     def row_amax(r0: int, r1: int) -> torch.Tensor:  # [rows, K // gk] (gk = K for whole rows)
         wf = w[r0:r1].float()
@@ -124,14 +139,57 @@ def quantize_weight(w: torch.Tensor, bits: int, granularity: str = "row_groups",
         amax = amax.amax(dim=1).clamp_min(EPS).repeat_interleave(rows_per_group).reshape(n, 1)
     else:
         amax = torch.cat([row_amax(r0, r1) for r0, r1 in chunks]).clamp_min(EPS)
-    scale = (amax / qmax).contiguous()
-    gk = k // scale.shape[1]
+    return (amax / QMAX[bits]).contiguous()
+
+
+def quantize_with_scales(w: torch.Tensor, scale: torch.Tensor, bits: int,
+                         chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """W [N, K] rounded on given scales [N, K // group_k] -> int8 [N, K] (or packed INT4 [N, K/2])."""
+    n, k = w.shape
+    qmax, gk = QMAX[bits], k // scale.shape[1]
+    w, scale = w.detach(), scale.to(w.device)
     q = torch.empty((n, k // 2 if bits == 4 else k), dtype=torch.uint8 if bits == 4 else torch.int8,
                     device=w.device)
-    for r0, r1 in chunks:
+    for r0, r1 in _row_chunks(n, k, 1, chunk_elems):
         qc = torch.round(w[r0:r1].float() / scale[r0:r1].repeat_interleave(gk, dim=1)).clamp_(-qmax, qmax)
         q[r0:r1] = pack_int4(qc.to(torch.int8)) if bits == 4 else qc.to(torch.int8)
-    return q, scale
+    return q
+
+
+def check_shard_groups(shape: tuple[int, int], dim: int, start: int, size: int, bits: int, granularity: str,
+                       num_groups: int | None = None, group_size: int | None = None) -> int:
+    """The K-group size of the full [N, K] weight (check_weight_groups) when the slice [start, start + size) of
+    dim (0: rows, 1: K) keeps every group whole; ValueError when it cuts a K group, a row group or an INT4 byte."""
+    n, k = shape
+    gk = check_weight_groups(shape, bits, granularity, num_groups, group_size)
+    rows_per_group = _rows_per_group(n, granularity, num_groups)
+    if dim == 0 and (start % rows_per_group or size % rows_per_group):
+        raise ValueError(f"rows {start}..{start + size} of {n} cut a row group of {rows_per_group} rows")
+    if dim == 1 and granularity == "k_groups" and (start % gk or size % gk):
+        raise ValueError(f"K {start}..{start + size} of {k} cuts a K group of {gk}")
+    if dim == 1 and bits == 4 and (start % 2 or size % 2):
+        raise ValueError(f"K {start}..{start + size} of {k} splits a packed INT4 byte (two values along K)")
+    return gk
+
+
+def quantize_weight_shard(full: torch.Tensor, shard: torch.Tensor, dim: int, start: int, bits: int,
+                          granularity: str = "row_groups", num_groups: int | None = None,
+                          group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_weight(full) sliced to `shard` = full.narrow(dim, start, shard.shape[dim]), computed on the shard:
+    a tensor-parallel rank's weight and scales are exactly its slice of the single-process ones. Row scales
+    follow their rows (dim 0) and are whole on every K slice (dim 1: computed from `full`); K-group scales
+    follow their K slice. ValueError when the slice cuts a K group, a row group or a packed INT4 byte."""
+    size = shard.shape[dim]
+    gk = check_shard_groups(tuple(full.shape), dim, start, size, bits, granularity, num_groups, group_size)
+    rows_per_group = _rows_per_group(full.shape[0], granularity, num_groups)
+    if granularity == "k_groups" or (granularity == "row_groups" and dim == 0):
+        # every group lies inside the shard: its own scales are the slice of the full weight's
+        groups = None if num_groups is None or granularity != "row_groups" else size // rows_per_group
+        scale = weight_scales(shard, bits, granularity, groups, gk if granularity == "k_groups" else None)
+    else:  # whole-row or per-tensor scales of a K slice, or a per-tensor scale: from the full weight
+        scale = weight_scales(full, bits, granularity, num_groups, group_size)
+        scale = (scale[start:start + size] if dim == 0 else scale).to(shard.device).contiguous()
+    return quantize_with_scales(shard, scale, bits), scale
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

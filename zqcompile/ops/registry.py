@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 NAMESPACE = "zq"
-CATEGORIES = ("quant", "qdq", "fused", "attention")  # how graph dumps colour the op
+CATEGORIES = ("quant", "qdq", "fused", "attention", "collective")  # how graph dumps colour the op
 CUDA_SUPPORT = ("kernel", "reference")  # "reference": no kernel expected, the reference runs on CUDA tensors
 TENSORRT_LOWERINGS = ("plugin", "standard")  # one zq.trt plugin node, or the standard-ONNX translation
 ONNX_DIALECTS = ("standard", "tensorrt")

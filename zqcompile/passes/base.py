@@ -59,6 +59,20 @@ class PassResult:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class WeightShard:
+    """A tensor-parallel rank's slice of a float GEMM weight (zqcompile/parallel): the rank's weight is
+    full.narrow(dim, start, size); dim 0 (rows) for column-parallel GEMMs (q/k/v, gate/up), dim 1 (K) for
+    row-parallel ones (o_proj, down_proj). Its groups are planned on `full` and it is quantized as the slice of
+    the full weight's quantization (quant_math.quantize_weight_shard)."""
+
+    full: torch.Tensor
+    dim: int
+    start: int
+    size: int
+    ranks: int
+
+
 @dataclass
 class PassContext:
     """What passes may read besides the graph: the config, calibration inputs, and the records they keep."""
@@ -73,6 +87,10 @@ class PassContext:
     constants: SharedConstants = field(default_factory=SharedConstants)  # shared by the graphs of one compile
     warn: bool = True  # config warnings; off for the generation graphs of a compile (the engine graph warned)
     calibrate_feature_scales: bool = True  # False: fold the scales the engine graph calibrated (generation graphs)
+    weight_shards: dict[int, WeightShard] = field(default_factory=dict)  # id(rank's weight) -> its slice (TP)
+
+    def shard_of(self, weight: torch.Tensor | None) -> WeightShard | None:
+        return self.weight_shards.get(id(weight)) if weight is not None else None
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------

@@ -20,10 +20,11 @@ from dataclasses import replace
 import torch
 from torch import fx
 
-from zqcompile.config import (ConfigWarning, GemmScheme, OverrideKey, classify_role, matching_overrides, override_text,
-                      resolve_scheme, weight_groups_error)
+from zqcompile.config import (ConfigError, ConfigWarning, GemmScheme, OverrideKey, classify_role, matching_overrides,
+                              override_text, resolve_scheme, weight_groups_error)
 from zqcompile.ops import quant_math as qm
-from zqcompile.passes.base import GemmInfo, PassContext, PassResult, aten, calls, fqn_of, get_tensor, module_stack, param_name
+from zqcompile.passes.base import (GemmInfo, PassContext, PassResult, WeightShard, aten, calls, fqn_of, get_tensor,
+                                   module_stack, param_name)
 from zqcompile.errors import WeightError  # noqa: F401 - raised here, defined there
 
 _MAX_NEAR = 5
@@ -118,6 +119,30 @@ def _as_applied(scheme: GemmScheme, fqn: str, shape: tuple[int, int]) -> GemmSch
     return scheme
 
 
+def _check_shard(scheme: GemmScheme, fqn: str, shard: WeightShard) -> None:
+    """A tensor-parallel rank's GEMM is quantized as its slice of the single-process GEMM: refuse, naming the
+    module, what cannot be sliced (a group cut by the split, one scale for the whole tensor, a static input range
+    calibrated on one rank's K slice)."""
+    wq, n_k = scheme.weight, " x ".join(map(str, shard.full.shape))
+    split = (f"tp={shard.ranks} splits {fqn} (weight N x K = {n_k}) along "
+             f"{'N (column-parallel)' if shard.dim == 0 else 'K (row-parallel)'}")
+    if wq is None:
+        return
+    if wq.granularity == "tensor":
+        raise ConfigError(f"{split}: its per-tensor weight scale cannot be kept on one rank's slice; use per-row or "
+                          f"K-group weight scales (e.g. preset 'w8a8'), or run without tp")
+    if shard.dim == 1 and scheme.act.mode == "tensor":
+        raise ConfigError(f"{split}: a static per-tensor input range would be calibrated on one rank's K slice; use "
+                          f"token-wise activations (e.g. preset 'w8a8'), or run without tp")
+    try:
+        qm.check_shard_groups(tuple(shard.full.shape), shard.dim, shard.start, shard.size, wq.bits, wq.granularity,
+                              wq.num_groups, wq.group_size)
+    except ValueError as e:
+        raise ConfigError(f"{split}: each rank's slice must hold whole groups, but {e}; choose groups that divide "
+                          f"the slice of {shard.size} (e.g. WeightQuant(group_size=...) for K groups), or run "
+                          f"without tp") from None
+
+
 def classify_gemms(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ctx.gemms.clear()
     keys = [k for k, _ in ctx.config.overrides]
@@ -134,9 +159,13 @@ def classify_gemms(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         role = classify_role(fqn)
         types = [t for _, t in module_stack(node)]
         scheme, rule = resolve_scheme(ctx.config, fqn, role, types)
-        applied = _as_applied(scheme, fqn, tuple(w.shape))
+        shard = ctx.shard_of(w)  # a tensor-parallel slice: its groups are those of the full weight
+        shape = tuple((shard.full if shard else w).shape)
+        applied = _as_applied(scheme, fqn, shape)
+        if shard is not None:
+            _check_shard(applied, fqn, shard)
         if applied is not scheme and applied.weight.group_size != qm.DEFAULT_K_GROUP:
-            smaller_groups[(applied.weight.group_size, w.shape[1])] += 1
+            smaller_groups[(applied.weight.group_size, shape[1])] += 1
         scheme = applied
         matches = matching_overrides(ctx.config, fqn, types)
         for i in matches:

@@ -1,5 +1,6 @@
 """group_wise_weight: quantize each planned GEMM's weight group-wise (ZeroQuant Sec. 4.1) to INT8 or packed
-INT4 with fp32 scales in the layout the GEMM reads ([N, K // group_k]).
+INT4 with fp32 scales in the layout the GEMM reads ([N, K // group_k]); a tensor-parallel rank's weight as its
+slice of the full weight's quantization (ctx.weight_shards).
 
 Matches: `aten.linear(x, W, b)` carrying a quantized plan. Emits: `aten.linear(x, zq.dequantize_weight(wq,
 w_scale), b)` (the QDQ form fused later). FP GEMMs with a float_dtype switch get casts around the linear.
@@ -58,11 +59,16 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         wq_cfg = scheme.weight
         parts = _weight_parts(gm, node.args[1])
         groups = (wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size)
+        # A tensor-parallel rank's weight is exactly its slice of the full weight's quantization. Merged parts are
+        # column-parallel rows whose scales are per row or K group (classify_gemms refused the rest): the rows
+        # carry them, so quantizing their concatenation is that slice already.
+        shard = ctx.shard_of(parts[0]) if len(parts) == 1 else None
+        quantize = ((lambda: qm.quantize_weight_shard(shard.full, parts[0], shard.dim, shard.start, *groups)) if shard
+                    else (lambda: qm.quantize_weight(_cat(parts), *groups)))
         try:  # classify_gemms checked every plan against its weight already; this names a custom plan's error
             # A merged GEMM's float concatenation lives only while its rows are quantized; the recipe names the
             # parts, so the generation graphs find the quantized weight without concatenating again.
-            wq, ws = ctx.constants.get(("quantize_weight", *groups, *parts),
-                                       lambda: qm.quantize_weight(_cat(parts), *groups))
+            wq, ws = ctx.constants.get(("quantize_weight", *groups, *parts), quantize)
         except ValueError as e:
             shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
             raise weight_groups_error(info.fqn, shape, wq_cfg, str(e)) from None

@@ -32,6 +32,7 @@ class CompileRecord:
     not_fused: list[dict] = field(default_factory=list)
     memory: dict = field(default_factory=dict)  # compile peaks and what the engine holds, in bytes
     generation: str = ""  # what the prefill/decode graphs are (empty: none)
+    tensor_parallel: str = ""  # "rank r of n (backend, device)" for one rank's shard (empty: one process)
 
 
 class Engine:
@@ -143,6 +144,9 @@ class Engine:
         """Write the archive to `path` as it is (no checks, not atomic): for callers that stage their outputs
         (zqcompile.files.Staged); everyone else calls save()."""
         from zqcompile import progress
+        if self.record.tensor_parallel:
+            raise InputError(f"this engine is {self.record.tensor_parallel}'s shard (tensor parallel); saving shards "
+                             f"is not supported yet: compile with tp= in each rank's process instead")
         meta = {"spec": asdict(self.spec), "record": asdict(self.record),
                 "outputs": self.outputs.tree if self.outputs is not None else None}
         meta["spec"]["dtypes"] = [str(t).removeprefix("torch.") for t in self.spec.dtypes]
