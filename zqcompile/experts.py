@@ -47,13 +47,13 @@ def dense_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_in
     routing = torch.zeros((hidden_states.shape[0], self.num_experts), dtype=top_k_weights.dtype,
                           device=hidden_states.device).scatter(1, top_k_index, top_k_weights)
     out = torch.zeros_like(hidden_states)
-    up_name = "gate_up_proj" if self.has_gate else "up_proj"
-    up_weights, up_bias = getattr(self, up_name), getattr(self, f"{up_name}_bias", None) if self.has_bias else None
-    down_bias = self.down_proj_bias if self.has_bias else None
+    up = "gate_up_proj" if self.has_gate else "up_proj"
+    up_weights, down_weights = getattr(self, up), self.down_proj
+    up_bias, down_bias = (getattr(self, f"{up}_bias"), self.down_proj_bias) if self.has_bias else (None, None)
     for e in range(self.num_experts):
         h = _linear(hidden_states, up_weights[e], None if up_bias is None else up_bias[e], self.is_transposed)
         h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-        y = _linear(h, self.down_proj[e], None if down_bias is None else down_bias[e], self.is_transposed)
+        y = _linear(h, down_weights[e], None if down_bias is None else down_bias[e], self.is_transposed)
         if getattr(self, "has_post_expert_norm", False):  # transformers >= 5.18
             y = self.post_expert_norm(y)
         out = out + (y * routing[:, e, None]).to(out.dtype)
@@ -61,12 +61,12 @@ def dense_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_in
 
 
 @contextlib.contextmanager
-def dense_experts(module: nn.Module) -> Iterator[int]:
-    """While capturing: every stacked-experts module under `module` runs dense_experts_forward (yields how
-    many); the configs' experts implementation is restored after, so the user's model is as it was."""
+def dense_experts(module: nn.Module) -> Iterator[None]:
+    """While capturing: every stacked-experts module under `module` runs dense_experts_forward; the configs'
+    experts implementation is restored after, so the user's model is as it was."""
     experts = [m for m in module.modules() if is_stacked_experts(m)]
     if not experts:
-        yield 0
+        yield
         return
     from transformers.integrations.moe import ExpertsInterface
     ExpertsInterface.register(DENSE, dense_experts_forward)
@@ -75,7 +75,7 @@ def dense_experts(module: nn.Module) -> Iterator[int]:
     try:
         for c in configs.values():
             c._experts_implementation = DENSE
-        yield len(experts)
+        yield
     finally:
         for k, c in configs.items():
             c._experts_implementation = before[k]
