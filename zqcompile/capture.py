@@ -186,8 +186,11 @@ def export_dynamic(module: nn.Module, args: tuple, dynamic_shapes) -> torch.expo
     keep the guard as a runtime check instead of failing."""
     # The traced op stays aten.scaled_dot_product_attention (the fused kernel is chosen at run time); forcing
     # the math backend while tracing only keeps CUDA's kernel-selection checks out of the shape guards.
+    # Mixture-of-experts layers are captured in their dense form (zqcompile/experts.py).
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+
+    from zqcompile.experts import dense_experts
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), dense_experts(module):
         try:
             return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as e:  # noqa: BLE001

@@ -15,8 +15,8 @@ from typing import Literal, Mapping, Sequence, Union
 
 from zqcompile.errors import ConfigError, ConfigWarning  # noqa: F401 - raised here, defined there
 
-GemmRole = Literal["qkv", "attn_out", "fc1", "fc2", "head", "other"]
-ROLES: tuple[str, ...] = ("qkv", "attn_out", "fc1", "fc2", "head", "other")
+GemmRole = Literal["qkv", "attn_out", "fc1", "fc2", "head", "router", "other"]
+ROLES: tuple[str, ...] = ("qkv", "attn_out", "fc1", "fc2", "head", "router", "other")
 
 
 # ---- field checks shared by the config dataclasses (each runs in __post_init__, so replace() checks too) ---
@@ -400,8 +400,9 @@ def as_scheme(value: GemmScheme | str) -> GemmScheme:
 
 # ---- presets ---------------------------------------------------------------------------------------------
 # The output head (lm_head / classifier / pooler) stays FP in every preset: ZeroQuant quantizes the
-# transformer blocks' GEMMs; a user can quantize the head with an override.
-_HEAD_FP = {"head": FP}
+# transformer blocks' GEMMs; a user can quantize the head with an override. So does a mixture-of-experts
+# router (a tiny GEMM whose rounding would send tokens to other experts); the experts themselves quantize.
+_HEAD_FP = {"head": FP, "router": FP}
 _W8 = WeightQuant(8)
 _W4 = WeightQuant(4, "k_groups")  # groups of 128 along K, smaller where K needs it
 

@@ -113,8 +113,43 @@ def load_tokenizer(path_or_name: str):
     return tok
 
 
+# Decoder families beyond LLaMA, each with what sets it apart exercised at this size: Qwen3's q/k RMSNorm,
+# Mistral's sliding window, Gemma 2 / 3's (1 + weight) RMSNorms, scaled embeddings, soft-capped logits and
+# local / global layers, Phi-3's fused qkv_proj and gate_up_proj, Mixtral's routed experts. A window of 8 is
+# crossed by the tests' prompts.
+TINY_WINDOW = 8
+DECODER_FAMILIES = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "mixtral")
+FAMILIES = ("bert", "gpt2", "opt", "llama") + DECODER_FAMILIES
+
+
+def _decoder(family: str, layers: int, hidden: int, common: dict):
+    import transformers as T
+    dec = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=2 * hidden, bos_token_id=0, eos_token_id=0, **common)
+    mixed = (["sliding_attention", "full_attention"] * layers)[:layers]  # local then global, as Gemma interleaves
+    head = hidden // 4
+    gemma = dict(head_dim=head, query_pre_attn_scalar=head, sliding_window=TINY_WINDOW, layer_types=mixed)
+    if family == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(**dec))
+    if family == "qwen2":
+        return T.Qwen2ForCausalLM(T.Qwen2Config(**dec))
+    if family == "qwen3":
+        return T.Qwen3ForCausalLM(T.Qwen3Config(**dec, head_dim=head))
+    if family == "mistral":
+        return T.MistralForCausalLM(T.MistralConfig(**dec, sliding_window=TINY_WINDOW))
+    if family == "gemma2":  # soft-capping on: attention 50, final logits 30 (Gemma 2's own values)
+        return T.Gemma2ForCausalLM(T.Gemma2Config(**dec, **gemma))
+    if family == "gemma3":
+        return T.Gemma3ForCausalLM(T.Gemma3TextConfig(**dec, **gemma))
+    if family == "phi3":
+        return T.Phi3ForCausalLM(T.Phi3Config(**dec, pad_token_id=0))
+    if family == "mixtral":  # 4 experts, 2 per token
+        return T.MixtralForCausalLM(T.MixtralConfig(**dec, num_local_experts=4, num_experts_per_tok=2))
+    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+
+
 def tiny_model(family: str, seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 1000) -> nn.Module:
-    """Small random-init models of each supported family (tests, demo)."""
+    """Small random-init models of each supported family (tests, demo): see FAMILIES."""
     import transformers as T
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, max_position_embeddings=128)
@@ -128,10 +163,6 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2, hidden: int = 64, vo
         m = T.OPTForCausalLM(T.OPTConfig(hidden_size=hidden, num_hidden_layers=layers, ffn_dim=2 * hidden,
                                          num_attention_heads=4, word_embed_proj_dim=hidden, bos_token_id=0,
                                          eos_token_id=0, pad_token_id=1, **common))
-    elif family == "llama":
-        m = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                                             num_key_value_heads=2, intermediate_size=2 * hidden, bos_token_id=0,
-                                             eos_token_id=0, **common))
     else:
-        raise ValueError(f"unknown family {family!r}; known: bert, gpt2, opt, llama")
+        m = _decoder(family, layers, hidden, common)
     return m.eval()

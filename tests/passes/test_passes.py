@@ -256,3 +256,84 @@ def test_fuse_gemm_epilogue_reports_residuals_it_cannot_take():
         ("residual add", "a", "the other operand is not a same-shape tensor"),  # a broadcast row
         ("residual add", "b", "residual is computed after the GEMM")]  # r * 3 comes after the GEMM
     assert torch.allclose(a, b, atol=1e-5)
+
+
+class GemmaStyle(nn.Module):
+    """Gemma's RMSNorm (scale 1 + weight) in front of a tanh-GeLU-gated MLP."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+        torch.manual_seed(0)
+        self.norm = Gemma3RMSNorm(d, 1e-6)
+        nn.init.normal_(self.norm.weight, std=0.5)
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(d, 2 * d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x, r):
+        h = self.norm(x + r)
+        return self.down_proj(torch.nn.functional.gelu(self.gate_proj(h), approximate="tanh") * self.up_proj(h))
+
+
+def test_gemma_rmsnorm_folds_with_one_plus_weight_and_gated_gelu_fuses():
+    m = GemmaStyle()
+    b, a, res, gm, _ = before_and_after(m, inputs(), "w8a8", "fold_decomposed_ops")
+    assert res.rewritten == 1 and count(gm, aten.rms_norm.default) == 1 and count(gm, aten.rsqrt.default) == 0
+    norm = next(n for n in gm.graph.nodes if n.target == aten.rms_norm.default)
+    weight = getattr(gm, norm.args[2].target)
+    assert torch.equal(weight, m.norm.weight + 1.0) and norm.args[2].meta["zq_param"] == "norm.weight"
+    assert torch.allclose(a, m(*inputs()), atol=1e-6) and torch.allclose(a, b, atol=1e-6)
+    b, a, _, gm, ctx = before_and_after(m, inputs(), "w8a8", "fuse_producer_quant")
+    assert count(gm, zq.norm_quant.default) == 1 and count(gm, zq.act_quant.default) == 1
+    act = next(n for n in gm.graph.nodes if n.target == zq.act_quant.default)
+    assert act.args[2] is not None and act.args[3] == "gelu_tanh"  # gelu_tanh(gate) * up, as one kernel
+    assert sorted(f.kind for f in ctx.fusions) == ["add+rmsnorm+quant", "gelu_tanh+quant"]
+    assert torch.equal(a, b)
+
+
+class RowView(nn.Module):
+    """A norm whose output is flattened to [tokens, d] before its GEMM (Mixtral's MoE input) and also read in
+    float by another GEMM."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm, self.fc1, self.gate = nn.RMSNorm(d, eps=1e-6), nn.Linear(d, 2 * d), nn.Linear(d, 4)
+
+    def forward(self, x, r):
+        h = self.norm(x + r).view(-1, x.shape[-1])
+        return self.fc1(h).view(*x.shape[:-1], -1), self.gate(h)
+
+
+def test_quantization_moves_before_a_row_preserving_view_and_fuses_into_the_norm():
+    cfg = get_config("w8a8").with_overrides({r"^gate$": "fp"})
+    b, a, res, gm, ctx = before_and_after(RowView(), inputs(), cfg, "fuse_producer_quant")
+    assert count(gm, zq.norm_quant.default) == 1 and count(gm, zq.quantize_per_token.default) == 0
+    assert any("moved before a row-preserving view" in note for note in res.notes)
+    nq = next(n for n in gm.graph.nodes if n.target == zq.norm_quant.default)
+    assert nq.args[6] is True  # the float norm output still feeds the FP GEMM through the view
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_stacked_experts_are_captured_dense_one_gemm_per_expert_and_router_fp():
+    """Mixtral's MoE block: each expert's slice of the stacked weights becomes a GEMM of its own with a
+    constant weight named per expert; the GEMM that feeds top-k is the router, FP in every preset."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    cfg = MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=3, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    block = MixtralSparseMoeBlock(cfg).eval()
+    for p in block.parameters():
+        nn.init.normal_(p, std=0.2)
+    x = inputs()[0]
+    gm = captured(block, x)
+    ctx = PassContext(get_config("w8a8"), (x,))
+    run_until(gm, ctx, "classify_gemms")
+    plan = {g.fqn: g for g in ctx.gemms}
+    assert sorted(plan) == ["experts.0.down_proj", "experts.0.gate_up_proj", "experts.1.down_proj",
+                            "experts.1.gate_up_proj", "experts.2.down_proj", "experts.2.gate_up_proj", "gate"]
+    assert plan["gate"].role == "router" and plan["gate"].scheme.is_float
+    assert {plan[f"experts.{e}.{p}"].role for e in range(3) for p in ("gate_up_proj", "down_proj")} == {"fc1", "fc2"}
+    assert not plan["experts.1.down_proj"].scheme.is_float
+    with torch.no_grad():
+        assert torch.allclose(gm(x), block(x), atol=1e-6)  # dense: an unchosen expert adds exactly zero
+    assert cfg._experts_implementation is None  # as it was before the capture

@@ -14,7 +14,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from zqcompile.config import GemmScheme, QuantConfig, classify_role, get_config, resolve_scheme, weight_groups_error
+from zqcompile.config import (ConfigError, GemmScheme, QuantConfig, as_scheme, classify_role, get_config,
+                              resolve_scheme, weight_groups_error)
+from zqcompile.experts import is_stacked_experts
 from zqcompile.ops import quant_math as qm
 
 try:  # HF GPT-2 style Conv1D: weight [K, N] (in, out), y = x @ W + b
@@ -102,6 +104,7 @@ def fake_quantize(model: nn.Module, config: QuantConfig | str, prefix: str = "")
     `prefix` is the FQN of `model` inside a larger model (LKD fake-quantizes one block but resolves
     schemes with the block's full names, e.g. "model.layers.3")."""
     config = get_config(config)
+    _refuse_stacked_experts(model, config, prefix)
     for fqn, module, ancestors in list(_gemms(model, prefix)):
         types = [type(module), *(type(a) for a in ancestors)]
         scheme, _rule = resolve_scheme(config, fqn, classify_role(fqn), types)
@@ -117,6 +120,20 @@ def fake_quantize(model: nn.Module, config: QuantConfig | str, prefix: str = "")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, FakeQuantLinear(module, scheme, fqn))
     return model
+
+
+def _refuse_stacked_experts(model: nn.Module, config: QuantConfig, prefix: str) -> None:
+    """Mixture-of-experts weights stacked in 3-D parameters are no nn.Linear: fake quantization would leave them
+    in float without a word. The engine quantizes them (zqcompile/experts.py); this path refuses them."""
+    schemes = [config.default, *config.roles.values(), *(as_scheme(v) for _, v in config.overrides)]
+    if all(s.is_float for s in schemes):
+        return
+    for name, m in model.named_modules():
+        if is_stacked_experts(m):
+            fqn = f"{prefix}.{name}" if prefix and name else prefix or name
+            raise ConfigError(f"fake quantization (LKD, eval --path fakequant) covers nn.Linear / Conv1D GEMMs only: "
+                              f"the stacked experts of {fqn!r} ({type(m).__name__}) would stay float; measure this "
+                              f"model through the engine (eval --path engine) and compile it without lkd")
 
 
 def _gemms(model: nn.Module, prefix: str, ancestors: tuple = ()) -> Iterable[tuple[str, nn.Module, tuple]]:

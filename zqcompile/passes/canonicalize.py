@@ -1,11 +1,13 @@
 """canonicalize_gemms: bring every GEMM with a constant weight to one form, `aten.linear(x, W[N,K], b)`.
 
 Matches: eval-mode `aten.dropout` (removed); `view(addmm(b, view(x, [-1, K]), W[K, N]), [..., N])` (GPT-2's
-Conv1D) and `addmm`/`mm`/`matmul` with a constant [K, N] weight. Emits: `aten.linear` with a transposed
-constant weight, so later passes handle a single GEMM op.
+Conv1D) and `addmm`/`mm`/`matmul` with a constant [K, N] weight; `linear` whose weight is a view (select,
+transpose) of a constant, such as one expert's slice of a stacked MoE parameter. Emits: `aten.linear` with a
+(transposed / sliced) constant weight, so later passes handle a single GEMM op on a constant.
 """
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from zqcompile.passes.base import PassContext, PassResult, add_constant, aten, copy_meta, get_tensor, is_call, param_name, shape_of
@@ -47,11 +49,54 @@ def _to_linear(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, x: fx.Node, 
     return lin
 
 
+_VIEWS = (aten.select.int, aten.t.default, aten.transpose.int)
+
+
+def _view_chain(gm: fx.GraphModule, w: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(the constant, the views from it to `w`, innermost first) when `w` is views of a constant, else None."""
+    chain = []
+    while is_call(w, *_VIEWS):
+        chain.append(w)
+        w = w.args[0]
+    return (w, chain[::-1]) if chain and get_tensor(gm, w) is not None else None
+
+
+def _fold_constant_view(gm: fx.GraphModule, ctx: PassContext, gemm: fx.Node, base: fx.Node,
+                        chain: list[fx.Node]) -> None:
+    """The GEMM reads the view as a constant of its own, named after the stacked parameter it was sliced from
+    (`meta["zq_stacked"]`: its path and the indices selected, which name the GEMM per expert)."""
+    src = get_tensor(gm, base)
+    steps = tuple((v.target, tuple(v.args[1:])) for v in chain)
+
+    def make():
+        t = src.detach()
+        for op, args in steps:
+            t = op(t, *args)
+        return t.clone(memory_format=torch.contiguous_format)
+
+    w = ctx.constants.get(("view", src, steps), make)
+    param = param_name(base)
+    indices = tuple(args[1] for op, args in steps if op == aten.select.int and args[0] == 0)
+    wc = add_constant(gm, base.target + "".join(f"_{i}" for i in indices), w, before=gemm)
+    wc.meta["zq_param"] = param + "".join(f"[{i}]" for i in indices)
+    if indices:
+        wc.meta["zq_stacked"] = (param, indices)
+    gemm.replace_input_with(chain[-1], wc)
+    for v in reversed(chain):
+        if not v.users:
+            gm.graph.erase_node(v)
+
+
 def canonicalize_gemms(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     removed = _drop_eval_dropout(gm)
     matched = rewritten = 0
     for node in list(gm.graph.nodes):
-        if is_call(node, aten.addmm.default):
+        views = _view_chain(gm, node.args[1]) if is_call(node, aten.linear.default) else None
+        if views is not None:
+            matched += 1
+            _fold_constant_view(gm, ctx, node, *views)
+            rewritten += 1
+        elif is_call(node, aten.addmm.default):
             bias, x, w = node.args[:3]
             if get_tensor(gm, w) is not None and get_tensor(gm, w).dim() == 2 and not node.kwargs:
                 matched += 1

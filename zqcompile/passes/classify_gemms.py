@@ -1,5 +1,7 @@
-"""classify_gemms: find every GEMM (`aten.linear` with a constant weight), name it by module FQN, give it a
-role (qkv / attn_out / fc1 / fc2 / head / other) and resolve its scheme from the config (overrides first).
+"""classify_gemms: find every GEMM (`aten.linear` with a constant weight), name it by module FQN (one expert's
+slice of a stacked MoE parameter as `<experts module>.<expert>.<parameter>`), give it a role (qkv / attn_out /
+fc1 / fc2 / head / other by name; "router" for a GEMM whose output picks the top-k experts) and resolve its
+scheme from the config (overrides first).
 
 Emits no new nodes: it stores a GemmInfo in node.meta['zq_gemm'] and in ctx.gemms (the plan the report shows).
 Before any weight is quantized it refuses NaN/Inf weights (WeightError naming the parameter) and groups that do
@@ -24,6 +26,7 @@ from zqcompile.config import (ConfigError, ConfigWarning, GemmScheme, OverrideKe
                               override_text, resolve_scheme, weight_groups_error)
 from zqcompile.ops import quant_math as qm
 from zqcompile.passes.base import (GemmInfo, PassContext, PassResult, WeightShard, aten, calls, fqn_of, get_tensor,
+                                   is_call,
                                    module_stack, param_name)
 from zqcompile.errors import WeightError  # noqa: F401 - raised here, defined there
 
@@ -143,6 +146,33 @@ def _check_shard(scheme: GemmScheme, fqn: str, shard: WeightShard) -> None:
                           f"without tp") from None
 
 
+def gemm_name(node: fx.Node) -> str:
+    """The GEMM's name in the plan: its module's FQN, or for one slice of a stacked parameter (an expert's
+    weight, canonicalize_gemms) the slice as if it were a module of its own: 'mlp.experts.3.gate_up_proj'."""
+    stacked = node.args[1].meta.get("zq_stacked")
+    if stacked is not None:
+        param, indices = stacked
+        module, _, leaf = param.rpartition(".")
+        return ".".join([module, *map(str, indices), leaf] if module else [*map(str, indices), leaf])
+    return fqn_of(node) or param_name(node.args[1]).rsplit(".", 1)[0]
+
+
+# Between a router's logits and the top-k that picks the experts: a softmax / sigmoid, a cast, a bias.
+_TO_TOPK = 4
+
+
+def _routes_tokens(node: fx.Node) -> bool:
+    """Does the GEMM's output reach an `aten.topk` within a few ops (MoE routers: softmax -> topk), without
+    passing another GEMM? Quantization noise there would change which experts a token goes to."""
+    frontier, seen = [node], {node}
+    for _ in range(_TO_TOPK):
+        frontier = [u for n in frontier for u in n.users if u not in seen and not is_call(u, aten.linear.default)]
+        if any(is_call(u, aten.topk.default) for u in frontier):
+            return True
+        seen.update(frontier)
+    return False
+
+
 def classify_gemms(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ctx.gemms.clear()
     keys = [k for k, _ in ctx.config.overrides]
@@ -155,8 +185,8 @@ def classify_gemms(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if w is None or w.dim() != 2:
             continue  # activation x activation products (attention scores) are not weight GEMMs
         _check_finite(gm, node)
-        fqn = fqn_of(node) or param_name(node.args[1]).rsplit(".", 1)[0]
-        role = classify_role(fqn)
+        fqn = gemm_name(node)
+        role = "router" if _routes_tokens(node) else classify_role(fqn)
         types = [t for _, t in module_stack(node)]
         scheme, rule = resolve_scheme(ctx.config, fqn, role, types)
         shard = ctx.shard_of(w)  # a tensor-parallel slice: its groups are those of the full weight

@@ -29,6 +29,17 @@ def _mergeable(info: GemmInfo | None) -> bool:
     return w is None or w.granularity != "row_groups" or w.num_groups is None
 
 
+def merged_name(fqns: list[str]) -> str:
+    """'self_attn.q_proj+k_proj+v_proj': the GEMMs' common module path, then what differs ('mlp.experts.0.gate_up_proj
+    +1.gate_up_proj' for experts' slices)."""
+    parts = [f.split(".") for f in fqns]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    prefix = ".".join(parts[0][:common])
+    return (prefix + "." if prefix else "") + "+".join(".".join(p[common:]) for p in parts)
+
+
 def _merge(gm: fx.GraphModule, ctx: PassContext, group: list[fx.Node]) -> None:
     g = gm.graph
     weights = [get_tensor(gm, n.args[1]) for n in group]
@@ -37,9 +48,7 @@ def _merge(gm: fx.GraphModule, ctx: PassContext, group: list[fx.Node]) -> None:
     if any(b is None for b in biases) and not all(b is None for b in biases):
         biases = [b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype) for b, w in zip(biases, weights)]
     infos = [n.meta["zq_gemm"] for n in group]
-    leaves = [i.fqn.rsplit(".", 1)[-1] for i in infos]
-    prefix = infos[0].fqn.rsplit(".", 1)[0] if "." in infos[0].fqn else ""
-    fqn = (prefix + "." if prefix else "") + "+".join(leaves)
+    fqn = merged_name([i.fqn for i in infos])
     first = min(group, key=lambda n: list(g.nodes).index(n))
     if infos[0].scheme.is_float:
         w_cat = ctx.constants.get(("cat", *weights), lambda: torch.cat(weights).contiguous())

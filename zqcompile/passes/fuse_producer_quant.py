@@ -2,8 +2,11 @@
 Sec. 4.3), so one kernel reads the float input and writes int8 + per-token scales.
 
 Matches `zq.quantize_per_token(p)` where p is: `layer_norm` / `rms_norm` (with a residual `add` in front of
-it when there is one), `gelu`, `relu`, `silu` or `mul(silu(gate), up)`. Emits `zq.norm_quant` /
-`zq.act_quant`; the float output (and the residual sum) are emitted only when another consumer still needs them.
+it when there is one), `gelu`, `relu`, `silu`, or a gated MLP's `mul(act(gate), up)` (SiLU: LLaMA; tanh-GeLU:
+Gemma). Emits `zq.norm_quant` / `zq.act_quant`; the float output (and the residual sum) are emitted only when
+another consumer still needs them.
+A view / reshape that keeps the last dim (the token's row) between producer and quant is moved after the quant
+first: per-token quantization commutes with it (Mixtral's experts read the norm's output as [tokens, hidden]).
 """
 from __future__ import annotations
 
@@ -11,15 +14,23 @@ from torch import fx
 
 from zqcompile.passes.base import (PassContext, PassResult, act_of, aten, calls, copy_meta, fqn_of, getitems, last_of,
                                    shape_of, zq)
-from zqcompile.passes.match import Fused, Match, P, Rule, erase_unused, rewrite
+from zqcompile.passes.match import Fused, Match, P, Rule, erase_unused, match, rewrite
 
 NORMS = {aten.layer_norm.default: "layer", aten.rms_norm.default: "rms"}
 X = P.any("x")
 # a residual sum of two same-shape tensors, which the norm kernel can compute (and emit) itself
 RESIDUAL = P(aten.add.Tensor, P.node("a"), P.node("b"), alpha=1, name="x",
              where=lambda a, b: bool(shape_of(a)) and shape_of(a) == shape_of(b))
-SILU_MUL = P(aten.mul.Tensor, P(aten.silu.default, P.any("gate"), name="silu"), P.node("x"), name="prod", commute=True,
-             where=lambda silu, x: shape_of(silu) == shape_of(x))
+
+
+def gated(act: P) -> P:
+    """act(gate) * up, the activation named "act" (act_of reads it), up of the same shape."""
+    return P(aten.mul.Tensor, act, P.node("x"), name="prod", commute=True,
+             where=lambda act, x: shape_of(act) == shape_of(x))
+
+
+def gelu(x: P, approximate: str, name: str = "prod") -> P:
+    return P(aten.gelu.default, x, approximate=approximate, name=name)
 
 
 def quant(prod: P) -> P:
@@ -80,7 +91,7 @@ def _norm_quant(gm: fx.GraphModule, m: Match) -> Fused:
 def _act_quant(gm: fx.GraphModule, m: Match) -> Fused:
     """act(x) [* gate] -> quantize_per_token becomes act_quant(x, None, gate, act, emit_out)."""
     quant, prod, x, gate = m.root, m["prod"], m["x"], m.get("gate")
-    act, users = act_of(m.get("silu", prod)), _others(prod, quant)
+    act, users = act_of(m.get("act", prod)), _others(prod, quant)
     with gm.graph.inserting_after(last_of([x, gate])):
         fused = gm.graph.call_function(zq.act_quant.default, (x, None, gate, act, bool(users)))
     copy_meta(fused, prod)
@@ -101,19 +112,64 @@ RULES = [  # at each zq.quantize_per_token, the first that matches
     Rule(quant(layer_norm(X)), _norm_quant, "layernorm+quant"),
     Rule(quant(rms_norm(RESIDUAL)), _norm_quant, "add+rmsnorm+quant"),
     Rule(quant(rms_norm(X)), _norm_quant, "rmsnorm+quant"),
-    Rule(quant(P(aten.gelu.default, X, approximate="none", name="prod")), _act_quant, "gelu+quant"),
-    Rule(quant(P(aten.gelu.default, X, approximate="tanh", name="prod")), _act_quant, "gelu_tanh+quant"),
+    Rule(quant(gelu(X, "none")), _act_quant, "gelu+quant"),
+    Rule(quant(gelu(X, "tanh")), _act_quant, "gelu_tanh+quant"),
     Rule(quant(P(aten.relu.default, X, name="prod")), _act_quant, "relu+quant"),
     Rule(quant(P(aten.silu.default, X, name="prod")), _act_quant, "silu+quant"),
-    Rule(quant(SILU_MUL), _act_quant, "silu+quant"),
+    Rule(quant(gated(P(aten.silu.default, P.any("gate"), name="act"))), _act_quant, "silu+quant"),
+    Rule(quant(gated(gelu(P.any("gate"), "tanh", name="act"))), _act_quant, "gelu_tanh+quant"),
+    Rule(quant(gated(gelu(P.any("gate"), "none", name="act"))), _act_quant, "gelu+quant"),
     Rule.refuse(quant(X), _quant_of, "no fused kernel for this producer: quantization runs as its own kernel"),
 ]
 PER_TENSOR = [Rule.refuse(P(zq.quantize_per_tensor.default), "quantize_per_tensor",
                           "static per-tensor quantization (the PTQ baseline) runs as its own kernel")]
 
 
+ROW_VIEW = P(zq.quantize_per_token.default, P((aten.view.default, aten.reshape.default), P.node("src"), P.any("shape"),
+                                               name="view", where=lambda view, src: _keeps_rows(view, src)))
+
+
+def _keeps_rows(view: fx.Node, src: fx.Node) -> bool:
+    a, b = shape_of(view), shape_of(src)
+    return bool(a) and bool(b) and a[-1] == b[-1]
+
+
+def _quant_before_view(gm: fx.GraphModule, m: Match) -> fx.Node:
+    """quantize_per_token(view(src, [..., K])) -> view(q, [..., K]), view(scale, [..., 1]) of
+    quantize_per_token(src)."""
+    quant, view, src, shape = m.root, m["view"], m["src"], list(m["shape"])
+    g = gm.graph
+    with g.inserting_after(src):
+        new = g.call_function(zq.quantize_per_token.default, (src,))
+    copy_meta(new, quant)
+    q, scale = getitems(gm, new, 2)
+    with g.inserting_after(scale):
+        views = [g.call_function(aten.reshape.default, (q, shape)),
+                 g.call_function(aten.reshape.default, (scale, shape[:-1] + [1]))]
+    for user in list(quant.users):  # getitem(quant, 0 | 1)
+        copy_meta(views[user.args[1]], user)
+        views[user.args[1]].meta["val"] = user.meta.get("val")
+        user.replace_all_uses_with(views[user.args[1]])
+        g.erase_node(user)
+    g.erase_node(quant)
+    if not view.users:  # else its float consumers (Mixtral's router) keep reading it
+        g.erase_node(view)
+    return new
+
+
+def _hoist_over_row_views(gm: fx.GraphModule) -> int:
+    hoisted = 0
+    for node in calls(gm, zq.quantize_per_token.default):
+        while (m := match(ROW_VIEW, node)) is not None:
+            node = _quant_before_view(gm, m)
+            hoisted += 1
+    return hoisted
+
+
 def fuse_producer_quant(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    hoisted = _hoist_over_row_views(gm)
     done = rewrite(gm, ctx, RULES, calls(gm, zq.quantize_per_token.default))
     rewrite(gm, ctx, PER_TENSOR, calls(gm, zq.quantize_per_tensor.default))  # reported, not counted
     gm.graph.lint()
-    return PassResult(gm, done.rewritten > 0, done.matched, done.rewritten)
+    notes = [f"{hoisted} quantization(s) moved before a row-preserving view"] if hoisted else []
+    return PassResult(gm, done.rewritten > 0 or hoisted > 0, done.matched, done.rewritten, notes)
