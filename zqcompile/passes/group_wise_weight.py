@@ -1,5 +1,7 @@
 """group_wise_weight: quantize each planned GEMM's weight group-wise (ZeroQuant Sec. 4.1) to INT8 or packed
-INT4 with fp32 scales in the layout the GEMM reads ([N, K // group_k]).
+INT4 with fp32 scales in the layout the GEMM reads ([N, K // group_k]). A GEMM whose modules all have a stored
+quantized weight (ctx.stored_weights: a compressed-tensors checkpoint) takes those values and scales as they
+are, stacked in row order, never quantized again.
 
 Matches: `aten.linear(x, W, b)` carrying a quantized plan. Emits: `aten.linear(x, zq.dequantize_weight(wq,
 w_scale), b)` (the QDQ form fused later). FP GEMMs with a float_dtype switch get casts around the linear.
@@ -9,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from zqcompile.config import weight_groups_error
+from zqcompile.config import ConfigError, WeightQuant, weight_groups_error
 from zqcompile.ops import quant_math as qm
-from zqcompile.passes.base import (PassContext, PassResult, add_constant, aten, calls, copy_meta, drop_constant, dtype_of,
-                                   get_tensor, zq)
+from zqcompile.passes.base import (GemmInfo, PassContext, PassResult, add_constant, aten, calls, copy_meta, drop_constant,
+                                   dtype_of, get_tensor, zq)
 
 _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -32,8 +34,32 @@ def _cast_float_gemm(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype) -> N
     copy_meta(back, node)
 
 
+def _stored(ctx: PassContext, info: GemmInfo, w: torch.Tensor, wq_cfg: WeightQuant):
+    """make() for the GEMM's stored weights, or None when its modules have none. A plan that does not read them
+    as they were stored (other bits or groups) is an error, never a silent re-quantization."""
+    parts = [ctx.stored_weights.get(fqn) for fqn, _ in info.parts]
+    if not any(p is not None for p in parts):
+        return None
+    missing = [fqn for (fqn, _), p in zip(info.parts, parts) if p is None]
+    if missing:
+        raise ConfigError(f"{info.fqn}: the checkpoint stores quantized weights for some of its modules but not "
+                          f"for {missing}; give them one scheme")
+    gk = qm.check_weight_groups(tuple(w.shape), wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size)
+    for (fqn, rows), p in zip(info.parts, parts):
+        if p.bits != wq_cfg.bits or tuple(p.values.shape) != (rows, w.shape[1]) or p.scale.shape != (rows, w.shape[1] // gk):
+            raise ConfigError(f"{fqn}: the checkpoint stores INT{p.bits} values {tuple(p.values.shape)} with scales "
+                              f"{tuple(p.scale.shape)}, the plan reads {wq_cfg.describe()} of [{rows}, {w.shape[1]}]")
+
+    def make():
+        values = torch.cat([p.values for p in parts]) if len(parts) > 1 else parts[0].values
+        scale = torch.cat([p.scale for p in parts]) if len(parts) > 1 else parts[0].scale
+        values = qm.pack_int4(values) if wq_cfg.bits == 4 else values
+        return values.to(w.device).contiguous(), scale.to(w.device, torch.float32).contiguous()
+    return make
+
+
 def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    matched = rewritten = 0
+    matched = rewritten = stored = 0
     for node in calls(gm, aten.linear.default):
         info = node.meta.get("zq_gemm")
         if info is None:
@@ -47,9 +73,12 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         wq_cfg = scheme.weight
         w = get_tensor(gm, node.args[1])
         try:  # classify_gemms checked every plan against its weight already; this names a custom plan's error
-            wq, ws = ctx.constants.get(
-                ("quantize_weight", w, wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size),
+            make = _stored(ctx, info, w, wq_cfg)
+            stored += make is not None
+            make = make or (
                 lambda: qm.quantize_weight(w, wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size))
+            wq, ws = ctx.constants.get(
+                ("quantize_weight", w, wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size), make)
         except ValueError as e:
             raise weight_groups_error(info.fqn, tuple(w.shape), wq_cfg, str(e)) from None
         wq_node = add_constant(gm, info.fqn + ".wq", wq, before=node)
@@ -62,4 +91,6 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         node.args = (node.args[0], dq, *node.args[2:])
         drop_constant(gm, old_weight)  # the float weight is freed now (a concatenated one had no other owner)
         rewritten += 1
-    return PassResult(gm, rewritten > 0, matched, rewritten, [f"{rewritten} weights quantized"])
+    notes = [f"{rewritten - stored} weights quantized"] + ([f"{stored} weights as the checkpoint stored them"]
+                                                          if stored else [])
+    return PassResult(gm, rewritten > 0, matched, rewritten, notes)
