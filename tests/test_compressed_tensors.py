@@ -117,6 +117,22 @@ def test_w8a8_folder(w8a8_folder):
     assert rel_err(dense, engine_logits) < 0.03
 
 
+def test_dtype_of_the_float_tensors(tmp_path, w8a8_folder):
+    _, engine = _compile("w8a8")
+    out = zq.export_compressed_tensors(engine, tmp_path / "bf16", dtype="bfloat16")
+    assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
+    sd = load_file(os.path.join(out, "model.safetensors"))
+    full = load_file(os.path.join(w8a8_folder, "model.safetensors"))
+    assert sd.keys() == full.keys()
+    for k, v in sd.items():
+        want = (torch.float32 if k.endswith("_scale") else
+                torch.bfloat16 if full[k].is_floating_point() else full[k].dtype)
+        assert v.dtype == want and torch.equal(v, full[k].to(want)), k
+    assert _logits(_hf(out)).dtype == torch.bfloat16
+    with pytest.raises(zq.ExportError, match="dtype must be one of"):
+        zq.export_compressed_tensors(engine, tmp_path / "x", dtype="int8")
+
+
 def test_int4_groups_pack_quantized(tmp_path):
     """w4/8a16: INT8 channel and INT4 K-group layers, weight-only: pack-quantized, one config group per scheme
     naming its layers. transformers' dense (dequantize=True) path applies the first group's scheme to every
@@ -234,7 +250,7 @@ def _edit_config(folder: str, edit) -> None:
 @pytest.mark.parametrize("edit, message", [
     (lambda qc: qc["config_groups"]["group_0"]["weights"].update(type="float"), "FP8 (float-quantized) weights"),
     (lambda qc: qc["config_groups"]["group_0"]["input_activations"].update(dynamic=False, strategy="tensor"),
-     "static int8 tensor input activations"),
+     "static (stored input scales: zqcompile calibrates its own) int8 tensor input activations"),
     (lambda qc: qc["config_groups"]["group_0"]["weights"].update(symmetric=False), "asymmetric weights"),
     (lambda qc: qc["config_groups"]["group_0"]["weights"].update(strategy="block"), "weight strategy 'block'"),
     (lambda qc: qc.update(kv_cache_scheme={"num_bits": 8}), "a quantized KV cache"),
@@ -310,5 +326,17 @@ def test_cli_compile_export_import(tmp_path):
     assert r.returncode == 0, r.stderr
     a, b = load_file(ct_dir / "model.safetensors"), load_file(tmp_path / "ct2" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    r = run_cli("eval", ct_dir)
-    assert r.returncode == 2 and "compressed-tensors checkpoint" in r.stderr
+    r = run_cli("generate", ct_dir, "--prompt", "hi")  # a command that takes a float model says what to do
+    assert r.returncode == 2 and "compressed-tensors checkpoint" in r.stderr and "zqcompile compile" in r.stderr
+
+
+def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    from zqcompile.export import compressed_tensors as exporter
+    _, engine = _compile("w8a8")
+
+    def fail(*args):
+        raise KeyboardInterrupt  # Ctrl-C after the weights and config are written, while the tokenizer is copied
+    monkeypatch.setattr(exporter, "_side_files", fail)
+    with pytest.raises(KeyboardInterrupt):
+        zq.export_compressed_tensors(engine, tmp_path / "ct")
+    assert os.listdir(tmp_path) == []

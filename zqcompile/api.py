@@ -173,6 +173,8 @@ def _record_constants(gm, record: CompileRecord) -> None:
     zq = torch.ops.zq
 
     def key(n):
+        while isinstance(n, torch.fx.Node) and n.target == torch.ops.aten._to_copy.default:
+            n = n.args[0]  # an FP GEMM run in another dtype casts its weight and bias
         return constant_key(n.target) if isinstance(n, torch.fx.Node) and n.op == "get_attr" else None
 
     found = {}
@@ -181,18 +183,14 @@ def _record_constants(gm, record: CompileRecord) -> None:
         if info is None or node.op != "call_function" or info.fqn in found:
             continue
         if node.target in (zq.int8_gemm_dequant.default, zq.weight_only_gemm.default):
-            found[info.fqn] = {"weight": key(arg(node, "wq")), "weight_scale": key(arg(node, "w_scale")),
-                               "bias": key(arg(node, "bias"))}
+            w, scale, bias = arg(node, "wq"), arg(node, "w_scale"), arg(node, "bias")
         elif node.target == torch.ops.aten.linear.default:
-            w, scale = node.args[1], None
-            while isinstance(w, torch.fx.Node) and w.target == torch.ops.aten._to_copy.default:
-                w = w.args[0]  # an FP GEMM run in another dtype casts its weight
-            if isinstance(w, torch.fx.Node) and w.target == zq.dequantize_weight.default:
+            w, scale, bias = node.args[1], None, arg(node, "bias")
+            if isinstance(w, torch.fx.Node) and w.target == zq.dequantize_weight.default:  # not fused with its GEMM
                 w, scale = arg(w, "wq"), arg(w, "w_scale")
-            bias = node.args[2] if len(node.args) > 2 else None
-            while isinstance(bias, torch.fx.Node) and bias.target == torch.ops.aten._to_copy.default:
-                bias = bias.args[0]
-            found[info.fqn] = {"weight": key(w), "weight_scale": key(scale), "bias": key(bias)}
+        else:
+            continue
+        found[info.fqn] = {"weight": key(w), "weight_scale": key(scale), "bias": key(bias)}
     for g in record.gemms:
         if g["fqn"] in found:
             g["constants"] = found[g["fqn"]]

@@ -99,7 +99,8 @@ def check_output_dir(path: str | os.PathLike, what: str = "folder") -> str:
         raise OutputPathError(f"cannot write the {what} to {p!r}: it is a symbolic link; give the real path")
     if os.path.lexists(full):
         if not os.path.isdir(full):
-            raise OutputPathError(f"cannot write the {what} to {p!r}: a file is there; remove it or choose another path")
+            raise OutputPathError(f"cannot write the {what} to {p!r}: a file is there; remove it or choose another "
+                                  f"path")
         if os.listdir(full):
             raise OutputPathError(f"cannot write the {what} to {p!r}: the folder is not empty; give a new or empty "
                                   f"folder (nothing in an existing folder is replaced)")
@@ -118,9 +119,13 @@ def atomic_dir(path: str | os.PathLike, what: str = "folder") -> Iterator[str]:
         raise OutputPathError(f"cannot write the {what} to {os.fspath(path)!r}: {e.strerror}") from None
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700, and some writers (safetensors) make files 0600
+        for name in os.listdir(tmp):
+            f = os.path.join(tmp, name)
+            if os.path.isfile(f):
+                os.chmod(f, 0o666 & ~mask)
+                _fsync(f)
         if os.path.isdir(target) and not os.listdir(target):
             os.rmdir(target)
         os.replace(tmp, target)
@@ -169,10 +174,14 @@ def _temp_path(target: str, what: str, user_path, suffix: str = ".tmp") -> str:
     except OSError as e:
         raise OutputPathError(f"cannot write the {what} to {os.fspath(user_path)!r}: {e.strerror}") from None
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; what we write is as readable as any new file
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; what we write is as readable as any new file
     return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: str) -> None:

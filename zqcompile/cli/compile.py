@@ -35,6 +35,9 @@ def cmd_compile(args) -> int:
     as_ct = args.format == "compressed-tensors"
     if as_ct and not args.out:
         raise InputError("--format compressed-tensors writes a folder: give it with --out DIR")
+    if args.dtype and not as_ct:
+        raise InputError("--dtype sets the float tensors of a compressed-tensors folder: "
+                         "add --format compressed-tensors")
     if args.out:
         check_output_dir(args.out, WHAT) if as_ct else check_output_file(args.out, "engine", replaceable=is_engine_file)
     if args.dump:
@@ -59,7 +62,8 @@ def cmd_compile(args) -> int:
     ids = example_ids(model, args.batch, args.seq)
     t0 = time.perf_counter()
     generation = False if args.no_generation else zq.CacheSpec(args.max_batch, args.max_cache_len, args.kv_cache)
-    engine = _compile_checked(model, (ids,), cfg, None, None, None, None, generation, stored, source=path)
+    engine = _compile_checked(model, (ids,), cfg, dump_dir=None, lkd=None, calibration_data=None, example_kwargs=None,
+                              generation=generation, stored_weights=stored, source=path)
     print(engine.report())
     print(f"\ncompiled in {time.perf_counter() - t0:.1f} s")
     with Staged() as outputs:  # the engine (or folder) and the dump go in place together, at the end
@@ -69,7 +73,7 @@ def cmd_compile(args) -> int:
             staged = stage_dump(engine, args.dump)
             outputs.action(staged.commit, staged.discard)
         if as_ct:
-            export_compressed_tensors(engine, args.out)  # atomic itself; before the dump is put in place
+            export_compressed_tensors(engine, args.out, dtype=args.dtype)  # atomic; before the dump is put in place
         outputs.commit()
     if args.out and as_ct:
         print(f"wrote {args.out}/ ({folder_bytes(args.out) / 2**20:.1f} MiB, compressed-tensors)")
@@ -87,6 +91,7 @@ def cmd_report(args) -> int:
 
 
 def add_compile_commands(sub) -> None:
+    from zqcompile.cli.export import add_dtype_option
     from zqcompile.cli.main import positive_int
     c = sub.add_parser("compile", help="compile a model folder / .gguf / packaged model name")
     c.add_argument("model", help="Hugging Face folder (a compressed-tensors one runs its stored weights), .gguf file, "
@@ -97,6 +102,7 @@ def add_compile_commands(sub) -> None:
     c.add_argument("--format", choices=("zq", "compressed-tensors"), default="zq",
                    help="what --out is: a zqcompile engine (zq), or a compressed-tensors Hugging Face folder (new or "
                         "empty) for transformers / vLLM")
+    add_dtype_option(c)
     c.add_argument("--dump", help="write per-pass graph dumps into this folder (new, empty, or an earlier dump)")
     c.add_argument("--batch", type=positive_int, default=2, help="example batch size (the engine takes any)")
     c.add_argument("--seq", type=positive_int, default=32, help="example sequence length (the engine takes any)")

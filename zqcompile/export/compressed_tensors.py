@@ -218,21 +218,31 @@ def _side_files(source: str, tokenizer, folder: str) -> list[str]:
     return sorted(n for n in os.listdir(folder) if n not in ("config.json", "model.safetensors"))
 
 
-def export_compressed_tensors(engine, out_dir: str | os.PathLike, tokenizer=None) -> str:
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def export_compressed_tensors(engine, out_dir: str | os.PathLike, tokenizer=None, dtype: str | None = None) -> str:
     """Write `engine` as a compressed-tensors Hugging Face folder at `out_dir` (new or empty; written atomically);
     returns its path. `tokenizer`: saved into the folder; by default the tokenizer files of the folder (or .gguf)
-    the model was loaded from are copied, when the engine knows it. Raises ExportError naming the layer and what
-    to choose instead for what the format or this exporter cannot take, before anything is written."""
+    the model was loaded from are copied, when the engine knows it. `dtype` ("float16", "bfloat16", "float32"):
+    the float tensors' dtype and the config's (default: as the engine holds them; the weight scales stay fp32).
+    Raises ExportError naming the layer and what to choose instead for what the format or this exporter cannot
+    take, before anything is written."""
     from safetensors.torch import save_file
     record = engine.record
     check_output_dir(out_dir, WHAT)
+    if dtype is not None and dtype not in _DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if not record.hf_config:
         raise ExportError(f"cannot export to compressed-tensors: the engine was compiled from a {record.model} "
                           f"without a Hugging Face config (compressed-tensors folders are Hugging Face models)")
     model = _skeleton(record)
     layers, groups = _plan(record, model)
     tensors = _state_dict(engine, model, layers, groups)
-    floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    if dtype is not None:
+        tensors = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() and not k.endswith("_scale") else v
+                   for k, v in tensors.items()}
+    floats = [t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.endswith("_scale")]
     config = dict(record.hf_config, dtype=str(max(set(floats), key=floats.count)).removeprefix("torch."),
                   quantization_config=_quantization_config(model, layers, groups))
     with atomic_dir(out_dir, WHAT) as tmp:

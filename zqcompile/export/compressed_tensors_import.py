@@ -64,11 +64,13 @@ def _scheme(path: str, name: str, group: dict, top_format: str) -> GemmScheme:
             and a.get("symmetric", True):
         act = ActQuant("token")
     else:
-        kind = "static" if not a.get("dynamic") else "dynamic"
-        raise _fail(path, f"{where} has {kind} {a.get('type')}{a.get('num_bits')} {a.get('strategy')} input "
-                          f"activations (zqcompile calibrates its own static ranges; it cannot read stored ones)")
+        why = "dynamic" if a.get("dynamic") else "static (stored input scales: zqcompile calibrates its own)"
+        raise _fail(path, f"{where} has {why} {a.get('type')}{a.get('num_bits')} {a.get('strategy')} input "
+                          f"activations")
     gran = _STRATEGIES[w["strategy"]]
     size = w.get("group_size") if gran == "k_groups" else None
+    if gran == "k_groups" and not size:
+        raise _fail(path, f"{where} has weight strategy 'group' without a group_size")
     try:
         return GemmScheme(WeightQuant(w["num_bits"], gran, group_size=size), act)
     except ValueError as e:
@@ -198,7 +200,8 @@ def import_compressed_tensors(path: str | os.PathLike, example_inputs=None, gene
     if example_inputs is None:
         vocab = getattr(model.config, "vocab_size", 1000)
         example_inputs = (torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)),)
-    return _compile_checked(model, example_inputs, cfg, dump_dir, None, None, None, generation, stored,
+    return _compile_checked(model, example_inputs, cfg, dump_dir=dump_dir, lkd=None, calibration_data=None,
+                            example_kwargs=None, generation=generation, stored_weights=stored,
                             source=os.path.abspath(path))
 
 

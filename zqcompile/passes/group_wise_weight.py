@@ -13,8 +13,8 @@ from torch import fx
 
 from zqcompile.config import ConfigError, WeightQuant, weight_groups_error
 from zqcompile.ops import quant_math as qm
-from zqcompile.passes.base import (GemmInfo, PassContext, PassResult, add_constant, aten, calls, copy_meta, drop_constant,
-                                   dtype_of, get_tensor, zq)
+from zqcompile.passes.base import (GemmInfo, PassContext, PassResult, add_constant, aten, calls, copy_meta,
+                                   drop_constant, dtype_of, get_tensor, zq)
 
 _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -46,7 +46,8 @@ def _stored(ctx: PassContext, info: GemmInfo, w: torch.Tensor, wq_cfg: WeightQua
                           f"for {missing}; give them one scheme")
     gk = qm.check_weight_groups(tuple(w.shape), wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size)
     for (fqn, rows), p in zip(info.parts, parts):
-        if p.bits != wq_cfg.bits or tuple(p.values.shape) != (rows, w.shape[1]) or p.scale.shape != (rows, w.shape[1] // gk):
+        if p.bits != wq_cfg.bits or tuple(p.values.shape) != (rows, w.shape[1]) \
+                or tuple(p.scale.shape) != (rows, w.shape[1] // gk):
             raise ConfigError(f"{fqn}: the checkpoint stores INT{p.bits} values {tuple(p.values.shape)} with scales "
                               f"{tuple(p.scale.shape)}, the plan reads {wq_cfg.describe()} of [{rows}, {w.shape[1]}]")
 
