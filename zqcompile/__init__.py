@@ -9,13 +9,14 @@ import importlib
 
 _EXPORTS = {
     "compile": "api", "dump": "api", "load": "api", "CacheSpec": "generation.kv_cache", "TensorParallel": "parallel.group",
-    "export_onnx": "export.onnx", "export_tensorrt": "export.tensorrt", "load_tensorrt": "export.tensorrt",
+    "export_onnx": "export.onnx", "export_compressed_tensors": "export.compressed_tensors",
+    "import_compressed_tensors": "export.compressed_tensors_import", "export_tensorrt": "export.tensorrt", "load_tensorrt": "export.tensorrt",
     "CaptureError": "capture", "InputError": "capture",
     "Engine": "runtime.engine", "EngineFileError": "runtime.engine",
     "WeightError": "passes",
     "AccuracyBudget": "config", "ActQuant": "config", "FeatureScales": "config", "ConfigError": "config", "ConfigWarning": "config", "GemmScheme": "config", "LKDConfig": "config",
     "PRESETS": "config", "QuantConfig": "config", "WeightQuant": "config", "get_config": "config",
-    "OutputPathError": "files", "TensorParallelError": "errors",
+    "OutputPathError": "files", "TensorParallelError": "errors", "ExportError": "errors", "ModelLoadError": "errors",
 }
 
 __all__ = [*_EXPORTS, "ops"]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 
 import torch
@@ -20,16 +22,18 @@ from zqcompile import progress
 from zqcompile.passes import PIPELINE, PassContext, run_pipeline
 
 
-def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str = "w8a8",
+def compile(model: nn.Module, example_inputs: tuple | Mapping, config: QuantConfig | str = "w8a8",
             dump_dir: str | os.PathLike | None = None, lkd: LKDConfig | None = None,
-            calibration_data: list[tuple] | None = None, example_kwargs: dict | None = None,
+            calibration_data: list[tuple | Mapping] | None = None, example_kwargs: dict | None = None,
             generation: CacheSpec | bool | None = None, accuracy_budget: float | None = None,
             tp: TensorParallel | None = None) -> Engine:
     """Quantize and fuse `model` into a ZeroQuant engine.
 
-    example_inputs: positional inputs of model.forward (e.g. `(input_ids,)`), used to capture the graph with
-    dynamic batch and sequence length. config: a preset name (see zqcompile.PRESETS) or a QuantConfig.
-    calibration_data: input tuples for static ("ptq-static") activation ranges; defaults to example_inputs.
+    example_inputs: positional inputs of model.forward (e.g. `(input_ids,)`), or a tokenizer's output (a
+    BatchEncoding / dict of `input_ids`, `attention_mask`, `token_type_ids`: the engine then takes the same dict,
+    `engine(batch)` or `engine(**batch)`), used to capture the graph with dynamic batch and sequence length.
+    config: a preset name (see zqcompile.PRESETS) or a QuantConfig.
+    calibration_data: input tuples or dicts for static ("ptq-static") activation ranges and feature scales.
     lkd: run layer-by-layer knowledge distillation on the weights first (ZeroQuant Sec. 4.2).
     generation (causal LMs): the KV cache the prefill/decode graphs of `engine.generate` are built for, here,
     sharing the engine's quantized weights: a CacheSpec, None for CacheSpec() (batches up to 8, 512 tokens),
@@ -50,11 +54,24 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
         if not is_causal_lm(model):
             raise InputError("accuracy_budget is measured as perplexity and needs a causal LM; for "
                              f"{type(model).__name__} keep sensitive GEMMs in FP16 with overrides={{'fqn': 'fp16'}}")
+    return _compile_checked(model, example_inputs, cfg, dump_dir, lkd, calibration_data, example_kwargs, generation,
+                            tp=tp)
+
+
+def _compile_checked(model, example_inputs, cfg: QuantConfig, dump_dir, lkd, calibration_data, example_kwargs,
+                     generation, stored_weights: dict | None = None, source: str | None = None,
+                     tp: TensorParallel | None = None) -> Engine:
+    """compile() after its config is resolved; the compressed-tensors import comes in here with the checkpoint's
+    quantized weights (`stored_weights`, PassContext.stored_weights) and the folder it read (`source`)."""
     if generation is not None and not isinstance(generation, (bool, CacheSpec)):
         raise InputError(f"generation must be a zqcompile.CacheSpec, True/None (the default cache) or False, "
                          f"got {type(generation).__name__}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if isinstance(example_inputs, Mapping):  # a tokenizer's BatchEncoding: its tensors are forward's keyword inputs
+        if example_kwargs:
+            raise InputError("give the inputs once: a dict as example_inputs, or example_kwargs, not both")
+        example_inputs, example_kwargs = (), dict(example_inputs)
     if not isinstance(example_inputs, (tuple, list)):
         raise InputError(f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
     if not isinstance(model, nn.Module):
@@ -81,7 +98,9 @@ def compile(model: nn.Module, example_inputs: tuple, config: QuantConfig | str =
         model, shards, rank, example_inputs, example_kwargs, calibration_data = _shard(
             model, cfg, tp, example_inputs, example_kwargs, calibration_data)
     with peak_memory() as peak:
-        engine = _compile(model, cfg, example_inputs, example_kwargs, calibration_data, generation, shards)
+        engine = _compile(model, cfg, example_inputs, example_kwargs, calibration_data, generation, shards,
+                          stored_weights or {})
+    engine.record.source = source if source is not None else _model_source(model)
     if rank is not None:
         from zqcompile.parallel import agree
         engine.record.tensor_parallel = rank.describe()
@@ -125,13 +144,16 @@ def _shard(model: nn.Module, cfg: QuantConfig, tp: TensorParallel, example_input
 
 
 def _compile(model: nn.Module, cfg: QuantConfig, example_inputs, example_kwargs, calibration_data,
-             generation: CacheSpec | bool | None, shards: dict | None = None) -> Engine:
+             generation: CacheSpec | bool | None, shards: dict | None = None,
+             stored_weights: dict | None = None) -> Engine:
     with progress.step(f"capturing {type(model).__name__} with torch.export"):
         gm, spec = capture(model, tuple(example_inputs), example_kwargs, (cfg.dynamic_batch, cfg.dynamic_seq))
     outputs = flatten_graph_outputs(gm)  # the engine file then needs no output types registered to load
     bound = spec.bind(tuple(example_inputs), dict(example_kwargs or {}))
-    calib = [tuple(spec.bind(tuple(c), {})) for c in (calibration_data or [])]
-    ctx = PassContext(cfg, tuple(bound), calib, max_seq=spec.max_seq, weight_shards=shards or {})
+    calib = [tuple(spec.bind((), dict(c)) if isinstance(c, Mapping) else spec.bind(tuple(c), {}))
+             for c in (calibration_data or [])]
+    ctx = PassContext(cfg, tuple(bound), calib, max_seq=spec.max_seq, weight_shards=shards or {},
+                      stored_weights=stored_weights or {})
     snapshots: list[tuple[str, str, str]] = []
 
     bar, tick = progress.pass_bar(len(PIPELINE) + 1, f"compiling ({cfg.name})")
@@ -146,17 +168,21 @@ def _compile(model: nn.Module, cfg: QuantConfig, example_inputs, example_kwargs,
     record = CompileRecord(
         config=cfg.name, model=type(model).__name__,
         gemms=[{"fqn": g.fqn, "role": g.role, "scheme": g.scheme.describe(), "rule": g.rule,
-                "shape": list(g.shape), "kernel": g.kernel} for g in ctx.gemms],
+                "shape": list(g.shape), "kernel": g.kernel, "scheme_spec": asdict(g.scheme),
+                "parts": [list(p) for p in g.parts]} for g in ctx.gemms],
         passes=[asdict(r) for r in records],
         fusions=[asdict(f) for f in ctx.fusions],
-        not_fused=[asdict(n) for n in ctx.not_fused])
+        not_fused=[asdict(n) for n in ctx.not_fused],
+        hf_config=_hf_config(model))
     _plan_kernels(gm, record, bound)
+    _record_constants(gm, record)
     generator = None
     if generation is not False and is_causal_lm(model):
         from zqcompile.generation.generator import build_generator
         cache = generation if isinstance(generation, CacheSpec) else CacheSpec()
         # the same quantized weights, by construction; the engine graph's pass already warned about the config
-        generator = build_generator(model, cfg, cache, ctx.constants, warn=False, weight_shards=shards)
+        generator = build_generator(model, cfg, cache, ctx.constants, warn=False, weight_shards=shards,
+                                    stored_weights=stored_weights)
         record.generation = generator.describe()
     ctx.constants.release()
     graphs = [gm] + ([generator.prefill, generator.decode] if generator is not None else [])
@@ -175,7 +201,8 @@ def _measure_budget(engine: Engine, cfg: QuantConfig, calibration_data: list[tup
     from zqcompile.passes.mixed_precision import calibration_tokens
     nll = count = 0.0
     with torch.no_grad():
-        for inputs in calibration_tokens(list(calibration_data), cfg.accuracy_budget.max_tokens):
+        data = [(c["input_ids"],) if isinstance(c, Mapping) else tuple(c) for c in calibration_data]
+        for inputs in calibration_tokens(data, cfg.accuracy_budget.max_tokens):
             logits = output_tensor(engine(*inputs)).float()
             ids = inputs[0]
             nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device),
@@ -209,6 +236,57 @@ def _plan_kernels(gm, record: CompileRecord, inputs: tuple) -> None:
             problems.setdefault(info.fqn, problem)
     record_problems(record, problems)
     plan_record(record, next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu")))
+
+
+def _hf_config(model: nn.Module) -> dict:
+    """The model's Hugging Face config as plain JSON data, its class as the architecture ({} for other models)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        return {}
+    data = json.loads(config.to_json_string(use_diff=False))
+    data.pop("quantization_config", None)  # an imported checkpoint's: the engine's own scheme is in the record
+    data["architectures"] = [type(model).__name__]
+    return data
+
+
+def _model_source(model: nn.Module) -> str:
+    """The folder a Hugging Face model was loaded from (its tokenizer files are there), "" when unknown."""
+    path = getattr(model, "name_or_path", "") or ""
+    return os.path.abspath(path) if path and os.path.isdir(path) else ""
+
+
+def _record_constants(gm, record: CompileRecord) -> None:
+    """Name in the record, by enginefile.constant_key, the constants each GEMM reads (weight, weight scale, bias)
+    and the model parameter behind every other constant of the engine graph, so an export reads the engine's
+    tensors back into the model's layers (zqcompile.export.compressed_tensors), also after save and load."""
+    from zqcompile.passes.base import arg, param_name
+    from zqcompile.runtime.enginefile import constant_key
+    zq = torch.ops.zq
+
+    def key(n):
+        while isinstance(n, torch.fx.Node) and n.target == torch.ops.aten._to_copy.default:
+            n = n.args[0]  # an FP GEMM run in another dtype casts its weight and bias
+        return constant_key(n.target) if isinstance(n, torch.fx.Node) and n.op == "get_attr" else None
+
+    found = {}
+    for node in gm.graph.nodes:
+        info = node.meta.get("zq_gemm")
+        if info is None or node.op != "call_function" or info.fqn in found:
+            continue
+        if node.target in (zq.int8_gemm_dequant.default, zq.weight_only_gemm.default):
+            w, scale, bias = arg(node, "wq"), arg(node, "w_scale"), arg(node, "bias")
+        elif node.target == torch.ops.aten.linear.default:
+            w, scale, bias = node.args[1], None, arg(node, "bias")
+            if isinstance(w, torch.fx.Node) and w.target == zq.dequantize_weight.default:  # not fused with its GEMM
+                w, scale = arg(w, "wq"), arg(w, "w_scale")
+        else:
+            continue
+        found[info.fqn] = {"weight": key(w), "weight_scale": key(scale), "bias": key(bias)}
+    for g in record.gemms:
+        if g["fqn"] in found:
+            g["constants"] = found[g["fqn"]]
+    read = {k for c in found.values() for k in c.values()}
+    record.parameters = {key(n): param_name(n) for n in gm.graph.nodes if n.op == "get_attr" and key(n) not in read}
 
 
 def dump(engine: Engine, out_dir: str | os.PathLike) -> list[str]:

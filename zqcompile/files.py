@@ -88,6 +88,54 @@ def check_output_file(path: str | os.PathLike, what: str = "file",
     return full
 
 
+def check_output_dir(path: str | os.PathLike, what: str = "folder") -> str:
+    """The absolute path of a folder to write whole (a checkpoint), or OutputPathError: it must be new or an empty
+    directory; a file, a symlink or a folder with anything in it is never written into or replaced."""
+    p = os.fspath(path)
+    if not p:
+        raise OutputPathError(f"cannot write the {what}: empty path")
+    full = os.path.abspath(p)
+    if os.path.islink(full):
+        raise OutputPathError(f"cannot write the {what} to {p!r}: it is a symbolic link; give the real path")
+    if os.path.lexists(full):
+        if not os.path.isdir(full):
+            raise OutputPathError(f"cannot write the {what} to {p!r}: a file is there; remove it or choose another "
+                                  f"path")
+        if os.listdir(full):
+            raise OutputPathError(f"cannot write the {what} to {p!r}: the folder is not empty; give a new or empty "
+                                  f"folder (nothing in an existing folder is replaced)")
+    check_writable_dir(os.path.dirname(full), p, what)
+    return full
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, what: str = "folder") -> Iterator[str]:
+    """Yield a temporary folder next to `path` (checked by check_output_dir); on success it is renamed onto
+    `path`, on any failure (or Ctrl-C) removed with everything in it, so no half-written folder is left."""
+    target = check_output_dir(path, what)
+    try:
+        tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, suffix=".tmp", dir=os.path.dirname(target))
+    except OSError as e:
+        raise OutputPathError(f"cannot write the {what} to {os.fspath(path)!r}: {e.strerror}") from None
+    try:
+        yield tmp
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700, and some writers (safetensors) make files 0600
+        for name in os.listdir(tmp):
+            f = os.path.join(tmp, name)
+            if os.path.isfile(f):
+                os.chmod(f, 0o666 & ~mask)
+                _fsync(f)
+        if os.path.isdir(target) and not os.listdir(target):
+            os.rmdir(target)
+        os.replace(tmp, target)
+    except OSError as e:
+        raise OutputPathError(f"cannot write the {what} to {os.fspath(path)!r}: {e.strerror or e} "
+                              f"(nothing written)") from None
+    finally:
+        _remove(tmp)
+
+
 def check_writable_dir(d: str, user_path: str, what: str) -> None:
     """Create and remove a probe file in `d` (os.access is not enough: /proc, read-only mounts, root)."""
     if not os.path.isdir(d):
@@ -126,10 +174,14 @@ def _temp_path(target: str, what: str, user_path, suffix: str = ".tmp") -> str:
     except OSError as e:
         raise OutputPathError(f"cannot write the {what} to {os.fspath(user_path)!r}: {e.strerror}") from None
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; what we write is as readable as any new file
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; what we write is as readable as any new file
     return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: str) -> None:

@@ -46,6 +46,7 @@ def load_model(path_or_name: str, causal_lm: bool | None = None, dtype: torch.dt
         raise ModelLoadError(f"{path_or_name!r} is neither a model folder, a .gguf file, nor one of {list(PACKAGED)}")
     if not glob.glob(os.path.join(path, "config.json")):
         raise ModelLoadError(f"{path!r} has no config.json: not a Hugging Face model folder")
+    check_not_quantized(path)
     config = _read_config(path)
     is_lm = causal_lm if causal_lm is not None else any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
     cls = T.AutoModelForCausalLM if is_lm else T.AutoModel
@@ -53,6 +54,36 @@ def load_model(path_or_name: str, causal_lm: bool | None = None, dtype: torch.dt
         return cls.from_pretrained(path, dtype=dtype).eval()
     except Exception as e:  # noqa: BLE001 - any loader failure is reported as one line naming the folder
         raise ModelLoadError(f"cannot load the weights in {path!r}: {_first_line(e)}") from None
+
+
+def quantization_config(path: str) -> dict | None:
+    """The `quantization_config` of a Hugging Face folder's config.json (None when it has none)."""
+    import json
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return None
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    return qc if isinstance(qc, dict) else None
+
+
+def is_compressed_tensors(path: str) -> bool:
+    """A Hugging Face folder of weights quantized in the compressed-tensors format (what transformers and vLLM
+    load; zqcompile's export writes them and zqcompile.export.compressed_tensors_import reads them)."""
+    qc = quantization_config(path) if os.path.isdir(path) else None
+    return qc is not None and qc.get("quant_method") == "compressed-tensors"
+
+
+def check_not_quantized(path: str) -> None:
+    """A folder whose weights were quantized elsewhere is not a float model to compile: say what to do instead."""
+    if is_compressed_tensors(path):
+        raise ModelLoadError(f"{path!r} is a compressed-tensors checkpoint (already quantized): `zqcompile compile "
+                             f"{path}` or zq.import_compressed_tensors({path!r}) runs its stored weights")
+    qc = quantization_config(path)
+    if qc is not None:
+        raise ModelLoadError(f"{path!r} holds weights quantized with {qc.get('quant_method')!r}, which zqcompile does "
+                             f"not import (it imports compressed-tensors checkpoints); give the float model")
 
 
 def _first_line(e: BaseException) -> str:

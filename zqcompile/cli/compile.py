@@ -1,4 +1,6 @@
-"""`zqcompile compile MODEL --config w8a8 --out m.zq --dump d/` and `zqcompile report m.zq`."""
+"""`zqcompile compile MODEL --config w8a8 --out m.zq --dump d/` (`--format compressed-tensors --out DIR`: a
+Hugging Face folder instead of an engine; MODEL a compressed-tensors folder: its stored weights, no --config)
+and `zqcompile report m.zq`."""
 from __future__ import annotations
 
 import os
@@ -23,35 +25,69 @@ def check_seq_fits(model, seq: int, what: str = "--seq") -> None:
 
 def cmd_compile(args) -> int:
     from zqcompile.config import get_config
-    from zqcompile.files import Staged, check_output_file
+    from zqcompile.errors import InputError
+    from zqcompile.export.compressed_tensors import WHAT, check_exportable, export_compressed_tensors, folder_bytes
+    from zqcompile.export.compressed_tensors_import import load_compressed_tensors
+    from zqcompile.files import Staged, check_output_dir, check_output_file
     from zqcompile.graph_dump import check_dump_dir, stage_dump
+    from zqcompile.models import is_compressed_tensors, resolve
     from zqcompile.runtime.engine import is_engine_file
+    as_ct = args.format == "compressed-tensors"
+    if as_ct and not args.out:
+        raise InputError("--format compressed-tensors writes a folder: give it with --out DIR")
+    if args.dtype and not as_ct:
+        raise InputError("--dtype sets the float tensors of a compressed-tensors folder: "
+                         "add --format compressed-tensors")
     if args.out:
-        check_output_file(args.out, "engine", replaceable=is_engine_file)
+        check_output_dir(args.out, WHAT) if as_ct else check_output_file(args.out, "engine", replaceable=is_engine_file)
     if args.dump:
         check_dump_dir(args.dump)
-    get_config(args.config)  # a bad preset name fails before the model loads
+    path = os.path.abspath(resolve(args.model))
+    imported = is_compressed_tensors(path)
+    if imported and args.config is not None:
+        raise InputError(f"{args.model} is a compressed-tensors checkpoint: its quantization_config decides every "
+                         f"layer's scheme (its stored weights run as they are); drop --config {args.config}")
+    cfg = None if imported else get_config(args.config or "w8a8")  # a bad preset name fails before the model loads
+    if as_ct and cfg is not None:
+        check_exportable(cfg)
+    if imported and args.accuracy_budget is not None:
+        raise InputError(f"{args.model} is a compressed-tensors checkpoint: its stored weights run as they are; "
+                         f"drop --accuracy-budget (or compile the float model with it)")
     calib_text = _calibration_text(args)
     import zqcompile as zq
+    from zqcompile.api import _compile_checked
     from zqcompile.models import load_model
-    model = load_model(args.model)
+    stored = None
+    if imported:
+        model, cfg, stored = load_compressed_tensors(path)
+    else:
+        model = load_model(args.model)
     check_seq_fits(model, args.seq)
     ids = example_ids(model, args.batch, args.seq)
     calibration = _calibration_data(args, calib_text, model) if calib_text is not None else None
     t0 = time.perf_counter()
     generation = False if args.no_generation else zq.CacheSpec(args.max_batch, args.max_cache_len, args.kv_cache)
-    engine = zq.compile(model, (ids,), config=args.config, generation=generation, calibration_data=calibration,
-                        accuracy_budget=args.accuracy_budget)
+    if imported:
+        engine = _compile_checked(model, (ids,), cfg, dump_dir=None, lkd=None, calibration_data=None,
+                                  example_kwargs=None, generation=generation, stored_weights=stored, source=path)
+    else:
+        engine = zq.compile(model, (ids,), cfg, generation=generation, calibration_data=calibration,
+                            accuracy_budget=args.accuracy_budget)
+        engine.record.source = path
     print(engine.report())
     print(f"\ncompiled in {time.perf_counter() - t0:.1f} s")
-    with Staged() as outputs:  # the engine and the dump go in place together, at the end
-        if args.out:
+    with Staged() as outputs:  # the engine (or folder) and the dump go in place together, at the end
+        if args.out and not as_ct:
             engine.write_to(outputs.file(args.out, "engine", replaceable=is_engine_file))
         if args.dump:
             staged = stage_dump(engine, args.dump)
             outputs.action(staged.commit, staged.discard)
+        if as_ct:
+            export_compressed_tensors(engine, args.out, dtype=args.dtype)  # atomic; before the dump is put in place
         outputs.commit()
-    if args.out:
+    if args.out and as_ct:
+        print(f"wrote {args.out}/ ({folder_bytes(args.out) / 2**20:.1f} MiB, compressed-tensors)")
+    elif args.out:
         print(f"saved {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB)")
     if args.dump:
         print(f"graph dumps in {args.dump}/")
@@ -87,11 +123,18 @@ def cmd_report(args) -> int:
 
 
 def add_compile_commands(sub) -> None:
+    from zqcompile.cli.export import add_dtype_option
     from zqcompile.cli.main import budget_fraction, positive_int
     c = sub.add_parser("compile", help="compile a model folder / .gguf / packaged model name")
-    c.add_argument("model", help="Hugging Face folder, .gguf file, or 'minilm' / 'smollm2'")
-    c.add_argument("--config", default="w8a8", help="preset: w8a8, w4/8a8, w4/8a16, w8a8/16, w8a16, ptq-static, none")
+    c.add_argument("model", help="Hugging Face folder (a compressed-tensors one runs its stored weights), .gguf file, "
+                                 "or 'minilm' / 'smollm2'")
+    c.add_argument("--config", default=None, help="preset (default w8a8): w8a8, w8a8-fws, w4/8a8, w4/8a16, w8a8/16, "
+                                                  "w8a16, ptq-static, none")
     c.add_argument("--out", help="write the engine here (e.g. model.zq); an existing engine there is replaced")
+    c.add_argument("--format", choices=("zq", "compressed-tensors"), default="zq",
+                   help="what --out is: a zqcompile engine (zq), or a compressed-tensors Hugging Face folder (new or "
+                        "empty) for transformers / vLLM")
+    add_dtype_option(c)
     c.add_argument("--dump", help="write per-pass graph dumps into this folder (new, empty, or an earlier dump)")
     c.add_argument("--batch", type=positive_int, default=2, help="example batch size (the engine takes any)")
     c.add_argument("--seq", type=positive_int, default=32, help="example sequence length (the engine takes any)")

@@ -181,10 +181,11 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 def build_generator(model: nn.Module, cfg: QuantConfig, spec: CacheSpec,
                     constants: SharedConstants | None = None, warn: bool = True,
-                    weight_shards: dict | None = None) -> Generator:
+                    weight_shards: dict | None = None, stored_weights: dict | None = None) -> Generator:
     """Capture prefill and decode around one preallocated cache and run the pipeline on both with `cfg`;
     `constants` (the engine's, when it compiles them) makes every graph read the same quantized weights;
-    `weight_shards`: a tensor-parallel rank's slices of the full weights (zqcompile/parallel)."""
+    `weight_shards`: a tensor-parallel rank's slices of the full weights (zqcompile/parallel);
+    `stored_weights` are the checkpoint's own quantized weights (PassContext.stored_weights)."""
     from zqcompile.passes import GENERATION_PIPELINE, PassContext, run_pipeline
     from zqcompile.passes.constants import SharedConstants
     from zqcompile.runtime.outputs import flatten_graph_outputs
@@ -204,7 +205,8 @@ def build_generator(model: nn.Module, cfg: QuantConfig, spec: CacheSpec,
             tick("0_captured", gm)
             flatten_graph_outputs(gm)  # (logits,): as every engine graph, a flat tuple
             ctx = PassContext(cfg, args, [], max_seq=spec.max_cache_len, constants=constants, warn=warn,
-                              calibrate_feature_scales=False, weight_shards=weight_shards or {})
+                              calibrate_feature_scales=False, weight_shards=weight_shards or {},
+                              stored_weights=dict(stored_weights or {}))
             run_pipeline(gm, ctx, GENERATION_PIPELINE, on_pass=tick)
         graphs[phase] = gm
     record = GenerationRecord(spec, cache_bytes=cache_bytes(graphs["decode"]))

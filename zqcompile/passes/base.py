@@ -32,6 +32,17 @@ class GemmInfo:
     rule: str
     shape: tuple[int, int] = (0, 0)  # (N, K)
     kernel: str = "aten.linear"  # the op that finally runs it
+    parts: tuple[tuple[str, int], ...] = ()  # (module FQN, output rows) of each module it runs, in row order
+
+
+@dataclass(frozen=True)
+class StoredWeight:
+    """A module's weight quantized elsewhere (a compressed-tensors checkpoint), in the engine's conventions:
+    int values [N, K] in int8 (INT4 values unpacked), fp32 scales [N, K // group_k]."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    bits: int
 
 
 @dataclass
@@ -86,6 +97,8 @@ class PassContext:
     max_seq: int | None = None  # longest sequence the graph accepts (its seq dim's bound); None = unknown
     constants: SharedConstants = field(default_factory=SharedConstants)  # shared by the graphs of one compile
     warn: bool = True  # config warnings; off for the generation graphs of a compile (the engine graph warned)
+    # module FQN -> its weight as a checkpoint stored it, quantized (compressed-tensors import): used as it is
+    stored_weights: dict[str, "StoredWeight"] = field(default_factory=dict)
     calibrate_feature_scales: bool = True  # False: fold the scales the engine graph calibrated (generation graphs)
     weight_shards: dict[int, WeightShard] = field(default_factory=dict)  # id(rank's weight) -> its slice (TP)
 
@@ -205,7 +218,7 @@ def copy_meta(dst: fx.Node, src: fx.Node) -> None:
             dst.meta[key] = src.meta[key]
 
 
-__all__ = ["ACTIVATION_OPS", "act_of", "GemmInfo", "FusionRecord", "NotFused", "PassResult", "PassContext", "aten",
+__all__ = ["ACTIVATION_OPS", "act_of", "GemmInfo", "StoredWeight", "FusionRecord", "NotFused", "PassResult", "PassContext", "aten",
            "zq", "is_call", "calls", "arg", "set_arg", "last_of", "gemm_fqn", "val", "dtype_of", "shape_of",
            "get_tensor", "param_name", "add_constant", "getitems", "copy_meta", "fqn_of", "module_stack"]
 

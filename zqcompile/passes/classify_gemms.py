@@ -202,7 +202,7 @@ def classify_gemms(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             hits[i] += 1
         if matches:
             decided[matches[0]] += 1
-        info = GemmInfo(fqn, role, scheme, rule, tuple(w.shape))
+        info = GemmInfo(fqn, role, scheme, rule, tuple(w.shape), parts=((fqn, int(w.shape[0])),))
         node.meta["zq_gemm"] = info
         ctx.gemms.append(info)
         fqns.append(fqn)

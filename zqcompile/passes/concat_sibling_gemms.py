@@ -68,7 +68,7 @@ def _merge(gm: fx.GraphModule, ctx: PassContext, group: list[fx.Node]) -> None:
         split = g.call_function(aten.split_with_sizes.default, (lin, sizes, -1))
     copy_meta(lin, first)
     merged = GemmInfo(fqn, infos[0].role, infos[0].scheme, infos[0].rule,
-                      (sum(sizes), weights[0].shape[1]))
+                      (sum(sizes), weights[0].shape[1]), parts=sum((i.parts for i in infos), ()))
     lin.meta["zq_gemm"] = merged
     with g.inserting_before(first):
         parts = [g.call_function(operator.getitem, (split, i)) for i in range(len(group))]

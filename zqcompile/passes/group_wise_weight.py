@@ -1,6 +1,8 @@
 """group_wise_weight: quantize each planned GEMM's weight group-wise (ZeroQuant Sec. 4.1) to INT8 or packed
 INT4 with fp32 scales in the layout the GEMM reads ([N, K // group_k]); a tensor-parallel rank's weight as its
-slice of the full weight's quantization (ctx.weight_shards).
+slice of the full weight's quantization (ctx.weight_shards). A GEMM whose modules all have a stored
+quantized weight (ctx.stored_weights: a compressed-tensors checkpoint) takes those values and scales as they
+are, stacked in row order, never quantized again.
 
 Matches: `aten.linear(x, W, b)` carrying a quantized plan. Emits: `aten.linear(x, zq.dequantize_weight(wq,
 w_scale), b)` (the QDQ form fused later). FP GEMMs with a float_dtype switch get casts around the linear.
@@ -10,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from zqcompile.config import weight_groups_error
+from zqcompile.config import ConfigError, WeightQuant, weight_groups_error
 from zqcompile.ops import quant_math as qm
-from zqcompile.passes.base import (PassContext, PassResult, add_constant, aten, calls, copy_meta, drop_constant, dtype_of,
-                                   get_tensor, zq)
+from zqcompile.passes.base import (GemmInfo, PassContext, PassResult, add_constant, aten, calls, copy_meta,
+                                   drop_constant, dtype_of, get_tensor, zq)
 
 _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,8 +46,34 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _stored(ctx: PassContext, info: GemmInfo, weights: list[torch.Tensor], wq_cfg: WeightQuant):
+    """make() for the GEMM's stored weights, or None when its modules have none. A plan that does not read them
+    as they were stored (other bits or groups) is an error, never a silent re-quantization."""
+    parts = [ctx.stored_weights.get(fqn) for fqn, _ in info.parts]
+    if not any(p is not None for p in parts):
+        return None
+    shape, device = (sum(t.shape[0] for t in weights), weights[0].shape[1]), weights[0].device
+    missing = [fqn for (fqn, _), p in zip(info.parts, parts) if p is None]
+    if missing:
+        raise ConfigError(f"{info.fqn}: the checkpoint stores quantized weights for some of its modules but not "
+                          f"for {missing}; give them one scheme")
+    gk = qm.check_weight_groups(shape, wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size)
+    for (fqn, rows), p in zip(info.parts, parts):
+        if p.bits != wq_cfg.bits or tuple(p.values.shape) != (rows, shape[1]) \
+                or tuple(p.scale.shape) != (rows, shape[1] // gk):
+            raise ConfigError(f"{fqn}: the checkpoint stores INT{p.bits} values {tuple(p.values.shape)} with scales "
+                              f"{tuple(p.scale.shape)}, the plan reads {wq_cfg.describe()} of [{rows}, {shape[1]}]")
+
+    def make():
+        values = torch.cat([p.values for p in parts]) if len(parts) > 1 else parts[0].values
+        scale = torch.cat([p.scale for p in parts]) if len(parts) > 1 else parts[0].scale
+        values = qm.pack_int4(values) if wq_cfg.bits == 4 else values
+        return values.to(device).contiguous(), scale.to(device, torch.float32).contiguous()
+    return make
+
+
 def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    matched = rewritten = 0
+    matched = rewritten = stored = 0
     for node in calls(gm, aten.linear.default):
         info = node.meta.get("zq_gemm")
         if info is None:
@@ -66,9 +94,11 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         quantize = ((lambda: qm.quantize_weight_shard(shard.full, parts[0], shard.dim, shard.start, *groups)) if shard
                     else (lambda: qm.quantize_weight(_cat(parts), *groups)))
         try:  # classify_gemms checked every plan against its weight already; this names a custom plan's error
+            make = _stored(ctx, info, parts, wq_cfg)
+            stored += make is not None
             # A merged GEMM's float concatenation lives only while its rows are quantized; the recipe names the
             # parts, so the generation graphs find the quantized weight without concatenating again.
-            wq, ws = ctx.constants.get(("quantize_weight", *groups, *parts), quantize)
+            wq, ws = ctx.constants.get(("quantize_weight", *groups, *parts), make or quantize)
         except ValueError as e:
             shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
             raise weight_groups_error(info.fqn, shape, wq_cfg, str(e)) from None
@@ -88,4 +118,6 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         else:
             drop_constant(gm, old_weight)  # the float weight is freed now (a scaled one had no other owner)
         rewritten += 1
-    return PassResult(gm, rewritten > 0, matched, rewritten, [f"{rewritten} weights quantized"])
+    notes = [f"{rewritten - stored} weights quantized"] + ([f"{stored} weights as the checkpoint stored them"]
+                                                          if stored else [])
+    return PassResult(gm, rewritten > 0, matched, rewritten, notes)

@@ -7,6 +7,7 @@ stored checksum before trusting any of it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -33,10 +34,17 @@ class CompileRecord:
     memory: dict = field(default_factory=dict)  # compile peaks and what the engine holds, in bytes
     generation: str = ""  # what the prefill/decode graphs are (empty: none)
     tensor_parallel: str = ""  # "rank r of n (backend, device)" for one rank's shard (empty: one process)
+    # What a checkpoint export needs (export/compressed_tensors.py): the model's Hugging Face config, the folder or
+    # file it was loaded from ("" when unknown), and the model parameter each float constant of the engine graph
+    # holds (enginefile.constant_key(target) -> parameter name; folded feature scales keep their norm's name).
+    hf_config: dict = field(default_factory=dict)
+    source: str = ""
+    parameters: dict = field(default_factory=dict)
 
 
 class Engine:
-    """Callable like the original model: `engine(input_ids)` returns what `model(input_ids)` returned."""
+    """Callable like the original model: `engine(input_ids)` returns what `model(input_ids)` returned; a tokenizer's
+    output is taken as it is, `engine(batch)` or `engine(**batch)`."""
 
     def __init__(self, gm: fx.GraphModule, spec: InputSpec, record: CompileRecord, example_inputs: tuple,
                  snapshots: list[tuple[str, str, str]] | None = None, outputs: OutputStructure | None = None,
@@ -62,6 +70,8 @@ class Engine:
         return [self.gm] + ([self._generator.prefill, self._generator.decode] if self._generator else [])
 
     def __call__(self, *args, **kwargs):
+        if len(args) == 1 and isinstance(args[0], Mapping) and not kwargs:  # a tokenizer's BatchEncoding / dict
+            args, kwargs = (), dict(args[0])
         tensors = self.spec.bind(args, kwargs)
         if tensors[0].is_cuda and tensors[0].device != self._kernels_for:
             _ensure_kernels(tensors[0].device, self.record)

@@ -76,8 +76,13 @@ def _lift(gm: fx.GraphModule, constants: list[fx.Node]) -> fx.GraphModule:
     return fx.GraphModule(gm, g)
 
 
-def _attr_name(target: str) -> str:
+def constant_key(target: str) -> str:
+    """A graph constant's name as a loaded engine's graph holds it (dots as '__'): the same for a compiled graph's
+    get_attr target and a loaded graph's, so a compile record can name constants across save and load."""
     return target.replace(".", "__")
+
+
+_attr_name = constant_key
 
 
 def _bind(module: torch.nn.Module, num_inputs: int, tensors: list[tuple[str, torch.Tensor]]) -> fx.GraphModule:
