@@ -34,7 +34,7 @@ BAD = [
     (lambda: GemmScheme(WeightQuant(), float_dtype="fp16"), r"float_dtype='fp16' only applies to a floating-point GEMM"),
     (lambda: QuantConfig(name=""), r"QuantConfig\.name must be a non-empty string, got ''"),
     (lambda: QuantConfig(default="w8a8"), r"QuantConfig\.default must be a GemmScheme, got str 'w8a8'.*SCHEME_NAMES"),
-    (lambda: QuantConfig(roles={"mlp": FP}), r"unknown GEMM role 'mlp'; roles are qkv, attn_out, fc1, fc2, head, other"),
+    (lambda: QuantConfig(roles={"mlp": FP}), r"unknown GEMM role 'mlp'; roles are qkv, attn_out, fc1, fc2, head, router, other"),
     (lambda: QuantConfig(roles={"fc1": "w4a8"}), r"roles\['fc1'\] must be a GemmScheme, got str 'w4a8'"),
     (lambda: QuantConfig(roles=[("fc1", FP)]), r"QuantConfig\.roles must be a mapping role -> GemmScheme, got list"),
     (lambda: QuantConfig(overrides={"lm_head": "fp16"}), r"overrides must be a sequence of .* pairs, got dict; .*with_overrides"),
