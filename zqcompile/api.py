@@ -195,19 +195,14 @@ def _measure_budget(engine: Engine, cfg: QuantConfig, calibration_data: list[tup
     choice was made on, next to the prediction in the report."""
     import math
 
-    import torch.nn.functional as F
-
     from zqcompile.accuracy.eval import output_tensor
-    from zqcompile.passes.mixed_precision import calibration_tokens
-    nll = count = 0.0
+    from zqcompile.passes.mixed_precision import calibration_tokens, next_token_nll
+    nll = count = 0
     with torch.no_grad():
         data = [(c["input_ids"],) if isinstance(c, Mapping) else tuple(c) for c in calibration_data]
         for inputs in calibration_tokens(data, cfg.accuracy_budget.max_tokens):
-            logits = output_tensor(engine(*inputs)).float()
-            ids = inputs[0]
-            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device),
-                                         reduction="sum"))
-            count += ids[:, 1:].numel()
+            n, c = next_token_nll(output_tensor(engine(*inputs)), inputs[0])
+            nll, count = nll + n, count + c
     ppl = math.exp(nll / count)
     for f in engine.record.fusions:
         if f["kind"] == "accuracy-budget":

@@ -117,7 +117,7 @@ def atomic_dir(path: str | os.PathLike, what: str = "folder") -> Iterator[str]:
         tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, suffix=".tmp", dir=os.path.dirname(target))
     except OSError as e:
         raise OutputPathError(f"cannot write the {what} to {os.fspath(path)!r}: {e.strerror}") from None
-    try:
+    with _placed_or_removed(tmp, what, path):
         yield tmp
         mask = _umask()
         os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700, and some writers (safetensors) make files 0600
@@ -129,11 +129,6 @@ def atomic_dir(path: str | os.PathLike, what: str = "folder") -> Iterator[str]:
         if os.path.isdir(target) and not os.listdir(target):
             os.rmdir(target)
         os.replace(tmp, target)
-    except OSError as e:
-        raise OutputPathError(f"cannot write the {what} to {os.fspath(path)!r}: {e.strerror or e} "
-                              f"(nothing written)") from None
-    finally:
-        _remove(tmp)
 
 
 def check_writable_dir(d: str, user_path: str, what: str) -> None:
@@ -157,12 +152,20 @@ def atomic_file(path: str | os.PathLike, what: str = "file", replaceable: Callab
     user's path."""
     target = check_output_file(path, what, replaceable, kind)
     tmp = _temp_path(target, what, path, suffix)
-    try:
+    with _placed_or_removed(tmp, what, path):
         yield tmp
         _fsync(tmp)
         os.replace(tmp, target)
+
+
+@contextmanager
+def _placed_or_removed(tmp: str, what: str, user_path) -> Iterator[None]:
+    """Around writing `tmp` and renaming it into place: an OSError names the user's path, and `tmp` is removed
+    whatever happens (after the rename there is nothing left to remove)."""
+    try:
+        yield
     except OSError as e:
-        raise OutputPathError(f"cannot write the {what} to {os.fspath(path)!r}: {e.strerror or e} "
+        raise OutputPathError(f"cannot write the {what} to {os.fspath(user_path)!r}: {e.strerror or e} "
                               f"(nothing written)") from None
     finally:
         _remove(tmp)

@@ -27,15 +27,20 @@ from zqcompile.passes.feature_scales_search import FakeQuant, first_float, quant
 def _loss(gm: fx.GraphModule, data: list[tuple], keep: frozenset, cache: dict, quantize: bool = True) -> float:
     """Mean next-token cross entropy of the graph's logits on `data`, GEMMs in `keep` (all if not quantize)
     in float."""
-    nll = count = 0.0
+    nll = count = 0
     for inputs in data:
         fq = FakeQuant(gm, [], {}, keep=keep, weights=cache) if quantize else fx.Interpreter(gm)
-        logits = first_float(fq.run(*inputs)).float()
-        ids = inputs[0]
-        nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                     reduction="sum"))
-        count += ids[:, 1:].numel()
+        n, c = next_token_nll(first_float(fq.run(*inputs)), inputs[0])
+        nll, count = nll + n, count + c
     return nll / count
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """(summed cross entropy of each next token, tokens predicted) for logits [B, T, V] of ids [B, T]."""
+    logits = logits.float()
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device),
+                          reduction="sum")
+    return float(nll), ids[:, 1:].numel()
 
 
 def calibration_tokens(data: list[tuple], max_tokens: int) -> list[tuple]:
