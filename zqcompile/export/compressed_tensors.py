@@ -94,12 +94,13 @@ def _plan(record, model: nn.Module) -> tuple[list[_Layer], list[dict]]:
     and layer the format or this exporter cannot take raises ExportError here, before anything is written."""
     modules = dict(model.named_modules())
     layers, groups, keys = [], [], {}
-    if not any(g["scheme_spec"]["weight"] for g in record.gemms if "scheme_spec" in g):
-        raise _nothing_quantized(record.config)
     for g in record.gemms:
-        if "parts" not in g or "constants" not in g:
+        if not {"parts", "constants", "scheme_spec"} <= set(g):
             raise ExportError(f"cannot export {g['fqn']} to compressed-tensors: the engine was compiled by an older "
                               f"zqcompile that did not record its layers; compile the model again")
+    if not any(g["scheme_spec"]["weight"] for g in record.gemms):
+        raise _nothing_quantized(record.config)
+    for g in record.gemms:
         args = _scheme(g)
         r0 = 0
         for fqn, rows in g["parts"]:
@@ -234,8 +235,9 @@ def export_compressed_tensors(engine, out_dir: str | os.PathLike, tokenizer=None
     if dtype is not None and dtype not in _DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if not record.hf_config:
-        raise ExportError(f"cannot export to compressed-tensors: the engine was compiled from a {record.model} "
-                          f"without a Hugging Face config (compressed-tensors folders are Hugging Face models)")
+        raise ExportError(f"cannot export to compressed-tensors: the engine records no Hugging Face config (it was "
+                          f"compiled from a {record.model} without one, or by an older zqcompile: compile it again); "
+                          f"compressed-tensors folders are Hugging Face models")
     model = _skeleton(record)
     layers, groups = _plan(record, model)
     tensors = _state_dict(engine, model, layers, groups)

@@ -218,8 +218,8 @@ def copy_meta(dst: fx.Node, src: fx.Node) -> None:
             dst.meta[key] = src.meta[key]
 
 
-__all__ = ["ACTIVATION_OPS", "act_of", "GemmInfo", "StoredWeight", "FusionRecord", "NotFused", "PassResult", "PassContext", "aten",
-           "zq", "is_call", "calls", "arg", "set_arg", "last_of", "gemm_fqn", "val", "dtype_of", "shape_of",
+__all__ = ["ACTIVATION_OPS", "act_of", "GemmInfo", "StoredWeight", "FusionRecord", "NotFused", "PassResult",
+           "PassContext", "aten", "zq", "is_call", "calls", "arg", "set_arg", "last_of", "gemm_fqn", "val", "dtype_of", "shape_of",
            "get_tensor", "param_name", "add_constant", "getitems", "copy_meta", "fqn_of", "module_stack"]
 
 

@@ -65,8 +65,7 @@ def _stored(ctx: PassContext, info: GemmInfo, weights: list[torch.Tensor], wq_cf
                               f"{tuple(p.scale.shape)}, the plan reads {wq_cfg.describe()} of [{rows}, {shape[1]}]")
 
     def make():
-        values = torch.cat([p.values for p in parts]) if len(parts) > 1 else parts[0].values
-        scale = torch.cat([p.scale for p in parts]) if len(parts) > 1 else parts[0].scale
+        values, scale = torch.cat([p.values for p in parts]), torch.cat([p.scale for p in parts])
         values = qm.pack_int4(values) if wq_cfg.bits == 4 else values
         return values.to(device).contiguous(), scale.to(device, torch.float32).contiguous()
     return make
