@@ -126,8 +126,8 @@ def quantize_weight(w: torch.Tensor, bits: int, granularity: str = "row_groups",
         amax = torch.cat([row_amax(r0, r1) for r0, r1 in chunks]).clamp_min(EPS)
     scale = (amax / qmax).contiguous()
     gk = k // scale.shape[1]
-    q = torch.empty((n, k // 2 if bits == 4 else k), dtype=torch.uint8 if bits == 4 else torch.int8,
-                    device=w.device)
+    # new_empty, not torch.empty: made like w, so a fake w (a streamed compile's skeleton) gives a fake q
+    q = w.new_empty((n, k // 2 if bits == 4 else k), dtype=torch.uint8 if bits == 4 else torch.int8)
     for r0, r1 in chunks:
         qc = torch.round(w[r0:r1].float() / scale[r0:r1].repeat_interleave(gk, dim=1)).clamp_(-qmax, qmax)
         q[r0:r1] = pack_int4(qc.to(torch.int8)) if bits == 4 else qc.to(torch.int8)

@@ -47,9 +47,8 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         wq_cfg = scheme.weight
         w = get_tensor(gm, node.args[1])
         try:  # classify_gemms checked every plan against its weight already; this names a custom plan's error
-            wq, ws = ctx.constants.get(
-                ("quantize_weight", w, wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size),
-                lambda: qm.quantize_weight(w, wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size))
+            wq, ws = ctx.constants.derive(qm.quantize_weight, w, wq_cfg.bits, wq_cfg.granularity,
+                                          wq_cfg.num_groups, wq_cfg.group_size)
         except ValueError as e:
             raise weight_groups_error(info.fqn, tuple(w.shape), wq_cfg, str(e)) from None
         wq_node = add_constant(gm, info.fqn + ".wq", wq, before=node)
