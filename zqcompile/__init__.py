@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "compile": "api", "dump": "api", "load": "api", "CacheSpec": "generation.kv_cache",
+    "compile": "api", "compile_folder": "api", "dump": "api", "load": "api", "CacheSpec": "generation.kv_cache",
     "export_onnx": "export.onnx", "export_tensorrt": "export.tensorrt", "load_tensorrt": "export.tensorrt",
     "CaptureError": "capture", "InputError": "capture",
     "Engine": "runtime.engine", "EngineFileError": "runtime.engine",
