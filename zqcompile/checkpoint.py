@@ -61,7 +61,11 @@ class SafetensorsFolder:
         from safetensors import safe_open
         with safe_open(self.files[name], framework="pt", device=_device_arg(device)) as f:
             t = f.get_tensor(name)
-        return t if dtype is None or t.dtype == dtype else t.to(dtype)
+        if dtype is not None and t.dtype != dtype:
+            return t.to(dtype)
+        # on the CPU safetensors hands out a view of the mapped file (it would change with the file, and keep
+        # it mapped): what an engine holds is its own
+        return t.clone() if t.device.type == "cpu" else t
 
 
 def _device_arg(device: torch.device) -> str | int:

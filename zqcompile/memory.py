@@ -59,7 +59,6 @@ class LiveBytes:
     def __init__(self) -> None:
         self.live = 0
         self.peak = 0
-        self.total = 0  # every byte ever tracked
         self._alive: dict[int, tuple[object, int]] = {}  # id -> (finalizer, bytes)
 
     def track(self, t) -> None:
@@ -67,7 +66,6 @@ class LiveBytes:
             return
         n = t.numel() * t.element_size()
         self.live += n
-        self.total += n
         self.peak = max(self.peak, self.live)
         self._alive[id(t)] = (weakref.finalize(t, self._freed, id(t)), n)
 
