@@ -22,6 +22,13 @@ import zqcompile as zq
 GiB = 1 << 30
 
 
+def llama3_8b_config(layers: int = 32) -> T.LlamaConfig:
+    """The Llama-3-8B shape (bench/streaming_8b.py writes it to a folder)."""
+    return T.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                         rope_theta=500000.0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="w4/8a8")
@@ -30,9 +37,7 @@ def main() -> None:
     ap.add_argument("--max-cache-len", type=int, default=256)
     ap.add_argument("--out", default="bench/results/memory_8b_H200.json")
     args = ap.parse_args()
-    cfg = T.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
-                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                        rope_theta=500000.0)
+    cfg = llama3_8b_config(args.layers)
     torch.manual_seed(0)
     base = torch.cuda.memory_allocated()
     with torch.device("cuda"):

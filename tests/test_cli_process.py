@@ -60,7 +60,7 @@ def test_compile_then_report_then_export_each_in_its_own_process(folders, tmp_pa
     assert "compiling (w8a8)" in res.stderr and "writing the engine" in res.stderr  # progress is shown
     noise = [ln for ln in res.stderr.replace("\r", "\n").splitlines()
              if ln.strip() and not ln.startswith(("compiling", "capturing", "writing", "prefill graph",
-                                                  "decode graph", " "))]
+                                                  "decode graph", "streaming weights", " "))]
     assert not noise, noise  # nothing but zqcompile's own progress: no library warnings or bars
     rep = run_cli("report", out)
     assert rep.returncode == 0, rep.stderr
@@ -103,6 +103,12 @@ def _cases(folders, tmp_path) -> dict:
         "dump_not_empty": (["compile", g, "--dump", busy], r"not empty and holds no earlier zqcompile dump"),
         "unknown_preset": (["compile", g, "--config", "w3a3"], r"unknown preset 'w3a3'; valid presets"),
         "seq_beyond_context": (["compile", g, "--seq", "500"], r"--seq 500 is longer than the model's context"),
+        "bad_device": (["compile", g, "--device", "nonsense"], r"--device 'nonsense' is not a device"),
+        # a safetensors folder streams by default; what calibrates through the whole model says what to add
+        "fws_streamed": (["compile", l, "--config", "w8a8-fws"], r"'w8a8-fws' calibrates feature-wise scales .* "
+                                                                 r"add --in-memory"),
+        "static_streamed": (["compile", g, "--config", "ptq-static", "--out", tmp_path / "s.zq"],
+                            r"'ptq-static' calibrates static activation ranges .* add --in-memory"),
         "generate_zero_tokens": (["generate", l, "--prompt", "w1", "--max-new-tokens", "0"], r"must be >= 1, got 0"),
         "generate_no_tokenizer": (["generate", g, "--prompt", "hi"], r"folder '.*gpt2' has no tokenizer files"),
         "generate_empty_prompt": (["generate", l, "--prompt", ""], r"encodes to no tokens"),

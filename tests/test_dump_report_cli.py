@@ -48,11 +48,14 @@ def test_cli_compile_report_roundtrip(tmp_path, capsys):
     model = model_for("bert")
     model.save_pretrained(tmp_path / "bert")
     out = tmp_path / "m.zq"
-    assert main(["compile", str(tmp_path / "bert"), "--config", "w8a8", "--out", str(out), "--seq", "16"]) == 0
+    # --in-memory: the whole model loaded first (a folder streams by default: tests/test_streaming.py)
+    assert main(["compile", str(tmp_path / "bert"), "--config", "w8a8", "--out", str(out), "--seq", "16",
+                 "--in-memory"]) == 0
     assert out.exists()
     assert main(["report", str(out)]) == 0
     text = capsys.readouterr().out
     assert text.count("GEMMs by precision") == 2
+    assert "streamed" not in text
     assert main(["report", str(tmp_path / "nothing.zq")]) == 2
     assert "error" in capsys.readouterr().err
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "compile": "api", "dump": "api", "load": "api", "CacheSpec": "generation.kv_cache", "TensorParallel": "parallel.group",
+    "compile": "api", "compile_folder": "api", "dump": "api", "load": "api", "CacheSpec": "generation.kv_cache",
+    "TensorParallel": "parallel.group",
     "export_onnx": "export.onnx", "export_compressed_tensors": "export.compressed_tensors",
     "import_compressed_tensors": "export.compressed_tensors_import", "export_tensorrt": "export.tensorrt", "load_tensorrt": "export.tensorrt",
     "CaptureError": "capture", "InputError": "capture",

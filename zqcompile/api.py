@@ -1,4 +1,5 @@
-"""Public entry points: compile, dump, load. compile = validate -> (LKD) -> capture -> pass pipeline -> Engine."""
+"""Public entry points: compile, compile_folder, dump, load. compile = validate -> (LKD) -> capture -> pass
+pipeline -> Engine; compile_folder does the same on a safetensors folder's skeleton, then streams its weights."""
 from __future__ import annotations
 
 import hashlib
@@ -6,9 +7,10 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, replace
+from typing import Callable
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from zqcompile.capture import InputError, capture
 from zqcompile.config import AccuracyBudget, LKDConfig, QuantConfig, get_config
@@ -20,6 +22,7 @@ from zqcompile.runtime.engine import CompileRecord, Engine, load
 from zqcompile.runtime.outputs import flatten_graph_outputs
 from zqcompile import progress
 from zqcompile.passes import PIPELINE, PassContext, run_pipeline
+from zqcompile.passes.constants import SharedConstants
 
 
 def compile(model: nn.Module, example_inputs: tuple | Mapping, config: QuantConfig | str = "w8a8",
@@ -45,6 +48,9 @@ def compile(model: nn.Module, example_inputs: tuple | Mapping, config: QuantConf
     per rank (torchrun), each with the same arguments. Every rank's engine returns the full outputs.
     """
     cfg = get_config(config)
+    if isinstance(model, (str, os.PathLike)):
+        raise InputError(f"model must be a torch.nn.Module, got the path {os.fspath(model)!r}: to compile a "
+                         f"safetensors folder block by block without loading it, call zq.compile_folder(path, ...)")
     if accuracy_budget is not None:
         cfg = replace(cfg, accuracy_budget=AccuracyBudget(budget=accuracy_budget))
     if cfg.accuracy_budget is not None:
@@ -63,32 +69,14 @@ def _compile_checked(model, example_inputs, cfg: QuantConfig, dump_dir, lkd, cal
                      tp: TensorParallel | None = None) -> Engine:
     """compile() after its config is resolved; the compressed-tensors import comes in here with the checkpoint's
     quantized weights (`stored_weights`, PassContext.stored_weights) and the folder it read (`source`)."""
-    if generation is not None and not isinstance(generation, (bool, CacheSpec)):
-        raise InputError(f"generation must be a zqcompile.CacheSpec, True/None (the default cache) or False, "
-                         f"got {type(generation).__name__}")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if isinstance(example_inputs, Mapping):  # a tokenizer's BatchEncoding: its tensors are forward's keyword inputs
-        if example_kwargs:
-            raise InputError("give the inputs once: a dict as example_inputs, or example_kwargs, not both")
-        example_inputs, example_kwargs = (), dict(example_inputs)
-    if not isinstance(example_inputs, (tuple, list)):
-        raise InputError(f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    given = [("positional input %d" % i, t) for i, t in enumerate(example_inputs)] + list((example_kwargs or {}).items())
-    shapes = {tuple(t.shape[:2]) for _, t in given if isinstance(t, torch.Tensor) and t.dim() >= 2}
-    if len(shapes) > 1:  # the engine shares one batch and one sequence dim across its inputs: say so before capture
-        raise InputError("example inputs disagree on (batch, seq): "
-                         f"{ {n: tuple(t.shape) for n, t in given if isinstance(t, torch.Tensor)} }")
+    example_inputs, example_kwargs = _check_inputs(example_inputs, example_kwargs, generation, dump_dir)
     if tp is not None and not isinstance(tp, TensorParallel):
         raise InputError(f"tp must be a zqcompile.TensorParallel or None, got {type(tp).__name__}")
     tp = tp if tp is not None and tp.size > 1 else None
     if tp is not None:
         _check_tensor_parallel(model, cfg, tp)
-    if dump_dir is not None:
-        from zqcompile.graph_dump import check_dump_dir
-        check_dump_dir(dump_dir)
     model = model.eval()
     if lkd is not None:
         from zqcompile.accuracy.lkd import run_lkd
@@ -143,9 +131,67 @@ def _shard(model: nn.Module, cfg: QuantConfig, tp: TensorParallel, example_input
     return part, shards, rank, move(tuple(example_inputs)), kwargs or example_kwargs, calib
 
 
+def compile_folder(path: str | os.PathLike, example_inputs: tuple, config: QuantConfig | str = "w8a8",
+                   dtype: torch.dtype = torch.float32, dump_dir: str | os.PathLike | None = None,
+                   example_kwargs: dict | None = None, generation: CacheSpec | bool | None = None) -> Engine:
+    """`zq.compile` of the Hugging Face safetensors folder `path`, streamed: the model is built with placeholder
+    parameters, captured and compiled on them, then each transformer block's tensors are read from the folder
+    onto the device of `example_inputs` (in `dtype`), quantized and dropped before the next block, so neither
+    device nor host memory ever holds the whole float model (zqcompile/streaming.py). The engine equals
+    `zq.compile(load_model(path, dtype=dtype).to(device), example_inputs, config, ...)` bit for bit.
+
+    Configurations that calibrate on activations through the whole model (feature-wise scales, static
+    ranges) raise ConfigError before anything is loaded: load the model and call zq.compile for those.
+    """
+    from zqcompile.streaming import Materializer, check_streamable, skeleton
+    cfg = get_config(config)
+    check_streamable(cfg, "load the model and call zq.compile(model, ...)")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"dtype must be a floating torch.dtype (torch.float32, torch.float16, ...), got {dtype!r}")
+    example_inputs, example_kwargs = _check_inputs(example_inputs, example_kwargs, generation, dump_dir)
+    tensors = [t for t in (*example_inputs, *(example_kwargs or {}).values()) if isinstance(t, torch.Tensor)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    with peak_memory() as peak:
+        sk = skeleton(os.fspath(path), dtype, device)
+        materialize = Materializer(sk, device)
+        engine = _compile(sk.model, cfg, example_inputs, example_kwargs, None, generation, materialize=materialize)
+    engine.record.source = os.path.abspath(path)  # its tokenizer files are there (an export copies them)
+    engine.record.memory = {**peak, "engine_bytes": engine.memory_bytes(), **materialize.stats()}
+    if dump_dir is not None:
+        dump(engine, dump_dir)
+    return engine
+
+
+def _check_inputs(example_inputs, example_kwargs: dict | None, generation, dump_dir) -> tuple[tuple, dict | None]:
+    """The checks every compile makes on its inputs before any long work; returns (example_inputs as a tuple,
+    example_kwargs), a tokenizer's dict given as example_inputs becoming the keyword inputs."""
+    if generation is not None and not isinstance(generation, (bool, CacheSpec)):
+        raise InputError(f"generation must be a zqcompile.CacheSpec, True/None (the default cache) or False, "
+                         f"got {type(generation).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, Mapping):  # a tokenizer's BatchEncoding: its tensors are forward's keyword inputs
+        if example_kwargs:
+            raise InputError("give the inputs once: a dict as example_inputs, or example_kwargs, not both")
+        example_inputs, example_kwargs = (), dict(example_inputs)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise InputError(f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
+    given = [("positional input %d" % i, t) for i, t in enumerate(example_inputs)] + list((example_kwargs or {}).items())
+    shapes = {tuple(t.shape[:2]) for _, t in given if isinstance(t, torch.Tensor) and t.dim() >= 2}
+    if len(shapes) > 1:  # the engine shares one batch and one sequence dim across its inputs: say so before capture
+        raise InputError("example inputs disagree on (batch, seq): "
+                         f"{ {n: tuple(t.shape) for n, t in given if isinstance(t, torch.Tensor)} }")
+    if dump_dir is not None:
+        from zqcompile.graph_dump import check_dump_dir
+        check_dump_dir(dump_dir)
+    return tuple(example_inputs), example_kwargs
+
+
 def _compile(model: nn.Module, cfg: QuantConfig, example_inputs, example_kwargs, calibration_data,
-             generation: CacheSpec | bool | None, shards: dict | None = None,
-             stored_weights: dict | None = None) -> Engine:
+             generation: CacheSpec | bool | None, shards: dict | None = None, stored_weights: dict | None = None,
+             materialize: Callable[[list[fx.GraphModule], SharedConstants], None] | None = None) -> Engine:
+    """Capture, the pipeline and the generation graphs; `materialize` (a streamed compile's) gets every graph
+    and their constants' recipes before those are released."""
     with progress.step(f"capturing {type(model).__name__} with torch.export"):
         gm, spec = capture(model, tuple(example_inputs), example_kwargs, (cfg.dynamic_batch, cfg.dynamic_seq))
     outputs = flatten_graph_outputs(gm)  # the engine file then needs no output types registered to load
@@ -184,8 +230,10 @@ def _compile(model: nn.Module, cfg: QuantConfig, example_inputs, example_kwargs,
         generator = build_generator(model, cfg, cache, ctx.constants, warn=False, weight_shards=shards,
                                     stored_weights=stored_weights)
         record.generation = generator.describe()
-    ctx.constants.release()
     graphs = [gm] + ([generator.prefill, generator.decode] if generator is not None else [])
+    if materialize is not None:
+        materialize(graphs, ctx.constants)
+    ctx.constants.release()
     _drop_autograd(graphs)
     return Engine(gm, spec, record, tuple(bound), snapshots, outputs, generator)
 
@@ -289,4 +337,4 @@ def dump(engine: Engine, out_dir: str | os.PathLike) -> list[str]:
     return write_dump(engine, os.fspath(out_dir))
 
 
-__all__ = ["CacheSpec", "TensorParallel", "compile", "dump", "load"]
+__all__ = ["CacheSpec", "TensorParallel", "compile", "compile_folder", "dump", "load"]

@@ -13,9 +13,11 @@ import linecache
 import re
 import traceback
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.export import Dim
 from zqcompile.errors import CaptureError, InputError  # noqa: F401 - raised here, defined there
 
@@ -188,7 +190,9 @@ def export_dynamic(module: nn.Module, args: tuple, dynamic_shapes) -> torch.expo
     # the math backend while tracing only keeps CUDA's kernel-selection checks out of the shape guards.
     # Mixture-of-experts layers are captured in their dense form (zqcompile/experts.py).
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    mode = fake_mode_of(module.parameters())
+    if mode is not None:  # a skeleton with fake parameters (zqcompile/streaming.py): trace in their mode
+        args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
     from zqcompile.experts import dense_experts
     with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), dense_experts(module):
         try:
@@ -197,6 +201,17 @@ def export_dynamic(module: nn.Module, args: tuple, dynamic_shapes) -> torch.expo
             if "Constraints violated" not in str(e):
                 raise
             return torch.export.export(module, args, dynamic_shapes=_auto(dynamic_shapes), strict=False)
+
+
+def is_placeholder(t: object) -> bool:
+    """A fake tensor: shape, dtype and device only (a streamed compile's skeleton weight and what passes derive
+    from it, zqcompile/streaming.py); its values are made after the passes, from the weights on disk."""
+    return isinstance(t, FakeTensor)
+
+
+def fake_mode_of(tensors: Iterable[torch.Tensor]) -> FakeTensorMode | None:
+    """The fake-tensor mode of the first placeholder among `tensors` (a streamed compile's skeleton), else None."""
+    return next((t.fake_mode for t in tensors if is_placeholder(t)), None)
 
 
 def _auto(spec):

@@ -47,13 +47,11 @@ def load_model(path_or_name: str, causal_lm: bool | None = None, dtype: torch.dt
     if not glob.glob(os.path.join(path, "config.json")):
         raise ModelLoadError(f"{path!r} has no config.json: not a Hugging Face model folder")
     check_not_quantized(path)
-    config = _read_config(path)
-    is_lm = causal_lm if causal_lm is not None else any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
-    cls = T.AutoModelForCausalLM if is_lm else T.AutoModel
+    cls = auto_class(read_config(path), causal_lm)
     try:
         return cls.from_pretrained(path, dtype=dtype).eval()
     except Exception as e:  # noqa: BLE001 - any loader failure is reported as one line naming the folder
-        raise ModelLoadError(f"cannot load the weights in {path!r}: {_first_line(e)}") from None
+        raise ModelLoadError(f"cannot load the weights in {path!r}: {first_line(e)}") from None
 
 
 def quantization_config(path: str) -> dict | None:
@@ -86,12 +84,20 @@ def check_not_quantized(path: str) -> None:
                              f"not import (it imports compressed-tensors checkpoints); give the float model")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return " ".join(lines[:2]) if lines else type(e).__name__
 
 
-def _read_config(path: str):
+def auto_class(config, causal_lm: bool | None = None):
+    """AutoModelForCausalLM for a config whose architectures name a causal LM (or causal_lm=True), else AutoModel."""
+    import transformers as T
+    is_lm = causal_lm if causal_lm is not None else any(a.endswith(("ForCausalLM", "LMHeadModel"))
+                                                        for a in (config.architectures or []))
+    return T.AutoModelForCausalLM if is_lm else T.AutoModel
+
+
+def read_config(path: str):
     """AutoConfig, with its failures (bad JSON, a field of the wrong type, an unknown model type) as one
     ModelLoadError line naming config.json and the field."""
     import json
@@ -110,7 +116,7 @@ def _read_config(path: str):
     try:
         return T.AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"{cfg_file}: {_first_line(e)}") from None
+        raise ModelLoadError(f"{cfg_file}: {first_line(e)}") from None
 
 
 # Files a saved Hugging Face tokenizer is made of (any one lets AutoTokenizer build it).
@@ -137,7 +143,7 @@ def load_tokenizer(path_or_name: str):
     try:
         tok = T.AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - broken tokenizer files: one line naming the folder
-        raise ModelLoadError(f"the tokenizer files in {path!r} cannot be read: {_first_line(e)}") from None
+        raise ModelLoadError(f"the tokenizer files in {path!r} cannot be read: {first_line(e)}") from None
     # transformers builds an empty tokenizer (vocab_size 0) from a model config when its files are unusable
     if getattr(tok, "vocab_size", 1) == 0:
         raise ModelLoadError(missing)

@@ -29,6 +29,10 @@ def memory_lines(rec) -> list[str]:
     if "gpu_peak_above_start_bytes" in m:
         out.append(f"compile peak GPU memory {_mib(m['gpu_peak_above_start_bytes'])} above what was allocated "
                    f"before (the model)")
+    if "stream_blocks" in m:
+        out.append(f"streamed from the folder block by block ({m['stream_blocks']} transformer blocks, then the "
+                   f"rest): at most {_mib(m['stream_peak_transient_bytes'])} of float weights loaded or derived at "
+                   f"once beside the engine; the largest block holds {_mib(m['stream_largest_block_bytes'])}")
     return out
 
 

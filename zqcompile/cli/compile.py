@@ -8,16 +8,16 @@ import time
 
 
 def example_ids(model, batch: int, seq: int, seed: int = 0):
-    """Random token ids in the model's vocabulary (the example inputs capture needs)."""
+    """Random token ids in the vocabulary of `model` (or of a model config): the example inputs capture needs."""
     import torch
-    vocab = getattr(getattr(model, "config", None), "vocab_size", 1000)
+    vocab = getattr(getattr(model, "config", model), "vocab_size", None) or 1000
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 def check_seq_fits(model, seq: int, what: str = "--seq") -> None:
-    """A sequence longer than the model's positions fails deep in capture: say so first."""
+    """A sequence longer than the positions of `model` (or a model config) fails deep in capture: say so first."""
     from zqcompile.errors import InputError
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    limit = getattr(getattr(model, "config", model), "max_position_embeddings", None)
     if limit and seq > limit:
         raise InputError(f"{what} {seq} is longer than the model's context ({limit} positions); "
                          f"use at most {limit}")
@@ -30,14 +30,13 @@ def cmd_compile(args) -> int:
     from zqcompile.export.compressed_tensors_import import load_compressed_tensors
     from zqcompile.files import Staged, check_output_dir, check_output_file
     from zqcompile.graph_dump import check_dump_dir, stage_dump
-    from zqcompile.models import is_compressed_tensors, resolve
+    from zqcompile.checkpoint import has_safetensors
+    from zqcompile.models import is_compressed_tensors, load_model, read_config, resolve
+    from zqcompile.streaming import check_streamable
     from zqcompile.runtime.engine import is_engine_file
     as_ct = args.format == "compressed-tensors"
     if as_ct and not args.out:
         raise InputError("--format compressed-tensors writes a folder: give it with --out DIR")
-    if args.dtype and not as_ct:
-        raise InputError("--dtype sets the float tensors of a compressed-tensors folder: "
-                         "add --format compressed-tensors")
     if args.out:
         check_output_dir(args.out, WHAT) if as_ct else check_output_file(args.out, "engine", replaceable=is_engine_file)
     if args.dump:
@@ -53,29 +52,42 @@ def cmd_compile(args) -> int:
     if imported and args.accuracy_budget is not None:
         raise InputError(f"{args.model} is a compressed-tensors checkpoint: its stored weights run as they are; "
                          f"drop --accuracy-budget (or compile the float model with it)")
+    import torch
+    device, dtype = _device(args.device), getattr(torch, args.dtype or "float32")
+    stream = not imported and not args.in_memory and has_safetensors(path)
+    if stream:  # block by block from the folder: what calibrates through the whole model says to load it
+        check_streamable(cfg, "add --in-memory to load the whole model and compile it")
+        if args.accuracy_budget is not None:
+            raise InputError("--accuracy-budget measures GEMMs through the whole model, which a compile streamed "
+                             "block by block from the folder does not do: add --in-memory")
     calib_text = _calibration_text(args)
     import zqcompile as zq
     from zqcompile.api import _compile_checked
-    from zqcompile.models import load_model
-    stored = None
-    if imported:
-        model, cfg, stored = load_compressed_tensors(path)
-    else:
-        model = load_model(args.model)
-    check_seq_fits(model, args.seq)
-    ids = example_ids(model, args.batch, args.seq)
-    calibration = _calibration_data(args, calib_text, model) if calib_text is not None else None
-    t0 = time.perf_counter()
     generation = False if args.no_generation else zq.CacheSpec(args.max_batch, args.max_cache_len, args.kv_cache)
-    if imported:
-        engine = _compile_checked(model, (ids,), cfg, dump_dir=None, lkd=None, calibration_data=None,
-                                  example_kwargs=None, generation=generation, stored_weights=stored, source=path)
+    if imported:  # its stored weights and scales, as they are
+        model, cfg, stored = load_compressed_tensors(path)
+        check_seq_fits(model, args.seq)
+        t0 = time.perf_counter()
+        engine = _compile_checked(model.to(device), (example_ids(model, args.batch, args.seq).to(device),), cfg,
+                                  dump_dir=None, lkd=None, calibration_data=None, example_kwargs=None,
+                                  generation=generation, stored_weights=stored, source=path)
+    elif stream:  # the float model is never in memory
+        config = read_config(path)
+        check_seq_fits(config, args.seq)
+        t0 = time.perf_counter()
+        engine = zq.compile_folder(path, (example_ids(config, args.batch, args.seq).to(device),), config=cfg,
+                                   dtype=dtype, generation=generation)
     else:
-        engine = zq.compile(model, (ids,), cfg, generation=generation, calibration_data=calibration,
-                            accuracy_budget=args.accuracy_budget)
+        model = load_model(args.model, dtype=dtype).to(device)
+        check_seq_fits(model, args.seq)
+        calibration = _calibration_data(args, calib_text, model) if calib_text is not None else None
+        t0 = time.perf_counter()
+        engine = zq.compile(model, (example_ids(model, args.batch, args.seq).to(device),), cfg,
+                            generation=generation, calibration_data=calibration, accuracy_budget=args.accuracy_budget)
         engine.record.source = path
     print(engine.report())
-    print(f"\ncompiled in {time.perf_counter() - t0:.1f} s")
+    how = " (streamed block by block from the folder)" if stream else ""
+    print(f"\ncompiled in {time.perf_counter() - t0:.1f} s{how}")
     with Staged() as outputs:  # the engine (or folder) and the dump go in place together, at the end
         if args.out and not as_ct:
             engine.write_to(outputs.file(args.out, "engine", replaceable=is_engine_file))
@@ -116,6 +128,24 @@ def _calibration_data(args, text: str, model) -> list[tuple]:
     return windows
 
 
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _device(text: str):
+    """--device as a torch.device, checked before anything loads."""
+    import torch
+    from zqcompile.errors import InputError
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise InputError(f"--device {text!r} is not a device; use cpu or cuda (cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {text}: this machine has no CUDA device; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {text}: zqcompile compiles for cpu or cuda")
+    return device
+
+
 def cmd_report(args) -> int:
     import zqcompile as zq
     print(zq.load(args.engine).report())
@@ -123,21 +153,26 @@ def cmd_report(args) -> int:
 
 
 def add_compile_commands(sub) -> None:
-    from zqcompile.cli.export import add_dtype_option
     from zqcompile.cli.main import budget_fraction, positive_int
     c = sub.add_parser("compile", help="compile a model folder / .gguf / packaged model name")
-    c.add_argument("model", help="Hugging Face folder (a compressed-tensors one runs its stored weights), .gguf file, "
-                                 "or 'minilm' / 'smollm2'")
+    c.add_argument("model", help="Hugging Face folder (a safetensors one is streamed block by block; a "
+                                 "compressed-tensors one runs its stored weights), .gguf file, or 'minilm' / 'smollm2'")
     c.add_argument("--config", default=None, help="preset (default w8a8): w8a8, w8a8-fws, w4/8a8, w4/8a16, w8a8/16, "
                                                   "w8a16, ptq-static, none")
-    c.add_argument("--out", help="write the engine here (e.g. model.zq); an existing engine there is replaced")
+    c.add_argument("-o", "--out", help="write the engine here (e.g. model.zq); an existing engine there is replaced")
     c.add_argument("--format", choices=("zq", "compressed-tensors"), default="zq",
                    help="what --out is: a zqcompile engine (zq), or a compressed-tensors Hugging Face folder (new or "
                         "empty) for transformers / vLLM")
-    add_dtype_option(c)
     c.add_argument("--dump", help="write per-pass graph dumps into this folder (new, empty, or an earlier dump)")
     c.add_argument("--batch", type=positive_int, default=2, help="example batch size (the engine takes any)")
     c.add_argument("--seq", type=positive_int, default=32, help="example sequence length (the engine takes any)")
+    c.add_argument("--device", default="cpu", help="compile for this device: cpu (default) or cuda[:N]")
+    c.add_argument("--dtype", choices=_DTYPES, default=None,
+                   help="float dtype the model is loaded and compiled in (default float32); a compressed-tensors "
+                        "folder's float tensors are written in it")
+    c.add_argument("--in-memory", action="store_true",
+                   help="load the whole model first (a safetensors folder is otherwise streamed block by block; "
+                        "w8a8-fws, ptq-static and --accuracy-budget need this)")
     c.add_argument("--calib-text", default=None, metavar="PATH",
                    help="calibration text (ptq-static ranges, w8a8-fws feature scales, --accuracy-budget)")
     c.add_argument("--accuracy-budget", type=budget_fraction, default=None, metavar="PCT",

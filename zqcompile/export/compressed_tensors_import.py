@@ -144,11 +144,11 @@ def load_compressed_tensors(path: str) -> tuple[nn.Module, QuantConfig, dict[str
     """(the float model with dequantized weights, the QuantConfig the checkpoint's config amounts to, the stored
     quantized weights by module FQN) of a compressed-tensors folder; ModelLoadError for what cannot be taken."""
     import transformers as T
-    from zqcompile.models import _read_config
+    from zqcompile.models import read_config
     path = os.path.abspath(path)
     qc = quantization_config(path) or {}
     schemes = check_config(path, qc)
-    config = _read_config(path)
+    config = read_config(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the model is built float; the engine's plan says what is quantized
     cls = next((getattr(T, a) for a in config.architectures or [] if isinstance(getattr(T, a, None), type)), None)

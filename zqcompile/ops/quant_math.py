@@ -148,8 +148,8 @@ def quantize_with_scales(w: torch.Tensor, scale: torch.Tensor, bits: int,
     n, k = w.shape
     qmax, gk = QMAX[bits], k // scale.shape[1]
     w, scale = w.detach(), scale.to(w.device)
-    q = torch.empty((n, k // 2 if bits == 4 else k), dtype=torch.uint8 if bits == 4 else torch.int8,
-                    device=w.device)
+    # new_empty, not torch.empty: made like w, so a fake w (a streamed compile's skeleton) gives a fake q
+    q = w.new_empty((n, k // 2 if bits == 4 else k), dtype=torch.uint8 if bits == 4 else torch.int8)
     for r0, r1 in _row_chunks(n, k, 1, chunk_elems):
         qc = torch.round(w[r0:r1].float() / scale[r0:r1].repeat_interleave(gk, dim=1)).clamp_(-qmax, qmax)
         q[r0:r1] = pack_int4(qc.to(torch.int8)) if bits == 4 else qc.to(torch.int8)

@@ -7,6 +7,7 @@ calibrate (static baseline only) -> fuse quant into producers -> fuse dequant in
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -16,6 +17,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from zqcompile.capture import fake_mode_of
 from zqcompile.passes.base import PassContext, PassResult
 from zqcompile.passes.calibrate_static import calibrate_static_ranges
 from zqcompile.passes.canonicalize import canonicalize_gemms
@@ -67,8 +69,10 @@ class PassRecord:
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
-    """Fake-tensor type check: every node gets meta['val'] (shape, dtype) or the pass broke the graph."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    """Fake-tensor type check: every node gets meta['val'] (shape, dtype) or the pass broke the graph. A graph
+    whose weights are fake already (a streamed compile's skeleton) is checked in their fake mode."""
+    mode = (fake_mode_of(itertools.chain(gm.parameters(), gm.buffers()))
+            or FakeTensorMode(allow_non_fake_inputs=True))
     fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
     FakeTensorProp(gm, mode).propagate(*fake)
 

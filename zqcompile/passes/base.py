@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from zqcompile import ops  # noqa: F401 - registers the zq ops the passes emit
-from zqcompile.capture import fqn_of, get_tensor, module_stack, param_fqn
+from zqcompile.capture import fqn_of, get_tensor, is_placeholder, module_stack, param_fqn
 from zqcompile.config import GemmScheme, QuantConfig
 from zqcompile.passes.constants import SharedConstants
 
@@ -220,7 +220,7 @@ def copy_meta(dst: fx.Node, src: fx.Node) -> None:
 
 __all__ = ["ACTIVATION_OPS", "act_of", "GemmInfo", "StoredWeight", "FusionRecord", "NotFused", "PassResult",
            "PassContext", "aten", "zq", "is_call", "calls", "arg", "set_arg", "last_of", "gemm_fqn", "val", "dtype_of", "shape_of",
-           "get_tensor", "param_name", "add_constant", "getitems", "copy_meta", "fqn_of", "module_stack"]
+           "get_tensor", "is_placeholder", "param_name", "add_constant", "getitems", "copy_meta", "fqn_of", "module_stack"]
 
 
 def delete_attr(gm: fx.GraphModule, target: str) -> bool:

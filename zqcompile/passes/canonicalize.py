@@ -23,9 +23,14 @@ def _drop_eval_dropout(gm: fx.GraphModule) -> int:
     return n_removed
 
 
+def transposed(w: torch.Tensor) -> torch.Tensor:
+    """A Conv1D weight [K, N] as the [N, K] weight aten.linear reads."""
+    return w.detach().t().contiguous()
+
+
 def _to_linear(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, x: fx.Node, w_node: fx.Node, bias) -> fx.Node:
     w = get_tensor(gm, w_node)
-    w_t = ctx.constants.get(("transpose", w), lambda: w.detach().t().contiguous())
+    w_t = ctx.constants.derive(transposed, w)
     wt = add_constant(gm, w_node.target + "_t", w_t, before=node)
     wt.meta["zq_param"] = param_name(w_node)  # errors about this weight name the user's parameter
     # A flattening view in front of the GEMM (GPT-2 Conv1D) is undone: linear takes N-D inputs, and later

@@ -26,7 +26,7 @@ from zqcompile.config import (ConfigError, ConfigWarning, GemmScheme, OverrideKe
                               override_text, resolve_scheme, weight_groups_error)
 from zqcompile.ops import quant_math as qm
 from zqcompile.passes.base import (GemmInfo, PassContext, PassResult, WeightShard, aten, calls, fqn_of, get_tensor,
-                                   is_call,
+                                   is_call, is_placeholder,
                                    module_stack, param_name)
 from zqcompile.errors import WeightError  # noqa: F401 - raised here, defined there
 
@@ -98,13 +98,19 @@ def _unmatched_override_notes(keys: list[OverrideKey], hits: list[int], decided:
 
 def _check_finite(gm: fx.GraphModule, node: fx.Node) -> None:
     """NaN/Inf in a GEMM's weight or bias, named by the user's parameter path, before any weight is
-    quantized (and before sibling GEMMs are merged into one constant)."""
+    quantized (and before sibling GEMMs are merged into one constant). A placeholder has no values yet: a
+    streamed compile checks each weight as it loads it (zqcompile/streaming.py)."""
     for arg in node.args[1:3]:
         t = get_tensor(gm, arg)
-        if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
-            raise WeightError(f"parameter {param_name(arg)!r} has {bad} NaN/Inf value(s); "
-                              f"fix the checkpoint before quantizing")
+        if t is not None and not is_placeholder(t):
+            check_finite(param_name(arg), t)
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """WeightError naming parameter `name` when the float tensor `t` holds NaN/Inf."""
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise WeightError(f"parameter {name!r} has {bad} NaN/Inf value(s); fix the checkpoint before quantizing")
 
 
 def _as_applied(scheme: GemmScheme, fqn: str, shape: tuple[int, int]) -> GemmScheme:

@@ -40,18 +40,24 @@ def merged_name(fqns: list[str]) -> str:
     return (prefix + "." if prefix else "") + "+".join(".".join(p[common:]) for p in parts)
 
 
+def concatenated(*weights: torch.Tensor) -> torch.Tensor:
+    return torch.cat(weights).contiguous()
+
+
+def concatenated_biases(has_bias: tuple[bool, ...], *parts: torch.Tensor) -> torch.Tensor:
+    """The biases stacked like their weights; parts[i] is GEMM i's bias, or its weight where it has none."""
+    return torch.cat([p if b else p.new_zeros(p.shape[0]) for b, p in zip(has_bias, parts)]).contiguous()
+
+
 def _merge(gm: fx.GraphModule, ctx: PassContext, group: list[fx.Node]) -> None:
     g = gm.graph
     weights = [get_tensor(gm, n.args[1]) for n in group]
     biases = [get_tensor(gm, n.args[2]) if len(n.args) > 2 and n.args[2] is not None else None for n in group]
-    bias_recipe = ("cat", *(b if b is not None else ("zeros", w.shape[0]) for b, w in zip(biases, weights)))
-    if any(b is None for b in biases) and not all(b is None for b in biases):
-        biases = [b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype) for b, w in zip(biases, weights)]
     infos = [n.meta["zq_gemm"] for n in group]
     fqn = merged_name([i.fqn for i in infos])
     first = min(group, key=lambda n: list(g.nodes).index(n))
     if infos[0].scheme.is_float:
-        w_cat = ctx.constants.get(("cat", *weights), lambda: torch.cat(weights).contiguous())
+        w_cat = ctx.constants.derive(concatenated, *weights)
         w_node = add_constant(gm, fqn + ".weight", w_cat, before=first)
     else:
         for n in group:  # a scaled weight's get_attr sits by its own GEMM; get_attrs read nothing, so move them up
@@ -59,8 +65,11 @@ def _merge(gm: fx.GraphModule, ctx: PassContext, group: list[fx.Node]) -> None:
         with g.inserting_before(first):
             w_node = g.call_function(aten.cat.default, ([n.args[1] for n in group],))
     b_node = None
-    if biases[0] is not None:
-        b_cat = ctx.constants.get(bias_recipe, lambda: torch.cat(biases).contiguous())
+    if any(b is not None for b in biases):
+        # a GEMM without a bias adds zero rows, made like its weight (dtype, device: a placeholder stays one)
+        has_bias = tuple(b is not None for b in biases)
+        b_cat = ctx.constants.derive(concatenated_biases, has_bias,
+                                     *(b if b is not None else w for b, w in zip(biases, weights)))
         b_node = add_constant(gm, fqn + ".bias", b_cat, before=first)
     with g.inserting_before(first):
         lin = g.call_function(aten.linear.default, (group[0].args[0], w_node, b_node))

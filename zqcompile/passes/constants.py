@@ -2,17 +2,37 @@
 with the same context (the engine's full-sequence graph, and the prefill and decode graphs of generation).
 
 A pass that derives a constant (GPT-2's transposed Conv1D weight, q/k/v concatenated, a weight quantized
-group-wise) asks `SharedConstants.get(recipe, make)`: the recipe names the transform, its parameters and its
-source tensors (by identity: the three graphs are captured from one model, so they read the same parameter
-objects), and a second graph asking for the same recipe gets the same tensor objects back instead of
-quantizing again. Sharing is by construction, never by comparing values afterwards.
+group-wise) asks `SharedConstants.derive(fn, *args)`: the recipe is the transform (a module-level pure
+function), its parameters and its source tensors (by identity: the three graphs are captured from one model,
+so they read the same parameter objects), and a second graph asking for the same recipe gets the same tensor
+objects back instead of quantizing again. Sharing is by construction, never by comparing values afterwards.
+
+Because a recipe is data (fn, parameters, sources), a constant can be made again from other values of its
+sources: a streamed compile (zqcompile/streaming.py) runs the passes on a skeleton whose parameters are fake
+tensors, then `remake`s each constant from the weights it loads from disk, block by block.
 """
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A source tensor in a recipe, by identity (kept alive in SharedConstants._sources)."""
+
+    id: int
+
+
+@dataclass(frozen=True)
+class _Made:
+    """A tensor this memo made, by the recipe that made it (index: its place in a tuple result)."""
+
+    key: tuple
+    index: int | None
 
 
 class SharedConstants:
@@ -25,7 +45,7 @@ class SharedConstants:
 
     def __init__(self) -> None:
         self._made: dict[tuple, Any] = {}  # key -> value, tensors in it as weak references
-        self._derived: dict[int, tuple] = {}  # id(made tensor) -> its key, while the tensor lives
+        self._derived: dict[int, _Made] = {}  # id(made tensor) -> how it was made, while the tensor lives
         self._sources: dict[int, torch.Tensor] = {}
         self.hits = 0
 
@@ -35,23 +55,23 @@ class SharedConstants:
             if isinstance(part, torch.Tensor):
                 made = self._derived.get(id(part))
                 if made is not None:
-                    out.append(("made", made))
+                    out.append(made)
                 else:
                     self._sources[id(part)] = part
-                    out.append(("tensor", id(part)))
+                    out.append(_Source(id(part)))
             else:
                 out.append(part)
         return tuple(out)
 
-    def _hold(self, key: tuple, value: Any) -> Any:
+    def _hold(self, key: tuple, value: Any, index: int | None = None) -> Any:
         if isinstance(value, torch.Tensor):
             if id(value) in self._sources:  # make() returned a source as it is: nothing was derived
                 return value
-            self._derived[id(value)] = key
+            self._derived[id(value)] = _Made(key, index)
             weakref.finalize(value, self._derived.pop, id(value), None)
             return weakref.ref(value)
         if isinstance(value, tuple):
-            return tuple(self._hold(key, v) for v in value)
+            return tuple(self._hold(key, v, i) for i, v in enumerate(value))
         return value
 
     @staticmethod
@@ -66,7 +86,7 @@ class SharedConstants:
 
     def get(self, recipe: tuple, make: Callable[[], Any]) -> Any:
         """The constant(s) `make()` returns for `recipe`, made on the first request (and again only if every
-        graph dropped what was made)."""
+        graph dropped what was made). A memo only: what `get` made cannot be remade (use `derive` for that)."""
         key = self._key(recipe)
         if key in self._made:
             alive, value = self._resolve(self._made[key])
@@ -76,6 +96,44 @@ class SharedConstants:
         value = make()
         self._made[key] = self._hold(key, value)
         return value
+
+    def derive(self, fn: Callable[..., Any], *args) -> Any:
+        """`fn(*args)`, made once per compile for the same fn and arguments (tensors by identity). `fn` is a
+        module-level pure function of its arguments, so the recipe can be evaluated again (`remake`)."""
+        return self.get((fn, *args), lambda: fn(*args))
+
+    # ---- making a constant again from other values of its sources (streamed compiles) --------------------
+    def recipe_of(self, t: torch.Tensor) -> _Made | None:
+        """How `t` was derived (None: a source, or a tensor this memo did not make)."""
+        return self._derived.get(id(t))
+
+    def sources_of(self, made: _Made) -> list[torch.Tensor]:
+        """The source tensors a derived constant is computed from, recursively."""
+        out: dict[int, torch.Tensor] = {}
+
+        def walk(key: tuple) -> None:
+            for part in key[1:]:
+                if isinstance(part, _Source):
+                    out[part.id] = self._sources[part.id]
+                elif isinstance(part, _Made):
+                    walk(part.key)
+        walk(made.key)
+        return list(out.values())
+
+    def remake(self, made: _Made, value_of: Callable[[torch.Tensor], torch.Tensor], memo: dict) -> Any:
+        """Evaluate `made`'s recipe again with every source tensor s replaced by value_of(s); `memo` (the
+        caller's, keyed by recipe) makes each intermediate (a concatenation) and each tuple (wq, scale) once."""
+        key = made.key
+        if key not in memo:
+            fn = key[0]
+            if not callable(fn):
+                raise ValueError(f"constant made by {fn!r} through SharedConstants.get cannot be made again; "
+                                 f"derive it with SharedConstants.derive")
+            args = [value_of(self._sources[p.id]) if isinstance(p, _Source)
+                    else self.remake(p, value_of, memo) if isinstance(p, _Made) else p for p in key[1:]]
+            memo[key] = fn(*args)
+        value = memo[key]
+        return value if made.index is None else value[made.index]
 
     def release(self) -> None:
         """Forget the recipes (and the sources they kept alive) once every graph is compiled."""

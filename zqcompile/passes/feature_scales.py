@@ -65,15 +65,31 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[NotFused]]:
 
 
 # ---- folding ----------------------------------------------------------------------------------------------
-def _replace_constant(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, name: str, recipe: str,
-                      s: torch.Tensor, fn) -> None:
+def _divided(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return w / s
+
+
+def _rows_divided(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return w / s[:, None]
+
+
+def _multiplied(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return w * s
+
+
+def scaled_constant(fn, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """fn(t, s) in fp32, back in t's dtype."""
+    return fn(t.detach().float(), s).to(t.dtype).contiguous()
+
+
+def _replace_constant(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, name: str, s: torch.Tensor, fn) -> None:
     """Replace the constant argument `name` of `node` by fn(constant, s) (made once per compile); an argument
     that is not a constant (None: no bias) is left as it is."""
     old = arg(node, name)
     if not (isinstance(old, fx.Node) and old.op == "get_attr"):
         return
     t = get_tensor(gm, old)
-    new = ctx.constants.get((recipe, t, s), lambda: fn(t.detach().float(), s).to(t.dtype).contiguous())
+    new = ctx.constants.derive(scaled_constant, fn, t, s)
     folded = add_constant(gm, f"{old.target}_fws", new, before=node)
     folded.meta["zq_param"] = param_name(old)  # still that parameter, folded (an export writes it under its name)
     set_arg(node, name, folded)
@@ -83,14 +99,14 @@ def _replace_constant(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, name:
 def _fold(gm: fx.GraphModule, ctx: PassContext, site: Site, s: torch.Tensor) -> None:
     p = site.producer
     if site.kind == "norm":
-        _replace_constant(gm, ctx, p, "weight", "fws_div", s, lambda w, s: w / s)
+        _replace_constant(gm, ctx, p, "weight", s, _divided)
         if p.target == aten.layer_norm.default:
-            _replace_constant(gm, ctx, p, "bias", "fws_div", s, lambda b, s: b / s)
+            _replace_constant(gm, ctx, p, "bias", s, _divided)
     else:  # the up projection's output rows
-        _replace_constant(gm, ctx, p, "weight", "fws_rows", s, lambda w, s: w / s[:, None])
-        _replace_constant(gm, ctx, p, "bias", "fws_div", s, lambda b, s: b / s)
+        _replace_constant(gm, ctx, p, "weight", s, _rows_divided)
+        _replace_constant(gm, ctx, p, "bias", s, _divided)
     for g in site.gemms:
-        _replace_constant(gm, ctx, g, "weight", "fws_cols", s, lambda w, s: w * s)
+        _replace_constant(gm, ctx, g, "weight", s, _multiplied)
 
 
 def feature_scales(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

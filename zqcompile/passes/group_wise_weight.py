@@ -46,6 +46,13 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def quantized_parts(bits: int, granularity: str, num_groups: int | None, group_size: int | None,
+                    *parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_weight of the parts' concatenation (a derived constant's recipe: the concatenation is made
+    only while the rows are quantized)."""
+    return qm.quantize_weight(_cat(list(parts)), bits, granularity, num_groups, group_size)
+
+
 def _stored(ctx: PassContext, info: GemmInfo, weights: list[torch.Tensor], wq_cfg: WeightQuant):
     """make() for the GEMM's stored weights, or None when its modules have none. A plan that does not read them
     as they were stored (other bits or groups) is an error, never a silent re-quantization."""
@@ -90,14 +97,16 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         # column-parallel rows whose scales are per row or K group (classify_gemms refused the rest): the rows
         # carry them, so quantizing their concatenation is that slice already.
         shard = ctx.shard_of(parts[0]) if len(parts) == 1 else None
-        quantize = ((lambda: qm.quantize_weight_shard(shard.full, parts[0], shard.dim, shard.start, *groups)) if shard
-                    else (lambda: qm.quantize_weight(_cat(parts), *groups)))
         try:  # classify_gemms checked every plan against its weight already; this names a custom plan's error
             make = _stored(ctx, info, parts, wq_cfg)
             stored += make is not None
+            if make is None and shard is not None:
+                make = (lambda: qm.quantize_weight_shard(shard.full, parts[0], shard.dim, shard.start, *groups))
             # A merged GEMM's float concatenation lives only while its rows are quantized; the recipe names the
-            # parts, so the generation graphs find the quantized weight without concatenating again.
-            wq, ws = ctx.constants.get(("quantize_weight", *groups, *parts), make or quantize)
+            # parts, so the generation graphs find the quantized weight without concatenating again. Stored and
+            # sharded weights are memoized only: a streamed compile, which remakes constants, takes neither.
+            wq, ws = (ctx.constants.get(("quantize_weight", *groups, *parts), make) if make is not None
+                      else ctx.constants.derive(quantized_parts, *groups, *parts))
         except ValueError as e:
             shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
             raise weight_groups_error(info.fqn, shape, wq_cfg, str(e)) from None
