@@ -75,7 +75,7 @@ def _rms_norm_one_plus(ctx: PassContext, gm: fx.GraphModule, m: Match) -> None:
     w, dtype = get_tensor(gm, m["weight"]), dtype_of(m["one_plus"])
     one_plus = ctx.constants.get(("one_plus", w, dtype), lambda: w.detach().to(dtype) + 1.0)
     weight = add_constant(gm, m["weight"].target + "_plus_one", one_plus, before=m.root)
-    weight.meta["zq_param"] = param_name(m["weight"])
+    weight.meta["zq_param"], weight.meta["zq_param_offset"] = param_name(m["weight"]), 1.0
     _replace_with(gm, m.root, aten.rms_norm.default, (m["x"], [w.shape[0]], weight, float(m["eps"])))
 
 
