@@ -22,13 +22,13 @@ import zqcompile as zq
 from tests.conftest import ids, rel_err
 from tests.test_decoder_families import w8a8
 from zqcompile.experts import is_stacked_experts
-from zqcompile.models import DECODER_FAMILIES
+from zqcompile.models import DECODER_FAMILIES, tiny_model
 from zqcompile.ops import quant_math as qm
 
 pytest.importorskip("compressed_tensors", reason="pip install compressed-tensors (the test extra)")
 
 X = ids(2, 12, seed=3)
-COMPANIONS = (".weight_scale", ".weight_packed", ".weight_shape")
+COMPANIONS = (".weight_scale", ".weight_shape")  # next to a quantized layer's .weight / .weight_packed
 
 
 def _hf(folder, dequantize: bool):
@@ -67,7 +67,7 @@ def test_family_folder_loads_in_transformers_and_imports_back(family, tmp_path):
     out = zq.export_compressed_tensors(engine, tmp_path / "ct")
     sd = load_file(os.path.join(out, "model.safetensors"))
     # the names transformers saves the float model with, each quantized layer's scale next to its weight
-    names = {k.removesuffix("_packed") for k in sd if not k.endswith((".weight_scale", ".weight_shape"))}
+    names = {k.removesuffix("_packed") for k in sd if not k.endswith(COMPANIONS)}
     assert names == _saved_names(model, tmp_path)
     quantized = {k.removesuffix(".weight_scale") for k in sd if k.endswith(".weight_scale")}
     assert all(sd[f"{q}.weight"].dtype == torch.int8 for q in quantized)
@@ -122,3 +122,28 @@ def _check_import(family: str, out: str, model: nn.Module, engine) -> None:
         again = zq.import_compressed_tensors(out, generation=False)
         assert [g["scheme"] for g in again.record.gemms] == [g["scheme"] for g in engine.record.gemms]
         assert torch.equal(again(X).logits, engine(X).logits)
+
+
+def test_qwen2_moe_compiles_and_exports(tmp_path):
+    """Qwen2-MoE (zqcompile.models.MOE_FAMILIES; Qwen3-MoE is the same experts block without the shared expert,
+    checked by hand, README): captured in the dense experts form, the router and the shared expert's sigmoid gate
+    float, every expert and the shared expert INT8 (the shared expert's gate/up merged with the experts' into one
+    GEMM: one input); exported as Qwen's per-expert gate_proj / up_proj / down_proj and read back."""
+    model = tiny_model("qwen2_moe", layers=1)
+    engine = zq.compile(model, (ids(2, 16),), "w8a8", generation=False)
+    x = ids(3, 20, seed=7)
+    with torch.no_grad():
+        err = rel_err(engine(x).logits, model(x).logits)
+    assert 1e-6 < err < 0.03, err
+    plan = {g["fqn"]: (g["role"], g["kernel"]) for g in engine.record.gemms}
+    for gate in ("model.layers.0.mlp.gate", "model.layers.0.mlp.shared_expert_gate"):
+        assert plan.pop(gate) == ("router", "aten.linear")
+    assert plan.pop("lm_head") == ("head", "aten.linear")
+    assert set(plan.values()) == {(r, "zq.int8_gemm_dequant") for r in ("qkv", "attn_out", "fc1", "fc2")}
+    assert len(plan) == 3 + 4 + 1  # q/k/v, o_proj, the merged gate/up; 4 experts' and the shared down_proj
+    out = zq.export_compressed_tensors(engine, tmp_path / "ct")
+    sd = load_file(os.path.join(out, "model.safetensors"))
+    assert {k.removesuffix("_packed") for k in sd if not k.endswith(COMPANIONS)} == _saved_names(model, tmp_path)
+    assert sd["model.layers.0.mlp.experts.3.up_proj.weight"].dtype == torch.int8
+    assert sd["model.layers.0.mlp.shared_expert_gate.weight"].dtype == torch.float32
+    _check_import("qwen2_moe", out, model, engine)
