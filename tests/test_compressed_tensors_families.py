@@ -147,3 +147,14 @@ def test_qwen2_moe_compiles_and_exports(tmp_path):
     assert sd["model.layers.0.mlp.experts.3.up_proj.weight"].dtype == torch.int8
     assert sd["model.layers.0.mlp.shared_expert_gate.weight"].dtype == torch.float32
     _check_import("qwen2_moe", out, model, engine)
+
+
+def test_an_older_gemma_engine_is_refused(tmp_path):
+    """An engine whose record lacks the (1 + w) norms' offsets (saved by an earlier zqcompile) would write 1 + w."""
+    import dataclasses
+    _, engine = w8a8("gemma3")
+    old = copy.copy(engine)
+    old.record = dataclasses.replace(engine.record, parameter_offsets={})
+    with pytest.raises(zq.ExportError, match=r"\(1 \+ weight\) norms \(Gemma\).*compile the model again"):
+        zq.export_compressed_tensors(old, tmp_path / "ct")
+    assert os.listdir(tmp_path) == []

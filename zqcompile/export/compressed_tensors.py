@@ -185,6 +185,9 @@ def _state_dict(engine, model: nn.Module, layers: list[_Layer], groups: list[dic
     gm = engine.gm
     constants = {constant_key(n.target): get_tensor(gm, n) for n in gm.graph.nodes if n.op == "get_attr"}
     offsets = engine.record.parameter_offsets
+    if not offsets and any("_plus_one" in k for k in engine.record.parameters):  # fold_decomposed's constant name
+        raise ExportError("cannot export to compressed-tensors: the engine was compiled by an older zqcompile that "
+                          "did not record that its (1 + weight) norms (Gemma) hold 1 + weight; compile the model again")
     by_param = {name: constants[k] - offsets[k] if k in offsets else constants[k]
                 for k, name in engine.record.parameters.items() if k in constants}
     stacked = stacked_parameters(model)
