@@ -302,7 +302,7 @@ def _record_constants(gm, record: CompileRecord) -> None:
     """Name in the record, by enginefile.constant_key, the constants each GEMM reads (weight, weight scale, bias)
     and the model parameter behind every other constant of the engine graph, so an export reads the engine's
     tensors back into the model's layers (zqcompile.export.compressed_tensors), also after save and load."""
-    from zqcompile.passes.base import arg, param_name
+    from zqcompile.passes.base import arg, param_name, param_offset
     from zqcompile.runtime.enginefile import constant_key
     zq = torch.ops.zq
 
@@ -329,7 +329,9 @@ def _record_constants(gm, record: CompileRecord) -> None:
         if g["fqn"] in found:
             g["constants"] = found[g["fqn"]]
     read = {k for c in found.values() for k in c.values()}
-    record.parameters = {key(n): param_name(n) for n in gm.graph.nodes if n.op == "get_attr" and key(n) not in read}
+    floats = [n for n in gm.graph.nodes if n.op == "get_attr" and key(n) not in read]
+    record.parameters = {key(n): param_name(n) for n in floats}
+    record.parameter_offsets = {key(n): param_offset(n) for n in floats if param_offset(n)}
 
 
 def dump(engine: Engine, out_dir: str | os.PathLike) -> list[str]:

@@ -512,6 +512,9 @@ ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"intermediate\.dense$|mlp\.c_fc$|(^|\.)(fc1|gate_proj|up_proj|gate_up_proj|dense_h_to_4h)$", "fc1"),
     (r"\.output\.dense$|mlp\.c_proj$|(^|\.)(fc2|down_proj|dense_4h_to_h)$", "fc2"),
     (r"(^|\.)(lm_head|classifier|pooler\.dense|score|qa_outputs|embed_out|predictions\.decoder)$", "head"),
+    # Qwen2-MoE's per-token sigmoid gate of the shared expert ([1, H]): a gate like the router (which is found by
+    # the top-k it feeds, classify_gemms), and a plain float Linear in the serving engines' models
+    (r"(^|\.)shared_expert_gate$", "router"),
 )
 
 

@@ -157,6 +157,7 @@ def load_tokenizer(path_or_name: str):
 TINY_WINDOW = 8
 DECODER_FAMILIES = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "mixtral")
 FAMILIES = ("bert", "gpt2", "opt", "llama") + DECODER_FAMILIES
+MOE_FAMILIES = ("qwen2_moe", "qwen3_moe")  # checked lighter than DECODER_FAMILIES (tests/test_decoder_families.py)
 
 
 def _decoder(family: str, layers: int, hidden: int, common: dict):
@@ -182,7 +183,12 @@ def _decoder(family: str, layers: int, hidden: int, common: dict):
         return T.Phi3ForCausalLM(T.Phi3Config(**dec, pad_token_id=0))
     if family == "mixtral":  # 4 experts, 2 per token
         return T.MixtralForCausalLM(T.MixtralConfig(**dec, num_local_experts=4, num_experts_per_tok=2))
-    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=2 * hidden, decoder_sparse_step=1)
+    if family == "qwen2_moe":  # + a shared expert with its sigmoid gate
+        return T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**dec, **moe, shared_expert_intermediate_size=2 * hidden))
+    if family == "qwen3_moe":
+        return T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(**dec, **moe, head_dim=head))
+    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES + MOE_FAMILIES)}")
 
 
 def tiny_model(family: str, seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 1000) -> nn.Module:

@@ -5,8 +5,10 @@ tensors under the model's own parameter names, and the tokenizer files of the fo
 
 The engine's quantized weights are written as they are (nothing is quantized again): a fused GEMM (q/k/v,
 gate/up) is split back into the model's own layers by the rows the compile record gives each module
-(record.gemms[i]["parts"]), and feature-scale-folded norms are written folded, so the checkpoint computes what
-the engine's weights compute. Everything is checked before anything is written; the folder is written next to
+(record.gemms[i]["parts"]), stacked MoE experts become the per-expert Linear layers transformers saves them as
+(export/ct_layout.py), every tensor goes under the name transformers saves it under, and norms are written as
+the model's parameters hold them (feature-scale-folded norms folded, Gemma's 1 + w norms as w), so the
+checkpoint computes what the engine's weights compute. Everything is checked before anything is written; the folder is written next to
 the target and renamed into place at the end (zqcompile.files.atomic_dir).
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from zqcompile.capture import get_tensor
 from zqcompile.errors import ExportError
 from zqcompile.export import ct_format as ctf
+from zqcompile.export.ct_layout import checkpoint_name, expert_linears, stacked_parameters
 from zqcompile.files import atomic_dir, check_output_dir
 from zqcompile.ops import quant_math as qm
 from zqcompile.runtime.enginefile import constant_key
@@ -90,9 +93,14 @@ def _skeleton(record) -> nn.Module:
 
 
 def _plan(record, model: nn.Module) -> tuple[list[_Layer], list[dict]]:
-    """Every GEMM part as a layer of the model, and the config groups (one per distinct scheme); every scheme
-    and layer the format or this exporter cannot take raises ExportError here, before anything is written."""
+    """Every GEMM part as a layer of the checkpoint (a stacked expert's projection as the per-expert Linear
+    layers transformers saves it as, export/ct_layout.py), and the config groups (one per distinct scheme);
+    every scheme and layer the format or this exporter cannot take raises ExportError here, before anything
+    is written."""
     modules = dict(model.named_modules())
+    experts: dict[str, list] = {}
+    for x in expert_linears(model):
+        experts.setdefault(x.part, []).append(x)
     layers, groups, keys = [], [], {}
     for g in record.gemms:
         if not {"parts", "constants", "scheme_spec"} <= set(g):
@@ -102,32 +110,39 @@ def _plan(record, model: nn.Module) -> tuple[list[_Layer], list[dict]]:
         raise _nothing_quantized(record.config)
     for g in record.gemms:
         args = _scheme(g)
+        group = None
+        if args is not None:
+            key = json.dumps(args, sort_keys=True)
+            if key not in keys:
+                keys[key] = len(groups)
+                groups.append({"weights": args[0], "input_activations": args[1], "layers": []})
+            group = keys[key]
         r0 = 0
         for fqn, rows in g["parts"]:
             mod = modules.get(fqn)
-            if mod is None:
+            if fqn in experts:
+                parts = [(x.name, r0 + x.r0, r0 + x.r1) for x in experts[fqn]]
+            elif mod is None:
                 raise ExportError(f"cannot export {fqn} to compressed-tensors: {type(model).__name__} built from the "
                                   f"engine's config has no such module")
-            if args is not None and not isinstance(mod, nn.Linear):
+            elif args is not None and not isinstance(mod, nn.Linear):
                 raise ExportError(f"cannot export {fqn} to compressed-tensors: it is a {type(mod).__name__}, not a "
                                   f"torch.nn.Linear, and the format quantizes Linear layers only; keep it in floating "
                                   f"point (config.with_overrides({{{fqn!r}: 'fp'}})) or export to ONNX")
-            group = None
-            if args is not None:
-                key = json.dumps(args, sort_keys=True)
-                if key not in keys:
-                    keys[key] = len(groups)
-                    groups.append({"weights": args[0], "input_activations": args[1], "layers": []})
-                group = keys[key]
-                groups[group]["layers"].append(fqn)
-            layers.append(_Layer(fqn, g, r0, r0 + rows, group))
+            else:
+                parts = [(fqn, r0, r0 + rows)]
+            for name, a, b in parts:
+                layers.append(_Layer(name, g, a, b, group))
+                if group is not None:
+                    groups[group]["layers"].append(name)
             r0 += rows
     return layers, groups
 
 
 def _quantization_config(model: nn.Module, layers: list[_Layer], groups: list[dict]) -> dict:
-    quantized = {x.fqn for x in layers if x.group is not None}
-    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
+    quantized, modules = {x.fqn for x in layers if x.group is not None}, dict(model.named_modules())
+    ignore = sorted({n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in quantized} |
+                    {x.fqn for x in layers if x.group is None and x.fqn not in modules})  # + float per-expert layers
     config_groups = {}
     for i, g in enumerate(groups):
         config_groups[f"group_{i}"] = {
@@ -166,12 +181,18 @@ def _layer_tensors(layer: _Layer, groups: list[dict], constants: dict, expected:
 
 
 def _state_dict(engine, model: nn.Module, layers: list[_Layer], groups: list[dict]) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, by name; a parameter tied to another is written once, under the first name
-    (the embedding; transformers ties the head to it at load)."""
+    """Every tensor of the checkpoint, by the name transformers saves it under; a parameter tied to another is
+    written once, under the first name (the embedding; transformers ties the head to it at load)."""
     gm = engine.gm
     constants = {constant_key(n.target): get_tensor(gm, n) for n in gm.graph.nodes if n.op == "get_attr"}
-    by_param = {name: constants[k] for k, name in engine.record.parameters.items() if k in constants}
-    expected = model.state_dict()
+    offsets = engine.record.parameter_offsets
+    if not offsets and any("_plus_one" in k for k in engine.record.parameters):  # fold_decomposed's constant name
+        raise ExportError("cannot export to compressed-tensors: the engine was compiled by an older zqcompile that "
+                          "did not record that its (1 + weight) norms (Gemma) hold 1 + weight; compile the model again")
+    by_param = {name: constants[k] - offsets[k] if k in offsets else constants[k]
+                for k, name in engine.record.parameters.items() if k in constants}
+    stacked = stacked_parameters(model)
+    expected = {k: v for k, v in model.state_dict().items() if k not in stacked}  # those: per-expert layers
     out: dict[str, torch.Tensor] = {}
     for layer in layers:
         out.update(_layer_tensors(layer, groups, constants, expected))
@@ -201,7 +222,9 @@ def _state_dict(engine, model: nn.Module, layers: list[_Layer], groups: list[dic
             raise ExportError(f"cannot export to compressed-tensors: the engine holds no tensor for the model's "
                               f"parameter {name!r}")
         out[name] = by_param[name]
-    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+    per_expert = {x.fqn for x in layers} - dict(model.named_modules()).keys()  # already the checkpoint's names
+    return {(k if k.rsplit(".", 1)[0] in per_expert else checkpoint_name(model, k)): v.detach().cpu().contiguous()
+            for k, v in out.items()}
 
 
 def _side_files(source: str, tokenizer, folder: str) -> list[str]:

@@ -17,12 +17,15 @@ import glob
 import os
 import re
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from zqcompile.config import FP, ActQuant, GemmScheme, QuantConfig, WeightQuant, classify_role, resolve_scheme
 from zqcompile.errors import ModelLoadError
 from zqcompile.export import ct_format as ctf
+from zqcompile.export.ct_layout import checkpoint_name, expert_linears, stacked_parameters
 from zqcompile.models import is_compressed_tensors, quantization_config
 from zqcompile.passes.base import StoredWeight
 
@@ -153,17 +156,18 @@ def load_compressed_tensors(path: str) -> tuple[nn.Module, QuantConfig, dict[str
         del config.quantization_config  # the model is built float; the engine's plan says what is quantized
     cls = next((getattr(T, a) for a in config.architectures or [] if isinstance(getattr(T, a, None), type)), None)
     model = (cls(config) if cls is not None else T.AutoModelForCausalLM.from_config(config)).eval()
-    tensors = _read_tensors(path)
+    tensors = _model_names(model, _read_tensors(path))
     modules = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    ignore = [t for t in (qc.get("ignore") or []) if any(_matches(t, n, m) for n, m in modules.items())]
+    experts = expert_linears(model)  # checkpoint Linear layers that are rows of the model's stacked experts
+    layers = {**modules, **{x.name: nn.Linear(1, 1, device="meta") for x in experts}}
+    ignore = [t for t in (qc.get("ignore") or []) if any(_matches(t, n, m) for n, m in layers.items())]
     overrides: list = [(_override_key(t), FP) for t in ignore]
     for name, group in qc["config_groups"].items():
         overrides += [(_override_key(t), schemes[name]) for t in group.get("targets", [])
-                      if any(_matches(t, n, m) for n, m in modules.items())]
+                      if any(_matches(t, n, m) for n, m in layers.items())]
     cfg = QuantConfig("compressed-tensors", FP, {}, tuple(overrides), merge_gemms=True)
-    stored = {}
-    state = {}
-    for fqn, mod in modules.items():
+    stored, state = {}, {}
+    for fqn, mod in layers.items():
         scheme, _ = resolve_scheme(cfg, fqn, classify_role(fqn), [type(mod)])
         has = f"{fqn}.weight_scale" in tensors
         if scheme.is_float and has:
@@ -174,6 +178,8 @@ def load_compressed_tensors(path: str) -> tuple[nn.Module, QuantConfig, dict[str
             stored[fqn] = s = _stored(path, fqn, scheme, tensors)
             gk = s.values.shape[1] // s.scale.shape[1]
             state[f"{fqn}.weight"] = (s.values.float() * s.scale.repeat_interleave(gk, dim=1)).to(mod.weight.dtype)
+    if experts:
+        cfg, stored = _stack_experts(model, experts, cfg, stored, state, tensors)
     state.update(tensors)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
@@ -184,6 +190,51 @@ def load_compressed_tensors(path: str) -> tuple[nn.Module, QuantConfig, dict[str
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model, cfg, stored
+
+
+def _model_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under the model's own names where transformers renames them on load (Mixtral's
+    `block_sparse_moe.` -> `mlp.`); a quantized layer's companions (weight_scale, ...) follow their weight."""
+    renamed, stacked = {}, stacked_parameters(model)  # those: the per-expert layers (_stack_experts)
+    for name in model.state_dict():
+        if name in stacked:
+            continue
+        saved = checkpoint_name(model, name)
+        if saved != name:
+            renamed[saved.rsplit(".", 1)[0]] = name.rsplit(".", 1)[0]
+    out = {}
+    for key, t in tensors.items():
+        prefix, _, leaf = key.rpartition(".")
+        out[f"{renamed[prefix]}.{leaf}" if prefix in renamed else key] = t
+    return out
+
+
+def _stack_experts(model: nn.Module, experts: list, cfg: QuantConfig, stored: dict, state: dict,
+                   tensors: dict) -> tuple[QuantConfig, dict]:
+    """The per-expert checkpoint layers back into the model's stacked experts: their float weights into the
+    stacked parameter's rows, their stored values and scales as the engine GEMM part's (the part's rows in
+    order), and each part's scheme as an override of the part."""
+    by_part: dict[str, list] = {}
+    for x in experts:
+        by_part.setdefault(x.part, []).append(x)
+        w = state.pop(f"{x.name}.weight", None)
+        w = tensors.pop(f"{x.name}.weight") if w is None else w
+        module, e, leaf = x.part.rsplit(".", 2)
+        state.setdefault(f"{module}.{leaf}", model.get_parameter(f"{module}.{leaf}").detach().clone())
+        state[f"{module}.{leaf}"][int(e), x.r0:x.r1] = w
+    parts, overrides = {}, []
+    for part, xs in by_part.items():
+        xs = sorted(xs, key=lambda x: x.r0)
+        mine = [stored.pop(x.name, None) for x in xs]
+        scheme, _ = resolve_scheme(cfg, xs[0].name, classify_role(xs[0].name), [nn.Linear])
+        if any(resolve_scheme(cfg, x.name, classify_role(x.name), [nn.Linear])[0] != scheme for x in xs):
+            raise ModelLoadError(f"the checkpoint's layers {[x.name for x in xs]} are one GEMM of the model's "
+                                 f"experts ({part}) and must have one scheme")
+        overrides.append((f"^{re.escape(part)}$", scheme))
+        if mine[0] is not None:
+            parts[part] = StoredWeight(torch.cat([s.values for s in mine]), torch.cat([s.scale for s in mine]),
+                                       mine[0].bits)
+    return replace(cfg, overrides=tuple(overrides) + cfg.overrides), {**stored, **parts}
 
 
 def import_compressed_tensors(path: str | os.PathLike, example_inputs=None, generation=None,

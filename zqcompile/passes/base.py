@@ -187,6 +187,18 @@ def param_name(node: fx.Node) -> str:
     return node.meta.get("zq_param") or param_fqn(node.target)
 
 
+def param_offset(node: fx.Node) -> float:
+    """What a constant adds to its parameter (Gemma's norms hold 1 + weight): an export writes constant - offset."""
+    return node.meta.get("zq_param_offset", 0.0)
+
+
+def same_param(new: fx.Node, old: fx.Node) -> None:
+    """`new` holds the parameter `old` held (transformed: folded, transposed); an export writes it under that name."""
+    new.meta["zq_param"] = param_name(old)
+    if param_offset(old):
+        new.meta["zq_param_offset"] = param_offset(old)
+
+
 def add_constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
     """Register `tensor` as a buffer of gm's root (unique name) and return a get_attr node for it."""
     base = "zq_" + name.replace(".", "_").replace("-", "_")
@@ -219,8 +231,9 @@ def copy_meta(dst: fx.Node, src: fx.Node) -> None:
 
 
 __all__ = ["ACTIVATION_OPS", "act_of", "GemmInfo", "StoredWeight", "FusionRecord", "NotFused", "PassResult",
-           "PassContext", "aten", "zq", "is_call", "calls", "arg", "set_arg", "last_of", "gemm_fqn", "val", "dtype_of", "shape_of",
-           "get_tensor", "is_placeholder", "param_name", "add_constant", "getitems", "copy_meta", "fqn_of", "module_stack"]
+           "PassContext", "aten", "zq", "is_call", "calls", "arg", "set_arg", "last_of", "gemm_fqn", "val", "dtype_of",
+           "shape_of", "get_tensor", "is_placeholder", "param_name", "param_offset", "same_param", "add_constant",
+           "getitems", "copy_meta", "fqn_of", "module_stack"]
 
 
 def delete_attr(gm: fx.GraphModule, target: str) -> bool:

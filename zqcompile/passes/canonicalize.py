@@ -66,20 +66,20 @@ def _view_chain(gm: fx.GraphModule, w: fx.Node) -> tuple[fx.Node, list[fx.Node]]
     return (w, chain[::-1]) if chain and get_tensor(gm, w) is not None else None
 
 
+def viewed(steps: tuple, src: torch.Tensor) -> torch.Tensor:
+    """The views `steps` ((op, args), innermost first) of a constant, as a contiguous tensor of its own."""
+    t = src.detach()
+    for op, args in steps:
+        t = op(t, *args)
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _fold_constant_view(gm: fx.GraphModule, ctx: PassContext, gemm: fx.Node, base: fx.Node,
                         chain: list[fx.Node]) -> None:
     """The GEMM reads the view as a constant of its own, named after the stacked parameter it was sliced from
     (`meta["zq_stacked"]`: its path and the indices selected, which name the GEMM per expert)."""
-    src = get_tensor(gm, base)
     steps = tuple((v.target, tuple(v.args[1:])) for v in chain)
-
-    def make():
-        t = src.detach()
-        for op, args in steps:
-            t = op(t, *args)
-        return t.clone(memory_format=torch.contiguous_format)
-
-    w = ctx.constants.get(("view", src, steps), make)
+    w = ctx.constants.derive(viewed, steps, get_tensor(gm, base))
     param = param_name(base)
     indices = tuple(args[1] for op, args in steps if op == aten.select.int and args[0] == 0)
     wc = add_constant(gm, base.target + "".join(f"_{i}" for i in indices), w, before=gemm)

@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from zqcompile.passes.base import (FusionRecord, NotFused, PassContext, PassResult, add_constant, arg, aten, calls,
-                                   drop_constant, fqn_of, get_tensor, param_name, set_arg)
+                                   drop_constant, fqn_of, get_tensor, same_param, set_arg)
 from zqcompile.passes.feature_scales_search import Site, compute_scales, quantized_a8
 
 _NORMS = (aten.rms_norm.default, aten.layer_norm.default)
@@ -91,7 +91,7 @@ def _replace_constant(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, name:
     t = get_tensor(gm, old)
     new = ctx.constants.derive(scaled_constant, fn, t, s)
     folded = add_constant(gm, f"{old.target}_fws", new, before=node)
-    folded.meta["zq_param"] = param_name(old)  # still that parameter, folded (an export writes it under its name)
+    same_param(folded, old)  # still that parameter, folded (an export writes it under its name)
     set_arg(node, name, folded)
     drop_constant(gm, old)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from functools import partial
 
+import torch
 from torch import fx
 
 from zqcompile.passes.base import (PassContext, PassResult, add_constant, arg, aten, copy_meta, dtype_of, get_tensor,
@@ -69,13 +70,18 @@ def _rms_norm(gm: fx.GraphModule, m: Match) -> None:
     _replace_with(gm, m.root, aten.rms_norm.default, (x, [get_tensor(gm, weight).shape[0]], weight, float(m["eps"])))
 
 
+def plus_one(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Gemma's RMSNorm weight as the norm multiplies by it: 1 + w, in the graph's dtype."""
+    return w.detach().to(dtype) + 1.0
+
+
 def _rms_norm_one_plus(ctx: PassContext, gm: fx.GraphModule, m: Match) -> None:
     """x keeps its cast: Gemma normalises in fp32 whatever the model's dtype, and the weight is 1 + weight in
     the dtype the model adds it in (made once for the engine's and the generation graphs)."""
     w, dtype = get_tensor(gm, m["weight"]), dtype_of(m["one_plus"])
-    one_plus = ctx.constants.get(("one_plus", w, dtype), lambda: w.detach().to(dtype) + 1.0)
+    one_plus = ctx.constants.derive(plus_one, w, dtype)
     weight = add_constant(gm, m["weight"].target + "_plus_one", one_plus, before=m.root)
-    weight.meta["zq_param"] = param_name(m["weight"])
+    weight.meta["zq_param"], weight.meta["zq_param_offset"] = param_name(m["weight"]), 1.0
     _replace_with(gm, m.root, aten.rms_norm.default, (m["x"], [w.shape[0]], weight, float(m["eps"])))
 
 

@@ -36,10 +36,12 @@ class CompileRecord:
     tensor_parallel: str = ""  # "rank r of n (backend, device)" for one rank's shard (empty: one process)
     # What a checkpoint export needs (export/compressed_tensors.py): the model's Hugging Face config, the folder or
     # file it was loaded from ("" when unknown), and the model parameter each float constant of the engine graph
-    # holds (enginefile.constant_key(target) -> parameter name; folded feature scales keep their norm's name).
+    # holds (enginefile.constant_key(target) -> parameter name; folded feature scales keep their norm's name), and
+    # what a constant adds to its parameter where it is not the parameter itself (Gemma's norms hold 1 + weight).
     hf_config: dict = field(default_factory=dict)
     source: str = ""
     parameters: dict = field(default_factory=dict)
+    parameter_offsets: dict = field(default_factory=dict)
 
 
 class Engine:
