@@ -129,7 +129,10 @@ def skeleton(path: str, dtype: torch.dtype, device: torch.device) -> Skeleton:
         block_of[id(p)] = int(m.group(1)) if m else None
     if missing:
         raise ModelLoadError(f"{path!r} has no tensor for parameter(s) {', '.join(missing[:3])}"
-                             f"{' ...' if len(missing) > 3 else ''}: not the weights of this config.json")
+                             f"{' ...' if len(missing) > 3 else ''}: not the weights of this config.json, or "
+                             f"stored under names from_pretrained converts (MoE experts saved one by one, as "
+                             f"Mixtral's), which a streamed compile does not read yet: load the model instead "
+                             f"(--in-memory, or zq.compile(load_model(path), ...))")
     return Skeleton(model, folder, names, block_of)
 
 
