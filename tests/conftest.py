@@ -2,11 +2,18 @@
 compiles each (model, preset) once."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import zqcompile as zq
 from zqcompile.models import tiny_model
+
+# Under pytest-xdist (README's test command) each worker's torch takes its share of the cores, not all of them:
+# two workers with two intra-op threads each on a 2-core machine would fight over both.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 _MODELS: dict = {}
 _ENGINES: dict = {}
