@@ -1,5 +1,5 @@
 """group_wise_weight: quantize each planned GEMM's weight group-wise (ZeroQuant Sec. 4.1) to INT8 or packed
-INT4 with fp32 scales in the layout the GEMM reads ([N, K // group_k]); a tensor-parallel rank's weight as its
+INT4 (or per row to FP8 E4M3) with fp32 scales in the layout the GEMM reads ([N, K // group_k]); a tensor-parallel rank's weight as its
 slice of the full weight's quantization (ctx.weight_shards). A GEMM whose modules all have a stored
 quantized weight (ctx.stored_weights: a compressed-tensors checkpoint) takes those values and scales as they
 are, stacked in row order, never quantized again.
@@ -52,6 +52,9 @@ def _stored(ctx: PassContext, info: GemmInfo, weights: list[torch.Tensor], wq_cf
     parts = [ctx.stored_weights.get(fqn) for fqn, _ in info.parts]
     if not any(p is not None for p in parts):
         return None
+    if wq_cfg.dtype == "fp8":
+        raise ConfigError(f"{info.fqn}: the checkpoint stores INT{parts[0].bits} weights and the plan reads FP8 "
+                          f"weights; compile it with an INT8 scheme (e.g. 'w8a8'), never re-quantized")
     shape, device = (sum(t.shape[0] for t in weights), weights[0].shape[1]), weights[0].device
     missing = [fqn for (fqn, _), p in zip(info.parts, parts) if p is None]
     if missing:
@@ -91,8 +94,13 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         # column-parallel rows whose scales are per row or K group (classify_gemms refused the rest): the rows
         # carry them, so quantizing their concatenation is that slice already.
         shard = ctx.shard_of(parts[0]) if len(parts) == 1 else None
-        quantize = ((lambda: qm.quantize_weight_shard(shard.full, parts[0], shard.dim, shard.start, *groups)) if shard
-                    else (lambda: qm.quantize_weight(_cat(parts), *groups)))
+        if wq_cfg.dtype == "fp8":
+            groups = ("fp8",)
+            quantize = ((lambda: qm.quantize_weight_fp8_shard(shard.full, parts[0], shard.dim, shard.start)) if shard
+                        else (lambda: qm.quantize_weight_fp8(_cat(parts))))
+        else:
+            quantize = ((lambda: qm.quantize_weight_shard(shard.full, parts[0], shard.dim, shard.start, *groups))
+                        if shard else (lambda: qm.quantize_weight(_cat(parts), *groups)))
         try:  # classify_gemms checked every plan against its weight already; this names a custom plan's error
             make = _stored(ctx, info, parts, wq_cfg)
             stored += make is not None
