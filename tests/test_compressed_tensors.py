@@ -117,6 +117,36 @@ def test_w8a8_folder(w8a8_folder):
     assert rel_err(dense, engine_logits) < 0.03
 
 
+def test_fp8_folder_is_float_quantized_and_transformers_runs_it(tmp_path):
+    """FP8 weights per channel, dynamic FP8 per-token activations: compressed-tensors' float-quantized format,
+    the engine's E4M3 values and scales as they are; transformers (compressed-tensors quantizing the activations
+    per token as the engine does) computes the engine's logits."""
+    model, engine = _compile("fp8")
+    out = zq.export_compressed_tensors(engine, tmp_path / "ct")
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    assert qc["format"] == "float-quantized" and qc["ignore"] == ["lm_head"]
+    (group,) = qc["config_groups"].values()
+    assert group["weights"] == {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel",
+                                "group_size": None, "dynamic": False}
+    assert group["input_activations"] == {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
+                                          "group_size": None, "dynamic": True}
+    sd = load_file(os.path.join(out, "model.safetensors"))
+    wq = {g["fqn"]: g for g in engine.record.gemms}["model.layers.0.self_attn.q_proj+k_proj+v_proj"]
+    constants = {constant_key(n.target): n for n in engine.gm.graph.nodes if n.op == "get_attr"}
+    values, scale = (getattr(engine.gm, constants[wq["constants"][k]].target) for k in ("weight", "weight_scale"))
+    q = sd["model.layers.0.self_attn.q_proj.weight"]
+    rows = q.shape[0]
+    assert q.dtype == torch.float8_e4m3fn and sd["model.layers.0.self_attn.q_proj.weight_scale"].dtype == torch.float32
+    assert torch.equal(q.view(torch.uint8), values[:rows].view(torch.uint8))
+    assert torch.equal(sd["model.layers.0.self_attn.q_proj.weight_scale"], scale[:rows])
+    assert rel_err(_logits(_hf(out)), engine(TEST_IDS).logits) < 1e-5  # measured 2.4e-7
+    half = zq.export_compressed_tensors(engine, tmp_path / "half", dtype="float16")  # FP8 codes stay FP8
+    sd = load_file(os.path.join(half, "model.safetensors"))
+    assert sd["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+    assert sd["lm_head.weight"].dtype == torch.float16
+    assert json.load(open(os.path.join(half, "config.json")))["dtype"] == "float16"
+
+
 def test_dtype_of_the_float_tensors(tmp_path, w8a8_folder):
     _, engine = _compile("w8a8")
     out = zq.export_compressed_tensors(engine, tmp_path / "bf16", dtype="bfloat16")
@@ -275,6 +305,10 @@ def test_export_errors_before_anything_is_written(tmp_path):
     _, none = _compile("none")
     with pytest.raises(zq.ExportError, match="quantizes no GEMM"):
         zq.export_compressed_tensors(none, tmp_path / "c")
+    _, mixed = _compile("w8a8-fp8act")
+    with pytest.raises(zq.ExportError, match=r"o_proj to compressed-tensors: INT8 weights with FP8 activations "
+                                             r"\(preset w8a8-fp8act\) are no scheme .*'fp8'"):
+        zq.export_compressed_tensors(mixed, tmp_path / "d")
     assert sorted(os.listdir(tmp_path)) == []  # no folder, no temporary
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("keep")

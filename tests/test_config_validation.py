@@ -41,7 +41,7 @@ BAD = [
     (lambda: QuantConfig(overrides=("lm_head",)), r"overrides\[0\] must be a \(regex or module class, scheme\) pair, got 'lm_head'"),
     (lambda: QuantConfig(overrides=(("(lm_head", "fp16"),)), r"override key '\(lm_head' is not a valid regex"),
     (lambda: QuantConfig(overrides=((3, "fp16"),)), r"override key must be a regex string or a module class, got 3"),
-    (lambda: QuantConfig(overrides=(("lm_head", "fp8"),)), r"override 'lm_head': unknown scheme 'fp8'; .* fp, fp16, bf16, w8a8"),
+    (lambda: QuantConfig(overrides=(("lm_head", "fp4"),)), r"override 'lm_head': unknown scheme 'fp4'; .* fp, fp16, bf16, w8a8"),
     (lambda: QuantConfig(overrides=((nn.Linear, None),)), r"override type Linear: unknown scheme None"),
     (lambda: QuantConfig(calibration_batches=0), r"QuantConfig\.calibration_batches must be an integer >= 1, got 0"),
     (lambda: QuantConfig(calibration_batches=2.0), r"calibration_batches must be an integer >= 1, got 2\.0"),

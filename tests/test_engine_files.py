@@ -34,10 +34,13 @@ for path in sys.argv[1:]:
 
 @pytest.fixture(scope="module")
 def saved_engines(tmp_path_factory):
-    """GPT-2 (ModelOutput with cross attentions), BERT (pooler output) and Llama with generation graphs."""
+    """GPT-2 (ModelOutput with cross attentions), BERT (pooler output), Llama with generation graphs, and an FP8
+    Llama (float8_e4m3fn constants)."""
     d = tmp_path_factory.mktemp("engines")
     made = {}
-    for family, config, generate in (("gpt2", "w8a8", False), ("bert", "w4/8a8", False), ("llama", "w8a8", True)):
+    for name, config, generate in (("gpt2", "w8a8", False), ("bert", "w4/8a8", False), ("llama", "w8a8", True),
+                                   ("llama-fp8", "fp8", False)):
+        family = name.split("-")[0]
         model = tiny_model(family)
         engine = zq.compile(model, (ids(2, 8),), config, generation=zq.CacheSpec(2, 16) if generate else False)
         x = ids(3, 11, seed=5)
@@ -45,10 +48,10 @@ def saved_engines(tmp_path_factory):
         tokens = None
         if generate:
             tokens = engine.generate(x[:1, :5], max_new_tokens=6)
-        path = d / f"{family}.zq"
+        path = d / f"{name}.zq"
         engine.save(path)
         torch.save(x, str(path) + ".in.pt")
-        made[family] = (path, type(ref), main_output(ref), tokens)
+        made[name] = (path, type(ref), main_output(ref), tokens)
     return made
 
 

@@ -316,7 +316,7 @@ def _record_constants(gm, record: CompileRecord) -> None:
         info = node.meta.get("zq_gemm")
         if info is None or node.op != "call_function" or info.fqn in found:
             continue
-        if node.target in (zq.int8_gemm_dequant.default, zq.weight_only_gemm.default):
+        if node.target in (zq.int8_gemm_dequant.default, zq.fp8_gemm_dequant.default, zq.weight_only_gemm.default):
             w, scale, bias = arg(node, "wq"), arg(node, "w_scale"), arg(node, "bias")
         elif node.target == torch.ops.aten.linear.default:
             w, scale, bias = node.args[1], None, arg(node, "bias")

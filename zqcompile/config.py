@@ -52,6 +52,9 @@ class WeightQuant:
       - "k_groups": groups of `group_size` consecutive elements along K per row (INT4 schemes); the
         GEMM mainloop applies these scales.
       - "tensor": one scale for the whole matrix (the static PTQ baseline).
+
+    dtype: "int" (the values are integers of `bits` bits) or "fp8" (FP8 E4M3 values, one scale per output row
+    = max|w_row| / 448: Hopper's FP8 tensor cores; needs bits=8, per-row scales and FP8 activations).
     """
 
     bits: int = 8
@@ -59,6 +62,7 @@ class WeightQuant:
     num_groups: int | None = None
     group_size: int | None = None
     symmetric: bool = True
+    dtype: Literal["int", "fp8"] = "int"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -85,8 +89,15 @@ class WeightQuant:
         if self.granularity == "k_groups" and self.group_size is not None and self.group_size % 2 and self.bits == 4:
             raise ConfigError(f"WeightQuant.group_size: INT4 k-groups must have an even group_size "
                               f"(two values per byte), got {self.group_size}")
+        _check_choice("WeightQuant", "dtype", self.dtype, ("int", "fp8"))
+        if self.dtype == "fp8" and (self.bits != 8 or self.granularity != "row_groups" or self.num_groups is not None):
+            raise ConfigError(f"WeightQuant(dtype='fp8') is FP8 E4M3 with one scale per output row: it needs bits=8 "
+                              f"and granularity='row_groups' without num_groups, got bits={self.bits}, "
+                              f"granularity={self.granularity!r}, num_groups={self.num_groups!r}")
 
     def describe(self) -> str:
+        if self.dtype == "fp8":
+            return "FP8 E4M3 per-row"
         if self.granularity == "row_groups":
             g = "per-row" if self.num_groups is None else f"{self.num_groups} row groups"
         elif self.granularity == "k_groups":
@@ -102,10 +113,13 @@ class ActQuant:
 
     mode: "token" = dynamic per-token INT8 (scale = max|row| / 127 at run time, no calibration);
     "tensor" = static per-tensor INT8 with a range calibrated on sample inputs; "none" = float input.
+    dtype: "int" (INT8 codes) or "fp8" (FP8 E4M3 codes, dynamic per token: scale = max|row| / 448; mode "token"
+    only).
     """
 
     mode: Literal["token", "tensor", "none"] = "token"
     bits: int = 8
+    dtype: Literal["int", "fp8"] = "int"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -115,6 +129,17 @@ class ActQuant:
             raise ConfigError(f"ActQuant.mode must be 'token', 'tensor' or 'none', got {self.mode!r}")
         if not _is_int(self.bits) or self.bits != 8:
             raise ConfigError(f"ActQuant.bits: only 8-bit activations are implemented, got {self.bits!r}")
+        _check_choice("ActQuant", "dtype", self.dtype, ("int", "fp8"))
+        if self.dtype == "fp8" and self.mode != "token":
+            raise ConfigError(f"ActQuant(dtype='fp8') is dynamic per-token FP8 E4M3 (scale = max|row| / 448): it needs "
+                              f"mode='token', got mode={self.mode!r} (static per-tensor FP8 is not implemented)")
+
+    def describe(self) -> str:
+        if self.mode == "none":
+            return "A16"
+        if self.dtype == "fp8":
+            return "A FP8 E4M3 per-token"
+        return {"token": "A8 per-token", "tensor": "A8 static per-tensor"}[self.mode]
 
 
 @dataclass(frozen=True)
@@ -145,6 +170,7 @@ class GemmScheme:
                                   f"(act mode {self.act.mode!r}); use act=ActQuant('none'), or the scheme name 'fp'")
         else:
             self.weight.validate()
+            _check_fp8_pair(self.weight, self.act)
         self.act.validate()
         _check_choice("GemmScheme", "float_dtype", self.float_dtype, (None, "fp16", "bf16"))
         if self.float_dtype is not None and self.weight is not None:
@@ -154,8 +180,18 @@ class GemmScheme:
     def describe(self) -> str:
         if self.weight is None:
             return f"FP ({self.float_dtype or 'model dtype'})"
-        act = {"token": "A8 per-token", "tensor": "A8 static per-tensor", "none": "A16"}[self.act.mode]
-        return f"W: {self.weight.describe()} | {act}"
+        return f"W: {self.weight.describe()} | {self.act.describe()}"
+
+
+def _check_fp8_pair(weight: WeightQuant, act: ActQuant) -> None:
+    """FP8 weights only multiply FP8 activations (Hopper's FP8 GEMM takes E4M3 x E4M3); FP8 activations take FP8
+    or INT8 weights (INT8 weights: the activation is rounded to FP8, dequantized, then the A16 INT8-weight GEMM)."""
+    if weight.dtype == "fp8" and act.dtype != "fp8":
+        raise ConfigError(f"GemmScheme: FP8 weights need FP8 activations (act=ActQuant(dtype='fp8')), got "
+                          f"{act.describe()}; for INT8 activations use INT8 weights (preset 'w8a8')")
+    if act.dtype == "fp8" and weight.dtype == "int" and weight.bits != 8:
+        raise ConfigError(f"GemmScheme: FP8 activations take FP8 or INT8 weights, got {weight.describe()}; use "
+                          f"WeightQuant(8) or WeightQuant(dtype='fp8')")
 
 
 FP = GemmScheme(weight=None, act=ActQuant("none"))
@@ -167,6 +203,8 @@ SCHEME_NAMES: dict[str, GemmScheme] = {
     "w8a16": GemmScheme(WeightQuant(8), ActQuant("none")),
     "w4a8": GemmScheme(WeightQuant(4, "k_groups"), ActQuant("token")),
     "w4a16": GemmScheme(WeightQuant(4, "k_groups"), ActQuant("none")),
+    "fp8": GemmScheme(WeightQuant(dtype="fp8"), ActQuant("token", dtype="fp8")),
+    "w8a8-fp8act": GemmScheme(WeightQuant(8), ActQuant("token", dtype="fp8")),
 }
 
 OverrideKey = Union[str, type]
@@ -416,6 +454,16 @@ def _preset_w8a8_fws() -> QuantConfig:
     return replace(_preset_w8a8(), name="w8a8-fws", feature_scales=FeatureScales())
 
 
+def _preset_fp8() -> QuantConfig:
+    # FP8 E4M3 weights (per row) and activations (per token, dynamic): Hopper's FP8 GEMM, no INT rounding
+    return QuantConfig("fp8", SCHEME_NAMES["fp8"], dict(_HEAD_FP))
+
+
+def _preset_w8a8_fp8act() -> QuantConfig:
+    # INT8 weights with FP8 E4M3 activations: the activation's outlier tokens keep more relative precision
+    return QuantConfig("w8a8-fp8act", SCHEME_NAMES["w8a8-fp8act"], dict(_HEAD_FP))
+
+
 def _preset_w4_8a8() -> QuantConfig:
     w4 = GemmScheme(_W4, ActQuant("token"))
     return QuantConfig("w4/8a8", GemmScheme(_W8, ActQuant("token")), {**_HEAD_FP, "fc1": w4, "fc2": w4})
@@ -452,6 +500,8 @@ PRESETS = {
     "w8a8/16": _preset_w8a8_16,
     "w8a16": _preset_w8a16,
     "ptq-static": _preset_ptq_static,
+    "fp8": _preset_fp8,
+    "w8a8-fp8act": _preset_w8a8_fp8act,
     "none": _preset_none,
 }
 

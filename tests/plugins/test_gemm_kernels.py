@@ -135,6 +135,21 @@ def test_tensorrt_never_picks_pytorch_paths(cap, sm90):
         assert G.choose_gemm(p, _device(cap, sm90)).kernel is G.FP16_DEQUANT
 
 
+def test_fp8_gemm_is_scaled_mm_on_sm90_and_the_reference_elsewhere():
+    p = G.GemmProblem("fp8_gemm_dequant", 1536, 576, 8, 0, "float8_e4m3fn", "bfloat16", "bfloat16", None)
+    for lo, _ in G.M_BUCKETS:  # one kernel for every M: no library kernel reads FP8 weights
+        c = G.choose_gemm(G.replace(p, m=lo), _device((9, 0), True))
+        assert c.kernel is G.SCALED_MM and c.fallback is None
+        assert {r for _, r in c.skipped} == {"FP8 x FP8: the library's kernels read INT8 / INT4 weights"}
+    assert G.choose_gemm(p, _device((8, 0), False)).kernel is G.REFERENCE
+    assert G.choose_gemm(p, _device((8, 0), False)).reason("scaled_mm").startswith("policy: row-wise FP8")
+    assert G.choose_gemm(G.replace(p, k=584), _device((9, 0), True)).reason("scaled_mm").startswith("needs K % 16")
+    assert G.choose_gemm(p, G.CPU).label == "reference (CPU)"
+    with pytest.raises(G.NoGemmKernel, match="scaled_mm: PyTorch's op"):  # TensorRT: no FP8 GEMM yet
+        G.choose_gemm(p, G.GemmDevice("trt", (9, 0), True, True, tensorrt=True))
+    assert "W FP8 A FP8" in p.describe()
+
+
 def test_plan_text():
     trt = G.GemmDevice("trt", (9, 0), True, True, tensorrt=True)
     row = G.GemmProblem("int8_gemm_dequant", 768, 768, 8, 0, "int8", "float16")

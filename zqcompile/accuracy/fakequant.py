@@ -33,13 +33,13 @@ def _ste(x: torch.Tensor, x_qdq: torch.Tensor) -> torch.Tensor:
 def fake_quant_weight(w_nk: torch.Tensor, scheme: GemmScheme) -> torch.Tensor:
     """W [N, K] -> dequantize(quantize(W)) with the engine's scales; differentiable through the STE."""
     wq = scheme.weight
-    q, scale = qm.quantize_weight(w_nk, wq.bits, wq.granularity, wq.num_groups, wq.group_size)
-    return _ste(w_nk, qm.dequantize_weight(q, scale, wq.bits, w_nk.dtype))
+    return _ste(w_nk, qm.qdq_weight(w_nk, wq.bits, wq.granularity, wq.num_groups, wq.group_size, wq.dtype == "fp8",
+                                    w_nk.dtype))
 
 
-def fake_quant_tokens(x: torch.Tensor) -> torch.Tensor:
-    q, scale = qm.quantize_per_token(x)
-    return _ste(x, qm.dequantize_rows(q, scale, x.dtype))
+def fake_quant_tokens(x: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+    """Per-token INT8 (or FP8 E4M3) quantize -> dequantize, straight-through."""
+    return _ste(x, qm.qdq_tokens(x, fp8))
 
 
 def fake_quant_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ class FakeQuantLinear(nn.Module):
             else:
                 x = fake_quant_tensor(x, self.act_scale)
         elif mode == "token":
-            x = fake_quant_tokens(x)
+            x = fake_quant_tokens(x, self.scheme.act.dtype == "fp8")
         bias = self.inner.bias
         return nn.functional.linear(x, self._weight(), bias)
 

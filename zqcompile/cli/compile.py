@@ -158,7 +158,7 @@ def add_compile_commands(sub) -> None:
     c.add_argument("model", help="Hugging Face folder (a safetensors one is streamed block by block; a "
                                  "compressed-tensors one runs its stored weights), .gguf file, or 'minilm' / 'smollm2'")
     c.add_argument("--config", default=None, help="preset (default w8a8): w8a8, w8a8-fws, w4/8a8, w4/8a16, w8a8/16, "
-                                                  "w8a16, ptq-static, none")
+                                                  "w8a16, ptq-static, fp8, w8a8-fp8act, none")
     c.add_argument("-o", "--out", help="write the engine here (e.g. model.zq); an existing engine there is replaced")
     c.add_argument("--format", choices=("zq", "compressed-tensors"), default="zq",
                    help="what --out is: a zqcompile engine (zq), or a compressed-tensors Hugging Face folder (new or "

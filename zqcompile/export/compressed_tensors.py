@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -60,6 +60,9 @@ def check_exportable(cfg) -> None:
     schemes = [cfg.default, *cfg.roles.values(), *(as_scheme(v) for _, v in cfg.overrides)]
     if cfg.uses_static_activations:
         raise _static_error(f"the GEMMs of config {cfg.name!r}")
+    for s in schemes:
+        if not s.is_float:
+            _scheme({"fqn": f"the GEMMs of config {cfg.name!r}", "scheme_spec": asdict(s)})
     if all(s.is_float for s in schemes):
         raise _nothing_quantized(cfg.name)
 
@@ -72,6 +75,13 @@ def _scheme(gemm: dict) -> tuple[dict, dict | None] | None:
         return None
     if act == "tensor":
         raise _static_error(gemm["fqn"])
+    fp8_w, fp8_a = w.get("dtype") == "fp8", spec["act"].get("dtype") == "fp8"
+    if fp8_a and not fp8_w:
+        raise ExportError(f"cannot export {gemm['fqn']} to compressed-tensors: INT8 weights with FP8 activations "
+                          f"(preset w8a8-fp8act) are no scheme the format's loaders run; compile with 'fp8' (FP8 "
+                          f"weights and activations, float-quantized) or 'w8a8' (int-quantized)")
+    if fp8_w:
+        return ctf.FP8_WEIGHTS, ctf.FP8_TOKEN_INPUT
     # Row groups and per-tensor scales are stored expanded to one scale per output row ([N, 1]), which is
     # exactly the format's channel strategy: each row carries its group's scale.
     strategy, group = ("group", w["group_size"]) if w["granularity"] == "k_groups" else ("channel", None)
@@ -165,7 +175,7 @@ def _layer_tensors(layer: _Layer, groups: list[dict], constants: dict, expected:
     else:
         bits = g["scheme_spec"]["weight"]["bits"]
         values, scale = qm.weight_int8(weight, bits)[rows], constants[c["weight_scale"]][rows].float()
-        if ctf.storage_format(groups[layer.group]["input_activations"]) == ctf.INT_QUANTIZED:
+        if ctf.storage_format(groups[layer.group]["input_activations"]) in (ctf.INT_QUANTIZED, ctf.FLOAT_QUANTIZED):
             out[f"{layer.fqn}.weight"] = values
         else:
             out[f"{layer.fqn}.weight_packed"] = ctf.pack_int32(values, bits)
@@ -204,7 +214,7 @@ def _state_dict(engine, model: nn.Module, layers: list[_Layer], groups: list[dic
         if len(names) < 2:
             continue
         have = [n for n in names if n in out or n in by_param]
-        if any(n in out and out[n].dtype in (torch.int8, torch.int32) for n in have) or \
+        if any(n in out and out[n].dtype in (torch.int8, torch.int32, qm.FP8_DTYPE) for n in have) or \
                 any(f"{n.rsplit('.', 1)[0]}.weight_packed" in out for n in names):
             raise ExportError(f"cannot export {names}: these parameters are one tied tensor and the engine quantized "
                               f"it for one of them; keep that layer in floating point")
@@ -245,6 +255,11 @@ def _side_files(source: str, tokenizer, folder: str) -> list[str]:
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _float(name: str, t: torch.Tensor) -> bool:
+    """A float tensor of the model (not a scale, not FP8 codes): what --dtype converts and config.json names."""
+    return t.is_floating_point() and t.dtype != qm.FP8_DTYPE and not name.endswith("_scale")
+
+
 def export_compressed_tensors(engine, out_dir: str | os.PathLike, tokenizer=None, dtype: str | None = None) -> str:
     """Write `engine` as a compressed-tensors Hugging Face folder at `out_dir` (new or empty; written atomically);
     returns its path. `tokenizer`: saved into the folder; by default the tokenizer files of the folder (or .gguf)
@@ -265,9 +280,8 @@ def export_compressed_tensors(engine, out_dir: str | os.PathLike, tokenizer=None
     layers, groups = _plan(record, model)
     tensors = _state_dict(engine, model, layers, groups)
     if dtype is not None:
-        tensors = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() and not k.endswith("_scale") else v
-                   for k, v in tensors.items()}
-    floats = [t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.endswith("_scale")]
+        tensors = {k: v.to(_DTYPES[dtype]) if _float(k, v) else v for k, v in tensors.items()}
+    floats = [t.dtype for k, t in tensors.items() if _float(k, t)]
     config = dict(record.hf_config, dtype=str(max(set(floats), key=floats.count)).removeprefix("torch."),
                   quantization_config=_quantization_config(model, layers, groups))
     with atomic_dir(out_dir, WHAT) as tmp:

@@ -8,6 +8,8 @@ What a checkpoint of this format holds per quantized Linear layer `<layer>` (com
   too, one per byte) and `<layer>.weight_scale` fp32 [N, 1] (strategy channel) or [N, K // group_size] (group);
 - pack-quantized (integer weights, float activations): `<layer>.weight_packed` int32 [N, ceil(K * bits / 32)],
   `<layer>.weight_scale` as above, `<layer>.weight_shape` int64 [2] = (N, K);
+- float-quantized (FP8 E4M3 weights with FP8 activations): `<layer>.weight` float8_e4m3fn [N, K] and
+  `<layer>.weight_scale` fp32 [N, 1] (strategy channel); dynamic per-token activations store no input scale;
 - symmetric weights store no zero point; dequantized weight = value * scale (per row, or per K group).
 """
 from __future__ import annotations
@@ -35,9 +37,20 @@ def int_args(bits: int, strategy: str, group_size: int | None = None, dynamic: b
 TOKEN_INPUT = int_args(8, "token", dynamic=True)  # dynamic per-token INT8 activations (zqcompile's A8)
 
 
+def fp8_args(strategy: str, dynamic: bool = False) -> dict:
+    """QuantizationArgs of FP8 E4M3 (compressed-tensors' type "float", 8 bits), symmetric."""
+    return {**int_args(8, strategy, None, dynamic), "type": "float"}
+
+
+FP8_WEIGHTS, FP8_TOKEN_INPUT = fp8_args("channel"), fp8_args("token", dynamic=True)
+
+
 def storage_format(input_activations: dict | None) -> str:
     """The format compressed-tensors itself picks for integer weights: int-quantized when the inputs are
-    quantized too, else pack-quantized (the weight-only layout vLLM's WNA16 kernels read)."""
+    quantized too, else pack-quantized (the weight-only layout vLLM's WNA16 kernels read); FP8 inputs (with FP8
+    weights) are float-quantized."""
+    if input_activations is not None and input_activations.get("type") == "float":
+        return FLOAT_QUANTIZED
     return INT_QUANTIZED if input_activations is not None else PACK_QUANTIZED
 
 

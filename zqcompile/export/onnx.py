@@ -117,9 +117,21 @@ def dynamic_shapes_for(inputs: tuple, names: list[str]) -> tuple:
     return tuple(shapes)
 
 
+def opset_for(gm: torch.nn.Module) -> int:
+    """OPSET, or FP8_OPSET when the graph holds FP8 E4M3 tensors (float8 Quantize/DequantizeLinear and Cast)."""
+    from zqcompile.export.onnx_ops import FP8_OPSET
+    graph = getattr(gm, "graph", None)
+    for node in graph.nodes if graph is not None else ():
+        val = node.meta.get("val")
+        vals = val if isinstance(val, (tuple, list)) else (val,)
+        if any(isinstance(v, torch.Tensor) and v.dtype == torch.float8_e4m3fn for v in vals):
+            return FP8_OPSET
+    return OPSET
+
+
 def _run_exporter(src: ExportSource, table: dict, dynamic: bool):
     kwargs = dict(dynamo=True, custom_translation_table=table, input_names=src.input_names,
-                  opset_version=OPSET, optimize=True, verbose=False, external_data=False)
+                  opset_version=opset_for(src.gm), optimize=True, verbose=False, external_data=False)
     if dynamic:
         kwargs["dynamic_shapes"] = dynamic_shapes_for(src.example_inputs, src.input_names)
     with warnings.catch_warnings():
@@ -213,7 +225,7 @@ def export_onnx(engine: Union[Exportable, torch.nn.Module], path: Union[str, os.
                 input_names: Sequence[str] | None = None, dynamic: bool = True, gemm_device=None) -> Path:
     """Export a compiled engine (or a GraphModule + example_inputs) to ONNX at `path`.
 
-    dialect="standard": standard ONNX (opset 18), runs in ONNX Runtime on CPU.
+    dialect="standard": standard ONNX (opset 18; 19 with FP8 E4M3 tensors), runs in ONNX Runtime on CPU.
     dialect="tensorrt": fused zq ops as `zq.trt` plugin nodes for TensorRT with libzq_trt_plugins.
     Batch and sequence axes stay dynamic when the captured graph allows it. gemm_device (TensorRT dialect): the
     zqcompile.plugins.gemm_kernels.GemmDevice the GEMM plugins' kernel plans are for (see to_onnx_model)."""

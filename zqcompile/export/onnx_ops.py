@@ -14,14 +14,18 @@ Numerics, and why they match the reference:
   cast to fp32 once, as the reference does.
 - INT4 weights: the packed uint8 initializer is unpacked by Mod/Div in the graph; ORT folds that constant
   subgraph at session load, so the file keeps the 4-bit size and the kernel sees int8.
+- FP8 E4M3 (opset 19): QuantizeLinear / DequantizeLinear with float8e4m3fn codes, bit-exact with torch's cast
+  (saturating, round half to even); the GEMM dequantizes both operands and multiplies in fp32 (see below).
 - LayerNorm / erf / tanh come from ORT's own kernels and may differ from torch by an ulp, which can move a
   quantized value by one step where x * 127 / amax lands on a .5 boundary (tests allow 1 LSB there).
 """
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 from onnxscript import opset18 as op
+from onnxscript import opset19 as op19
 
 from zqcompile.ops import quant_math as qm
 from zqcompile.ops.registry import onnx_translation
@@ -231,3 +235,61 @@ def act_quant(x, bias, gate, act: str, emit_out: bool):
     y = act_producer(x, bias, gate, act)
     q, s = token_quant(y)
     return q, s, (y if emit_out else empty_like(x))
+
+
+# ---- FP8 E4M3 (opset 19: the exporter raises the model's opset to FP8_OPSET when the graph has FP8 tensors) --
+# x * (448 / amax) then QuantizeLinear with scale 1 (saturating, round half to even), as quant_math multiplies by
+# the reciprocal: a QuantizeLinear with scale amax / 448 would divide and differ from the reference by an ulp.
+FP8_OPSET = 19
+FLOAT8E4M3FN = 17
+
+
+def _fp8_zero():
+    return op19.Constant(value=ir.tensor(np.zeros((), dtype=ml_dtypes.float8_e4m3fn)))
+
+
+def fp8_to_float(q, scale=None, axis: int = 1):
+    """DequantizeLinear of FP8 codes: scale None = 1 (the codes' values; per-token scales are multiplied after),
+    else a 1-D scale along `axis` (the weight's rows)."""
+    if scale is None:
+        return op19.DequantizeLinear(q, _f(1.0), _fp8_zero())
+    # per axis: no zero point (it would have to be 1-D of the axis' length; the codes' type is the input's)
+    return op19.DequantizeLinear(q, op.Reshape(op.Cast(scale, to=FLOAT), _ints(-1)), axis=axis)
+
+
+def token_quant_fp8(x):
+    """(FP8 q, fp32 scale [..., 1]) of quant_math.quantize_per_token_fp8."""
+    xf = op.Cast(x, to=FLOAT)
+    amax = op.Max(op.ReduceMax(op.Abs(xf), _ints(-1), keepdims=1), _f(qm.EPS))
+    q = op19.QuantizeLinear(op.Mul(xf, op.Div(_f(qm.FP8_MAX), amax)), _f(1.0), _fp8_zero())
+    return q, op.Div(amax, _f(qm.FP8_MAX))
+
+
+@onnx_translation("quantize_per_token_fp8", dialect="standard")
+def quantize_per_token_fp8(x):
+    return token_quant_fp8(x)
+
+
+@onnx_translation("norm_quant_fp8", dialect="standard")
+def norm_quant_fp8(x, residual, weight, bias, eps: float, kind: str, emit_out: bool, emit_sum: bool):
+    h = x if residual is None else op.Add(x, residual)
+    y = norm(h, weight, bias, eps, kind, dtype_of(x))
+    q, s = token_quant_fp8(y)
+    return q, s, (y if emit_out else empty_like(x)), (op.Identity(h) if emit_sum and residual is not None
+                                                       else empty_like(x))
+
+
+@onnx_translation("act_quant_fp8", dialect="standard")
+def act_quant_fp8(x, bias, gate, act: str, emit_out: bool):
+    y = act_producer(x, bias, gate, act)
+    q, s = token_quant_fp8(y)
+    return q, s, (y if emit_out else empty_like(x))
+
+
+@onnx_translation("fp8_gemm_dequant", dialect="standard")
+def fp8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act: str, out_dtype: int):
+    """fp32 x values @ (W values * row scale)^T, then * x_scale: ORT has no FP8 MatMul on CPU, so both operands
+    are dequantized (exactly, for x) and multiplied in fp32."""
+    w = fp8_to_float(wq, w_scale, axis=0)
+    y = op.Mul(op.MatMul(fp8_to_float(xq), op.Transpose(w, perm=[1, 0])), op.Cast(x_scale, to=FLOAT))
+    return epilogue(y, bias, act, residual, out_dtype)

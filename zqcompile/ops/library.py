@@ -35,6 +35,18 @@ def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
+@declare("quant", cuda="reference", tensorrt="standard")
+def quantize_per_token_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [..., K] float -> (float8_e4m3fn [..., K], fp32 scale [..., 1] = max|row| / 448); dynamic per token.
+    No zq CUDA kernel: on CUDA these torch ops run (a few elementwise kernels, not one)."""
+    return qm.quantize_per_token_fp8(x)
+
+
+@quantize_per_token_fp8.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=qm.FP8_DTYPE), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
 @declare("quant", cuda="kernel", tensorrt="standard")
 def quantize_per_tensor(x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """Static INT8 with a calibrated 0-d scale; the per-row scale output keeps the GEMM op uniform."""
@@ -48,7 +60,7 @@ def _(x, scale):
 
 @declare("qdq", cuda="reference", tensorrt="standard")
 def dequantize_per_token(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """Unfused QDQ form (between the insert and fuse passes): int8 rows * scale -> float."""
+    """Unfused QDQ form (between the insert and fuse passes): int8 (or FP8) rows * scale -> float."""
     return qm.dequantize_rows(q, scale, dtype)
 
 
@@ -59,7 +71,7 @@ def _(q, scale, dtype):
 
 @declare("qdq", cuda="reference", tensorrt="standard")
 def dequantize_weight(wq: Tensor, w_scale: Tensor, w_bits: int, dtype: torch.dtype) -> Tensor:
-    """Unfused QDQ form of a quantized weight: [N, K] (or packed [N, K/2]) -> float [N, K]."""
+    """Unfused QDQ form of a quantized weight: int8 or FP8 [N, K] (or packed INT4 [N, K/2]) -> float [N, K]."""
     return qm.dequantize_weight(wq, w_scale, w_bits, dtype)
 
 
@@ -75,35 +87,70 @@ def norm_quant(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Opti
                kind: str, emit_out: bool, emit_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """h = x (+ residual); y = LayerNorm/RMSNorm(h) -> (int8 y, per-token scales, y if emit_out,
     h if emit_sum). kind: "layer" | "rms". One pass over the row in a kernel."""
+    return _norm_then(qm.quantize_per_token, x, residual, weight, bias, eps, kind, emit_out, emit_sum)
+
+
+def _norm_then(quantize, x, residual, weight, bias, eps, kind, emit_out, emit_sum):
     h = x if residual is None else x + residual
     y = qm.norm(h, weight, bias, eps, kind)
-    q, s = qm.quantize_per_token(y)
+    q, s = quantize(y)
     return q, s, (y if emit_out else _empty(x)), (h.clone() if emit_sum and residual is not None else _empty(x))
 
 
 @norm_quant.register_fake
-def _(x, residual, weight, bias, eps, kind, emit_out, emit_sum):
+def _norm_quant_fake(x, residual, weight, bias, eps, kind, emit_out, emit_sum):
     out = x.new_empty(x.shape) if emit_out else x.new_empty((0,))
     hsum = x.new_empty(x.shape) if emit_sum and residual is not None else x.new_empty((0,))
     return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
             out, hsum)
 
 
+@declare("fused", cuda="reference", tensorrt="standard")
+def norm_quant_fp8(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
+                   kind: str, emit_out: bool, emit_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """norm_quant with FP8 E4M3 codes (quantize_per_token_fp8) instead of int8. No CUDA kernel emits FP8 yet:
+    on CUDA the reference's torch ops run (the norm, then the quantization), which the plan says."""
+    return _norm_then(qm.quantize_per_token_fp8, x, residual, weight, bias, eps, kind, emit_out, emit_sum)
+
+
+@norm_quant_fp8.register_fake
+def _(x, residual, weight, bias, eps, kind, emit_out, emit_sum):
+    q, s, out, hsum = _norm_quant_fake(x, residual, weight, bias, eps, kind, emit_out, emit_sum)
+    return q.to(qm.FP8_DTYPE), s, out, hsum
+
+
 @declare("fused", cuda="kernel", tensorrt="plugin")
 def act_quant(x: Tensor, bias: Optional[Tensor], gate: Optional[Tensor], act: str,
               emit_out: bool) -> tuple[Tensor, Tensor, Tensor]:
     """y = act(x + bias), or act(gate) * x -> (int8 y, per-token scales, y if emit_out)."""
+    return _act_then(qm.quantize_per_token, x, bias, gate, act, emit_out)
+
+
+def _act_then(quantize, x, bias, gate, act, emit_out):
     y = qm.act_producer(x, bias, gate, act)
-    q, s = qm.quantize_per_token(y)
+    q, s = quantize(y)
     if y is x:  # act "none" without bias or gate: an op's output must not be its input (torch.library's contract)
         y = x.clone()
     return q, s, (y if emit_out else _empty(x))
 
 
 @act_quant.register_fake
-def _(x, bias, gate, act, emit_out):
+def _act_quant_fake(x, bias, gate, act, emit_out):
     return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
             x.new_empty(x.shape) if emit_out else x.new_empty((0,)))
+
+
+@declare("fused", cuda="reference", tensorrt="standard")
+def act_quant_fp8(x: Tensor, bias: Optional[Tensor], gate: Optional[Tensor], act: str,
+                  emit_out: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """act_quant with FP8 E4M3 codes; on CUDA the reference's torch ops run (no FP8-emitting kernel yet)."""
+    return _act_then(qm.quantize_per_token_fp8, x, bias, gate, act, emit_out)
+
+
+@act_quant_fp8.register_fake
+def _(x, bias, gate, act, emit_out):
+    q, s, out = _act_quant_fake(x, bias, gate, act, emit_out)
+    return q.to(qm.FP8_DTYPE), s, out
 
 
 # ---- GEMMs with the dequantization fused ---------------------------------------------------------------
@@ -117,6 +164,20 @@ def int8_gemm_dequant(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, 
 
 @int8_gemm_dequant.register_fake
 def _(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype):
+    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=out_dtype)
+
+
+@declare("fused", cuda="kernel", tensorrt="standard")
+def fp8_gemm_dequant(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                     residual: Optional[Tensor], act: str, out_dtype: torch.dtype) -> Tensor:
+    """FP8 E4M3 x [..., K] (per-token scales [..., 1]) times FP8 E4M3 W [N, K] (row scales [N, 1]) ->
+    (acc * x_scale * w_scale) (+ bias) -> act -> (+ residual) in out_dtype. CUDA: torch._scaled_mm with
+    row-wise scales (plugins/cuda_fp8.py)."""
+    return qm.fp8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, out_dtype)
+
+
+@fp8_gemm_dequant.register_fake
+def _(xq, x_scale, wq, w_scale, bias, residual, act, out_dtype):
     return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=out_dtype)
 
 

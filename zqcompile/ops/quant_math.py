@@ -9,6 +9,10 @@ Conventions (the contract the CUDA kernels and the ONNX/TensorRT translations im
   in fp32 (row groups and per-tensor: group_k = K, the scale expanded to each row, the layout the GEMM
   epilogue reads per output column). INT4 packs two values per byte along K: element 2j in the low
   nibble, 2j+1 in the high nibble, two's complement.
+- FP8 E4M3 (torch.float8_e4m3fn, largest finite 448): per-token activations scale = amax_c / 448,
+  q = fp8(clamp(x * (448 / amax_c), -448, 448)) (round to nearest even in the cast); weights one scale per
+  output row, max|w_row| / 448, q = fp8(clamp(w / scale, -448, 448)). The clamp matters: E4M3FN has no
+  infinity, an out-of-range cast gives NaN.
 - GEMM: acc = sum_k xq * wq computed exactly (int32 in kernels; float64 here, exact for these ranges),
   with K-group scales applied per group; y = acc * x_scale[m] (* w_scale[n, g]) (+ bias) -> act -> (+ residual).
 """
@@ -22,10 +26,14 @@ QMAX = {8: 127, 4: 7}
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "silu")
 
 
-def token_scale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+def token_scale(x: torch.Tensor, qmax: float = 127.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (last dim) amax -> (scale [..., 1], inverse multiplier [..., 1]), both fp32."""
     amax = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(EPS)
-    return amax / 127.0, 127.0 / amax
+    return amax / qmax, qmax / amax
 
 
 def quantize_rows(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
@@ -35,6 +43,21 @@ def quantize_rows(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale, inv = token_scale(x)
     return quantize_rows(x, inv), scale
+
+
+def to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values already divided by their scale -> float8_e4m3fn, saturated at +-448."""
+    return x.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (float8_e4m3fn [..., K], fp32 scale [..., 1] = max|row| / 448)."""
+    scale, inv = token_scale(x, FP8_MAX)
+    return to_fp8(x.float() * inv), scale
+
+
+def is_fp8(t: torch.Tensor) -> bool:
+    return t.dtype == FP8_DTYPE
 
 
 def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +179,38 @@ def quantize_with_scales(w: torch.Tensor, scale: torch.Tensor, bits: int,
     return q
 
 
+def quantize_weight_fp8(w: torch.Tensor, chunk_elems: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] float -> (float8_e4m3fn [N, K], fp32 scale [N, 1] = max|w_row| / 448), in row chunks."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    scale = fp8_weight_scales(w, chunk_elems)
+    return quantize_fp8_with_scales(w, scale, chunk_elems), scale
+
+
+def fp8_weight_scales(w: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    n, k = w.shape
+    amax = torch.cat([w[r0:r1].detach().float().abs().amax(dim=1, keepdim=True)
+                      for r0, r1 in _row_chunks(n, k, 1, chunk_elems)])
+    return (amax.clamp_min(EPS) / FP8_MAX).contiguous()
+
+
+def quantize_fp8_with_scales(w: torch.Tensor, scale: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    n, k = w.shape
+    w, scale = w.detach(), scale.to(w.device)
+    q = w.new_empty((n, k), dtype=FP8_DTYPE)  # like w: a fake w (a streamed compile) gives a fake q
+    for r0, r1 in _row_chunks(n, k, 1, chunk_elems):
+        q[r0:r1] = to_fp8(w[r0:r1].float() / scale[r0:r1])
+    return q
+
+
+def quantize_weight_fp8_shard(full: torch.Tensor, shard: torch.Tensor, dim: int,
+                              start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_weight_fp8(full) sliced to the tensor-parallel `shard` (rows: dim 0, K: dim 1): row scales
+    follow their rows and come whole from `full` on a K slice."""
+    scale = fp8_weight_scales(shard) if dim == 0 else fp8_weight_scales(full).to(shard.device)
+    return quantize_fp8_with_scales(shard, scale), scale
+
+
 def check_shard_groups(shape: tuple[int, int], dim: int, start: int, size: int, bits: int, granularity: str,
                        num_groups: int | None = None, group_size: int | None = None) -> int:
     """The K-group size of the full [N, K] weight (check_weight_groups) when the slice [start, start + size) of
@@ -217,6 +272,22 @@ def dequantize_weight(wq: torch.Tensor, scale: torch.Tensor, bits: int, dtype: t
     return (q * scale.float().repeat_interleave(gk, dim=1)).to(dtype)
 
 
+def qdq_weight(w: torch.Tensor, bits: int, granularity: str, num_groups: int | None, group_size: int | None,
+               fp8: bool, dtype: torch.dtype) -> torch.Tensor:
+    """dequantize(quantize(W)) as the engine quantizes it: INT (bits, groups) or FP8 E4M3 per row."""
+    if fp8:
+        q, scale = quantize_weight_fp8(w)
+        return dequantize_weight(q, scale, 8, dtype)
+    q, scale = quantize_weight(w, bits, granularity, num_groups, group_size)
+    return dequantize_weight(q, scale, bits, dtype)
+
+
+def qdq_tokens(x: torch.Tensor, fp8: bool) -> torch.Tensor:
+    """dequantize(quantize_per_token(x)) in x's dtype: INT8 or FP8 E4M3 codes."""
+    q, scale = quantize_per_token_fp8(x) if fp8 else quantize_per_token(x)
+    return dequantize_rows(q, scale, x.dtype)
+
+
 # ---- GEMM and epilogues -------------------------------------------------------------------------------
 def apply_act(y: torch.Tensor, act: str) -> torch.Tensor:
     if act == "none":
@@ -253,6 +324,12 @@ def int_gemm_scaled(xq: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, b
 
 def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out_dtype):
     return epilogue(int_gemm_scaled(xq, wq, w_scale, w_bits) * x_scale.float(), bias, act, residual, out_dtype)
+
+
+def fp8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act: str, out_dtype):
+    """FP8 x [..., K] times FP8 W [N, K] (row scales [N, 1]): the products of E4M3 values are exact in float64
+    (and their sum for any K a model has), so this is dequantize(x) @ dequantize(W)^T up to the scale roundings."""
+    return int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, 8, out_dtype)
 
 
 def weight_only_gemm(x, wq, w_scale, bias, residual, act: str, w_bits: int):

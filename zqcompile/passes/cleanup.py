@@ -5,9 +5,19 @@ Matches: dead nodes, unused get_attr constants, leftover `zq.dequantize_*`. Emit
 """
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from zqcompile.passes.base import NotFused, PassContext, PassResult, calls, delete_attr, fqn_of, zq
+
+
+def _why_unfused(n: fx.Node) -> str:
+    codes = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
+    if n.target == zq.dequantize_per_token.default and codes is not None and codes.dtype == torch.float8_e4m3fn \
+            and all(u.target == zq.weight_only_gemm.default for u in n.users):
+        return ("FP8 activations into INT8 weights: no GEMM multiplies FP8 by INT8, so the FP8-rounded activation is "
+                "dequantized and the INT8-weight A16 GEMM (weight_only_gemm) reads it")
+    return "consumer is not a GEMM the fusion knows: runs unfused (QDQ)"
 
 
 def cleanup(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -20,8 +30,7 @@ def cleanup(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if name not in used and delete_attr(gm, name):
             freed += 1
     for n in calls(gm, zq.dequantize_per_token.default, zq.dequantize_weight.default):
-        ctx.not_fused.append(NotFused(str(n.target.name()), fqn_of(n),
-                                      "consumer is not a GEMM the fusion knows: runs unfused (QDQ)"))
+        ctx.not_fused.append(NotFused(str(n.target.name()), fqn_of(n), _why_unfused(n)))
     g.lint()
     gm.recompile()
     removed = before - len(g.nodes)

@@ -103,7 +103,7 @@ class FakeQuant(fx.Interpreter):
         if n.op == "call_function" and n.target == aten.linear.default and (self._quantized(n) or n in self.mul):
             args, _ = self.fetch_args_kwargs_from_env(n)
             x, w, b = args[0], args[1], args[2] if len(args) > 2 else None
-            xf = fake_x(x.float()) if self._quantized(n) else x.float()
+            xf = fake_x(x, n) if self._quantized(n) else x.float()
             y = torch.nn.functional.linear(xf, self._weight(n, w), None if b is None else b.float())
             return y.to(x.dtype)
         out = super().run_node(n)
@@ -136,21 +136,19 @@ def calibration_batches(gm: fx.GraphModule, ctx: PassContext) -> tuple[list[tupl
 
 def fake_w(w: torch.Tensor, node: fx.Node) -> torch.Tensor:
     wq = node.meta["zq_gemm"].scheme.weight
-    q, s = qm.quantize_weight(w, wq.bits, wq.granularity, wq.num_groups, wq.group_size)
-    return qm.dequantize_weight(q, s, wq.bits, torch.float32)
+    return qm.qdq_weight(w, wq.bits, wq.granularity, wq.num_groups, wq.group_size, wq.dtype == "fp8", torch.float32)
 
 
-def fake_x(x: torch.Tensor) -> torch.Tensor:
-    q, s = qm.quantize_per_token(x)
-    return q.float() * s
+def fake_x(x: torch.Tensor, node: fx.Node) -> torch.Tensor:
+    return qm.qdq_tokens(x.float(), node.meta["zq_gemm"].scheme.act.dtype == "fp8")
 
 
 def _site_error(x: torch.Tensor, ws: list[tuple[torch.Tensor, fx.Node]], s: Optional[torch.Tensor]) -> float:
     """Relative squared error of the site's quantized GEMM outputs on the sampled rows, with scales s."""
     err = ref = 0.0
     xs = x if s is None else x / s
-    xq = fake_x(xs)
     for w, node in ws:
+        xq = fake_x(xs, node)
         y = x @ w.t()
         wsc = w if s is None else w * s
         yq = xq @ fake_w(wsc, node).t()

@@ -12,7 +12,7 @@ from zqcompile.passes.base import (PassContext, PassResult, act_of, arg, aten, c
                                    shape_of, zq)
 from zqcompile.passes.match import Fused, Match, P, Rule, rewrite, substitute
 
-GEMMS = (zq.int8_gemm_dequant.default, zq.weight_only_gemm.default)
+GEMMS = (zq.int8_gemm_dequant.default, zq.fp8_gemm_dequant.default, zq.weight_only_gemm.default)
 ALONE = P.node("gemm", where=lambda gemm: len(gemm.users) == 1)  # the GEMM, read by nothing else
 NO_ACT = P.node("gemm", where=lambda gemm: len(gemm.users) == 1 and arg(gemm, "act") == "none")
 

@@ -3,8 +3,9 @@ Sec. 4.3), so one kernel reads the float input and writes int8 + per-token scale
 
 Matches `zq.quantize_per_token(p)` where p is: `layer_norm` / `rms_norm` (with a residual `add` in front of
 it when there is one), `gelu`, `relu`, `silu`, or a gated MLP's `mul(act(gate), up)` (SiLU: LLaMA; tanh-GeLU:
-Gemma). Emits `zq.norm_quant` / `zq.act_quant`; the float output (and the residual sum) are emitted only when
-another consumer still needs them.
+Gemma). Emits `zq.norm_quant` / `zq.act_quant` (from `zq.quantize_per_token_fp8`: `zq.norm_quant_fp8` /
+`zq.act_quant_fp8`, which no CUDA kernel fuses yet: their records say so); the float output (and the residual
+sum) are emitted only when another consumer still needs them.
 A view / reshape that keeps the last dim (the token's row) between producer and quant is moved after the quant
 first: per-token quantization commutes with it (Mixtral's experts read the norm's output as [tokens, hidden]).
 """
@@ -14,7 +15,7 @@ from torch import fx
 
 from zqcompile.passes.base import (PassContext, PassResult, act_of, aten, calls, copy_meta, fqn_of, getitems, last_of,
                                    shape_of, zq)
-from zqcompile.passes.match import Fused, Match, P, Rule, erase_unused, match, rewrite
+from zqcompile.passes.match import Fused, Match, P, Rule, erase_unused, match, op_name, rewrite
 
 NORMS = {aten.layer_norm.default: "layer", aten.rms_norm.default: "rms"}
 X = P.any("x")
@@ -33,8 +34,18 @@ def gelu(x: P, approximate: str, name: str = "prod") -> P:
     return P(aten.gelu.default, x, approximate=approximate, name=name)
 
 
+# per-token quantization -> the fused (norm, activation) ops that emit its codes
+FUSED = {zq.quantize_per_token.default: (zq.norm_quant.default, zq.act_quant.default),
+         zq.quantize_per_token_fp8.default: (zq.norm_quant_fp8.default, zq.act_quant_fp8.default)}
+FP8_NOTE = "FP8 codes: no CUDA kernel fuses this yet, on CUDA it runs as torch ops (producer, then quantize)"
+
+
 def quant(prod: P) -> P:
-    return P(zq.quantize_per_token.default, prod)
+    return P(tuple(FUSED), prod)
+
+
+def _fp8_note(quant: fx.Node, notes: list[str]) -> str:
+    return "; ".join(([FP8_NOTE] if quant.target == zq.quantize_per_token_fp8.default else []) + notes)
 
 
 def layer_norm(x: P) -> P:
@@ -70,7 +81,7 @@ def _norm_quant(gm: fx.GraphModule, m: Match) -> Fused:
     sum_users = _others(x, norm) if residual else []
     inputs = ((m["a"], m["b"]) if residual else (x, None)) + (m["weight"], m.get("bias"))
     with gm.graph.inserting_after(last_of(inputs)):
-        fused = gm.graph.call_function(zq.norm_quant.default,
+        fused = gm.graph.call_function(FUSED[quant.target][0],
                                        (*inputs, float(eps), kind, bool(norm_users), bool(sum_users)))
     copy_meta(fused, norm)
     _, _, out, hsum = _rewire(gm, quant, fused, 4)
@@ -85,7 +96,7 @@ def _norm_quant(gm: fx.GraphModule, m: Match) -> Fused:
                      f"in float: quant fused, float copy kept")
     if sum_users:
         notes.append("residual sum also feeds the next residual: sum emitted by the same kernel")
-    return Fused(fused, "zq.norm_quant", "; ".join(notes))
+    return Fused(fused, op_name(fused), _fp8_note(quant, notes))
 
 
 def _act_quant(gm: fx.GraphModule, m: Match) -> Fused:
@@ -93,18 +104,19 @@ def _act_quant(gm: fx.GraphModule, m: Match) -> Fused:
     quant, prod, x, gate = m.root, m["prod"], m["x"], m.get("gate")
     act, users = act_of(m.get("act", prod)), _others(prod, quant)
     with gm.graph.inserting_after(last_of([x, gate])):
-        fused = gm.graph.call_function(zq.act_quant.default, (x, None, gate, act, bool(users)))
+        fused = gm.graph.call_function(FUSED[quant.target][1], (x, None, gate, act, bool(users)))
     copy_meta(fused, prod)
     _, _, out = _rewire(gm, quant, fused, 3)
     out.meta["val"] = prod.meta.get("val")
     prod.replace_all_uses_with(out)
     erase_unused(gm, m.inner)
-    return Fused(fused, "zq.act_quant", "activation output also has float consumers: float copy kept" if users else "")
+    return Fused(fused, op_name(fused),
+                 _fp8_note(quant, ["activation output also has float consumers: float copy kept"] if users else []))
 
 
 def _quant_of(x) -> str:
     what = f"{x.op} {getattr(x.target, '__name__', x.target)}" if isinstance(x, fx.Node) else "?"
-    return f"quantize_per_token of {what}"
+    return f"quantize_per_token of {what}"  # FP8 too: the record's op says which
 
 
 RULES = [  # at each zq.quantize_per_token, the first that matches
@@ -125,7 +137,7 @@ PER_TENSOR = [Rule.refuse(P(zq.quantize_per_tensor.default), "quantize_per_tenso
                           "static per-tensor quantization (the PTQ baseline) runs as its own kernel")]
 
 
-ROW_VIEW = P(zq.quantize_per_token.default, P((aten.view.default, aten.reshape.default), P.node("src"), P.any("shape"),
+ROW_VIEW = P(tuple(FUSED), P((aten.view.default, aten.reshape.default), P.node("src"), P.any("shape"),
                                                name="view", where=lambda view, src: _keeps_rows(view, src)))
 
 
@@ -140,7 +152,7 @@ def _quant_before_view(gm: fx.GraphModule, m: Match) -> fx.Node:
     quant, view, src, shape = m.root, m["view"], m["src"], list(m["shape"])
     g = gm.graph
     with g.inserting_after(src):
-        new = g.call_function(zq.quantize_per_token.default, (src,))
+        new = g.call_function(quant.target, (src,))
     copy_meta(new, quant)
     q, scale = getitems(gm, new, 2)
     with g.inserting_after(scale):
@@ -159,7 +171,7 @@ def _quant_before_view(gm: fx.GraphModule, m: Match) -> fx.Node:
 
 def _hoist_over_row_views(gm: fx.GraphModule) -> int:
     hoisted = 0
-    for node in calls(gm, zq.quantize_per_token.default):
+    for node in calls(gm, *FUSED):
         while (m := match(ROW_VIEW, node)) is not None:
             node = _quant_before_view(gm, m)
             hoisted += 1
@@ -168,7 +180,7 @@ def _hoist_over_row_views(gm: fx.GraphModule) -> int:
 
 def fuse_producer_quant(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     hoisted = _hoist_over_row_views(gm)
-    done = rewrite(gm, ctx, RULES, calls(gm, zq.quantize_per_token.default))
+    done = rewrite(gm, ctx, RULES, calls(gm, *FUSED))
     rewrite(gm, ctx, PER_TENSOR, calls(gm, zq.quantize_per_tensor.default))  # reported, not counted
     gm.graph.lint()
     notes = [f"{hoisted} quantization(s) moved before a row-preserving view"] if hoisted else []

@@ -1,5 +1,5 @@
 """group_wise_weight: quantize each planned GEMM's weight group-wise (ZeroQuant Sec. 4.1) to INT8 or packed
-INT4 with fp32 scales in the layout the GEMM reads ([N, K // group_k]); a tensor-parallel rank's weight as its
+INT4 (or per row to FP8 E4M3) with fp32 scales in the layout the GEMM reads ([N, K // group_k]); a tensor-parallel rank's weight as its
 slice of the full weight's quantization (ctx.weight_shards). A GEMM whose modules all have a stored
 quantized weight (ctx.stored_weights: a compressed-tensors checkpoint) takes those values and scales as they
 are, stacked in row order, never quantized again.
@@ -53,12 +53,20 @@ def quantized_parts(bits: int, granularity: str, num_groups: int | None, group_s
     return qm.quantize_weight(_cat(list(parts)), bits, granularity, num_groups, group_size)
 
 
+def fp8_parts(*parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_weight_fp8 of the parts' concatenation (per-row E4M3 weights and their fp32 scales)."""
+    return qm.quantize_weight_fp8(_cat(list(parts)))
+
+
 def _stored(ctx: PassContext, info: GemmInfo, weights: list[torch.Tensor], wq_cfg: WeightQuant):
     """make() for the GEMM's stored weights, or None when its modules have none. A plan that does not read them
     as they were stored (other bits or groups) is an error, never a silent re-quantization."""
     parts = [ctx.stored_weights.get(fqn) for fqn, _ in info.parts]
     if not any(p is not None for p in parts):
         return None
+    if wq_cfg.dtype == "fp8":
+        raise ConfigError(f"{info.fqn}: the checkpoint stores INT{parts[0].bits} weights and the plan reads FP8 "
+                          f"weights; compile it with an INT8 scheme (e.g. 'w8a8'), never re-quantized")
     shape, device = (sum(t.shape[0] for t in weights), weights[0].shape[1]), weights[0].device
     missing = [fqn for (fqn, _), p in zip(info.parts, parts) if p is None]
     if missing:
@@ -92,7 +100,8 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         wq_cfg = scheme.weight
         parts = _weight_parts(gm, node.args[1])
-        groups = (wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size)
+        fp8 = wq_cfg.dtype == "fp8"  # E4M3 weights, one scale per row
+        groups = ("fp8",) if fp8 else (wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size)
         # A tensor-parallel rank's weight is exactly its slice of the full weight's quantization. Merged parts are
         # column-parallel rows whose scales are per row or K group (classify_gemms refused the rest): the rows
         # carry them, so quantizing their concatenation is that slice already.
@@ -101,11 +110,13 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             make = _stored(ctx, info, parts, wq_cfg)
             stored += make is not None
             if make is None and shard is not None:
-                make = (lambda: qm.quantize_weight_shard(shard.full, parts[0], shard.dim, shard.start, *groups))
+                make = ((lambda: qm.quantize_weight_fp8_shard(shard.full, parts[0], shard.dim, shard.start)) if fp8
+                        else (lambda: qm.quantize_weight_shard(shard.full, parts[0], shard.dim, shard.start, *groups)))
             # A merged GEMM's float concatenation lives only while its rows are quantized; the recipe names the
             # parts, so the generation graphs find the quantized weight without concatenating again. Stored and
             # sharded weights are memoized only: a streamed compile, which remakes constants, takes neither.
             wq, ws = (ctx.constants.get(("quantize_weight", *groups, *parts), make) if make is not None
+                      else ctx.constants.derive(fp8_parts, *parts) if fp8
                       else ctx.constants.derive(quantized_parts, *groups, *parts))
         except ValueError as e:
             shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])

@@ -1,8 +1,9 @@
 """token_wise_quant: insert activation quantization in front of every GEMM whose plan quantizes its input.
 
 Matches: `aten.linear(x, zq.dequantize_weight(...), b)` with act mode "token" (dynamic, per token: ZeroQuant)
-or "tensor" (static per-tensor, scale calibrated later). GEMMs sharing one input (q, k, v) share one quant
-node. Emits: `x -> zq.quantize_per_token | zq.quantize_per_tensor -> zq.dequantize_per_token -> linear`.
+or "tensor" (static per-tensor, scale calibrated later), INT8 or FP8 E4M3 codes (act dtype "fp8": dynamic per
+token). GEMMs sharing one input and activation scheme (q, k, v) share one quant node. Emits: `x ->
+zq.quantize_per_token | zq.quantize_per_token_fp8 | zq.quantize_per_tensor -> zq.dequantize_per_token -> linear`.
 """
 from __future__ import annotations
 
@@ -25,19 +26,20 @@ QUANTIZED_GEMM = P(aten.linear.default, P.any("x"), P(zq.dequantize_weight.defau
 
 def token_wise_quant(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     matched = rewritten = 0
-    inserted: dict[tuple[fx.Node, str], fx.Node] = {}
+    inserted: dict[tuple[fx.Node, str, str], fx.Node] = {}
     for node in calls(gm, aten.linear.default):
         if (m := match(QUANTIZED_GEMM, node)) is None:
             continue
         matched += 1
         info = node.meta["zq_gemm"]
-        x, mode = m["x"], info.scheme.act.mode
-        key = (x, mode)
+        x, mode, dtype = m["x"], info.scheme.act.mode, info.scheme.act.dtype
+        key = (x, mode, dtype)
         if key not in inserted:
             g = gm.graph
             if mode == "token":
+                quantize = zq.quantize_per_token_fp8 if dtype == "fp8" else zq.quantize_per_token
                 with g.inserting_after(x):
-                    qnode = g.call_function(zq.quantize_per_token.default, (x,))
+                    qnode = g.call_function(quantize.default, (x,))
             else:
                 scale = add_constant(gm, info.fqn + ".act_scale", torch.ones((), dtype=torch.float32),
                                      before=x.next)

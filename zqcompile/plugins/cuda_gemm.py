@@ -167,6 +167,29 @@ def weight_only_gemm(x, wq, w_scale, bias, residual, act, w_bits):
                  (x, wq, w_scale, bias, residual, act, w_bits))
 
 
+@cuda_kernel("fp8_gemm_dequant")
+def fp8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, out_dtype):
+    """torch._scaled_mm with row-wise scales (x_scale [M, 1], w_scale as [1, N], fp32; bf16 out: the row-wise
+    path's output type), then the epilogue in fp32 in PyTorch; the reference where the plan says so."""
+    args = (xq, x_scale, wq, w_scale, bias, residual, act, out_dtype)
+    k, n = xq.shape[-1], wq.shape[0]
+    m = xq.numel() // k if k else 0
+    if m == 0 or k == 0:
+        return lib._ref("fp8_gemm_dequant")(*args)
+    choice = choose_gemm(problem_of("fp8_gemm_dequant", xq, wq, w_scale, bias, residual, 8, out_dtype, m),
+                         device_of(xq.device.index))
+    if choice.kernel.name != "scaled_mm":
+        _served("reference")
+        return lib._fallback("fp8_gemm_dequant", choice.reason("scaled_mm") or "no kernel takes it", *args)
+    acc = torch._scaled_mm(xq.reshape(m, k).contiguous(), wq.contiguous().t(),
+                           scale_a=x_scale.reshape(m, 1).to(torch.float32).contiguous(),
+                           scale_b=w_scale.reshape(1, n).to(torch.float32).contiguous(),
+                           out_dtype=torch.bfloat16, use_fast_accum=False)
+    _served("scaled_mm")
+    y = qm.epilogue(acc.float(), bias, act, None if residual is None else residual.reshape(m, n), out_dtype)
+    return y.reshape(*xq.shape[:-1], n)
+
+
 def chosen(op: str, x, wq, w_scale, bias=None, residual=None, w_bits: int = 8, out_dtype=None,
            device: Optional[GemmDevice] = None) -> GemmChoice:
     """The choice a call with these operands gets (tests, benchmarks)."""

@@ -57,7 +57,7 @@ def dtype_name(dtype) -> Optional[str]:
 @dataclass(frozen=True)
 class GemmProblem:
     """One GEMM as the kernels see it. `m` is the token count, or any M of the bucket being planned."""
-    op: str  # "int8_gemm_dequant" (A8: int8 x) | "weight_only_gemm" (A16: float x)
+    op: str  # "int8_gemm_dequant" (A8: int8 x) | "fp8_gemm_dequant" (FP8 x and W) | "weight_only_gemm" (A16)
     n: int
     k: int
     w_bits: int  # 8 | 4 (packed two per byte along K)
@@ -77,6 +77,8 @@ class GemmProblem:
         return replace(self, m=M_BUCKETS[bucket_index(self.m)][0])
 
     def describe(self) -> str:
+        if self.op == "fp8_gemm_dequant":
+            return f"W FP8 A FP8 M={self.m} N={self.n} K={self.k}, row scales, out {self.out_dtype}"
         a = "A8" if self.x_dtype == "int8" else f"A16 ({self.x_dtype})"
         scales = "row scales" if self.row_scales else f"K groups of {self.group_k}"
         return f"W{self.w_bits}{a} M={self.m} N={self.n} K={self.k}, {scales}, out {self.out_dtype}"
@@ -123,8 +125,15 @@ def _epilogue_reason(p: GemmProblem) -> Optional[str]:
     return None
 
 
+def _int_weights(p: GemmProblem) -> Optional[str]:
+    """The C library's kernels read INT8 / INT4 weights; an FP8 GEMM is scaled_mm's or the reference's."""
+    return "FP8 x FP8: the library's kernels read INT8 / INT4 weights" if p.op == "fp8_gemm_dequant" else None
+
+
 def _int8_x_half_out(p: GemmProblem) -> Optional[str]:
     """The tensor-core kernels multiply int8 x and write fp16 / bf16."""
+    if p.op == "fp8_gemm_dequant":
+        return _int_weights(p)
     if p.x_dtype != "int8":
         return "float activations (A16): it multiplies int8 x"
     if p.out_dtype not in HALF:
@@ -213,7 +222,7 @@ class Fp16Dequant(GemmKernel):
     def can_implement(self, p, d):
         if d.tensorrt:
             return "not in the C kernel library (dequantize + cuBLAS in PyTorch): TensorRT cannot run it"
-        why = _device_reason(d) or _epilogue_reason(p)
+        why = _int_weights(p) or _device_reason(d) or _epilogue_reason(p)
         if why:
             return why
         if p.op == "int8_gemm_dequant":
@@ -232,7 +241,7 @@ class Simt(GemmKernel):
     summary = "CUDA cores (dp4a for A8), any shape: decode-sized M, and every problem the others decline"
 
     def can_implement(self, p, d):
-        why = _device_reason(d) or _epilogue_reason(p)
+        why = _int_weights(p) or _device_reason(d) or _epilogue_reason(p)
         if why:
             return why
         if p.x_dtype not in ("int8", *HALF):
@@ -241,6 +250,29 @@ class Simt(GemmKernel):
             return "a K-group size that does not divide K"
         if p.w_bits == 4 and p.k % 2:
             return "INT4 with an odd K"
+        return None
+
+
+class ScaledMm(GemmKernel):
+    name = "scaled_mm"
+    summary = ("torch._scaled_mm (cuBLASLt / CUTLASS in PyTorch), FP8 E4M3 x FP8 E4M3 with row-wise scales, bf16 "
+               "out; bias / activation / residual applied after it in PyTorch (not fused)")
+
+    def can_implement(self, p, d):
+        if d.tensorrt:
+            return "PyTorch's op, not in the C kernel library: TensorRT cannot run it"
+        why = _device_reason(d)
+        if why:
+            return why
+        if p.op != "fp8_gemm_dequant":
+            return "FP8 x FP8 only"
+        if d.capability != (9, 0):
+            # torch's row-wise scaled_mm also builds for sm_89 / sm_100; only the H200 path is what we test
+            return "policy: row-wise FP8 scaled_mm is used on sm_90 (the device it is tested on)"
+        if p.k % 16 or p.n % 16:
+            return "needs K % 16 == 0 and N % 16 == 0 (FP8 tensor-core tiles)"
+        if p.out_dtype not in FLOATS:
+            return f"{p.out_dtype} output"
         return None
 
 
@@ -253,7 +285,10 @@ class Reference(GemmKernel):
 
 
 MMA, SM90, FP16_DEQUANT, SIMT, REFERENCE = Mma(), Sm90(), Fp16Dequant(), Simt(), Reference()
-KERNELS: tuple[GemmKernel, ...] = (MMA, SM90, FP16_DEQUANT, SIMT, REFERENCE)  # priority order
+SCALED_MM = ScaledMm()
+# priority order; TODO: a CUTLASS sm90 FP8 wgmma kernel with the fused epilogue in the C library (so TensorRT can
+# run FP8 too) would go before SCALED_MM
+KERNELS: tuple[GemmKernel, ...] = (MMA, SM90, FP16_DEQUANT, SIMT, SCALED_MM, REFERENCE)
 BY_NAME = {k.name: k for k in KERNELS}
 
 

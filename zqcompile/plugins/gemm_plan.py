@@ -16,7 +16,7 @@ from torch import fx
 from zqcompile.plugins.gemm_kernels import (CPU, M_BUCKETS, GemmDevice, GemmProblem, NoGemmKernel, bucket_name,
                                             plan_buckets, plan_text, problem_of)
 
-_GEMM_OPS = ("int8_gemm_dequant", "weight_only_gemm")
+_GEMM_OPS = ("int8_gemm_dequant", "fp8_gemm_dequant", "weight_only_gemm")
 
 
 def problem_of_node(node: fx.Node) -> Optional[GemmProblem]:
@@ -32,6 +32,8 @@ def problem_of_node(node: fx.Node) -> Optional[GemmProblem]:
 
     if name == "int8_gemm_dequant":
         x, _, wq, ws, bias, res, _, bits, out_dtype = node.args
+    elif name == "fp8_gemm_dequant":
+        (x, _, wq, ws, bias, res, _, out_dtype), bits = node.args, 8
     else:
         x, wq, ws, bias, res, _, bits = node.args
         out_dtype = val(x).dtype
