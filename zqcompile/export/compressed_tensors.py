@@ -236,6 +236,11 @@ def export_compressed_tensors(engine, out_dir: str | os.PathLike, tokenizer=None
     if not record.hf_config:
         raise ExportError(f"cannot export to compressed-tensors: the engine was compiled from a {record.model} "
                           f"without a Hugging Face config (compressed-tensors folders are Hugging Face models)")
+    copies = [f["fqn"] for f in record.fusions if f["kind"] == "feature-scales:norm-copy"]
+    if copies:
+        raise ExportError(f"cannot export to compressed-tensors: the GEMMs after {copies[0]} read a feature-scaled "
+                          f"copy of that norm, which a Hugging Face model has no place for; compile with "
+                          f"FeatureScales(norm_copies=False)")
     model = _skeleton(record)
     layers, groups = _plan(record, model)
     tensors = _state_dict(engine, model, layers, groups)
