@@ -14,7 +14,6 @@ one summary ("accuracy-budget"). Generation graphs take the engine graph's choic
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +55,9 @@ class _Scorer:
         self.refs = [metric.reference(first_float(fx.Interpreter(gm).run(*x)), x) for x in data]
         self.forwards = 1
 
-    def __call__(self, keep: frozenset, batches: Optional[int] = None) -> float:
+    def __call__(self, keep: frozenset) -> float:
         vals = []
-        for inputs, ref in list(zip(self.data, self.refs))[:batches]:
+        for inputs, ref in zip(self.data, self.refs):
             out = FakeQuant(self.gm, [], {}, keep=keep, weights=self.cache).run(*inputs)
             vals.append(self.metric.values(first_float(out), ref, inputs))
         self.forwards += 1
