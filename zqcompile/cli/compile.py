@@ -176,8 +176,9 @@ def add_compile_commands(sub) -> None:
     c.add_argument("--calib-text", default=None, metavar="PATH",
                    help="calibration text (ptq-static ranges, w8a8-fws feature scales, --accuracy-budget)")
     c.add_argument("--accuracy-budget", type=budget_fraction, default=None, metavar="PCT",
-                   help="keep the fewest GEMMs in FP16 for which the perplexity on --calib-text stays within PCT "
-                        "(e.g. 1%%) of the float model's (causal LMs)")
+                   help="feature-wise scales first, then the fewest GEMMs in FP16 for which the expected "
+                        "perplexity increase on --calib-text (exp of the next-token KL to the float model) stays "
+                        "within PCT (e.g. 1%%) (causal LMs)")
     g = c.add_argument_group("generation (causal LMs: prefill/decode graphs saved with the engine)")
     g.add_argument("--no-generation", action="store_true", help="build no generation graphs (faster compile)")
     g.add_argument("--max-batch", type=positive_int, default=8, help="largest batch engine.generate takes")

@@ -39,8 +39,9 @@ def add_eval_command(subparsers) -> argparse.ArgumentParser:
                    help="calibrate (ptq-static ranges, w8a8-fws feature scales) on this text instead of the first "
                         "windows of --text")
     p.add_argument("--accuracy-budget", type=budget_fraction, default=None, metavar="PCT",
-                   help="keep the fewest GEMMs in FP16 for which the calibration perplexity stays within PCT "
-                        "(e.g. 1%%) of the float model's (--path engine)")
+                   help="feature-wise scales first, then the fewest GEMMs in FP16 for which the expected "
+                        "perplexity increase on the calibration text (exp of the next-token KL to the float model) "
+                        "stays within PCT (e.g. 1%%) (--path engine)")
     p.add_argument("--path", choices=["fakequant", "engine"], default="fakequant",
                    help="measure the quantized model by fake quantization or through the compiled engine")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")

@@ -276,6 +276,11 @@ def export_compressed_tensors(engine, out_dir: str | os.PathLike, tokenizer=None
         raise ExportError(f"cannot export to compressed-tensors: the engine records no Hugging Face config (it was "
                           f"compiled from a {record.model} without one, or by an older zqcompile: compile it again); "
                           f"compressed-tensors folders are Hugging Face models")
+    copies = [f["fqn"] for f in record.fusions if f["kind"] == "feature-scales:norm-copy"]
+    if copies:
+        raise ExportError(f"cannot export to compressed-tensors: the GEMMs after {copies[0]} read a feature-scaled "
+                          f"copy of that norm, which a Hugging Face model has no place for; compile with "
+                          f"FeatureScales(norm_copies=False)")
     model = _skeleton(record)
     layers, groups = _plan(record, model)
     tensors = _state_dict(engine, model, layers, groups)

@@ -101,6 +101,7 @@ class PassContext:
     stored_weights: dict[str, "StoredWeight"] = field(default_factory=dict)
     calibrate_feature_scales: bool = True  # False: fold the scales the engine graph calibrated (generation graphs)
     weight_shards: dict[int, WeightShard] = field(default_factory=dict)  # id(rank's weight) -> its slice (TP)
+    input_names: tuple[str, ...] = ()  # the forward's names of the graph's inputs, in order (when known)
 
     def shard_of(self, weight: torch.Tensor | None) -> WeightShard | None:
         return self.weight_shards.get(id(weight)) if weight is not None else None

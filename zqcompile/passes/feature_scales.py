@@ -3,13 +3,15 @@ activation X, a scale s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) moves the acti
 into the weight: X W^T = (X / s)(W s)^T. The division is folded offline into the producer of X, so it costs
 nothing at run time:
 - a RMSNorm / LayerNorm whose output only feeds GEMMs (q/k/v; gate/up or fc1): its weight (and bias) / s;
-- the up projection before down_proj (x = act(gate) * up is linear in up): up's rows (and bias) / s.
-Producers that are not scale-equivariant are skipped with the reason in the report (a LayerNorm that also
-feeds the residual, as in post-LN BERT; GeLU before fc2). alpha is given, or searched on the calibration data
+- the up projection before down_proj (x = act(gate) * up is linear in up): up's rows (and bias) / s;
+- a norm whose output also feeds something else (post-LN BERT: the residual): a copy of the norm, with weight
+  (and bias) / s, feeds the GEMMs (FeatureScales.norm_copies; one more norm per site at run time).
+Producers that are not scale-equivariant are skipped with the reason in the report (GeLU before fc2). alpha is given, or searched on the calibration data
 (passes/feature_scales_search.py). The scales are computed once per compile (in ctx.constants, by site name)
 and the generation graphs fold the same ones.
 
-Matches: norm -> linear(s), linear(up) -> mul -> linear(down), with A8 GEMMs reading the scaled activation.
+Matches: norm -> linear(s) (and other users: copied), linear(up) -> mul -> linear(down), with A8 GEMMs reading
+the scaled activation.
 Emits: new weight constants; FusionRecord kind "feature-scales" per site, NotFused for skipped sites.
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _linear_input_users(x: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
     return lin, [u for u in x.users if u not in lin]
 
 
-def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[NotFused]]:
+def find_sites(gm: fx.GraphModule, norm_copies: bool = True) -> tuple[list[Site], list[NotFused]]:
     sites, skipped = [], []
     for norm in calls(gm, *_NORMS):
         lin, other = _linear_input_users(norm)
@@ -38,13 +40,14 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[NotFused]]:
             continue
         name = fqn_of(norm) or norm.name
         w = arg(norm, "weight")
-        if other:
-            skipped.append(NotFused("feature scales", name, f"the norm's output also feeds {other[0].name} "
-                                    f"({other[0].target}), e.g. the residual: scaling the norm would change it"))
-        elif not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        if not (isinstance(w, fx.Node) and w.op == "get_attr"):
             skipped.append(NotFused("feature scales", name, "the norm has no weight constant to fold the scales into"))
+        elif other and not norm_copies:
+            skipped.append(NotFused("feature scales", name, f"the norm's output also feeds {other[0].name} "
+                                    f"({other[0].target}), e.g. the residual: scaling the norm would change it "
+                                    f"(FeatureScales(norm_copies=True) gives the GEMMs a scaled copy)"))
         else:
-            sites.append(Site(name, "norm", norm, norm, lin))
+            sites.append(Site(name, "norm-copy" if other else "norm", norm, norm, lin))
     for down in calls(gm, aten.linear.default):
         if not quantized_a8(down):
             continue
@@ -96,9 +99,21 @@ def _replace_constant(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, name:
     drop_constant(gm, old)
 
 
+def _copy_norm(gm: fx.GraphModule, site: Site) -> fx.Node:
+    """A second norm node for the site's GEMMs; the original keeps its other users (the residual). The copy goes
+    first: when a residual add fuses into the copy's quantization, the original then reads the sum it emits."""
+    with gm.graph.inserting_before(site.producer):
+        copy = gm.graph.node_copy(site.producer)
+    copy.meta = dict(site.producer.meta)
+    for g in site.gemms:
+        g.replace_input_with(site.producer, copy)
+    return copy
+
+
 def _fold(gm: fx.GraphModule, ctx: PassContext, site: Site, s: torch.Tensor) -> None:
     p = site.producer
-    if site.kind == "norm":
+    if site.kind in ("norm", "norm-copy"):
+        p = _copy_norm(gm, site) if site.kind == "norm-copy" else p
         _replace_constant(gm, ctx, p, "weight", s, _divided)
         if p.target == aten.layer_norm.default:
             _replace_constant(gm, ctx, p, "bias", s, _divided)
@@ -109,11 +124,14 @@ def _fold(gm: fx.GraphModule, ctx: PassContext, site: Site, s: torch.Tensor) -> 
         _replace_constant(gm, ctx, g, "weight", s, _multiplied)
 
 
+_INTO = {"norm": "the norm weight", "norm-copy": "a copy of the norm's weight", "up": "the up projection rows"}
+
+
 def feature_scales(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     fs = ctx.config.feature_scales
     if fs is None:
         return PassResult(gm, False)
-    sites, skipped = find_sites(gm)
+    sites, skipped = find_sites(gm, fs.norm_copies)
     ctx.not_fused.extend(skipped)
     if not sites:
         return PassResult(gm, False, 0, 0, ["no site where feature-wise scales fold into a producer"])
@@ -135,10 +153,13 @@ def feature_scales(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         _fold(gm, ctx, site, got["s"])
         folded += 1
         s = got["s"]
-        into = "norm weight" + (" and bias" if site.producer.target == aten.layer_norm.default else "") \
-            if site.kind == "norm" else "up projection rows"
+        into = _INTO[site.kind] + (" and bias" if site.kind != "up" and site.producer.target == aten.layer_norm.default
+                                   else "")
+        if site.kind == "norm-copy":
+            into += f" (the norm itself still feeds {', '.join(u.name for u in site.producer.users)})"
         ctx.fusions.append(FusionRecord(
-            "feature-scales", site.name, [fqn_of(g) for g in site.gemms], f"x / s folded into the {into}",
+            "feature-scales:norm-copy" if site.kind == "norm-copy" else "feature-scales", site.name,
+            [fqn_of(g) for g in site.gemms], f"x / s folded into {into}",
             f"alpha {got['alpha']:.2f}, s in [{float(s.min()):.3g}, {float(s.max()):.3g}], quantized GEMM error "
             f"{before:.2e} -> {after:.2e} ({got['data']}; alpha by {got['search']})"))
     gm.graph.lint()

@@ -75,15 +75,14 @@ class _Recorder(fx.Interpreter):
 
 
 class FakeQuant(fx.Interpreter):
-    """The graph as the engine will compute it, in float: each site's activation divided by its scales and its
-    GEMMs' weights multiplied by them (what folding does), every token-wise A8 GEMM but those in `keep` with
+    """The graph as the engine will compute it, in float: each site's GEMMs reading its activation divided by its
+    scales, with their weights multiplied by them (what folding does), every token-wise A8 GEMM but those in `keep` with
     fake-quantized per-token activations and planned weight groups. `weights` caches the fake-quantized
     weights across interpreters of the same graph and scales."""
 
     def __init__(self, gm: fx.GraphModule, sites: list[Site], scales: dict[str, Optional[torch.Tensor]],
                  keep: frozenset = frozenset(), weights: Optional[dict] = None):
         super().__init__(gm)
-        self.div = {s.x: scales[s.name] for s in sites if scales.get(s.name) is not None}
         self.mul = {g: scales[s.name] for s in sites if scales.get(s.name) is not None for g in s.gemms}
         self.keep = keep
         self.weights: dict = {} if weights is None else weights
@@ -103,12 +102,12 @@ class FakeQuant(fx.Interpreter):
         if n.op == "call_function" and n.target == aten.linear.default and (self._quantized(n) or n in self.mul):
             args, _ = self.fetch_args_kwargs_from_env(n)
             x, w, b = args[0], args[1], args[2] if len(args) > 2 else None
-            xf = fake_x(x, n) if self._quantized(n) else x.float()
+            s = self.mul.get(n)
+            xf = x.float() if s is None else x.float() / s  # the division folded into the producer
+            xf = fake_x(xf, n) if self._quantized(n) else xf
             y = torch.nn.functional.linear(xf, self._weight(n, w), None if b is None else b.float())
             return y.to(x.dtype)
-        out = super().run_node(n)
-        s = self.div.get(n)
-        return out if s is None else (out.float() / s).to(out.dtype)
+        return super().run_node(n)
 
 
 def calibration_batches(gm: fx.GraphModule, ctx: PassContext) -> tuple[list[tuple], str]:
