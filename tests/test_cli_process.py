@@ -104,11 +104,6 @@ def _cases(folders, tmp_path) -> dict:
         "unknown_preset": (["compile", g, "--config", "w3a3"], r"unknown preset 'w3a3'; valid presets"),
         "seq_beyond_context": (["compile", g, "--seq", "500"], r"--seq 500 is longer than the model's context"),
         "bad_device": (["compile", g, "--device", "nonsense"], r"--device 'nonsense' is not a device"),
-        # a safetensors folder streams by default; what calibrates through the whole model says what to add
-        "fws_streamed": (["compile", l, "--config", "w8a8-fws"], r"'w8a8-fws' calibrates feature-wise scales .* "
-                                                                 r"add --in-memory"),
-        "static_streamed": (["compile", g, "--config", "ptq-static", "--out", tmp_path / "s.zq"],
-                            r"'ptq-static' calibrates static activation ranges .* add --in-memory"),
         "generate_zero_tokens": (["generate", l, "--prompt", "w1", "--max-new-tokens", "0"], r"must be >= 1, got 0"),
         "generate_no_tokenizer": (["generate", g, "--prompt", "hi"], r"folder '.*gpt2' has no tokenizer files"),
         "generate_empty_prompt": (["generate", l, "--prompt", ""], r"encodes to no tokens"),

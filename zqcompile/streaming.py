@@ -39,16 +39,23 @@ from zqcompile.passes.constants import SharedConstants
 from zqcompile.runtime.constants import module_tensors
 
 
+def why_not_streamable(cfg: QuantConfig) -> str | None:
+    """Why `cfg` needs the whole float model at once (None: it streams)."""
+    if cfg.feature_scales is not None:
+        return "calibrates feature-wise scales on activations that flow through every earlier block"
+    if cfg.uses_static_activations:
+        return "calibrates static activation ranges by running the whole model"
+    if cfg.accuracy_budget is not None:
+        return "measures its accuracy budget through the whole model"
+    return None
+
+
 def check_streamable(cfg: QuantConfig, instead: str) -> None:
     """ConfigError for a configuration that needs the whole float model at once; `instead` says what to do."""
-    if cfg.feature_scales is not None:
-        why = "calibrates feature-wise scales on activations that flow through every earlier block"
-    elif cfg.uses_static_activations:
-        why = "calibrates static activation ranges by running the whole model"
-    else:
-        return
-    raise ConfigError(f"config {cfg.name!r} {why}, which a compile streamed block by block from a folder does "
-                      f"not do: {instead}")
+    why = why_not_streamable(cfg)
+    if why is not None:
+        raise ConfigError(f"config {cfg.name!r} {why}, which a compile streamed block by block from a folder "
+                          f"does not do: {instead}")
 
 
 @dataclass

@@ -4,6 +4,7 @@ and `zqcompile report m.zq`."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 
@@ -32,7 +33,7 @@ def cmd_compile(args) -> int:
     from zqcompile.graph_dump import check_dump_dir, stage_dump
     from zqcompile.checkpoint import has_safetensors
     from zqcompile.models import is_compressed_tensors, load_model, read_config, resolve
-    from zqcompile.streaming import check_streamable
+    from zqcompile.streaming import why_not_streamable
     from zqcompile.runtime.engine import is_engine_file
     as_ct = args.format == "compressed-tensors"
     if as_ct and not args.out:
@@ -54,13 +55,15 @@ def cmd_compile(args) -> int:
                          f"drop --accuracy-budget (or compile the float model with it)")
     import torch
     device, dtype = _device(args.device), getattr(torch, args.dtype or "float32")
-    stream = not imported and not args.in_memory and has_safetensors(path)
-    if stream:  # block by block from the folder: what calibrates through the whole model says to load it
-        check_streamable(cfg, "add --in-memory to load the whole model and compile it")
-        if args.accuracy_budget is not None:
-            raise InputError("--accuracy-budget measures GEMMs through the whole model, which a compile streamed "
-                             "block by block from the folder does not do: add --in-memory")
     calib_text = _calibration_text(args)
+    # a safetensors folder is streamed block by block, unless what the config calibrates needs the whole model
+    stream = not imported and not args.in_memory and has_safetensors(path)
+    why = why_not_streamable(cfg) if stream else None
+    why = why or ("measures its accuracy budget through the whole model" if stream and args.accuracy_budget else None)
+    if why:
+        print(f"zqcompile compile: config {cfg.name!r} {why}: loading the whole model (not streaming the folder)",
+              file=sys.stderr)
+        stream = False
     import zqcompile as zq
     from zqcompile.api import _compile_checked
     generation = False if args.no_generation else zq.CacheSpec(args.max_batch, args.max_cache_len, args.kv_cache)
@@ -171,8 +174,9 @@ def add_compile_commands(sub) -> None:
                    help="float dtype the model is loaded and compiled in (default float32); a compressed-tensors "
                         "folder's float tensors are written in it")
     c.add_argument("--in-memory", action="store_true",
-                   help="load the whole model first (a safetensors folder is otherwise streamed block by block; "
-                        "w8a8-fws, ptq-static and --accuracy-budget need this)")
+                   help="load the whole model first (a safetensors folder is otherwise streamed block by block, "
+                        "unless the config calibrates through the whole model: w8a8-fws, ptq-static, "
+                        "--accuracy-budget)")
     c.add_argument("--calib-text", default=None, metavar="PATH",
                    help="calibration text (ptq-static ranges, w8a8-fws feature scales, --accuracy-budget)")
     c.add_argument("--accuracy-budget", type=budget_fraction, default=None, metavar="PCT",
