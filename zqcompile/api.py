@@ -158,7 +158,8 @@ def compile_folder(path: str | os.PathLike, example_inputs: tuple, config: Quant
     `zq.compile(load_model(path, dtype=dtype).to(device), example_inputs, config, ...)` bit for bit.
 
     Configurations that calibrate on activations through the whole model (feature-wise scales, static
-    ranges) raise ConfigError before anything is loaded: load the model and call zq.compile for those.
+    ranges, an accuracy budget) raise ConfigError before anything is loaded: load the model and call zq.compile
+    for those.
     """
     from zqcompile.streaming import Materializer, check_streamable, skeleton
     cfg = get_config(config)

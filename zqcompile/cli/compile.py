@@ -25,7 +25,9 @@ def check_seq_fits(model, seq: int, what: str = "--seq") -> None:
 
 
 def cmd_compile(args) -> int:
-    from zqcompile.config import get_config
+    from dataclasses import replace
+
+    from zqcompile.config import AccuracyBudget, get_config
     from zqcompile.errors import InputError
     from zqcompile.export.compressed_tensors import WHAT, check_exportable, export_compressed_tensors, folder_bytes
     from zqcompile.export.compressed_tensors_import import load_compressed_tensors
@@ -53,13 +55,14 @@ def cmd_compile(args) -> int:
     if imported and args.accuracy_budget is not None:
         raise InputError(f"{args.model} is a compressed-tensors checkpoint: its stored weights run as they are; "
                          f"drop --accuracy-budget (or compile the float model with it)")
+    if args.accuracy_budget is not None:  # in the config, as zq.compile(accuracy_budget=) puts it
+        cfg = replace(cfg, accuracy_budget=AccuracyBudget(budget=args.accuracy_budget))
     import torch
     device, dtype = _device(args.device), getattr(torch, args.dtype or "float32")
     calib_text = _calibration_text(args)
     # a safetensors folder is streamed block by block, unless what the config calibrates needs the whole model
     stream = not imported and not args.in_memory and has_safetensors(path)
     why = why_not_streamable(cfg) if stream else None
-    why = why or ("measures its accuracy budget through the whole model" if stream and args.accuracy_budget else None)
     if why:
         print(f"zqcompile compile: config {cfg.name!r} {why}: loading the whole model (not streaming the folder)",
               file=sys.stderr)
@@ -86,7 +89,7 @@ def cmd_compile(args) -> int:
         calibration = _calibration_data(args, calib_text, model) if calib_text is not None else None
         t0 = time.perf_counter()
         engine = zq.compile(model, (example_ids(model, args.batch, args.seq).to(device),), cfg,
-                            generation=generation, calibration_data=calibration, accuracy_budget=args.accuracy_budget)
+                            generation=generation, calibration_data=calibration)
         engine.record.source = path
     print(engine.report())
     how = " (streamed block by block from the folder)" if stream else ""
