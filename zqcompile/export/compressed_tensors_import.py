@@ -13,15 +13,14 @@ first), and the plan they give is checked against the tensors the folder holds.
 """
 from __future__ import annotations
 
-import glob
 import os
 import re
-
 from dataclasses import replace
 
 import torch
 from torch import nn
 
+from zqcompile.checkpoint import SafetensorsFolder
 from zqcompile.config import FP, ActQuant, GemmScheme, QuantConfig, WeightQuant, classify_role, resolve_scheme
 from zqcompile.errors import ModelLoadError
 from zqcompile.export import ct_format as ctf
@@ -109,14 +108,9 @@ def _matches(target: str, name: str, module: nn.Module) -> bool:
 
 
 def _read_tensors(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise ModelLoadError(f"{path}: no *.safetensors weight files")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update(load_file(f))
-    return out
+    """Every tensor of the folder, on the CPU, each the engine's own (not a view of the mapped file)."""
+    folder = SafetensorsFolder(path)
+    return {name: folder.load(name, torch.device("cpu")) for name in folder.files}
 
 
 def _stored(path: str, fqn: str, scheme: GemmScheme, tensors: dict) -> StoredWeight:
