@@ -112,8 +112,8 @@ def test_streamed_llama_equals_the_in_memory_compile_and_holds_one_block_at_a_ti
 def test_streamed_other_families_equal_the_in_memory_compile(family, config, tmp_path):
     """GPT-2: Conv1D weights transposed by recipe, biases, the head tied to the embedding; BERT: an encoder
     with INT4 K-groups; Gemma 3: (1 + w) norms folded by recipe; Qwen2 with FP8 weights. The engine owns its
-    float weights: rewriting the folder afterwards changes nothing (on
-    the CPU safetensors reads a tensor as a view of the mapped file)."""
+    float weights: rewriting the folder afterwards changes nothing (on the CPU safetensors reads a tensor as a
+    view of the mapped file)."""
     tiny_model(family).save_pretrained(tmp_path)
     x = ids(2, 8)
     streamed = zq.compile_folder(tmp_path, (x,), config, generation=False)
