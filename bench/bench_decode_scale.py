@@ -208,11 +208,10 @@ def bench_rows(model, shape: str, engine_name: str, args, peak) -> list[dict]:
             row["peak_fraction"] = wbytes / sec / peak if peak and sec > 0 else None
             rows.append(row)
             print(f"  {shape} {engine_name} b{b} L{cache_len}: {row['decode_ms']:.3f} ms/token", flush=True)
-            del ids
             free(args.device)
         if engine_name.startswith("hf"):
             model._cache = None  # the static cache transformers keeps on the model
-        del engine, run
+        engine = run = None  # noqa: F841 - frees the engine before the next compile
         free(args.device)
     return rows
 
