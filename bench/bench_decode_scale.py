@@ -252,6 +252,32 @@ def gemm_table(args) -> list[dict]:
     return rows
 
 
+def attention_table(args) -> list[dict]:
+    """One decode-attention call (the 8B layer: 32 query / 8 KV heads, head dim 128, the whole cache attended)
+    per batch and cache length, for each kernel path; TB/s counts the K and V bytes read."""
+    from zqcompile.plugins import cuda as C
+    hq, hkv, d = (4, 2, 16) if args.smoke else (32, 8, 128)
+    dt = torch.float16 if args.device == "cuda" else torch.float32
+    rows = []
+    for b in args.batches:
+        for l in ([16, 32] if args.smoke else [128, 2048, 4096, 8192]):
+            q = torch.randn(b, hq, 1, d, device=args.device, dtype=dt)
+            k, v = (torch.randn(b, hkv, l, d, device=args.device, dtype=dt) for _ in range(2))
+            mask = torch.ones(b, 1, 1, l, dtype=torch.bool, device=args.device)
+            row = dict(batch=b, cache_len=l, kv_bytes=2 * k.numel() * k.element_size())
+            for path in ("split", "single"):
+                C.decode_attention_path = path
+                with_path = C.attention_paths.copy()
+                us = 1e3 * gemm_ms(lambda: torch.ops.zq.gqa_attention(q, k, v, mask, d ** -0.5), args.device)
+                ran = [key for key in C.attention_paths if C.attention_paths[key] != with_path.get(key, 0)]
+                row[f"{path}_us"], row[f"{path}_tb_s"] = us, row["kv_bytes"] / us / 1e6
+                row[f"{path}_ran"] = ",".join(sorted(ran))
+            C.decode_attention_path = args.attention
+            rows.append(row)
+            print(f"  attention b{b} L{l}: split {row['split_us']:.1f} us, single {row['single_us']:.1f} us", flush=True)
+    return rows
+
+
 def gemm_ms(fn, device: str) -> float:
     if device != "cuda":
         return median_ms(fn, device, 5)
@@ -264,7 +290,7 @@ def fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def markdown(rows: list[dict], gemms: list[dict]) -> str:
+def markdown(rows: list[dict], gemms: list[dict], attn: list[dict]) -> str:
     lines = ["| shape | engine | batch | cache | decode ms/token | tokens/s | kernels/step | weight TB/s | of peak |"
              " method |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -283,6 +309,11 @@ def markdown(rows: list[dict], gemms: list[dict]) -> str:
             cells = [f"{g[p + '_us']:.1f} ({g[p + '_tb_s']:.2f})" + (f" [{g[p + '_kernel']}]" if p + "_kernel" in g
                                                                      else "") for p in ("fp16", "int8", "int4")]
             lines.append(f"| {g['k']} | {g['n']} | {g['m']} | " + " | ".join(cells) + " |")
+    if attn:
+        lines += ["", "| batch | cache | split-L us (TB/s) | single-block us (TB/s) | paths that ran |", "|---|---|---|---|---|"]
+        for a in attn:
+            lines.append(f"| {a['batch']} | {a['cache_len']} | {a['split_us']:.1f} ({a['split_tb_s']:.2f}) | "
+                         f"{a['single_us']:.1f} ({a['single_tb_s']:.2f}) | {a['split_ran']}; {a['single_ran']} |")
     return "\n".join(lines)
 
 
@@ -295,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new", type=int, default=64, help="N of generate(N)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--gemm", action="store_true", help="also the decode GEMM table")
-    p.add_argument("--gemm-only", action="store_true", help="only the decode GEMM table")
+    p.add_argument("--gemm-only", action="store_true", help="only the decode GEMM (and --attn) tables")
+    p.add_argument("--attn", action="store_true", help="also the decode-attention table (split-L vs single block)")
+    p.add_argument("--attention", choices=["split", "single"], default="split",
+                   help="decode-attention kernel of the engines (A/B: single = one block per (row, head))")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shape, reference ops (timings meaningless)")
     p.add_argument("--out", default="bench/results/decode_scale_H200.json")
     args = p.parse_args(argv)
@@ -313,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args.device = "cuda"
         from zqcompile import plugins
-        plugins.load()
+        if not plugins.load():
+            print(f"bench_decode_scale: the CUDA kernel library is not loaded ({plugins.status()}); build it first")
+            return 1
+        from zqcompile.plugins import cuda as C
+        C.decode_attention_path = args.attention
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BYTES_PER_S.items() if k in name), None)
@@ -326,11 +364,12 @@ def main(argv: list[str] | None = None) -> int:
             del model
             free(args.device)
     gemms = gemm_table(args) if args.gemm or args.gemm_only or args.smoke else []
-    table = markdown(rows, gemms)
+    attn = attention_table(args) if args.attn or args.smoke else []
+    table = markdown(rows, gemms, attn)
     print(table)
     result = dict(device=name, peak_bytes_per_s=peak, torch=torch.__version__,
-                  transformers=__import__("transformers").__version__, command=" ".join(sys.argv), rows=rows,
-                  gemm=gemms)
+                  transformers=__import__("transformers").__version__, command=" ".join(sys.argv),
+                  attention_path=args.attention, rows=rows, gemm=gemms, attention=attn)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
