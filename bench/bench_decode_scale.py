@@ -15,7 +15,9 @@ the embedding table included, as issue 13's floors count it); HF: its parameters
 GPU (fits one 10-minute device call per shape):
     python bench/bench_decode_scale.py --shapes 1b --out bench/results/decode_scale_H200.json
     python bench/bench_decode_scale.py --shapes 8b --engines w8a8,none --batches 1,16 --gemm
+    python bench/bench_decode_scale.py --merge a.json b.json --out bench/results/decode_scale_H200.json
 CPU smoke (2 layers, hidden 64, reference ops; timings meaningless):  python bench/bench_decode_scale.py --smoke
+The device calls of issue 13, in order: scripts/gpu_issue13.sh (bench/NOTES_kernels.md says how).
 """
 from __future__ import annotations
 
@@ -317,6 +319,26 @@ def markdown(rows: list[dict], gemms: list[dict], attn: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write(result: dict, out: Path, quiet: bool = False) -> None:
+    table = markdown(result["rows"], result["gemm"], result["attention"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(table + "\n")
+    if not quiet:
+        print(table)
+        print(f"\nwrote {out} and {out.with_suffix('.md')}")
+
+
+def merge(paths: list[str], out: Path) -> int:
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    result = dict(parts[0], command=[r["command"] for r in parts], rows=[], gemm=[], attention=[])
+    for r in parts:
+        for key in ("rows", "gemm", "attention"):
+            result[key] += r.get(key, [])
+    write(result, out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", type=csv(str), default=["1b", "8b"], help="comma list of 1b, 8b")
@@ -331,8 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention", choices=["split", "single"], default="split",
                    help="decode-attention kernel of the engines (A/B: single = one block per (row, head))")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shape, reference ops (timings meaningless)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="no run: join these results (one device call "
+                   "each) into --out and its markdown table")
     p.add_argument("--out", default="bench/results/decode_scale_H200.json")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     bad = [e for e in args.engines if e not in ENGINES] + [s for s in args.shapes if s not in SHAPES]
     if bad:
         p.error(f"unknown engine or shape {bad}; engines: {', '.join(ENGINES)}; shapes: {', '.join(SHAPES)}")
@@ -355,26 +381,22 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BYTES_PER_S.items() if k in name), None)
-    rows = []
+    result = dict(device=name, peak_bytes_per_s=peak, torch=torch.__version__,
+                  transformers=__import__("transformers").__version__, command=" ".join(sys.argv),
+                  attention_path=args.attention, rows=[], gemm=[], attention=[])
     if not args.gemm_only:
         for shape in args.shapes:
             model = make_model(shape, args.smoke, dtype, args.device)
             for engine in args.engines:
-                rows += bench_rows(model, shape, engine, args, peak)
+                result["rows"] += bench_rows(model, shape, engine, args, peak)
+                write(result, Path(args.out), quiet=True)  # so far: a device call cut short keeps these
             del model
             free(args.device)
-    gemms = gemm_table(args) if args.gemm or args.gemm_only or args.smoke else []
-    attn = attention_table(args) if args.attn or args.smoke else []
-    table = markdown(rows, gemms, attn)
-    print(table)
-    result = dict(device=name, peak_bytes_per_s=peak, torch=torch.__version__,
-                  transformers=__import__("transformers").__version__, command=" ".join(sys.argv),
-                  attention_path=args.attention, rows=rows, gemm=gemms, attention=attn)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(table + "\n")
-    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    if args.gemm or args.gemm_only or args.smoke:
+        result["gemm"] = gemm_table(args)
+    if args.attn or args.smoke:
+        result["attention"] = attention_table(args)
+    write(result, Path(args.out))
     return 0
 
 
