@@ -104,9 +104,20 @@ def make_model(shape: str, smoke: bool, dtype: torch.dtype, device: str):
     return model
 
 
-def hf_generate(model, smoke: bool):
+def hf_generate(model, smoke: bool, max_cache_len: int):
+    """HF generate with one StaticCache per batch size, sized max_cache_len (reset before each call): every
+    generate(N) of a batch runs the same static shapes, so transformers' automatic torch.compile of the decode
+    forward compiles once per (batch, cache length), not once per N."""
+    import transformers as T
+    caches: dict[int, object] = {}
+
     def run(ids, new):
-        kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static")
+        b = ids.shape[0]
+        if b not in caches:
+            caches[b] = T.StaticCache(config=model.config, max_cache_len=max_cache_len)
+        cache = caches[b]
+        cache.reset()
+        kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, past_key_values=cache)
         if smoke:
             kw["disable_compile"] = True  # inductor on CPU takes minutes; the GPU run compiles
         with torch.no_grad():
@@ -168,7 +179,7 @@ def bench_rows(model, shape: str, engine_name: str, args, peak) -> list[dict]:
         engine = None
         try:
             if engine_name.startswith("hf"):
-                run, wbytes = hf_generate(model, args.smoke), hf_weight_bytes(model)
+                run, wbytes = hf_generate(model, args.smoke, cache_len + args.new), hf_weight_bytes(model)
             else:
                 t0 = time.perf_counter()
                 engine = zq.compile(model, (torch.randint(3, vocab, (1, 16), device=args.device),), config=engine_name,
@@ -211,8 +222,6 @@ def bench_rows(model, shape: str, engine_name: str, args, peak) -> list[dict]:
             rows.append(row)
             print(f"  {shape} {engine_name} b{b} L{cache_len}: {row['decode_ms']:.3f} ms/token", flush=True)
             free(args.device)
-        if engine_name.startswith("hf"):
-            model._cache = None  # the static cache transformers keeps on the model
         engine = run = None  # noqa: F841 - frees the engine before the next compile
         free(args.device)
     return rows
