@@ -99,7 +99,7 @@ def make_model(shape: str, smoke: bool, dtype: torch.dtype, device: str):
                         eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     with torch.device(device):
-        model = T.LlamaForCausalLM._from_config(cfg, torch_dtype=dtype).eval()
+        model = T.LlamaForCausalLM._from_config(cfg, dtype=dtype).eval()
     model.generation_config.pad_token_id = 0
     return model
 

@@ -52,6 +52,20 @@ constexpr int kAttnUnroll = 4;
 constexpr size_t kAttnStaticSmem = sizeof(float) * (32 + kAttnThreads * kPack);
 constexpr int kAttnMinBlocks = 4;  // per SM: a register budget (128) under which ptxas does not spill
 
+// The kAttnUnroll key rows of a lane: slots t0 + u * kSlots + slot of [0, n) (rows k_rows, mask bytes m), each
+// loaded (16 bytes at column col) where the mask attends: on[u].
+template <class T, int kSlots>
+__device__ __forceinline__ void load_keys(const T* k_rows, const uint8_t* m, int64_t t0, int64_t n, int slot,
+                                          bool active, int64_t col, int d, Raw<T> (&kr)[kAttnUnroll],
+                                          bool (&on)[kAttnUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kAttnUnroll; ++u) {
+    const int64_t t = t0 + u * kSlots + slot;
+    on[u] = t < n && m[t] != 0;
+    if (on[u] && active) kr[u] = load_raw(k_rows + t * d + col);
+  }
+}
+
 template <class T, int kLanes>
 __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
 decode_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, const T* __restrict__ k,
@@ -79,12 +93,7 @@ decode_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, con
   for (int64_t t0 = 0; t0 < l; t0 += kSlots * kAttnUnroll) {  // uniform trip count: shuffles below are safe
     Raw<T> kr[kAttnUnroll];
     bool on[kAttnUnroll];
-#pragma unroll
-    for (int u = 0; u < kAttnUnroll; ++u) {
-      const int64_t t = t0 + u * kSlots + slot;
-      on[u] = t < l && m_row[t] != 0;
-      if (on[u] && active) kr[u] = load_raw(k_row + t * d + col);
-    }
+    load_keys<T, kSlots>(k_row, m_row, t0, l, slot, active, col, d, kr, on);
 #pragma unroll
     for (int u = 0; u < kAttnUnroll; ++u) {
       float dot = 0.f;
@@ -290,12 +299,7 @@ split_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, cons
   for (int64_t t0 = 0; t0 < n; t0 += kSlots * kAttnUnroll) {  // uniform trip count: shuffles below are safe
     Raw<T> kr[kAttnUnroll];
     bool on[kAttnUnroll];
-#pragma unroll
-    for (int u = 0; u < kAttnUnroll; ++u) {
-      const int64_t t = t0 + u * kSlots + slot;
-      on[u] = t < n && m_row[t_begin + t] != 0;
-      if (on[u] && active) kr[u] = load_raw(k_row + (t_begin + t) * d + col);
-    }
+    load_keys<T, kSlots>(k_row + t_begin * d, m_row + t_begin, t0, n, slot, active, col, d, kr, on);
 #pragma unroll
     for (int u = 0; u < kAttnUnroll; ++u) {
       float kf[kPack] = {};
