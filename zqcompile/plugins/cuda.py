@@ -248,6 +248,9 @@ def _decode_attention(q, q_sb, q_sh, k, v, m, scale, out) -> Optional[str]:
     hkv, l = k.shape[1], k.shape[2]
     args = (q.data_ptr(), q_sb, q_sh, k.data_ptr(), v.data_ptr(), m.data_ptr(), DTYPES[q.dtype], b, hq, hkv, l, d,
             float(scale))
+    if decode_attention_path not in ("split", "single"):
+        raise ValueError(f"zqcompile.plugins.cuda.decode_attention_path (env ZQ_DECODE_ATTENTION) must be 'split' or "
+                         f"'single', got {decode_attention_path!r}")
     if decode_attention_path == "single":
         rc = _lib.zq_decode_attention(*args, out.data_ptr(), _stream(q))
         if rc != CUDA_ERROR_NOT_SUPPORTED:  # declined: scores past shared memory; split-L takes any length
