@@ -5,6 +5,7 @@
 #include "zq/attention.h"
 #include "zq/device_math.cuh"
 #include "zq/row_vec.cuh"
+#include "device_info.h"
 
 namespace zq {
 
@@ -51,6 +52,20 @@ constexpr int kAttnUnroll = 4;
 constexpr size_t kAttnStaticSmem = sizeof(float) * (32 + kAttnThreads * kPack);
 constexpr int kAttnMinBlocks = 4;  // per SM: a register budget (128) under which ptxas does not spill
 
+// The kAttnUnroll key rows of a lane: slots t0 + u * kSlots + slot of [0, n) (rows k_rows, mask bytes m), each
+// loaded (16 bytes at column col) where the mask attends: on[u].
+template <class T, int kSlots>
+__device__ __forceinline__ void load_keys(const T* k_rows, const uint8_t* m, int64_t t0, int64_t n, int slot,
+                                          bool active, int64_t col, int d, Raw<T> (&kr)[kAttnUnroll],
+                                          bool (&on)[kAttnUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kAttnUnroll; ++u) {
+    const int64_t t = t0 + u * kSlots + slot;
+    on[u] = t < n && m[t] != 0;
+    if (on[u] && active) kr[u] = load_raw(k_rows + t * d + col);
+  }
+}
+
 template <class T, int kLanes>
 __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
 decode_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, const T* __restrict__ k,
@@ -78,12 +93,7 @@ decode_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, con
   for (int64_t t0 = 0; t0 < l; t0 += kSlots * kAttnUnroll) {  // uniform trip count: shuffles below are safe
     Raw<T> kr[kAttnUnroll];
     bool on[kAttnUnroll];
-#pragma unroll
-    for (int u = 0; u < kAttnUnroll; ++u) {
-      const int64_t t = t0 + u * kSlots + slot;
-      on[u] = t < l && m_row[t] != 0;
-      if (on[u] && active) kr[u] = load_raw(k_row + t * d + col);
-    }
+    load_keys<T, kSlots>(k_row, m_row, t0, l, slot, active, col, d, kr, on);
 #pragma unroll
     for (int u = 0; u < kAttnUnroll; ++u) {
       float dot = 0.f;
@@ -180,6 +190,299 @@ cudaError_t dispatch_lanes(int64_t d8, const void* q, int64_t q_sb, int64_t q_sh
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// ---- split-L (flash-decoding) decode attention ------------------------------------------------------------
+// Grid (split, KV head, batch row): each block takes `chunk` consecutive cache slots of one KV head and every
+// query head of its group, so K and V are read once for the group (GQA). Per head it produces the chunk's
+// softmax state: max m, sum s = sum_t exp(score_t - m), o = sum_t exp(score_t - m) v_t (fp32, unnormalized).
+// With one split the block writes out = o / s itself; otherwise the states go to the workspace and
+// combine_kernel merges the splits: M = max_i m_i, out = sum_i e^(m_i - M) o_i / sum_i e^(m_i - M) s_i.
+// Lanes and slots as in decode_attention_kernel (kLanes lanes a key row, 16-byte loads, kAttnUnroll rows a
+// lane in flight).
+//   1. score[g][t] = scale * q_g.k_t for every group head g (q_g staged in shared memory as fp32), -inf where
+//      masked; the key row is loaded once for all g.
+//   2. warp w takes heads g = w, w + 4, ...: chunk max, p = exp(score - max) in place, chunk sum.
+//   3. V rows are loaded once per pass of kSplitHeads heads; per-slot partitions summed in shared memory in a
+//      fixed order (deterministic).
+constexpr int kSplitHeads = 4;        // query heads accumulated per pass over V (registers: 4 x 8 floats)
+constexpr int kSplitMinChunk = 32;    // slots: below this a split does not pay for its share of the combine
+constexpr int kSplitChunkAlign = 16;
+constexpr int kSplitMaxChunk = 1024;  // slots a block scores (its fp32 scores of all group heads in shared memory)
+constexpr int kCombineThreads = 128;
+constexpr size_t kSplitStaticSmem = sizeof(float) * kAttnThreads * kPack * kSplitHeads;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Largest chunk whose scores of `group` heads stay within 32 KB (and kSplitMaxChunk), a multiple of 16.
+inline int64_t split_chunk_cap(int64_t group) {
+  const int64_t cap = (8192 / group) / kSplitChunkAlign * kSplitChunkAlign;
+  return cap < kSplitChunkAlign ? kSplitChunkAlign : (cap > kSplitMaxChunk ? kSplitMaxChunk : cap);
+}
+
+// Slots per split for `splits` requested (<= 0: chosen from the SM count: about two blocks per SM over the
+// (batch, KV head) blocks, splits of >= 32 slots); the actual split count is ceil(l / chunk).
+inline int64_t split_chunk(int64_t b, int64_t hq, int64_t hkv, int64_t l, int64_t splits) {
+  if (l <= 0) return kSplitChunkAlign;
+  if (splits <= 0) {
+    DeviceInfo info;
+    const int64_t sms = current_device_info(&info) ? info.sm_count : 132;
+    splits = ceil_div(2 * sms, b * hkv);
+    const int64_t most = ceil_div(l, kSplitMinChunk);
+    if (splits > most) splits = most;
+    if (splits < 1) splits = 1;
+  }
+  int64_t chunk = ceil_div(ceil_div(l, splits), kSplitChunkAlign) * kSplitChunkAlign;
+  const int64_t cap = split_chunk_cap(hq / hkv);
+  return chunk > cap ? cap : chunk;
+}
+
+inline size_t split_dyn_smem(int64_t group, int64_t chunk, int64_t d) {
+  return sizeof(float) * (size_t)(group * (chunk + d + 2));  // scores, q, (max, sum) per head
+}
+
+struct SplitWorkspace {
+  float* m;  // [b * hq][splits]
+  float* s;  // [b * hq][splits]
+  float* o;  // [b * hq][splits][d]
+};
+
+inline size_t split_workspace_bytes(int64_t rows, int64_t splits, int64_t d) {
+  if (splits <= 1) return 0;
+  const size_t stats = ((size_t)(rows * splits) * sizeof(float) + 15) / 16 * 16;
+  return 2 * stats + (size_t)(rows * splits * d) * sizeof(float);
+}
+
+inline SplitWorkspace split_workspace(void* ws, int64_t rows, int64_t splits) {
+  const size_t stats = ((size_t)(rows * splits) * sizeof(float) + 15) / 16 * 16;
+  char* base = static_cast<char*>(ws);
+  return {reinterpret_cast<float*>(base), reinterpret_cast<float*>(base + stats),
+          reinterpret_cast<float*>(base + 2 * stats)};
+}
+
+template <class T, int kLanes>
+__global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
+split_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, const T* __restrict__ k,
+                       const T* __restrict__ v, const uint8_t* __restrict__ mask, int hq, int group, int hkv,
+                       int64_t l, int d, int64_t chunk, float scale, SplitWorkspace ws, T* __restrict__ out) {
+  extern __shared__ float dyn[];
+  float* score = dyn;                      // [group][chunk]
+  float* qs = dyn + group * chunk;         // [group][d], fp32
+  float* stat_m = qs + group * d;          // [group]
+  float* stat_s = stat_m + group;          // [group]
+  __shared__ float part[kAttnThreads * kPack * kSplitHeads];  // [slot][head of pass][kLanes * kPack]
+  constexpr int kSlots = kAttnThreads / kLanes;
+  constexpr int kWarps = kAttnThreads / 32;
+  const int64_t split = blockIdx.x, splits = gridDim.x;
+  const int kvh = blockIdx.y;
+  const int64_t bi = blockIdx.z;
+  const int64_t t_begin = split * chunk;
+  const int64_t t_end = t_begin + chunk < l ? t_begin + chunk : l;
+  const int64_t n = t_end - t_begin;  // >= 1: splits = ceil(l / chunk)
+  const int64_t kv_off = (bi * hkv + kvh) * l * d;
+  const T* k_row = k + kv_off;
+  const T* v_row = v + kv_off;
+  const uint8_t* m_row = mask + bi * l;
+  const int lane = threadIdx.x % kLanes, slot = threadIdx.x / kLanes;
+  const bool active = lane < d / kPack;
+  const int64_t col = (int64_t)lane * kPack;
+
+  // q of the group's heads, fp32, in shared memory
+  for (int e = threadIdx.x; e < group * d / kPack; e += kAttnThreads) {
+    const int g = e / (d / kPack), c = (e % (d / kPack)) * kPack;
+    float f[kPack];
+    load_unpack(q + bi * q_sb + (int64_t)(kvh * group + g) * q_sh + c, f);
+#pragma unroll
+    for (int i = 0; i < kPack; ++i) qs[g * d + c + i] = f[i];
+  }
+  __syncthreads();
+
+  // 1. scores
+  for (int64_t t0 = 0; t0 < n; t0 += kSlots * kAttnUnroll) {  // uniform trip count: shuffles below are safe
+    Raw<T> kr[kAttnUnroll];
+    bool on[kAttnUnroll];
+    load_keys<T, kSlots>(k_row + t_begin * d, m_row + t_begin, t0, n, slot, active, col, d, kr, on);
+#pragma unroll
+    for (int u = 0; u < kAttnUnroll; ++u) {
+      float kf[kPack] = {};
+      if (on[u] && active) unpack<T>(kr[u], kf);
+      const int64_t t = t0 + u * kSlots + slot;
+      for (int g = 0; g < group; ++g) {
+        float dot = 0.f;
+        if (active) {
+          const float* qg = qs + g * d + col;
+#pragma unroll
+          for (int i = 0; i < kPack; ++i) dot += qg[i] * kf[i];
+        }
+#pragma unroll
+        for (int o = kLanes / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        if (lane == 0 && t < n) score[g * chunk + t] = on[u] ? dot * scale : -INFINITY;
+      }
+    }
+  }
+  __syncthreads();
+
+  // 2. per head: chunk max, p_t in place, chunk sum (one warp a head)
+  const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
+  for (int g = warp; g < group; g += kWarps) {
+    float* sg = score + g * chunk;
+    float mx = -INFINITY;
+    for (int64_t t = wl; t < n; t += 32) mx = fmaxf(mx, sg[t]);
+    mx = warp_max(mx);
+    float sum = 0.f;
+    for (int64_t t = wl; t < n; t += 32) {
+      const float sc = sg[t];
+      const float p = sc == -INFINITY ? 0.f : expf(sc - mx);
+      sg[t] = p;
+      sum += p;
+    }
+    sum = warp_sum(sum);
+    if (wl == 0) {
+      stat_m[g] = mx;
+      stat_s[g] = sum;
+    }
+  }
+  __syncthreads();
+
+  // 3. o = sum_t p_t v_t, kSplitHeads heads a pass
+  for (int g0 = 0; g0 < group; g0 += kSplitHeads) {
+    const int heads = group - g0 < kSplitHeads ? group - g0 : kSplitHeads;
+    float acc[kSplitHeads][kPack] = {};
+    for (int64_t t0 = 0; t0 < n; t0 += kSlots * kAttnUnroll) {
+      Raw<T> vr[kAttnUnroll];
+      float p[kAttnUnroll][kSplitHeads];
+      bool any[kAttnUnroll];
+#pragma unroll
+      for (int u = 0; u < kAttnUnroll; ++u) {
+        const int64_t t = t0 + u * kSlots + slot;
+        any[u] = false;
+#pragma unroll
+        for (int j = 0; j < kSplitHeads; ++j) {
+          p[u][j] = (t < n && j < heads) ? score[(g0 + j) * chunk + t] : 0.f;
+          any[u] |= p[u][j] != 0.f;
+        }
+        if (any[u] && active) vr[u] = load_raw(v_row + (t_begin + t) * d + col);
+      }
+#pragma unroll
+      for (int u = 0; u < kAttnUnroll; ++u) {
+        if (any[u] && active) {
+          float vf[kPack];
+          unpack<T>(vr[u], vf);
+#pragma unroll
+          for (int j = 0; j < kSplitHeads; ++j)
+#pragma unroll
+            for (int i = 0; i < kPack; ++i) acc[j][i] += p[u][j] * vf[i];
+        }
+      }
+    }
+    // part[slot][j][lane * kPack + i]: partition `slot`, head g0 + j, column col + i
+#pragma unroll
+    for (int j = 0; j < kSplitHeads; ++j)
+#pragma unroll
+      for (int i = 0; i < kPack; ++i) part[(slot * kSplitHeads + j) * kLanes * kPack + col + i] = acc[j][i];
+    __syncthreads();
+    for (int e = threadIdx.x; e < heads * d; e += kAttnThreads) {
+      const int j = e / d, c = e % d, g = g0 + j;
+      float y = 0.f;
+      for (int s = 0; s < kSlots; ++s) y += part[(s * kSplitHeads + j) * kLanes * kPack + c];
+      const int64_t row = bi * hq + kvh * group + g;
+      if (splits == 1) {
+        out[row * d + c] = from_f<T>(stat_m[g] == -INFINITY ? 0.f : y / stat_s[g]);
+      } else {
+        ws.o[(row * splits + split) * d + c] = y;
+        if (c == 0) {
+          ws.m[row * splits + split] = stat_m[g];
+          ws.s[row * splits + split] = stat_s[g];
+        }
+      }
+    }
+    __syncthreads();  // part is rewritten by the next pass
+  }
+}
+
+// One block per (batch row, query head): merges the splits' states, in split order (deterministic).
+template <class T>
+__global__ void __launch_bounds__(kCombineThreads)
+combine_kernel(SplitWorkspace ws, int64_t splits, int d, T* __restrict__ out) {
+  extern __shared__ float w[];  // [splits]: e^(m_i - M)
+  __shared__ float red[32];
+  const int64_t row = blockIdx.x;
+  const float* m = ws.m + row * splits;
+  const float* s = ws.s + row * splits;
+  float mx = -INFINITY;
+  for (int64_t i = threadIdx.x; i < splits; i += kCombineThreads) mx = fmaxf(mx, m[i]);
+  mx = block_max(mx, red, -INFINITY);
+  T* o_row = out + row * d;
+  if (mx == -INFINITY) {  // nothing attended in any split (uniform across the block)
+    for (int e = threadIdx.x; e < d; e += kCombineThreads) o_row[e] = from_f<T>(0.f);
+    return;
+  }
+  float sum = 0.f;
+  for (int64_t i = threadIdx.x; i < splits; i += kCombineThreads) {
+    const float wi = m[i] == -INFINITY ? 0.f : expf(m[i] - mx);
+    w[i] = wi;
+    sum += wi * s[i];
+  }
+  const float inv = 1.f / block_sum(sum, red);  // >= 1: the split holding the max; barriers publish w[]
+  const float* o = ws.o + row * splits * d;
+  for (int e = threadIdx.x; e < d; e += kCombineThreads) {
+    float y = 0.f;
+    for (int64_t i = 0; i < splits; ++i) y += w[i] * o[i * d + e];
+    o_row[e] = from_f<T>(y * inv);
+  }
+}
+
+inline cudaError_t allow_smem(const void* kernel, size_t dyn, size_t stat) {
+  if (dyn + stat <= 48 * 1024) return cudaSuccess;
+  int dev = 0, optin = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e != cudaSuccess) return e;
+  if (dyn + stat > (size_t)optin) return cudaErrorNotSupported;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn);
+}
+
+template <class T, int kLanes>
+cudaError_t launch_split_attention(const void* q, int64_t q_sb, int64_t q_sh, const void* k, const void* v,
+                                   const uint8_t* mask, int64_t b, int64_t hq, int64_t hkv, int64_t l, int64_t d,
+                                   float scale, int64_t chunk, void* workspace, void* out, cudaStream_t stream) {
+  const int64_t group = hq / hkv, splits = ceil_div(l, chunk);
+  auto kernel = split_attention_kernel<T, kLanes>;
+  const size_t smem = split_dyn_smem(group, chunk, d);
+  cudaError_t e = allow_smem(reinterpret_cast<const void*>(kernel), smem, kSplitStaticSmem);
+  if (e != cudaSuccess) return e;
+  const SplitWorkspace ws = splits > 1 ? split_workspace(workspace, b * hq, splits) : SplitWorkspace{};
+  kernel<<<dim3((unsigned)splits, (unsigned)hkv, (unsigned)b), kAttnThreads, smem, stream>>>(
+      static_cast<const T*>(q), q_sb, q_sh, static_cast<const T*>(k), static_cast<const T*>(v), mask, (int)hq,
+      (int)group, (int)hkv, l, (int)d, chunk, scale, ws, static_cast<T*>(out));
+  e = cudaGetLastError();
+  if (e != cudaSuccess || splits == 1) return e;
+  auto comb = combine_kernel<T>;
+  const size_t csmem = sizeof(float) * (size_t)splits;
+  e = allow_smem(reinterpret_cast<const void*>(comb), csmem, sizeof(float) * 32);
+  if (e != cudaSuccess) return e;
+  comb<<<(unsigned)(b * hq), kCombineThreads, csmem, stream>>>(ws, splits, (int)d, static_cast<T*>(out));
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t dispatch_split_lanes(int64_t d8, const void* q, int64_t q_sb, int64_t q_sh, const void* k,
+                                 const void* v, const uint8_t* mask, int64_t b, int64_t hq, int64_t hkv, int64_t l,
+                                 int64_t d, float scale, int64_t chunk, void* ws, void* out, cudaStream_t stream) {
+#define ZQ_SPLIT_LANES(N)                                                                                    \
+  if (d8 <= N) return launch_split_attention<T, N>(q, q_sb, q_sh, k, v, mask, b, hq, hkv, l, d, scale, chunk, \
+                                                   ws, out, stream);
+  ZQ_SPLIT_LANES(1) ZQ_SPLIT_LANES(2) ZQ_SPLIT_LANES(4) ZQ_SPLIT_LANES(8) ZQ_SPLIT_LANES(16) ZQ_SPLIT_LANES(32)
+#undef ZQ_SPLIT_LANES
+  return cudaErrorNotSupported;
+}
+
+// The shape contract both decode-attention paths share (zq/attention.h).
+inline bool decode_shape_ok(const void* q, int64_t q_sb, int64_t q_sh, const void* k, const void* v, int64_t b,
+                            int64_t hq, int64_t hkv, int64_t l, int64_t d) {
+  return b >= 0 && l >= 0 && hq > 0 && hkv > 0 && hq % hkv == 0 && hq <= INT32_MAX && d > 0 && d % kPack == 0 &&
+         d <= 256 && b * hq <= INT32_MAX && aligned16(q) && aligned16(k) && aligned16(v) && q_sb % kPack == 0 &&
+         q_sh % kPack == 0;
+}
+
 }  // namespace zq
 
 ZQ_API cudaError_t zq_rope(const void* q, const int64_t* q_stride, const void* k, const int64_t* k_stride,
@@ -205,15 +508,41 @@ ZQ_API cudaError_t zq_rope(const void* q, const int64_t* q_stride, const void* k
 ZQ_API cudaError_t zq_decode_attention(const void* q, int64_t q_sb, int64_t q_sh, const void* k, const void* v,
                                        const uint8_t* mask, zq_dtype dt, int64_t b, int64_t hq, int64_t hkv,
                                        int64_t l, int64_t d, float scale, void* out, cudaStream_t stream) {
-  if (b < 0 || l < 0 || hq <= 0 || hkv <= 0 || hq % hkv != 0 || hq > INT32_MAX || d <= 0 || d % zq::kPack != 0 ||
-      d > 256 || b * hq > INT32_MAX)
-    return cudaErrorNotSupported;
-  if (!zq::aligned16(q) || !zq::aligned16(k) || !zq::aligned16(v) || q_sb % zq::kPack != 0 ||
-      q_sh % zq::kPack != 0)
-    return cudaErrorNotSupported;
+  if (!zq::decode_shape_ok(q, q_sb, q_sh, k, v, b, hq, hkv, l, d)) return cudaErrorNotSupported;
   if (b == 0) return cudaSuccess;
   const int64_t d8 = d / zq::kPack;
   ZQ_DISPATCH_DTYPE(dt, T, return zq::dispatch_lanes<T>(d8, q, q_sb, q_sh, k, v, mask, b, hq, hkv, l, d, scale, out,
                                                         stream));
   return cudaSuccess;
+}
+
+ZQ_API int64_t zq_decode_attention_splits(int64_t b, int64_t hq, int64_t hkv, int64_t l, int64_t splits) {
+  if (b <= 0 || hq <= 0 || hkv <= 0 || hq % hkv != 0 || l <= 0) return 1;
+  return zq::ceil_div(l, zq::split_chunk(b, hq, hkv, l, splits));
+}
+
+ZQ_API size_t zq_decode_attention_workspace_bytes(int64_t b, int64_t hq, int64_t hkv, int64_t l, int64_t d,
+                                                  int64_t splits) {
+  return zq::split_workspace_bytes(b * hq, zq_decode_attention_splits(b, hq, hkv, l, splits), d);
+}
+
+ZQ_API cudaError_t zq_decode_attention_split(const void* q, int64_t q_sb, int64_t q_sh, const void* k, const void* v,
+                                             const uint8_t* mask, zq_dtype dt, int64_t b, int64_t hq, int64_t hkv,
+                                             int64_t l, int64_t d, float scale, int64_t splits, void* workspace,
+                                             size_t workspace_bytes, void* out, cudaStream_t stream) {
+  if (!zq::decode_shape_ok(q, q_sb, q_sh, k, v, b, hq, hkv, l, d) || b > 65535 || hkv > 65535)
+    return cudaErrorNotSupported;
+  if (b == 0) return cudaSuccess;
+  if (l == 0) {  // no slot at all: every row attends to nothing
+    return cudaMemsetAsync(out, 0, (size_t)(b * hq * d) * (dt == ZQ_F32 ? 4 : 2), stream);
+  }
+  const int64_t chunk = zq::split_chunk(b, hq, hkv, l, splits);
+  const int64_t n_splits = zq::ceil_div(l, chunk);
+  if (n_splits > INT32_MAX) return cudaErrorNotSupported;
+  if (zq::split_workspace_bytes(b * hq, n_splits, d) > workspace_bytes ||
+      (n_splits > 1 && !zq::aligned16(workspace)))
+    return cudaErrorInvalidValue;
+  ZQ_DISPATCH_DTYPE(dt, T, return zq::dispatch_split_lanes<T>(d / zq::kPack, q, q_sb, q_sh, k, v, mask, b, hq, hkv,
+                                                              l, d, scale, chunk, workspace, out, stream));
+  return cudaErrorNotSupported;
 }

@@ -37,6 +37,15 @@ def test_kernel_library_builds_and_loads(tmp_path):
     assert lib.zq_gemm_mma_num_configs() > 0  # the sm_80+ tensor-core GEMM is always built
     for sym in ["zq_quantize_per_token", "zq_quantize_per_tensor", "zq_norm_quant", "zq_act_quant",
                 "zq_gemm_simt", "zq_gemm_sm90", "zq_gemm_mma", "zq_gemm_mma_config", "zq_unpack_int4",
-                "zq_dequantize_weight", "zq_rope", "zq_decode_attention", "zq_gemm_run", "zq_gemm_workspace_bytes",
-                "zq_gemm_kernel_name", "zq_gemm_kernel_available", "zq_gemm_plan_parse", "zq_gemm_plan_find"]:
+                "zq_dequantize_weight", "zq_rope", "zq_decode_attention", "zq_decode_attention_split",
+                "zq_decode_attention_splits", "zq_decode_attention_workspace_bytes", "zq_gemm_run",
+                "zq_gemm_workspace_bytes", "zq_gemm_kernel_name", "zq_gemm_kernel_available", "zq_gemm_plan_parse", "zq_gemm_plan_find"]:
         assert hasattr(lib, sym), sym
+    # split-L decode attention's host-side plan (no device here: 132 SMs assumed), through the binding's types
+    cuda._bind(lib)
+    assert lib.zq_decode_attention_splits(64, 32, 8, 128, 0) == 1  # 512 blocks already: no split, no combine
+    assert lib.zq_decode_attention_splits(1, 32, 8, 4096, 0) == 32  # 8 KV heads x 32 splits of 128 slots
+    assert lib.zq_decode_attention_splits(3, 32, 8, 4097, 100000) == 257  # forced: 16-slot chunks
+    assert lib.zq_decode_attention_splits(64, 32, 8, 65536, 0) == 64  # at most 1024 slots a split
+    assert lib.zq_decode_attention_workspace_bytes(1, 32, 8, 4096, 128, 0) == 2 * 32 * 32 * 4 + 32 * 32 * 128 * 4
+    assert lib.zq_decode_attention_workspace_bytes(64, 32, 8, 128, 128, 0) == 0

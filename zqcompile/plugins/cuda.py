@@ -11,6 +11,7 @@ the attention path counter and cuda_gemm.served say what ran.
 from __future__ import annotations
 
 import ctypes
+import os
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -23,7 +24,7 @@ from zqcompile.ops import quant_math as qm
 from zqcompile.ops import registry
 from zqcompile.ops.registry import cuda_kernel
 
-ABI_VERSION = 3  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
+ABI_VERSION = 4  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _lib: Optional[ctypes.CDLL] = None
@@ -51,6 +52,11 @@ def _fallback(op: str, why: str, *args):
 
 
 attention_paths: Counter = Counter()  # "rope" / "decode_attention" (kernels) or "<op>_reference"
+# One-token attention: "split" runs the split-L (flash-decoding) kernel at every cache length; "single" the
+# one-block-per-(row, query head) kernel where its scores fit in shared memory, split-L past that (A/B in
+# benchmarks; env ZQ_DECODE_ATTENTION). decode_attention_splits: 0 = the library's choice (tests force counts).
+decode_attention_path = os.environ.get("ZQ_DECODE_ATTENTION", "split")
+decode_attention_splits = 0
 CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: the kernel declined the inputs, nothing was launched
 
 
@@ -70,6 +76,10 @@ def _bind(lib: ctypes.CDLL) -> None:
         "zq_dequantize_weight": (I, [P, I, P, I64, I64, I64, P, I, P]),
         "zq_rope": (I, [P, P, P, P, P, P, I, I64, I64, I64, I64, I64, P, P, P]),
         "zq_decode_attention": (I, [P, I64, I64, P, P, P, I, I64, I64, I64, I64, I64, F, P, P]),
+        "zq_decode_attention_splits": (I64, [I64, I64, I64, I64, I64]),
+        "zq_decode_attention_workspace_bytes": (ctypes.c_size_t, [I64, I64, I64, I64, I64, I64]),
+        "zq_decode_attention_split": (I, [P, I64, I64, P, P, P, I, I64, I64, I64, I64, I64, F, I64, P,
+                                          ctypes.c_size_t, P, P]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -220,18 +230,40 @@ def gqa_attention(q, k, v, mask, scale):
         k, v = k.contiguous(), v.contiguous()
         out = torch.empty((b, hq, 1, d), dtype=q.dtype, device=q.device)
         with torch.cuda.device(q.device):
-            rc = _lib.zq_decode_attention(q.data_ptr(), q_sb, q_sh, k.data_ptr(), v.data_ptr(), m.data_ptr(),
-                                          DTYPES[q.dtype], b, hq, hkv, l, d, float(scale), out.data_ptr(),
-                                          _stream(q))
-        if rc != CUDA_ERROR_NOT_SUPPORTED:  # e.g. a cache slice that is not 16-byte aligned, L past shared memory
-            _check(rc, "decode_attention")
+            path = _decode_attention(q, q_sb, q_sh, k, v, m, scale, out)
+        if path is not None:  # None: e.g. a cache slice that is not 16-byte aligned
             attention_paths["decode_attention"] += 1
+            attention_paths[f"decode_attention_{path}"] += 1
             return out
     attention_paths["gqa_attention_reference"] += 1
     if s > 1 or b == 0:  # prefill: SDPA (the kernel is for one query token per row)
         return _ref("gqa_attention")(q, k, v, mask, scale)
     return _fallback("gqa_attention", "one-token attention outside the kernel's contract (dtype, head dim, mask "
-                     "shape, alignment or a cache longer than shared memory)", q, k, v, mask, scale)
+                     "shape or alignment)", q, k, v, mask, scale)
+
+
+def _decode_attention(q, q_sb, q_sh, k, v, m, scale, out) -> Optional[str]:
+    """Launch one-token attention into `out`: the kernel that ran ("single" / "split"), None if both declined."""
+    b, hq, _, d = q.shape
+    hkv, l = k.shape[1], k.shape[2]
+    args = (q.data_ptr(), q_sb, q_sh, k.data_ptr(), v.data_ptr(), m.data_ptr(), DTYPES[q.dtype], b, hq, hkv, l, d,
+            float(scale))
+    if decode_attention_path not in ("split", "single"):
+        raise ValueError(f"zqcompile.plugins.cuda.decode_attention_path (env ZQ_DECODE_ATTENTION) must be 'split' or "
+                         f"'single', got {decode_attention_path!r}")
+    if decode_attention_path == "single":
+        rc = _lib.zq_decode_attention(*args, out.data_ptr(), _stream(q))
+        if rc != CUDA_ERROR_NOT_SUPPORTED:  # declined: scores past shared memory; split-L takes any length
+            _check(rc, "decode_attention")
+            return "single"
+    splits = decode_attention_splits
+    nbytes = _lib.zq_decode_attention_workspace_bytes(b, hq, hkv, l, d, splits)
+    ws = torch.empty(nbytes, dtype=torch.uint8, device=q.device) if nbytes else None
+    rc = _lib.zq_decode_attention_split(*args, splits, _ptr(ws), nbytes, out.data_ptr(), _stream(q))
+    if rc == CUDA_ERROR_NOT_SUPPORTED:
+        return None
+    _check(rc, "decode_attention_split")
+    return "split"
 
 
 # ---- registration --------------------------------------------------------------------------------------

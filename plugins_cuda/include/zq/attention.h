@@ -15,7 +15,16 @@
 //   d % 8 == 0, d <= 256; q, k, v 16-byte aligned with q_sb, q_sh multiples of 8; the l fp32 scores of a row
 //   must fit in shared memory next to ~4 KB of the kernel's own (l up to ~56K on sm_90, ~40K on sm_80).
 //
-// Both return cudaErrorNotSupported, launching nothing, for inputs outside that contract (the caller falls
+// zq_decode_attention_split: the same contract and result for any cache length l (split-L, flash-decoding):
+//   grid (split, KV head, batch row), each block scoring `chunk` slots for every query head of its KV head
+//   (K and V read once per group), then, when there is more than one split, a combine kernel merging the
+//   splits' (max, sum, output) states in split order. splits <= 0: chosen from l and the SM count (about two
+//   blocks per SM, splits of >= 32 slots); a split takes at most 1024 slots (fewer for groups over 8 heads),
+//   so the count may be raised. zq_decode_attention_splits gives the count a call with `splits` uses;
+//   the workspace (16-byte aligned) holds zq_decode_attention_workspace_bytes(...) bytes (0 for one split).
+//   b, hkv <= 65535. cudaErrorInvalidValue when the workspace is too small.
+//
+// All return cudaErrorNotSupported, launching nothing, for inputs outside their contract (the caller falls
 // back to the reference implementation).
 #pragma once
 #include "zq/common.h"
@@ -27,3 +36,11 @@ ZQ_API cudaError_t zq_rope(const void* q, const int64_t* q_stride, const void* k
 ZQ_API cudaError_t zq_decode_attention(const void* q, int64_t q_sb, int64_t q_sh, const void* k, const void* v,
                                        const uint8_t* mask, zq_dtype dt, int64_t b, int64_t hq, int64_t hkv,
                                        int64_t l, int64_t d, float scale, void* out, cudaStream_t stream);
+
+ZQ_API int64_t zq_decode_attention_splits(int64_t b, int64_t hq, int64_t hkv, int64_t l, int64_t splits);
+ZQ_API size_t zq_decode_attention_workspace_bytes(int64_t b, int64_t hq, int64_t hkv, int64_t l, int64_t d,
+                                                  int64_t splits);
+ZQ_API cudaError_t zq_decode_attention_split(const void* q, int64_t q_sb, int64_t q_sh, const void* k, const void* v,
+                                             const uint8_t* mask, zq_dtype dt, int64_t b, int64_t hq, int64_t hkv,
+                                             int64_t l, int64_t d, float scale, int64_t splits, void* workspace,
+                                             size_t workspace_bytes, void* out, cudaStream_t stream);

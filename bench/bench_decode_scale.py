@@ -1,0 +1,413 @@
+"""Decode at deployment scale (issue 13): decode-only ms/token of random-init FP16 Llama-3.2-1B and Llama-3-8B
+shapes at batch 1, 4, 16, 64 and cache lengths 128 and 4096, for Hugging Face static cache + torch.compile and
+our FP16 (`none`), W8A8 and W4/8A8 engines; tokens/s; CUDA kernels per decode step; weight-read bandwidth and
+its fraction of the GPU's HBM peak; then the decode GEMM table (M = 1, 4, 16, 64 on the 8B layer shapes: us and
+TB/s for cuBLAS FP16 and our INT8 / INT4 kernels, as the chooser picks them).
+
+decode_ms = (generate(N) - generate(1)) / (N - 1), each the median of --repeat runs timed with CUDA events; the
+prompt is cache_len tokens (the cache the decode steps attend to). A row whose prefill does not fit (the
+engine's prefill graph holds [batch, cache_len, vocab] logits: 67 GB at batch 64 x 4096) is timed instead as
+N - 1 replays of the decode step over a cache_len-slot mask ("method": "decode_step"); any other failure is
+recorded in the row ("error") and the run goes on. Kernels per step = CUDA kernels (torch.profiler) of
+generate(3) minus those of generate(2). Weight bytes: every constant the engine reads (engine.weight_bytes(),
+the embedding table included, as issue 13's floors count it); HF: its parameters.
+
+GPU (fits one 10-minute device call per shape):
+    python bench/bench_decode_scale.py --shapes 1b --out bench/results/decode_scale_H200.json
+    python bench/bench_decode_scale.py --shapes 8b --engines w8a8,none --batches 1,16 --gemm
+    python bench/bench_decode_scale.py --merge a.json b.json --out bench/results/decode_scale_H200.json
+CPU smoke (2 layers, hidden 64, reference ops; timings meaningless):  python bench/bench_decode_scale.py --smoke
+The device calls of issue 13, in order: scripts/gpu_issue13.sh (bench/NOTES_kernels.md says how).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import zqcompile as zq  # noqa: E402
+
+PEAK_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
+SHAPES = {  # hidden, layers, MLP, tied embeddings (Llama-3.2-1B ties them, Llama-3-8B does not)
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, tie_word_embeddings=False),
+}
+SMOKE_SHAPE = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, tie_word_embeddings=False,
+                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+ENGINES = ("hf-static-compile", "none", "w8a8", "w4/8a8")
+GEMM_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # K x N: qkv, o, gate+up, down
+SMOKE_GEMM_SHAPES = [(64, 96), (128, 64)]
+GEMM_MS = [1, 4, 16, 64]
+
+
+def csv(kind):
+    return lambda s: [kind(x) for x in s.split(",") if x]
+
+
+# ---- timing ----------------------------------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def elapsed_ms(fn, device: str) -> float:
+    if device != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
+def median_ms(fn, device: str, repeat: int) -> float:
+    fn()  # warm-up: compiles, CUDA graph captures
+    sync(device)
+    return statistics.median(elapsed_ms(fn, device) for _ in range(repeat))
+
+
+def kernel_count(fn, device: str) -> int:
+    """CUDA kernels one call launches (torch.profiler; CUDA-graph replays included). CPU: aten ops."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    sync(device)
+    acts = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    if device == "cuda":
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+# ---- models and engines ------------------------------------------------------------------------------------
+def make_model(shape: str, smoke: bool, dtype: torch.dtype, device: str):
+    import transformers as T
+    fields = SMOKE_SHAPE if smoke else dict(SHAPES[shape], num_attention_heads=32, num_key_value_heads=8,
+                                            vocab_size=128256)
+    cfg = T.LlamaConfig(**fields, max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=1,
+                        eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = T.LlamaForCausalLM._from_config(cfg, dtype=dtype).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def hf_generate(model, smoke: bool, max_cache_len: int):
+    """HF generate with one StaticCache per batch size, sized max_cache_len (reset before each call): every
+    generate(N) of a batch runs the same static shapes, so transformers' automatic torch.compile of the decode
+    forward compiles once per (batch, cache length), not once per N."""
+    import transformers as T
+    caches: dict[int, object] = {}
+
+    def run(ids, new):
+        b = ids.shape[0]
+        if b not in caches:
+            caches[b] = T.StaticCache(config=model.config, max_cache_len=max_cache_len)
+        cache = caches[b]
+        cache.reset()
+        kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, past_key_values=cache)
+        if smoke:
+            kw["disable_compile"] = True  # inductor on CPU takes minutes; the GPU run compiles
+        with torch.no_grad():
+            return model.generate(ids, **kw)
+    return run
+
+
+def engine_generate(engine):
+    return lambda ids, new: engine.generate(ids, max_new_tokens=new)
+
+
+def decode_loop_ms(engine, batch: int, cache_len: int, steps: int, device: str, repeat: int) -> float:
+    """ms per decode step: `steps` replays of the decode step over a cache_len-slot mask (no prefill)."""
+    gen = engine.prepare_generation()
+    ids = torch.randint(3, 200, (batch, 1), device=device)
+    mask = torch.zeros(batch, gen.spec.max_cache_len, dtype=torch.long, device=device)
+    mask[:, :cache_len] = 1
+
+    def loop():
+        with torch.no_grad():
+            for t in range(steps):
+                mask[:, cache_len + t] = 1
+                pos = torch.full((batch, 1), cache_len + t, device=device)
+                gen._decode_step(ids, pos, torch.tensor([cache_len + t], device=device), mask)
+    return median_ms(loop, device, repeat) / steps
+
+
+def hf_weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def measure(run, ids, new: int, device: str, repeat: int) -> dict:
+    t1 = median_ms(lambda: run(ids, 1), device, repeat)
+    tn = median_ms(lambda: run(ids, new), device, repeat)
+    return dict(method="generate", generate_1_ms=t1, generate_n_ms=tn, decode_ms=(tn - t1) / (new - 1))
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_rows(model, shape: str, engine_name: str, args, peak) -> list[dict]:
+    """Rows of one engine at every (cache_len, batch); a zq engine is compiled once per cache length (its
+    preallocated cache sized for cache_len + new tokens, as a deployment for that context would be)."""
+    rows = []
+    vocab = model.config.vocab_size
+    for cache_len in args.cache_lens:
+        engine = None
+        try:
+            if engine_name.startswith("hf"):
+                run, wbytes = hf_generate(model, args.smoke, cache_len + args.new), hf_weight_bytes(model)
+            else:
+                t0 = time.perf_counter()
+                engine = zq.compile(model, (torch.randint(3, vocab, (1, 16), device=args.device),), config=engine_name,
+                                    generation=zq.CacheSpec(max(args.batches), cache_len + args.new))
+                compile_s = time.perf_counter() - t0
+                run, wbytes = engine_generate(engine), engine.weight_bytes()
+        except Exception as e:  # noqa: BLE001 - recorded in the rows, the run goes on
+            rows += [dict(shape=shape, engine=engine_name, batch=b, cache_len=cache_len, error=repr(e)[:300])
+                     for b in args.batches]
+            free(args.device)
+            continue
+        for b in args.batches:
+            row = dict(shape=shape, engine=engine_name, batch=b, cache_len=cache_len, new_tokens=args.new,
+                       weight_bytes=wbytes)
+            if engine is not None:
+                row["compile_s"] = compile_s
+            ids = torch.randint(3, vocab, (b, cache_len), device=args.device)
+            try:
+                try:
+                    row.update(measure(run, ids, args.new, args.device, args.repeat))
+                except Exception as e:  # noqa: BLE001
+                    if engine is None or not is_oom(e):
+                        raise
+                    free(args.device)
+                    row.update(method="decode_step", prefill_error=repr(e)[:200],
+                               decode_ms=decode_loop_ms(engine, b, cache_len, args.new - 1, args.device,
+                                                        args.repeat))
+                if row["method"] == "generate":
+                    row["kernels_per_step"] = (kernel_count(lambda: run(ids, 3), args.device)
+                                               - kernel_count(lambda: run(ids, 2), args.device))
+            except Exception as e:  # noqa: BLE001
+                row["error"] = repr(e)[:300]
+                rows.append(row)
+                free(args.device)
+                continue
+            sec = row["decode_ms"] / 1e3
+            row["tokens_per_s"] = b / sec if sec > 0 else None
+            row["weight_read_tb_s"] = wbytes / sec / 1e12 if sec > 0 else None
+            row["peak_fraction"] = wbytes / sec / peak if peak and sec > 0 else None
+            rows.append(row)
+            print(f"  {shape} {engine_name} b{b} L{cache_len}: {row['decode_ms']:.3f} ms/token", flush=True)
+            free(args.device)
+        engine = run = None  # noqa: F841 - frees the engine before the next compile
+        free(args.device)
+    return rows
+
+
+# ---- decode GEMMs ------------------------------------------------------------------------------------------
+def gemm_table(args) -> list[dict]:
+    from zqcompile.ops import quant_math as qm
+    served_by = None
+    if args.device == "cuda":
+        from zqcompile.plugins.cuda_gemm import served_by
+    dt = torch.float16 if args.device == "cuda" else torch.float32
+    rows = []
+    for k, n in (SMOKE_GEMM_SHAPES if args.smoke else GEMM_SHAPES):
+        w = torch.randn(n, k, device=args.device, dtype=dt) * 0.05
+        weights = {"int8": qm.quantize_weight(w.float(), 8), "int4": qm.quantize_weight(w.float(), 4, "k_groups",
+                                                                                        group_size=min(128, k))}
+        for m in (GEMM_MS if not args.smoke else [1, 4]):
+            x = torch.randn(m, k, device=args.device, dtype=dt)
+            xq, xs = qm.quantize_per_token(x)
+            row = dict(k=k, n=n, m=m)
+            out = torch.empty(m, n, device=args.device, dtype=dt)
+            paths = {"fp16": (lambda: torch.matmul(x, w.t(), out=out), w.numel() * w.element_size())}
+            for name, (wq, ws) in weights.items():
+                wq, ws = wq.to(args.device), ws.to(args.device)
+                bits = 8 if name == "int8" else 4
+                paths[name] = (lambda wq=wq, ws=ws, bits=bits: torch.ops.zq.int8_gemm_dequant(
+                    xq, xs, wq, ws, None, None, "none", bits, dt), wq.numel() + ws.numel() * 4)
+            for name, (fn, wbytes) in paths.items():
+                moved = wbytes + x.numel() * x.element_size() + m * n * out.element_size()
+                if served_by is not None and name != "fp16":
+                    with served_by() as s:
+                        fn()
+                    row[f"{name}_kernel"] = ",".join(s)
+                us = 1e3 * gemm_ms(fn, args.device)
+                row[f"{name}_us"], row[f"{name}_tb_s"] = us, moved / us / 1e6
+            rows.append(row)
+            print(f"  gemm K{k} N{n} M{m}: " + ", ".join(f"{p} {row[p + '_us']:.1f} us" for p in paths), flush=True)
+    return rows
+
+
+def attention_table(args) -> list[dict]:
+    """One decode-attention call (the 8B layer: 32 query / 8 KV heads, head dim 128, the whole cache attended)
+    per batch and cache length, for each kernel path; TB/s counts the K and V bytes read."""
+    from zqcompile.plugins import cuda as C
+    hq, hkv, d = (4, 2, 16) if args.smoke else (32, 8, 128)
+    dt = torch.float16 if args.device == "cuda" else torch.float32
+    rows = []
+    for b in args.batches:
+        for l in ([16, 32] if args.smoke else [128, 2048, 4096, 8192]):
+            q = torch.randn(b, hq, 1, d, device=args.device, dtype=dt)
+            k, v = (torch.randn(b, hkv, l, d, device=args.device, dtype=dt) for _ in range(2))
+            mask = torch.ones(b, 1, 1, l, dtype=torch.bool, device=args.device)
+            row = dict(batch=b, cache_len=l, kv_bytes=2 * k.numel() * k.element_size())
+            for path in ("split", "single"):
+                C.decode_attention_path = path
+                with_path = C.attention_paths.copy()
+                us = 1e3 * gemm_ms(lambda: torch.ops.zq.gqa_attention(q, k, v, mask, d ** -0.5), args.device)
+                ran = [key for key in C.attention_paths if C.attention_paths[key] != with_path.get(key, 0)]
+                row[f"{path}_us"], row[f"{path}_tb_s"] = us, row["kv_bytes"] / us / 1e6
+                row[f"{path}_ran"] = ",".join(sorted(ran))
+            C.decode_attention_path = args.attention
+            rows.append(row)
+            print(f"  attention b{b} L{l}: split {row['split_us']:.1f} us, single {row['single_us']:.1f} us", flush=True)
+    return rows
+
+
+def gemm_ms(fn, device: str) -> float:
+    if device != "cuda":
+        return median_ms(fn, device, 5)
+    from bench.bench_gemm import time_graph
+    return time_graph(lambda i: fn(), 20)  # one weight, L2 may hold part of it: an upper bound on TB/s
+
+
+# ---- output ------------------------------------------------------------------------------------------------
+def fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(rows: list[dict], gemms: list[dict], attn: list[dict]) -> str:
+    lines = ["| shape | engine | batch | cache | decode ms/token | tokens/s | kernels/step | weight TB/s | of peak |"
+             " method |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['engine']} | {r['batch']} | {r['cache_len']} | error: "
+                         f"{r['error'][:80]} | | | | | |")
+            continue
+        lines.append(f"| {r['shape']} | {r['engine']} | {r['batch']} | {r['cache_len']} | {r['decode_ms']:.3f} | "
+                     f"{fmt(r.get('tokens_per_s'), '.0f')} | {r.get('kernels_per_step', '-')} | "
+                     f"{fmt(r.get('weight_read_tb_s'), '.2f')} | {fmt(r.get('peak_fraction'), '.2f')} | "
+                     f"{r['method']} |")
+    if gemms:
+        lines += ["", "| K | N | M | cuBLAS fp16 us (TB/s) | INT8 us (TB/s) [kernel] | INT4 us (TB/s) [kernel] |",
+                  "|---|---|---|---|---|---|"]
+        for g in gemms:
+            cells = [f"{g[p + '_us']:.1f} ({g[p + '_tb_s']:.2f})" + (f" [{g[p + '_kernel']}]" if p + "_kernel" in g
+                                                                     else "") for p in ("fp16", "int8", "int4")]
+            lines.append(f"| {g['k']} | {g['n']} | {g['m']} | " + " | ".join(cells) + " |")
+    if attn:
+        lines += ["", "| batch | cache | split-L us (TB/s) | single-block us (TB/s) | paths that ran |", "|---|---|---|---|---|"]
+        for a in attn:
+            lines.append(f"| {a['batch']} | {a['cache_len']} | {a['split_us']:.1f} ({a['split_tb_s']:.2f}) | "
+                         f"{a['single_us']:.1f} ({a['single_tb_s']:.2f}) | {a['split_ran']}; {a['single_ran']} |")
+    return "\n".join(lines)
+
+
+def write(result: dict, out: Path, quiet: bool = False) -> None:
+    table = markdown(result["rows"], result["gemm"], result["attention"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(table + "\n")
+    if not quiet:
+        print(table)
+        print(f"\nwrote {out} and {out.with_suffix('.md')}")
+
+
+def merge(paths: list[str], out: Path) -> int:
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    result = dict(parts[0], command=[r["command"] for r in parts], rows=[], gemm=[], attention=[])
+    for r in parts:
+        for key in ("rows", "gemm", "attention"):
+            result[key] += r.get(key, [])
+    write(result, out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", type=csv(str), default=["1b", "8b"], help="comma list of 1b, 8b")
+    p.add_argument("--engines", type=csv(str), default=list(ENGINES), help=f"comma list of {', '.join(ENGINES)}")
+    p.add_argument("--batches", type=csv(int), default=[1, 4, 16, 64])
+    p.add_argument("--cache-lens", type=csv(int), default=[128, 4096])
+    p.add_argument("--new", type=int, default=64, help="N of generate(N)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--gemm", action="store_true", help="also the decode GEMM table")
+    p.add_argument("--gemm-only", action="store_true", help="only the decode GEMM (and --attn) tables")
+    p.add_argument("--attn", action="store_true", help="also the decode-attention table (split-L vs single block)")
+    p.add_argument("--attention", choices=["split", "single"], default="split",
+                   help="decode-attention kernel of the engines (A/B: single = one block per (row, head))")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny shape, reference ops (timings meaningless)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="no run: join these results (one device call "
+                   "each) into --out and its markdown table")
+    p.add_argument("--out", default="bench/results/decode_scale_H200.json")
+    args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
+    bad = [e for e in args.engines if e not in ENGINES] + [s for s in args.shapes if s not in SHAPES]
+    if bad:
+        p.error(f"unknown engine or shape {bad}; engines: {', '.join(ENGINES)}; shapes: {', '.join(SHAPES)}")
+    if args.smoke:
+        args.device, args.shapes, args.new, args.repeat = "cpu", ["smoke"], 4, 1
+        args.batches, args.cache_lens = [1, 2], [16, 32]
+        if args.out == p.get_default("out"):
+            args.out = "/tmp/decode_scale_smoke.json"  # never over the GPU results
+    elif not torch.cuda.is_available():
+        print("bench_decode_scale: skipped, no CUDA device (run --smoke for the CPU smoke test)")
+        return 0
+    else:
+        args.device = "cuda"
+        from zqcompile import plugins
+        if not plugins.load():
+            print(f"bench_decode_scale: the CUDA kernel library is not loaded ({plugins.status()}); build it first")
+            return 1
+        from zqcompile.plugins import cuda as C
+        C.decode_attention_path = args.attention
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BYTES_PER_S.items() if k in name), None)
+    result = dict(device=name, peak_bytes_per_s=peak, torch=torch.__version__,
+                  transformers=__import__("transformers").__version__, command=" ".join(sys.argv),
+                  attention_path=args.attention, rows=[], gemm=[], attention=[])
+    if not args.gemm_only:
+        for shape in args.shapes:
+            model = make_model(shape, args.smoke, dtype, args.device)
+            for engine in args.engines:
+                result["rows"] += bench_rows(model, shape, engine, args, peak)
+                write(result, Path(args.out), quiet=True)  # so far: a device call cut short keeps these
+            del model
+            free(args.device)
+    if args.gemm or args.gemm_only or args.smoke:
+        result["gemm"] = gemm_table(args)
+    if args.attn or args.smoke:
+        result["attention"] = attention_table(args)
+    write(result, Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Issue 13's GPU runs, as stages; each device call runs a few of them (bench/NOTES_kernels.md gives the calls).
+#   here, once:        bash scripts/gpu_issue13.sh stage        (CUTLASS headers into build-cutlass/, git-ignored)
+#   on the device:     bash scripts/gpu_issue13.sh build tests kernels     (carry: ["build-cutlass"])
+#                      bash scripts/gpu_issue13.sh 8b-fp16-w8a8 | 1b | 8b-w4-hf
+# Results go to $OUT (the device tool's return folder): build.log, gpu_tests.txt, decode_*.json / .md.
+# Developer tooling, not CI. Stages after `build` reuse build/ (kept on a warm machine between calls).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/zq_out}"
+mkdir -p "$OUT"
+PY="${PY:-python}"  # the GPU image: `python` is the torch one (FACTS.md)
+bench() { timeout "${STAGE_TIMEOUT:-560}" "$PY" bench/bench_decode_scale.py "$@"; }
+rc=0
+for stage in "$@"; do
+  echo "== $stage $(date -u +%T)"
+  case "$stage" in
+    stage)
+      src="$("${PY}" -c 'import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), "source"))')"
+      rm -rf build-cutlass && mkdir -p build-cutlass/tools/util
+      cp -r "$src/include" build-cutlass/ && cp -r "$src/tools/util/include" build-cutlass/tools/util/
+      du -sh build-cutlass ;;
+    build)
+      { cmake -S . -B build -DCUTLASS_DIR="$PWD/build-cutlass" -DZQ_GENERIC_ARCHS=90 &&
+        cmake --build build -j "$(nproc)"; } > "$OUT/build.log" 2>&1
+      r=$?; tail -5 "$OUT/build.log"; [ $r -eq 0 ] || { echo "build failed ($r)"; exit $r; } ;;
+    tests)
+      ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout 400 "$PY" -m pytest -q -p no:cacheprovider \
+        tests/gpu/test_decode_attention_split.py tests/gpu tests/plugins/test_gemm_kernels.py > "$OUT/gpu_tests.txt" 2>&1
+      r=$?; tail -5 "$OUT/gpu_tests.txt"; [ $r -eq 0 ] || rc=$r ;;
+    kernels)  # decode GEMM table + decode attention (split-L vs single block)
+      bench --gemm-only --attn --out "$OUT/decode_kernels_H200.json" || rc=$? ;;
+    1b)
+      bench --shapes 1b --out "$OUT/decode_scale_1b_H200.json" || rc=$? ;;
+    8b-fp16-w8a8)
+      bench --shapes 8b --engines none,w8a8 --out "$OUT/decode_scale_8b_a_H200.json" || rc=$? ;;
+    8b-w4-hf)
+      bench --shapes 8b --engines w4/8a8,hf-static-compile --out "$OUT/decode_scale_8b_b_H200.json" || rc=$? ;;
+    8b-single)  # A/B: the engines with the old single-block decode attention
+      bench --shapes 8b --engines w8a8 --batches 1,16 --attention single \
+        --out "$OUT/decode_scale_8b_single_H200.json" || rc=$? ;;
+    *) echo "unknown stage $stage (stage build tests kernels 1b 8b-fp16-w8a8 8b-w4-hf 8b-single)"; exit 2 ;;
+  esac
+done
+exit $rc
