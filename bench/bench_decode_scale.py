@@ -170,10 +170,10 @@ def free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_rows(model, shape: str, engine_name: str, args, peak) -> list[dict]:
-    """Rows of one engine at every (cache_len, batch); a zq engine is compiled once per cache length (its
-    preallocated cache sized for cache_len + new tokens, as a deployment for that context would be)."""
-    rows = []
+def bench_rows(model, shape: str, engine_name: str, args, peak, rows: list[dict], save=lambda: None) -> None:
+    """Rows of one engine at every (cache_len, batch), appended to `rows` (save() after each: a device call cut
+    short keeps the rows done); a zq engine is compiled once per cache length (its preallocated cache sized for
+    cache_len + new tokens, as a deployment for that context would be)."""
     vocab = model.config.vocab_size
     for cache_len in args.cache_lens:
         engine = None
@@ -189,6 +189,7 @@ def bench_rows(model, shape: str, engine_name: str, args, peak) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - recorded in the rows, the run goes on
             rows += [dict(shape=shape, engine=engine_name, batch=b, cache_len=cache_len, error=repr(e)[:300])
                      for b in args.batches]
+            save()
             free(args.device)
             continue
         for b in args.batches:
@@ -213,6 +214,7 @@ def bench_rows(model, shape: str, engine_name: str, args, peak) -> list[dict]:
             except Exception as e:  # noqa: BLE001
                 row["error"] = repr(e)[:300]
                 rows.append(row)
+                save()
                 free(args.device)
                 continue
             sec = row["decode_ms"] / 1e3
@@ -220,11 +222,11 @@ def bench_rows(model, shape: str, engine_name: str, args, peak) -> list[dict]:
             row["weight_read_tb_s"] = wbytes / sec / 1e12 if sec > 0 else None
             row["peak_fraction"] = wbytes / sec / peak if peak and sec > 0 else None
             rows.append(row)
+            save()
             print(f"  {shape} {engine_name} b{b} L{cache_len}: {row['decode_ms']:.3f} ms/token", flush=True)
             free(args.device)
         engine = run = None  # noqa: F841 - frees the engine before the next compile
         free(args.device)
-    return rows
 
 
 # ---- decode GEMMs ------------------------------------------------------------------------------------------
@@ -397,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         for shape in args.shapes:
             model = make_model(shape, args.smoke, dtype, args.device)
             for engine in args.engines:
-                result["rows"] += bench_rows(model, shape, engine, args, peak)
-                write(result, Path(args.out), quiet=True)  # so far: a device call cut short keeps these
+                bench_rows(model, shape, engine, args, peak, result["rows"],
+                           save=lambda: write(result, Path(args.out), quiet=True))
             del model
             free(args.device)
     if args.gemm or args.gemm_only or args.smoke:

@@ -10,7 +10,10 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/zq_out}"
 mkdir -p "$OUT"
 PY="${PY:-python}"  # the GPU image: `python` is the torch one (FACTS.md)
-bench() { timeout "${STAGE_TIMEOUT:-560}" "$PY" bench/bench_decode_scale.py "$@"; }
+# DEADLINE (epoch seconds, optional): no stage runs past it (each stage's timeout is cut to what is left).
+left() { local t="${STAGE_TIMEOUT:-560}"; if [ -n "${DEADLINE:-}" ]; then local d=$((DEADLINE - $(date +%s)));
+         [ "$d" -lt "$t" ] && t=$d; fi; [ "$t" -lt 5 ] && t=5; echo "$t"; }
+bench() { timeout "$(left)" "$PY" bench/bench_decode_scale.py "$@"; }
 rc=0
 for stage in "$@"; do
   echo "== $stage $(date -u +%T)"
@@ -25,7 +28,8 @@ for stage in "$@"; do
         cmake --build build -j "$(nproc)"; } > "$OUT/build.log" 2>&1
       r=$?; tail -5 "$OUT/build.log"; [ $r -eq 0 ] || { echo "build failed ($r)"; exit $r; } ;;
     tests)
-      ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout 400 "$PY" -m pytest -q -p no:cacheprovider \
+      ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout "$(left)" "$PY" -m pytest -q -p no:cacheprovider \
+        ${TEST_WORKERS:+-n "$TEST_WORKERS" --dist loadfile} \
         tests/gpu/test_decode_attention_split.py tests/gpu tests/plugins/test_gemm_kernels.py > "$OUT/gpu_tests.txt" 2>&1
       r=$?; tail -5 "$OUT/gpu_tests.txt"; [ $r -eq 0 ] || rc=$r ;;
     kernels)  # decode GEMM table + decode attention (split-L vs single block)
@@ -36,10 +40,17 @@ for stage in "$@"; do
       bench --shapes 8b --engines none,w8a8 --out "$OUT/decode_scale_8b_a_H200.json" || rc=$? ;;
     8b-w4-hf)
       bench --shapes 8b --engines w4/8a8,hf-static-compile --out "$OUT/decode_scale_8b_b_H200.json" || rc=$? ;;
+    profile-8b)  # one decode step's kernels at a 2K cache (where the non-GEMM time goes)
+      timeout "$(left)" "$PY" bench/profile_decode.py --shape 8b --cache-len 2048 --configs none w8a8 \
+        --batches 1 16 --no-gemm --out "$OUT/profile_decode_8b_H200.json" > "$OUT/profile_decode_8b_H200.md" 2>&1 || rc=$? ;;
+    streaming-8b)  # issue 17: the 8B shape compiled from a safetensors folder under a GPU memory cap
+      timeout "$(left)" "$PY" bench/streaming_8b.py --folder /tmp/zq_8b_folder \
+        --out "$OUT/streaming_8b_H200.json" > "$OUT/streaming_8b_H200.txt" 2>&1 || rc=$? ;;
     8b-single)  # A/B: the engines with the old single-block decode attention
       bench --shapes 8b --engines w8a8 --batches 1,16 --attention single \
         --out "$OUT/decode_scale_8b_single_H200.json" || rc=$? ;;
-    *) echo "unknown stage $stage (stage build tests kernels 1b 8b-fp16-w8a8 8b-w4-hf 8b-single)"; exit 2 ;;
+    *) echo "unknown stage $stage (stage build tests kernels profile-8b 1b 8b-fp16-w8a8 8b-w4-hf 8b-single" \
+            "streaming-8b)"; exit 2 ;;
   esac
 done
 exit $rc
