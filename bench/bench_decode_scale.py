@@ -361,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gemm", action="store_true", help="also the decode GEMM table")
     p.add_argument("--gemm-only", action="store_true", help="only the decode GEMM (and --attn) tables")
     p.add_argument("--attn", action="store_true", help="also the decode-attention table (split-L vs single block)")
+    p.add_argument("--attn-only", action="store_true", help="only the decode-attention table")
     p.add_argument("--attention", choices=["split", "single"], default="split",
                    help="decode-attention kernel of the engines (A/B: single = one block per (row, head))")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shape, reference ops (timings meaningless)")
@@ -395,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     result = dict(device=name, peak_bytes_per_s=peak, torch=torch.__version__,
                   transformers=__import__("transformers").__version__, command=" ".join(sys.argv),
                   attention_path=args.attention, rows=[], gemm=[], attention=[])
+    if args.attn_only:
+        args.gemm_only, args.attn = True, True
     if not args.gemm_only:
         for shape in args.shapes:
             model = make_model(shape, args.smoke, dtype, args.device)
@@ -403,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                            save=lambda: write(result, Path(args.out), quiet=True))
             del model
             free(args.device)
-    if args.gemm or args.gemm_only or args.smoke:
+    if (args.gemm or args.gemm_only or args.smoke) and not args.attn_only:
         result["gemm"] = gemm_table(args)
     if args.attn or args.smoke:
         result["attention"] = attention_table(args)

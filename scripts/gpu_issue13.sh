@@ -34,6 +34,8 @@ for stage in "$@"; do
       r=$?; tail -5 "$OUT/gpu_tests.txt"; [ $r -eq 0 ] || rc=$r ;;
     kernels)  # decode GEMM table + decode attention (split-L vs single block)
       bench --gemm-only --attn --out "$OUT/decode_kernels_H200.json" || rc=$? ;;
+    attn)  # the decode-attention table alone
+      bench --attn-only --out "$OUT/decode_attention_H200.json" || rc=$? ;;
     1b)
       bench --shapes 1b --out "$OUT/decode_scale_1b_H200.json" || rc=$? ;;
     8b-fp16-w8a8)
@@ -41,7 +43,7 @@ for stage in "$@"; do
     8b-w4-hf)
       bench --shapes 8b --engines w4/8a8,hf-static-compile --out "$OUT/decode_scale_8b_b_H200.json" || rc=$? ;;
     profile-8b)  # one decode step's kernels at a 2K cache (where the non-GEMM time goes)
-      timeout "$(left)" "$PY" bench/profile_decode.py --shape 8b --cache-len 2048 --configs none w8a8 \
+      timeout "$(left)" "$PY" bench/profile_decode.py --shape 8b --cache-len 2048 --configs ${PROFILE_CONFIGS:-none w8a8} \
         --batches 1 16 --no-gemm --out "$OUT/profile_decode_8b_H200.json" > "$OUT/profile_decode_8b_H200.md" 2>&1 || rc=$? ;;
     streaming-8b)  # issue 17: the 8B shape compiled from a safetensors folder under a GPU memory cap
       timeout "$(left)" "$PY" bench/streaming_8b.py --folder /tmp/zq_8b_folder \
@@ -49,7 +51,7 @@ for stage in "$@"; do
     8b-single)  # A/B: the engines with the old single-block decode attention
       bench --shapes 8b --engines w8a8 --batches 1,16 --attention single \
         --out "$OUT/decode_scale_8b_single_H200.json" || rc=$? ;;
-    *) echo "unknown stage $stage (stage build tests kernels profile-8b 1b 8b-fp16-w8a8 8b-w4-hf 8b-single" \
+    *) echo "unknown stage $stage (stage build tests kernels attn profile-8b 1b 8b-fp16-w8a8 8b-w4-hf 8b-single" \
             "streaming-8b)"; exit 2 ;;
   esac
 done

@@ -236,7 +236,7 @@ inline int64_t split_chunk(int64_t b, int64_t hq, int64_t hkv, int64_t l, int64_
 }
 
 inline size_t split_dyn_smem(int64_t group, int64_t chunk, int64_t d) {
-  return sizeof(float) * (size_t)(group * (chunk + d + 2));  // scores, q, (max, sum) per head
+  return sizeof(float) * (size_t)(group * (chunk + d + 2)) + (size_t)chunk;  // scores, q, (max, sum) per head, mask
 }
 
 struct SplitWorkspace {
@@ -258,7 +258,10 @@ inline SplitWorkspace split_workspace(void* ws, int64_t rows, int64_t splits) {
           reinterpret_cast<float*>(base + 2 * stats)};
 }
 
-template <class T, int kLanes>
+// kG > 0: the group has exactly kG heads and each lane holds its 8 columns of every head's q in registers
+// (read from shared memory, 8 scalar loads a head a key row, 4-way bank conflicts, phase 1 was bound by
+// shared-memory bandwidth: 0.8 TB/s at batch 16, 2K cache); kG == 0: any group, q read from shared memory.
+template <class T, int kLanes, int kG>
 __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
 split_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, const T* __restrict__ k,
                        const T* __restrict__ v, const uint8_t* __restrict__ mask, int hq, int group, int hkv,
@@ -268,6 +271,7 @@ split_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, cons
   float* qs = dyn + group * chunk;         // [group][d], fp32
   float* stat_m = qs + group * d;          // [group]
   float* stat_s = stat_m + group;          // [group]
+  uint8_t* msk = reinterpret_cast<uint8_t*>(stat_s + group);  // [chunk]: the chunk's mask bytes
   __shared__ float part[kAttnThreads * kPack * kSplitHeads];  // [slot][head of pass][kLanes * kPack]
   constexpr int kSlots = kAttnThreads / kLanes;
   constexpr int kWarps = kAttnThreads / 32;
@@ -285,7 +289,8 @@ split_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, cons
   const bool active = lane < d / kPack;
   const int64_t col = (int64_t)lane * kPack;
 
-  // q of the group's heads, fp32, in shared memory
+  // q of the group's heads, fp32, in shared memory (kG: also this lane's columns in registers); the mask
+  // bytes of the chunk, so the key loads below wait on no global load before them
   for (int e = threadIdx.x; e < group * d / kPack; e += kAttnThreads) {
     const int g = e / (d / kPack), c = (e % (d / kPack)) * kPack;
     float f[kPack];
@@ -293,28 +298,52 @@ split_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, cons
 #pragma unroll
     for (int i = 0; i < kPack; ++i) qs[g * d + c + i] = f[i];
   }
+  for (int64_t t = threadIdx.x; t < n; t += kAttnThreads) msk[t] = m_row[t_begin + t];
+  float qr[kG > 0 ? kG : 1][kPack] = {};
+  if (kG > 0 && active) {
+#pragma unroll
+    for (int g = 0; g < kG; ++g) load_unpack(q + bi * q_sb + (int64_t)(kvh * group + g) * q_sh + col, qr[g]);
+  }
   __syncthreads();
 
   // 1. scores
   for (int64_t t0 = 0; t0 < n; t0 += kSlots * kAttnUnroll) {  // uniform trip count: shuffles below are safe
     Raw<T> kr[kAttnUnroll];
     bool on[kAttnUnroll];
-    load_keys<T, kSlots>(k_row + t_begin * d, m_row + t_begin, t0, n, slot, active, col, d, kr, on);
+    load_keys<T, kSlots>(k_row + t_begin * d, msk, t0, n, slot, active, col, d, kr, on);
 #pragma unroll
     for (int u = 0; u < kAttnUnroll; ++u) {
       float kf[kPack] = {};
       if (on[u] && active) unpack<T>(kr[u], kf);
       const int64_t t = t0 + u * kSlots + slot;
-      for (int g = 0; g < group; ++g) {
-        float dot = 0.f;
-        if (active) {
-          const float* qg = qs + g * d + col;
+      if constexpr (kG > 0) {
+        float dot[kG];
 #pragma unroll
-          for (int i = 0; i < kPack; ++i) dot += qg[i] * kf[i];
+        for (int g = 0; g < kG; ++g) {
+          dot[g] = 0.f;
+#pragma unroll
+          for (int i = 0; i < kPack; ++i) dot[g] += qr[g][i] * kf[i];
         }
 #pragma unroll
-        for (int o = kLanes / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-        if (lane == 0 && t < n) score[g * chunk + t] = on[u] ? dot * scale : -INFINITY;
+        for (int o = kLanes / 2; o > 0; o >>= 1)
+#pragma unroll
+          for (int g = 0; g < kG; ++g) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
+        if (lane == 0 && t < n) {
+#pragma unroll
+          for (int g = 0; g < kG; ++g) score[g * chunk + t] = on[u] ? dot[g] * scale : -INFINITY;
+        }
+      } else {
+        for (int g = 0; g < group; ++g) {
+          float dot = 0.f;
+          if (active) {
+            const float* qg = qs + g * d + col;
+#pragma unroll
+            for (int i = 0; i < kPack; ++i) dot += qg[i] * kf[i];
+          }
+#pragma unroll
+          for (int o = kLanes / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+          if (lane == 0 && t < n) score[g * chunk + t] = on[u] ? dot * scale : -INFINITY;
+        }
       }
     }
   }
@@ -425,7 +454,8 @@ combine_kernel(SplitWorkspace ws, int64_t splits, int d, T* __restrict__ out) {
   const float* o = ws.o + row * splits * d;
   for (int e = threadIdx.x; e < d; e += kCombineThreads) {
     float y = 0.f;
-    for (int64_t i = 0; i < splits; ++i) y += w[i] * o[i * d + e];
+#pragma unroll 8
+    for (int64_t i = 0; i < splits; ++i) y += w[i] * o[i * d + e];  // unrolled: the loads overlap (same sum order)
     o_row[e] = from_f<T>(y * inv);
   }
 }
@@ -440,12 +470,12 @@ inline cudaError_t allow_smem(const void* kernel, size_t dyn, size_t stat) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn);
 }
 
-template <class T, int kLanes>
+template <class T, int kLanes, int kG>
 cudaError_t launch_split_attention(const void* q, int64_t q_sb, int64_t q_sh, const void* k, const void* v,
                                    const uint8_t* mask, int64_t b, int64_t hq, int64_t hkv, int64_t l, int64_t d,
                                    float scale, int64_t chunk, void* workspace, void* out, cudaStream_t stream) {
   const int64_t group = hq / hkv, splits = ceil_div(l, chunk);
-  auto kernel = split_attention_kernel<T, kLanes>;
+  auto kernel = split_attention_kernel<T, kLanes, kG>;
   const size_t smem = split_dyn_smem(group, chunk, d);
   cudaError_t e = allow_smem(reinterpret_cast<const void*>(kernel), smem, kSplitStaticSmem);
   if (e != cudaSuccess) return e;
@@ -467,9 +497,17 @@ template <class T>
 cudaError_t dispatch_split_lanes(int64_t d8, const void* q, int64_t q_sb, int64_t q_sh, const void* k,
                                  const void* v, const uint8_t* mask, int64_t b, int64_t hq, int64_t hkv, int64_t l,
                                  int64_t d, float scale, int64_t chunk, void* ws, void* out, cudaStream_t stream) {
-#define ZQ_SPLIT_LANES(N)                                                                                    \
-  if (d8 <= N) return launch_split_attention<T, N>(q, q_sb, q_sh, k, v, mask, b, hq, hkv, l, d, scale, chunk, \
-                                                   ws, out, stream);
+  // q in registers for the common head dims (64, 128) and groups of 1-8 heads; shared memory otherwise
+#define ZQ_SPLIT_GROUP(N, G)                                                                                    \
+  if (d8 == N && hq / hkv == G)                                                                                \
+    return launch_split_attention<T, N, G>(q, q_sb, q_sh, k, v, mask, b, hq, hkv, l, d, scale, chunk, ws, out, \
+                                           stream);
+  ZQ_SPLIT_GROUP(8, 1) ZQ_SPLIT_GROUP(8, 2) ZQ_SPLIT_GROUP(8, 4) ZQ_SPLIT_GROUP(8, 8)
+  ZQ_SPLIT_GROUP(16, 1) ZQ_SPLIT_GROUP(16, 2) ZQ_SPLIT_GROUP(16, 4) ZQ_SPLIT_GROUP(16, 8)
+#undef ZQ_SPLIT_GROUP
+#define ZQ_SPLIT_LANES(N)                                                                                       \
+  if (d8 <= N) return launch_split_attention<T, N, 0>(q, q_sb, q_sh, k, v, mask, b, hq, hkv, l, d, scale, chunk, \
+                                                      ws, out, stream);
   ZQ_SPLIT_LANES(1) ZQ_SPLIT_LANES(2) ZQ_SPLIT_LANES(4) ZQ_SPLIT_LANES(8) ZQ_SPLIT_LANES(16) ZQ_SPLIT_LANES(32)
 #undef ZQ_SPLIT_LANES
   return cudaErrorNotSupported;

@@ -91,12 +91,19 @@ def test_fp8_engine_on_cuda_matches_the_cpu_reference_engine(preset):
     from zqcompile.models import tiny_model
     model = tiny_model("llama", hidden=128).to(torch.bfloat16)
     x = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = copy.deepcopy(model).float()(x).logits  # fp32 eager, the same (bf16-valued) weights
     cpu = zq.compile(copy.deepcopy(model), (x,), preset, generation=False)
     gpu = zq.compile(model.to(DEV), (x.to(DEV),), preset, generation=False)
     with torch.no_grad():
         ref, out = cpu(x).logits.float(), gpu(x.to(DEV)).logits.float().cpu()
-    rel = ((out - ref).norm() / ref.norm()).item()
-    assert rel < 2e-2, rel
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+    # bf16 rounding on the GPU moves some FP8 codes by one step (12.5%), so the two engines differ by a few
+    # percent (measured 2.7% / 3.0% on the H200); the GPU engine must be as close to fp32 as the CPU one
+    assert rel(out, ref) < 5e-2, rel(out, ref)
+    assert rel(out, exact) <= 1.2 * rel(ref, exact) + 2e-3, (rel(out, exact), rel(ref, exact))
     kernels = {g["kernel"] for g in gpu.record.gemms if g["scheme_spec"]["weight"]}
     assert kernels == ({"zq.fp8_gemm_dequant"} if preset == "fp8" else {"zq.weight_only_gemm"})
     if preset == "fp8" and SM90:
