@@ -14,29 +14,60 @@ constexpr int kRopeThreads = 256;
 
 struct Strides4 { int64_t v[4]; };  // element strides of a [b, heads, s, d] view
 
+// The cache write of zq_rope_kv: the rotated key rows go to k_cache and the value rows (copied bit for bit) to
+// v_cache, at slot slots[pos] of their (batch row, head); a slot outside [0, l) is not written.
 template <class T>
+struct KvWrite {
+  const T* v;
+  Strides4 vs;
+  T* k_cache;
+  Strides4 kcs;
+  T* v_cache;
+  Strides4 vcs;
+  const int64_t* slots;
+  int64_t l;
+};
+
+// kCache: heads hq .. hq + hkv are the key heads, written to kv.k_cache (not k_out), and hq + hkv .. hq + 2 hkv
+// the value heads, copied to kv.v_cache.
+template <class T, bool kCache>
 __global__ void __launch_bounds__(kRopeThreads)
 rope_kernel(const T* __restrict__ q, Strides4 qs, const T* __restrict__ k, Strides4 ks, const T* __restrict__ cos_t,
             const T* __restrict__ sin_t, int64_t hq, int64_t hkv, int64_t s, int64_t d, int64_t pairs,
-            T* __restrict__ q_out, T* __restrict__ k_out) {
+            T* __restrict__ q_out, T* __restrict__ k_out, KvWrite<T> kv) {
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= pairs) return;
-  // idx = ((bi * (hq + hkv) + h) * s + pos) * half + i: consecutive threads walk a row, then its positions,
-  // so the contiguous outputs are written in order; heads h >= hq are the key heads.
-  const int64_t half = d / 2;
+  // idx = ((bi * heads + h) * s + pos) * half + i: consecutive threads walk a row, then its positions,
+  // so the contiguous outputs are written in order; heads h >= hq are the key heads (then the value heads).
+  const int64_t half = d / 2, heads = hq + (kCache ? 2 : 1) * hkv;
   const int64_t i = idx % half, row = idx / half;
   const int64_t pos = row % s, bh = row / s;
-  const int64_t h = bh % (hq + hkv), bi = bh / (hq + hkv);
-  const bool is_q = h < hq;
-  const int64_t head = is_q ? h : h - hq;
-  const T* x = is_q ? q + bi * qs.v[0] + head * qs.v[1] + pos * qs.v[2]
-                    : k + bi * ks.v[0] + head * ks.v[1] + pos * ks.v[2];
-  const int64_t sd = is_q ? qs.v[3] : ks.v[3];
-  T* out = (is_q ? q_out + (bi * hq + head) * s * d : k_out + (bi * hkv + head) * s * d) + pos * d;
+  const int64_t h = bh % heads, bi = bh / heads;
+  const int kind = h < hq ? 0 : (h < hq + hkv ? 1 : 2);  // q, k, v
+  const int64_t head = kind == 0 ? h : (kind == 1 ? h - hq : h - hq - hkv);
+  const Strides4& xs = kind == 0 ? qs : (kind == 1 ? ks : kv.vs);
+  const T* x = (kind == 0 ? q : (kind == 1 ? k : kv.v)) + bi * xs.v[0] + head * xs.v[1] + pos * xs.v[2];
+  const int64_t sd = xs.v[3];
+  T* out;
+  int64_t od = 1;
+  if (!kCache || kind == 0) {
+    out = (kind == 0 ? q_out + (bi * hq + head) * s * d : k_out + (bi * hkv + head) * s * d) + pos * d;
+  } else {
+    const int64_t slot = kv.slots[pos];
+    if (slot < 0 || slot >= kv.l) return;
+    const Strides4& cs = kind == 1 ? kv.kcs : kv.vcs;
+    out = (kind == 1 ? kv.k_cache : kv.v_cache) + bi * cs.v[0] + head * cs.v[1] + slot * cs.v[2];
+    od = cs.v[3];
+  }
+  if (kCache && kind == 2) {  // values: copied as they are
+    out[i * od] = x[i * sd];
+    out[(i + half) * od] = x[(i + half) * sd];
+    return;
+  }
   const int64_t cs = (bi * s + pos) * d;
   const float x0 = to_f<T>(x[i * sd]), x1 = to_f<T>(x[(i + half) * sd]);
-  out[i] = from_f<T>(x0 * to_f<T>(cos_t[cs + i]) - x1 * to_f<T>(sin_t[cs + i]));
-  out[i + half] = from_f<T>(x1 * to_f<T>(cos_t[cs + i + half]) + x0 * to_f<T>(sin_t[cs + i + half]));
+  out[i * od] = from_f<T>(x0 * to_f<T>(cos_t[cs + i]) - x1 * to_f<T>(sin_t[cs + i]));
+  out[(i + half) * od] = from_f<T>(x1 * to_f<T>(cos_t[cs + i + half]) + x0 * to_f<T>(sin_t[cs + i + half]));
 }
 
 // ---- decode attention: one block per (batch row, query head) ------------------------------------------------
@@ -523,24 +554,59 @@ inline bool decode_shape_ok(const void* q, int64_t q_sb, int64_t q_sh, const voi
 
 }  // namespace zq
 
+namespace zq {
+inline Strides4 strides4(const int64_t* st) {
+  Strides4 r{};
+  for (int i = 0; i < 4; ++i) r.v[i] = st ? st[i] : 0;
+  return r;
+}
+
+template <class T>
+cudaError_t launch_rope(const void* q, const int64_t* q_stride, const void* k, const int64_t* k_stride,
+                        const void* cos, const void* sin, int64_t b, int64_t hq, int64_t hkv, int64_t s, int64_t d,
+                        void* q_out, void* k_out, const KvWrite<T>* kv, cudaStream_t stream) {
+  const int64_t pairs = b * s * (hq + (kv ? 2 : 1) * hkv) * (d / 2);
+  if (pairs == 0) return cudaSuccess;
+  const int64_t blocks = (pairs + kRopeThreads - 1) / kRopeThreads;
+  if (blocks > INT32_MAX) return cudaErrorNotSupported;
+  const Strides4 qs = strides4(q_stride), ks = strides4(hkv > 0 ? k_stride : nullptr);
+  if (kv) {
+    rope_kernel<T, true><<<(unsigned)blocks, kRopeThreads, 0, stream>>>(
+        static_cast<const T*>(q), qs, static_cast<const T*>(k), ks, static_cast<const T*>(cos),
+        static_cast<const T*>(sin), hq, hkv, s, d, pairs, static_cast<T*>(q_out), nullptr, *kv);
+  } else {
+    rope_kernel<T, false><<<(unsigned)blocks, kRopeThreads, 0, stream>>>(
+        static_cast<const T*>(q), qs, static_cast<const T*>(k), ks, static_cast<const T*>(cos),
+        static_cast<const T*>(sin), hq, hkv, s, d, pairs, static_cast<T*>(q_out), static_cast<T*>(k_out),
+        KvWrite<T>{});
+  }
+  return cudaGetLastError();
+}
+}  // namespace zq
+
 ZQ_API cudaError_t zq_rope(const void* q, const int64_t* q_stride, const void* k, const int64_t* k_stride,
                            const void* cos, const void* sin, zq_dtype dt, int64_t b, int64_t hq, int64_t hkv,
                            int64_t s, int64_t d, void* q_out, void* k_out, cudaStream_t stream) {
   if (b < 0 || hq < 0 || hkv < 0 || s < 0 || d <= 0 || d % 2 != 0 || d > 512) return cudaErrorNotSupported;
-  const int64_t pairs = b * s * (hq + hkv) * (d / 2);
-  if (pairs == 0) return cudaSuccess;
-  const int64_t blocks = (pairs + zq::kRopeThreads - 1) / zq::kRopeThreads;
-  if (blocks > INT32_MAX) return cudaErrorNotSupported;
-  zq::Strides4 qs{}, ks{};
-  for (int i = 0; i < 4; ++i) {
-    qs.v[i] = q_stride[i];
-    ks.v[i] = hkv > 0 ? k_stride[i] : 0;
-  }
-  ZQ_DISPATCH_DTYPE(dt, T, zq::rope_kernel<T><<<(unsigned)blocks, zq::kRopeThreads, 0, stream>>>(
-                               static_cast<const T*>(q), qs, static_cast<const T*>(k), ks,
-                               static_cast<const T*>(cos), static_cast<const T*>(sin), hq, hkv, s, d, pairs,
-                               static_cast<T*>(q_out), static_cast<T*>(k_out)));
-  return cudaGetLastError();
+  ZQ_DISPATCH_DTYPE(dt, T, return zq::launch_rope<T>(q, q_stride, k, k_stride, cos, sin, b, hq, hkv, s, d, q_out,
+                                                     k_out, nullptr, stream));
+  return cudaErrorNotSupported;
+}
+
+ZQ_API cudaError_t zq_rope_kv(const void* q, const int64_t* q_stride, const void* k, const int64_t* k_stride,
+                              const void* v, const int64_t* v_stride, const void* cos, const void* sin, zq_dtype dt,
+                              int64_t b, int64_t hq, int64_t hkv, int64_t s, int64_t d, const int64_t* slots,
+                              void* k_cache, const int64_t* k_cache_stride, void* v_cache,
+                              const int64_t* v_cache_stride, int64_t l, void* q_out, cudaStream_t stream) {
+  if (b < 0 || hq < 0 || hkv < 0 || s < 0 || l < 0 || d <= 0 || d % 2 != 0 || d > 512) return cudaErrorNotSupported;
+  if (hkv > 0 && (!k_cache || !v_cache || !slots || !v)) return cudaErrorInvalidValue;
+  ZQ_DISPATCH_DTYPE(dt, T, {
+    const zq::KvWrite<T> kv{static_cast<const T*>(v), zq::strides4(hkv > 0 ? v_stride : nullptr),
+                            static_cast<T*>(k_cache), zq::strides4(hkv > 0 ? k_cache_stride : nullptr),
+                            static_cast<T*>(v_cache), zq::strides4(hkv > 0 ? v_cache_stride : nullptr), slots, l};
+    return zq::launch_rope<T>(q, q_stride, k, k_stride, cos, sin, b, hq, hkv, s, d, q_out, nullptr, &kv, stream);
+  });
+  return cudaErrorNotSupported;
 }
 
 ZQ_API cudaError_t zq_decode_attention(const void* q, int64_t q_sb, int64_t q_sh, const void* k, const void* v,

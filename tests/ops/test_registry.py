@@ -98,6 +98,13 @@ def _rope():
     return [(q, k, cos, sin)]
 
 
+def _rope_kv_write():
+    q, k, v = (acts(2, 3, h, 16, seed=s).transpose(1, 2) for h, s in ((4, 19), (2, 20), (2, 21)))  # strided views
+    cos, sin = torch.rand(2, 1, 3, 16), torch.rand(2, 1, 3, 16)
+    caches = [acts(2, 2, 8, 16, seed=s) for s in (22, 23)]
+    return [(q, k, v, cos, sin, *caches, torch.tensor([5, 0, 2]))]
+
+
 def _gqa_attention():
     q, k, v = acts(2, 4, 3, 16, seed=14), acts(2, 2, 7, 16, seed=15), acts(2, 2, 7, 16, seed=16)
     causal = torch.ones(3, 7, dtype=torch.bool).tril(4).expand(2, 1, 3, 7)
@@ -119,7 +126,8 @@ SAMPLES: dict[str, Callable[[], list[tuple]]] = {
     "norm_quant": _norm_quant, "act_quant": _act_quant, "int8_gemm_dequant": _int8_gemm_dequant,
     "quantize_per_token_fp8": _quantize_per_token_fp8, "norm_quant_fp8": _norm_quant, "act_quant_fp8": _act_quant,
     "fp8_gemm_dequant": _fp8_gemm_dequant,
-    "weight_only_gemm": _weight_only_gemm, "rope": _rope, "gqa_attention": _gqa_attention,
+    "weight_only_gemm": _weight_only_gemm, "rope": _rope, "rope_kv_write": _rope_kv_write,
+    "gqa_attention": _gqa_attention,
     "all_reduce": _all_reduce,
 }
 
@@ -195,7 +203,7 @@ def test_every_exported_op_has_both_onnx_dialects():
 
 def test_runtime_only_ops_are_declared_so_and_have_no_lowering():
     runtime = [d for d in DECLS if not d.exported]
-    assert {d.name for d in runtime} == set(GENERATION_OPS) == {"rope", "gqa_attention", "all_reduce"}
+    assert {d.name for d in runtime} == set(GENERATION_OPS) == {"rope", "rope_kv_write", "gqa_attention", "all_reduce"}
     for decl in runtime:
         assert decl.translations == {} and decl.tensorrt is None and decl.name not in trt_spec.PLUGINS
         assert decl.overload not in translation_table("standard")

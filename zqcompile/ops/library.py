@@ -206,6 +206,23 @@ def _(q, k, cos, sin):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
+@declare("attention", cuda="kernel", runtime_only=True, mutates=("k_cache", "v_cache"))
+def rope_kv_write(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                  slots: Tensor) -> Tensor:
+    """zq.rope of q and k with the generation step's KV-cache write in the same op: the rotated k and the value
+    rows v [B, Hkv, S, D] written at positions `slots` (S int64) of dim 2 of k_cache / v_cache [B, Hkv, L, D],
+    as index_copy_ writes them -> the rotated q, contiguous."""
+    q_rot, k_rot = qm.rope(q, cos, sin).contiguous(), qm.rope(k, cos, sin)
+    k_cache.index_copy_(2, slots, k_rot.to(k_cache.dtype))
+    v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
+    return q_rot
+
+
+@rope_kv_write.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, slots):
+    return q.new_empty(q.shape)
+
+
 @declare("attention", cuda="kernel", runtime_only=True)
 def gqa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
     """Attention of q [B, Hq, S, D] over the KV cache k / v [B, Hkv, L, D] with boolean mask [B, 1, S, L],

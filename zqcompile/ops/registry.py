@@ -80,18 +80,21 @@ def _qualname(name: str) -> str:
 
 
 def declare(category: str, *, cuda: str, tensorrt: Optional[str] = None, runtime_only: bool = False,
-            namespace: str = NAMESPACE) -> Callable[[Callable], OpDecl]:
+            mutates: tuple[str, ...] = (), namespace: str = NAMESPACE) -> Callable[[Callable], OpDecl]:
     """Declare the op named like the decorated function, which is its reference implementation.
 
     category: one of CATEGORIES. cuda: "kernel" when zqcompile/plugins/cuda.py must provide a kernel, "reference"
     when the op runs its reference on CUDA (QDQ forms the passes fuse away). tensorrt: "plugin" or "standard" for
-    an exported op; runtime_only=True (and no tensorrt) for an op that only the engine's runtime runs."""
+    an exported op; runtime_only=True (and no tensorrt) for an op that only the engine's runtime runs. mutates:
+    the parameters the op writes in place (a runtime-only op's KV cache; torch.library's mutates_args)."""
     if category not in CATEGORIES:
         raise ValueError(f"unknown op category {category!r}; known: {CATEGORIES}")
     if cuda not in CUDA_SUPPORT:
         raise ValueError(f"cuda={cuda!r}: say 'kernel' or 'reference'")
     if runtime_only and tensorrt is not None:
         raise ValueError("a runtime-only op has no TensorRT lowering: leave tensorrt out")
+    if mutates and not runtime_only:
+        raise ValueError("only a runtime-only op may write its inputs in place (exported graphs are functional)")
     if not runtime_only and tensorrt not in TENSORRT_LOWERINGS:
         raise ValueError(f"an exported op needs tensorrt= one of {TENSORRT_LOWERINGS} (or runtime_only=True)")
 
@@ -99,7 +102,7 @@ def declare(category: str, *, cuda: str, tensorrt: Optional[str] = None, runtime
         qualname = f"{namespace}::{fn.__name__}"
         if qualname in _DECLS:
             raise ValueError(f"op {qualname} is already declared")
-        custom = torch.library.custom_op(qualname, mutates_args=())(fn)
+        custom = torch.library.custom_op(qualname, mutates_args=tuple(mutates))(fn)
         decl = OpDecl(qualname, category, cuda, tensorrt, fn, custom)
         _DECLS[qualname] = decl
         return decl

@@ -29,6 +29,7 @@ from zqcompile.passes.fold_decomposed import fold_decomposed_ops
 from zqcompile.passes.fuse_gemm_dequant import fuse_gemm_dequant
 from zqcompile.passes.fuse_gemm_epilogue import fuse_gemm_epilogue
 from zqcompile.passes.fuse_gqa_attention import fuse_gqa_attention
+from zqcompile.passes.fuse_kv_write import fuse_kv_write
 from zqcompile.passes.fuse_producer_quant import fuse_producer_quant
 from zqcompile.passes.fuse_rotary import fuse_rotary
 from zqcompile.passes.group_wise_weight import group_wise_weight
@@ -55,8 +56,9 @@ PIPELINE: list[Pass] = [
     cleanup,
 ]
 # The prefill / decode graphs around the KV cache (generation.py) also fuse their attention: the rotary
-# embedding of q and k into one op, and SDPA over the cache without the repeat_kv copies.
-GENERATION_PIPELINE: list[Pass] = PIPELINE[:-1] + [fuse_rotary, fuse_gqa_attention, cleanup]
+# embedding of q and k into one op, then with the KV-cache write of k and v, and SDPA over the cache without the
+# repeat_kv copies.
+GENERATION_PIPELINE: list[Pass] = PIPELINE[:-1] + [fuse_rotary, fuse_kv_write, fuse_gqa_attention, cleanup]
 
 
 @dataclass

@@ -24,7 +24,7 @@ from zqcompile.ops import quant_math as qm
 from zqcompile.ops import registry
 from zqcompile.ops.registry import cuda_kernel
 
-ABI_VERSION = 4  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
+ABI_VERSION = 5  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _lib: Optional[ctypes.CDLL] = None
@@ -57,6 +57,10 @@ attention_paths: Counter = Counter()  # "rope" / "decode_attention" (kernels) or
 # benchmarks; env ZQ_DECODE_ATTENTION). decode_attention_splits: 0 = the library's choice (tests force counts).
 decode_attention_path = os.environ.get("ZQ_DECODE_ATTENTION", "split")
 decode_attention_splits = 0
+# zq.rope_kv_write: "fused" runs RoPE and the KV-cache write in one kernel (zq_rope_kv); "split" runs the zq_rope
+# kernel and two index_copy_ (what the graph did before the fusion). "split" stays the default until a GPU run
+# has checked the fused kernel (tests/gpu/test_rope_kv_gpu.py); env ZQ_ROPE_KV.
+rope_kv_path = os.environ.get("ZQ_ROPE_KV", "split")
 CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: the kernel declined the inputs, nothing was launched
 
 
@@ -75,6 +79,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         "zq_gemm_mma_num_configs": (I, []),
         "zq_dequantize_weight": (I, [P, I, P, I64, I64, I64, P, I, P]),
         "zq_rope": (I, [P, P, P, P, P, P, I, I64, I64, I64, I64, I64, P, P, P]),
+        "zq_rope_kv": (I, [P, P, P, P, P, P, P, P, I, I64, I64, I64, I64, I64, P, P, P, P, P, I64, P, P]),
         "zq_decode_attention": (I, [P, I64, I64, P, P, P, I, I64, I64, I64, I64, I64, F, P, P]),
         "zq_decode_attention_splits": (I64, [I64, I64, I64, I64, I64]),
         "zq_decode_attention_workspace_bytes": (ctypes.c_size_t, [I64, I64, I64, I64, I64, I64]),
@@ -210,6 +215,39 @@ def rope(q, k, cos, sin):
                             _stream(q)), "rope")
     attention_paths["rope"] += 1
     return q_out, k_out
+
+
+@cuda_kernel("rope_kv_write")
+def rope_kv_write(q, k, v, cos, sin, k_cache, v_cache, slots):
+    if rope_kv_path not in ("fused", "split"):
+        raise ValueError(f"zqcompile.plugins.cuda.rope_kv_path (env ZQ_ROPE_KV) must be 'fused' or 'split', got "
+                         f"{rope_kv_path!r}")
+    b, hq, s, d = q.shape
+    hkv, l = k.shape[1], k_cache.shape[2]
+    fits = (rope_kv_path == "fused" and q.dtype in DTYPES and q.numel() > 0
+            and all(t.dtype == q.dtype and t.device == q.device for t in (k, v, cos, sin, k_cache, v_cache))
+            and k.dim() == v.dim() == 4 and k.shape == v.shape and (k.shape[0], k.shape[2], k.shape[3]) == (b, s, d)
+            and k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[0] == b
+            and (k_cache.shape[1], k_cache.shape[3]) == (hkv, d) and d % 2 == 0 and d <= 512
+            and all(t.dim() == 4 and t.shape[1:] == (1, s, d) and t.shape[0] in (1, b) for t in (cos, sin))
+            and slots.dtype == torch.int64 and slots.shape == (s,) and slots.device == q.device)
+    if not fits:  # the two ops the fusion replaced: RoPE (kernel where it fits), then the cache writes
+        attention_paths["rope_kv_split"] += 1
+        q_rot, k_rot = rope(q, k, cos, sin)
+        k_cache.index_copy_(2, slots, k_rot.to(k_cache.dtype))
+        v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
+        return q_rot
+    cos3, sin3 = (t.expand(b, 1, s, d).reshape(b, s, d).contiguous() for t in (cos, sin))
+    q_out = torch.empty((b, hq, s, d), dtype=q.dtype, device=q.device)
+    slots = slots.contiguous()
+    with torch.cuda.device(q.device):
+        _check(_lib.zq_rope_kv(q.data_ptr(), _int64s(q.stride()), k.data_ptr(), _int64s(k.stride()), v.data_ptr(),
+                               _int64s(v.stride()), cos3.data_ptr(), sin3.data_ptr(), DTYPES[q.dtype], b, hq, hkv, s,
+                               d, slots.data_ptr(), k_cache.data_ptr(), _int64s(k_cache.stride()),
+                               v_cache.data_ptr(), _int64s(v_cache.stride()), l, q_out.data_ptr(), _stream(q)),
+               "rope_kv")
+    attention_paths["rope_kv"] += 1
+    return q_out
 
 
 @cuda_kernel("gqa_attention")

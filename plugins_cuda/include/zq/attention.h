@@ -7,6 +7,11 @@
 //     out[i] = x[i] * cos[i] - x[i + h] * sin[i],   out[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h]
 //   in fp32, rounded once to `dt`. d even, d <= 512.
 //
+// zq_rope_kv: zq_rope with the KV-cache write of a generation step in the same launch: q' goes to q_out as
+//   above, the rotated key rows to k_cache[bi, h, slots[pos], :] and the value rows v [b, hkv, s, d] (any
+//   strides), unchanged, to v_cache[bi, h, slots[pos], :] (k_cache / v_cache: [>= b, hkv, l, d] in `dt`, 4
+//   element strides each; slots: s int64 on the device; a slot outside [0, l) is not written).
+//
 // zq_decode_attention: one query token per row against the cache, grouped KV heads read in place.
 //   q: [b, hq, 1, d] in `dt`, element strides q_sb (batch) and q_sh (head), last stride 1;
 //   k, v: [b, hkv, l, d] contiguous in `dt`; mask: [b, l] bytes (nonzero = attend); out: [b, hq, 1, d]
@@ -32,6 +37,12 @@
 ZQ_API cudaError_t zq_rope(const void* q, const int64_t* q_stride, const void* k, const int64_t* k_stride,
                            const void* cos, const void* sin, zq_dtype dt, int64_t b, int64_t hq, int64_t hkv,
                            int64_t s, int64_t d, void* q_out, void* k_out, cudaStream_t stream);
+
+ZQ_API cudaError_t zq_rope_kv(const void* q, const int64_t* q_stride, const void* k, const int64_t* k_stride,
+                              const void* v, const int64_t* v_stride, const void* cos, const void* sin, zq_dtype dt,
+                              int64_t b, int64_t hq, int64_t hkv, int64_t s, int64_t d, const int64_t* slots,
+                              void* k_cache, const int64_t* k_cache_stride, void* v_cache,
+                              const int64_t* v_cache_stride, int64_t l, void* q_out, cudaStream_t stream);
 
 ZQ_API cudaError_t zq_decode_attention(const void* q, int64_t q_sb, int64_t q_sh, const void* k, const void* v,
                                        const uint8_t* mask, zq_dtype dt, int64_t b, int64_t hq, int64_t hkv,

@@ -18,7 +18,7 @@ typedef enum { ZQ_F32 = 0, ZQ_F16 = 1, ZQ_BF16 = 2 } zq_dtype;
 typedef enum { ZQ_ACT_NONE = 0, ZQ_ACT_GELU = 1, ZQ_ACT_GELU_TANH = 2, ZQ_ACT_RELU = 3, ZQ_ACT_SILU = 4 } zq_act;
 
 // Library version, bumped when a launch signature changes (the binding checks it).
-#define ZQ_ABI_VERSION 4
+#define ZQ_ABI_VERSION 5
 ZQ_API int zq_abi_version(void);
 // 1 when the Hopper (CUTLASS 3 sm90, wgmma) INT8 GEMM was compiled in.
 ZQ_API int zq_has_sm90_gemm(void);
