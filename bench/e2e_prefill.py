@@ -59,8 +59,6 @@ from bench.bench_decode_scale import csv, elapsed_ms, free, is_oom, make_model a
 
 LLAMA = "llama-3-8b"
 BERTS = ("bert-base", "bert-large")
-BERT_ENGINES = ("hf-eager-fp16", "zq-w8a8", "zq-w4/8a8", "compile-fp16", "compile-max-autotune-fp16")
-LLAMA_ENGINES = ("hf-eager-fp16", "zq-w8a8", "zq-fp16", "zq-w4/8a8")
 ENGINES = ("hf-eager-fp16", "compile-fp16", "compile-max-autotune-fp16", "zq-fp16", "zq-w8a8", "zq-w4/8a8")
 CHEAP = ("hf-eager-fp16", "zq-w8a8", "zq-w4/8a8")
 ZQ_CONFIGS = {"zq-w8a8": "w8a8", "zq-w4/8a8": "w4/8a8", "zq-fp16": "none"}
@@ -181,9 +179,8 @@ class Grid:
                 row["attn"] = self.models[m].config._attn_implementation
         except Exception as err:  # noqa: BLE001 - recorded in the row, the run goes on
             self.failed[(m, e)] = f"{type(err).__name__}: {str(err)[:300]}"
-            row["error"] = self.failed[(m, e)]
+            row["error"], row["oom"] = self.failed[(m, e)], is_oom(err)
             self.engines.pop((m, e), None)
-            free(self.args.device)
         else:
             try:
                 if f"{m}:{e}:{b}" in self.args.simulate_oom:
@@ -193,7 +190,8 @@ class Grid:
                 row.update(measure(fn, ids, self.args))
             except Exception as err:  # noqa: BLE001
                 row["error"], row["oom"] = f"{type(err).__name__}: {str(err)[:300]}", is_oom(err)
-                free(self.args.device)
+        if "error" in row:  # here, not in the except block: the exception's frames hold the failed call's tensors
+            free(self.args.device)
         cost = time.perf_counter() - t0
         self.spent[e] = self.spent.get(e, 0.0) + cost
         self.last_cost[(m, e)] = cost - row.get("build_s", 0.0)
