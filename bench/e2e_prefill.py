@@ -289,8 +289,11 @@ def markdown(result: dict) -> str:
     for r in rows:
         status[(r["model"], r["seq"], r["batch"], r["engine"])] = (
             f"{r['ms']:.2f}" if r.get("ms") is not None else "fail" if "error" in r else "skip")
-    out = [f"Device: {result['device']}; zq CUDA kernels loaded: {result['zq_cuda_kernels']}; ms, median of "
-           f"CUDA-event-timed calls; fail / skip: the JSON row says why. {TARGETS_DOC}.", "",
+    calls = sorted({r["call"] for r in rows if "call" in r})
+    measured = sum(r.get("ms") is not None for r in rows)
+    out = [f"Device: {result['device']}; zq CUDA kernels loaded: {result['zq_cuda_kernels']}; ms, median of timed "
+           f"calls (CUDA events on the GPU); {measured} of {len(rows)} rows measured, in {len(calls)} call(s) "
+           f"({', '.join(calls)}); fail / skip: the JSON row says why. {TARGETS_DOC}.", "",
            "| model | seq | batch | " + " | ".join(engines) + " | W8A8 vs HF eager | vs best compile | "
            "W4/8A8 / W8A8 | W8A8 vs zq-fp16 |", "|---" * (len(engines) + 7) + "|"]
     for r in result["ratios"] + [dict(model=m, seq=s, batch=b) for (m, s, b) in dict.fromkeys(
