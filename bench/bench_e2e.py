@@ -5,8 +5,13 @@ Baselines: Hugging Face eager FP16, `torch.compile` FP16 (dynamic=False), torcha
 Models (random init; latency does not depend on the weights' values): BERT-base and BERT-large shapes
 (the paper's Table 6 grid), and a GPT-2-medium-shaped (350M, the paper's GPT-3-350M shape) prefill.
 Medians over CUDA-event-timed repeats; prints a markdown table and writes JSON (device, versions, command).
+--max-autotune adds `torch.compile(mode="max-autotune")` FP16 where torch.compile is timed (minutes of autotuning
+per shape).
 
-    python bench/bench_e2e.py --out bench/results/e2e.json [--quick]
+    python bench/bench_e2e.py --out bench/results/e2e.json [--quick] [--max-autotune]
+
+Issue 15's prefill grid (rows {model, seq, batch, engine, ms}, priority order, time budget, the 8B prefill):
+    python bench/bench_e2e.py --prefill [--smoke] ...     (bench/e2e_prefill.py says what it runs)
 """
 from __future__ import annotations
 
@@ -81,6 +86,9 @@ def engine_gemm_bytes(engine) -> int:
 
 
 def main() -> None:
+    if "--prefill" in sys.argv[1:]:
+        from bench.e2e_prefill import main as prefill
+        sys.exit(prefill([a for a in sys.argv[1:] if a != "--prefill"]))
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="bert-base,bert-large,gpt2-medium")
     ap.add_argument("--batches", default="1,4,16,64,128")
@@ -92,6 +100,7 @@ def main() -> None:
     ap.add_argument("--configs", default="w8a8,w4/8a8")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="bert-base seq 128 only")
+    ap.add_argument("--max-autotune", action="store_true", help='also torch.compile(mode="max-autotune") FP16')
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "e2e.json"))
     args = ap.parse_args()
     from zqcompile import plugins
@@ -131,7 +140,11 @@ def main() -> None:
             memory.append(dict(model=name, config=c, gemm_weight_ratio=engine_gemm_bytes(e) / fp_gemm,
                                all_weight_ratio=e.weight_bytes() / fp_all,
                                rel_l2_err_vs_fp16=float((out - ref).norm() / ref.norm())))
+        if args.max_autotune:
+            from bench.e2e_prefill import raise_recompile_limits
+            raise_recompile_limits()
         compiled = torch.compile(model, dynamic=False)
+        autotuned = torch.compile(model, dynamic=False, mode="max-autotune") if args.max_autotune else None
         ao = None
         if torchao is not None:
             import copy
@@ -147,6 +160,8 @@ def main() -> None:
                     row["hf_eager_fp16"] = time_ms(lambda: model(ids, **kw), args.reps)
                     if bs in compile_batches:
                         row["torch_compile_fp16"] = time_ms(lambda: compiled(ids, **kw), args.reps)
+                        if autotuned is not None:
+                            row["torch_compile_max_autotune_fp16"] = time_ms(lambda: autotuned(ids, **kw), args.reps)
                         if ao is not None and bs in torchao_batches:
                             try:
                                 row["torchao_w8a8"] = time_ms(lambda: ao(ids, **kw), args.reps)
@@ -156,7 +171,7 @@ def main() -> None:
                         row[f"zq_{c}"] = time_ms(lambda: e(ids), args.reps)
                 rows.append(row)
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-        del model, compiled, ao, engines
+        model = compiled = autotuned = ao = engines = None  # frees them (the timing lambdas close over the names)
         torch.cuda.empty_cache()
         save(args, rows, memory, have_kernels, torchao, why_no_torchao if torchao is None else None)
 
@@ -181,7 +196,7 @@ def save(args, rows, memory, have_kernels, torchao, why_no_torchao) -> None:
 
 
 def markdown(result: dict) -> str:
-    cols = ["hf_eager_fp16", "torch_compile_fp16", "torchao_w8a8"] + sorted(
+    cols = ["hf_eager_fp16", "torch_compile_fp16", "torch_compile_max_autotune_fp16", "torchao_w8a8"] + sorted(
         {k for r in result["rows"] for k in r if k.startswith("zq_")})
     out = [f"Device: {result['device']}; zq CUDA kernels loaded: {result['zq_cuda_kernels']}; "
            f"ms, median of repeats; speed-up columns = baseline / zq w8a8", "",
