@@ -48,11 +48,21 @@ for stage in "$@"; do
     streaming-8b)  # issue 17: the 8B shape compiled from a safetensors folder under a GPU memory cap
       timeout "$(left)" "$PY" bench/streaming_8b.py --folder /tmp/zq_8b_folder \
         --out "$OUT/streaming_8b_H200.json" > "$OUT/streaming_8b_H200.txt" 2>&1 || rc=$? ;;
+    rope-kv)  # the fused RoPE + KV-cache write kernel: its GPU tests, then 8B W8A8 decode with it (A/B: split)
+      ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout "$(left)" "$PY" -m pytest -q -p no:cacheprovider \
+        tests/gpu/test_rope_kv_gpu.py > "$OUT/gpu_tests_rope_kv.txt" 2>&1
+      r=$?; tail -3 "$OUT/gpu_tests_rope_kv.txt"
+      if [ $r -eq 0 ]; then
+        for path in fused split; do
+          ZQ_ROPE_KV=$path bench --shapes 8b --engines w8a8 --batches 1,16 --cache-lens 128 --repeat 2 \
+            --out "$OUT/decode_scale_8b_rope_kv_${path}_H200.json" || rc=$?
+        done
+      else rc=$r; fi ;;
     8b-single)  # A/B: the engines with the old single-block decode attention
       bench --shapes 8b --engines w8a8 --batches 1,16 --attention single \
         --out "$OUT/decode_scale_8b_single_H200.json" || rc=$? ;;
     *) echo "unknown stage $stage (stage build tests kernels attn profile-8b 1b 8b-fp16-w8a8 8b-w4-hf 8b-single" \
-            "streaming-8b)"; exit 2 ;;
+            "streaming-8b rope-kv)"; exit 2 ;;
   esac
 done
 exit $rc
