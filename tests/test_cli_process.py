@@ -196,13 +196,15 @@ def test_ctrl_c_while_writing_keeps_the_earlier_engine_and_adds_nothing(folders,
 @pytest.fixture(scope="module")
 def generated(folders):
     """`zqcompile generate` of the tiny Llama, 16 greedy W8A8 tokens: the single-process command and, at the same
-    time (each is mostly one compile), `torchrun --nproc-per-node 2 -m zqcompile generate ... --tp 2` (gloo)."""
+    time (each is mostly one compile), `torchrun --nproc-per-node 2 -m zqcompile generate ... --tp 2` (gloo) and
+    the command with an int8 KV cache."""
     args = ["generate", str(folders["llama"]), "--config", "w8a8", "--prompt", "w1 w2 w3", "--max-new-tokens", "16"]
     torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2"]
     env = _env({"OMP_NUM_THREADS": "1"})  # three processes share the cores
     procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for name, cmd in (("single", [zqcompile_cmd(), *args]), ("tp", [*torchrun, "-m", "zqcompile", *args,
-                                                                             "--tp", "2"]))}
+                                                                             "--tp", "2"]),
+                               ("int8_kv", [zqcompile_cmd(), *args, "--kv-cache", "int8"]))}
     outputs = {name: p.communicate(timeout=400) for name, p in procs.items()}
     return {name: (procs[name].returncode, *outputs[name]) for name in procs}
 
@@ -217,6 +219,20 @@ def test_generate_streams_the_same_tokens_as_the_api(folders, generated):
     out = zq.compile(model, (x,), "w8a8").generate(x, max_new_tokens=16, eos_token_id=tok.eos_token_id)
     assert stdout.strip() == tok.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
     assert torch.is_tensor(out)
+
+
+def test_generate_with_an_int8_kv_cache_streams_the_api_tokens(folders, generated):
+    """--kv-cache int8 (it failed with 'take ... a 'int8' KV cache; for ... a 'model' cache' before generate()
+    used the engine's own cache): the API engine's tokens with the same cache."""
+    code, stdout, stderr = generated["int8_kv"]
+    assert code == 0, stderr
+    import zqcompile as zq
+    from zqcompile.models import load_model, load_tokenizer
+    model, tok = load_model(str(folders["llama"])), load_tokenizer(str(folders["llama"]))
+    x = tok("w1 w2 w3", return_tensors="pt")["input_ids"]
+    engine = zq.compile(model, (x,), "w8a8", generation=zq.CacheSpec(1, x.shape[1] + 16, "int8"))
+    out = engine.generate(x, max_new_tokens=16, eos_token_id=tok.eos_token_id)
+    assert stdout.strip() == tok.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
 
 
 def test_torchrun_tensor_parallel_generate_prints_the_single_process_tokens(generated):

@@ -118,6 +118,9 @@ def test_w8a8_generation_close_to_fp32_and_int8_kv_cache():
     assert err_w8a8 < 0.05, err_w8a8
     assert err_kv8 < 0.02, err_kv8
     assert gen_i8.decode.k_cache_0.dtype == torch.int8
+    # generate() runs the cache the engine was compiled with (it asked for a 'model' cache and refused before)
+    engine = zq.compile(model, (ids,), config="none", generation=CacheSpec(2, 32, "int8"))
+    assert torch.equal(engine.generate(ids, max_new_tokens=6), _hf_greedy(model, ids, new=6))
     # int8 values + one fp32 scale per token per head (head_dim 32) vs fp32 values: 9/32 of the bytes
     assert gen_i8.record.cache_bytes / gen_fp.record.cache_bytes == pytest.approx((32 + 4) / (32 * 4))
 

@@ -50,6 +50,8 @@ def _why_not(rope: fx.Node) -> str | fx.Node:
     if set(outs) != {0, 1} or len(rope.users) != 2:
         return "zq.rope's outputs are not one query and one key output"
     k_users = list(outs[1].users)
+    if any(u.target is zq.quantize_per_token.default for u in k_users):
+        return "an int8 KV cache (codes and scales written by their own ops)"
     if len(k_users) != 1 or not _write(k_users[0]) or k_users[0].args[3] is not outs[1]:
         return "the rotated keys are read by more than their cache write (or written with a dtype cast)"
     v_write = _value_write(k_users[0])

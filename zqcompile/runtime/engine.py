@@ -100,11 +100,13 @@ class Engine:
         return self
 
     # ---- generation (causal LMs) -------------------------------------------------------------------------
-    def prepare_generation(self, max_batch: int = 1, max_cache_len: int = 2, kv_cache: str = "model"):
+    def prepare_generation(self, max_batch: int = 1, max_cache_len: int = 2, kv_cache: str | None = None):
         """The generator, checked to take batches up to `max_batch` and `max_cache_len` tokens with a
-        `kv_cache` cache. Its graphs are built by compile (`generation=zq.CacheSpec(...)`): the float model
-        is not kept, so a larger cache needs a new compile."""
-        if kv_cache not in ("model", "int8"):
+        `kv_cache` cache ("model" or "int8"; None: the one it was compiled with). Its graphs are built by compile
+        (`generation=zq.CacheSpec(...)`): the float model is not kept, so a larger cache needs a new compile."""
+        if kv_cache is None and self._generator is not None:
+            kv_cache = self._generator.spec.kv_dtype
+        if kv_cache not in (None, "model", "int8"):
             raise InputError(f"kv_cache must be 'model' or 'int8', got {kv_cache!r}")
         gen = self._generator
         if gen is None:
