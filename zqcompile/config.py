@@ -228,6 +228,10 @@ class LKDConfig:
     loss: Literal["mse"] = "mse"
     seed: int = 0
     progress: bool = True
+    clip_lr: float = 0.0  # Adam lr of one learned clipping factor per INT weight group; 0: scales stay max-based
+    clip_min: float = 0.5  # the clipping factors stay in [clip_min, 1] (1: the engine's max|w_group| scale)
+    schedule: Literal["constant", "cosine"] = "constant"
+    student_input: Literal["fp", "quantized"] = "fp"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -261,6 +265,15 @@ class LKDConfig:
         if not _is_int(self.seed):
             raise ConfigError(f"LKDConfig.seed must be an integer, got {self.seed!r}")
         _check_bool("LKDConfig", "progress", self.progress)
+        if isinstance(self.clip_lr, bool) or not isinstance(self.clip_lr, (int, float)) \
+                or not math.isfinite(self.clip_lr) or self.clip_lr < 0:
+            raise ConfigError(f"LKDConfig.clip_lr must be a finite number >= 0 (0: no learned clipping), "
+                              f"got {self.clip_lr!r}")
+        if isinstance(self.clip_min, bool) or not isinstance(self.clip_min, (int, float)) \
+                or not 0 < self.clip_min <= 1:
+            raise ConfigError(f"LKDConfig.clip_min must be a number in (0, 1], got {self.clip_min!r}")
+        _check_choice("LKDConfig", "schedule", self.schedule, ("constant", "cosine"))
+        _check_choice("LKDConfig", "student_input", self.student_input, ("fp", "quantized"))
 
 
 @dataclass(frozen=True)
