@@ -41,6 +41,8 @@ VARIANTS = {  # name -> LKDConfig fields over the baseline LKDConfig(lr=1e-4, co
     "w1e-3-q": dict(lr=1e-3, clip_lr=0.0, schedule="cosine", student_input="quantized"),
     "clip-w1e-3-q": dict(lr=1e-3, clip_lr=5e-3, schedule="cosine", student_input="quantized"),
     "clip2e-3-w3e-4-q": dict(lr=3e-4, clip_lr=2e-3, schedule="cosine", student_input="quantized"),
+    "nb32-clip-w3e-4-q": dict(lr=3e-4, clip_lr=5e-3, schedule="cosine", student_input="quantized", num_batches=32),
+    "nb32-clip-w1e-3-q": dict(lr=1e-3, clip_lr=5e-3, schedule="cosine", student_input="quantized", num_batches=32),
 }
 
 
