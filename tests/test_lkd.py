@@ -127,3 +127,14 @@ def test_lkd_on_gpu_matches_cpu():
     for a, b in zip(s_cpu, s_gpu):
         assert b.loss_before == pytest.approx(a.loss_before, rel=1e-2)
     assert next(gpu.parameters()).is_cuda
+
+
+def test_lkd_warns_that_feature_scales_are_not_distilled():
+    from dataclasses import replace
+
+    from zqcompile.config import ConfigWarning, FeatureScales, get_config
+    cfg = replace(get_config("w4/8a8"), feature_scales=FeatureScales(alpha=0.5))
+    with pytest.warns(ConfigWarning, match="without its feature-wise scales"):
+        _, stats = run_lkd_with_stats(tiny_gpt2(), cfg, LKDConfig(steps=1, batch_size=1, seq_len=8, num_batches=1,
+                                                                  progress=False))
+    assert len(stats) == 2 and all(s.loss_before > 0 for s in stats)

@@ -1,25 +1,30 @@
 """Layer-by-layer knowledge distillation (ZeroQuant Sec. 4.2, Eq. 1), tuning the fp weights of a model so
 that each transformer block, once quantized, reproduces its own full-precision output.
 
-For block k the inputs are the outputs of the ORIGINAL blocks 1..k-1 on the LKD data (produced on the fly
-and kept on CPU; block 1's inputs are captured with a forward pre-hook, so whatever positional embeddings
-or masks the model passes its blocks as args/kwargs are reused as-is). Teacher = original block k;
-student = a fake-quantized copy (`zqcompile.accuracy.fakequant`, the engine's quantizers with a straight-through
-estimator); the student minimises MSE(student(x), teacher(x)) over block k's parameters only, then its
-tuned fp weights are written back into block k. Only one extra block is ever in memory. The model is
-modified IN PLACE (and returned); the quantized engine is then built from the tuned weights as usual.
+Target of block k: the ORIGINAL block k on the outputs of the original blocks 1..k-1 (produced on the fly and
+kept on CPU; block 1's inputs are captured with a forward pre-hook, so whatever positional embeddings or masks
+the model passes its blocks as args/kwargs are reused as-is). Student: a fake-quantized copy
+(`zqcompile.accuracy.fakequant`, the engine's quantizers with a straight-through estimator) fed, by default
+(`student_input="quantized"`), what the already tuned quantized blocks 1..k-1 give, so it also learns to undo
+their error (OmniQuant's setup; "fp" feeds it the teacher's input). It minimises MSE(student, target) with Adam
+over block k's parameters (`lr`, cosine decay) and one clipping factor per INT weight group (`clip_lr`; OmniQuant's
+learnable weight clipping): the tuned fp weights, clamped to the learned clipping so that the engine's max-based
+scales are the learned ones, are written back into block k when they lower the block's loss. Only one extra block
+is ever in memory. The model is modified IN PLACE (and returned); the quantized engine is then built from the
+tuned weights as usual.
 """
 from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from zqcompile.config import ConfigError, LKDConfig, QuantConfig, get_config
+from zqcompile.config import ConfigError, ConfigWarning, LKDConfig, QuantConfig, get_config
 from zqcompile.accuracy.fakequant import calibrate_static, fake_quant_modules, fake_quantize, remove_fake_quant
 
 # Where the usual Hugging Face families keep their transformer blocks (checked before the generic search).
@@ -188,6 +193,11 @@ def run_lkd_with_stats(model: nn.Module, config: QuantConfig | str, lkd: LKDConf
     if lkd.loss != "mse":
         raise ConfigError(f"LKD loss {lkd.loss!r} is not implemented; use loss='mse' (the paper's Eq. 1)")
     config = get_config(config)
+    if config.feature_scales is not None:
+        warnings.warn(f"LKD tunes {config.name!r} without its feature-wise scales, which the compiler folds into the "
+                      "tuned weights afterwards: the blocks it distilled are not exactly the ones compiled (learned "
+                      "clipping does not carry over); compile without feature_scales for LKD's own accuracy",
+                      ConfigWarning, stacklevel=2)
     torch.manual_seed(lkd.seed)
     prefix, blocks = find_blocks(model)
     device = next(model.parameters()).device
