@@ -214,7 +214,8 @@ OverrideKey = Union[str, type]
 class LKDConfig:
     """Layer-by-layer knowledge distillation (ZeroQuant Sec. 4.2); used by zqcompile.accuracy.lkd.
 
-    data: "random" (uniform random token ids, the paper's data-free variant), a text string (tokenized
+    data: "random" (uniform random token ids, the paper's data-free variant), "generated" (data-free too:
+    sequences sampled from the fp model from random first tokens, causal LMs only), a text string (tokenized
     with the model's tokenizer), or a list of LongTensor token batches. LKD keeps `num_batches` batches of
     [batch_size, seq_len] tokens and cycles through them for `steps` Adam steps per block.
     """

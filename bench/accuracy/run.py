@@ -62,6 +62,7 @@ def configs() -> dict[str, QuantConfig]:
 
 
 LKD_ROWS = {"w4/8a8 + LKD(random)": ("w4/8a8", "random"), "w4/8a8 + LKD(text)": ("w4/8a8", "text"),
+            "w4/8a8 + LKD(generated)": ("w4/8a8", "generated"),
             "w4/8a8 per-row + LKD(random)": ("w4/8a8 per-row", "random")}
 
 
@@ -105,7 +106,7 @@ def main() -> None:
         cfg_name, lkd_data = LKD_ROWS.get(name, (name, None))
         cfg = cfgs[cfg_name]
         if lkd_data is not None:
-            lkd = LKDConfig(data=lkd_text if lkd_data == "text" else "random", steps=args.lkd_steps,
+            lkd = LKDConfig(data=lkd_text if lkd_data == "text" else lkd_data, steps=args.lkd_steps,
                             lr=args.lkd_lr, clip_lr=args.lkd_clip_lr, student_input=args.lkd_student_input,
                             schedule=args.lkd_schedule, progress=False)
             t0 = time.perf_counter()

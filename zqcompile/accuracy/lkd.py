@@ -86,6 +86,8 @@ def lkd_batches(model: nn.Module, lkd: LKDConfig, tokenizer=None) -> list[torch.
             raise ConfigError("LKD data='random' needs model.config.vocab_size")
         # Uniform random token ids: the paper's data-free variant (Table 10).
         return [torch.randint(0, vocab, (lkd.batch_size, lkd.seq_len), generator=g) for _ in range(lkd.num_batches)]
+    if isinstance(data, str) and data == "generated":
+        return generated_batches(model, lkd, g)
     if isinstance(data, str):
         if tokenizer is None:
             raise ConfigError("LKD data given as text needs the model's tokenizer: run_lkd(..., tokenizer=tok)")
@@ -99,6 +101,28 @@ def lkd_batches(model: nn.Module, lkd: LKDConfig, tokenizer=None) -> list[torch.
     if isinstance(data, (list, tuple)) and data and all(isinstance(b, torch.Tensor) for b in data):
         return [b if b.dim() == 2 else b.view(1, -1) for b in data][: lkd.num_batches]
     raise ConfigError("LKDConfig.data must be 'random', a text string, or a list of LongTensor token batches")
+
+
+@torch.no_grad()
+def generated_batches(model: nn.Module, lkd: LKDConfig, g: torch.Generator) -> list[torch.Tensor]:
+    """Data-free LKD data sampled from the fp model itself (LLM-QAT's data-free generation): each sequence starts
+    from one uniform random token and continues by sampling the model's next-token distribution (temperature 1),
+    so the blocks see hidden states like those of real text, which uniform random ids do not give."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not hasattr(model, "generate") or model.get_output_embeddings() is None or not vocab:
+        raise ConfigError(f"LKD data='generated' samples from a causal LM; {type(model).__name__} is not one: "
+                          f"use data='random' or give token batches")
+    dev = next(model.parameters()).device
+    eos = getattr(model.config, "eos_token_id", None)
+    pad = eos[0] if isinstance(eos, (list, tuple)) else (eos if eos is not None else 0)
+    out = []
+    for _ in range(lkd.num_batches):
+        first = torch.randint(0, vocab, (lkd.batch_size, 1), generator=g).to(dev)
+        seq = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, temperature=1.0, top_k=0,
+                             top_p=1.0, max_new_tokens=lkd.seq_len - 1, min_new_tokens=lkd.seq_len - 1,
+                             pad_token_id=pad)
+        out.append(seq[:, :lkd.seq_len].cpu())
+    return out
 
 
 def _map_tensors(x: Any, fn) -> Any:

@@ -32,7 +32,8 @@ def add_eval_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
     p.add_argument("--stride", type=int, default=None, help="window stride (default: = window, no overlap)")
     p.add_argument("--lkd", default=None, metavar="DATA",
-                   help="run LKD first: 'random' (data-free) or a path to a text file (not the eval text)")
+                   help="run LKD first: 'random' or 'generated' (data-free: uniform random tokens, or text sampled from "
+                        "the fp model) or a path to a text file (not the eval text)")
     p.add_argument("--lkd-steps", type=int, default=LKDConfig.steps)
     p.add_argument("--lkd-lr", type=float, default=LKDConfig.lr, help="Adam lr of the block weights")
     p.add_argument("--lkd-clip-lr", type=float, default=LKDConfig.clip_lr,
@@ -127,7 +128,7 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str | None]:
             raise InputError("--calib-text must not be the evaluation text (--text); omit it to calibrate on --text")
         _read_text(args.calib_text, "--calib-text")
     lkd_text = None
-    if args.lkd and args.lkd != "random":
+    if args.lkd and args.lkd not in ("random", "generated"):
         if Path(args.lkd).resolve() == Path(args.text).resolve():
             raise InputError("--lkd text must not be the evaluation text (--text)")
         lkd_text = _read_text(args.lkd, "--lkd")
@@ -169,7 +170,7 @@ def run_eval(args: argparse.Namespace) -> dict:
                     "path": args.path}
     qmodel_src = fp_model
     if args.lkd:
-        data = "random" if args.lkd == "random" else lkd_text
+        data = args.lkd if args.lkd in ("random", "generated") else lkd_text
         qmodel_src = copy.deepcopy(fp_model)
         lkd = LKDConfig(data=data, steps=args.lkd_steps, lr=args.lkd_lr, clip_lr=args.lkd_clip_lr)
         _, stats = run_lkd_with_stats(qmodel_src, config, lkd, tokenizer)
