@@ -214,16 +214,17 @@ OverrideKey = Union[str, type]
 class LKDConfig:
     """Layer-by-layer knowledge distillation (ZeroQuant Sec. 4.2); used by zqcompile.accuracy.lkd.
 
-    data: "random" (uniform random token ids, the paper's data-free variant), "generated" (data-free too:
+    data: "auto" (the default: "generated" for a causal LM, "random" for other models), "random" (uniform
+    random token ids, the paper's data-free variant), "generated" (data-free too:
     sequences sampled from the fp model from random first tokens, causal LMs only), a text string (tokenized
     with the model's tokenizer), or a list of LongTensor token batches. LKD keeps `num_batches` batches of
     [batch_size, seq_len] tokens and cycles through them for `steps` Adam steps per block. On SmolLM2 W4/8A8
     (bench/accuracy/README.md) text recovers 68% of the perplexity gap, "generated" 36%, while "random" makes
-    the model worse with these defaults (30.09 with student_input="fp", untuned 29.58): give text where there
-    is any.
+    the model worse with these defaults (30.09 with student_input="fp", untuned 29.58), hence "auto": give text
+    where there is any.
     """
 
-    data: object = "random"
+    data: object = "auto"
     steps: int = 100
     lr: float = 3e-4  # Adam lr of the block's weights (bench/accuracy/lkd_diag.py: 1e-4 and 1e-3 do worse)
     batch_size: int = 4
@@ -244,7 +245,8 @@ class LKDConfig:
         data = self.data
         if isinstance(data, str):
             if not data.strip():
-                raise ConfigError("LKDConfig.data is an empty string; give 'random', a text, or token batches")
+                raise ConfigError("LKDConfig.data is an empty string; give 'auto', 'random', 'generated', a text, "
+                                  "or token batches")
         elif isinstance(data, (list, tuple)):
             if not data:
                 raise ConfigError("LKDConfig.data is an empty list; give at least one LongTensor token batch")

@@ -80,6 +80,8 @@ def lkd_batches(model: nn.Module, lkd: LKDConfig, tokenizer=None) -> list[torch.
     g = torch.Generator().manual_seed(lkd.seed)
     data = lkd.data
     lkd = replace(lkd, seq_len=min(lkd.seq_len, max_positions(model) or lkd.seq_len))
+    if isinstance(data, str) and data == "auto":  # uniform random ids hurt a real LM (SmolLM2): sample from it
+        data = "generated" if is_causal_lm(model) else "random"
     if isinstance(data, str) and data == "random":
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if not vocab:
@@ -103,13 +105,20 @@ def lkd_batches(model: nn.Module, lkd: LKDConfig, tokenizer=None) -> list[torch.
     raise ConfigError("LKDConfig.data must be 'random', a text string, or a list of LongTensor token batches")
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """A model generated_batches can sample from: generate(), an output embedding, a vocabulary size."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    return hasattr(model, "generate") and get_out is not None and get_out() is not None and bool(vocab)
+
+
 @torch.no_grad()
 def generated_batches(model: nn.Module, lkd: LKDConfig, g: torch.Generator) -> list[torch.Tensor]:
     """Data-free LKD data sampled from the fp model itself (LLM-QAT's data-free generation): each sequence starts
     from one uniform random token and continues by sampling the model's next-token distribution (temperature 1),
     so the blocks see hidden states like those of real text, which uniform random ids do not give."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not hasattr(model, "generate") or model.get_output_embeddings() is None or not vocab:
+    if not is_causal_lm(model):
         raise ConfigError(f"LKD data='generated' samples from a causal LM; {type(model).__name__} is not one: "
                           f"use data='random' or give token batches")
     dev = next(model.parameters()).device
