@@ -53,3 +53,11 @@ def tiny_windowed(family: str, window: int = 16, seed: int = 0, **extra):
                                                        attention_chunk_size=window, num_local_experts=2,
                                                        interleave_moe_layer_step=2, no_rope_layers=[1, 0])).eval()
     raise KeyError(family)
+
+
+def tiny_opt(seed: int = 0):
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(seed)
+    cfg = OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=64, word_embed_proj_dim=64)
+    return OPTForCausalLM(cfg).eval()

@@ -36,12 +36,14 @@ def test_eval_cli_on_a_folder(gpt2_dir, tmp_path):
     d, text = gpt2_dir
     out = tmp_path / "r.json"
     args = _parse(["eval", str(d), "--config", "w4/8a8", "--text", str(text), "--window", "32",
-                   "--lkd", "random", "--lkd-steps", "3", "--json", str(out)])
+                   "--lkd", "random", "--lkd-steps", "3", "--lkd-clip-lr", "0.01", "--json", str(out)])
     from zqcompile.cli.eval import run_eval
     res = run_eval(args)
     saved = json.loads(out.read_text())
     assert saved["ppl_fp32"] == pytest.approx(res["ppl_fp32"]) and saved["ppl_w4/8a8"] > 1
     assert len(saved["lkd"]) == 2
+    assert all(b["loss_before"] > 0 and b["loss_after"] <= b["loss_before"] and b["seconds"] > 0 for b in saved["lkd"])
+    assert saved["lkd_config"]["clip_lr"] == 0.01 and saved["lkd_config"]["steps"] == 3
 
 
 def test_inspect_cli(gpt2_dir, tmp_path):

@@ -68,6 +68,7 @@ def _bad_args(root):
         (["--lkd-steps", "-1"], "--lkd-steps must be >= 0, got -1"),
         (["--lkd-lr", "0"], "--lkd-lr must be a number > 0, got 0.0"),
         (["--lkd-lr", "nan"], "--lkd-lr must be a number > 0, got nan"),
+        (["--lkd-clip-lr", "-1"], "--lkd-clip-lr must be a number >= 0, got -1.0"),
         (["--text", str(root / "nope.txt")], f"--text {root / 'nope.txt'}: no such file"),
         (["--text", str(root)], f"--text {root} is a directory; give a text file"),
         (["--text", str(empty)], f"--text {empty} is empty"),

@@ -72,3 +72,30 @@ def test_bad_group_size_names_the_module():
     cfg = replace(cfg, default=GemmScheme(WeightQuant(4, "k_groups", group_size=48), ActQuant("token")))
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj.*override"):
         fake_quantize(tiny_llama(), cfg)
+
+
+@pytest.mark.parametrize("weight", [("k_groups", 4, None, 16), ("row_groups", 4, None, None),
+                                    ("row_groups", 8, 4, None), ("tensor", 8, None, None)],
+    ids=["int4-kgroups", "int4-rows", "int8-row-groups", "int8-tensor"])
+def test_learned_clipping_bakes_into_the_engines_max_scales(weight):
+    """The student with clipping factors c computes qdq on scales c * max|w_group| / qmax; after baking (the
+    weight clamped to +-c * max|w_group|) the engine's own max-based qdq of the weight is the same values."""
+    from zqcompile.config import ActQuant, GemmScheme, WeightQuant
+    granularity, bits, groups, size = weight
+    scheme = GemmScheme(WeightQuant(bits, granularity, num_groups=groups, group_size=size), ActQuant("token"))
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    fq = FakeQuantLinear(lin, scheme, "x")
+    untuned = fq._weight().detach().clone()
+    clip = fq.learn_clipping()
+    assert torch.equal(fq._weight().detach(), untuned)  # factors start at 1: the engine's scales
+    with torch.no_grad():
+        clip.uniform_(0.6, 1.0)
+    student = fq._weight()
+    student.sum().backward()
+    assert clip.grad is not None and clip.grad.abs().sum() > 0 and lin.weight.grad.abs().sum() > 0
+    assert not torch.allclose(student, untuned)
+    fq.bake_clipping()
+    wq = scheme.weight
+    engine = qm.qdq_weight(lin.weight, bits, granularity, wq.num_groups, wq.group_size, False, torch.float32)
+    torch.testing.assert_close(engine, student.detach(), rtol=0, atol=1e-6)

@@ -214,20 +214,29 @@ OverrideKey = Union[str, type]
 class LKDConfig:
     """Layer-by-layer knowledge distillation (ZeroQuant Sec. 4.2); used by zqcompile.accuracy.lkd.
 
-    data: "random" (uniform random token ids, the paper's data-free variant), a text string (tokenized
+    data: "auto" (the default: "generated" for a causal LM, "random" for other models), "random" (uniform
+    random token ids, the paper's data-free variant), "generated" (data-free too:
+    sequences sampled from the fp model from random first tokens, causal LMs only), a text string (tokenized
     with the model's tokenizer), or a list of LongTensor token batches. LKD keeps `num_batches` batches of
-    [batch_size, seq_len] tokens and cycles through them for `steps` Adam steps per block.
+    [batch_size, seq_len] tokens and cycles through them for `steps` Adam steps per block. On SmolLM2 W4/8A8
+    (bench/accuracy/README.md) text recovers 68% of the perplexity gap, "generated" 36%, while "random" makes
+    the model worse with these defaults (30.09 with student_input="fp", untuned 29.58), hence "auto": give text
+    where there is any.
     """
 
-    data: object = "random"
+    data: object = "auto"
     steps: int = 100
-    lr: float = 1e-4  # Adam; block MSE on SmolLM2 fell ~2x faster than with 1e-5 (50 steps, 3 blocks)
+    lr: float = 3e-4  # Adam lr of the block's weights (bench/accuracy/lkd_diag.py: 1e-4 and 1e-3 do worse)
     batch_size: int = 4
     seq_len: int = 128
     num_batches: int = 8
     loss: Literal["mse"] = "mse"
     seed: int = 0
     progress: bool = True
+    clip_lr: float = 5e-3  # Adam lr of one learned clipping factor per INT weight group; 0: scales stay max-based
+    clip_min: float = 0.5  # the clipping factors stay in [clip_min, 1] (1: the engine's max|w_group| scale)
+    schedule: Literal["constant", "cosine"] = "cosine"  # lr decays to 0 over `steps`
+    student_input: Literal["fp", "quantized"] = "quantized"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -236,7 +245,8 @@ class LKDConfig:
         data = self.data
         if isinstance(data, str):
             if not data.strip():
-                raise ConfigError("LKDConfig.data is an empty string; give 'random', a text, or token batches")
+                raise ConfigError("LKDConfig.data is an empty string; give 'auto', 'random', 'generated', a text, "
+                                  "or token batches")
         elif isinstance(data, (list, tuple)):
             if not data:
                 raise ConfigError("LKDConfig.data is an empty list; give at least one LongTensor token batch")
@@ -261,6 +271,15 @@ class LKDConfig:
         if not _is_int(self.seed):
             raise ConfigError(f"LKDConfig.seed must be an integer, got {self.seed!r}")
         _check_bool("LKDConfig", "progress", self.progress)
+        if isinstance(self.clip_lr, bool) or not isinstance(self.clip_lr, (int, float)) \
+                or not math.isfinite(self.clip_lr) or self.clip_lr < 0:
+            raise ConfigError(f"LKDConfig.clip_lr must be a finite number >= 0 (0: no learned clipping), "
+                              f"got {self.clip_lr!r}")
+        if isinstance(self.clip_min, bool) or not isinstance(self.clip_min, (int, float)) \
+                or not 0 < self.clip_min <= 1:
+            raise ConfigError(f"LKDConfig.clip_min must be a number in (0, 1], got {self.clip_min!r}")
+        _check_choice("LKDConfig", "schedule", self.schedule, ("constant", "cosine"))
+        _check_choice("LKDConfig", "student_input", self.student_input, ("fp", "quantized"))
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ def configs() -> dict[str, QuantConfig]:
 
 
 LKD_ROWS = {"w4/8a8 + LKD(random)": ("w4/8a8", "random"), "w4/8a8 + LKD(text)": ("w4/8a8", "text"),
+            "w4/8a8 + LKD(generated)": ("w4/8a8", "generated"),
             "w4/8a8 per-row + LKD(random)": ("w4/8a8 per-row", "random")}
 
 
@@ -78,8 +79,11 @@ def main() -> None:
                     help="fakequant: zqcompile.accuracy.fakequant (module level); engine: zq.compile with reference CPU ops")
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--lkd-steps", type=int, default=100)
-    ap.add_argument("--lkd-lr", type=float, default=1e-4)
+    ap.add_argument("--lkd-steps", type=int, default=LKDConfig.steps)
+    ap.add_argument("--lkd-lr", type=float, default=LKDConfig.lr)
+    ap.add_argument("--lkd-clip-lr", type=float, default=LKDConfig.clip_lr)
+    ap.add_argument("--lkd-student-input", default=LKDConfig.student_input, choices=["fp", "quantized"])
+    ap.add_argument("--lkd-schedule", default=LKDConfig.schedule, choices=["constant", "cosine"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench/accuracy/results"))
     args = ap.parse_args()
@@ -102,11 +106,14 @@ def main() -> None:
         cfg_name, lkd_data = LKD_ROWS.get(name, (name, None))
         cfg = cfgs[cfg_name]
         if lkd_data is not None:
-            lkd = LKDConfig(data=lkd_text if lkd_data == "text" else "random", steps=args.lkd_steps,
-                            lr=args.lkd_lr, progress=False)
+            lkd = LKDConfig(data=lkd_text if lkd_data == "text" else lkd_data, steps=args.lkd_steps,
+                            lr=args.lkd_lr, clip_lr=args.lkd_clip_lr, student_input=args.lkd_student_input,
+                            schedule=args.lkd_schedule, progress=False)
             t0 = time.perf_counter()
             _, stats = run_lkd_with_stats(model, cfg, lkd, tokenizer)
-            row["lkd"] = {"data": lkd_data, "steps": lkd.steps, "lr": lkd.lr, "batch": [lkd.batch_size, lkd.seq_len],
+            row["lkd"] = {"data": lkd_data, "steps": lkd.steps, "lr": lkd.lr, "clip_lr": lkd.clip_lr,
+                          "clip_min": lkd.clip_min, "schedule": lkd.schedule, "student_input": lkd.student_input,
+                          "batch": [lkd.batch_size, lkd.seq_len],
                           "num_batches": lkd.num_batches, "seconds_total": time.perf_counter() - t0,
                           "seconds_per_block": (time.perf_counter() - t0) / len(stats),
                           "blocks": [s.__dict__ for s in stats]}

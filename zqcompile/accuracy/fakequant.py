@@ -37,6 +37,44 @@ def fake_quant_weight(w_nk: torch.Tensor, scheme: GemmScheme) -> torch.Tensor:
                                     w_nk.dtype))
 
 
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def clip_shape(shape: tuple[int, int], scheme: GemmScheme) -> tuple[int, int]:
+    """Shape of one learned clipping factor per weight scale group: [N, K // group_k], [num_groups, 1] for
+    row groups of several rows, [1, 1] per tensor (a factor shared by the rows of a group keeps it bakeable)."""
+    wq = scheme.weight
+    n, k = shape
+    gk = qm.check_weight_groups(shape, wq.bits, wq.granularity, wq.num_groups, wq.group_size)
+    if wq.granularity == "tensor":
+        return (1, 1)
+    if wq.granularity == "row_groups":
+        return (n if wq.num_groups is None else wq.num_groups, 1)
+    return (n, k // gk)
+
+
+def clipped_limit(w_nk: torch.Tensor, scheme: GemmScheme, clip: torch.Tensor) -> torch.Tensor:
+    """The largest |value| each group keeps, clip * max|w_group|, as [N, K // group_k] (no gradient to w)."""
+    wq = scheme.weight
+    base = qm.weight_scales(w_nk.detach(), wq.bits, wq.granularity, wq.num_groups, wq.group_size) * qm.QMAX[wq.bits]
+    c = clip.float()
+    if c.shape[0] not in (1, base.shape[0]):  # row groups: one factor per group of rows
+        c = c.repeat_interleave(base.shape[0] // c.shape[0], dim=0)
+    return base * c
+
+
+def fake_quant_weight_clipped(w_nk: torch.Tensor, scheme: GemmScheme, clip: torch.Tensor) -> torch.Tensor:
+    """qdq(W) on the scales clip * max|w_group| / qmax (OmniQuant's learnable weight clipping, symmetric):
+    rounding straight-through, so both W and the clipping factors train (the scale's gradient is LSQ's).
+    It equals the engine's qdq of W clamped to +-clip * max|w_group| (`bake_clipping`)."""
+    wq = scheme.weight
+    scale = clipped_limit(w_nk, scheme, clip) / qm.QMAX[wq.bits]
+    s = scale.repeat_interleave(w_nk.shape[1] // scale.shape[1], dim=1)
+    q = _round_ste(w_nk.float() / s).clamp(-qm.QMAX[wq.bits], qm.QMAX[wq.bits])
+    return (q * s).to(w_nk.dtype)
+
+
 def fake_quant_tokens(x: torch.Tensor, fp8: bool = False) -> torch.Tensor:
     """Per-token INT8 (or FP8 E4M3) quantize -> dequantize, straight-through."""
     return _ste(x, qm.qdq_tokens(x, fp8))
@@ -59,6 +97,28 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("act_amax", torch.zeros(()), persistent=False)
         self.register_buffer("act_scale", torch.full((), float("nan")), persistent=False)
         self._w_cache: tuple[tuple, torch.Tensor] | None = None
+        self.clip: nn.Parameter | None = None  # learned clipping factors in (0, 1] (LKD), see learn_clipping
+
+    def learn_clipping(self) -> nn.Parameter:
+        """Add one trainable clipping factor per weight scale group, starting at 1 (the engine's max scales)."""
+        wq = self.scheme.weight
+        if wq.dtype == "fp8":
+            raise ConfigError(f"{self.fqn}: learned weight clipping covers INT weights, not FP8")
+        w = self.weight_nk()
+        self.clip = nn.Parameter(torch.ones(clip_shape(tuple(w.shape), self.scheme), device=w.device))
+        return self.clip
+
+    @torch.no_grad()
+    def bake_clipping(self) -> None:
+        """Clamp the fp weight to +-clip * max|w_group|: the engine's max-based scales then equal the learned
+        ones, so the compiled GEMM rounds as the trained student did. Drops the clipping parameter."""
+        if self.clip is None:
+            return
+        w = self.weight_nk()
+        lim = clipped_limit(w, self.scheme, self.clip.clamp(max=1.0))
+        lim = lim.repeat_interleave(w.shape[1] // lim.shape[1], dim=1).to(w.dtype)
+        w.copy_(torch.minimum(torch.maximum(w, -lim), lim))
+        self.clip, self._w_cache = None, None
 
     def weight_nk(self) -> torch.Tensor:
         w = self.inner.weight
@@ -66,6 +126,8 @@ class FakeQuantLinear(nn.Module):
 
     def _weight(self) -> torch.Tensor:
         w = self.inner.weight
+        if self.clip is not None:
+            return fake_quant_weight_clipped(self.weight_nk(), self.scheme, self.clip)
         if torch.is_grad_enabled() and w.requires_grad:
             return fake_quant_weight(self.weight_nk(), self.scheme)
         # Inference: the quantized weight only changes when the fp weight does.
@@ -152,9 +214,11 @@ def fake_quant_modules(model: nn.Module) -> list[FakeQuantLinear]:
 
 
 def remove_fake_quant(model: nn.Module) -> nn.Module:
-    """Put the original modules back (in place); the fp weights are whatever training left in them."""
+    """Put the original modules back (in place); the fp weights are whatever training left in them, clamped
+    to the learned clipping where there is one (`FakeQuantLinear.bake_clipping`)."""
     for name, m in list(model.named_modules()):
         if isinstance(m, FakeQuantLinear):
+            m.bake_clipping()
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, m.inner)
     return model

@@ -1,26 +1,31 @@
 """Layer-by-layer knowledge distillation (ZeroQuant Sec. 4.2, Eq. 1), tuning the fp weights of a model so
 that each transformer block, once quantized, reproduces its own full-precision output.
 
-For block k the inputs are the outputs of the ORIGINAL blocks 1..k-1 on the LKD data (produced on the fly
-and kept on CPU; block 1's inputs are captured with a forward pre-hook, so whatever positional embeddings
-or masks the model passes its blocks as args/kwargs are reused as-is). Teacher = original block k;
-student = a fake-quantized copy (`zqcompile.accuracy.fakequant`, the engine's quantizers with a straight-through
-estimator); the student minimises MSE(student(x), teacher(x)) over block k's parameters only, then its
-tuned fp weights are written back into block k. Only one extra block is ever in memory. The model is
-modified IN PLACE (and returned); the quantized engine is then built from the tuned weights as usual.
+Target of block k: the ORIGINAL block k on the outputs of the original blocks 1..k-1 (produced on the fly and
+kept on CPU; block 1's inputs are captured with a forward pre-hook, so whatever positional embeddings or masks
+the model passes its blocks as args/kwargs are reused as-is). Student: a fake-quantized copy
+(`zqcompile.accuracy.fakequant`, the engine's quantizers with a straight-through estimator) fed, by default
+(`student_input="quantized"`), what the already tuned quantized blocks 1..k-1 give, so it also learns to undo
+their error (OmniQuant's setup; "fp" feeds it the teacher's input). It minimises MSE(student, target) with Adam
+over block k's parameters (`lr`, cosine decay) and one clipping factor per INT weight group (`clip_lr`; OmniQuant's
+learnable weight clipping): the tuned fp weights, clamped to the learned clipping so that the engine's max-based
+scales are the learned ones, are written back into block k when they lower the block's loss. Only one extra block
+is ever in memory. The model is modified IN PLACE (and returned); the quantized engine is then built from the
+tuned weights as usual.
 """
 from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from zqcompile.config import ConfigError, LKDConfig, QuantConfig, get_config
-from zqcompile.accuracy.fakequant import calibrate_static, fake_quantize, remove_fake_quant
+from zqcompile.config import ConfigError, ConfigWarning, LKDConfig, QuantConfig, get_config
+from zqcompile.accuracy.fakequant import calibrate_static, fake_quant_modules, fake_quantize, remove_fake_quant
 
 # Where the usual Hugging Face families keep their transformer blocks (checked before the generic search).
 KNOWN_BLOCK_LISTS = ("model.layers", "model.decoder.layers", "transformer.h", "encoder.layer",
@@ -75,12 +80,16 @@ def lkd_batches(model: nn.Module, lkd: LKDConfig, tokenizer=None) -> list[torch.
     g = torch.Generator().manual_seed(lkd.seed)
     data = lkd.data
     lkd = replace(lkd, seq_len=min(lkd.seq_len, max_positions(model) or lkd.seq_len))
+    if isinstance(data, str) and data == "auto":  # uniform random ids hurt a real LM (SmolLM2): sample from it
+        data = "generated" if is_causal_lm(model) else "random"
     if isinstance(data, str) and data == "random":
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if not vocab:
             raise ConfigError("LKD data='random' needs model.config.vocab_size")
         # Uniform random token ids: the paper's data-free variant (Table 10).
         return [torch.randint(0, vocab, (lkd.batch_size, lkd.seq_len), generator=g) for _ in range(lkd.num_batches)]
+    if isinstance(data, str) and data == "generated":
+        return generated_batches(model, lkd, g)
     if isinstance(data, str):
         if tokenizer is None:
             raise ConfigError("LKD data given as text needs the model's tokenizer: run_lkd(..., tokenizer=tok)")
@@ -94,6 +103,35 @@ def lkd_batches(model: nn.Module, lkd: LKDConfig, tokenizer=None) -> list[torch.
     if isinstance(data, (list, tuple)) and data and all(isinstance(b, torch.Tensor) for b in data):
         return [b if b.dim() == 2 else b.view(1, -1) for b in data][: lkd.num_batches]
     raise ConfigError("LKDConfig.data must be 'random', a text string, or a list of LongTensor token batches")
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A model generated_batches can sample from: generate(), an output embedding, a vocabulary size."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    return hasattr(model, "generate") and get_out is not None and get_out() is not None and bool(vocab)
+
+
+@torch.no_grad()
+def generated_batches(model: nn.Module, lkd: LKDConfig, g: torch.Generator) -> list[torch.Tensor]:
+    """Data-free LKD data sampled from the fp model itself (LLM-QAT's data-free generation): each sequence starts
+    from one uniform random token and continues by sampling the model's next-token distribution (temperature 1),
+    so the blocks see hidden states like those of real text, which uniform random ids do not give."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not is_causal_lm(model):
+        raise ConfigError(f"LKD data='generated' samples from a causal LM; {type(model).__name__} is not one: "
+                          f"use data='random' or give token batches")
+    dev = next(model.parameters()).device
+    eos = getattr(model.config, "eos_token_id", None)
+    pad = eos[0] if isinstance(eos, (list, tuple)) else (eos if eos is not None else 0)
+    out = []
+    for _ in range(lkd.num_batches):
+        first = torch.randint(0, vocab, (lkd.batch_size, 1), generator=g).to(dev)
+        seq = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, temperature=1.0, top_k=0,
+                             top_p=1.0, max_new_tokens=lkd.seq_len - 1, min_new_tokens=lkd.seq_len - 1,
+                             pad_token_id=pad)
+        out.append(seq[:, :lkd.seq_len].cpu())
+    return out
 
 
 def _map_tensors(x: Any, fn) -> Any:
@@ -145,12 +183,54 @@ def _mean_loss(student: nn.Module, inputs, targets, ctx, device) -> float:
                    for x, t, c in zip(inputs, targets, ctx)) / len(inputs)
 
 
+def _student(block: nn.Module, config: QuantConfig, fqn: str, hidden, ctx, device) -> nn.Module:
+    """A fake-quantized copy of `block` (static activation ranges calibrated on its inputs)."""
+    student = fake_quantize(copy.deepcopy(block), config, prefix=fqn)
+    if config.uses_static_activations:
+        calibrate_static(student, list(zip(hidden, ctx)), forward=lambda xc: _call(student, xc[0], *xc[1], device))
+    return student
+
+
+def _optimizer(student: nn.Module, lkd: LKDConfig) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+    """Adam over the block's own parameters (lr) and, with clip_lr > 0, one clipping factor per INT weight
+    group (clip_lr); returns the optimizer and the clipping parameters (projected to [clip_min, 1])."""
+    clips = []
+    if lkd.clip_lr > 0:
+        clips = [m.learn_clipping() for m in fake_quant_modules(student) if m.scheme.weight.dtype != "fp8"]
+    clip_ids = {id(c) for c in clips}
+    weights = [p for p in student.parameters() if p.requires_grad and id(p) not in clip_ids]
+    groups = [{"params": weights, "lr": lkd.lr}] + ([{"params": clips, "lr": lkd.clip_lr}] if clips else [])
+    return torch.optim.Adam(groups), clips
+
+
+def _tune(student: nn.Module, inputs, targets, ctx, lkd: LKDConfig, device) -> None:
+    opt, clips = _optimizer(student, lkd)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(lkd.steps, 1))
+             if lkd.schedule == "cosine" else None)
+    for step in range(lkd.steps):
+        i = step % len(inputs)
+        loss = nn.functional.mse_loss(_call(student, inputs[i], *ctx[i], device), targets[i].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        with torch.no_grad():  # clipping never widens the engine's max-based scale (that would not bake)
+            for c in clips:
+                c.clamp_(lkd.clip_min, 1.0)
+
+
 def run_lkd_with_stats(model: nn.Module, config: QuantConfig | str, lkd: LKDConfig,
                        tokenizer=None) -> tuple[nn.Module, list[BlockStats]]:
     """`run_lkd`, also returning loss before/after and runtime per block."""
     if lkd.loss != "mse":
         raise ConfigError(f"LKD loss {lkd.loss!r} is not implemented; use loss='mse' (the paper's Eq. 1)")
     config = get_config(config)
+    if config.feature_scales is not None:
+        warnings.warn(f"LKD tunes {config.name!r} without its feature-wise scales, which the compiler folds into the "
+                      "tuned weights afterwards: the blocks it distilled are not exactly the ones compiled (learned "
+                      "clipping does not carry over); compile without feature_scales for LKD's own accuracy",
+                      ConfigWarning, stacklevel=2)
     torch.manual_seed(lkd.seed)
     prefix, blocks = find_blocks(model)
     device = next(model.parameters()).device
@@ -160,42 +240,52 @@ def run_lkd_with_stats(model: nn.Module, config: QuantConfig | str, lkd: LKDConf
     captured = [capture_block_inputs(model, blocks[0], b) for b in batches]
     hidden = [args[0] if args else kw.pop("hidden_states") for args, kw in captured]
     ctx = [(args if args else (None,), kw) for args, kw in captured]
+    # student_input="quantized": block k's student sees what the tuned, quantized blocks 1..k-1 give
+    # (the error it must undo); "fp": the fp teacher's input. The target is always the fp block on fp input.
+    q_hidden = hidden
     stats: list[BlockStats] = []
     bar = _progress(len(blocks), lkd.progress)
     for k, block in enumerate(blocks):
         t0 = time.perf_counter()
-        with torch.no_grad():  # teacher outputs: also the inputs of block k+1
+        fqn = f"{prefix}.{k}"
+        with torch.no_grad():  # teacher outputs: also the fp inputs of block k+1
             targets = [_call(block, x, *c, device).cpu() for x, c in zip(hidden, ctx)]
-        student = fake_quantize(copy.deepcopy(block), config, prefix=f"{prefix}.{k}")
-        if config.uses_static_activations:
-            calibrate_static(student, [(x, c) for x, c in zip(hidden, ctx)],
-                             forward=lambda xc: _call(student, xc[0], *xc[1], device))
-        before = _mean_loss(student, hidden, targets, ctx, device)
-        params = [p for p in student.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=lkd.lr)
-        for step in range(lkd.steps):
-            i = step % len(hidden)
-            loss = nn.functional.mse_loss(_call(student, hidden[i], *ctx[i], device), targets[i].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        after = _mean_loss(student, hidden, targets, ctx, device)
+        inputs = q_hidden if lkd.student_input == "quantized" else hidden
+        student = _student(block, config, fqn, inputs, ctx, device)
+        before = _mean_loss(student, inputs, targets, ctx, device)
+        _tune(student, inputs, targets, ctx, lkd, device)
+        after = _mean_loss(student, inputs, targets, ctx, device)
         # Never make a block worse on the LKD data (a too-large lr, or W8 blocks whose error is already tiny).
         kept = after < before
         if kept:
             with torch.no_grad():
                 block.load_state_dict(remove_fake_quant(student).state_dict())
-        del student, opt
+        del student
+        if lkd.student_input == "quantized" and k + 1 < len(blocks):
+            tuned = _student(block, config, fqn, inputs, ctx, device)
+            with torch.no_grad():
+                q_hidden = [_call(tuned, x, *c, device).cpu() for x, c in zip(inputs, ctx)]
+            del tuned
         hidden = targets
-        stats.append(BlockStats(f"{prefix}.{k}", before, after if kept else before, time.perf_counter() - t0, kept))
+        stats.append(BlockStats(fqn, before, after if kept else before, time.perf_counter() - t0, kept))
         if bar is not None:
             note = "" if kept else " (not kept: tuning did not lower the loss)"
-            bar.write(f"LKD {prefix}.{k}: mse {before:.4g} -> {after:.4g} ({stats[-1].seconds:.1f} s){note}")
+            bar.write(f"LKD {fqn}: mse {before:.4g} -> {after:.4g} ({stats[-1].seconds:.1f} s){note}")
             bar.update(1)
     if bar is not None:
         bar.close()
+        bar.write(summary(stats))
     model.train(was_training)
     return model, stats
+
+
+def summary(stats: list[BlockStats]) -> str:
+    """One line: blocks tuned and kept, the mean ratio of block MSE after / before, total and per-block time."""
+    ratios = [s.loss_after / s.loss_before for s in stats if s.loss_before > 0]
+    total = sum(s.seconds for s in stats)
+    mean = f"{sum(ratios) / len(ratios):.3f}" if ratios else "-"
+    return (f"LKD: {sum(s.kept for s in stats)} of {len(stats)} blocks kept, block mse after / before {mean} "
+            f"(mean), {total:.1f} s ({total / max(len(stats), 1):.1f} s per block)")
 
 
 def run_lkd(model: nn.Module, config: QuantConfig | str, lkd: LKDConfig, tokenizer=None) -> nn.Module:
@@ -213,4 +303,4 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="LKD", unit="block")
 
 
-__all__ = ["BlockStats", "find_blocks", "lkd_batches", "run_lkd", "run_lkd_with_stats"]
+__all__ = ["BlockStats", "find_blocks", "lkd_batches", "run_lkd", "run_lkd_with_stats", "summary"]

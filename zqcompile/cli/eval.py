@@ -32,9 +32,12 @@ def add_eval_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
     p.add_argument("--stride", type=int, default=None, help="window stride (default: = window, no overlap)")
     p.add_argument("--lkd", default=None, metavar="DATA",
-                   help="run LKD first: 'random' (data-free) or a path to a text file (not the eval text)")
+                   help="run LKD first: 'random' or 'generated' (data-free: uniform random tokens, or text sampled from "
+                        "the fp model) or a path to a text file (not the eval text)")
     p.add_argument("--lkd-steps", type=int, default=LKDConfig.steps)
-    p.add_argument("--lkd-lr", type=float, default=LKDConfig.lr)
+    p.add_argument("--lkd-lr", type=float, default=LKDConfig.lr, help="Adam lr of the block weights")
+    p.add_argument("--lkd-clip-lr", type=float, default=LKDConfig.clip_lr,
+                   help="Adam lr of the learned weight clipping factors (0: keep the max-based scales)")
     p.add_argument("--calib-text", default=None, metavar="PATH",
                    help="calibrate (ptq-static ranges, w8a8-fws feature scales) on this text instead of the first "
                         "windows of --text")
@@ -109,6 +112,8 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str | None]:
         raise InputError(f"--lkd-steps must be >= 0, got {args.lkd_steps}")
     if not math.isfinite(args.lkd_lr) or args.lkd_lr <= 0:
         raise InputError(f"--lkd-lr must be a number > 0, got {args.lkd_lr}")
+    if not math.isfinite(args.lkd_clip_lr) or args.lkd_clip_lr < 0:
+        raise InputError(f"--lkd-clip-lr must be a number >= 0, got {args.lkd_clip_lr}")
     if args.json:
         from zqcompile.files import check_output_file, looks_like_json
         check_output_file(args.json, "eval results", replaceable=looks_like_json, kind="a JSON file")
@@ -123,7 +128,7 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str | None]:
             raise InputError("--calib-text must not be the evaluation text (--text); omit it to calibrate on --text")
         _read_text(args.calib_text, "--calib-text")
     lkd_text = None
-    if args.lkd and args.lkd != "random":
+    if args.lkd and args.lkd not in ("random", "generated"):
         if Path(args.lkd).resolve() == Path(args.text).resolve():
             raise InputError("--lkd text must not be the evaluation text (--text)")
         lkd_text = _read_text(args.lkd, "--lkd")
@@ -165,11 +170,12 @@ def run_eval(args: argparse.Namespace) -> dict:
                     "path": args.path}
     qmodel_src = fp_model
     if args.lkd:
-        data = "random" if args.lkd == "random" else lkd_text
+        data = args.lkd if args.lkd in ("random", "generated") else lkd_text
         qmodel_src = copy.deepcopy(fp_model)
-        _, stats = run_lkd_with_stats(qmodel_src, config, LKDConfig(data=data, steps=args.lkd_steps,
-                                                                    lr=args.lkd_lr), tokenizer)
+        lkd = LKDConfig(data=data, steps=args.lkd_steps, lr=args.lkd_lr, clip_lr=args.lkd_clip_lr)
+        _, stats = run_lkd_with_stats(qmodel_src, config, lkd, tokenizer)
         result["lkd"] = [s.__dict__ for s in stats]
+        result["lkd_config"] = {k: v for k, v in lkd.__dict__.items() if k != "data"} | {"data": args.lkd}
     calib_ids = tokenize_text(tokenizer, _read_text(args.calib_text, "--calib-text")) if args.calib_text else ids
     calib = _chunks(calib_ids, n_ctx)[: config.calibration_batches]
     if not calib:
