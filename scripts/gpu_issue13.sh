@@ -5,14 +5,8 @@
 #                      bash scripts/gpu_issue13.sh 8b-fp16-w8a8 | 1b | 8b-w4-hf
 # Results go to $OUT (the device tool's return folder): build.log, gpu_tests.txt, decode_*.json / .md.
 # Developer tooling, not CI. Stages after `build` reuse build/ (kept on a warm machine between calls).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-/tmp/zq_out}"
-mkdir -p "$OUT"
-PY="${PY:-python}"  # the GPU image: `python` is the torch one (FACTS.md)
-# DEADLINE (epoch seconds, optional): no stage runs past it (each stage's timeout is cut to what is left).
-left() { local t="${STAGE_TIMEOUT:-560}"; if [ -n "${DEADLINE:-}" ]; then local d=$((DEADLINE - $(date +%s)));
-         [ "$d" -lt "$t" ] && t=$d; fi; [ "$t" -lt 5 ] && t=5; echo "$t"; }
+STAGE_DEFAULT=560
+source "$(dirname "$0")/gpu_common.sh"
 bench() { timeout "$(left)" "$PY" bench/bench_decode_scale.py "$@"; }
 rc=0
 for stage in "$@"; do

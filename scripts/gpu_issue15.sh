@@ -7,14 +7,8 @@
 # "--smoke" to check this script on a CPU machine (PY=/work/main/.venv/bin/python; writes $OUT/prefill_H200.json).
 # The kernel library is carried, built here from this commit (the bench refuses one of another ABI version).
 # Developer tooling, not CI.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-/tmp/zq_out}"
-mkdir -p "$OUT"
-PY="${PY:-python}"  # the GPU image: `python` is the torch one (FACTS.md)
-# DEADLINE (epoch seconds, optional): no stage runs past it (each stage's timeout is cut to what is left).
-left() { local t="${STAGE_TIMEOUT:-540}"; if [ -n "${DEADLINE:-}" ]; then local d=$((DEADLINE - $(date +%s)));
-         [ "$d" -lt "$t" ] && t=$d; fi; [ "$t" -lt 5 ] && t=5; echo "$t"; }
+STAGE_DEFAULT=540
+source "$(dirname "$0")/gpu_common.sh"
 # the bench's own row budget (seconds from its first row): BUDGET_S, cut to the stage's time less 40 s (imports,
 # the kernel library and one row's overrun), so it stops choosing rows before the timeout kills it
 budget() { local t; t=$(( $(left) - 40 )); [ "$t" -gt "${BUDGET_S:-470}" ] && t="${BUDGET_S:-470}";
