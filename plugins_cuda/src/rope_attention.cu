@@ -186,21 +186,26 @@ decode_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, con
   }
 }
 
+// Lets `kernel` take `dyn` bytes of dynamic shared memory beside its `stat` static bytes: cudaErrorNotSupported
+// past the device's opt-in limit.
+inline cudaError_t allow_smem(const void* kernel, size_t dyn, size_t stat) {
+  if (dyn + stat <= 48 * 1024) return cudaSuccess;
+  int dev = 0, optin = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e != cudaSuccess) return e;
+  if (dyn + stat > (size_t)optin) return cudaErrorNotSupported;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn);
+}
+
 template <class T, int kLanes>
 cudaError_t launch_decode_attention(const void* q, int64_t q_sb, int64_t q_sh, const void* k, const void* v,
                                     const uint8_t* mask, int64_t b, int64_t hq, int64_t hkv, int64_t l, int64_t d,
                                     float scale, void* out, cudaStream_t stream) {
   auto kernel = decode_attention_kernel<T, kLanes>;
   const size_t smem = (size_t)l * sizeof(float);
-  if (smem + kAttnStaticSmem > 48 * 1024) {
-    int dev = 0, optin = 0;
-    cudaError_t e = cudaGetDevice(&dev);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    if (e != cudaSuccess) return e;
-    if (smem + kAttnStaticSmem > (size_t)optin) return cudaErrorNotSupported;
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (e != cudaSuccess) return e;
-  }
+  const cudaError_t e = allow_smem(reinterpret_cast<const void*>(kernel), smem, kAttnStaticSmem);
+  if (e != cudaSuccess) return e;
   kernel<<<(unsigned)(b * hq), kAttnThreads, smem, stream>>>(
       static_cast<const T*>(q), q_sb, q_sh, static_cast<const T*>(k), static_cast<const T*>(v), mask, (int)hq,
       (int)(hq / hkv), (int)hkv, l, (int)d, scale, static_cast<T*>(out));
@@ -229,8 +234,8 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 // combine_kernel merges the splits: M = max_i m_i, out = sum_i e^(m_i - M) o_i / sum_i e^(m_i - M) s_i.
 // Lanes and slots as in decode_attention_kernel (kLanes lanes a key row, 16-byte loads, kAttnUnroll rows a
 // lane in flight).
-//   1. score[g][t] = scale * q_g.k_t for every group head g (q_g staged in shared memory as fp32), -inf where
-//      masked; the key row is loaded once for all g.
+//   1. score[g][t] = scale * q_g.k_t for every group head g (q_g in registers for groups of 1-8 heads at head
+//      dim 64 / 128, else read from shared memory as fp32), -inf where masked; the key row is loaded once for all g.
 //   2. warp w takes heads g = w, w + 4, ...: chunk max, p = exp(score - max) in place, chunk sum.
 //   3. V rows are loaded once per pass of kSplitHeads heads; per-slot partitions summed in shared memory in a
 //      fixed order (deterministic).
@@ -276,14 +281,18 @@ struct SplitWorkspace {
   float* o;  // [b * hq][splits][d]
 };
 
+// Bytes of one of the m / s arrays, rounded up to 16 so o starts 16-byte aligned.
+inline size_t split_stats_bytes(int64_t rows, int64_t splits) {
+  return ((size_t)(rows * splits) * sizeof(float) + 15) / 16 * 16;
+}
+
 inline size_t split_workspace_bytes(int64_t rows, int64_t splits, int64_t d) {
   if (splits <= 1) return 0;
-  const size_t stats = ((size_t)(rows * splits) * sizeof(float) + 15) / 16 * 16;
-  return 2 * stats + (size_t)(rows * splits * d) * sizeof(float);
+  return 2 * split_stats_bytes(rows, splits) + (size_t)(rows * splits * d) * sizeof(float);
 }
 
 inline SplitWorkspace split_workspace(void* ws, int64_t rows, int64_t splits) {
-  const size_t stats = ((size_t)(rows * splits) * sizeof(float) + 15) / 16 * 16;
+  const size_t stats = split_stats_bytes(rows, splits);
   char* base = static_cast<char*>(ws);
   return {reinterpret_cast<float*>(base), reinterpret_cast<float*>(base + stats),
           reinterpret_cast<float*>(base + 2 * stats)};
@@ -491,16 +500,6 @@ combine_kernel(SplitWorkspace ws, int64_t splits, int d, T* __restrict__ out) {
   }
 }
 
-inline cudaError_t allow_smem(const void* kernel, size_t dyn, size_t stat) {
-  if (dyn + stat <= 48 * 1024) return cudaSuccess;
-  int dev = 0, optin = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (e != cudaSuccess) return e;
-  if (dyn + stat > (size_t)optin) return cudaErrorNotSupported;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn);
-}
-
 template <class T, int kLanes, int kG>
 cudaError_t launch_split_attention(const void* q, int64_t q_sb, int64_t q_sh, const void* k, const void* v,
                                    const uint8_t* mask, int64_t b, int64_t hq, int64_t hkv, int64_t l, int64_t d,
@@ -552,9 +551,6 @@ inline bool decode_shape_ok(const void* q, int64_t q_sb, int64_t q_sh, const voi
          q_sh % kPack == 0;
 }
 
-}  // namespace zq
-
-namespace zq {
 inline Strides4 strides4(const int64_t* st) {
   Strides4 r{};
   for (int i = 0; i < 4; ++i) r.v[i] = st ? st[i] : 0;
