@@ -193,20 +193,31 @@ def _int64s(values) -> ctypes.Array:
     return (ctypes.c_int64 * len(values))(*values)
 
 
+def _rope_fits(q, k, cos, sin) -> bool:
+    """What the RoPE kernel (zq_rope, zq_rope_kv) takes: q [B, Hq, S, D] and k [B, Hkv, S, D] in one float dtype
+    on one device with cos / sin [B or 1, 1, S, D], D even and <= 512, something to rotate."""
+    b, _, s, d = q.shape
+    return (q.dtype in DTYPES and all(t.dtype == q.dtype and t.device == q.device for t in (k, cos, sin))
+            and k.dim() == 4 and (k.shape[0], k.shape[2], k.shape[3]) == (b, s, d) and d % 2 == 0 and d <= 512
+            and all(t.dim() == 4 and t.shape[1:] == (1, s, d) and t.shape[0] in (1, b) for t in (cos, sin))
+            and q.numel() > 0)
+
+
+def _rope_tables(cos, sin, b: int, s: int, d: int) -> tuple[Tensor, Tensor]:
+    """cos / sin as the RoPE kernel reads them: [B, S, D] contiguous."""
+    return tuple(t.expand(b, 1, s, d).reshape(b, s, d).contiguous() for t in (cos, sin))
+
+
 @cuda_kernel("rope")
 def rope(q, k, cos, sin):
     b, hq, s, d = q.shape
     hkv = k.shape[1]
-    fits = (q.dtype in DTYPES and all(t.dtype == q.dtype and t.device == q.device for t in (k, cos, sin))
-            and k.dim() == 4 and (k.shape[0], k.shape[2], k.shape[3]) == (b, s, d) and d % 2 == 0 and d <= 512
-            and all(t.dim() == 4 and t.shape[1:] == (1, s, d) and t.shape[0] in (1, b) for t in (cos, sin))
-            and q.numel() > 0)
-    if not fits:
+    if not _rope_fits(q, k, cos, sin):
         attention_paths["rope_reference"] += 1
         if q.numel() == 0:
             return _ref("rope")(q, k, cos, sin)
         return _fallback("rope", "mixed dtypes, odd or > 512 head dim, or cos/sin not [B, 1, S, D]", q, k, cos, sin)
-    cos3, sin3 = (t.expand(b, 1, s, d).reshape(b, s, d).contiguous() for t in (cos, sin))
+    cos3, sin3 = _rope_tables(cos, sin, b, s, d)
     q_out = torch.empty((b, hq, s, d), dtype=q.dtype, device=q.device)
     k_out = torch.empty((b, hkv, s, d), dtype=q.dtype, device=q.device)
     with torch.cuda.device(q.device):
@@ -224,12 +235,10 @@ def rope_kv_write(q, k, v, cos, sin, k_cache, v_cache, slots):
                          f"{rope_kv_path!r}")
     b, hq, s, d = q.shape
     hkv, l = k.shape[1], k_cache.shape[2]
-    fits = (rope_kv_path == "fused" and q.dtype in DTYPES and q.numel() > 0
-            and all(t.dtype == q.dtype and t.device == q.device for t in (k, v, cos, sin, k_cache, v_cache))
-            and k.dim() == v.dim() == 4 and k.shape == v.shape and (k.shape[0], k.shape[2], k.shape[3]) == (b, s, d)
+    fits = (rope_kv_path == "fused" and _rope_fits(q, k, cos, sin)
+            and all(t.dtype == q.dtype and t.device == q.device for t in (v, k_cache, v_cache)) and k.shape == v.shape
             and k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[0] == b
-            and (k_cache.shape[1], k_cache.shape[3]) == (hkv, d) and d % 2 == 0 and d <= 512
-            and all(t.dim() == 4 and t.shape[1:] == (1, s, d) and t.shape[0] in (1, b) for t in (cos, sin))
+            and (k_cache.shape[1], k_cache.shape[3]) == (hkv, d)
             and slots.dtype == torch.int64 and slots.shape == (s,) and slots.device == q.device)
     if not fits:  # the two ops the fusion replaced: RoPE (kernel where it fits), then the cache writes
         attention_paths["rope_kv_split"] += 1
@@ -237,7 +246,7 @@ def rope_kv_write(q, k, v, cos, sin, k_cache, v_cache, slots):
         k_cache.index_copy_(2, slots, k_rot.to(k_cache.dtype))
         v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
         return q_rot
-    cos3, sin3 = (t.expand(b, 1, s, d).reshape(b, s, d).contiguous() for t in (cos, sin))
+    cos3, sin3 = _rope_tables(cos, sin, b, s, d)
     q_out = torch.empty((b, hq, s, d), dtype=q.dtype, device=q.device)
     slots = slots.contiguous()
     with torch.cuda.device(q.device):
