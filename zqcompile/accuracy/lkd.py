@@ -26,6 +26,7 @@ from torch import nn
 
 from zqcompile.config import ConfigError, ConfigWarning, LKDConfig, QuantConfig, get_config
 from zqcompile.accuracy.fakequant import calibrate_static, fake_quant_modules, fake_quantize, remove_fake_quant
+from zqcompile.generation.generator import is_causal_lm
 
 # Where the usual Hugging Face families keep their transformer blocks (checked before the generic search).
 KNOWN_BLOCK_LISTS = ("model.layers", "model.decoder.layers", "transformer.h", "encoder.layer",
@@ -105,20 +106,13 @@ def lkd_batches(model: nn.Module, lkd: LKDConfig, tokenizer=None) -> list[torch.
     raise ConfigError("LKDConfig.data must be 'random', a text string, or a list of LongTensor token batches")
 
 
-def is_causal_lm(model: nn.Module) -> bool:
-    """A model generated_batches can sample from: generate(), an output embedding, a vocabulary size."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    get_out = getattr(model, "get_output_embeddings", None)
-    return hasattr(model, "generate") and get_out is not None and get_out() is not None and bool(vocab)
-
-
 @torch.no_grad()
 def generated_batches(model: nn.Module, lkd: LKDConfig, g: torch.Generator) -> list[torch.Tensor]:
     """Data-free LKD data sampled from the fp model itself (LLM-QAT's data-free generation): each sequence starts
     from one uniform random token and continues by sampling the model's next-token distribution (temperature 1),
     so the blocks see hidden states like those of real text, which uniform random ids do not give."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not is_causal_lm(model):
+    if not is_causal_lm(model) or not vocab:
         raise ConfigError(f"LKD data='generated' samples from a causal LM; {type(model).__name__} is not one: "
                           f"use data='random' or give token batches")
     dev = next(model.parameters()).device
