@@ -35,18 +35,19 @@ __global__ void act_quant_kernel(const T* __restrict__ x, const T* __restrict__ 
   if (threadIdx.x == 0) scale[blockIdx.x] = amax / 127.f;
 }
 
-template <class T, bool kWarpRow, int kVecs>
-__global__ void __launch_bounds__(row_block_threads<T, kWarpRow>())
+template <class T, int kRow, int kVecs>
+__global__ void __launch_bounds__(row_block_threads<T, kRow>())
 act_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ gate,
                      int64_t rows, int64_t k, int act, int8_t* __restrict__ q, float* __restrict__ scale,
                      T* __restrict__ out) {
   __shared__ float red[32];
-  const RowPos p = row_pos<kWarpRow>();
-  if (p.row >= rows) return;  // a whole warp (warp rows); never taken with block rows
+  const RowPos p = row_pos<kRow>();
+  if (p.row >= rows) return;  // a whole warp (warp rows); never taken with block or split rows
   const int64_t off = p.row * k;
   const int k8 = (int)(k / kPack);
-  Raw<T> yv[kVecs];  // x, then act(...) rounded to T
+  Raw<T> yv[kVecs], gv[kVecs];  // x, then act(...) rounded to T; the gate (both loads in flight at once)
   load_held_row(x + off, p, k8, yv);
+  if (gate) load_held_row(gate + off, p, k8, gv);
   float amax = 0.f;
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {
@@ -62,7 +63,7 @@ act_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ bias, const 
       }
       if (gate) {
         float g[kPack];
-        load_unpack(gate + off + (int64_t)j * kPack, g);
+        unpack<T>(gv[v], g);
 #pragma unroll
         for (int i = 0; i < kPack; ++i) y[i] = round_to<T>(round_to<T>(apply_act(g[i], act)) * xs[i]);
       } else {
@@ -75,7 +76,7 @@ act_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ bias, const 
       for (int i = 0; i < kPack; ++i) amax = fmaxf(amax, fabsf(y[i]));
     }
   }
-  quantize_held_row<T, kVecs, kWarpRow>(yv, amax, p, k8, q + off, scale, red);
+  quantize_held_row<T, kVecs, kRow>(yv, amax, p, k8, q + off, scale, red);
 }
 
 }  // namespace zq
@@ -86,12 +87,11 @@ ZQ_API cudaError_t zq_act_quant(const void* x, const void* bias, const void* gat
   if (k <= 0 || k > 56 * 1024 || rows > INT32_MAX) return cudaErrorInvalidValue;
   zq::RowLaunch l;
   if (zq::vec_row_launch(rows, k, zq::max_row_threads(dt), {x, bias, gate, q, out}, &l)) {
-    ZQ_DISPATCH_DTYPE(dt, T, ZQ_DISPATCH_ROW(l, zq::act_quant_vec_kernel<T, kWarpRow, kVecs>
-                                                    <<<l.blocks, l.threads, 0, stream>>>(
-                                                        static_cast<const T*>(x), static_cast<const T*>(bias),
-                                                        static_cast<const T*>(gate), rows, k, act, q, scale,
-                                                        static_cast<T*>(out))));
-    return cudaGetLastError();
+    ZQ_DISPATCH_DTYPE(dt, T, ZQ_DISPATCH_ROW(l, return zq::launch_row(
+                                                    l, stream, zq::act_quant_vec_kernel<T, kRow, kVecs>,
+                                                    static_cast<const T*>(x), static_cast<const T*>(bias),
+                                                    static_cast<const T*>(gate), rows, k, act, q, scale,
+                                                    static_cast<T*>(out))));
   }
   const size_t smem = (size_t)k * sizeof(float);
   ZQ_DISPATCH_DTYPE(dt, T, {

@@ -66,18 +66,20 @@ __global__ void norm_quant_kernel(const T* __restrict__ x, const T* __restrict__
   if (threadIdx.x == 0) scale[blockIdx.x] = amax / 127.f;
 }
 
-template <class T, bool kRms, bool kWarpRow, int kVecs>
-__global__ void __launch_bounds__(row_block_threads<T, kWarpRow>())
+template <class T, bool kRms, int kRow, int kVecs>
+__global__ void __launch_bounds__(row_block_threads<T, kRow>())
 norm_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ weight,
                       const T* __restrict__ bias, int64_t rows, int64_t k, float eps, int8_t* __restrict__ q,
                       float* __restrict__ scale, T* __restrict__ out, T* __restrict__ hsum) {
   __shared__ float red[32];
-  const RowPos p = row_pos<kWarpRow>();
-  if (p.row >= rows) return;  // a whole warp (warp rows); never taken with block rows
+  const RowPos p = row_pos<kRow>();
+  if (p.row >= rows) return;  // a whole warp (warp rows); never taken with block or split rows
   const int64_t off = p.row * k;
   const int k8 = (int)(k / kPack);
-  Raw<T> hv[kVecs];  // x (+ residual), then the normalised output, rounded to T
+  Raw<T> hv[kVecs], wv[kVecs];  // x (+ residual), then the normalised output, rounded to T; the weight
   load_held_row(x + off, p, k8, hv);
+  // split rows (one pack a thread, latency-bound): the weight's load in flight with x's, not after the sums
+  if constexpr (kRow == kSplitRow) load_held_row(weight, p, k8, wv);
   if (residual) {
     Raw<T> rv[kVecs];
     load_held_row(residual + off, p, k8, rv);
@@ -105,7 +107,7 @@ norm_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ residual, c
       for (int i = 0; i < kPack; ++i) sum += kRms ? h[i] * h[i] : h[i];
     }
   }
-  sum = row_sum<kWarpRow>(sum, red);
+  sum = row_sum<kRow>(sum, red);
   float mean = 0.f, rstd;
   if constexpr (kRms) {
     rstd = rsqrtf(sum / (float)k + eps);
@@ -124,7 +126,7 @@ norm_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ residual, c
         }
       }
     }
-    var = row_sum<kWarpRow>(var, red);
+    var = row_sum<kRow>(var, red);
     rstd = rsqrtf(var / (float)k + eps);
   }
   float amax = 0.f;
@@ -134,7 +136,7 @@ norm_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ residual, c
     if (j < k8) {
       float h[kPack], w[kPack], y[kPack];
       unpack<T>(hv[v], h);
-      load_unpack(weight + (int64_t)j * kPack, w);
+      if constexpr (kRow == kSplitRow) unpack<T>(wv[v], w); else load_unpack(weight + (int64_t)j * kPack, w);
       if (!kRms && bias) {
         float b[kPack];
         load_unpack(bias + (int64_t)j * kPack, b);
@@ -150,7 +152,7 @@ norm_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ residual, c
       for (int i = 0; i < kPack; ++i) amax = fmaxf(amax, fabsf(y[i]));
     }
   }
-  quantize_held_row<T, kVecs, kWarpRow>(hv, amax, p, k8, q + off, scale, red);
+  quantize_held_row<T, kVecs, kRow>(hv, amax, p, k8, q + off, scale, red);
 }
 
 template <class T, bool kRms>
@@ -159,11 +161,10 @@ cudaError_t launch_norm_quant(const void* x, const void* residual, const void* w
                               cudaStream_t stream) {
   RowLaunch l;
   if (vec_row_launch(rows, k, zq::max_row_threads<T>(), {x, residual, weight, bias, q, out, hsum}, &l)) {
-    ZQ_DISPATCH_ROW(l, norm_quant_vec_kernel<T, kRms, kWarpRow, kVecs><<<l.blocks, l.threads, 0, stream>>>(
-                           static_cast<const T*>(x), static_cast<const T*>(residual),
-                           static_cast<const T*>(weight), static_cast<const T*>(bias), rows, k, eps, q, scale,
-                           static_cast<T*>(out), static_cast<T*>(hsum)));
-    return cudaGetLastError();
+    ZQ_DISPATCH_ROW(l, return launch_row(l, stream, norm_quant_vec_kernel<T, kRms, kRow, kVecs>,
+                                         static_cast<const T*>(x), static_cast<const T*>(residual),
+                                         static_cast<const T*>(weight), static_cast<const T*>(bias), rows, k, eps,
+                                         q, scale, static_cast<T*>(out), static_cast<T*>(hsum)));
   }
   const size_t smem = (size_t)k * sizeof(float);
   auto kernel = norm_quant_kernel<T, kRms>;

@@ -1,6 +1,7 @@
 // Per-token and per-tensor INT8 quantization of activations. Per token: the vector path (zq/row_vec.cuh)
 // reads the row once into registers; the scalar fallback takes one block per token and reads the row twice
 // (the second read hits L2), so any K and alignment works.
+#include "device_info.h"
 #include "zq/device_math.cuh"
 #include "zq/quantize.h"
 #include "zq/row_vec.cuh"
@@ -22,13 +23,13 @@ __global__ void quantize_per_token_kernel(const T* __restrict__ x, int64_t k, in
   if (threadIdx.x == 0) scale[row] = amax / 127.f;
 }
 
-template <class T, bool kWarpRow, int kVecs>
-__global__ void __launch_bounds__(row_block_threads<T, kWarpRow>())
+template <class T, int kRow, int kVecs>
+__global__ void __launch_bounds__(row_block_threads<T, kRow>())
 quantize_per_token_vec_kernel(const T* __restrict__ x, int64_t rows, int64_t k, int8_t* __restrict__ q,
                               float* __restrict__ scale) {
   __shared__ float red[32];
-  const RowPos p = row_pos<kWarpRow>();
-  if (p.row >= rows) return;  // a whole warp (warp rows); never taken with block rows
+  const RowPos p = row_pos<kRow>();
+  if (p.row >= rows) return;  // a whole warp (warp rows); never taken with block or split rows
   const int64_t off = p.row * k;
   const int k8 = (int)(k / kPack);
   Raw<T> xv[kVecs];
@@ -43,7 +44,7 @@ quantize_per_token_vec_kernel(const T* __restrict__ x, int64_t rows, int64_t k, 
       for (int i = 0; i < kPack; ++i) amax = fmaxf(amax, fabsf(f[i]));
     }
   }
-  quantize_held_row<T, kVecs, kWarpRow>(xv, amax, p, k8, q + off, scale, red);
+  quantize_held_row<T, kVecs, kRow>(xv, amax, p, k8, q + off, scale, red);
 }
 
 template <class T>
@@ -59,7 +60,17 @@ __global__ void quantize_per_tensor_kernel(const T* __restrict__ x, int64_t rows
   for (int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += stride) row_scale[r] = s;
 }
 
+static int g_split_rows = -1;  // zq_set_row_split
+
+bool split_rows(int64_t rows) {
+  DeviceInfo dev;
+  if (g_split_rows == 0 || rows > 65535 || !current_device_info(&dev) || dev.cc_major < 9) return false;
+  return rows <= (g_split_rows > 0 ? g_split_rows : 2 * dev.sm_count / kSplit);
+}
+
 }  // namespace zq
+
+ZQ_API void zq_set_row_split(int max_rows) { zq::g_split_rows = max_rows < 0 ? -1 : max_rows; }
 
 ZQ_API cudaError_t zq_quantize_per_token(const void* x, zq_dtype dt, int64_t rows, int64_t k, int8_t* q,
                                          float* scale, cudaStream_t stream) {
@@ -67,10 +78,9 @@ ZQ_API cudaError_t zq_quantize_per_token(const void* x, zq_dtype dt, int64_t row
   if (k <= 0 || rows > INT32_MAX) return cudaErrorInvalidValue;
   zq::RowLaunch l;
   if (zq::vec_row_launch(rows, k, zq::max_row_threads(dt), {x, q}, &l)) {
-    ZQ_DISPATCH_DTYPE(dt, T, ZQ_DISPATCH_ROW(l, zq::quantize_per_token_vec_kernel<T, kWarpRow, kVecs>
-                                                    <<<l.blocks, l.threads, 0, stream>>>(
-                                                        static_cast<const T*>(x), rows, k, q, scale)));
-    return cudaGetLastError();
+    ZQ_DISPATCH_DTYPE(dt, T, ZQ_DISPATCH_ROW(l, return zq::launch_row(
+                                                    l, stream, zq::quantize_per_token_vec_kernel<T, kRow, kVecs>,
+                                                    static_cast<const T*>(x), rows, k, q, scale)));
   }
   const int threads = zq::row_threads(k);
   ZQ_DISPATCH_DTYPE(dt, T, zq::quantize_per_token_kernel<T><<<(unsigned)rows, threads, 0, stream>>>(

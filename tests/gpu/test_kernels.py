@@ -115,6 +115,47 @@ def test_act_quant(dtype, act, mode, m, k):
     assert_close(got[2], exp[2], rel=1e-2)
 
 
+ROW_OPS = {  # op -> (inputs from x, the call): every row kernel with the split-row layout
+    "quantize_per_token": lambda x, d: torch.ops.zq.quantize_per_token(x),
+    "norm_quant rms+res": lambda x, d: torch.ops.zq.norm_quant(x, 0.5 * x.flip(0), d["w"], None, 1e-5, "rms", True, True),
+    "norm_quant layer": lambda x, d: torch.ops.zq.norm_quant(x, None, d["w"], d["b"], 1e-5, "layer", True, False),
+    "act_quant silu gate": lambda x, d: torch.ops.zq.act_quant(x, None, 0.002 * x.flip(1), "silu", True),
+    "act_quant gelu bias": lambda x, d: torch.ops.zq.act_quant(x, d["b"], None, "gelu", False),
+}
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("m,k", [(1, 14336), (4, 4096), (16, 8200), (33, 2056), (1, 57344), (2, 1032), (40, 4096)])
+def test_row_kernels_split_rows_match_one_block_rows(dtype, m, k):
+    """Few long rows split over a cluster of 8 blocks (decode) against the one-block-a-row layout and the
+    reference: maxima exact (same codes and scales), the norms' sums in another order (codes within one)."""
+    d = {"w": (1 + 0.1 * torch.randn(k, device=DEV)).to(dtype), "b": (0.1 * torch.randn(k, device=DEV)).to(dtype)}
+    x = rand_act((m, k), dtype, seed=m * 11 + k)
+    try:
+        for name, call in ROW_OPS.items():
+            outs = []
+            for split in (0, 64):
+                cuda.set_row_split(split)
+                poison()
+                outs.append(call(x, d))
+            base, got = outs
+            exact = not name.startswith("norm_quant")
+            for g, b in zip(got, base):
+                assert g.shape == b.shape, name
+                if g.dtype == torch.int8:
+                    if exact:
+                        assert torch.equal(g, b), name
+                    else:
+                        assert_q_close(g, b, max_diff=1, frac=2e-3)
+                elif exact:
+                    assert not torch.isnan(g).any(), f"{name}: NaN (an element left unwritten?)"
+                    assert torch.equal(g, b), name
+                elif g.numel():
+                    assert_close(g, b, rel=1e-2)
+    finally:
+        cuda.set_row_split(-1)
+
+
 def make_gemm(m, k, n, bits, group_size, out_dtype, seed, with_bias=True, with_res=False):
     x = rand_act((m, k), torch.float32, seed)
     xq, xs = qm.quantize_per_token(x)

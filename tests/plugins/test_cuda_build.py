@@ -39,7 +39,8 @@ def test_kernel_library_builds_and_loads(tmp_path):
                 "zq_gemm_simt", "zq_gemm_sm90", "zq_gemm_mma", "zq_gemm_mma_config", "zq_unpack_int4",
                 "zq_dequantize_weight", "zq_rope", "zq_rope_kv", "zq_decode_attention", "zq_decode_attention_split",
                 "zq_decode_attention_splits", "zq_decode_attention_workspace_bytes", "zq_gemm_run",
-                "zq_gemm_workspace_bytes", "zq_gemm_kernel_name", "zq_gemm_kernel_available", "zq_gemm_plan_parse", "zq_gemm_plan_find"]:
+                "zq_gemm_workspace_bytes", "zq_gemm_kernel_name", "zq_gemm_kernel_available", "zq_gemm_plan_parse", "zq_gemm_plan_find",
+                "zq_set_row_split"]:
         assert hasattr(lib, sym), sym
     # split-L decode attention's host-side plan (no device here: 132 SMs assumed), through the binding's types
     cuda._bind(lib)

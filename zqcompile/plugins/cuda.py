@@ -24,7 +24,7 @@ from zqcompile.ops import quant_math as qm
 from zqcompile.ops import registry
 from zqcompile.ops.registry import cuda_kernel
 
-ABI_VERSION = 5  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
+ABI_VERSION = 6  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _lib: Optional[ctypes.CDLL] = None
@@ -58,9 +58,16 @@ attention_paths: Counter = Counter()  # "rope" / "decode_attention" (kernels) or
 decode_attention_path = os.environ.get("ZQ_DECODE_ATTENTION", "split")
 decode_attention_splits = 0
 # zq.rope_kv_write: "fused" runs RoPE and the KV-cache write in one kernel (zq_rope_kv); "split" runs the zq_rope
-# kernel and two index_copy_ (what the graph did before the fusion). "split" stays the default until a GPU run
-# has checked the fused kernel (tests/gpu/test_rope_kv_gpu.py); env ZQ_ROPE_KV.
-rope_kv_path = os.environ.get("ZQ_ROPE_KV", "split")
+# kernel and two index_copy_ (what the graph did before the fusion; A/B in benchmarks). "fused" is the default
+# since tests/gpu/test_rope_kv_gpu.py passed on the H200 (39 tests, bench/results/gpu_tests_rope_kv_H200.txt:
+# 8B W8A8 decode 3.99 -> 3.80 ms/token at batch 1, 5.42 -> 4.85 at batch 16, 64 kernels a step fewer); env
+# ZQ_ROPE_KV.
+rope_kv_path = os.environ.get("ZQ_ROPE_KV", "fused")
+# Per-token row kernels (quantize_per_token, norm_quant, act_quant) on sm_90+: rows at or under which a row of
+# K > 1024 is split over a cluster of 8 blocks (decode: one row would otherwise be one SM's work). -1: the
+# library's choice (8 x rows <= 2 x SMs), 0: never (the one-block-a-row kernels, A/B), n: up to n rows.
+# Set with set_row_split (env ZQ_ROW_SPLIT at load).
+row_split_rows = int(os.environ.get("ZQ_ROW_SPLIT", "-1"))
 CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: the kernel declined the inputs, nothing was launched
 
 
@@ -68,6 +75,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     P, I, I64, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     sigs = {
         "zq_abi_version": (I, []), "zq_has_sm90_gemm": (I, []), "zq_gemm_sm90_num_configs": (I, []),
+        "zq_set_row_split": (None, [I]),
         "zq_error_string": (ctypes.c_char_p, [I]),
         "zq_quantize_per_token": (I, [P, I, I64, I64, P, P, P]),
         "zq_quantize_per_tensor": (I, [P, I, I64, I64, P, P, P, P]),
@@ -313,6 +321,15 @@ def _decode_attention(q, q_sb, q_sh, k, v, m, scale, out) -> Optional[str]:
     return "split"
 
 
+def set_row_split(max_rows: int) -> None:
+    """Rows at or under which the row kernels split a long row over a cluster (row_split_rows); process-wide.
+    Takes effect for kernels launched (or CUDA graphs captured) after the call."""
+    global row_split_rows
+    row_split_rows = int(max_rows)
+    if _lib is not None:
+        _lib.zq_set_row_split(row_split_rows)
+
+
 # ---- registration --------------------------------------------------------------------------------------
 def _ref(name: str):
     """The reference implementation of op `name` (the function it was declared with), called directly so a
@@ -332,6 +349,7 @@ def register(path: Path) -> None:
                       f"rebuild it")
     _bind(lib)
     _lib, _path = lib, path
+    set_row_split(row_split_rows)
     for decl in registry.declared(namespace=None):
         if decl.cuda_kernel is not None:
             torch.library.register_kernel(decl.qualname, "cuda", decl.cuda_kernel)

@@ -1,24 +1,35 @@
 // Building blocks of the vectorized per-token (row) kernels: the row is read from global memory once, in
 // packs of 8 elements (one 16-byte access for fp16/bf16, two for fp32), and held in registers as those raw
 // packs until the int8 codes are written. Short rows (K <= 1024) take one warp each (several rows per block,
-// shuffle-only reductions); long rows take a whole block. Only K % 8 == 0 with 16-byte aligned pointers and
-// K <= 32768 (fp32: 16384) qualify; everything else runs the scalar kernels (row cached in shared memory).
+// shuffle-only reductions); long rows take a whole block; on Hopper, when there are few long rows (decode: one
+// to a few dozen tokens), each row is split over a cluster of kSplit blocks (reductions through distributed
+// shared memory), so one row is read by kSplit SMs instead of one. Only K % 8 == 0 with 16-byte aligned
+// pointers and K <= 32768 (fp32: 16384; split rows: 57344) qualify; everything else runs the scalar kernels
+// (row cached in shared memory).
 // Holding raw packs (not fp32) is exact: every value kept is already rounded to the model dtype.
 #pragma once
 #include <stdint.h>
 #include <initializer_list>
+#include <utility>
 #include "zq/device_math.cuh"
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#include <cooperative_groups.h>
+#define ZQ_ROW_CLUSTERS 1
+#endif
 
 namespace zq {
 
 constexpr int kPack = 8;              // elements per pack
 constexpr int kMaxVecs = 4;           // packs per thread
 constexpr int kWarpRowsPerBlock = 4;  // rows per block when a warp takes a row
+constexpr int kSplit = 8;             // blocks (one cluster) per row on the split layout
+// How a row kernel lays rows over threads (the kernels' template parameter kRow).
+enum RowLayout : int { kBlockRow = 0, kWarpRow = 1, kSplitRow = 2 };
 // Threads of a block row: 1024 at most (64 registers a thread), 512 for fp32 (its packs take twice the registers).
 template <class T> constexpr int max_row_threads() { return sizeof(T) == 4 ? 512 : 1024; }
 inline int max_row_threads(zq_dtype dt) { return dt == ZQ_F32 ? 512 : 1024; }
-template <class T, bool kWarpRow> constexpr int row_block_threads() {
-  return kWarpRow ? 32 * kWarpRowsPerBlock : max_row_threads<T>();
+template <class T, int kRow> constexpr int row_block_threads() {
+  return kRow == kWarpRow ? 32 * kWarpRowsPerBlock : max_row_threads<T>();
 }
 
 template <class T> struct Raw { uint4 w[sizeof(T) / 2]; };  // 8 elements of T
@@ -105,21 +116,76 @@ __device__ __forceinline__ void store_q8(int8_t* p, const float (&f)[kPack], flo
 
 // Where a thread sits: its row, its index within the row's threads, and how many threads share the row.
 struct RowPos { int64_t row; int t; int nthr; };
-template <bool kWarpRow> __device__ __forceinline__ RowPos row_pos() {
-  if constexpr (kWarpRow)
+template <int kRow> __device__ __forceinline__ RowPos row_pos() {
+  if constexpr (kRow == kWarpRow)
     return {(int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), (int)(threadIdx.x & 31), 32};
+  else if constexpr (kRow == kSplitRow)  // grid (kSplit, rows), one cluster a row: block x holds its x-th part
+    return {(int64_t)blockIdx.y, (int)(blockIdx.x * blockDim.x + threadIdx.x), (int)(gridDim.x * blockDim.x)};
   else
     return {(int64_t)blockIdx.x, (int)threadIdx.x, (int)blockDim.x};
 }
-template <bool kWarpRow> __device__ __forceinline__ float row_sum(float v, float* red) {
-  if constexpr (kWarpRow) return warp_sum(v); else return block_sum(v, red);
+
+// A split row's reduction: the block's value, then the cluster's, every block adding the parts in rank order
+// (the same float result in all of them). Two cluster barriers: parts written before any is read, all read
+// before any block moves on (to overwrite its part in the next reduction, or to exit).
+template <bool kMax> __device__ __forceinline__ float split_reduce(float v, float* red) {
+  v = kMax ? block_max(v, red) : block_sum(v, red);
+#ifdef ZQ_ROW_CLUSTERS
+  __shared__ float part;
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  if (threadIdx.x == 0) part = v;
+  cluster.sync();
+  float acc = 0.f;
+  for (unsigned b = 0; b < cluster.num_blocks(); ++b) {
+    const float pb = *cluster.map_shared_rank(&part, b);
+    acc = kMax ? fmaxf(acc, pb) : acc + pb;
+  }
+  cluster.sync();
+  return acc;
+#else
+  return v;  // not compiled for sm_90: the host never launches the split layout there
+#endif
 }
-template <bool kWarpRow> __device__ __forceinline__ float row_max(float v, float* red) {
-  if constexpr (kWarpRow) return warp_max(v); else return block_max(v, red);
+template <int kRow> __device__ __forceinline__ float row_sum(float v, float* red) {
+  if constexpr (kRow == kWarpRow) return warp_sum(v);
+  else if constexpr (kRow == kSplitRow) return split_reduce<false>(v, red);
+  else return block_sum(v, red);
+}
+template <int kRow> __device__ __forceinline__ float row_max(float v, float* red) {
+  if constexpr (kRow == kWarpRow) return warp_max(v);
+  else if constexpr (kRow == kSplitRow) return split_reduce<true>(v, red);
+  else return block_max(v, red);
 }
 
-// Host: the vector path's launch geometry, or false when the row kernel must take the scalar path.
-struct RowLaunch { bool warp_row; int vecs; int threads; unsigned blocks; };
+// Host: the vector path's launch geometry, or false when the row kernel must take the scalar path. `blocks`
+// is the grid's x (rows for split rows, whose grid is (kSplit, rows) in clusters of kSplit).
+struct RowLaunch { int layout; int vecs; int threads; unsigned blocks; };
+
+// Whether `rows` long rows are split over clusters on the current device (zq_set_row_split: -1 = the library's
+// choice, rows * kSplit at most twice the SM count on sm_90+; 0 = never; n = up to n rows on sm_90+).
+bool split_rows(int64_t rows);
+
+// Launch a row kernel with a RowLaunch's geometry (clusters of kSplit blocks for split rows).
+template <class... KArgs, class... Args>
+cudaError_t launch_row(const RowLaunch& l, cudaStream_t stream, void (*kernel)(KArgs...), Args&&... args) {
+  if (l.layout != kSplitRow) {
+    kernel<<<l.blocks, l.threads, 0, stream>>>(std::forward<Args>(args)...);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(kSplit, l.blocks, 1);
+  cfg.blockDim = dim3(l.threads, 1, 1);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kSplit;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
 inline bool vec_row_launch(int64_t rows, int64_t k, int max_threads, std::initializer_list<const void*> ptrs,
                            RowLaunch* l) {
   if (k % kPack != 0) return false;
@@ -127,16 +193,23 @@ inline bool vec_row_launch(int64_t rows, int64_t k, int max_threads, std::initia
     if (p != nullptr && (reinterpret_cast<uintptr_t>(p) & 15u) != 0) return false;
   const int64_t k8 = k / kPack;
   if (k8 <= 32 * kMaxVecs) {
-    l->warp_row = true;
+    l->layout = kWarpRow;
     l->threads = 32 * kWarpRowsPerBlock;
     l->vecs = (int)((k8 + 31) / 32);
     l->blocks = (unsigned)((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock);
     return true;
   }
+  if (k8 <= (int64_t)kSplit * max_threads && split_rows(rows)) {
+    l->layout = kSplitRow;  // one pack a thread, the row's packs over kSplit blocks
+    l->vecs = 1;
+    l->threads = (int)((k8 + kSplit * 32 - 1) / (kSplit * 32) * 32);
+    l->blocks = (unsigned)rows;
+    return true;
+  }
   if (k8 > (int64_t)max_threads * kMaxVecs) return false;
   int threads = 128;
   while ((int64_t)threads * kMaxVecs < k8) threads *= 2;
-  l->warp_row = false;
+  l->layout = kBlockRow;
   l->threads = threads;
   l->vecs = (int)((k8 + threads - 1) / threads);
   l->blocks = (unsigned)rows;
@@ -157,10 +230,10 @@ __device__ __forceinline__ void load_held_row(const T* __restrict__ row, const R
   }
 }
 
-template <class T, int kVecs, bool kWarpRow>
+template <class T, int kVecs, int kRow>
 __device__ __forceinline__ void quantize_held_row(const Raw<T> (&held)[kVecs], float amax, const RowPos& p, int k8,
                                                   int8_t* q_row, float* scale, float* red) {
-  amax = fmaxf(row_max<kWarpRow>(amax, red), kEps);
+  amax = fmaxf(row_max<kRow>(amax, red), kEps);
   const float inv = 127.f / amax;
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {
@@ -176,13 +249,13 @@ __device__ __forceinline__ void quantize_held_row(const Raw<T> (&held)[kVecs], f
 
 }  // namespace zq
 
-// Instantiate `body` with constexpr kWarpRow / kVecs matching a RowLaunch.
-#define ZQ_ROW_CASE(W, V, ...) \
-  case (W ? 8 : 0) + V: { constexpr bool kWarpRow = W; constexpr int kVecs = V; __VA_ARGS__; } break;
+// Instantiate `body` with constexpr kRow / kVecs matching a RowLaunch (split rows hold one pack a thread).
+#define ZQ_ROW_CASE(R, V, ...) \
+  case R * 8 + V: { constexpr int kRow = R; constexpr int kVecs = V; __VA_ARGS__; } break;
 #define ZQ_DISPATCH_ROW(l, ...)                                                                            \
-  switch (((l).warp_row ? 8 : 0) + (l).vecs) {                                                            \
-    ZQ_ROW_CASE(true, 1, __VA_ARGS__) ZQ_ROW_CASE(true, 2, __VA_ARGS__) ZQ_ROW_CASE(true, 3, __VA_ARGS__)   \
-    ZQ_ROW_CASE(true, 4, __VA_ARGS__) ZQ_ROW_CASE(false, 1, __VA_ARGS__) ZQ_ROW_CASE(false, 2, __VA_ARGS__) \
-    ZQ_ROW_CASE(false, 3, __VA_ARGS__) ZQ_ROW_CASE(false, 4, __VA_ARGS__)                                  \
+  switch ((l).layout * 8 + (l).vecs) {                                                                     \
+    ZQ_ROW_CASE(1, 1, __VA_ARGS__) ZQ_ROW_CASE(1, 2, __VA_ARGS__) ZQ_ROW_CASE(1, 3, __VA_ARGS__)           \
+    ZQ_ROW_CASE(1, 4, __VA_ARGS__) ZQ_ROW_CASE(0, 1, __VA_ARGS__) ZQ_ROW_CASE(0, 2, __VA_ARGS__)           \
+    ZQ_ROW_CASE(0, 3, __VA_ARGS__) ZQ_ROW_CASE(0, 4, __VA_ARGS__) ZQ_ROW_CASE(2, 1, __VA_ARGS__)           \
     default: return cudaErrorInvalidValue;                                                                \
   }
