@@ -3,6 +3,10 @@ bandwidth (bytes read + written once) vs the same op's reference implementation 
 ops). CUDA-graph replays, medians. Prints a markdown table, writes JSON.
 
     python bench/bench_elementwise.py [--out bench/results]
+    python bench/bench_elementwise.py --decode   # decode rows (M = 1-64): split rows vs one block a row
+
+--decode times the kernels at decode sizes (Llama-3-8B's K = 4096 / 14336), the split-row layout (a row over a
+cluster of 8 blocks, the library's choice) against one block a row (`cuda.set_row_split(0)`), 20 calls a graph.
 """
 from __future__ import annotations
 
@@ -21,13 +25,53 @@ from zqcompile import plugins  # noqa: E402
 from zqcompile.ops import registry  # noqa: E402
 
 
+def decode_rows(dev: str, dt) -> list[dict]:
+    from zqcompile.plugins import cuda
+    rows = []
+    for m in (1, 4, 16, 33, 64):
+        for k in (4096, 14336):
+            x, r = torch.randn(m, k, device=dev, dtype=dt), torch.randn(m, k, device=dev, dtype=dt)
+            g, w = 0.1 * torch.randn(m, k, device=dev, dtype=dt), torch.ones(k, device=dev, dtype=dt)
+            cases = {"act_quant(silu gate)": (lambda: torch.ops.zq.act_quant(x, None, g, "silu", False), 2 * m * k * 2),
+                     "norm_quant(rms,+res,sum)": (lambda: torch.ops.zq.norm_quant(x, r, w, None, 1e-6, "rms", False,
+                                                                                  True), 3 * m * k * 2),
+                     "quantize_per_token": (lambda: torch.ops.zq.quantize_per_token(x), m * k * 2)}
+            for name, (call, nbytes) in cases.items():
+                t = {}
+                for label, split in (("split", -1), ("block", 0)):
+                    cuda.set_row_split(split)
+                    t[label] = time_graph(lambda i: call(), 20)
+                cuda.set_row_split(-1)
+                rows.append({"op": name, "m": m, "k": k, "split_us": t["split"] * 1e3, "block_us": t["block"] * 1e3,
+                             "split_gbs": (nbytes + m * k) / t["split"] / 1e6, "speedup": t["block"] / t["split"]})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--decode", action="store_true", help="decode sizes: split rows vs one block a row")
     args = ap.parse_args()
     if not torch.cuda.is_available() or not plugins.load():
         sys.exit(f"needs a CUDA GPU and the kernel library: {plugins.status()}")
     dev, dt = "cuda", torch.float16
+    props = torch.cuda.get_device_properties(0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = props.name.replace(" ", "_")
+    if args.decode:
+        rows = decode_rows(dev, dt)
+        meta = {"device": props.name, "torch": torch.__version__, "command": " ".join([sys.executable] + sys.argv)}
+        (out / f"elementwise_decode_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        lines = [f"# Fused quantization producers at decode sizes, fp16 in — {props.name}", "",
+                 "µs a call (20 calls a CUDA graph, median of 15 replays); split: a row over a cluster of 8 blocks "
+                 "(the library's choice); block: one block a row", "",
+                 "| op | M | K | split µs | block µs | split GB/s | block / split |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['op']} | {r['m']} | {r['k']} | {r['split_us']:.2f} | {r['block_us']:.2f} | "
+                  f"{r['split_gbs']:.0f} | {r['speedup']:.2f} |" for r in rows]
+        (out / f"elementwise_decode_{tag}.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     rows = []
     for m, k in [(16384, 768), (16384, 1024), (8192, 4096), (128, 768)]:
         x = torch.randn(m, k, device=dev, dtype=dt)
@@ -45,10 +89,6 @@ def main() -> None:
             ref = time_graph(lambda i: call(registry.op(op).reference), 1)
             rows.append({"op": name, "m": m, "k": k, "ours_us": ours * 1e3, "ref_us": ref * 1e3,
                          "ours_gbs": nbytes / ours / 1e6, "speedup": ref / ours})
-    props = torch.cuda.get_device_properties(0)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = props.name.replace(" ", "_")
     (out / f"elementwise_{tag}.json").write_text(json.dumps(
         {"meta": {"device": props.name, "torch": torch.__version__, "command": " ".join([sys.executable] + sys.argv)},
          "rows": rows}, indent=1))

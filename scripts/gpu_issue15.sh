@@ -24,7 +24,10 @@ for stage in "$@"; do
     prefill-resume)  # continue from the committed result of the call before (its measured rows kept)
       [ -f bench/results/prefill_H200.json ] && cp bench/results/prefill_H200.json "$OUT/prefill_H200.json"
       prefill --resume || rc=$? ;;
-    *) echo "unknown stage $stage (prefill prefill-resume)"; exit 2 ;;
+    w4-crossover)  # INT4 K groups: the mma kernel vs the fp16-dequant path, M = 256-8192 (MMA_KGROUP_MAX_M)
+      timeout "$(left)" "$PY" bench/bench_gemm.py --w4-crossover --out "$OUT" > "$OUT/gemm_w4_crossover.log" 2>&1 || rc=$?
+      tail -4 "$OUT/gemm_w4_crossover.log" ;;
+    *) echo "unknown stage $stage (prefill prefill-resume w4-crossover)"; exit 2 ;;
   esac
 done
 exit $rc
