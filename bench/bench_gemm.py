@@ -96,9 +96,12 @@ W4_SHAPES = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (2048, 8192),
 
 
 def w4_crossover(cuda_mod, out: Path, tag: str) -> None:
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "command": " ".join([sys.executable] + sys.argv), "method": "CUDA graphs, median of 15 replays; fp16: "
+            "torch.matmul on one weight (L2 may hold it), W4A8: distinct weight copies (L2 defeated)"}
     rows = []
-    for k, n in W4_SHAPES:
-        for m in (256, 512, 1024, 2048, 4096, 8192):
+    for m in (256, 1024, 2048, 512, 4096, 8192):  # the likely crossovers first (written after every row)
+        for k, n in W4_SHAPES:
             copies = l2_copies(m, k, n)
             x16 = torch.randn(m, k, device="cuda", dtype=torch.float16)
             w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.05
@@ -110,16 +113,14 @@ def w4_crossover(cuda_mod, out: Path, tag: str) -> None:
             print(f"K={k:5d} N={n:5d} M={m:5d} fp16 {r['fp16_ms']*1e3:8.1f} us  mma {r['w4g128_mma_ms']*1e3:8.1f} us  "
                   f"fp16-dequant {r['w4g128_fp16_dequant_ms']*1e3:8.1f} us  (dequant / mma {r['mma_vs_fp16_dequant']:.2f})",
                   flush=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "command": " ".join([sys.executable] + sys.argv), "method": "CUDA graphs, median of 15 replays; fp16: "
-            "torch.matmul on one weight (L2 may hold it), W4A8: distinct weight copies (L2 defeated)"}
-    (out / f"gemm_w4_crossover_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"# W4A8 (INT4, K groups of 128): mma kernel vs fp16 dequant + cuBLAS — {meta['device']}", "",
-             f"`{meta['command']}`; {meta['method']}", "",
-             "| K | N | M | fp16 µs | mma µs | fp16-dequant µs | dequant / mma |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['k']} | {r['n']} | {r['m']} | {r['fp16_ms']*1e3:.1f} | {r['w4g128_mma_ms']*1e3:.1f} | "
-              f"{r['w4g128_fp16_dequant_ms']*1e3:.1f} | {r['mma_vs_fp16_dequant']:.2f} |" for r in rows]
-    (out / f"gemm_w4_crossover_{tag}.md").write_text("\n".join(lines) + "\n")
+            (out / f"gemm_w4_crossover_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            lines = [f"# W4A8 (INT4, K groups of 128): mma kernel vs fp16 dequant + cuBLAS — {meta['device']}", "",
+                     f"`{meta['command']}`; {meta['method']}", "",
+                     "| K | N | M | fp16 µs | mma µs | fp16-dequant µs | dequant / mma |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| {r['k']} | {r['n']} | {r['m']} | {r['fp16_ms']*1e3:.1f} | {r['w4g128_mma_ms']*1e3:.1f} | "
+                      f"{r['w4g128_fp16_dequant_ms']*1e3:.1f} | {r['mma_vs_fp16_dequant']:.2f} |"
+                      for r in sorted(rows, key=lambda r: (r["k"], r["n"], r["m"]))]
+            (out / f"gemm_w4_crossover_{tag}.md").write_text("\n".join(lines) + "\n")
 
 
 def l2_copies(m: int, k: int, n: int) -> int:
