@@ -53,7 +53,7 @@ for stage in "$@"; do
         done
       else rc=$r; fi ;;
     row-split)  # the row kernels with a decode row split over a cluster: their GPU tests, the kernel table, then
-                # 8B W8A8 / FP16 decode and 1B with it, and 8B W8A8 with one block a row (A/B, ZQ_ROW_SPLIT=0)
+                # 8B and 1B decode (W8A8 and FP16) with it
       ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout "$(left)" "$PY" -m pytest -q -p no:cacheprovider \
         ${TEST_WORKERS:+-n "$TEST_WORKERS" --dist loadfile} tests/gpu/test_kernels.py tests/gpu/test_generation_gpu.py \
         tests/gpu/test_rope_kv_gpu.py > "$OUT/gpu_tests_row_split.txt" 2>&1
@@ -62,16 +62,17 @@ for stage in "$@"; do
         timeout "$(left)" "$PY" bench/bench_elementwise.py --decode --out "$OUT" || rc=$?
         bench --shapes 8b --engines none,w8a8 --batches 1,16 --cache-lens 128 --repeat 2 \
           --out "$OUT/decode_scale_8b_row_split_H200.json" || rc=$?
-        ZQ_ROW_SPLIT=0 bench --shapes 8b --engines w8a8 --batches 1,16 --cache-lens 128 --repeat 2 \
-          --out "$OUT/decode_scale_8b_row_block_H200.json" || rc=$?
         bench --shapes 1b --engines none,w8a8 --batches 1,16 --cache-lens 128 --repeat 2 \
           --out "$OUT/decode_scale_1b_row_split_H200.json" || rc=$?
       else rc=$r; fi ;;
+    row-split-ab)  # A/B for row-split: 8B W8A8 with one block a row
+      ZQ_ROW_SPLIT=0 bench --shapes 8b --engines w8a8 --batches 1,16 --cache-lens 128 --repeat 2 \
+        --out "$OUT/decode_scale_8b_row_block_H200.json" || rc=$? ;;
     8b-single)  # A/B: the engines with the old single-block decode attention
       bench --shapes 8b --engines w8a8 --batches 1,16 --attention single \
         --out "$OUT/decode_scale_8b_single_H200.json" || rc=$? ;;
     *) echo "unknown stage $stage (stage build tests kernels attn profile-8b 1b 8b-fp16-w8a8 8b-w4-hf 8b-single" \
-            "streaming-8b rope-kv row-split)"; exit 2 ;;
+            "streaming-8b rope-kv row-split row-split-ab)"; exit 2 ;;
   esac
 done
 exit $rc
