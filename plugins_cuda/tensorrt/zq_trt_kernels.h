@@ -30,7 +30,7 @@ cudaError_t launchActQuant(void const* x, void const* bias, void const* gate, Fl
     int64_t cols, Act act, int8_t* q, float* scale, void* out, cudaStream_t stream);
 
 // The GEMM kernel per M bucket that zqcompile planned for this GEMM (the plugin's kernel_plan field, e.g.
-// "4:simt,16:simt,64:mma/sm90,2048:sm90/simt,inf:sm90/simt"; zqcompile/plugins/gemm_kernels.py chose it), parsed
+// "4:simt,16:simt,64:mma/sm90,1024:sm90/simt,inf:sm90/simt"; zqcompile/plugins/gemm_kernels.py chose it), parsed
 // once when the plugin is created: the plugins never choose a kernel themselves.
 struct GemmPlan
 {

@@ -344,9 +344,10 @@ def test_gemm_mma_declines_outside_contract(case):
     (17, 1024, 768, 4, 128, "mma"), (17, 1024, 768, 8, 32, "mma"), (16, 1024, 768, 4, 128, "simt"),
     (5, 1024, 768, 4, None, "mma"), (4, 1024, 768, 4, None, "simt"), (2048, 4096, 1024, 4, 64, "mma"),
     (64, 1024, 768, 8, None, "mma"), (65, 1024, 768, 8, None, "sm90 or mma"), (64, 2048, 768, 8, None, "sm90 or mma"),
-    (65, 1024, 768, 4, None, "sm90 or mma"), (2049, 1024, 768, 4, 128, "fp16_dequant or mma")])
+    (65, 1024, 768, 4, None, "sm90 or mma"), (1025, 1024, 3072, 4, 128, "fp16_dequant or mma"),
+    (2049, 1024, 768, 4, 128, "mma")])
 def test_int8_gemm_dequant_routes_to_mma(m, k, n, bits, group_size, path):
-    """The mma kernel takes K-group scales for SMALL_M_KGROUPS < M <= MMA_KGROUP_MAX_M, INT4 row scales and
+    """The mma kernel takes K-group scales for SMALL_M_KGROUPS < M <= MMA_KGROUP_MAX_M (every M for N <= 1024), INT4 row scales and
     short-K INT8 row scales for SMALL_M < M <= MMA_ROW_MAX_M, and every M above SMALL_M where there is no
     Hopper kernel (A100); past those limits Hopper runs its own kernel or the fp16 dequant path."""
     if not mma_usable():

@@ -11,7 +11,8 @@ import pytest
 
 from zqcompile.plugins import gemm_kernels as G
 
-SMALL_M, SMALL_M_KGROUPS, MMA_ROW_MAX_M, MMA_ROW_MAX_K, MMA_KGROUP_MAX_M = 4, 16, 64, 1024, 2048
+SMALL_M, SMALL_M_KGROUPS, MMA_ROW_MAX_M, MMA_ROW_MAX_K, MMA_KGROUP_MAX_M = 4, 16, 64, 1024, 1024
+MMA_KGROUP_ANY_M_MAX_N = 1024  # since the ladder: K groups with N <= 1024 keep the mma kernel at every M (H200)
 
 
 def mma_accepts(k, n, w_bits, groups, out_dtype, capability):
@@ -28,7 +29,8 @@ def old_int8_ladder(m, k, n, w_bits, groups, out_dtype, epilogue_ok, sm90_usable
     row_scales = groups == 1
     tensor_core_ok = (out_dtype != "float32" and k % 16 == 0 and n % 8 == 0 and sm90_usable)
     if not row_scales:
-        mma_first = SMALL_M_KGROUPS < m <= MMA_KGROUP_MAX_M or not tensor_core_ok and m > SMALL_M_KGROUPS
+        mma_first = (SMALL_M_KGROUPS < m and (m <= MMA_KGROUP_MAX_M or n <= MMA_KGROUP_ANY_M_MAX_N)
+                     or not tensor_core_ok and m > SMALL_M_KGROUPS)
     elif not tensor_core_ok:
         mma_first = m > SMALL_M
     else:
@@ -52,7 +54,7 @@ def old_weight_only_ladder(m, x_dtype, epilogue_ok):
     return "fp16_dequant"
 
 
-MS = [1, 2, 4, 5, 15, 16, 17, 63, 64, 65, 1000, 2048, 2049, 16384]
+MS = [1, 2, 4, 5, 15, 16, 17, 63, 64, 65, 1000, 1024, 1025, 2048, 2049, 16384]
 KS = [32, 48, 96, 1024, 1056, 4096, 70000]
 NS = [8, 60, 1032]
 GROUP_KS = [0, 16, 32, 64, 96, 128]
@@ -93,8 +95,8 @@ def test_weight_only_chooser_equals_the_old_ladder():
 
 
 def test_buckets_follow_the_thresholds_and_each_has_one_choice():
-    assert G.M_BUCKETS == ((1, 4), (5, 16), (17, 64), (65, 2048), (2049, math.inf))
-    assert [G.bucket_name(i) for i in range(5)] == ["1-4", "5-16", "17-64", "65-2048", ">2048"]
+    assert G.M_BUCKETS == ((1, 4), (5, 16), (17, 64), (65, 1024), (1025, math.inf))
+    assert [G.bucket_name(i) for i in range(5)] == ["1-4", "5-16", "17-64", "65-1024", ">1024"]
     device = _device((9, 0), True)
     for k, w_bits, group_k in itertools.product((1024, 4096), (8, 4), (0, 128)):
         p = G.GemmProblem("int8_gemm_dequant", 1024, k, w_bits, group_k, "int8", "float16")
@@ -126,9 +128,9 @@ def test_tensorrt_never_picks_pytorch_paths(cap, sm90):
         p = G.GemmProblem(op, 1024, 4096, 4, group_k, x, out, out, None)
         for c in G.plan_buckets(p, device):
             assert c.kernel.c_id is not None and (c.fallback is None or c.fallback.c_id is not None)
-    # K groups past M = 2048: the mma kernel (there is no fp16 dequant path in the C library), as the TensorRT
-    # adapter did before; the PyTorch runtime on the same device takes the fp16 dequant path there
-    p = G.GemmProblem("int8_gemm_dequant", 1024, 4096, 4, 128, "int8", "float16", m=4096)
+    # K groups past M = 1024 with N > 1024: the mma kernel (there is no fp16 dequant path in the C library), as
+    # the TensorRT adapter did before; the PyTorch runtime on the same device takes the fp16 dequant path there
+    p = G.GemmProblem("int8_gemm_dequant", 4096, 4096, 4, 128, "int8", "float16", m=4096)
     if cap >= (8, 0):
         assert G.choose_gemm(p, device).kernel is G.MMA
     if cap == (9, 0) and sm90:
@@ -153,9 +155,9 @@ def test_fp8_gemm_is_scaled_mm_on_sm90_and_the_reference_elsewhere():
 def test_plan_text():
     trt = G.GemmDevice("trt", (9, 0), True, True, tensorrt=True)
     row = G.GemmProblem("int8_gemm_dequant", 768, 768, 8, 0, "int8", "float16")
-    assert G.plan_text(row, trt) == "4:simt,16:mma/sm90,64:mma/sm90,2048:sm90/simt,inf:sm90/simt"
+    assert G.plan_text(row, trt) == "4:simt,16:mma/sm90,64:mma/sm90,1024:sm90/simt,inf:sm90/simt"
     kg = G.GemmProblem("int8_gemm_dequant", 768, 768, 4, 128, "int8", "float16")
-    assert G.plan_text(kg, trt) == "4:simt,16:simt,64:mma/simt,2048:mma/simt,inf:mma/simt"
+    assert G.plan_text(kg, trt) == "4:simt,16:simt,64:mma/simt,1024:mma/simt,inf:mma/simt"
     with pytest.raises(ValueError, match="tensorrt=True"):
         G.plan_text(row, _device((9, 0), True))
     with pytest.raises(G.NoGemmKernel, match="simt: float32 activations.*reference: no reference"):
@@ -188,7 +190,7 @@ def test_engine_plan_in_report_dump_and_file(tmp_path):
     want = [G.choose_gemm(G.GemmProblem(**q["problem"], m=lo), h200).label for lo, _ in G.M_BUCKETS]
     assert list(q["kernels"]["buckets"].values()) == want == ["simt", "mma", "mma", "sm90", "sm90"]
     text = engine.report()
-    assert "planned for cuda:0 NVIDIA H200 (sm_90" in text and "1-4" in text and ">2048" in text
+    assert "planned for cuda:0 NVIDIA H200 (sm_90" in text and "1-4" in text and ">1024" in text
     section = text[text.index("Kernels per M bucket"):]
     row = next(line for line in section.splitlines() if line.startswith(q["fqn"]))
     assert row.split()[-5:] == want

@@ -25,14 +25,17 @@ SMALL_M_KGROUPS = 16
 # Where the mma tensor-core kernel beats the alternatives on Hopper (bench/results/gemm_NVIDIA_H200.md and
 # profile_decode_H200.md, H200): row-scaled INT8 at M <= 64 with K <= 1024 (4.2-4.4 us vs 5.0 for the Hopper
 # kernel on SmolLM2's decode GEMMs); INT4 row-scaled at M <= 64 (the Hopper kernel needs a per-call unpack,
-# which only pays off for larger M); INT4 K-groups up to M = 2048 (4096^2 x 4096: 590 us vs 398 us for the
-# fp16 dequant path at M = 4096, 53 vs 122 us at M = 256; the crossover between was not measured).
+# which only pays off for larger M); INT4 K-groups (group 128) up to M = 1024, and at every M for N <= 1024
+# (bench/results/gemm_w4_crossover_NVIDIA_H200.json, BERT / Llama-3.2-1B / Llama-3-8B MLP shapes: fp16-dequant
+# time / mma time 1.2-2.5 at M = 256-512, 0.97-1.13 at M = 1024, 0.68-1.04 at 2048 and 0.44-0.87 at 8192 for
+# N >= 2048; for N = 768 / 1024 the mma kernel stays ahead, 0.95-1.06 at M = 2048, 1.19-1.47 at 4096-8192).
 MMA_ROW_MAX_M = 64
 MMA_ROW_MAX_K = 1024
-MMA_KGROUP_MAX_M = 2048
+MMA_KGROUP_MAX_M = 1024
+MMA_KGROUP_ANY_M_MAX_N = 1024
 MMA_MAX_GROUP_K = 65536  # the int32 sum of a group of K terms stays exact (gemm_mma.cu kMaxGroupK)
 
-# Every threshold above is a bucket edge, so each M bucket has one choice: 1-4, 5-16, 17-64, 65-2048, >2048.
+# Every threshold above is a bucket edge, so each M bucket has one choice: 1-4, 5-16, 17-64, 65-1024, >1024.
 M_BUCKETS: tuple[tuple[int, float], ...] = tuple(
     zip((1, *(e + 1 for e in sorted({SMALL_M, SMALL_M_KGROUPS, MMA_ROW_MAX_M, MMA_KGROUP_MAX_M}))),
         (*sorted({SMALL_M, SMALL_M_KGROUPS, MMA_ROW_MAX_M, MMA_KGROUP_MAX_M}), math.inf)))
@@ -186,8 +189,10 @@ class Mma(GemmKernel):
                 return f"policy: M > {MMA_ROW_MAX_M} with row scales: the Hopper kernel is faster"
             if p.w_bits == 8 and p.k > MMA_ROW_MAX_K:
                 return f"policy: INT8 with K > {MMA_ROW_MAX_K}: the Hopper kernel is faster"
-        if not p.row_scales and p.m > MMA_KGROUP_MAX_M and FP16_DEQUANT.can_implement(p, d) is None:
-            return f"policy: M > {MMA_KGROUP_MAX_M} with K groups: the fp16 dequant path is faster"
+        if (not p.row_scales and p.m > MMA_KGROUP_MAX_M and p.n > MMA_KGROUP_ANY_M_MAX_N
+                and FP16_DEQUANT.can_implement(p, d) is None):
+            return (f"policy: M > {MMA_KGROUP_MAX_M} with K groups and N > {MMA_KGROUP_ANY_M_MAX_N}: the fp16 "
+                    f"dequant path is faster")
         return None
 
 
@@ -340,7 +345,7 @@ def plan_buckets(problem: GemmProblem, device: GemmDevice) -> list[GemmChoice]:
 
 
 def plan_text(problem: GemmProblem, device: GemmDevice) -> str:
-    """The TensorRT plugin's kernel_plan field: '4:simt,16:simt,64:mma/sm90,2048:sm90/simt,inf:sm90/simt'
+    """The TensorRT plugin's kernel_plan field: '4:simt,16:simt,64:mma/sm90,1024:sm90/simt,inf:sm90/simt'
     (max M of each bucket: kernel[/fallback]), parsed by zq_gemm_plan_parse."""
     if not device.tensorrt:
         raise ValueError("kernel_plan is for TensorRT: plan it with GemmDevice(..., tensorrt=True)")
