@@ -121,12 +121,19 @@ def test_find_blocks_known_paths():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_lkd_on_gpu_matches_cpu():
-    cpu, gpu = tiny_llama(), tiny_llama().cuda()
-    _, s_cpu = run_lkd_with_stats(cpu, "w4/8a8", LKD)
-    _, s_gpu = run_lkd_with_stats(gpu, "w4/8a8", LKD)
-    assert all(s.loss_after < s.loss_before for s in s_gpu)
+    """Each block's loss before tuning is the same on both devices when its inputs are the fp model's (with the
+    default quantized inputs, block i > 0 sees blocks tuned on each device, which drift apart: the H200 run of the
+    older form failed on a GPU loss of 4.76..., beside the CPU's 4.88e-7 for block 1; this form has not run on a
+    GPU yet); LKD lowers every block's loss on the GPU with the defaults too."""
+    from dataclasses import replace
+    fp_inputs = replace(LKD, student_input="fp")
+    _, s_cpu = run_lkd_with_stats(tiny_llama(), "w4/8a8", fp_inputs)
+    _, s_gpu = run_lkd_with_stats(tiny_llama().cuda(), "w4/8a8", fp_inputs)
     for a, b in zip(s_cpu, s_gpu):
         assert b.loss_before == pytest.approx(a.loss_before, rel=1e-2)
+    gpu = tiny_llama().cuda()
+    _, s_gpu = run_lkd_with_stats(gpu, "w4/8a8", LKD)
+    assert all(s.loss_after < s.loss_before for s in s_gpu)
     assert next(gpu.parameters()).is_cuda
 
 
