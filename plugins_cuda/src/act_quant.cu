@@ -86,7 +86,7 @@ ZQ_API cudaError_t zq_act_quant(const void* x, const void* bias, const void* gat
   if (rows == 0) return cudaSuccess;
   if (k <= 0 || k > 56 * 1024 || rows > INT32_MAX) return cudaErrorInvalidValue;
   zq::RowLaunch l;
-  if (zq::vec_row_launch(rows, k, zq::max_row_threads(dt), {x, bias, gate, q, out}, &l)) {
+  if (zq::vec_row_launch(rows, k, zq::max_row_threads(dt), {x, bias, gate, q, out}, &l, /*split_by_default=*/true)) {
     ZQ_DISPATCH_DTYPE(dt, T, ZQ_DISPATCH_ROW(l, return zq::launch_row(
                                                     l, stream, zq::act_quant_vec_kernel<T, kRow, kVecs>,
                                                     static_cast<const T*>(x), static_cast<const T*>(bias),

@@ -62,9 +62,11 @@ __global__ void quantize_per_tensor_kernel(const T* __restrict__ x, int64_t rows
 
 static int g_split_rows = -1;  // zq_set_row_split
 
-bool split_rows(int64_t rows) {
+bool split_rows(int64_t rows, bool by_default) {
   DeviceInfo dev;
-  if (g_split_rows == 0 || rows > 65535 || !current_device_info(&dev) || dev.cc_major < 9) return false;
+  if (g_split_rows == 0 || (g_split_rows < 0 && !by_default) || rows > 65535 || !current_device_info(&dev) ||
+      dev.cc_major < 9)
+    return false;
   return rows <= (g_split_rows > 0 ? g_split_rows : 2 * dev.sm_count / kSplit);
 }
 

@@ -65,7 +65,8 @@ decode_attention_splits = 0
 rope_kv_path = os.environ.get("ZQ_ROPE_KV", "fused")
 # Per-token row kernels (quantize_per_token, norm_quant, act_quant) on sm_90+: rows at or under which a row of
 # K > 1024 is split over a cluster of 8 blocks (decode: one row would otherwise be one SM's work). -1: the
-# library's choice (8 x rows <= 2 x SMs), 0: never (the one-block-a-row kernels, A/B), n: up to n rows.
+# library's choice (act_quant only, 8 x rows <= 2 x SMs: 1.5-1.7x faster at M <= 33 on the H200, where the
+# others were slower split), 0: never (one block a row, A/B), n: up to n rows, every row kernel (tests).
 # Set with set_row_split (env ZQ_ROW_SPLIT at load).
 row_split_rows = int(os.environ.get("ZQ_ROW_SPLIT", "-1"))
 CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: the kernel declined the inputs, nothing was launched

@@ -21,8 +21,9 @@ typedef enum { ZQ_ACT_NONE = 0, ZQ_ACT_GELU = 1, ZQ_ACT_GELU_TANH = 2, ZQ_ACT_RE
 #define ZQ_ABI_VERSION 6
 ZQ_API int zq_abi_version(void);
 // Per-token row kernels (quantize_per_token, norm_quant, act_quant) on sm_90+: rows at or under which a long
-// row (K > 1024) is split over a cluster of 8 blocks. -1 (default): the library's choice (8 x rows at most
-// twice the SM count), 0: never, n > 0: n rows. For A/B measurements and tests; process-wide.
+// row (K > 1024) is split over a cluster of 8 blocks. -1 (default): the library's choice (act_quant only, 8 x
+// rows at most twice the SM count), 0: never, n > 0: up to n rows, every row kernel. For A/B measurements and
+// tests; process-wide.
 ZQ_API void zq_set_row_split(int max_rows);
 // 1 when the Hopper (CUTLASS 3 sm90, wgmma) INT8 GEMM was compiled in.
 ZQ_API int zq_has_sm90_gemm(void);

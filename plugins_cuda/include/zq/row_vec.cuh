@@ -163,8 +163,9 @@ template <int kRow> __device__ __forceinline__ float row_max(float v, float* red
 struct RowLaunch { int layout; int vecs; int threads; unsigned blocks; };
 
 // Whether `rows` long rows are split over clusters on the current device (zq_set_row_split: -1 = the library's
-// choice, rows * kSplit at most twice the SM count on sm_90+; 0 = never; n = up to n rows on sm_90+).
-bool split_rows(int64_t rows);
+// choice: for kernels that pass `by_default` (measured faster split), rows * kSplit at most twice the SM count
+// on sm_90+; 0 = never; n = up to n rows on sm_90+, every row kernel).
+bool split_rows(int64_t rows, bool by_default);
 
 // Launch a row kernel with a RowLaunch's geometry (clusters of kSplit blocks for split rows).
 template <class... KArgs, class... Args>
@@ -186,8 +187,12 @@ cudaError_t launch_row(const RowLaunch& l, cudaStream_t stream, void (*kernel)(K
   cfg.numAttrs = 1;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
+// `split_by_default`: the kernel takes the split layout at the library's choice (zq_set_row_split(-1)); H200,
+// fp16, K = 4096 / 14336, M = 1-33 (bench/results/elementwise_decode_NVIDIA_H200.md): act_quant (gate) 1.5-1.7x
+// faster split; norm_quant 0.74-0.97x and quantize_per_token 0.70-0.91x (the two cluster barriers cost more
+// than one block's loads there), so those two split only when forced.
 inline bool vec_row_launch(int64_t rows, int64_t k, int max_threads, std::initializer_list<const void*> ptrs,
-                           RowLaunch* l) {
+                           RowLaunch* l, bool split_by_default = false) {
   if (k % kPack != 0) return false;
   for (const void* p : ptrs)
     if (p != nullptr && (reinterpret_cast<uintptr_t>(p) & 15u) != 0) return false;
@@ -199,7 +204,7 @@ inline bool vec_row_launch(int64_t rows, int64_t k, int max_threads, std::initia
     l->blocks = (unsigned)((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock);
     return true;
   }
-  if (k8 <= (int64_t)kSplit * max_threads && split_rows(rows)) {
+  if (k8 <= (int64_t)kSplit * max_threads && split_rows(rows, split_by_default)) {
     l->layout = kSplitRow;  // one pack a thread, the row's packs over kSplit blocks
     l->vecs = 1;
     l->threads = (int)((k8 + kSplit * 32 - 1) / (kSplit * 32) * 32);
