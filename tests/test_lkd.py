@@ -1,4 +1,5 @@
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -157,6 +158,30 @@ def test_lkd_generated_data_is_sampled_from_the_model():
     assert float(logp.mean()) > float(torch.log(torch.tensor(1 / 128))) - 1
     with pytest.raises(ConfigError, match="causal LM"):
         lkd_batches(tiny_bert(), cfg)
+
+
+def _outside_top_p(model, batch: torch.Tensor, temperature: float, top_p: float) -> int:
+    """How many sampled tokens lie outside the smallest set of the tempered next-token distribution holding top_p."""
+    with torch.no_grad():
+        probs = torch.softmax(model(batch).logits[:, :-1] / temperature, -1)
+    p_tok = probs.gather(-1, batch[:, 1:, None])
+    mass_above = (probs * (probs > p_tok)).sum(-1, keepdim=True)  # of the tokens more likely than the sampled one
+    return int((mass_above > top_p + 1e-5).sum())
+
+
+def test_lkd_generated_data_samples_at_the_configured_temperature_and_top_p():
+    """data='generated' samples within the top-p set of the tempered distribution; temperature 1, top_p 1 (plain
+    sampling) goes outside it."""
+    model = tiny_llama()
+    cfg = LKDConfig(data="generated", batch_size=2, seq_len=16, num_batches=1, temperature=0.5, top_p=0.3,
+                    progress=False)
+    torch.manual_seed(0)
+    assert _outside_top_p(model, lkd_batches(model, cfg)[0], 0.5, 0.3) == 0
+    torch.manual_seed(0)
+    assert _outside_top_p(model, lkd_batches(model, replace(cfg, temperature=1.0, top_p=1.0))[0], 0.5, 0.3) > 0
+    for bad in (dict(temperature=0), dict(top_p=1.5), dict(top_p=0)):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            LKDConfig(**bad)
 
 
 def test_default_lkd_data_samples_a_causal_lm_and_uses_random_ids_elsewhere():

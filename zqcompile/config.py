@@ -237,6 +237,10 @@ class LKDConfig:
     clip_min: float = 0.5  # the clipping factors stay in [clip_min, 1] (1: the engine's max|w_group| scale)
     schedule: Literal["constant", "cosine"] = "cosine"  # lr decays to 0 over `steps`
     student_input: Literal["fp", "quantized"] = "quantized"
+    # data="generated" only: the fp model's next-token distribution is sampled at this temperature, from its
+    # smallest top-p set (1.0: the whole vocabulary). (1, 1: plain sampling, as LLM-QAT).
+    temperature: float = 1.0
+    top_p: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -280,6 +284,10 @@ class LKDConfig:
             raise ConfigError(f"LKDConfig.clip_min must be a number in (0, 1], got {self.clip_min!r}")
         _check_choice("LKDConfig", "schedule", self.schedule, ("constant", "cosine"))
         _check_choice("LKDConfig", "student_input", self.student_input, ("fp", "quantized"))
+        for name, hi in (("temperature", math.inf), ("top_p", 1.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= hi:
+                raise ConfigError(f"LKDConfig.{name} must be a number in (0, {hi}], got {v!r}")
 
 
 @dataclass(frozen=True)

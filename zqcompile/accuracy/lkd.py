@@ -109,8 +109,8 @@ def lkd_batches(model: nn.Module, lkd: LKDConfig, tokenizer=None) -> list[torch.
 @torch.no_grad()
 def generated_batches(model: nn.Module, lkd: LKDConfig, g: torch.Generator) -> list[torch.Tensor]:
     """Data-free LKD data sampled from the fp model itself (LLM-QAT's data-free generation): each sequence starts
-    from one uniform random token and continues by sampling the model's next-token distribution (temperature 1),
-    so the blocks see hidden states like those of real text, which uniform random ids do not give."""
+    from one uniform random token and continues by sampling the model's next-token distribution (lkd.temperature,
+    lkd.top_p), so the blocks see hidden states like those of real text, which uniform random ids do not give."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if not is_causal_lm(model) or not vocab:
         raise ConfigError(f"LKD data='generated' samples from a causal LM; {type(model).__name__} is not one: "
@@ -121,9 +121,9 @@ def generated_batches(model: nn.Module, lkd: LKDConfig, g: torch.Generator) -> l
     out = []
     for _ in range(lkd.num_batches):
         first = torch.randint(0, vocab, (lkd.batch_size, 1), generator=g).to(dev)
-        seq = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, temperature=1.0, top_k=0,
-                             top_p=1.0, max_new_tokens=lkd.seq_len - 1, min_new_tokens=lkd.seq_len - 1,
-                             pad_token_id=pad)
+        seq = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True,
+                             temperature=lkd.temperature, top_k=0, top_p=lkd.top_p, max_new_tokens=lkd.seq_len - 1,
+                             min_new_tokens=lkd.seq_len - 1, pad_token_id=pad)
         out.append(seq[:, :lkd.seq_len].cpu())
     return out
 
