@@ -79,10 +79,8 @@ def lkd_batches(model: nn.Module, lkd: LKDConfig, tokenizer=None) -> list[torch.
     """LKD data -> a list of LongTensor [batch_size, seq_len] batches (at most lkd.num_batches); seq_len is
     capped at the model's context length."""
     g = torch.Generator().manual_seed(lkd.seed)
-    data = lkd.data
+    data = resolved_data(model, lkd)
     lkd = replace(lkd, seq_len=min(lkd.seq_len, max_positions(model) or lkd.seq_len))
-    if isinstance(data, str) and data == "auto":  # uniform random ids hurt a real LM (SmolLM2): sample from it
-        data = "generated" if is_causal_lm(model) else "random"
     if isinstance(data, str) and data == "random":
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if not vocab:
@@ -104,6 +102,14 @@ def lkd_batches(model: nn.Module, lkd: LKDConfig, tokenizer=None) -> list[torch.
     if isinstance(data, (list, tuple)) and data and all(isinstance(b, torch.Tensor) for b in data):
         return [b if b.dim() == 2 else b.view(1, -1) for b in data][: lkd.num_batches]
     raise ConfigError("LKDConfig.data must be 'random', a text string, or a list of LongTensor token batches")
+
+
+def resolved_data(model: nn.Module, lkd: LKDConfig) -> object:
+    """lkd.data, with "auto" made "generated" for a causal LM (uniform random ids hurt the real SmolLM2), else
+    "random"."""
+    if isinstance(lkd.data, str) and lkd.data == "auto":
+        return "generated" if is_causal_lm(model) else "random"
+    return lkd.data
 
 
 @torch.no_grad()
@@ -220,6 +226,8 @@ def run_lkd_with_stats(model: nn.Module, config: QuantConfig | str, lkd: LKDConf
     if lkd.loss != "mse":
         raise ConfigError(f"LKD loss {lkd.loss!r} is not implemented; use loss='mse' (the paper's Eq. 1)")
     config = get_config(config)
+    data = resolved_data(model, lkd)
+    lkd = lkd.resolved_for(random_ids=isinstance(data, str) and data == "random")
     if config.feature_scales is not None:
         warnings.warn(f"LKD tunes {config.name!r} without its feature-wise scales, which the compiler folds into the "
                       "tuned weights afterwards: the blocks it distilled are not exactly the ones compiled (learned "
@@ -297,4 +305,4 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="LKD", unit="block")
 
 
-__all__ = ["BlockStats", "find_blocks", "lkd_batches", "run_lkd", "run_lkd_with_stats", "summary"]
+__all__ = ["BlockStats", "find_blocks", "lkd_batches", "resolved_data", "run_lkd", "run_lkd_with_stats", "summary"]
