@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lkd-clip-lr", type=float, default=None, help=by_data)
     ap.add_argument("--lkd-student-input", default=None, choices=["fp", "quantized"], help=by_data)
     ap.add_argument("--lkd-schedule", default=None, choices=["constant", "cosine"], help=by_data)
-    ap.add_argument("--lkd-num-batches", type=int, default=LKDConfig.num_batches)
+    ap.add_argument("--lkd-num-batches", type=int, default=None, help=by_data)
     ap.add_argument("--lkd-temperature", type=float, default=LKDConfig.temperature, help='data "generated" only')
     ap.add_argument("--lkd-top-p", type=float, default=LKDConfig.top_p, help='data "generated" only')
     ap.add_argument("--threads", type=int, default=2)
@@ -213,7 +213,7 @@ def _lkd(model, cfg: QuantConfig, lkd_data: str, lkd_text: str, tokenizer, args)
                     lr=args.lkd_lr, clip_lr=args.lkd_clip_lr, student_input=args.lkd_student_input,
                     schedule=args.lkd_schedule,
                     temperature=args.lkd_temperature, top_p=args.lkd_top_p, progress=False)
-    lkd = lkd.resolved_for(random_ids=lkd_data == "random")  # what run_lkd uses, for the result file
+    lkd = lkd.resolved_for(lkd_data)  # what run_lkd uses, for the result file
     t0 = time.perf_counter()
     _, stats = run_lkd_with_stats(model, cfg, lkd, tokenizer)
     total = time.perf_counter() - t0

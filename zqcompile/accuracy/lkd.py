@@ -81,6 +81,7 @@ def lkd_batches(model: nn.Module, lkd: LKDConfig, tokenizer=None) -> list[torch.
     capped at the model's context length."""
     g = torch.Generator().manual_seed(lkd.seed)
     data = resolved_data(model, lkd)
+    lkd = lkd.resolved_for(data)
     lkd = replace(lkd, seq_len=min(lkd.seq_len, max_positions(model) or lkd.seq_len))
     if isinstance(data, str) and data == "random":
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -228,7 +229,7 @@ def run_lkd_with_stats(model: nn.Module, config: QuantConfig | str, lkd: LKDConf
         raise ConfigError(f"LKD loss {lkd.loss!r} is not implemented; use loss='mse' (the paper's Eq. 1)")
     config = get_config(config)
     data = resolved_data(model, lkd)
-    lkd = lkd.resolved_for(random_ids=isinstance(data, str) and data == "random")
+    lkd = lkd.resolved_for(data)
     if config.feature_scales is not None:
         warnings.warn(f"LKD tunes {config.name!r} without its feature-wise scales, which the compiler folds into the "
                       "tuned weights afterwards: the blocks it distilled are not exactly the ones compiled (learned "

@@ -175,7 +175,7 @@ def run_eval(args: argparse.Namespace) -> dict:
         data = args.lkd if args.lkd in ("random", "generated") else lkd_text
         qmodel_src = copy.deepcopy(fp_model)
         lkd = LKDConfig(data=data, steps=args.lkd_steps, lr=args.lkd_lr, clip_lr=args.lkd_clip_lr)
-        lkd = lkd.resolved_for(random_ids=data == "random")  # the settings run_lkd uses, for --json
+        lkd = lkd.resolved_for(data)  # the settings run_lkd uses, for --json
         _, stats = run_lkd_with_stats(qmodel_src, config, lkd, tokenizer)
         result["lkd"] = [s.__dict__ for s in stats]
         result["lkd_config"] = {k: v for k, v in lkd.__dict__.items() if k != "data"} | {"data": args.lkd}
