@@ -77,7 +77,8 @@ def main() -> None:
     model.config.num_hidden_layers = args.blocks
     cfg = configs()["w4/8a8"]
     text = "\n\n".join(Path("/usr/share/common-licenses", f).read_text() for f in LKD_TEXTS)
-    base = LKDConfig(data="random" if args.data == "random" else text, steps=args.steps, progress=False)
+    base = LKDConfig(data="random" if args.data == "random" else text, steps=args.steps, num_batches=8,
+                     progress=False)
     held = replace(base, seed=1234, num_batches=2) if args.data == "random" else None
     held_batches = lkd_batches(model, held) if held else [b for b in lkd_batches(
         model, replace(base, num_batches=base.num_batches + 2), tok)][-2:]

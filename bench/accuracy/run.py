@@ -91,10 +91,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--time-budget-s", type=float, default=None,
                     help="seconds from the start: start no row whose estimated time would pass this")
     ap.add_argument("--lkd-steps", type=int, default=LKDConfig.steps)
-    ap.add_argument("--lkd-lr", type=float, default=LKDConfig.lr)
-    ap.add_argument("--lkd-clip-lr", type=float, default=LKDConfig.clip_lr)
-    ap.add_argument("--lkd-student-input", default=LKDConfig.student_input, choices=["fp", "quantized"])
-    ap.add_argument("--lkd-schedule", default=LKDConfig.schedule, choices=["constant", "cosine"])
+    by_data = "default: by the LKD data (zqcompile.config.LKD_TUNING)"
+    ap.add_argument("--lkd-lr", type=float, default=None, help=by_data)
+    ap.add_argument("--lkd-clip-lr", type=float, default=None, help=by_data)
+    ap.add_argument("--lkd-student-input", default=None, choices=["fp", "quantized"], help=by_data)
+    ap.add_argument("--lkd-schedule", default=None, choices=["constant", "cosine"], help=by_data)
+    ap.add_argument("--lkd-num-batches", type=int, default=None, help=by_data)
+    ap.add_argument("--lkd-temperature", type=float, default=LKDConfig.temperature, help='data "generated" only')
+    ap.add_argument("--lkd-top-p", type=float, default=LKDConfig.top_p, help='data "generated" only')
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench/accuracy/results"))
     args = ap.parse_args(argv)
@@ -205,13 +209,17 @@ def _row(model, fp_state: dict, name: str, cfg: QuantConfig, lkd_data: str | Non
 def _lkd(model, cfg: QuantConfig, lkd_data: str, lkd_text: str, tokenizer, args) -> dict:
     """Run LKD in place on the model's device; its settings, per-block losses and seconds for the result."""
     lkd = LKDConfig(data=lkd_text if lkd_data == "text" else lkd_data, steps=args.lkd_steps,
+                    num_batches=args.lkd_num_batches,
                     lr=args.lkd_lr, clip_lr=args.lkd_clip_lr, student_input=args.lkd_student_input,
-                    schedule=args.lkd_schedule, progress=False)
+                    schedule=args.lkd_schedule,
+                    temperature=args.lkd_temperature, top_p=args.lkd_top_p, progress=False)
+    lkd = lkd.resolved_for(lkd_data)  # what run_lkd uses, for the result file
     t0 = time.perf_counter()
     _, stats = run_lkd_with_stats(model, cfg, lkd, tokenizer)
     total = time.perf_counter() - t0
     return {"data": lkd_data, "steps": lkd.steps, "lr": lkd.lr, "clip_lr": lkd.clip_lr,
             "clip_min": lkd.clip_min, "schedule": lkd.schedule, "student_input": lkd.student_input,
+            "temperature": lkd.temperature, "top_p": lkd.top_p,
             "batch": [lkd.batch_size, lkd.seq_len], "num_batches": lkd.num_batches, "seconds_total": total,
             "seconds_per_block": total / len(stats), "blocks": [s.__dict__ for s in stats]}
 

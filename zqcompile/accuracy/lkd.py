@@ -11,7 +11,8 @@ over block k's parameters (`lr`, cosine decay) and one clipping factor per INT w
 learnable weight clipping): the tuned fp weights, clamped to the learned clipping so that the engine's max-based
 scales are the learned ones, are written back into block k when they lower the block's loss. Only one extra block
 is ever in memory. The model is modified IN PLACE (and returned); the quantized engine is then built from the
-tuned weights as usual.
+tuned weights as usual. Uniform random ids get gentler settings by default (config.LKD_TUNING: lr 1e-4
+constant, no clipping, fp inputs): tuned as hard as text, the blocks fit hidden states real text never gives.
 """
 from __future__ import annotations
 
@@ -79,10 +80,9 @@ def lkd_batches(model: nn.Module, lkd: LKDConfig, tokenizer=None) -> list[torch.
     """LKD data -> a list of LongTensor [batch_size, seq_len] batches (at most lkd.num_batches); seq_len is
     capped at the model's context length."""
     g = torch.Generator().manual_seed(lkd.seed)
-    data = lkd.data
+    data = resolved_data(model, lkd)
+    lkd = lkd.resolved_for(data)
     lkd = replace(lkd, seq_len=min(lkd.seq_len, max_positions(model) or lkd.seq_len))
-    if isinstance(data, str) and data == "auto":  # uniform random ids hurt a real LM (SmolLM2): sample from it
-        data = "generated" if is_causal_lm(model) else "random"
     if isinstance(data, str) and data == "random":
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if not vocab:
@@ -106,11 +106,19 @@ def lkd_batches(model: nn.Module, lkd: LKDConfig, tokenizer=None) -> list[torch.
     raise ConfigError("LKDConfig.data must be 'random', a text string, or a list of LongTensor token batches")
 
 
+def resolved_data(model: nn.Module, lkd: LKDConfig) -> object:
+    """lkd.data, with "auto" made "generated" for a causal LM (uniform random ids hurt the real SmolLM2), else
+    "random"."""
+    if isinstance(lkd.data, str) and lkd.data == "auto":
+        return "generated" if is_causal_lm(model) else "random"
+    return lkd.data
+
+
 @torch.no_grad()
 def generated_batches(model: nn.Module, lkd: LKDConfig, g: torch.Generator) -> list[torch.Tensor]:
     """Data-free LKD data sampled from the fp model itself (LLM-QAT's data-free generation): each sequence starts
-    from one uniform random token and continues by sampling the model's next-token distribution (temperature 1),
-    so the blocks see hidden states like those of real text, which uniform random ids do not give."""
+    from one uniform random token and continues by sampling the model's next-token distribution (lkd.temperature,
+    lkd.top_p), so the blocks see hidden states like those of real text, which uniform random ids do not give."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if not is_causal_lm(model) or not vocab:
         raise ConfigError(f"LKD data='generated' samples from a causal LM; {type(model).__name__} is not one: "
@@ -121,9 +129,9 @@ def generated_batches(model: nn.Module, lkd: LKDConfig, g: torch.Generator) -> l
     out = []
     for _ in range(lkd.num_batches):
         first = torch.randint(0, vocab, (lkd.batch_size, 1), generator=g).to(dev)
-        seq = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, temperature=1.0, top_k=0,
-                             top_p=1.0, max_new_tokens=lkd.seq_len - 1, min_new_tokens=lkd.seq_len - 1,
-                             pad_token_id=pad)
+        seq = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True,
+                             temperature=lkd.temperature, top_k=0, top_p=lkd.top_p, max_new_tokens=lkd.seq_len - 1,
+                             min_new_tokens=lkd.seq_len - 1, pad_token_id=pad)
         out.append(seq[:, :lkd.seq_len].cpu())
     return out
 
@@ -220,6 +228,8 @@ def run_lkd_with_stats(model: nn.Module, config: QuantConfig | str, lkd: LKDConf
     if lkd.loss != "mse":
         raise ConfigError(f"LKD loss {lkd.loss!r} is not implemented; use loss='mse' (the paper's Eq. 1)")
     config = get_config(config)
+    data = resolved_data(model, lkd)
+    lkd = lkd.resolved_for(data)
     if config.feature_scales is not None:
         warnings.warn(f"LKD tunes {config.name!r} without its feature-wise scales, which the compiler folds into the "
                       "tuned weights afterwards: the blocks it distilled are not exactly the ones compiled (learned "
@@ -297,4 +307,4 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="LKD", unit="block")
 
 
-__all__ = ["BlockStats", "find_blocks", "lkd_batches", "run_lkd", "run_lkd_with_stats", "summary"]
+__all__ = ["BlockStats", "find_blocks", "lkd_batches", "resolved_data", "run_lkd", "run_lkd_with_stats", "summary"]

@@ -35,9 +35,11 @@ def add_eval_command(subparsers) -> argparse.ArgumentParser:
                    help="run LKD first: 'random' or 'generated' (data-free: uniform random tokens, or text sampled from "
                         "the fp model) or a path to a text file (not the eval text)")
     p.add_argument("--lkd-steps", type=int, default=LKDConfig.steps)
-    p.add_argument("--lkd-lr", type=float, default=LKDConfig.lr, help="Adam lr of the block weights")
-    p.add_argument("--lkd-clip-lr", type=float, default=LKDConfig.clip_lr,
-                   help="Adam lr of the learned weight clipping factors (0: keep the max-based scales)")
+    p.add_argument("--lkd-lr", type=float, default=None,
+                   help="Adam lr of the block weights (default: by the LKD data, zqcompile.config.LKD_TUNING)")
+    p.add_argument("--lkd-clip-lr", type=float, default=None,
+                   help="Adam lr of the learned weight clipping factors (0: keep the max-based scales; default: by "
+                        "the LKD data)")
     p.add_argument("--calib-text", default=None, metavar="PATH",
                    help="calibrate (ptq-static ranges, w8a8-fws feature scales) on this text instead of the first "
                         "windows of --text")
@@ -110,9 +112,9 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str | None]:
         raise InputError(f"--stride must be between 1 and --window ({args.window}), got {args.stride}")
     if args.lkd_steps < 0:
         raise InputError(f"--lkd-steps must be >= 0, got {args.lkd_steps}")
-    if not math.isfinite(args.lkd_lr) or args.lkd_lr <= 0:
+    if args.lkd_lr is not None and (not math.isfinite(args.lkd_lr) or args.lkd_lr <= 0):
         raise InputError(f"--lkd-lr must be a number > 0, got {args.lkd_lr}")
-    if not math.isfinite(args.lkd_clip_lr) or args.lkd_clip_lr < 0:
+    if args.lkd_clip_lr is not None and (not math.isfinite(args.lkd_clip_lr) or args.lkd_clip_lr < 0):
         raise InputError(f"--lkd-clip-lr must be a number >= 0, got {args.lkd_clip_lr}")
     if args.json:
         from zqcompile.files import check_output_file, looks_like_json
@@ -173,6 +175,7 @@ def run_eval(args: argparse.Namespace) -> dict:
         data = args.lkd if args.lkd in ("random", "generated") else lkd_text
         qmodel_src = copy.deepcopy(fp_model)
         lkd = LKDConfig(data=data, steps=args.lkd_steps, lr=args.lkd_lr, clip_lr=args.lkd_clip_lr)
+        lkd = lkd.resolved_for(data)  # the settings run_lkd uses, for --json
         _, stats = run_lkd_with_stats(qmodel_src, config, lkd, tokenizer)
         result["lkd"] = [s.__dict__ for s in stats]
         result["lkd_config"] = {k: v for k, v in lkd.__dict__.items() if k != "data"} | {"data": args.lkd}
