@@ -14,8 +14,6 @@ skipped and listed under "skipped".
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 import time
@@ -33,6 +31,7 @@ from zqcompile.accuracy.eval import output_tensor, perplexity, tokenize_text  # 
 from zqcompile.accuracy.fakequant import calibrate_static, fake_quantize  # noqa: E402
 from zqcompile.accuracy.lkd import run_lkd_with_stats  # noqa: E402
 from zqcompile.cli.eval import load_for_eval  # noqa: E402
+from zqcompile.files import atomic_file, write_json_atomic  # noqa: E402
 
 EVAL_TEXT = "/usr/share/common-licenses/GPL-3"
 LKD_TEXTS = ["GFDL-1.3", "Apache-2.0", "MPL-2.0", "Artistic", "CC0-1.0"]
@@ -272,7 +271,7 @@ def _quantized(model, cfg: QuantConfig, calib: list[torch.Tensor], path: str):
 
 def _write(out: Path, result: dict) -> None:
     """The JSON and the table, each written whole (a temporary file renamed), so a kill leaves the last rows."""
-    _write_atomic(out / f"accuracy_{result['path']}.json", json.dumps(result, indent=1))
+    write_json_atomic(out / f"accuracy_{result['path']}.json", result, "accuracy results")
     rows = {r["row"]: r for r in result["rows"]}
     fp = rows.get("fp32", {}).get("ppl")
     lines = [f"Perplexity of {result['model']} on `{result['eval_text']}` ({result['eval_tokens']} tokens, "
@@ -285,13 +284,9 @@ def _write(out: Path, result: dict) -> None:
         lines.append(f"| {r['row']} | {r['ppl']:.2f} | {rel} | {ref} | {lkd} |")
     lines += [f"| {r['row']} | skipped: {r['reason']} | | | |" for r in result["skipped"]]
     lines += ["", f"Device: {result['device']} ({result['dtype']}), torch {result['torch']}."]
-    _write_atomic(out / f"accuracy_{result['path']}.md", "\n".join(lines) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(out / f"accuracy_{result['path']}.md", "accuracy table", kind="a markdown table",
+                     replaceable=lambda p: p.endswith(".md")) as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
