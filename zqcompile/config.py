@@ -304,9 +304,10 @@ class LKDConfig:
 # real text never gives (W4/8A8 ppl 40.97, untuned 29.58); the earlier conservative ones give 26.94
 # (bench/accuracy/README.md, "Data-free LKD").
 # Sampled data: 16 batches (26.10 on SmolLM2; 8 batches 26.88), the data it fits is sampled, not given.
+_LKD_TEXT_TUNING = dict(lr=3e-4, clip_lr=5e-3, schedule="cosine", student_input="quantized", num_batches=8)
 LKD_TUNING = {
-    "default": dict(lr=3e-4, clip_lr=5e-3, schedule="cosine", student_input="quantized", num_batches=8),
-    "generated": dict(lr=3e-4, clip_lr=5e-3, schedule="cosine", student_input="quantized", num_batches=16),
+    "default": _LKD_TEXT_TUNING,
+    "generated": {**_LKD_TEXT_TUNING, "num_batches": 16},
     "random": dict(lr=1e-4, clip_lr=0.0, schedule="constant", student_input="fp", num_batches=8),
 }
 
