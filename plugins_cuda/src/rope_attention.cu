@@ -557,6 +557,11 @@ inline Strides4 strides4(const int64_t* st) {
   return r;
 }
 
+// The shapes zq_rope and zq_rope_kv take (attention.h): d even and <= 512, no negative size.
+inline bool rope_shape_ok(int64_t b, int64_t hq, int64_t hkv, int64_t s, int64_t d) {
+  return b >= 0 && hq >= 0 && hkv >= 0 && s >= 0 && d > 0 && d % 2 == 0 && d <= 512;
+}
+
 template <class T>
 cudaError_t launch_rope(const void* q, const int64_t* q_stride, const void* k, const int64_t* k_stride,
                         const void* cos, const void* sin, int64_t b, int64_t hq, int64_t hkv, int64_t s, int64_t d,
@@ -583,7 +588,7 @@ cudaError_t launch_rope(const void* q, const int64_t* q_stride, const void* k, c
 ZQ_API cudaError_t zq_rope(const void* q, const int64_t* q_stride, const void* k, const int64_t* k_stride,
                            const void* cos, const void* sin, zq_dtype dt, int64_t b, int64_t hq, int64_t hkv,
                            int64_t s, int64_t d, void* q_out, void* k_out, cudaStream_t stream) {
-  if (b < 0 || hq < 0 || hkv < 0 || s < 0 || d <= 0 || d % 2 != 0 || d > 512) return cudaErrorNotSupported;
+  if (!zq::rope_shape_ok(b, hq, hkv, s, d)) return cudaErrorNotSupported;
   ZQ_DISPATCH_DTYPE(dt, T, return zq::launch_rope<T>(q, q_stride, k, k_stride, cos, sin, b, hq, hkv, s, d, q_out,
                                                      k_out, nullptr, stream));
   return cudaErrorNotSupported;
@@ -594,7 +599,7 @@ ZQ_API cudaError_t zq_rope_kv(const void* q, const int64_t* q_stride, const void
                               int64_t b, int64_t hq, int64_t hkv, int64_t s, int64_t d, const int64_t* slots,
                               void* k_cache, const int64_t* k_cache_stride, void* v_cache,
                               const int64_t* v_cache_stride, int64_t l, void* q_out, cudaStream_t stream) {
-  if (b < 0 || hq < 0 || hkv < 0 || s < 0 || l < 0 || d <= 0 || d % 2 != 0 || d > 512) return cudaErrorNotSupported;
+  if (!zq::rope_shape_ok(b, hq, hkv, s, d) || l < 0) return cudaErrorNotSupported;
   if (hkv > 0 && (!k_cache || !v_cache || !slots || !v)) return cudaErrorInvalidValue;
   ZQ_DISPATCH_DTYPE(dt, T, {
     const zq::KvWrite<T> kv{static_cast<const T*>(v), zq::strides4(hkv > 0 ? v_stride : nullptr),
