@@ -110,6 +110,8 @@ def _cases(folders, tmp_path) -> dict:
         "generate_prompt_too_long": (["generate", l, "--prompt", long_prompt, "--max-new-tokens", "20"],
                                      r"prompt is 120 tokens .* 140 in all, more than the model's context of 128"),
         "report_not_an_engine": (["report", notes], r"not a readable zqcompile engine"),
+        "eval_negative_lkd_clip_lr": (["eval", g, "--lkd", "generated", "--lkd-clip-lr", "-1"],
+                                      r"--lkd-clip-lr must be a number >= 0, got -1"),
     }
 
 
