@@ -211,6 +211,8 @@ def bench_rows(model, shape: str, engine_name: str, args, peak, rows: list[dict]
                 if row["method"] == "generate":
                     row["kernels_per_step"] = (kernel_count(lambda: run(ids, 3), args.device)
                                                - kernel_count(lambda: run(ids, 2), args.device))
+                    if args.ab_skinny and engine is not None and engine_name != "none":
+                        row.update(skinny_ab(engine, run, ids, args))
             except Exception as e:  # noqa: BLE001
                 row["error"] = repr(e)[:300]
                 rows.append(row)
@@ -227,6 +229,26 @@ def bench_rows(model, shape: str, engine_name: str, args, peak, rows: list[dict]
             free(args.device)
         engine = run = None  # noqa: F841 - frees the engine before the next compile
         free(args.device)
+
+
+def skinny_ab(engine, run, ids, args) -> dict:
+    """The same engine with the decode-shaped GEMM kernel turned off, then on again as the chooser has it (its
+    decode graphs re-captured each time, the choices re-made): decode ms of each, interleaved, in this process."""
+    from zqcompile.plugins import gemm_kernels as G
+    out, mode = {}, G.SKINNY_MODE
+    try:
+        for tag, m in (("off", "0"), ("on", mode), ("off2", "0"), ("on2", mode)):
+            G.SKINNY_MODE = m
+            G._choose.cache_clear()
+            engine._generator.reset_runners()
+            out[f"decode_ms_skinny_{tag}"] = measure(run, ids, args.new, args.device, args.repeat)["decode_ms"]
+    finally:
+        G.SKINNY_MODE = mode
+        G._choose.cache_clear()
+        engine._generator.reset_runners()
+    out["skinny_speedup"] = (out["decode_ms_skinny_off"] + out["decode_ms_skinny_off2"]) / (
+        out["decode_ms_skinny_on"] + out["decode_ms_skinny_on2"])
+    return out
 
 
 # ---- decode GEMMs ------------------------------------------------------------------------------------------
@@ -315,6 +337,14 @@ def markdown(rows: list[dict], gemms: list[dict], attn: list[dict]) -> str:
                      f"{fmt(r.get('tokens_per_s'), '.0f')} | {r.get('kernels_per_step', '-')} | "
                      f"{fmt(r.get('weight_read_tb_s'), '.2f')} | {fmt(r.get('peak_fraction'), '.2f')} | "
                      f"{r['method']} |")
+    ab = [r for r in rows if "skinny_speedup" in r]
+    if ab:
+        lines += ["", "Decode-shaped GEMM kernel A/B (same engine, same process, decode graphs re-captured; ms/token in "
+                  "the order run):", "", "| shape | engine | batch | off | on | off | on | off / on |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['engine']} | {r['batch']} | " + " | ".join(
+            f"{r[f'decode_ms_skinny_{t}']:.3f}" for t in ("off", "on", "off2", "on2")) + f" | {r['skinny_speedup']:.2f}x |"
+            for r in ab]
     if gemms:
         lines += ["", "| K | N | M | cuBLAS fp16 us (TB/s) | INT8 us (TB/s) [kernel] | INT4 us (TB/s) [kernel] |",
                   "|---|---|---|---|---|---|"]
@@ -364,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attn-only", action="store_true", help="only the decode-attention table")
     p.add_argument("--attention", choices=["split", "single"], default="split",
                    help="decode-attention kernel of the engines (A/B: single = one block per (row, head))")
+    p.add_argument("--ab-skinny", action="store_true",
+                   help="A/B per zq row: the decode-shaped GEMM kernel off and on, same engine, same process")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shape, reference ops (timings meaningless)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="no run: join these results (one device call "
                    "each) into --out and its markdown table")

@@ -12,6 +12,14 @@ configuration too.
     python bench/bench_gemm.py [--quick] [--mma-configs] [--out bench/results]
     python bench/bench_gemm.py --w4-crossover   # W4A8 K groups: mma vs fp16 dequant, M = 256-8192, model shapes
 
+    python bench/bench_gemm.py --decode   # decode shapes, M = 1-64: every kernel forced, INT8 and INT4
+
+--decode: the decode GEMMs of the Llama-3-8B and Llama-3.2-1B layers at M = 1..64, each C kernel forced (simt,
+mma, sm90, skinny and its two configurations) for INT8 row scales and INT4 K groups of 128, against cuBLAS FP16;
+µs and weight-read TB/s (weight + scale bytes, x, out) over distinct weight copies (L2 defeated), the fraction of
+HBM peak, and the fastest kernel a row (what gemm_kernels' decode policy is set from); writes
+gemm_decode_<device>.json / .md.
+
 --w4-crossover: where the mma kernel stops beating the fp16-dequant path for INT4 K groups (gemm_kernels
 MMA_KGROUP_MAX_M), on the BERT, Llama-3.2-1B and Llama-3-8B MLP shapes; writes gemm_w4_crossover_<device>.*.
 """
@@ -123,6 +131,74 @@ def w4_crossover(cuda_mod, out: Path, tag: str) -> None:
             (out / f"gemm_w4_crossover_{tag}.md").write_text("\n".join(lines) + "\n")
 
 
+DECODE_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096),  # Llama-3-8B: QKV, o, gate+up, down
+                 (2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048)]  # Llama-3.2-1B
+DECODE_MS = [1, 2, 4, 8, 16, 32, 64]
+HBM_PEAK_TB_S = 4.8  # H200 (FACTS.md)
+
+
+def decode_table(cuda_mod, out: Path, tag: str, names: list[str]) -> None:
+    """Every C kernel forced on the decode shapes; a kernel that declines a problem is left out of its row."""
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "library": plugins.status(),
+            "command": " ".join([sys.executable] + sys.argv), "hbm_peak_tb_s": HBM_PEAK_TB_S,
+            "method": "CUDA graph over distinct weight copies (>= 160 MiB of weights: L2 defeated), median of 15 "
+                      "replays; TB/s = (weight + scales + x + out bytes) / time; fp16 = torch.matmul, fp16 out"}
+    variants = {"int8": (8, None, ["simt", "mma", "sm90", "skinny0", "skinny1"]),
+                "int4g128": (4, 128, ["simt", "mma", "skinny0", "skinny1"]),
+                "int4": (4, None, ["simt", "mma", "sm90", "skinny0", "skinny1"]),
+                "int8g128": (8, 128, ["simt", "mma", "skinny0", "skinny1"])}
+    variants = {k: v for k, v in variants.items() if k in names}
+    rows, fp16_seen = [], set()
+    suffix = "" if names == ["int8", "int4g128"] else "_" + "_".join(names)
+    for k, n in DECODE_SHAPES:
+        w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.05
+        for name, (bits, group, kernels) in variants.items():
+            wbytes = n * k * bits // 8 + n * (k // group if group else 1) * 4
+            copies = max(2, min(32, -(-L2_DEFEAT_BYTES // wbytes)))
+            gran = "k_groups" if group else "row_groups"
+            wqs = [qm.quantize_weight(w16.float() * (1 + 0.01 * i), bits, gran, group_size=group) for i in range(copies)]
+            for m in DECODE_MS:
+                x16 = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                xq, xs = qm.quantize_per_token(x16)
+                xs = xs.reshape(m).contiguous()
+                outs = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _ in range(copies)]
+                moved = wbytes + m * k + m * n * 2
+                r = {"k": k, "n": n, "m": m, "weights": name, "weight_bytes": wbytes}
+                if (k, n, m) not in fp16_seen:  # once a shape, with the first variant
+                    fp16_seen.add((k, n, m))
+                    o = outs[0]
+                    r["fp16_us"] = 1e3 * time_graph(lambda i: torch.matmul(x16, w16.t(), out=o), 1)
+                for kern in kernels:
+                    path, cfg = ("skinny", int(kern[-1])) if kern.startswith("skinny") else (kern, -1)
+                    if cuda_mod.launch_gemm(path, xq, xs, wqs[0][0], wqs[0][1], None, None, "none", bits, outs[0],
+                                            config=cfg) != 0:
+                        continue  # declined (contract): no entry
+                    t = time_graph(lambda i, p=path, c=cfg: cuda_mod.run_gemm(
+                        p, xq, xs, wqs[i][0], wqs[i][1], None, None, "none", bits, outs[i], config=c), copies)
+                    r[f"{kern}_us"] = 1e3 * t
+                    r[f"{kern}_tb_s"] = moved / (t * 1e-3) / 1e12
+                timed = [kk for kk in kernels if f"{kk}_us" in r]
+                r["best"] = min(timed, key=lambda kk: r[f"{kk}_us"])
+                r["best_of_peak"] = r[f"{r['best']}_tb_s"] / HBM_PEAK_TB_S
+                rows.append(r)
+                best = r["best"]
+                print(f"K={k:5d} N={n:5d} M={m:3d} {name:8s} " + "  ".join(
+                    f"{kk} {r[kk + '_us']:.1f}" for kk in timed) + f"  best {best} ({r[best + '_tb_s']:.2f} TB/s)",
+                    flush=True)
+            wqs.clear()  # frees the copies before the next variant
+        (out / f"gemm_decode_{tag}{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    cols = ["simt", "mma", "sm90", "skinny0", "skinny1"]
+    lines = [f"# Decode GEMMs, every kernel forced — {meta['device']}", "", f"`{meta['command']}`; {meta['method']}",
+             "", "| K | N | M | weights | fp16 µs | " + " | ".join(f"{c} µs (TB/s)" for c in cols) +
+             " | best | of HBM peak |", "|---|---|---|---|---|" + "---|" * (len(cols) + 2)]
+    fp16 = {(r["k"], r["n"], r["m"]): r["fp16_us"] for r in rows if "fp16_us" in r}
+    for r in rows:
+        cells = [f"{r[c + '_us']:.1f} ({r[c + '_tb_s']:.2f})" if c + "_us" in r else "-" for c in cols]
+        lines.append(f"| {r['k']} | {r['n']} | {r['m']} | {r['weights']} | {fp16[(r['k'], r['n'], r['m'])]:.1f} | "
+                     + " | ".join(cells) + f" | {r['best']} | {r['best_of_peak']:.0%} |")
+    (out / f"gemm_decode_{tag}{suffix}.md").write_text("\n".join(lines) + "\n")
+
+
 def l2_copies(m: int, k: int, n: int) -> int:
     """Distinct weight copies per graph: enough fp16 weight bytes to defeat L2 (2 when x dominates)."""
     return max(1, min(32, -(-L2_DEFEAT_BYTES // (n * k * 2)))) if m * k < 64 * n * k else 2
@@ -173,16 +249,22 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--mma-configs", action="store_true", help="time every mma tile configuration too")
     ap.add_argument("--w4-crossover", action="store_true", help="W4A8 K groups only: mma vs fp16 dequant")
+    ap.add_argument("--decode", action="store_true", help="decode shapes, M = 1-64: every kernel forced")
+    ap.add_argument("--variants", default="int8,int4g128",
+                    help="--decode: weight formats, of int8, int4g128, int4 (row scales), int8g128")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available() or not plugins.load():
         sys.exit(f"needs a CUDA GPU and the kernel library: {plugins.status()}")
     from zqcompile.plugins import cuda as lib
     from zqcompile.plugins import cuda_gemm as cuda_mod
-    if args.w4_crossover:
+    if args.w4_crossover or args.decode:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        return w4_crossover(cuda_mod, out, torch.cuda.get_device_name().replace(" ", "_"))
+        tag = torch.cuda.get_device_name().replace(" ", "_")
+        if args.decode:
+            return decode_table(cuda_mod, out, tag, args.variants.split(","))
+        return w4_crossover(cuda_mod, out, tag)
 
     configs = list(range(lib._lib.zq_gemm_sm90_num_configs()))
     mma_configs = list(range(lib._lib.zq_gemm_mma_num_configs())) if args.mma_configs else []

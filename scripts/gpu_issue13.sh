@@ -68,11 +68,39 @@ for stage in "$@"; do
     row-split-ab)  # A/B for row-split: 8B W8A8 with one block a row
       ZQ_ROW_SPLIT=0 bench --shapes 8b --engines w8a8 --batches 1,16 --cache-lens 128 --repeat 2 \
         --out "$OUT/decode_scale_8b_row_block_H200.json" || rc=$? ;;
+    skinny)  # the decode-shaped GEMM kernel: its GPU tests, every kernel forced on the decode shapes, then the 1B
+             # engines with the chooser taking it (ZQ_GEMM_SKINNY=1) and without (A/B, same call)
+      ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout "$(left)" "$PY" -m pytest -q -p no:cacheprovider \
+        ${TEST_WORKERS:+-n "$TEST_WORKERS" --dist loadfile} tests/gpu/test_gemm_skinny.py > "$OUT/gpu_tests_skinny.txt" 2>&1
+      r=$?; tail -3 "$OUT/gpu_tests_skinny.txt"
+      if [ $r -eq 0 ]; then
+        timeout "$(left)" "$PY" bench/bench_gemm.py --decode --out "$OUT" > "$OUT/gemm_decode.log" 2>&1 || rc=$?
+        tail -3 "$OUT/gemm_decode.log"; rm -f "$OUT/gemm_decode.log"
+        for on in 1 0; do
+          ZQ_GEMM_SKINNY=$on bench --shapes 1b --engines w8a8,w4/8a8 --batches 1,16 --cache-lens 128 --repeat 2 \
+            --out "$OUT/decode_scale_1b_skinny${on}_H200.json" || rc=$?
+          rm -f "$OUT/decode_scale_1b_skinny${on}_H200.md"  # the JSON holds the rows (8 files come back a call)
+        done
+      else rc=$r; fi ;;
+    8b-skinny | 1b-skinny)  # the engines with the decode-shaped kernel as the chooser has it, each zq row A/B'd
+                            # in the same process (kernel off / on, decode graphs re-captured)
+      shape=${stage%%-*}
+      bench --shapes "$shape" --engines none,w8a8,w4/8a8 --batches 1,16 --cache-lens 128 --repeat 2 --ab-skinny \
+        --out "$OUT/decode_scale_${shape}_skinny_H200.json" || rc=$? ;;
+    gemm-decode)  # every kernel forced on the decode GEMMs (VARIANTS: int8,int4g128 by default; int4, int8g128)
+      timeout "$(left)" "$PY" bench/bench_gemm.py --decode --variants "${VARIANTS:-int8,int4g128}" --out "$OUT" \
+        > "$OUT/gemm_decode.log" 2>&1 || rc=$?
+      tail -3 "$OUT/gemm_decode.log"; rm -f "$OUT/gemm_decode.log" ;;
+    tests-skinny)  # the GPU tests the decode-shaped kernel's choice touches
+      ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout "$(left)" "$PY" -m pytest -q -p no:cacheprovider \
+        ${TEST_WORKERS:+-n "$TEST_WORKERS" --dist loadfile} tests/gpu/test_gemm_skinny.py tests/gpu/test_kernels.py \
+        tests/gpu/test_generation_gpu.py tests/gpu/test_rope_kv_gpu.py > "$OUT/gpu_tests_skinny_policy.txt" 2>&1
+      r=$?; tail -3 "$OUT/gpu_tests_skinny_policy.txt"; [ $r -eq 0 ] || rc=$r ;;
     8b-single)  # A/B: the engines with the old single-block decode attention
       bench --shapes 8b --engines w8a8 --batches 1,16 --attention single \
         --out "$OUT/decode_scale_8b_single_H200.json" || rc=$? ;;
     *) echo "unknown stage $stage (stage build tests kernels attn profile-8b 1b 8b-fp16-w8a8 8b-w4-hf 8b-single" \
-            "streaming-8b rope-kv row-split row-split-ab)"; exit 2 ;;
+            "streaming-8b rope-kv row-split row-split-ab skinny 8b-skinny 1b-skinny gemm-decode tests-skinny)"; exit 2 ;;
   esac
 done
 exit $rc

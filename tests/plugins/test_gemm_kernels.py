@@ -45,6 +45,19 @@ def old_int8_ladder(m, k, n, w_bits, groups, out_dtype, epilogue_ok, sm90_usable
         return "simt"
 
 
+def skinny_takes(m, k, n, w_bits, groups, out_dtype, capability):
+    """The decode-shaped kernel (gemm_skinny.cu's contract and gemm_kernels' measured sm_90 policy), which the
+    chooser puts before the old ladder's kernels."""
+    group_k = k // groups if groups > 1 else 0
+    if capability != (9, 0) or out_dtype not in ("float16", "bfloat16") or m > 64 or k % 128 or n % 16:
+        return False
+    if group_k % 128 or (groups == 1 and k > 65536):
+        return False
+    if w_bits == 8 and groups == 1:  # INT8 row scales: the Hopper / mma kernels win at larger M and N
+        return m <= 16 or (m <= 32 and n <= 4096) or n <= 2048
+    return True
+
+
 def old_weight_only_ladder(m, x_dtype, epilogue_ok):
     """zqcompile/plugins/cuda.py:weight_only_gemm before the chooser, decisions only."""
     if not epilogue_ok:
@@ -54,9 +67,9 @@ def old_weight_only_ladder(m, x_dtype, epilogue_ok):
     return "fp16_dequant"
 
 
-MS = [1, 2, 4, 5, 15, 16, 17, 63, 64, 65, 1000, 1024, 1025, 2048, 2049, 16384]
+MS = [1, 2, 4, 5, 15, 16, 17, 32, 33, 63, 64, 65, 1000, 1024, 1025, 2048, 2049, 16384]
 KS = [32, 48, 96, 1024, 1056, 4096, 70000]
-NS = [8, 60, 1032]
+NS = [8, 60, 1024, 1032, 4096, 6144]
 GROUP_KS = [0, 16, 32, 64, 96, 128]
 DEVICES = [((7, 5), False), ((8, 0), False), ((8, 6), False), ((9, 0), True), ((9, 0), False), ((10, 0), True)]
 EPILOGUES = [(None, None), ("same", "same"), ("float32", None)]  # bias, residual dtype ("same": the output's)
@@ -77,7 +90,8 @@ def test_int8_chooser_equals_the_old_ladder():
         epilogue_ok = all(t in (None, out) for t in (bias, res))
         sm90_usable = sm90_lib and cap == (9, 0)
         for m in MS:
-            want = old_int8_ladder(m, k, n, w_bits, groups, out, epilogue_ok, sm90_usable, cap)
+            want = "skinny" if epilogue_ok and skinny_takes(m, k, n, w_bits, groups, out, cap) else \
+                old_int8_ladder(m, k, n, w_bits, groups, out, epilogue_ok, sm90_usable, cap)
             p = G.GemmProblem("int8_gemm_dequant", n, k, w_bits, group_k, "int8", out, bias, res, m)
             got = G.choose_gemm(p, _device(cap, sm90_lib))
             assert got.kernel.name == want, (p, cap, sm90_lib, got.skipped)
@@ -95,8 +109,8 @@ def test_weight_only_chooser_equals_the_old_ladder():
 
 
 def test_buckets_follow_the_thresholds_and_each_has_one_choice():
-    assert G.M_BUCKETS == ((1, 4), (5, 16), (17, 64), (65, 1024), (1025, math.inf))
-    assert [G.bucket_name(i) for i in range(5)] == ["1-4", "5-16", "17-64", "65-1024", ">1024"]
+    assert G.M_BUCKETS == ((1, 4), (5, 16), (17, 32), (33, 64), (65, 1024), (1025, math.inf))
+    assert [G.bucket_name(i) for i in range(6)] == ["1-4", "5-16", "17-32", "33-64", "65-1024", ">1024"]
     device = _device((9, 0), True)
     for k, w_bits, group_k in itertools.product((1024, 4096), (8, 4), (0, 128)):
         p = G.GemmProblem("int8_gemm_dequant", 1024, k, w_bits, group_k, "int8", "float16")
@@ -108,7 +122,9 @@ def test_buckets_follow_the_thresholds_and_each_has_one_choice():
 def test_choices_name_the_skipped_kernels_and_a_fallback():
     p = G.GemmProblem("int8_gemm_dequant", 768, 768, 8, 0, "int8", "float16", m=32)
     c = G.choose_gemm(p, _device((9, 0), True))
-    assert c.kernel is G.MMA and c.fallback is G.SM90 and c.skipped == ()
+    assert c.kernel is G.SKINNY and c.fallback is G.MMA and c.skipped == ()
+    c = G.choose_gemm(G.replace(p, m=64, n=4096), _device((9, 0), True))
+    assert c.kernel is G.MMA and c.reason("skinny").startswith("policy: INT8 row scales at this M with N > 2048")
     c = G.choose_gemm(G.replace(p, m=3000), _device((9, 0), True))
     assert c.kernel is G.SM90 and c.reason("mma").startswith("policy: M > 64")
     c = G.choose_gemm(p, G.CPU)
@@ -155,9 +171,11 @@ def test_fp8_gemm_is_scaled_mm_on_sm90_and_the_reference_elsewhere():
 def test_plan_text():
     trt = G.GemmDevice("trt", (9, 0), True, True, tensorrt=True)
     row = G.GemmProblem("int8_gemm_dequant", 768, 768, 8, 0, "int8", "float16")
-    assert G.plan_text(row, trt) == "4:simt,16:mma/sm90,64:mma/sm90,1024:sm90/simt,inf:sm90/simt"
+    assert G.plan_text(row, trt) == "4:skinny/simt,16:skinny/mma,32:skinny/mma,64:skinny/mma,1024:sm90/simt,inf:sm90/simt"
+    wide = G.GemmProblem("int8_gemm_dequant", 6144, 4096, 8, 0, "int8", "float16")  # sm90 ahead from M = 17
+    assert G.plan_text(wide, trt) == "4:skinny/simt,16:skinny/sm90,32:sm90/simt,64:sm90/simt,1024:sm90/simt,inf:sm90/simt"
     kg = G.GemmProblem("int8_gemm_dequant", 768, 768, 4, 128, "int8", "float16")
-    assert G.plan_text(kg, trt) == "4:simt,16:simt,64:mma/simt,1024:mma/simt,inf:mma/simt"
+    assert G.plan_text(kg, trt) == "4:skinny/simt,16:skinny/simt,32:skinny/mma,64:skinny/mma,1024:mma/simt,inf:mma/simt"
     with pytest.raises(ValueError, match="tensorrt=True"):
         G.plan_text(row, _device((9, 0), True))
     with pytest.raises(G.NoGemmKernel, match="simt: float32 activations.*reference: no reference"):
@@ -188,12 +206,12 @@ def test_engine_plan_in_report_dump_and_file(tmp_path):
     q = next(g for g in engine.record.gemms if g["role"] == "qkv")
     assert q["problem"]["k"] == 64 and q["problem"]["x_dtype"] == "int8"
     want = [G.choose_gemm(G.GemmProblem(**q["problem"], m=lo), h200).label for lo, _ in G.M_BUCKETS]
-    assert list(q["kernels"]["buckets"].values()) == want == ["simt", "mma", "mma", "sm90", "sm90"]
+    assert list(q["kernels"]["buckets"].values()) == want == ["simt", "mma", "mma", "mma", "sm90", "sm90"]
     text = engine.report()
     assert "planned for cuda:0 NVIDIA H200 (sm_90" in text and "1-4" in text and ">1024" in text
     section = text[text.index("Kernels per M bucket"):]
     row = next(line for line in section.splitlines() if line.startswith(q["fqn"]))
-    assert row.split()[-5:] == want
+    assert row.split()[-len(want):] == want
     zq.dump(engine, tmp_path / "d")
     plan = json.loads((tmp_path / "d" / "plan.json").read_text())
     assert next(g for g in plan if g["fqn"] == q["fqn"])["kernels"]["buckets"] == q["kernels"]["buckets"]

@@ -24,7 +24,7 @@ from zqcompile.ops import quant_math as qm
 from zqcompile.ops import registry
 from zqcompile.ops.registry import cuda_kernel
 
-ABI_VERSION = 6  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
+ABI_VERSION = 7  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _lib: Optional[ctypes.CDLL] = None
@@ -85,7 +85,8 @@ def _bind(lib: ctypes.CDLL) -> None:
         "zq_gemm_run": (I, [I, P, P, ctypes.c_size_t, P]), "zq_gemm_workspace_bytes": (ctypes.c_size_t, [I, I64, I64, I]),
         "zq_gemm_kernel_name": (ctypes.c_char_p, [I]), "zq_gemm_kernel_available": (I, [I]),
         "zq_gemm_sm90_config": (I, [P, I, P]), "zq_gemm_mma_config": (I, [P, I, P]),
-        "zq_gemm_mma_num_configs": (I, []),
+        "zq_gemm_mma_num_configs": (I, []), "zq_gemm_skinny_config": (I, [P, I, P]),
+        "zq_gemm_skinny_num_configs": (I, []),
         "zq_dequantize_weight": (I, [P, I, P, I64, I64, I64, P, I, P]),
         "zq_rope": (I, [P, P, P, P, P, P, I, I64, I64, I64, I64, I64, P, P, P]),
         "zq_rope_kv": (I, [P, P, P, P, P, P, P, P, I, I64, I64, I64, I64, I64, P, P, P, P, P, I64, P, P]),

@@ -79,16 +79,16 @@ def _args(x, x_scale, wq, w_scale, bias, residual, act, w_bits, out) -> GemmArgs
 
 def launch_gemm(path: str, x, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out: Tensor,
                 config: int = -1) -> int:
-    """Launch C kernel `path` ("simt", "mma", "sm90") on 2-D contiguous operands into `out`; the cudaError_t.
-    config -1: through zq_gemm_run (INT4 weights unpacked into a workspace for sm90); >= 0: that tile
-    configuration of mma / sm90 (benchmarks, tests)."""
+    """Launch C kernel `path` ("simt", "mma", "sm90", "skinny") on 2-D contiguous operands into `out`; the
+    cudaError_t. config -1: through zq_gemm_run (INT4 weights unpacked into a workspace for sm90); >= 0: that
+    tile configuration of mma / sm90 / skinny (benchmarks, tests)."""
     kernel = BY_NAME[path]
     if kernel.c_id is None:
-        raise ValueError(f"{path!r} is not a kernel of the C library; those are simt, mma, sm90")
+        raise ValueError(f"{path!r} is not a kernel of the C library; those are simt, mma, sm90, skinny")
     a = _args(x, x_scale, wq, w_scale, bias, residual, act, w_bits, out)
     with torch.cuda.device(x.device):
         stream = lib._stream(x)
-        if config >= 0 and path in ("mma", "sm90"):
+        if config >= 0 and path in ("mma", "sm90", "skinny"):
             return getattr(lib._lib, f"zq_gemm_{path}_config")(ctypes.byref(a), config, stream)
         ws_bytes = lib._lib.zq_gemm_workspace_bytes(kernel.c_id, a.n, a.k, w_bits)
         ws = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None

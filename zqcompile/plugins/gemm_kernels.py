@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -34,11 +35,25 @@ MMA_ROW_MAX_K = 1024
 MMA_KGROUP_MAX_M = 1024
 MMA_KGROUP_ANY_M_MAX_N = 1024
 MMA_MAX_GROUP_K = 65536  # the int32 sum of a group of K terms stays exact (gemm_mma.cu kMaxGroupK)
+# The decode-shaped kernel (gemm_skinny.cu): its contract's bounds, then where it is taken, measured with every kernel
+# forced on the decode GEMMs of the Llama-3-8B / 3.2-1B layers (bench/results/gemm_decode_NVIDIA_H200.md: `python
+# bench/bench_gemm.py --decode`, H200, L2 defeated). INT4 with K groups of 128: the fastest kernel at every M <= 64 on
+# 7 of the 8 shapes (M = 16: 4.3-31.6 us where mma took 14.6-142 and simt 20-148; the one miss, N = 16384 at M = 64,
+# 37.8 vs mma's 28.7). INT8 with row scales: the fastest, or within 6 %, at M <= 16 on every shape (M = 1: 3.8-35.4
+# us vs simt's 4.0-33.5; M = 16: 4.1-40.8 vs sm90's 7.6-38.5); at M = 17-32 the fastest where N <= 4096 (the sm90
+# kernel ahead at N = 6144 / 16384 / 28672), at M = 33-64 only where N <= 2048.
+SKINNY_MAX_M = 64
+SKINNY_CHUNK_K = 128
+SKINNY_MAX_ROW_K = 65536
+SKINNY_INT8_MID_M = 32  # a bucket edge: INT8 row scales at M 17-32 / 33-64 have different N limits
+SKINNY_INT8_MAX_N = ((16, math.inf), (SKINNY_INT8_MID_M, 4096), (SKINNY_MAX_M, 2048))  # (max M, max N)
+# "auto": the measured policy above; "1": wherever its contract holds; "0": never (A/B measurements).
+SKINNY_MODE = os.environ.get("ZQ_GEMM_SKINNY", "auto")
 
-# Every threshold above is a bucket edge, so each M bucket has one choice: 1-4, 5-16, 17-64, 65-1024, >1024.
+# Every threshold above is a bucket edge, so each M bucket has one choice: 1-4, 5-16, 17-32, 33-64, 65-1024, >1024.
 M_BUCKETS: tuple[tuple[int, float], ...] = tuple(
-    zip((1, *(e + 1 for e in sorted({SMALL_M, SMALL_M_KGROUPS, MMA_ROW_MAX_M, MMA_KGROUP_MAX_M}))),
-        (*sorted({SMALL_M, SMALL_M_KGROUPS, MMA_ROW_MAX_M, MMA_KGROUP_MAX_M}), math.inf)))
+    zip((1, *(e + 1 for e in sorted({SMALL_M, SMALL_M_KGROUPS, SKINNY_INT8_MID_M, MMA_ROW_MAX_M, MMA_KGROUP_MAX_M}))),
+        (*sorted({SMALL_M, SMALL_M_KGROUPS, SKINNY_INT8_MID_M, MMA_ROW_MAX_M, MMA_KGROUP_MAX_M}), math.inf)))
 HALF = ("float16", "bfloat16")
 FLOATS = ("float32", *HALF)
 
@@ -144,6 +159,16 @@ def _int8_x_half_out(p: GemmProblem) -> Optional[str]:
     return None
 
 
+def _sm80_int8_reason(p: GemmProblem, d: GemmDevice) -> Optional[str]:
+    """What the sm80+ mma.sync kernels (mma, skinny) need of the device and the operands, shape rules apart."""
+    why = _device_reason(d) or _epilogue_reason(p)
+    if why:
+        return why
+    if d.capability < (8, 0):
+        return "needs compute capability 8.0 or later"
+    return _int8_x_half_out(p)
+
+
 def _hopper_tensor_cores(p: GemmProblem, d: GemmDevice) -> bool:
     """Where the large-M paths were measured (and tuned): the Hopper kernel's shape rules on an sm_90 device."""
     return p.out_dtype != "float32" and p.k % 16 == 0 and p.n % 8 == 0 and d.sm90_library and d.capability == (9, 0)
@@ -167,12 +192,7 @@ class Mma(GemmKernel):
     summary = "sm80+ tensor cores (mma.sync), INT8 or INT4 unpacked in the mainloop, row or K-group scales"
 
     def can_implement(self, p, d):
-        why = _device_reason(d) or _epilogue_reason(p)
-        if why:
-            return why
-        if d.capability < (8, 0):
-            return "needs compute capability 8.0 or later"
-        why = _int8_x_half_out(p)
+        why = _sm80_int8_reason(p, d)
         if why:
             return why
         if p.k % 32 or p.n % 8:
@@ -193,6 +213,34 @@ class Mma(GemmKernel):
                 and FP16_DEQUANT.can_implement(p, d) is None):
             return (f"policy: M > {MMA_KGROUP_MAX_M} with K groups and N > {MMA_KGROUP_ANY_M_MAX_N}: the fp16 "
                     f"dequant path is faster")
+        return None
+
+
+class Skinny(GemmKernel):
+    name, c_id, may_decline_at_run_time = "skinny", 3, True  # x / wq 16-byte aligned
+    summary = ("decode-shaped tensor cores (swap-AB mma.sync, the weight streamed into the fragments, split-K "
+               "over 8 warps), INT8 or INT4, row or K-group scales, M <= 64")
+
+    def can_implement(self, p, d):
+        why = _sm80_int8_reason(p, d)
+        if why:
+            return why
+        if p.m > SKINNY_MAX_M:
+            return f"M > {SKINNY_MAX_M}: it is the decode-shaped kernel"
+        if p.k % SKINNY_CHUNK_K or p.n % 16:
+            return f"needs K % {SKINNY_CHUNK_K} == 0 and N % 16 == 0"
+        if p.group_k and p.group_k % SKINNY_CHUNK_K:
+            return f"needs a K-group size that is a multiple of {SKINNY_CHUNK_K}"
+        if p.row_scales and p.k > SKINNY_MAX_ROW_K:
+            return f"K over {SKINNY_MAX_ROW_K} with row scales: the int32 sum could overflow"
+        if SKINNY_MODE == "0":
+            return "policy: turned off (ZQ_GEMM_SKINNY=0)"
+        if SKINNY_MODE == "auto" and d.capability != (9, 0):
+            return "policy: measured against the other kernels on sm_90 only (ZQ_GEMM_SKINNY=1 takes it)"
+        if SKINNY_MODE == "auto" and p.w_bits == 8 and p.row_scales:
+            max_n = next(n for m, n in SKINNY_INT8_MAX_N if p.m <= m)
+            if p.n > max_n:
+                return f"policy: INT8 row scales at this M with N > {max_n}: the Hopper / mma kernels are faster"
         return None
 
 
@@ -289,11 +337,11 @@ class Reference(GemmKernel):
         return "no reference implementation inside TensorRT" if d.tensorrt else None
 
 
-MMA, SM90, FP16_DEQUANT, SIMT, REFERENCE = Mma(), Sm90(), Fp16Dequant(), Simt(), Reference()
+SKINNY, MMA, SM90, FP16_DEQUANT, SIMT, REFERENCE = Skinny(), Mma(), Sm90(), Fp16Dequant(), Simt(), Reference()
 SCALED_MM = ScaledMm()
 # priority order; TODO: a CUTLASS sm90 FP8 wgmma kernel with the fused epilogue in the C library (so TensorRT can
 # run FP8 too) would go before SCALED_MM
-KERNELS: tuple[GemmKernel, ...] = (MMA, SM90, FP16_DEQUANT, SIMT, SCALED_MM, REFERENCE)
+KERNELS: tuple[GemmKernel, ...] = (SKINNY, MMA, SM90, FP16_DEQUANT, SIMT, SCALED_MM, REFERENCE)
 BY_NAME = {k.name: k for k in KERNELS}
 
 

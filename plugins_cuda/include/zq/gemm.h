@@ -37,6 +37,18 @@ ZQ_API cudaError_t zq_gemm_mma(const zq_gemm_args* a, cudaStream_t stream);
 ZQ_API cudaError_t zq_gemm_mma_config(const zq_gemm_args* a, int cfg, cudaStream_t stream);
 ZQ_API int zq_gemm_mma_num_configs(void);
 
+// Decode-shaped tensor-core path for sm_80 and later (gemm_skinny.cu: swap-AB mma.sync m16n8k32 s8, the weight
+// streamed from global memory straight into the fragments, split-K over the 8 warps of a block): A8 x INT8 or
+// packed INT4 weights, row scales or K-group scales, M <= 64 tokens. Takes: x_is_int8; w_bits 8 or 4; out_dt
+// fp16 or bf16; 1 <= M <= 64; K % 128 == 0; N % 16 == 0; groups == 1 with K <= 65536, or group_k = K / groups with
+// group_k % 128 == 0; x and wq 16-byte aligned, out, bias and residual 2-byte aligned; x_scale and w_scale non-null;
+// compute capability 8.0 or later. Anything else returns cudaErrorNotSupported without launching.
+ZQ_API cudaError_t zq_gemm_skinny(const zq_gemm_args* a, cudaStream_t stream);
+// Benchmarks and tests: configuration cfg (0: 16 weight rows a block, 1: 32 rows, M <= 32 and N % 32 == 0 only;
+// -1 picks one).
+ZQ_API cudaError_t zq_gemm_skinny_config(const zq_gemm_args* a, int cfg, cudaStream_t stream);
+ZQ_API int zq_gemm_skinny_num_configs(void);
+
 // Weight helpers for the large-M paths that reuse the INT8 / fp16 tensor-core GEMMs.
 // INT4 packed [N, K/2] -> int8 [N, K].
 ZQ_API cudaError_t zq_unpack_int4(const uint8_t* wq, int64_t n, int64_t k, int8_t* out, cudaStream_t stream);
@@ -53,11 +65,13 @@ ZQ_API int zq_gemm_sm90_num_configs(void);
 // The kernels above by id; zqcompile/plugins/gemm_kernels.py names them the same and chooses among them (per GEMM
 // and M bucket, recorded in the compile plan and handed to the TensorRT plugin as its kernel_plan field). Nothing
 // here chooses: zq_gemm_run runs the kernel it is told to.
-typedef enum { ZQ_GEMM_SIMT = 0, ZQ_GEMM_MMA = 1, ZQ_GEMM_SM90 = 2, ZQ_GEMM_NUM_KERNELS = 3 } zq_gemm_kernel;
+typedef enum {
+  ZQ_GEMM_SIMT = 0, ZQ_GEMM_MMA = 1, ZQ_GEMM_SM90 = 2, ZQ_GEMM_SKINNY = 3, ZQ_GEMM_NUM_KERNELS = 4
+} zq_gemm_kernel;
 
-// "simt", "mma", "sm90"; NULL for an unknown id.
+// "simt", "mma", "sm90", "skinny"; NULL for an unknown id.
 ZQ_API const char* zq_gemm_kernel_name(int kernel);
-// 1 when `kernel` can run on the current device with this library (mma: sm_80+; sm90: sm_90 and the library
+// 1 when `kernel` can run on the current device with this library (mma, skinny: sm_80+; sm90: sm_90 and the library
 // built with it), else 0.
 ZQ_API int zq_gemm_kernel_available(int kernel);
 // Workspace zq_gemm_run needs: N * K bytes for sm90 with INT4 weights (unpacked to int8 per call), else 0.

@@ -1,0 +1,271 @@
+// Decode-shaped INT8 tensor-core GEMM (M <= 64 tokens): int8 activations times INT8 or packed INT4 weights, row
+// or K-group scales, the dequantization epilogue of gemm.h fused. At these M the GEMM is bound by reading the
+// weight once, so the kernel is built around streaming it:
+//  - swap-AB: out^T = W x^T on mma.sync m16n8k32, the weight's N as the MMA's M (16 weight rows a tile) and the
+//    tokens as its N (8 a tile), so M = 1..64 costs 1..8 thin tiles instead of a 64-row tile of mostly padding;
+//  - the weight goes straight from global memory into the A fragments (no shared memory, no ldmatrix): within a
+//    128-k chunk lane (g, t) loads 32 consecutive k of weight rows g and g + 8 (two 16-byte loads for INT8, one
+//    for INT4) and 32 consecutive k of token g's x. The MMA's k slots of lane t then hold physical k 32t + 8s ..
+//    (step s = 0..3) for both operands alike, and a dot product does not depend on the order of its k: no
+//    weight re-layout is needed, the checkpoint's [N, K] rows are read as they are;
+//  - split-K inside the block: the block's 8 warps own the same 16 (or 32) weight rows and take every 8th
+//    chunk of K each, so a GEMM of N = 4096 runs 2048 warps each streaming its own bytes; the next chunk's
+//    weight and x are loaded before the current one is multiplied (two chunks in flight a warp). The 8 partial
+//    tiles are summed through shared memory, in warp order, and the block writes its columns of out.
+// Row scales: int32 partial sums, exact (K <= 65536), float(sum) * w_scale as the other kernels; K groups
+// (group_k % 128 == 0, so a chunk lies in one group): each chunk's int32 sum folded into fp32 with its scale.
+// INT4 is unpacked to int8 x 16 (mma_sm80.cuh unpack_int4x16), the 16 divided out through the scale (exact).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "device_info.h"
+#include "mma_sm80.cuh"
+#include "zq/device_math.cuh"
+#include "zq/gemm.h"
+
+namespace zq::skinny {
+
+using mma::mma_s8;
+using mma::unpack_int4x16;
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kChunk = 128;  // k per warp step: four m16n8k32 steps
+constexpr int64_t kMaxRowK = 65536;  // row scales: the int32 sum of K terms of |x * w| <= 2^14 stays exact
+constexpr int kMaxM = 64;
+constexpr int kNumConfigs = 2;
+
+// 16 bytes of a weight row: read once, so kept out of L1 (the x rows stay there for the other warps).
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint4 ld_x(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+
+// The raw bytes of one chunk of a warp: 32 k of each of its 2 * RT weight rows (INT8: 8 words, INT4: 4 words
+// a row) and of each of its NT tokens (8 words), plus the rows' K-group scales.
+template <int RT, int NT, int WBITS, bool KG>
+struct Chunk {
+  static constexpr int kWordsW = WBITS == 8 ? 8 : 4;
+  uint32_t w[RT][2][kWordsW];
+  uint32_t x[NT][8];
+  float sc[RT][2];
+};
+
+template <int RT, int NT, int WBITS, bool KG>
+__device__ __forceinline__ void load_chunk(const zq_gemm_args& a, int64_t n0, int64_t c, int g, int t,
+                                           Chunk<RT, NT, WBITS, KG>& ch) {
+  const int64_t k0 = c * kChunk + 32 * t;
+  const auto* w = static_cast<const uint8_t*>(a.wq);
+  const int64_t wrow = a.k * WBITS / 8;
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = n0 + 16 * i + g + 8 * h;
+      const uint8_t* p = w + n * wrow + k0 * WBITS / 8;
+      const uint4 v = ld_stream(p);
+      ch.w[i][h][0] = v.x, ch.w[i][h][1] = v.y, ch.w[i][h][2] = v.z, ch.w[i][h][3] = v.w;
+      if constexpr (WBITS == 8) {
+        const uint4 u = ld_stream(p + 16);
+        ch.w[i][h][4] = u.x, ch.w[i][h][5] = u.y, ch.w[i][h][6] = u.z, ch.w[i][h][7] = u.w;
+      }
+      if constexpr (KG) ch.sc[i][h] = __ldg(a.w_scale + n * a.groups + c * kChunk / (a.k / a.groups));
+    }
+  const auto* x = static_cast<const int8_t*>(a.x);
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int64_t m = 8 * j + g;
+    uint4 v0 = make_uint4(0, 0, 0, 0), v1 = v0;
+    if (m < a.m) v0 = ld_x(x + m * a.k + k0), v1 = ld_x(x + m * a.k + k0 + 16);
+    ch.x[j][0] = v0.x, ch.x[j][1] = v0.y, ch.x[j][2] = v0.z, ch.x[j][3] = v0.w;
+    ch.x[j][4] = v1.x, ch.x[j][5] = v1.y, ch.x[j][6] = v1.z, ch.x[j][7] = v1.w;
+  }
+}
+
+// iacc += the chunk's products (four k32 steps).
+template <int RT, int NT, int WBITS, bool KG>
+__device__ __forceinline__ void multiply(const Chunk<RT, NT, WBITS, KG>& ch, int (&iacc)[RT][NT][4]) {
+  uint32_t wa[RT][2][8];  // int8 words (INT4: x 16): word q holds physical k 32t + 4q .. + 3
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if constexpr (WBITS == 8) {
+#pragma unroll
+        for (int q = 0; q < 8; ++q) wa[i][h][q] = ch.w[i][h][q];
+      } else {
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          uint32_t b[2];
+          unpack_int4x16(ch.w[i][h][p], b);
+          wa[i][h][2 * p] = b[0], wa[i][h][2 * p + 1] = b[1];
+        }
+      }
+    }
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+#pragma unroll
+    for (int i = 0; i < RT; ++i) {
+      const uint32_t af[4] = {wa[i][0][2 * s], wa[i][1][2 * s], wa[i][0][2 * s + 1], wa[i][1][2 * s + 1]};
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const uint32_t bf[2] = {ch.x[j][2 * s], ch.x[j][2 * s + 1]};
+        mma_s8(iacc[i][j], af, bf);
+      }
+    }
+}
+
+// K groups: facc += float(iacc) * scale of the chunk's group, iacc = 0. |iacc| <= 128 * 2^14 = 2^21 < 2^22, so
+// the float conversion through the bit pattern is exact (IADD + FADD at full rate instead of I2F).
+template <int RT, int NT, int WBITS, bool KG>
+__device__ __forceinline__ void fold(const Chunk<RT, NT, WBITS, KG>& ch, int (&iacc)[RT][NT][4],
+                                     float (&facc)[RT][NT][4]) {
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const float v = __int_as_float(0x4B400000 + iacc[i][j][r]) - 12582912.f;
+        facc[i][j][r] = fmaf(v, ch.sc[i][r >> 1], facc[i][j][r]);
+        iacc[i][j][r] = 0;
+      }
+}
+
+template <int RT, int NT, int WBITS, bool KG, class OutT>
+__global__ void __launch_bounds__(kThreads) gemm_skinny_kernel(const zq_gemm_args a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int R = 16 * RT, MP = 8 * NT;
+  constexpr float kUnscale = WBITS == 4 ? 1.f / 16 : 1.f;
+  // The warps' partial tiles, [warp][row][token] (+1: rows of a warp's store land in different banks).
+  __shared__ uint32_t red[kWarps][R][MP + 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t n0 = (int64_t)blockIdx.x * R;
+  const int64_t chunks = a.k / kChunk;
+
+  int iacc[RT][NT][4];
+  float facc[RT][NT][4];
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) iacc[i][j][r] = 0, facc[i][j][r] = 0.f;
+
+  Chunk<RT, NT, WBITS, KG> cur, nxt;
+  int64_t c = warp;
+  if (c < chunks) load_chunk(a, n0, c, g, t, cur);
+  for (; c < chunks; c += kWarps) {
+    if (c + kWarps < chunks) load_chunk(a, n0, c + kWarps, g, t, nxt);
+    multiply(cur, iacc);
+    if constexpr (KG) fold(cur, iacc, facc);
+    cur = nxt;
+  }
+
+  // c0 = C[g][2t], c1 = C[g][2t + 1], c2 = C[g + 8][2t], c3 = C[g + 8][2t + 1] of each 16 x 8 tile
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        red[warp][16 * i + g + 8 * (r >> 1)][8 * j + 2 * t + (r & 1)] =
+            KG ? __float_as_uint(facc[i][j][r]) : (uint32_t)iacc[i][j][r];
+  __syncthreads();
+
+  const auto* bias = static_cast<const OutT*>(a.bias);
+  const auto* residual = static_cast<const OutT*>(a.residual);
+  auto* out = static_cast<OutT*>(a.out);
+  const int mv = (int)a.m;  // <= 64
+  for (int e = threadIdx.x; e < R * mv; e += kThreads) {
+    const int r = e % R, m = e / R;  // consecutive threads: consecutive columns of out
+    const int64_t n = n0 + r;
+    float v;
+    if constexpr (KG) {
+      v = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) v += __uint_as_float(red[w][r][m]);
+      v *= kUnscale;  // the fold used the stored scales (exact: a power of two)
+    } else {
+      int s = 0;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) s += (int)red[w][r][m];
+      v = (float)s * (a.w_scale[n] * kUnscale);
+    }
+    // the reference's order: ((acc * w_scale) * x_scale + bias) -> act -> + residual
+    v = v * a.x_scale[m] + (bias ? to_f<OutT>(bias[n]) : 0.f);
+    v = apply_act(v, a.act);
+    if (residual) v += to_f<OutT>(residual[m * a.n + n]);
+    out[m * a.n + n] = from_f<OutT>(v);
+  }
+#endif
+}
+
+template <int RT, int NT, int WBITS, bool KG, class OutT>
+cudaError_t launch(const zq_gemm_args& a, cudaStream_t stream) {
+  const int64_t blocks = a.n / (16 * RT);
+  if (blocks > INT32_MAX) return cudaErrorNotSupported;
+  gemm_skinny_kernel<RT, NT, WBITS, KG, OutT><<<(unsigned)blocks, kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <int RT, int WBITS, bool KG, class OutT>
+cudaError_t launch_nt(const zq_gemm_args& a, cudaStream_t stream) {
+  if (a.m <= 8) return launch<RT, 1, WBITS, KG, OutT>(a, stream);
+  if (a.m <= 16) return launch<RT, 2, WBITS, KG, OutT>(a, stream);
+  if (a.m <= 32) return launch<RT, 4, WBITS, KG, OutT>(a, stream);
+  if constexpr (RT == 1) return launch<1, 8, WBITS, KG, OutT>(a, stream);
+  return cudaErrorNotSupported;  // RT = 2 stops at M = 32 (the partial tiles' shared memory)
+}
+
+template <int RT, class OutT>
+cudaError_t launch_w(const zq_gemm_args& a, cudaStream_t stream) {
+  const bool kg = a.groups > 1;
+  if (a.w_bits == 4) return kg ? launch_nt<RT, 4, true, OutT>(a, stream) : launch_nt<RT, 4, false, OutT>(a, stream);
+  return kg ? launch_nt<RT, 8, true, OutT>(a, stream) : launch_nt<RT, 8, false, OutT>(a, stream);
+}
+
+template <int RT>
+cudaError_t launch_rt(const zq_gemm_args& a, cudaStream_t stream) {
+  return a.out_dt == ZQ_F16 ? launch_w<RT, __half>(a, stream) : launch_w<RT, __nv_bfloat16>(a, stream);
+}
+
+// Configuration 0: 16 weight rows a block; 1: 32 (each x fragment used twice; half the blocks). The library's
+// choice: 32 rows where that still leaves two blocks per SM and M <= 32, else 16.
+int pick_config(int64_t m, int64_t n, int sm_count) {
+  return n % 32 == 0 && m <= 32 && n / 32 >= 2 * (int64_t)sm_count ? 1 : 0;
+}
+
+bool misaligned(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) != 0; }
+
+}  // namespace zq::skinny
+
+ZQ_API cudaError_t zq_gemm_skinny_config(const zq_gemm_args* a, int cfg, cudaStream_t stream) {
+  using namespace zq::skinny;
+  if (a->m < 0 || a->n < 0 || a->k < 0) return cudaErrorInvalidValue;
+  const int64_t group_k = a->groups > 0 ? a->k / a->groups : 0;
+  if (!a->x_is_int8 || (a->w_bits != 8 && a->w_bits != 4) || (a->out_dt != ZQ_F16 && a->out_dt != ZQ_BF16) ||
+      a->m > kMaxM || a->k == 0 || a->k % kChunk || a->n % 16 || a->groups < 1 || a->k % a->groups ||
+      (a->groups == 1 ? a->k > kMaxRowK : group_k % kChunk != 0) || !a->x_scale || !a->w_scale ||
+      misaligned(a->x, 16) || misaligned(a->wq, 16) || misaligned(a->out, 2) || misaligned(a->residual, 2) ||
+      misaligned(a->bias, 2))
+    return cudaErrorNotSupported;
+  zq::DeviceInfo dev;
+  if (!zq::current_device_info(&dev)) return cudaErrorInvalidDevice;
+  if (dev.cc_major < 8) return cudaErrorNotSupported;
+  if (cfg >= kNumConfigs) return cudaErrorInvalidValue;
+  if (a->m == 0 || a->n == 0) return cudaSuccess;
+  if (cfg < 0) cfg = pick_config(a->m, a->n, dev.sm_count);
+  if (cfg == 1 && (a->n % 32 || a->m > 32)) return cudaErrorNotSupported;
+  return cfg == 1 ? launch_rt<2>(*a, stream) : launch_rt<1>(*a, stream);
+}
+
+ZQ_API cudaError_t zq_gemm_skinny(const zq_gemm_args* a, cudaStream_t stream) {
+  return zq_gemm_skinny_config(a, -1, stream);
+}
+
+ZQ_API int zq_gemm_skinny_num_configs(void) { return zq::skinny::kNumConfigs; }
