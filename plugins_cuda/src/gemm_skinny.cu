@@ -33,7 +33,7 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kChunk = 128;  // k per warp step: four m16n8k32 steps
 constexpr int64_t kMaxRowK = 65536;  // row scales: the int32 sum of K terms of |x * w| <= 2^14 stays exact
 constexpr int kMaxM = 64;
-constexpr int kNumConfigs = 2;
+constexpr int kNumConfigs = 3;
 
 // 16 bytes of a weight row: read once, so kept out of L1 (the x rows stay there for the other warps).
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
@@ -56,7 +56,7 @@ struct Chunk {
 };
 
 template <int RT, int NT, int WBITS, bool KG>
-__device__ __forceinline__ void load_chunk(const zq_gemm_args& a, int64_t n0, int64_t c, int g, int t,
+__device__ __forceinline__ void load_chunk(const zq_gemm_args& a, int64_t n0, int m0, int64_t c, int g, int t,
                                            Chunk<RT, NT, WBITS, KG>& ch) {
   const int64_t k0 = c * kChunk + 32 * t;
   const auto* w = static_cast<const uint8_t*>(a.wq);
@@ -78,7 +78,7 @@ __device__ __forceinline__ void load_chunk(const zq_gemm_args& a, int64_t n0, in
   const auto* x = static_cast<const int8_t*>(a.x);
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
-    const int64_t m = 8 * j + g;
+    const int64_t m = m0 + 8 * j + g;
     uint4 v0 = make_uint4(0, 0, 0, 0), v1 = v0;
     if (m < a.m) v0 = ld_x(x + m * a.k + k0), v1 = ld_x(x + m * a.k + k0 + 16);
     ch.x[j][0] = v0.x, ch.x[j][1] = v0.y, ch.x[j][2] = v0.z, ch.x[j][3] = v0.w;
@@ -136,10 +136,14 @@ __device__ __forceinline__ void fold(const Chunk<RT, NT, WBITS, KG>& ch, int (&i
       }
 }
 
-template <int RT, int NT, int WBITS, bool KG, class OutT>
-__global__ void __launch_bounds__(kThreads) gemm_skinny_kernel(const zq_gemm_args a) {
+// TG token groups: the warps split into TG groups of kWarps / TG, group i multiplying tokens 8 NT i .. by every
+// k chunk its warps take (split-K over kWarps / TG); a group's weight reads after the first come from L2. TG blocks an
+// SM are asked of the register allocator (TG = 2: <= 128 registers a thread).
+template <int RT, int NT, int TG, int WBITS, bool KG, class OutT>
+__global__ void __launch_bounds__(kThreads, TG) gemm_skinny_kernel(const zq_gemm_args a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  constexpr int R = 16 * RT, MP = 8 * NT;
+  constexpr int R = 16 * RT, MP = 8 * NT, kSplit = kWarps / TG;
+  static_assert(kWarps % TG == 0, "whole warp groups");
   constexpr float kUnscale = WBITS == 4 ? 1.f / 16 : 1.f;
   // The warps' partial tiles, [warp][row][token] (+1: rows of a warp's store land in different banks).
   __shared__ uint32_t red[kWarps][R][MP + 1];
@@ -156,11 +160,12 @@ __global__ void __launch_bounds__(kThreads) gemm_skinny_kernel(const zq_gemm_arg
 #pragma unroll
       for (int r = 0; r < 4; ++r) iacc[i][j][r] = 0, facc[i][j][r] = 0.f;
 
+  const int m0 = MP * (warp / kSplit);  // the warp's first token
   Chunk<RT, NT, WBITS, KG> cur, nxt;
-  int64_t c = warp;
-  if (c < chunks) load_chunk(a, n0, c, g, t, cur);
-  for (; c < chunks; c += kWarps) {
-    if (c + kWarps < chunks) load_chunk(a, n0, c + kWarps, g, t, nxt);
+  int64_t c = m0 < a.m ? warp % kSplit : chunks;  // a group past M has nothing to do
+  if (c < chunks) load_chunk(a, n0, m0, c, g, t, cur);
+  for (; c < chunks; c += kSplit) {
+    if (c + kSplit < chunks) load_chunk(a, n0, m0, c + kSplit, g, t, nxt);
     multiply(cur, iacc);
     if constexpr (KG) fold(cur, iacc, facc);
     cur = nxt;
@@ -184,16 +189,17 @@ __global__ void __launch_bounds__(kThreads) gemm_skinny_kernel(const zq_gemm_arg
   for (int e = threadIdx.x; e < R * mv; e += kThreads) {
     const int r = e % R, m = e / R;  // consecutive threads: consecutive columns of out
     const int64_t n = n0 + r;
+    const int w0 = kSplit * (m / MP), ml = m % MP;  // the warps of m's token group, m's row in their tiles
     float v;
     if constexpr (KG) {
       v = 0.f;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) v += __uint_as_float(red[w][r][m]);
+      for (int w = 0; w < kSplit; ++w) v += __uint_as_float(red[w0 + w][r][ml]);
       v *= kUnscale;  // the fold used the stored scales (exact: a power of two)
     } else {
       int s = 0;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) s += (int)red[w][r][m];
+      for (int w = 0; w < kSplit; ++w) s += (int)red[w0 + w][r][ml];
       v = (float)s * (a.w_scale[n] * kUnscale);
     }
     // the reference's order: ((acc * w_scale) * x_scale + bias) -> act -> + residual
@@ -205,37 +211,42 @@ __global__ void __launch_bounds__(kThreads) gemm_skinny_kernel(const zq_gemm_arg
 #endif
 }
 
-template <int RT, int NT, int WBITS, bool KG, class OutT>
+template <int RT, int NT, int TG, int WBITS, bool KG, class OutT>
 cudaError_t launch(const zq_gemm_args& a, cudaStream_t stream) {
   const int64_t blocks = a.n / (16 * RT);
   if (blocks > INT32_MAX) return cudaErrorNotSupported;
-  gemm_skinny_kernel<RT, NT, WBITS, KG, OutT><<<(unsigned)blocks, kThreads, 0, stream>>>(a);
+  gemm_skinny_kernel<RT, NT, TG, WBITS, KG, OutT><<<(unsigned)blocks, kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
-template <int RT, int WBITS, bool KG, class OutT>
+// Token tiles a warp (NT) from the tokens of its group.
+template <int RT, int TG, int WBITS, bool KG, class OutT>
 cudaError_t launch_nt(const zq_gemm_args& a, cudaStream_t stream) {
-  if (a.m <= 8) return launch<RT, 1, WBITS, KG, OutT>(a, stream);
-  if (a.m <= 16) return launch<RT, 2, WBITS, KG, OutT>(a, stream);
-  if (a.m <= 32) return launch<RT, 4, WBITS, KG, OutT>(a, stream);
-  if constexpr (RT == 1) return launch<1, 8, WBITS, KG, OutT>(a, stream);
+  const int64_t per_group = (a.m + TG - 1) / TG;
+  if (per_group <= 8) return launch<RT, 1, TG, WBITS, KG, OutT>(a, stream);
+  if (per_group <= 16) return launch<RT, 2, TG, WBITS, KG, OutT>(a, stream);
+  if (per_group <= 32) return launch<RT, 4, TG, WBITS, KG, OutT>(a, stream);
+  if constexpr (RT == 1 && TG == 1) return launch<1, 8, 1, WBITS, KG, OutT>(a, stream);
   return cudaErrorNotSupported;  // RT = 2 stops at M = 32 (the partial tiles' shared memory)
 }
 
-template <int RT, class OutT>
+template <int RT, int TG, class OutT>
 cudaError_t launch_w(const zq_gemm_args& a, cudaStream_t stream) {
   const bool kg = a.groups > 1;
-  if (a.w_bits == 4) return kg ? launch_nt<RT, 4, true, OutT>(a, stream) : launch_nt<RT, 4, false, OutT>(a, stream);
-  return kg ? launch_nt<RT, 8, true, OutT>(a, stream) : launch_nt<RT, 8, false, OutT>(a, stream);
+  if (a.w_bits == 4)
+    return kg ? launch_nt<RT, TG, 4, true, OutT>(a, stream) : launch_nt<RT, TG, 4, false, OutT>(a, stream);
+  return kg ? launch_nt<RT, TG, 8, true, OutT>(a, stream) : launch_nt<RT, TG, 8, false, OutT>(a, stream);
 }
 
-template <int RT>
-cudaError_t launch_rt(const zq_gemm_args& a, cudaStream_t stream) {
-  return a.out_dt == ZQ_F16 ? launch_w<RT, __half>(a, stream) : launch_w<RT, __nv_bfloat16>(a, stream);
+template <int RT, int TG>
+cudaError_t launch_cfg(const zq_gemm_args& a, cudaStream_t stream) {
+  return a.out_dt == ZQ_F16 ? launch_w<RT, TG, __half>(a, stream) : launch_w<RT, TG, __nv_bfloat16>(a, stream);
 }
 
-// Configuration 0: 16 weight rows a block; 1: 32 (each x fragment used twice; half the blocks). The library's
-// choice: 32 rows where that still leaves two blocks per SM and M <= 32, else 16.
+// Configuration 0: 16 weight rows a block; 1: 32 (each x fragment used twice; half the blocks); 2: 16 rows, the
+// tokens in two groups of warps (half the token tiles a warp: for M > 32 two blocks fit an SM instead of one;
+// each group splits K four ways). The library's choice: 32 rows where that still leaves two blocks per SM and
+// M <= 32, else 16 (configuration 2 is not chosen: not yet measured).
 int pick_config(int64_t m, int64_t n, int sm_count) {
   return n % 32 == 0 && m <= 32 && n / 32 >= 2 * (int64_t)sm_count ? 1 : 0;
 }
@@ -261,7 +272,8 @@ ZQ_API cudaError_t zq_gemm_skinny_config(const zq_gemm_args* a, int cfg, cudaStr
   if (a->m == 0 || a->n == 0) return cudaSuccess;
   if (cfg < 0) cfg = pick_config(a->m, a->n, dev.sm_count);
   if (cfg == 1 && (a->n % 32 || a->m > 32)) return cudaErrorNotSupported;
-  return cfg == 1 ? launch_rt<2>(*a, stream) : launch_rt<1>(*a, stream);
+  if (cfg == 2) return launch_cfg<1, 2>(*a, stream);
+  return cfg == 1 ? launch_cfg<2, 1>(*a, stream) : launch_cfg<1, 1>(*a, stream);
 }
 
 ZQ_API cudaError_t zq_gemm_skinny(const zq_gemm_args* a, cudaStream_t stream) {

@@ -1,7 +1,7 @@
 """The decode-shaped GEMM kernel (zq_gemm_skinny, gemm_skinny.cu) against the reference op, element by element:
 M = 1..64 around its token-tile edges, INT8 and INT4 weights, row scales and K groups of 128 / 256 / 512, fp16 and
-bf16, every epilogue variant, outlier tokens / channels / weight rows (tests/gpu/test_kernels.make_gemm), both
-configurations, into NaN-poisoned outputs with a guard row. Then its contract: what it declines returns
+bf16, every epilogue variant, outlier tokens / channels / weight rows (tests/gpu/test_kernels.make_gemm), every
+configuration (16 / 32 weight rows a block, two token groups), into NaN-poisoned outputs with a guard row. Then its contract: what it declines returns
 cudaErrorNotSupported with nothing written; and through the dispatcher (zq_gemm_run) and the chooser when it is
 enabled."""
 from __future__ import annotations
@@ -34,7 +34,7 @@ def check(m, k, n, bits, group_size, out_dtype, act, with_bias, with_res, seed):
     xq, xs, wq, ws, bias, res = make_gemm(m, k, n, bits, group_size, out_dtype, seed=seed, with_bias=with_bias,
                                           with_res=with_res)
     y_ref = ref("int8_gemm_dequant")(xq, xs, wq, ws, bias, res, act, bits, out_dtype)
-    for cfg in (0, 1):
+    for cfg in (0, 1, 2):
         rc, buf = run_skinny(xq, xs, wq, ws, bias, res, act, bits, out_dtype, cfg)
         if cfg == 1 and (n % 32 or m > 32):
             assert rc == cuda_gemm.CUDA_ERROR_NOT_SUPPORTED
