@@ -218,3 +218,33 @@ def test_engine_plan_in_report_dump_and_file(tmp_path):
     engine.save(tmp_path / "e.zq")
     loaded = zq.load(tmp_path / "e.zq")
     assert next(g for g in loaded.record.gemms if g["fqn"] == q["fqn"])["problem"] == q["problem"]
+
+
+def test_decode_policy_follows_the_measured_table():
+    """On the H200 decode table (every kernel forced, bench/bench_gemm.py --decode) the chooser's kernel is within
+    1.25x of the fastest at every (shape, M, weights) row but the three it knowingly gives up (INT4 / K groups
+    at M = 64 on the short-K, wide 1B gate+up, where the mma kernel is 1.3-1.4x ahead: one choice per M bucket);
+    the skinny configuration the library picks is within 1.35x of its best one."""
+    import json
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[2] / "bench" / "results"
+    dev = G.GemmDevice("H200", (9, 0), library=True, sm90_library=True)
+    formats = {"int8": (8, 0), "int4g128": (4, 128), "int4": (4, 0), "int8g128": (8, 128)}
+    slow, rows = [], 0
+    for name in ("gemm_decode_NVIDIA_H200.json", "gemm_decode_NVIDIA_H200_int4_int8g128.json"):
+        for r in json.loads((results / name).read_text())["rows"]:
+            bits, group_k = formats[r["weights"]]
+            p = G.GemmProblem("int8_gemm_dequant", r["n"], r["k"], bits, group_k, "int8", "float16", m=r["m"])
+            kernel = G.choose_gemm(p, dev).kernel.name
+            times = {k[:-3]: v for k, v in r.items() if k.endswith("_us") and k != "fp16_us"}
+            mine = min(v for k, v in times.items() if k.startswith(kernel))  # skinny: its best configuration
+            rows += 1
+            if mine > 1.25 * min(times.values()):
+                slow.append((r["weights"], r["k"], r["n"], r["m"], kernel))
+            if kernel == "skinny":  # the configuration the library picks (gemm_skinny.cu pick_config, 132 SMs)
+                cfg = "1" if r["n"] % 32 == 0 and r["m"] <= 32 and r["n"] // 32 >= 2 * 132 else "0"
+                assert times["skinny" + cfg] <= 1.35 * mine, r  # 1.32x at worst: INT8 K groups, N = 6144, M <= 8
+    assert rows >= 200
+    assert sorted(slow) == [("int4", 2048, 16384, 64, "skinny"), ("int4g128", 2048, 16384, 64, "skinny"),
+                            ("int8g128", 2048, 16384, 64, "skinny")]
