@@ -195,14 +195,14 @@ def test_lkd_generated_data_samples_at_the_configured_temperature_and_top_p():
 
 def test_lkd_tuning_defaults_depend_on_the_data():
     """Fields left at None take the data's tuning: random ids the conservative one (on SmolLM2 the text settings
-    made it 40.97 vs 29.58 untuned), sampled data 16 batches, everything else the issue-14 one; a field given stays
+    made it 40.97 vs 29.58 untuned), sampled data 32 batches, everything else the issue-14 one; a field given stays
     as given."""
     assert LKDConfig(data="random").resolved_for("random") == LKDConfig(
         data="random", lr=1e-4, clip_lr=0.0, schedule="constant", student_input="fp", num_batches=8)
     assert LKDConfig(lr=1e-3).resolved_for("some text") == LKDConfig(
         lr=1e-3, clip_lr=5e-3, schedule="cosine", student_input="quantized", num_batches=8)
     assert LKDConfig(num_batches=3).resolved_for("generated").num_batches == 3
-    assert len(lkd_batches(tiny_gpt2(), LKDConfig(batch_size=1, seq_len=4))) == 16  # auto -> generated: 16 batches
+    assert len(lkd_batches(tiny_gpt2(), LKDConfig(batch_size=1, seq_len=4))) == 32  # auto -> generated: 32 batches
     assert resolved_data(tiny_gpt2(), LKDConfig()) == "generated"
     assert resolved_data(tiny_bert(), LKDConfig()) == "random"
 
