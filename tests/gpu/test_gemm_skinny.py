@@ -112,14 +112,12 @@ def test_skinny_is_deterministic_and_graph_safe():
     assert torch.equal(out, first)
 
 
-def test_skinny_through_the_chooser_and_op(monkeypatch):
+def test_skinny_through_the_chooser_and_op():
     """On sm_90 the chooser takes it for decode M with INT4 K groups and the op serves the call with it, numbers as
     the reference; an M past 64 goes to the next kernel."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the measured policy takes it on sm_90 only")
-    monkeypatch.setattr(G, "SKINNY_MODE", "auto")
-    G._choose.cache_clear()
-    try:
+    with G.skinny_mode("auto"):
         for m, want in [(1, "skinny"), (16, "skinny"), (64, "skinny"), (65, None)]:
             xq, xs, wq, ws, bias, res = make_gemm(m, 512, 256, 4, 128, torch.float16, seed=m)
             with cuda_gemm.served_by() as s:
@@ -127,5 +125,3 @@ def test_skinny_through_the_chooser_and_op(monkeypatch):
             y_ref = ref("int8_gemm_dequant")(xq, xs, wq, ws, bias, None, "gelu", 4, torch.float16)
             assert_gemm_exact(y, y_ref)
             assert (want in s) if want else ("skinny" not in s), dict(s)
-    finally:
-        G._choose.cache_clear()

@@ -248,3 +248,25 @@ def test_decode_policy_follows_the_measured_table():
     assert rows >= 200
     assert sorted(slow) == [("int4", 2048, 16384, 64, "skinny"), ("int4g128", 2048, 16384, 64, "skinny"),
                             ("int8g128", 2048, 16384, 64, "skinny")]
+
+
+def test_skinny_mode_switches_the_choice_and_a_bad_value_fails_in_one_line():
+    """skinny_mode("0") hands decode M back to the other kernels and restores the policy after the block; a
+    ZQ_GEMM_SKINNY that is not auto / 0 / 1 fails at import naming the variable and the values it takes."""
+    import os
+    import subprocess
+    import sys
+
+    p = G.GemmProblem("int8_gemm_dequant", 4096, 4096, 4, 128, "int8", "float16", m=1)
+    h200 = _device((9, 0), True)
+    assert G.choose_gemm(p, h200).kernel is G.SKINNY
+    with G.skinny_mode("0"):
+        c = G.choose_gemm(p, h200)
+        assert c.kernel is G.SIMT and c.reason("skinny") == "policy: turned off (ZQ_GEMM_SKINNY=0)"
+    assert G.choose_gemm(p, h200).kernel is G.SKINNY and G.SKINNY_MODE == "auto"
+    with pytest.raises(ValueError, match="skinny_mode must be one of auto, 0, 1"):
+        with G.skinny_mode("off"):
+            pass
+    r = subprocess.run([sys.executable, "-c", "import zqcompile.plugins.gemm_kernels"], capture_output=True,
+                       text=True, env={**os.environ, "ZQ_GEMM_SKINNY": "off"})
+    assert r.returncode != 0 and "ZQ_GEMM_SKINNY must be one of auto, 0, 1" in r.stderr and "'off'" in r.stderr

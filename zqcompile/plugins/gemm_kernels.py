@@ -11,6 +11,7 @@ TensorRT plugins get it as their `kernel_plan` field (`plan_text`). Pure Python:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -38,8 +39,8 @@ MMA_MAX_GROUP_K = 65536  # the int32 sum of a group of K terms stays exact (gemm
 # The decode-shaped kernel (gemm_skinny.cu): its contract's bounds, then where it is taken, measured with every kernel
 # forced on the decode GEMMs of the Llama-3-8B / 3.2-1B layers (bench/results/gemm_decode_NVIDIA_H200.md: `python
 # bench/bench_gemm.py --decode`, H200, L2 defeated). INT4 with K groups of 128: the fastest kernel at every M <= 64 on
-# 7 of the 8 shapes (M = 16: 4.3-31.6 us where mma took 14.6-142 and simt 20-148; the one miss, N = 16384 at M = 64,
-# 37.8 vs mma's 28.7). INT8 with row scales: the fastest, or within 6 %, at M <= 16 on every shape (M = 1: 3.8-35.4
+# every shape but two rows (M = 16: 4.0-31.6 us where mma took 14.5-142 and simt 19-148; the misses: N = 16384 at
+# M = 64, 37.8 vs mma's 28.7, and 8192 x 2048 at M = 1, 2 % behind simt). INT8 with row scales: the fastest, or within 6 %, at M <= 16 on every shape (M = 1: 3.8-35.4
 # us vs simt's 4.0-33.5; M = 16: 4.1-40.8 vs sm90's 7.6-38.5); at M = 17-32 the fastest where N <= 4096 (the sm90
 # kernel ahead at N = 6144 / 16384 / 28672), at M = 33-64 only where N <= 2048.
 SKINNY_MAX_M = 64
@@ -47,8 +48,19 @@ SKINNY_CHUNK_K = 128
 SKINNY_MAX_ROW_K = 65536
 SKINNY_INT8_MID_M = 32  # a bucket edge: INT8 row scales at M 17-32 / 33-64 have different N limits
 SKINNY_INT8_MAX_N = ((16, math.inf), (SKINNY_INT8_MID_M, 4096), (SKINNY_MAX_M, 2048))  # (max M, max N)
-# "auto": the measured policy above; "1": wherever its contract holds; "0": never (A/B measurements).
-SKINNY_MODE = os.environ.get("ZQ_GEMM_SKINNY", "auto")
+# "auto": the measured policy above; "1": wherever its contract holds; "0": never (A/B measurements). Read from
+# ZQ_GEMM_SKINNY at import; `skinny_mode(...)` changes it for a block.
+SKINNY_MODES = ("auto", "0", "1")
+
+
+def _check_skinny_mode(mode: str, where: str) -> str:
+    if mode not in SKINNY_MODES:
+        raise ValueError(f"{where} must be one of auto, 0, 1 (the decode-shaped GEMM kernel: measured policy, "
+                         f"never, wherever it can), got {mode!r}")
+    return mode
+
+
+SKINNY_MODE = _check_skinny_mode(os.environ.get("ZQ_GEMM_SKINNY", "auto"), "ZQ_GEMM_SKINNY")
 
 # Every threshold above is a bucket edge, so each M bucket has one choice: 1-4, 5-16, 17-32, 33-64, 65-1024, >1024.
 M_BUCKETS: tuple[tuple[int, float], ...] = tuple(
@@ -385,6 +397,20 @@ def _choose(problem: GemmProblem, device: GemmDevice) -> GemmChoice:
             return GemmChoice(kernel, fallback, tuple((k.name, w) for k, w in reasons[:i]), device)
     raise NoGemmKernel(f"no GEMM kernel takes {problem.describe()} on {device.describe()}: "
                        + "; ".join(f"{k.name}: {w}" for k, w in reasons))
+
+
+@contextlib.contextmanager
+def skinny_mode(mode: str):
+    """The decode-shaped kernel's policy set to `mode` (SKINNY_MODES) inside the block, the memoized choices
+    dropped on the way in and out (A/B measurements, tests). CUDA graphs captured before keep their kernels."""
+    global SKINNY_MODE
+    old, SKINNY_MODE = SKINNY_MODE, _check_skinny_mode(mode, "skinny_mode")
+    _choose.cache_clear()
+    try:
+        yield
+    finally:
+        SKINNY_MODE = old
+        _choose.cache_clear()
 
 
 def plan_buckets(problem: GemmProblem, device: GemmDevice) -> list[GemmChoice]:
