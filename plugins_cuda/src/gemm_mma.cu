@@ -8,7 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "device_info.h"
+#include "gemm_launch.h"
 #include "mma_sm80.cuh"
 #include "zq/device_math.cuh"
 #include "zq/gemm.h"
@@ -279,20 +279,14 @@ cudaError_t launch(const zq_gemm_args& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <class Cfg, class OutT>
-cudaError_t launch_w(const zq_gemm_args& a, cudaStream_t stream) {
-  const bool kg = a.groups > 1;
-  if (a.w_bits == 4) return kg ? launch<Cfg, 4, true, OutT>(a, stream) : launch<Cfg, 4, false, OutT>(a, stream);
-  return kg ? launch<Cfg, 8, true, OutT>(a, stream) : launch<Cfg, 8, false, OutT>(a, stream);
-}
-
 template <class Cfg>
-cudaError_t launch_cfg(const zq_gemm_args& a, cudaStream_t stream) {
-  return a.out_dt == ZQ_F16 ? launch_w<Cfg, __half>(a, stream) : launch_w<Cfg, __nv_bfloat16>(a, stream);
-}
+struct Launch {
+  template <int WBITS, bool KG, class OutT>
+  static cudaError_t run(const zq_gemm_args& a, cudaStream_t stream) { return launch<Cfg, WBITS, KG, OutT>(a, stream); }
+};
 
 #define ZQ_MMA_CASE(id, BM, BN, WM, WN, ST) \
-  case id: return launch_cfg<Tile<BM, BN, WM, WN, ST>>(a, stream);
+  case id: return launch_by_type<Launch<Tile<BM, BN, WM, WN, ST>>>(a, stream);
 cudaError_t run_config(int cfg, const zq_gemm_args& a, cudaStream_t stream) {
   switch (cfg) {
     ZQ_MMA_CONFIGS(ZQ_MMA_CASE)
@@ -310,12 +304,11 @@ int pick_config(int64_t m, int64_t n, int sm_count) {
   return kNumConfigs - 1;
 }
 
-bool misaligned(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) != 0; }
-
 }  // namespace zq::mma
 
 ZQ_API cudaError_t zq_gemm_mma_config(const zq_gemm_args* a, int cfg, cudaStream_t stream) {
   using namespace zq::mma;
+  using zq::misaligned;
   if (a->m < 0 || a->n < 0 || a->k < 0) return cudaErrorInvalidValue;
   const int64_t group_k = a->groups > 0 ? a->k / a->groups : 0;
   if (!a->x_is_int8 || (a->w_bits != 8 && a->w_bits != 4) || (a->out_dt != ZQ_F16 && a->out_dt != ZQ_BF16) ||
@@ -324,9 +317,7 @@ ZQ_API cudaError_t zq_gemm_mma_config(const zq_gemm_args* a, int cfg, cudaStream
       misaligned(a->out, 4) || misaligned(a->residual, 4))
     return cudaErrorNotSupported;
   zq::DeviceInfo dev;
-  if (!zq::current_device_info(&dev)) return cudaErrorInvalidDevice;
-  if (dev.cc_major < 8) return cudaErrorNotSupported;
-  if (cfg >= kNumConfigs) return cudaErrorInvalidValue;
+  if (const cudaError_t e = zq::sm80_device(cfg, kNumConfigs, &dev); e != cudaSuccess) return e;
   if (a->m == 0 || a->n == 0) return cudaSuccess;
   return run_config(cfg < 0 ? pick_config(a->m, a->n, dev.sm_count) : cfg, *a, stream);
 }

@@ -18,7 +18,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "device_info.h"
+#include "gemm_launch.h"
 #include "mma_sm80.cuh"
 #include "zq/device_math.cuh"
 #include "zq/gemm.h"
@@ -230,18 +230,13 @@ cudaError_t launch_nt(const zq_gemm_args& a, cudaStream_t stream) {
   return cudaErrorNotSupported;  // RT = 2 stops at M = 32 (the partial tiles' shared memory)
 }
 
-template <int RT, int TG, class OutT>
-cudaError_t launch_w(const zq_gemm_args& a, cudaStream_t stream) {
-  const bool kg = a.groups > 1;
-  if (a.w_bits == 4)
-    return kg ? launch_nt<RT, TG, 4, true, OutT>(a, stream) : launch_nt<RT, TG, 4, false, OutT>(a, stream);
-  return kg ? launch_nt<RT, TG, 8, true, OutT>(a, stream) : launch_nt<RT, TG, 8, false, OutT>(a, stream);
-}
-
 template <int RT, int TG>
-cudaError_t launch_cfg(const zq_gemm_args& a, cudaStream_t stream) {
-  return a.out_dt == ZQ_F16 ? launch_w<RT, TG, __half>(a, stream) : launch_w<RT, TG, __nv_bfloat16>(a, stream);
-}
+struct Launch {
+  template <int WBITS, bool KG, class OutT>
+  static cudaError_t run(const zq_gemm_args& a, cudaStream_t stream) {
+    return launch_nt<RT, TG, WBITS, KG, OutT>(a, stream);
+  }
+};
 
 // Configuration 0: 16 weight rows a block; 1: 32 (each x fragment used twice; half the blocks); 2: 16 rows, the
 // tokens in two groups of warps (half the token tiles a warp: for M > 32 two blocks fit an SM instead of one;
@@ -251,12 +246,11 @@ int pick_config(int64_t m, int64_t n, int sm_count) {
   return n % 32 == 0 && m <= 32 && n / 32 >= 2 * (int64_t)sm_count ? 1 : 0;
 }
 
-bool misaligned(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) != 0; }
-
 }  // namespace zq::skinny
 
 ZQ_API cudaError_t zq_gemm_skinny_config(const zq_gemm_args* a, int cfg, cudaStream_t stream) {
   using namespace zq::skinny;
+  using zq::misaligned;
   if (a->m < 0 || a->n < 0 || a->k < 0) return cudaErrorInvalidValue;
   const int64_t group_k = a->groups > 0 ? a->k / a->groups : 0;
   if (!a->x_is_int8 || (a->w_bits != 8 && a->w_bits != 4) || (a->out_dt != ZQ_F16 && a->out_dt != ZQ_BF16) ||
@@ -266,14 +260,12 @@ ZQ_API cudaError_t zq_gemm_skinny_config(const zq_gemm_args* a, int cfg, cudaStr
       misaligned(a->bias, 2))
     return cudaErrorNotSupported;
   zq::DeviceInfo dev;
-  if (!zq::current_device_info(&dev)) return cudaErrorInvalidDevice;
-  if (dev.cc_major < 8) return cudaErrorNotSupported;
-  if (cfg >= kNumConfigs) return cudaErrorInvalidValue;
+  if (const cudaError_t e = zq::sm80_device(cfg, kNumConfigs, &dev); e != cudaSuccess) return e;
   if (a->m == 0 || a->n == 0) return cudaSuccess;
   if (cfg < 0) cfg = pick_config(a->m, a->n, dev.sm_count);
   if (cfg == 1 && (a->n % 32 || a->m > 32)) return cudaErrorNotSupported;
-  if (cfg == 2) return launch_cfg<1, 2>(*a, stream);
-  return cfg == 1 ? launch_cfg<2, 1>(*a, stream) : launch_cfg<1, 1>(*a, stream);
+  if (cfg == 2) return zq::launch_by_type<Launch<1, 2>>(*a, stream);
+  return cfg == 1 ? zq::launch_by_type<Launch<2, 1>>(*a, stream) : zq::launch_by_type<Launch<1, 1>>(*a, stream);
 }
 
 ZQ_API cudaError_t zq_gemm_skinny(const zq_gemm_args* a, cudaStream_t stream) {
