@@ -142,7 +142,8 @@ def decode_table(cuda_mod, out: Path, tag: str, names: list[str]) -> None:
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "library": plugins.status(),
             "command": " ".join([sys.executable] + sys.argv), "hbm_peak_tb_s": HBM_PEAK_TB_S,
             "method": "CUDA graph over distinct weight copies (>= 160 MiB of weights: L2 defeated), median of 15 "
-                      "replays; TB/s = (weight + scales + x + out bytes) / time; fp16 = torch.matmul, fp16 out"}
+                      "replays; TB/s = (weight + scales + x + out bytes) / time; fp16 = torch.matmul, fp16 out, on "
+                      "one weight (L2 may hold the smaller ones: its time a lower bound)"}
     sk = ["skinny0", "skinny1", "skinny2"]
     variants = {"int8": (8, None, ["simt", "mma", "sm90", *sk]), "int4g128": (4, 128, ["simt", "mma", *sk]),
                 "int4": (4, None, ["simt", "mma", "sm90", *sk]), "int8g128": (8, 128, ["simt", "mma", *sk])}
