@@ -240,10 +240,16 @@ struct Launch {
 
 // Configuration 0: 16 weight rows a block; 1: 32 (each x fragment used twice; half the blocks); 2: 16 rows, the
 // tokens in two groups of warps (half the token tiles a warp: for M > 32 two blocks fit an SM instead of one;
-// each group splits K four ways). The library's choice: 32 rows where that still leaves two blocks per SM and
-// M <= 32, else 16 (configuration 2 is not chosen: not yet measured).
+// each group splits K four ways). The library's choice, from the forced-configuration table
+// (bench/results/gemm_decode_NVIDIA_H200.md, H200; 0.6 % over the best configuration summed over its rows, 1.08x
+// at worst): 32 rows at M <= 16 where N / 32 still covers every SM; at M > 32 configuration 2 unless the
+// one-block-an-SM grid takes an odd number of waves (N / 16 blocks over the SMs), where its two-block waves would
+// leave the last one at most half full (N = 2048 / 6144 on 132 SMs: 1 and 3 waves, configuration 0 ahead by
+// 5-37 %); else 16 rows.
 int pick_config(int64_t m, int64_t n, int sm_count) {
-  return n % 32 == 0 && m <= 32 && n / 32 >= 2 * (int64_t)sm_count ? 1 : 0;
+  if (n % 32 == 0 && m <= 16 && n / 32 >= (int64_t)sm_count) return 1;
+  const int64_t waves = (n / 16 + sm_count - 1) / sm_count;
+  return m > 32 && waves % 2 == 0 ? 2 : 0;
 }
 
 }  // namespace zq::skinny

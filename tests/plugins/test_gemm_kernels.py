@@ -220,18 +220,26 @@ def test_engine_plan_in_report_dump_and_file(tmp_path):
     assert next(g for g in loaded.record.gemms if g["fqn"] == q["fqn"])["problem"] == q["problem"]
 
 
+def skinny_config(m, n, sms):
+    """gemm_skinny.cu pick_config, as written there."""
+    if n % 32 == 0 and m <= 16 and n // 32 >= sms:
+        return "1"
+    return "2" if m > 32 and (-(-(n // 16) // sms)) % 2 == 0 else "0"
+
+
 def test_decode_policy_follows_the_measured_table():
     """On the H200 decode table (every kernel forced, bench/bench_gemm.py --decode) the chooser's kernel is within
-    1.25x of the fastest at every (shape, M, weights) row but the three it knowingly gives up (INT4 / K groups
-    at M = 64 on the short-K, wide 1B gate+up, where the mma kernel is 1.3-1.4x ahead: one choice per M bucket);
-    the skinny configuration the library picks is within 1.35x of its best one."""
+    1.25x of the fastest at every (shape, M, weights) row but the two it knowingly gives up (INT4 row scales and
+    INT8 K groups at M = 64 on the short-K, wide 1B gate+up, measured before configuration 2 ran: the mma kernel
+    1.3-1.4x ahead there; with configuration 2 INT4 K groups tie with it, 28.5 vs 28.6 us);
+    the skinny configuration the library picks is within 1.15x of its best one (1 % on average)."""
     import json
     from pathlib import Path
 
     results = Path(__file__).resolve().parents[2] / "bench" / "results"
     dev = G.GemmDevice("H200", (9, 0), library=True, sm90_library=True)
     formats = {"int8": (8, 0), "int4g128": (4, 128), "int4": (4, 0), "int8g128": (8, 128)}
-    slow, rows = [], 0
+    slow, rows, picked = [], 0, []
     for name in ("gemm_decode_NVIDIA_H200.json", "gemm_decode_NVIDIA_H200_int4_int8g128.json"):
         for r in json.loads((results / name).read_text())["rows"]:
             bits, group_k = formats[r["weights"]]
@@ -243,11 +251,12 @@ def test_decode_policy_follows_the_measured_table():
             if mine > 1.25 * min(times.values()):
                 slow.append((r["weights"], r["k"], r["n"], r["m"], kernel))
             if kernel == "skinny":  # the configuration the library picks (gemm_skinny.cu pick_config, 132 SMs)
-                cfg = "1" if r["n"] % 32 == 0 and r["m"] <= 32 and r["n"] // 32 >= 2 * 132 else "0"
-                assert times["skinny" + cfg] <= 1.35 * mine, r  # 1.32x at worst: INT8 K groups, N = 6144, M <= 8
-    assert rows >= 200
-    assert sorted(slow) == [("int4", 2048, 16384, 64, "skinny"), ("int4g128", 2048, 16384, 64, "skinny"),
-                            ("int8g128", 2048, 16384, 64, "skinny")]
+                cfg = skinny_config(r["m"], r["n"], 132)
+                if "skinny" + cfg in times:  # the table of the INT4 row / INT8 K-group variants has no configuration 2
+                    picked.append(times["skinny" + cfg] / mine)
+                    assert times["skinny" + cfg] <= 1.15 * mine, r  # 1.13x at worst: INT8 K groups, N = 16384, M = 16
+    assert rows >= 200 and sum(picked) / len(picked) < 1.01
+    assert sorted(slow) == [("int4", 2048, 16384, 64, "skinny"), ("int8g128", 2048, 16384, 64, "skinny")]
 
 
 def test_skinny_mode_switches_the_choice_and_a_bad_value_fails_in_one_line():
