@@ -15,7 +15,7 @@ configuration too.
     python bench/bench_gemm.py --decode   # decode shapes, M = 1-64: every kernel forced, INT8 and INT4
 
 --decode: the decode GEMMs of the Llama-3-8B and Llama-3.2-1B layers at M = 1..64, each C kernel forced (simt,
-mma, sm90, skinny and its three configurations) for INT8 row scales and INT4 K groups of 128, against cuBLAS FP16;
+mma, sm90, skinny and its four configurations) for INT8 row scales and INT4 K groups of 128, against cuBLAS FP16;
 µs and weight-read TB/s (weight + scale bytes, x, out) over distinct weight copies (L2 defeated), the fraction of
 HBM peak, and the fastest kernel a row (what gemm_kernels' decode policy is set from); writes
 gemm_decode_<device>.json / .md.
@@ -144,7 +144,7 @@ def decode_table(cuda_mod, out: Path, tag: str, names: list[str]) -> None:
             "method": "CUDA graph over distinct weight copies (>= 160 MiB of weights: L2 defeated), median of 15 "
                       "replays; TB/s = (weight + scales + x + out bytes) / time; fp16 = torch.matmul, fp16 out, on "
                       "one weight (L2 may hold the smaller ones: its time a lower bound)"}
-    sk = ["skinny0", "skinny1", "skinny2"]
+    sk = ["skinny0", "skinny1", "skinny2", "skinny3"]
     variants = {"int8": (8, None, ["simt", "mma", "sm90", *sk]), "int4g128": (4, 128, ["simt", "mma", *sk]),
                 "int4": (4, None, ["simt", "mma", "sm90", *sk]), "int8g128": (8, 128, ["simt", "mma", *sk])}
     variants = {k: v for k, v in variants.items() if k in names}
@@ -187,7 +187,7 @@ def decode_table(cuda_mod, out: Path, tag: str, names: list[str]) -> None:
                     flush=True)
             wqs.clear()  # frees the copies before the next variant
         (out / f"gemm_decode_{tag}{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    cols = ["simt", "mma", "sm90", "skinny0", "skinny1", "skinny2"]
+    cols = ["simt", "mma", "sm90", "skinny0", "skinny1", "skinny2", "skinny3"]
     lines = [f"# Decode GEMMs, every kernel forced — {meta['device']}", "", f"`{meta['command']}`; {meta['method']}",
              "", "| K | N | M | weights | fp16 µs | " + " | ".join(f"{c} µs (TB/s)" for c in cols) +
              " | best | of HBM peak |", "|---|---|---|---|---|" + "---|" * (len(cols) + 2)]

@@ -17,6 +17,7 @@
 // INT4 is unpacked to int8 x 16 (mma_sm80.cuh unpack_int4x16), the 16 divided out through the scale (exact).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 
 #include "gemm_launch.h"
 #include "mma_sm80.cuh"
@@ -33,7 +34,7 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kChunk = 128;  // k per warp step: four m16n8k32 steps
 constexpr int64_t kMaxRowK = 65536;  // row scales: the int32 sum of K terms of |x * w| <= 2^14 stays exact
 constexpr int kMaxM = 64;
-constexpr int kNumConfigs = 3;
+constexpr int kNumConfigs = 4;
 
 // 16 bytes of a weight row: read once, so kept out of L1 (the x rows stay there for the other warps).
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
@@ -136,6 +137,18 @@ __device__ __forceinline__ void fold(const Chunk<RT, NT, WBITS, KG>& ch, int (&i
       }
 }
 
+// out[m, n] from v = the dequantized sum (acc * w_scale), in the reference's order:
+// ((acc * w_scale) * x_scale + bias) -> act -> + residual.
+template <class OutT>
+__device__ __forceinline__ void store_out(const zq_gemm_args& a, int m, int64_t n, float v) {
+  const auto* bias = static_cast<const OutT*>(a.bias);
+  const auto* residual = static_cast<const OutT*>(a.residual);
+  v = v * a.x_scale[m] + (bias ? to_f<OutT>(bias[n]) : 0.f);
+  v = apply_act(v, a.act);
+  if (residual) v += to_f<OutT>(residual[m * a.n + n]);
+  static_cast<OutT*>(a.out)[m * a.n + n] = from_f<OutT>(v);
+}
+
 // TG token groups: the warps split into TG groups of kWarps / TG, group i multiplying tokens 8 NT i .. by every
 // k chunk its warps take (split-K over kWarps / TG); a group's weight reads after the first come from L2. TG blocks an
 // SM are asked of the register allocator (TG = 2: <= 128 registers a thread).
@@ -182,9 +195,6 @@ __global__ void __launch_bounds__(kThreads, TG) gemm_skinny_kernel(const zq_gemm
             KG ? __float_as_uint(facc[i][j][r]) : (uint32_t)iacc[i][j][r];
   __syncthreads();
 
-  const auto* bias = static_cast<const OutT*>(a.bias);
-  const auto* residual = static_cast<const OutT*>(a.residual);
-  auto* out = static_cast<OutT*>(a.out);
   const int mv = (int)a.m;  // <= 64
   for (int e = threadIdx.x; e < R * mv; e += kThreads) {
     const int r = e % R, m = e / R;  // consecutive threads: consecutive columns of out
@@ -202,11 +212,7 @@ __global__ void __launch_bounds__(kThreads, TG) gemm_skinny_kernel(const zq_gemm
       for (int w = 0; w < kSplit; ++w) s += (int)red[w0 + w][r][ml];
       v = (float)s * (a.w_scale[n] * kUnscale);
     }
-    // the reference's order: ((acc * w_scale) * x_scale + bias) -> act -> + residual
-    v = v * a.x_scale[m] + (bias ? to_f<OutT>(bias[n]) : 0.f);
-    v = apply_act(v, a.act);
-    if (residual) v += to_f<OutT>(residual[m * a.n + n]);
-    out[m * a.n + n] = from_f<OutT>(v);
+    store_out<OutT>(a, m, n, v);
   }
 #endif
 }
@@ -238,6 +244,226 @@ struct Launch {
   }
 };
 
+// Configuration 3 (sm_90): 128 weight rows a block, 16 a warp, and the 8 warps walk the same K chunks, so the x of
+// the block's K slice, staged once in shared memory, serves all of them (configurations 0-2 read every x row once
+// per 16 weight rows: at M = 64 that is 8x the INT4 weight's bytes, from L2). K is split over a thread-block
+// cluster of S blocks (S = 1, 2, 4, 8: enough blocks for two an SM); each block keeps its partial tile in its own
+// shared memory and, after a cluster barrier, block rank r sums rows r * 128 / S .. of all S tiles in rank order
+// through distributed shared memory (deterministic, no workspace) and writes them. The weight is streamed into
+// registers as in the other configurations, P chunks ahead (INT8: 2, INT4: 3: ~48-64 KB in flight an SM).
+namespace cl {
+constexpr int kRows = 16 * kWarps;
+constexpr int kMaxSplit = 8;
+constexpr size_t kMaxSmem = 113 * 1024;  // two blocks an SM: 2 x (113 + 1 reserved) KB = 228 KB
+
+template <int WBITS, bool KG>
+struct WChunk {
+  static constexpr int kWords = WBITS == 8 ? 8 : 4;
+  uint32_t w[2][kWords];
+  float sc[2];
+};
+
+template <int WBITS, bool KG>
+__device__ __forceinline__ void load_w(const zq_gemm_args& a, int64_t n0, int64_t c, int g, int t, WChunk<WBITS, KG>& ch) {
+  const int64_t k0 = c * kChunk + 32 * t;
+  const auto* w = static_cast<const uint8_t*>(a.wq);
+  const int64_t wrow = a.k * WBITS / 8;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n = n0 + g + 8 * h;
+    const uint8_t* p = w + n * wrow + k0 * WBITS / 8;
+    const uint4 v = ld_stream(p);
+    ch.w[h][0] = v.x, ch.w[h][1] = v.y, ch.w[h][2] = v.z, ch.w[h][3] = v.w;
+    if constexpr (WBITS == 8) {
+      const uint4 u = ld_stream(p + 16);
+      ch.w[h][4] = u.x, ch.w[h][5] = u.y, ch.w[h][6] = u.z, ch.w[h][7] = u.w;
+    }
+    if constexpr (KG) ch.sc[h] = __ldg(a.w_scale + n * a.groups + c * kChunk / (a.k / a.groups));
+  }
+}
+
+// iacc[j] += the chunk's 16 weight rows x token tile j, x read from shared memory (xs: this lane's 32 bytes of
+// token g in the chunk; token tile j 8 rows of `pitch` bytes further).
+template <int NT, int WBITS, bool KG>
+__device__ __forceinline__ void multiply(const WChunk<WBITS, KG>& ch, const uint8_t* xs, int pitch,
+                                         int (&iacc)[NT][4]) {
+  uint32_t wa[2][8];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if constexpr (WBITS == 8) {
+#pragma unroll
+      for (int q = 0; q < 8; ++q) wa[h][q] = ch.w[h][q];
+    } else {
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        uint32_t b[2];
+        unpack_int4x16(ch.w[h][p], b);
+        wa[h][2 * p] = b[0], wa[h][2 * p + 1] = b[1];
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const uint4 v0 = *reinterpret_cast<const uint4*>(xs + 8 * j * pitch);
+    const uint4 v1 = *reinterpret_cast<const uint4*>(xs + 8 * j * pitch + 16);
+    const uint32_t xw[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const uint32_t af[4] = {wa[0][2 * s], wa[1][2 * s], wa[0][2 * s + 1], wa[1][2 * s + 1]};
+      const uint32_t bf[2] = {xw[2 * s], xw[2 * s + 1]};
+      mma_s8(iacc[j], af, bf);
+    }
+  }
+}
+
+// Shared memory of a block: the x slice [MP rows][cps * 128 + 16 bytes], then (reusing it) the partial tile
+// [MP tokens][kRows + 4 words].
+__host__ __device__ constexpr int x_pitch(int cps) { return cps * kChunk + 16; }
+constexpr int kPartPitch = kRows + 4;  // words; lanes (g, t) of a fragment store hit 32 distinct banks
+__host__ __device__ constexpr size_t smem_bytes(int mp, int cps) {
+  return (size_t)mp * x_pitch(cps) > (size_t)mp * kPartPitch * 4 ? (size_t)mp * x_pitch(cps)
+                                                                  : (size_t)mp * kPartPitch * 4;
+}
+
+template <int NT, int WBITS, bool KG, class OutT>
+__global__ void __launch_bounds__(kThreads, 2) gemm_skinny_cluster_kernel(const zq_gemm_args a, int cps) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  extern __shared__ __align__(16) uint8_t smem[];
+  constexpr int P = WBITS == 8 ? 2 : 3;
+  constexpr float kUnscale = WBITS == 4 ? 1.f / 16 : 1.f;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int split = (int)gridDim.x, rank = (int)blockIdx.x;  // cluster (split, 1, 1): rank = blockIdx.x
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t row0 = (int64_t)blockIdx.y * kRows, n0 = row0 + 16 * warp;
+  const int64_t chunks = a.k / kChunk, c0 = (int64_t)rank * cps;
+  const int nc = (int)(c0 >= chunks ? 0 : (chunks - c0 < cps ? chunks - c0 : cps));
+  const int pitch = x_pitch(cps), mv = (int)a.m;
+
+  WChunk<WBITS, KG> w[P];
+#pragma unroll
+  for (int p = 0; p < P; ++p)
+    if (p < nc) load_w(a, n0, c0 + p, g, t, w[p]);
+  {  // the x slice: rows m < M (the padding rows' columns of the tiles are never written out)
+    const auto* x = static_cast<const int8_t*>(a.x);
+    const int row16 = nc * kChunk / 16;
+    for (int e = threadIdx.x; e < mv * row16; e += kThreads) {
+      const int m = e / row16, q = e % row16;
+      mma::cp_async_16(mma::smem_addr(smem + m * pitch + 16 * q), x + m * a.k + c0 * kChunk + 16 * q, true);
+    }
+    mma::cp_async_commit();
+    mma::cp_async_wait<0>();
+  }
+  __syncthreads();
+
+  int iacc[NT][4];
+  float facc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) iacc[j][r] = 0, facc[j][r] = 0.f;
+  const uint8_t* xs = smem + g * pitch + 32 * t;
+  for (int i = 0; i < nc; i += P) {
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int ci = i + p;
+      if (ci < nc) {
+        multiply<NT>(w[p], xs + ci * kChunk, pitch, iacc);
+        if constexpr (KG) {
+#pragma unroll
+          for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {  // exact int -> float as in fold() above
+              facc[j][r] = fmaf(__int_as_float(0x4B400000 + iacc[j][r]) - 12582912.f, w[p].sc[r >> 1], facc[j][r]);
+              iacc[j][r] = 0;
+            }
+        }
+        if (ci + P < nc) load_w(a, n0, c0 + ci + P, g, t, w[p]);
+      }
+    }
+  }
+
+  // The partial tile, [token][row] words, over the x slice (every warp is past its last read of it).
+  __syncthreads();
+  auto* part = reinterpret_cast<uint32_t*>(smem);
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      part[(8 * j + 2 * t + (r & 1)) * kPartPitch + 16 * warp + g + 8 * (r >> 1)] =
+          KG ? __float_as_uint(facc[j][r]) : (uint32_t)iacc[j][r];
+  cluster.sync();
+
+  const int rows = kRows / split, r0 = rank * rows;
+  for (int e = threadIdx.x; e < rows * mv; e += kThreads) {
+    const int r = r0 + e % rows, m = e / rows;
+    const int idx = m * kPartPitch + r;
+    float v;
+    if constexpr (KG) {
+      v = 0.f;
+      for (int q = 0; q < split; ++q) v += __uint_as_float(cluster.map_shared_rank(part, q)[idx]);
+      v *= kUnscale;
+    } else {
+      int sum = 0;
+      for (int q = 0; q < split; ++q) sum += (int)cluster.map_shared_rank(part, q)[idx];
+      v = (float)sum * (a.w_scale[row0 + r] * kUnscale);
+    }
+    store_out<OutT>(a, m, row0 + r, v);
+  }
+  cluster.sync();  // the other blocks' reads of this block's tile are done
+#endif
+}
+
+template <int NT, int WBITS, bool KG, class OutT>
+cudaError_t launch(const zq_gemm_args& a, int split, int cps, cudaStream_t stream) {
+  auto* kernel = gemm_skinny_cluster_kernel<NT, WBITS, KG, OutT>;
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kMaxSmem);
+  if (attr != cudaSuccess) return attr;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)split, (unsigned)(a.n / kRows), 1);
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.dynamicSmemBytes = smem_bytes(8 * NT, cps);
+  cfg.stream = stream;
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeClusterDimension;
+  at[0].val.clusterDim.x = (unsigned)split, at[0].val.clusterDim.y = 1, at[0].val.clusterDim.z = 1;
+  cfg.attrs = at, cfg.numAttrs = 1;
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, a, cps);
+  return e != cudaSuccess ? e : cudaGetLastError();
+}
+
+// The split: the fewest blocks a row tile (1, 2, 4, 8; no more than the chunks) that give every SM two blocks,
+// more if the x slice would not fit the shared memory of two blocks an SM. 0: none fits.
+inline int pick_split(int mp, int64_t n, int64_t k, int sm_count, int* cps) {
+  const int64_t tiles = n / kRows, chunks = k / kChunk;
+  for (int s = 1; s <= kMaxSplit; s *= 2) {
+    *cps = (int)((chunks + s - 1) / s);
+    const bool enough = tiles * s >= 2 * (int64_t)sm_count || s == kMaxSplit || 2 * s > chunks;
+    if (enough && smem_bytes(mp, *cps) <= kMaxSmem) return s;
+  }
+  return 0;
+}
+
+struct Launch3 {
+  template <int WBITS, bool KG, class OutT>
+  static cudaError_t run(const zq_gemm_args& a, cudaStream_t stream) {
+    const int nt = a.m <= 8 ? 1 : a.m <= 16 ? 2 : a.m <= 32 ? 4 : 8;
+    zq::DeviceInfo dev;
+    if (!zq::current_device_info(&dev)) return cudaErrorInvalidDevice;
+    int cps = 0;
+    const int split = pick_split(8 * nt, a.n, a.k, dev.sm_count, &cps);
+    if (split == 0) return cudaErrorNotSupported;
+    switch (nt) {
+      case 1: return launch<1, WBITS, KG, OutT>(a, split, cps, stream);
+      case 2: return launch<2, WBITS, KG, OutT>(a, split, cps, stream);
+      case 4: return launch<4, WBITS, KG, OutT>(a, split, cps, stream);
+      default: return launch<8, WBITS, KG, OutT>(a, split, cps, stream);
+    }
+  }
+};
+}  // namespace cl
+
 // Configuration 0: 16 weight rows a block; 1: 32 (each x fragment used twice; half the blocks); 2: 16 rows, the
 // tokens in two groups of warps (half the token tiles a warp: for M > 32 two blocks fit an SM instead of one;
 // each group splits K four ways). The library's choice, from the forced-configuration table
@@ -246,7 +472,8 @@ struct Launch {
 // one-block-an-SM grid takes an odd number of waves (N / 16 blocks over the SMs), where its two-block waves would
 // leave the last one at most half full (N = 2048 / 6144 on 132 SMs: 1 and 3 waves, configuration 0 ahead by
 // 5-37 %); else 16 rows.
-int pick_config(int64_t m, int64_t n, int sm_count) {
+int pick_config(int64_t m, int64_t n, int64_t k, int sm_count) {
+  (void)k;
   if (n % 32 == 0 && m <= 16 && n / 32 >= (int64_t)sm_count) return 1;
   const int64_t waves = (n / 16 + sm_count - 1) / sm_count;
   return m > 32 && waves % 2 == 0 ? 2 : 0;
@@ -268,8 +495,10 @@ ZQ_API cudaError_t zq_gemm_skinny_config(const zq_gemm_args* a, int cfg, cudaStr
   zq::DeviceInfo dev;
   if (const cudaError_t e = zq::sm80_device(cfg, kNumConfigs, &dev); e != cudaSuccess) return e;
   if (a->m == 0 || a->n == 0) return cudaSuccess;
-  if (cfg < 0) cfg = pick_config(a->m, a->n, dev.sm_count);
+  if (cfg < 0) cfg = pick_config(a->m, a->n, a->k, dev.sm_count);
   if (cfg == 1 && (a->n % 32 || a->m > 32)) return cudaErrorNotSupported;
+  if (cfg == 3 && (dev.cc_major < 9 || a->n % cl::kRows)) return cudaErrorNotSupported;
+  if (cfg == 3) return zq::launch_by_type<cl::Launch3>(*a, stream);
   if (cfg == 2) return zq::launch_by_type<Launch<1, 2>>(*a, stream);
   return cfg == 1 ? zq::launch_by_type<Launch<2, 1>>(*a, stream) : zq::launch_by_type<Launch<1, 1>>(*a, stream);
 }

@@ -1,7 +1,7 @@
 """The decode-shaped GEMM kernel (zq_gemm_skinny, gemm_skinny.cu) against the reference op, element by element:
 M = 1..64 around its token-tile edges, INT8 and INT4 weights, row scales and K groups of 128 / 256 / 512, fp16 and
 bf16, every epilogue variant, outlier tokens / channels / weight rows (tests/gpu/test_kernels.make_gemm), every
-configuration (16 / 32 weight rows a block, two token groups), into NaN-poisoned outputs with a guard row. Then its contract: what it declines returns
+configuration (16 / 32 weight rows a block, two token groups, 128 rows with K over a cluster), into NaN-poisoned outputs with a guard row. Then its contract: what it declines returns
 cudaErrorNotSupported with nothing written; and through the dispatcher (zq_gemm_run) and the chooser when it is
 enabled."""
 from __future__ import annotations
@@ -30,13 +30,20 @@ def run_skinny(xq, xs, wq, ws, bias, res, act, bits, out_dtype, cfg):
     return rc, buf
 
 
+def cluster_declines(m, k, n):
+    """Configuration 3's contract: sm_90, N % 128 == 0, and x's slice at the largest split (8) within 113 KB."""
+    mp = 8 * next(t for t in (1, 2, 4, 8) if m <= 8 * t)
+    slice_bytes = mp * (-(-(k // 128) // 8) * 128 + 16)
+    return n % 128 or torch.cuda.get_device_capability()[0] < 9 or slice_bytes > 113 * 1024
+
+
 def check(m, k, n, bits, group_size, out_dtype, act, with_bias, with_res, seed):
     xq, xs, wq, ws, bias, res = make_gemm(m, k, n, bits, group_size, out_dtype, seed=seed, with_bias=with_bias,
                                           with_res=with_res)
     y_ref = ref("int8_gemm_dequant")(xq, xs, wq, ws, bias, res, act, bits, out_dtype)
-    for cfg in (0, 1, 2):
+    for cfg in (0, 1, 2, 3):
         rc, buf = run_skinny(xq, xs, wq, ws, bias, res, act, bits, out_dtype, cfg)
-        if cfg == 1 and (n % 32 or m > 32):
+        if (cfg == 1 and (n % 32 or m > 32)) or (cfg == 3 and cluster_declines(m, k, n)):
             assert rc == cuda_gemm.CUDA_ERROR_NOT_SUPPORTED
             assert torch.isnan(buf).all(), "declined, yet wrote"
             continue
@@ -66,10 +73,24 @@ def test_skinny_epilogues(out_dtype, act, with_bias, with_res):
     (4, 14336, 4096, 4, 128), (64, 14336, 4096, 8, None),  # down_proj: K over every warp many times
     (8, 2048, 16384, 4, 512), (32, 1152, 48, 4, 384),  # K groups larger than a chunk; K not a power of two
     (2, 65536, 16, 8, None),  # the longest row-scaled K (int32 sum exact)
+    (64, 14336, 4096, 4, 128), (64, 4096, 28672, 4, 128), (48, 4096, 6144, 8, None),  # configuration 3 at M > 32
+    (64, 28672, 128, 8, None),  # configuration 3: the x slice (64 x 3584 bytes) past its shared memory: declines
 ])
 def test_skinny_model_shapes(m, k, n, bits, group_size):
     check(m, k, n, bits, group_size, torch.float16, "silu" if n > 4096 else "none", with_bias=False,
           with_res=n == 4096, seed=m + k + n)
+
+
+@pytest.mark.parametrize("m", [1, 8, 9, 17, 33, 64])
+@pytest.mark.parametrize("k", [128, 384, 1152, 2048])  # K splits over the cluster: 1, 2 (2 + 1 chunks), 8 (two
+                                                       # empty ranks), 8 (2 chunks each) at N = 128 on 132 SMs
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 128), (4, None), (8, 128)])
+def test_skinny_cluster_configuration(m, k, bits, group_size):
+    """Configuration 3 (128 weight rows a block, K split over a cluster, partial tiles summed through distributed
+    shared memory) at the split edges; N = 384 is three row tiles."""
+    for n in (128, 384):
+        check(m, k, n, bits, group_size, torch.bfloat16 if m % 2 else torch.float16, ACTS[(m + k) % 5],
+              with_bias=k > 128, with_res=m % 3 == 0, seed=m + k + n + bits)
 
 
 @pytest.mark.parametrize("case", ["m65", "k_not_128", "group_64", "n_not_16", "x_misaligned", "row_k_too_long",
