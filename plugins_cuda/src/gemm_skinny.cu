@@ -122,6 +122,11 @@ __device__ __forceinline__ void multiply(const Chunk<RT, NT, WBITS, KG>& ch, int
 
 // K groups: facc += float(iacc) * scale of the chunk's group, iacc = 0. |iacc| <= 128 * 2^14 = 2^21 < 2^22, so
 // the float conversion through the bit pattern is exact (IADD + FADD at full rate instead of I2F).
+__device__ __forceinline__ void fold_one(int& iacc, float& facc, float scale) {
+  facc = fmaf(__int_as_float(0x4B400000 + iacc) - 12582912.f, scale, facc);
+  iacc = 0;
+}
+
 template <int RT, int NT, int WBITS, bool KG>
 __device__ __forceinline__ void fold(const Chunk<RT, NT, WBITS, KG>& ch, int (&iacc)[RT][NT][4],
                                      float (&facc)[RT][NT][4]) {
@@ -130,11 +135,7 @@ __device__ __forceinline__ void fold(const Chunk<RT, NT, WBITS, KG>& ch, int (&i
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const float v = __int_as_float(0x4B400000 + iacc[i][j][r]) - 12582912.f;
-        facc[i][j][r] = fmaf(v, ch.sc[i][r >> 1], facc[i][j][r]);
-        iacc[i][j][r] = 0;
-      }
+      for (int r = 0; r < 4; ++r) fold_one(iacc[i][j][r], facc[i][j][r], ch.sc[i][r >> 1]);
 }
 
 // out[m, n] from v = the dequantized sum (acc * w_scale), in the reference's order:
@@ -373,10 +374,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_skinny_cluster_kernel(const 
 #pragma unroll
           for (int j = 0; j < NT; ++j)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {  // exact int -> float as in fold() above
-              facc[j][r] = fmaf(__int_as_float(0x4B400000 + iacc[j][r]) - 12582912.f, w[p].sc[r >> 1], facc[j][r]);
-              iacc[j][r] = 0;
-            }
+            for (int r = 0; r < 4; ++r) fold_one(iacc[j][r], facc[j][r], w[p].sc[r >> 1]);
         }
         if (ci + P < nc) load_w(a, n0, c0 + ci + P, g, t, w[p]);
       }
@@ -472,8 +470,7 @@ struct Launch3 {
 // one-block-an-SM grid takes an odd number of waves (N / 16 blocks over the SMs), where its two-block waves would
 // leave the last one at most half full (N = 2048 / 6144 on 132 SMs: 1 and 3 waves, configuration 0 ahead by
 // 5-37 %); else 16 rows.
-int pick_config(int64_t m, int64_t n, int64_t k, int sm_count) {
-  (void)k;
+int pick_config(int64_t m, int64_t n, int sm_count) {
   if (n % 32 == 0 && m <= 16 && n / 32 >= (int64_t)sm_count) return 1;
   const int64_t waves = (n / 16 + sm_count - 1) / sm_count;
   return m > 32 && waves % 2 == 0 ? 2 : 0;
@@ -495,7 +492,7 @@ ZQ_API cudaError_t zq_gemm_skinny_config(const zq_gemm_args* a, int cfg, cudaStr
   zq::DeviceInfo dev;
   if (const cudaError_t e = zq::sm80_device(cfg, kNumConfigs, &dev); e != cudaSuccess) return e;
   if (a->m == 0 || a->n == 0) return cudaSuccess;
-  if (cfg < 0) cfg = pick_config(a->m, a->n, a->k, dev.sm_count);
+  if (cfg < 0) cfg = pick_config(a->m, a->n, dev.sm_count);
   if (cfg == 1 && (a->n % 32 || a->m > 32)) return cudaErrorNotSupported;
   if (cfg == 3 && (dev.cc_major < 9 || a->n % cl::kRows)) return cudaErrorNotSupported;
   if (cfg == 3) return zq::launch_by_type<cl::Launch3>(*a, stream);
