@@ -15,7 +15,7 @@ configuration too.
     python bench/bench_gemm.py --decode   # decode shapes, M = 1-64: every kernel forced, INT8 and INT4
 
 --decode: the decode GEMMs of the Llama-3-8B and Llama-3.2-1B layers at M = 1..64, each C kernel forced (simt,
-mma, sm90, skinny and its four configurations) for INT8 row scales and INT4 K groups of 128, against cuBLAS FP16;
+mma, sm90, skinny and its five configurations) for INT8 row scales and INT4 K groups of 128, against cuBLAS FP16;
 µs and weight-read TB/s (weight + scale bytes, x, out) over distinct weight copies (L2 defeated), the fraction of
 HBM peak, and the fastest kernel a row (what gemm_kernels' decode policy is set from); writes
 gemm_decode_<device>.json / .md.
@@ -137,19 +137,22 @@ DECODE_MS = [1, 2, 4, 8, 16, 32, 64]
 HBM_PEAK_TB_S = 4.8  # H200 (FACTS.md)
 
 
-def decode_table(cuda_mod, out: Path, tag: str, names: list[str]) -> None:
-    """Every C kernel forced on the decode shapes; a kernel that declines a problem is left out of its row."""
+def decode_table(cuda_mod, out: Path, tag: str, names: list[str], ms: list[int] | None = None,
+                 only: list[str] | None = None) -> None:
+    """Every C kernel forced on the decode shapes (or those in `only`, at the M of `ms`); a kernel that declines a
+    problem is left out of its row."""
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "library": plugins.status(),
             "command": " ".join([sys.executable] + sys.argv), "hbm_peak_tb_s": HBM_PEAK_TB_S,
             "method": "CUDA graph over distinct weight copies (>= 160 MiB of weights: L2 defeated), median of 15 "
                       "replays; TB/s = (weight + scales + x + out bytes) / time; fp16 = torch.matmul, fp16 out, on "
                       "one weight (L2 may hold the smaller ones: its time a lower bound)"}
-    sk = ["skinny0", "skinny1", "skinny2", "skinny3"]
+    sk = ["skinny0", "skinny1", "skinny2", "skinny3", "skinny4"]
     variants = {"int8": (8, None, ["simt", "mma", "sm90", *sk]), "int4g128": (4, 128, ["simt", "mma", *sk]),
                 "int4": (4, None, ["simt", "mma", "sm90", *sk]), "int8g128": (8, 128, ["simt", "mma", *sk])}
-    variants = {k: v for k, v in variants.items() if k in names}
+    variants = {k: (b, gr, [kk for kk in ks if not only or kk in only]) for k, (b, gr, ks) in variants.items()
+                if k in names}
     rows, fp16_seen = [], set()
-    suffix = "" if names == ["int8", "int4g128"] else "_" + "_".join(names)
+    suffix = ("" if names == ["int8", "int4g128"] else "_" + "_".join(names)) + ("_subset" if ms or only else "")
     for k, n in DECODE_SHAPES:
         w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.05
         for name, (bits, group, kernels) in variants.items():
@@ -157,7 +160,7 @@ def decode_table(cuda_mod, out: Path, tag: str, names: list[str]) -> None:
             copies = max(2, min(32, -(-L2_DEFEAT_BYTES // wbytes)))
             gran = "k_groups" if group else "row_groups"
             wqs = [qm.quantize_weight(w16.float() * (1 + 0.01 * i), bits, gran, group_size=group) for i in range(copies)]
-            for m in DECODE_MS:
+            for m in ms or DECODE_MS:
                 x16 = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 xq, xs = qm.quantize_per_token(x16)
                 xs = xs.reshape(m).contiguous()
@@ -187,7 +190,7 @@ def decode_table(cuda_mod, out: Path, tag: str, names: list[str]) -> None:
                     flush=True)
             wqs.clear()  # frees the copies before the next variant
         (out / f"gemm_decode_{tag}{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    cols = ["simt", "mma", "sm90", "skinny0", "skinny1", "skinny2", "skinny3"]
+    cols = ["simt", "mma", "sm90", "skinny0", "skinny1", "skinny2", "skinny3", "skinny4"]
     lines = [f"# Decode GEMMs, every kernel forced — {meta['device']}", "", f"`{meta['command']}`; {meta['method']}",
              "", "| K | N | M | weights | fp16 µs | " + " | ".join(f"{c} µs (TB/s)" for c in cols) +
              " | best | of HBM peak |", "|---|---|---|---|---|" + "---|" * (len(cols) + 2)]
@@ -252,6 +255,8 @@ def main() -> None:
     ap.add_argument("--decode", action="store_true", help="decode shapes, M = 1-64: every kernel forced")
     ap.add_argument("--variants", default="int8,int4g128",
                     help="--decode: weight formats, of int8, int4g128, int4 (row scales), int8g128")
+    ap.add_argument("--ms", default="", help="--decode: only these M (comma-separated)")
+    ap.add_argument("--kernels", default="", help="--decode: only these kernels (e.g. sm90,skinny2,skinny4)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available() or not plugins.load():
@@ -263,7 +268,9 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         tag = torch.cuda.get_device_name().replace(" ", "_")
         if args.decode:
-            return decode_table(cuda_mod, out, tag, args.variants.split(","))
+            return decode_table(cuda_mod, out, tag, args.variants.split(","),
+                                [int(m) for m in args.ms.split(",") if m] or None,
+                                [k for k in args.kernels.split(",") if k] or None)
         return w4_crossover(cuda_mod, out, tag)
 
     configs = list(range(lib._lib.zq_gemm_sm90_num_configs()))

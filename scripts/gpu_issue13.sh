@@ -68,6 +68,22 @@ for stage in "$@"; do
     row-split-ab)  # A/B for row-split: 8B W8A8 with one block a row
       ZQ_ROW_SPLIT=0 bench --shapes 8b --engines w8a8 --batches 1,16 --cache-lens 128 --repeat 2 \
         --out "$OUT/decode_scale_8b_row_block_H200.json" || rc=$? ;;
+    wgmma)  # skinny configuration 4 (sm_90a wgmma, 64 weight rows x 64 tokens an instruction): its GPU tests,
+            # then the decode GEMM table for the kernels it competes with
+      ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout "$(left)" "$PY" -m pytest -q -p no:cacheprovider \
+        ${TEST_WORKERS:+-n "$TEST_WORKERS" --dist loadfile} tests/gpu/test_gemm_skinny.py > "$OUT/gpu_tests_wgmma.txt" 2>&1
+      r=$?; tail -3 "$OUT/gpu_tests_wgmma.txt"
+      if [ $r -eq 0 ] || [ -n "${BENCH_ANYWAY:-}" ]; then
+        timeout "$(left)" "$PY" bench/bench_gemm.py --decode --ms ${WG_MS:-1,16,32,64} \
+          --kernels sm90,skinny0,skinny2,skinny4 --out "$OUT" > "$OUT/gemm_decode_wgmma.log" 2>&1 || rc=$?
+        tail -3 "$OUT/gemm_decode_wgmma.log"
+      fi
+      [ $r -eq 0 ] || rc=$r ;;
+    wgmma-engines)  # 8B W4/8A8 at batch 16 / 64 with the library's pick, then configuration 4 forced (A/B, one call)
+      for c in -1 4; do
+        ZQ_SKINNY_CONFIG=$c bench --shapes 8b --engines ${WG_ENGINES:-w4/8a8} --batches ${WG_BATCHES:-16,64} \
+          --cache-lens 128 --repeat 2 --out "$OUT/decode_scale_8b_skinny_cfg${c}_H200.json" || rc=$?
+      done ;;
     skinny)  # the decode-shaped GEMM kernel: its GPU tests, every kernel forced on the decode shapes, then the 1B
              # engines with the chooser taking it (ZQ_GEMM_SKINNY=1) and without (A/B, same call)
       ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout "$(left)" "$PY" -m pytest -q -p no:cacheprovider \

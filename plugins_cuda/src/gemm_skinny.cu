@@ -20,30 +20,16 @@
 #include <cooperative_groups.h>
 
 #include "gemm_launch.h"
-#include "mma_sm80.cuh"
-#include "zq/device_math.cuh"
-#include "zq/gemm.h"
+#include "gemm_skinny.cuh"
 
 namespace zq::skinny {
 
 using mma::mma_s8;
-using mma::unpack_int4x16;
 
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kChunk = 128;  // k per warp step: four m16n8k32 steps
-constexpr int64_t kMaxRowK = 65536;  // row scales: the int32 sum of K terms of |x * w| <= 2^14 stays exact
-constexpr int kMaxM = 64;
-constexpr int kNumConfigs = 4;
+constexpr int kNumConfigs = 5;
 
-// 16 bytes of a weight row: read once, so kept out of L1 (the x rows stay there for the other warps).
-__device__ __forceinline__ uint4 ld_stream(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
 __device__ __forceinline__ uint4 ld_x(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
 // The raw bytes of one chunk of a warp: 32 k of each of its 2 * RT weight rows (INT8: 8 words, INT4: 4 words
@@ -102,7 +88,7 @@ __device__ __forceinline__ void multiply(const Chunk<RT, NT, WBITS, KG>& ch, int
 #pragma unroll
         for (int p = 0; p < 4; ++p) {
           uint32_t b[2];
-          unpack_int4x16(ch.w[i][h][p], b);
+          mma::unpack_int4x16(ch.w[i][h][p], b);
           wa[i][h][2 * p] = b[0], wa[i][h][2 * p + 1] = b[1];
         }
       }
@@ -120,13 +106,6 @@ __device__ __forceinline__ void multiply(const Chunk<RT, NT, WBITS, KG>& ch, int
     }
 }
 
-// K groups: facc += float(iacc) * scale of the chunk's group, iacc = 0. |iacc| <= 128 * 2^14 = 2^21 < 2^22, so
-// the float conversion through the bit pattern is exact (IADD + FADD at full rate instead of I2F).
-__device__ __forceinline__ void fold_one(int& iacc, float& facc, float scale) {
-  facc = fmaf(__int_as_float(0x4B400000 + iacc) - 12582912.f, scale, facc);
-  iacc = 0;
-}
-
 template <int RT, int NT, int WBITS, bool KG>
 __device__ __forceinline__ void fold(const Chunk<RT, NT, WBITS, KG>& ch, int (&iacc)[RT][NT][4],
                                      float (&facc)[RT][NT][4]) {
@@ -136,18 +115,6 @@ __device__ __forceinline__ void fold(const Chunk<RT, NT, WBITS, KG>& ch, int (&i
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int r = 0; r < 4; ++r) fold_one(iacc[i][j][r], facc[i][j][r], ch.sc[i][r >> 1]);
-}
-
-// out[m, n] from v = the dequantized sum (acc * w_scale), in the reference's order:
-// ((acc * w_scale) * x_scale + bias) -> act -> + residual.
-template <class OutT>
-__device__ __forceinline__ void store_out(const zq_gemm_args& a, int m, int64_t n, float v) {
-  const auto* bias = static_cast<const OutT*>(a.bias);
-  const auto* residual = static_cast<const OutT*>(a.residual);
-  v = v * a.x_scale[m] + (bias ? to_f<OutT>(bias[n]) : 0.f);
-  v = apply_act(v, a.act);
-  if (residual) v += to_f<OutT>(residual[m * a.n + n]);
-  static_cast<OutT*>(a.out)[m * a.n + n] = from_f<OutT>(v);
 }
 
 // TG token groups: the warps split into TG groups of kWarps / TG, group i multiplying tokens 8 NT i .. by every
@@ -257,52 +224,13 @@ constexpr int kRows = 16 * kWarps;
 constexpr int kMaxSplit = 8;
 constexpr size_t kMaxSmem = 113 * 1024;  // two blocks an SM: 2 x (113 + 1 reserved) KB = 228 KB
 
-template <int WBITS, bool KG>
-struct WChunk {
-  static constexpr int kWords = WBITS == 8 ? 8 : 4;
-  uint32_t w[2][kWords];
-  float sc[2];
-};
-
-template <int WBITS, bool KG>
-__device__ __forceinline__ void load_w(const zq_gemm_args& a, int64_t n0, int64_t c, int g, int t, WChunk<WBITS, KG>& ch) {
-  const int64_t k0 = c * kChunk + 32 * t;
-  const auto* w = static_cast<const uint8_t*>(a.wq);
-  const int64_t wrow = a.k * WBITS / 8;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t n = n0 + g + 8 * h;
-    const uint8_t* p = w + n * wrow + k0 * WBITS / 8;
-    const uint4 v = ld_stream(p);
-    ch.w[h][0] = v.x, ch.w[h][1] = v.y, ch.w[h][2] = v.z, ch.w[h][3] = v.w;
-    if constexpr (WBITS == 8) {
-      const uint4 u = ld_stream(p + 16);
-      ch.w[h][4] = u.x, ch.w[h][5] = u.y, ch.w[h][6] = u.z, ch.w[h][7] = u.w;
-    }
-    if constexpr (KG) ch.sc[h] = __ldg(a.w_scale + n * a.groups + c * kChunk / (a.k / a.groups));
-  }
-}
-
 // iacc[j] += the chunk's 16 weight rows x token tile j, x read from shared memory (xs: this lane's 32 bytes of
 // token g in the chunk; token tile j 8 rows of `pitch` bytes further).
 template <int NT, int WBITS, bool KG>
 __device__ __forceinline__ void multiply(const WChunk<WBITS, KG>& ch, const uint8_t* xs, int pitch,
                                          int (&iacc)[NT][4]) {
   uint32_t wa[2][8];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    if constexpr (WBITS == 8) {
-#pragma unroll
-      for (int q = 0; q < 8; ++q) wa[h][q] = ch.w[h][q];
-    } else {
-#pragma unroll
-      for (int p = 0; p < 4; ++p) {
-        uint32_t b[2];
-        unpack_int4x16(ch.w[h][p], b);
-        wa[h][2 * p] = b[0], wa[h][2 * p + 1] = b[1];
-      }
-    }
-  }
+  int8_words(ch, wa);
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     const uint4 v0 = *reinterpret_cast<const uint4*>(xs + 8 * j * pitch);
@@ -329,11 +257,8 @@ __host__ __device__ constexpr size_t smem_bytes(int mp, int cps) {
 template <int NT, int WBITS, bool KG, class OutT>
 __global__ void __launch_bounds__(kThreads, 2) gemm_skinny_cluster_kernel(const zq_gemm_args a, int cps) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
   extern __shared__ __align__(16) uint8_t smem[];
   constexpr int P = WBITS == 8 ? 2 : 3;
-  constexpr float kUnscale = WBITS == 4 ? 1.f / 16 : 1.f;
-  cg::cluster_group cluster = cg::this_cluster();
   const int split = (int)gridDim.x, rank = (int)blockIdx.x;  // cluster (split, 1, 1): rank = blockIdx.x
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int64_t row0 = (int64_t)blockIdx.y * kRows, n0 = row0 + 16 * warp;
@@ -390,25 +315,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_skinny_cluster_kernel(const 
     for (int r = 0; r < 4; ++r)
       part[(8 * j + 2 * t + (r & 1)) * kPartPitch + 16 * warp + g + 8 * (r >> 1)] =
           KG ? __float_as_uint(facc[j][r]) : (uint32_t)iacc[j][r];
-  cluster.sync();
-
-  const int rows = kRows / split, r0 = rank * rows;
-  for (int e = threadIdx.x; e < rows * mv; e += kThreads) {
-    const int r = r0 + e % rows, m = e / rows;
-    const int idx = m * kPartPitch + r;
-    float v;
-    if constexpr (KG) {
-      v = 0.f;
-      for (int q = 0; q < split; ++q) v += __uint_as_float(cluster.map_shared_rank(part, q)[idx]);
-      v *= kUnscale;
-    } else {
-      int sum = 0;
-      for (int q = 0; q < split; ++q) sum += (int)cluster.map_shared_rank(part, q)[idx];
-      v = (float)sum * (a.w_scale[row0 + r] * kUnscale);
-    }
-    store_out<OutT>(a, m, row0 + r, v);
-  }
-  cluster.sync();  // the other blocks' reads of this block's tile are done
+  cluster_sum_store<WBITS, KG, OutT>(a, part, kPartPitch, kRows, row0, rank, split);
 #endif
 }
 
@@ -418,17 +325,7 @@ cudaError_t launch(const zq_gemm_args& a, int split, int cps, cudaStream_t strea
   static const cudaError_t attr =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kMaxSmem);
   if (attr != cudaSuccess) return attr;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)split, (unsigned)(a.n / kRows), 1);
-  cfg.blockDim = dim3(kThreads, 1, 1);
-  cfg.dynamicSmemBytes = smem_bytes(8 * NT, cps);
-  cfg.stream = stream;
-  cudaLaunchAttribute at[1];
-  at[0].id = cudaLaunchAttributeClusterDimension;
-  at[0].val.clusterDim.x = (unsigned)split, at[0].val.clusterDim.y = 1, at[0].val.clusterDim.z = 1;
-  cfg.attrs = at, cfg.numAttrs = 1;
-  const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, a, cps);
-  return e != cudaSuccess ? e : cudaGetLastError();
+  return launch_split_k(kernel, a, split, kRows, kThreads, smem_bytes(8 * NT, cps), cps, stream);
 }
 
 // The split: the fewest blocks a row tile (1, 2, 4, 8; no more than the chunks) that give every SM two blocks,
@@ -496,6 +393,7 @@ ZQ_API cudaError_t zq_gemm_skinny_config(const zq_gemm_args* a, int cfg, cudaStr
   if (cfg == 1 && (a->n % 32 || a->m > 32)) return cudaErrorNotSupported;
   if (cfg == 3 && (dev.cc_major < 9 || a->n % cl::kRows)) return cudaErrorNotSupported;
   if (cfg == 3) return zq::launch_by_type<cl::Launch3>(*a, stream);
+  if (cfg == 4) return wg::run(*a, stream);
   if (cfg == 2) return zq::launch_by_type<Launch<1, 2>>(*a, stream);
   return cfg == 1 ? zq::launch_by_type<Launch<2, 1>>(*a, stream) : zq::launch_by_type<Launch<1, 1>>(*a, stream);
 }

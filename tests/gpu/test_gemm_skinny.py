@@ -1,7 +1,8 @@
 """The decode-shaped GEMM kernel (zq_gemm_skinny, gemm_skinny.cu) against the reference op, element by element:
 M = 1..64 around its token-tile edges, INT8 and INT4 weights, row scales and K groups of 128 / 256 / 512, fp16 and
 bf16, every epilogue variant, outlier tokens / channels / weight rows (tests/gpu/test_kernels.make_gemm), every
-configuration (16 / 32 weight rows a block, two token groups, 128 rows with K over a cluster), into NaN-poisoned outputs with a guard row. Then its contract: what it declines returns
+configuration (16 / 32 weight rows a block, two token groups, 128 rows with K over a cluster, the sm_90a wgmma
+configuration of 64 rows), into NaN-poisoned outputs with a guard row. Then its contract: what it declines returns
 cudaErrorNotSupported with nothing written; and through the dispatcher (zq_gemm_run) and the chooser when it is
 enabled."""
 from __future__ import annotations
@@ -37,13 +38,19 @@ def cluster_declines(m, k, n):
     return n % 128 or torch.cuda.get_device_capability()[0] < 9 or slice_bytes > 113 * 1024
 
 
+def wgmma_declines(n):
+    """Configuration 4's contract: compute capability 9.0 (sm_90a code) and N % 64 == 0."""
+    return n % 64 or torch.cuda.get_device_capability() != (9, 0)
+
+
 def check(m, k, n, bits, group_size, out_dtype, act, with_bias, with_res, seed):
     xq, xs, wq, ws, bias, res = make_gemm(m, k, n, bits, group_size, out_dtype, seed=seed, with_bias=with_bias,
                                           with_res=with_res)
     y_ref = ref("int8_gemm_dequant")(xq, xs, wq, ws, bias, res, act, bits, out_dtype)
-    for cfg in (0, 1, 2, 3):
+    for cfg in (0, 1, 2, 3, 4):
         rc, buf = run_skinny(xq, xs, wq, ws, bias, res, act, bits, out_dtype, cfg)
-        if (cfg == 1 and (n % 32 or m > 32)) or (cfg == 3 and cluster_declines(m, k, n)):
+        if ((cfg == 1 and (n % 32 or m > 32)) or (cfg == 3 and cluster_declines(m, k, n))
+                or (cfg == 4 and wgmma_declines(n))):
             assert rc == cuda_gemm.CUDA_ERROR_NOT_SUPPORTED
             assert torch.isnan(buf).all(), "declined, yet wrote"
             continue
@@ -59,12 +66,21 @@ def test_skinny_matches_reference_over_m(m, bits, group_size):
           seed=7 * m + bits)
 
 
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 128), (4, None), (8, 128), (4, 256)])
+def test_skinny_wgmma_over_m(m, bits, group_size):
+    """N = 192: three 64-row tiles, so configuration 4 runs too (split over a cluster of 4 at K = 1024)."""
+    check(m, 1024, 192, bits, group_size, torch.bfloat16, ACTS[(m + 2) % 5], with_bias=m % 2 == 1,
+          with_res=m % 4 == 0, seed=5 * m + bits)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("with_bias,with_res", [(False, False), (True, True), (True, False), (False, True)])
 def test_skinny_epilogues(out_dtype, act, with_bias, with_res):
     for m, bits, group_size in [(1, 8, None), (5, 4, 128), (33, 8, None), (64, 4, 128)]:
         check(m, 384, 160, bits, group_size, out_dtype, act, with_bias, with_res, seed=m + 11 * bits)
+        check(m, 256, 64, bits, group_size, out_dtype, act, with_bias, with_res, seed=m + 13 * bits)  # cfg 4
 
 
 @pytest.mark.parametrize("m,k,n,bits,group_size", [

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 from collections import Counter
 from typing import Iterator, Optional
 
@@ -77,6 +78,12 @@ def _args(x, x_scale, wq, w_scale, bias, residual, act, w_bits, out) -> GemmArgs
                     n=wq.shape[0], k=k)
 
 
+# Benchmarks' A/B knob: the skinny kernel's configuration for every call the library would pick one for (env
+# ZQ_SKINNY_CONFIG at import; -1: the library's pick_config). Where that configuration declines a problem, the
+# library's pick runs instead.
+skinny_config = int(os.environ.get("ZQ_SKINNY_CONFIG", "-1"))
+
+
 def launch_gemm(path: str, x, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out: Tensor,
                 config: int = -1) -> int:
     """Launch C kernel `path` ("simt", "mma", "sm90", "skinny") on 2-D contiguous operands into `out`; the
@@ -127,7 +134,11 @@ def _run(op: str, choice: GemmChoice, x, x_scale, wq, w_scale, bias, residual, a
         _served(kernel.name)
         return _fp16_dequant(x, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype)
     out = torch.empty((x.shape[0], wq.shape[0]), dtype=out_dtype, device=x.device)
-    rc = launch_gemm(kernel.name, x, x_scale, wq, w_scale, bias, residual, act, w_bits, out)
+    rc = CUDA_ERROR_NOT_SUPPORTED
+    if kernel.name == "skinny" and skinny_config >= 0:
+        rc = launch_gemm(kernel.name, x, x_scale, wq, w_scale, bias, residual, act, w_bits, out, skinny_config)
+    if rc == CUDA_ERROR_NOT_SUPPORTED:
+        rc = launch_gemm(kernel.name, x, x_scale, wq, w_scale, bias, residual, act, w_bits, out)
     if rc == CUDA_ERROR_NOT_SUPPORTED and choice.fallback is not None:
         lib.note_fallback(op, f"{kernel.name} declined at run time (pointer alignment or grid size); ran "
                               f"{choice.fallback.name}, the plan's fallback")

@@ -47,7 +47,8 @@ ZQ_API cudaError_t zq_gemm_skinny(const zq_gemm_args* a, cudaStream_t stream);
 // Benchmarks and tests: configuration cfg (0: 16 weight rows a block, 1: 32 rows, M <= 32 and N % 32 == 0 only,
 // 2: 16 rows with the tokens split over two groups of 4 warps, 3: 128 rows a block sharing x through shared memory,
 // K split over a thread-block cluster, sm_90 and N % 128 == 0 only, and the block's x slice within 113 KB;
-// -1 picks one).
+// 4: Hopper wgmma m64n64k32 with the weight as the register operand and x staged in shared memory, 64 rows a
+// block, K split over a cluster, compute capability 9.0 and N % 64 == 0 only (gemm_skinny_wgmma.cu); -1 picks one).
 ZQ_API cudaError_t zq_gemm_skinny_config(const zq_gemm_args* a, int cfg, cudaStream_t stream);
 ZQ_API int zq_gemm_skinny_num_configs(void);
 
