@@ -9,7 +9,7 @@
 
 namespace {
 
-const char* const kNames[ZQ_GEMM_NUM_KERNELS] = {"simt", "mma", "sm90", "skinny"};
+const char* const kNames[ZQ_GEMM_NUM_KERNELS] = {"simt", "mma", "sm90", "skinny", "sm90_fp8"};
 
 // Compute capability of the current device, read once per device.
 bool current_cc(int* major, int* minor) {
@@ -52,7 +52,8 @@ ZQ_API int zq_gemm_kernel_available(int kernel) {
     case ZQ_GEMM_SIMT: return 1;
     case ZQ_GEMM_MMA:
     case ZQ_GEMM_SKINNY: return current_cc(&major, &minor) && major >= 8;
-    case ZQ_GEMM_SM90: return zq_has_sm90_gemm() && current_cc(&major, &minor) && major == 9 && minor == 0;
+    case ZQ_GEMM_SM90:
+    case ZQ_GEMM_SM90_FP8: return zq_has_sm90_gemm() && current_cc(&major, &minor) && major == 9 && minor == 0;
     default: return 0;
   }
 }
@@ -64,14 +65,20 @@ ZQ_API size_t zq_gemm_workspace_bytes(int kernel, int64_t n, int64_t k, int w_bi
 ZQ_API cudaError_t zq_gemm_run(int kernel, const zq_gemm_args* a, void* workspace, size_t workspace_bytes,
                                cudaStream_t stream) {
   if (a == nullptr || kernel < 0 || kernel >= ZQ_GEMM_NUM_KERNELS) return cudaErrorInvalidValue;
+  // FP8 operands are the FP8 kernel's alone (the integer kernels would read the codes as int8), and it takes no
+  // other.
+  const bool fp8 = a->w_fp8 || a->x_dt == ZQ_FP8_E4M3;
+  if (fp8 != (kernel == ZQ_GEMM_SM90_FP8)) return cudaErrorNotSupported;
   switch (kernel) {
     case ZQ_GEMM_SIMT: return zq_gemm_simt(a, stream);
     case ZQ_GEMM_MMA: return zq_gemm_mma(a, stream);
     case ZQ_GEMM_SKINNY: return zq_gemm_skinny(a, stream);
     default: break;
   }
-  // sm90: the sm_90a code runs on compute capability 9.0 only, so say no (and let the fallback run) elsewhere.
-  if (!zq_gemm_kernel_available(ZQ_GEMM_SM90)) return cudaErrorNotSupported;
+  // sm90, sm90_fp8: the sm_90a code runs on compute capability 9.0 only, so say no (and let the fallback run)
+  // elsewhere.
+  if (!zq_gemm_kernel_available(kernel)) return cudaErrorNotSupported;
+  if (kernel == ZQ_GEMM_SM90_FP8) return zq_gemm_sm90_fp8(a, stream);
   if (a->w_bits != 4) return zq_gemm_sm90(a, stream);
   // INT4 weights: unpacked to int8 into the workspace first (the Hopper kernel reads int8 weights). A problem
   // the kernel then declines was outside its contract, which the plan does not choose it for.

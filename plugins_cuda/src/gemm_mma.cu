@@ -311,10 +311,10 @@ ZQ_API cudaError_t zq_gemm_mma_config(const zq_gemm_args* a, int cfg, cudaStream
   using zq::misaligned;
   if (a->m < 0 || a->n < 0 || a->k < 0) return cudaErrorInvalidValue;
   const int64_t group_k = a->groups > 0 ? a->k / a->groups : 0;
-  if (!a->x_is_int8 || (a->w_bits != 8 && a->w_bits != 4) || (a->out_dt != ZQ_F16 && a->out_dt != ZQ_BF16) ||
-      a->k == 0 || a->k % 32 || a->n % 8 || a->groups < 1 || a->k % a->groups || group_k % 32 ||
-      group_k > kMaxGroupK || !a->x_scale || !a->w_scale || misaligned(a->x, 16) || misaligned(a->wq, 16) ||
-      misaligned(a->out, 4) || misaligned(a->residual, 4))
+  if (!a->x_is_int8 || a->w_fp8 || (a->w_bits != 8 && a->w_bits != 4) ||
+      (a->out_dt != ZQ_F16 && a->out_dt != ZQ_BF16) || a->k == 0 || a->k % 32 || a->n % 8 || a->groups < 1 ||
+      a->k % a->groups || group_k % 32 || group_k > kMaxGroupK || !a->x_scale || !a->w_scale ||
+      misaligned(a->x, 16) || misaligned(a->wq, 16) || misaligned(a->out, 4) || misaligned(a->residual, 4))
     return cudaErrorNotSupported;
   zq::DeviceInfo dev;
   if (const cudaError_t e = zq::sm80_device(cfg, kNumConfigs, &dev); e != cudaSuccess) return e;

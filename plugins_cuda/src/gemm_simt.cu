@@ -246,6 +246,7 @@ cudaError_t launch_simt_w(const zq_gemm_args& a, cudaStream_t stream) {
 }  // namespace zq
 
 ZQ_API cudaError_t zq_gemm_simt(const zq_gemm_args* a, cudaStream_t stream) {
+  if (a->w_fp8) return cudaErrorNotSupported;  // FP8 codes: zq_gemm_sm90_fp8's
   if (a->m == 0 || a->n == 0) return cudaSuccess;
   if (a->groups <= 0 || a->k % a->groups || (a->w_bits != 8 && a->w_bits != 4) || (a->w_bits == 4 && a->k % 2))
     return cudaErrorInvalidValue;

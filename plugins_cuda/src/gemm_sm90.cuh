@@ -1,9 +1,13 @@
-// The Hopper INT8 GEMM as a CUTLASS 3.x kernel (TMA loads, wgmma, warp-specialized persistent schedule) whose
-// epilogue is an epilogue visitor tree (EVT) computing ZeroQuant's dequantization in registers:
-//   D = act((acc * x_scale[m]) * w_scale[n] + bias[n]) (+ C = residual)
+// The Hopper GEMMs as CUTLASS 3.x kernels (TMA loads, wgmma, warp-specialized persistent schedules), one template
+// for INT8 x INT8 (int32 accumulate) and FP8 E4M3 x FP8 E4M3 (fp32 accumulate), whose epilogue is an epilogue
+// visitor tree (EVT) computing ZeroQuant's dequantization in registers:
+//   D = act(acc * x_scale[m] * w_scale[n] + bias[n]) (+ C = residual)
 // The activation is a runtime argument of one visitor node, so one kernel serves every zq_act; the residual
 // is a template flag because it changes what the epilogue loads.
 #pragma once
+#include <tuple>
+#include <utility>
+
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
@@ -48,7 +52,10 @@ struct RuntimeAct<cutlass::Array<T, N>> {
   }
 };
 
-template <class ElementOut, bool kResidual, class TileShape>
+// The epilogue tree. kWScaleFirst: the order of the two scale products, which changes the fp32 rounding (the INT8
+// kernel keeps (acc * x_scale) * w_scale, as measured; FP8 takes quant_math.fp8_gemm_dequant's (acc * w_scale) *
+// x_scale).
+template <class ElementOut, bool kResidual, class TileShape, bool kWScaleFirst>
 struct DequantEpilogue {
   static constexpr auto RS = cutlass::FloatRoundStyle::round_to_nearest;
   template <class... T> using EVT = cutlass::epilogue::fusion::Sm90EVT<T...>;
@@ -57,16 +64,26 @@ struct DequantEpilogue {
   using XScale = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>>;
   using WScale = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>>;
   using Bias = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, ElementOut, float, Stride<_0, _1, int64_t>>;
-  using AccX = EVT<Compute<cutlass::multiplies, float>, cutlass::epilogue::fusion::Sm90AccFetch, XScale>;
-  using Affine = EVT<Compute<cutlass::homogeneous_multiply_add, float>, AccX, WScale, Bias>;
+  using First = std::conditional_t<kWScaleFirst, WScale, XScale>;
+  using Second = std::conditional_t<kWScaleFirst, XScale, WScale>;
+  using AccScaled = EVT<Compute<cutlass::multiplies, float>, cutlass::epilogue::fusion::Sm90AccFetch, First>;
+  using Affine = EVT<Compute<cutlass::homogeneous_multiply_add, float>, AccScaled, Second, Bias>;
   using Act = EVT<Compute<RuntimeAct, std::conditional_t<kResidual, float, ElementOut>>, Affine>;
   using Tree = std::conditional_t<
       kResidual,
       EVT<Compute<cutlass::plus, ElementOut>, Act, cutlass::epilogue::fusion::Sm90SrcFetch<ElementOut>>, Act>;
 
+  template <class Node>
+  static typename Node::Arguments pick(const typename XScale::Arguments& xs, const typename WScale::Arguments& ws) {
+    if constexpr (std::is_same_v<Node, XScale>) return xs;
+    else return ws;
+  }
+
   static typename Tree::Arguments args(const zq_gemm_args& a) {
-    typename AccX::Arguments accx{{}, {a.x_scale, 0.f, {}}, {}};
-    typename Affine::Arguments affine{accx, {a.w_scale, 0.f, {}},
+    const typename XScale::Arguments xs{a.x_scale, 0.f, {}};
+    const typename WScale::Arguments ws{a.w_scale, 0.f, {}};
+    typename AccScaled::Arguments scaled{{}, pick<First>(xs, ws), {}};
+    typename Affine::Arguments affine{scaled, pick<Second>(xs, ws),
                                       {static_cast<const ElementOut*>(a.bias), ElementOut(0), {}}, {}};
     typename Act::Arguments act{affine, {a.act}};
     if constexpr (kResidual) return {act, {}, {}};
@@ -74,23 +91,72 @@ struct DequantEpilogue {
   }
 };
 
-template <class ElementOut, bool kResidual, class TileShape, class ClusterShape, class KernelSchedule,
-          class EpilogueSchedule>
+// One tile configuration: CTA tile, cluster, mainloop and epilogue schedules.
+template <class Tile, class Cluster, class KSched, class ESched>
+struct Config {
+  using TileShape = Tile;
+  using ClusterShape = Cluster;
+  using KernelSchedule = KSched;
+  using EpilogueSchedule = ESched;
+};
+
+using PingPong = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+using EpiPP = cutlass::epilogue::TmaWarpSpecialized;
+using EpiCoop = cutlass::epilogue::TmaWarpSpecializedCooperative;
+
+// Per input element: the accumulator, the scale order, and the tile configurations in one table each (index =
+// the cfg of zq_gemm_sm90_config / zq_gemm_sm90_fp8_config).
+template <class ElementIn>
+struct Input;
+
+template <>
+struct Input<int8_t> {
+  using Acc = int32_t;
+  static constexpr bool kWScaleFirst = false;
+  using Configs = std::tuple<Config<Shape<_64, _128, _128>, Shape<_1, _1, _1>, PingPong, EpiPP>,
+                             Config<Shape<_128, _128, _128>, Shape<_2, _1, _1>, PingPong, EpiPP>,
+                             Config<Shape<_256, _128, _128>, Shape<_2, _1, _1>, Coop, EpiCoop>>;
+};
+
+// FP8: the default (not FastAccum) schedules, whose mainloop adds the wgmma partial sums into a second fp32
+// accumulator every 4 MMAs (128 of K; the tensor cores' FP8 accumulation keeps fewer mantissa bits than fp32, so
+// FastAccum's one long tensor-core sum would round more than the reference allows). That doubles the accumulator
+// registers: a warpgroup owning more than 64 x 128 outputs spills (a cooperative 128 x 256 tile did: 852 bytes of
+// spill stores), so the table has the INT8 table's shape with warpgroup tiles of 64 x 128 at most: 64 x 128
+// ping-pong, then 128 x 128 cooperative with 2x1 and 1x1 clusters.
+template <>
+struct Input<cutlass::float_e4m3_t> {
+  using Acc = float;
+  static constexpr bool kWScaleFirst = true;
+  using Configs = std::tuple<Config<Shape<_64, _128, _128>, Shape<_1, _1, _1>, PingPong, EpiPP>,
+                             Config<Shape<_128, _128, _128>, Shape<_2, _1, _1>, Coop, EpiCoop>,
+                             Config<Shape<_128, _128, _128>, Shape<_1, _1, _1>, Coop, EpiCoop>>;
+};
+
+template <class ElementIn>
+constexpr int kNumConfigs = static_cast<int>(std::tuple_size_v<typename Input<ElementIn>::Configs>);
+
+template <class ElementIn, class ElementOut, bool kResidual, class Cfg>
 struct Gemm {
-  using Epi = DequantEpilogue<ElementOut, kResidual, TileShape>;
+  using In = Input<ElementIn>;
+  using TileShape = typename Cfg::TileShape;
+  using ClusterShape = typename Cfg::ClusterShape;
+  using Epi = DequantEpilogue<ElementOut, kResidual, TileShape, In::kWScaleFirst>;
   using ElementC = std::conditional_t<kResidual, ElementOut, void>;
+  static constexpr int kAlignIn = 128 / cutlass::sizeof_bits<ElementIn>::value;
   static constexpr int kAlignOut = 128 / cutlass::sizeof_bits<ElementOut>::value;
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float, ElementC, cutlass::layout::RowMajor,
-      kAlignOut, ElementOut, cutlass::layout::RowMajor, kAlignOut, EpilogueSchedule,
+      cutlass::epilogue::collective::EpilogueTileAuto, typename In::Acc, float, ElementC, cutlass::layout::RowMajor,
+      kAlignOut, ElementOut, cutlass::layout::RowMajor, kAlignOut, typename Cfg::EpilogueSchedule,
       typename Epi::Tree>::CollectiveOp;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, int8_t, cutlass::layout::RowMajor, 16, int8_t,
-      cutlass::layout::ColumnMajor, 16, int32_t, TileShape, ClusterShape,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementIn, cutlass::layout::RowMajor, kAlignIn, ElementIn,
+      cutlass::layout::ColumnMajor, kAlignIn, typename In::Acc, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      KernelSchedule>::CollectiveOp;
+      typename Cfg::KernelSchedule>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
                                                       CollectiveEpilogue>;
   using Adapter = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -104,7 +170,7 @@ struct Gemm {
     typename Adapter::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
         {M, N, K, 1},
-        {static_cast<const int8_t*>(a.x), sA, static_cast<const int8_t*>(a.wq), sB},
+        {static_cast<const ElementIn*>(a.x), sA, static_cast<const ElementIn*>(a.wq), sB},
         {Epi::args(a), static_cast<const ElementOut*>(kResidual ? a.residual : nullptr), sC,
          static_cast<ElementOut*>(a.out), sD}};
     args.hw_info.device_id = device;
@@ -118,32 +184,28 @@ struct Gemm {
   }
 };
 
-// The tile configurations, in one table (index = zq_gemm_sm90_config).
-using PingPong = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-using EpiPP = cutlass::epilogue::TmaWarpSpecialized;
-using EpiCoop = cutlass::epilogue::TmaWarpSpecializedCooperative;
-
-#define ZQ_SM90_CONFIGS(X)                                                   \
-  X(0, Shape<_64 COMMA _128 COMMA _128>, Shape<_1 COMMA _1 COMMA _1>, PingPong, EpiPP)   \
-  X(1, Shape<_128 COMMA _128 COMMA _128>, Shape<_2 COMMA _1 COMMA _1>, PingPong, EpiPP) \
-  X(2, Shape<_256 COMMA _128 COMMA _128>, Shape<_2 COMMA _1 COMMA _1>, Coop, EpiCoop)
-#define COMMA ,
-constexpr int kNumConfigs = 3;
-
-#define ZQ_SM90_CASE(id, Tile, Cluster, KSched, ESched) \
-  case id: return Gemm<ElementOut, kResidual, Tile, Cluster, KSched, ESched>::run(a, sm_count, device, stream);
-
-template <class ElementOut, bool kResidual>
-cudaError_t run_config_impl(int cfg, const zq_gemm_args& a, int sm_count, int device, cudaStream_t stream) {
-  switch (cfg) {
-    ZQ_SM90_CONFIGS(ZQ_SM90_CASE)
-    default: return cudaErrorInvalidValue;
-  }
+template <class ElementIn, class ElementOut, bool kResidual, size_t... I>
+cudaError_t run_indexed(int cfg, const zq_gemm_args& a, int sm_count, int device, cudaStream_t stream,
+                        std::index_sequence<I...>) {
+  using Configs = typename Input<ElementIn>::Configs;
+  cudaError_t rc = cudaErrorInvalidValue;
+  ((cfg == static_cast<int>(I) &&
+    (rc = Gemm<ElementIn, ElementOut, kResidual, std::tuple_element_t<I, Configs>>::run(a, sm_count, device, stream),
+     true)) ||
+   ...);
+  return rc;
 }
 
-// Defined in gemm_sm90_<type>_r<residual>.cu, one translation unit each.
-template <class ElementOut, bool kResidual>
+// Configuration cfg of the table (cudaErrorInvalidValue past it).
+template <class ElementIn, class ElementOut, bool kResidual>
+cudaError_t run_config_impl(int cfg, const zq_gemm_args& a, int sm_count, int device, cudaStream_t stream) {
+  return run_indexed<ElementIn, ElementOut, kResidual>(cfg, a, sm_count, device, stream,
+                                                       std::make_index_sequence<kNumConfigs<ElementIn>>{});
+}
+
+// Defined in the instance translation units that CMake generates from gemm_sm90_instance.cu.in, one for each
+// input x output x residual, so the heavy CUTLASS templates compile in parallel.
+template <class ElementIn, class ElementOut, bool kResidual>
 cudaError_t run_config(int cfg, const zq_gemm_args& a, int sm_count, int device, cudaStream_t stream);
 
 }  // namespace zq::sm90

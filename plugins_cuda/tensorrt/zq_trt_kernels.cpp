@@ -108,8 +108,8 @@ cudaError_t launchInt8GemmDequant(GemmPlan const& plan, int8_t const* xq, float 
     float const* wScale, void const* bias, void const* residual, int64_t m, int64_t n, int64_t k, int64_t groupK,
     int32_t wBits, Act act, void* y, FloatType yType, void* workspace, size_t workspaceBytes, cudaStream_t stream)
 {
-    zq_gemm_args a{xq, ZQ_F32, 1, xScale, wq, wBits, wScale, groups(k, groupK), bias, residual, static_cast<int>(act),
-        y, dtype(yType), m, n, k};
+    zq_gemm_args a{xq, ZQ_F32, 1, xScale, wq, wBits, 0, wScale, groups(k, groupK), bias, residual,
+        static_cast<int>(act), y, dtype(yType), m, n, k};
     return runGemm(plan, a, workspace, workspaceBytes, stream);
 }
 
@@ -117,7 +117,7 @@ cudaError_t launchWeightOnlyGemm(GemmPlan const& plan, void const* x, FloatType 
     float const* wScale, void const* bias, void const* residual, int64_t m, int64_t n, int64_t k, int64_t groupK,
     int32_t wBits, Act act, void* y, void* workspace, size_t workspaceBytes, cudaStream_t stream)
 {
-    zq_gemm_args a{x, dtype(xType), 0, nullptr, wq, wBits, wScale, groups(k, groupK), bias, residual,
+    zq_gemm_args a{x, dtype(xType), 0, nullptr, wq, wBits, 0, wScale, groups(k, groupK), bias, residual,
         static_cast<int>(act), y, dtype(xType), m, n, k};
     return runGemm(plan, a, workspace, workspaceBytes, stream);
 }

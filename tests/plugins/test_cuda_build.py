@@ -16,6 +16,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+class GemmPlan(ctypes.Structure):
+    """zq_gemm_plan of plugins_cuda/include/zq/gemm.h (ZQ_GEMM_PLAN_MAX = 8)."""
+    _fields_ = [("count", ctypes.c_int), ("max_m", ctypes.c_int64 * 8), ("kernel", ctypes.c_int * 8),
+                ("fallback", ctypes.c_int * 8)]
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cmake") is None, reason="needs nvcc and cmake")
 def test_kernel_library_builds_and_loads(tmp_path):
     build = tmp_path / "build"
@@ -41,10 +47,15 @@ def test_kernel_library_builds_and_loads(tmp_path):
                 "zq_dequantize_weight", "zq_rope", "zq_rope_kv", "zq_decode_attention", "zq_decode_attention_split",
                 "zq_decode_attention_splits", "zq_decode_attention_workspace_bytes", "zq_gemm_run",
                 "zq_gemm_workspace_bytes", "zq_gemm_kernel_name", "zq_gemm_kernel_available", "zq_gemm_plan_parse", "zq_gemm_plan_find",
-                "zq_set_row_split"]:
+                "zq_set_row_split", "zq_gemm_sm90_fp8", "zq_gemm_sm90_fp8_config", "zq_gemm_sm90_fp8_num_configs"]:
         assert hasattr(lib, sym), sym
     # split-L decode attention's host-side plan (no device here: 132 SMs assumed), through the binding's types
     cuda._bind(lib)
+    assert (lib.zq_gemm_sm90_fp8_num_configs() > 0) == (sm90 == "ON")
+    assert [lib.zq_gemm_kernel_name(i) for i in range(6)] == [b"simt", b"mma", b"sm90", b"skinny", b"sm90_fp8", None]
+    plan = GemmPlan()
+    assert lib.zq_gemm_plan_parse(b"64:sm90_fp8/sm90,inf:sm90_fp8", ctypes.byref(plan)) == 0
+    assert (plan.count, list(plan.kernel[:2]), list(plan.fallback[:2])) == (2, [4, 4], [2, -1])
     assert lib.zq_decode_attention_splits(64, 32, 8, 128, 0) == 1  # 512 blocks already: no split, no combine
     assert lib.zq_decode_attention_splits(1, 32, 8, 4096, 0) == 32  # 8 KV heads x 32 splits of 128 slots
     assert lib.zq_decode_attention_splits(3, 32, 8, 4097, 100000) == 257  # forced: 16-slot chunks

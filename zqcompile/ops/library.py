@@ -172,7 +172,7 @@ def fp8_gemm_dequant(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, b
                      residual: Optional[Tensor], act: str, out_dtype: torch.dtype) -> Tensor:
     """FP8 E4M3 x [..., K] (per-token scales [..., 1]) times FP8 E4M3 W [N, K] (row scales [N, 1]) ->
     (acc * x_scale * w_scale) (+ bias) -> act -> (+ residual) in out_dtype. CUDA: torch._scaled_mm with
-    row-wise scales (plugins/cuda_fp8.py)."""
+    row-wise scales, or the Hopper FP8 kernel with the epilogue fused (plugins/cuda_gemm.py)."""
     return qm.fp8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, out_dtype)
 
 

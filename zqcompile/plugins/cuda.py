@@ -24,8 +24,9 @@ from zqcompile.ops import quant_math as qm
 from zqcompile.ops import registry
 from zqcompile.ops.registry import cuda_kernel
 
-ABI_VERSION = 7  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
-DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ABI_VERSION = 8  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # zq_dtype of the float tensors the kernels take
+FP8_E4M3 = 3  # zq_dtype ZQ_FP8_E4M3: only the x_dt of an FP8 GEMM (not in DTYPES: no row kernel reads FP8)
 
 _lib: Optional[ctypes.CDLL] = None
 _path: Optional[Path] = None
@@ -85,6 +86,8 @@ def _bind(lib: ctypes.CDLL) -> None:
         "zq_gemm_run": (I, [I, P, P, ctypes.c_size_t, P]), "zq_gemm_workspace_bytes": (ctypes.c_size_t, [I, I64, I64, I]),
         "zq_gemm_kernel_name": (ctypes.c_char_p, [I]), "zq_gemm_kernel_available": (I, [I]),
         "zq_gemm_sm90_config": (I, [P, I, P]), "zq_gemm_mma_config": (I, [P, I, P]),
+        "zq_gemm_sm90_fp8": (I, [P, P]), "zq_gemm_sm90_fp8_config": (I, [P, I, P]),
+        "zq_gemm_sm90_fp8_num_configs": (I, []),
         "zq_gemm_mma_num_configs": (I, []), "zq_gemm_skinny_config": (I, [P, I, P]),
         "zq_gemm_skinny_num_configs": (I, []),
         "zq_dequantize_weight": (I, [P, I, P, I64, I64, I64, P, I, P]),
@@ -119,7 +122,7 @@ def has_sm90_gemm() -> bool:
 
 
 def describe() -> str:
-    return f"{_path} (Hopper INT8 GEMM: {'yes' if has_sm90_gemm() else 'no'})"
+    return f"{_path} (Hopper INT8 / FP8 GEMMs: {'yes' if has_sm90_gemm() else 'no'})"
 
 
 # ---- activation quantization -------------------------------------------------------------------------

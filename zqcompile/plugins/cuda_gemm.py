@@ -1,9 +1,9 @@
 """The CUDA implementations of the zq GEMM ops: each call looks its problem up in the one chooser
 (plugins/gemm_kernels.py, memoized per problem key: the same choice the compile plan records per M bucket) and
-launches that kernel -- a C kernel through the library's dispatcher `zq_gemm_run` (the TensorRT plugin's too), or
-the fp16 dequant path in PyTorch. A kernel that declines at run time (alignment, grid limits) hands over to the
-plan's fallback; inputs only the reference takes (mixed dtypes) run it; both are counted in
-`zqcompile.plugins.cuda.fallbacks` and warned about once. `served` counts which kernel served each call
+launches that kernel -- a C kernel through the library's dispatcher `zq_gemm_run` (the TensorRT plugin's too), or a
+PyTorch path (the fp16 dequant path; torch._scaled_mm for FP8). A kernel that declines at run time (alignment, grid
+limits) hands over to the plan's fallback; inputs only the reference takes (mixed dtypes) run it; both are counted
+in `zqcompile.plugins.cuda.fallbacks` and warned about once. `served` counts which kernel served each call
 (`served_by()` for a block of calls).
 """
 from __future__ import annotations
@@ -64,15 +64,17 @@ class GemmArgs(ctypes.Structure):
     """zq_gemm_args of plugins_cuda/include/zq/gemm.h."""
     _fields_ = [("x", ctypes.c_void_p), ("x_dt", ctypes.c_int), ("x_is_int8", ctypes.c_int),
                 ("x_scale", ctypes.c_void_p), ("wq", ctypes.c_void_p), ("w_bits", ctypes.c_int),
-                ("w_scale", ctypes.c_void_p), ("groups", ctypes.c_int64), ("bias", ctypes.c_void_p),
-                ("residual", ctypes.c_void_p), ("act", ctypes.c_int), ("out", ctypes.c_void_p),
-                ("out_dt", ctypes.c_int), ("m", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64)]
+                ("w_fp8", ctypes.c_int), ("w_scale", ctypes.c_void_p), ("groups", ctypes.c_int64),
+                ("bias", ctypes.c_void_p), ("residual", ctypes.c_void_p), ("act", ctypes.c_int),
+                ("out", ctypes.c_void_p), ("out_dt", ctypes.c_int), ("m", ctypes.c_int64), ("n", ctypes.c_int64),
+                ("k", ctypes.c_int64)]
 
 
 def _args(x, x_scale, wq, w_scale, bias, residual, act, w_bits, out) -> GemmArgs:
     m, k = x.shape
-    return GemmArgs(x=x.data_ptr(), x_dt=lib.DTYPES.get(x.dtype, 0), x_is_int8=int(x.dtype == torch.int8),
-                    x_scale=lib._ptr(x_scale), wq=wq.data_ptr(), w_bits=w_bits, w_scale=w_scale.data_ptr(),
+    x_dt = lib.FP8_E4M3 if qm.is_fp8(x) else lib.DTYPES.get(x.dtype, 0)
+    return GemmArgs(x=x.data_ptr(), x_dt=x_dt, x_is_int8=int(x.dtype == torch.int8), x_scale=lib._ptr(x_scale),
+                    wq=wq.data_ptr(), w_bits=w_bits, w_fp8=int(qm.is_fp8(wq)), w_scale=w_scale.data_ptr(),
                     groups=w_scale.shape[1], bias=lib._ptr(bias), residual=lib._ptr(residual),
                     act=qm.ACTIVATIONS.index(act), out=out.data_ptr(), out_dt=lib.DTYPES[out.dtype], m=m,
                     n=wq.shape[0], k=k)
@@ -86,16 +88,16 @@ skinny_config = int(os.environ.get("ZQ_SKINNY_CONFIG", "-1"))
 
 def launch_gemm(path: str, x, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out: Tensor,
                 config: int = -1) -> int:
-    """Launch C kernel `path` ("simt", "mma", "sm90", "skinny") on 2-D contiguous operands into `out`; the
-    cudaError_t. config -1: through zq_gemm_run (INT4 weights unpacked into a workspace for sm90); >= 0: that
-    tile configuration of mma / sm90 / skinny (benchmarks, tests)."""
+    """Launch C kernel `path` ("simt", "mma", "sm90", "skinny", "sm90_fp8") on 2-D contiguous operands into `out`;
+    the cudaError_t. config -1: through zq_gemm_run (INT4 weights unpacked into a workspace for sm90); >= 0: that
+    tile configuration of mma / sm90 / skinny / sm90_fp8 (benchmarks, tests)."""
     kernel = BY_NAME[path]
     if kernel.c_id is None:
-        raise ValueError(f"{path!r} is not a kernel of the C library; those are simt, mma, sm90, skinny")
+        raise ValueError(f"{path!r} is not a kernel of the C library; those are simt, mma, sm90, skinny, sm90_fp8")
     a = _args(x, x_scale, wq, w_scale, bias, residual, act, w_bits, out)
     with torch.cuda.device(x.device):
         stream = lib._stream(x)
-        if config >= 0 and path in ("mma", "sm90", "skinny"):
+        if config >= 0 and path != "simt":
             return getattr(lib._lib, f"zq_gemm_{path}_config")(ctypes.byref(a), config, stream)
         ws_bytes = lib._lib.zq_gemm_workspace_bytes(kernel.c_id, a.n, a.k, w_bits)
         ws = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None
@@ -127,12 +129,24 @@ def _fp16_dequant(x, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtyp
     return qm.epilogue(torch.nn.functional.linear(xf, wf).float(), bias, act, residual, out_dtype)
 
 
+def _scaled_mm(x, x_scale, wq, w_scale, bias, residual, act, out_dtype) -> Tensor:
+    """torch._scaled_mm with row-wise scales (x_scale as [M, 1], w_scale as [1, N], fp32; bf16 out: the row-wise
+    path's output type), then the epilogue in fp32 in PyTorch."""
+    m, n = x.shape[0], wq.shape[0]
+    acc = torch._scaled_mm(x, wq.t(), scale_a=x_scale.reshape(m, 1), scale_b=w_scale.reshape(1, n),
+                           out_dtype=torch.bfloat16, use_fast_accum=False)
+    return qm.epilogue(acc.float(), bias, act, residual, out_dtype)
+
+
 def _run(op: str, choice: GemmChoice, x, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype) -> Tensor:
     """Run the chosen kernel on 2-D contiguous operands; its fallback if it declines at run time."""
     kernel = choice.kernel
     if kernel.name == "fp16_dequant":
         _served(kernel.name)
         return _fp16_dequant(x, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype)
+    if kernel.name == "scaled_mm":
+        _served(kernel.name)
+        return _scaled_mm(x, x_scale, wq, w_scale, bias, residual, act, out_dtype)
     out = torch.empty((x.shape[0], wq.shape[0]), dtype=out_dtype, device=x.device)
     rc = CUDA_ERROR_NOT_SUPPORTED
     if kernel.name == "skinny" and skinny_config >= 0:
@@ -158,7 +172,8 @@ def _gemm(op: str, x, x_scale, wq, w_scale, bias, residual, act: str, w_bits: in
                          device_of(x.device.index))
     if choice.kernel.name == "reference":
         _served("reference")
-        return lib._fallback(op, choice.reason("simt") or "no kernel takes it", *ref_args)
+        last = "scaled_mm" if op == "fp8_gemm_dequant" else "simt"  # the kernel that takes the most of op's problems
+        return lib._fallback(op, choice.reason(last) or "no kernel takes it", *ref_args)
     y = _run(op, choice, x.reshape(m, k).contiguous(),
              None if x_scale is None else x_scale.reshape(m).to(torch.float32).contiguous(), wq.contiguous(),
              w_scale.to(torch.float32).contiguous(), None if bias is None else bias.contiguous(),
@@ -180,25 +195,10 @@ def weight_only_gemm(x, wq, w_scale, bias, residual, act, w_bits):
 
 @cuda_kernel("fp8_gemm_dequant")
 def fp8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, out_dtype):
-    """torch._scaled_mm with row-wise scales (x_scale [M, 1], w_scale as [1, N], fp32; bf16 out: the row-wise
-    path's output type), then the epilogue in fp32 in PyTorch; the reference where the plan says so."""
-    args = (xq, x_scale, wq, w_scale, bias, residual, act, out_dtype)
-    k, n = xq.shape[-1], wq.shape[0]
-    m = xq.numel() // k if k else 0
-    if m == 0 or k == 0:
-        return lib._ref("fp8_gemm_dequant")(*args)
-    choice = choose_gemm(problem_of("fp8_gemm_dequant", xq, wq, w_scale, bias, residual, 8, out_dtype, m),
-                         device_of(xq.device.index))
-    if choice.kernel.name != "scaled_mm":
-        _served("reference")
-        return lib._fallback("fp8_gemm_dequant", choice.reason("scaled_mm") or "no kernel takes it", *args)
-    acc = torch._scaled_mm(xq.reshape(m, k).contiguous(), wq.contiguous().t(),
-                           scale_a=x_scale.reshape(m, 1).to(torch.float32).contiguous(),
-                           scale_b=w_scale.reshape(1, n).to(torch.float32).contiguous(),
-                           out_dtype=torch.bfloat16, use_fast_accum=False)
-    _served("scaled_mm")
-    y = qm.epilogue(acc.float(), bias, act, None if residual is None else residual.reshape(m, n), out_dtype)
-    return y.reshape(*xq.shape[:-1], n)
+    """The Hopper FP8 kernel with the epilogue fused (sm90_fp8, where the plan chooses it), or torch._scaled_mm with
+    the epilogue in PyTorch; the reference where the plan says so."""
+    return _gemm("fp8_gemm_dequant", xq, x_scale, wq, w_scale, bias, residual, act, 8, out_dtype,
+                 (xq, x_scale, wq, w_scale, bias, residual, act, out_dtype))
 
 
 def chosen(op: str, x, wq, w_scale, bias=None, residual=None, w_bits: int = 8, out_dtype=None,

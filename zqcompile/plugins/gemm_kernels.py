@@ -61,6 +61,19 @@ def _check_skinny_mode(mode: str, where: str) -> str:
 
 
 SKINNY_MODE = _check_skinny_mode(os.environ.get("ZQ_GEMM_SKINNY", "auto"), "ZQ_GEMM_SKINNY")
+# The Hopper FP8 kernel with the fused epilogue (sm90_fp8) is taken only when ZQ_GEMM_SM90_FP8=1 (read at import;
+# `sm90_fp8_mode(...)` changes it for a block): it has not been measured against torch._scaled_mm yet
+# (bench/bench_fp8_gemm.py), so scaled_mm stays the default FP8 GEMM.
+SM90_FP8_MODES = ("0", "1")
+
+
+def _check_sm90_fp8_mode(mode: str, where: str) -> str:
+    if mode not in SM90_FP8_MODES:
+        raise ValueError(f"{where} must be 0 or 1 (the Hopper FP8 GEMM kernel: off, on where it can), got {mode!r}")
+    return mode
+
+
+SM90_FP8_MODE = _check_sm90_fp8_mode(os.environ.get("ZQ_GEMM_SM90_FP8", "0"), "ZQ_GEMM_SM90_FP8")
 
 # Every threshold above is a bucket edge, so each M bucket has one choice: 1-4, 5-16, 17-32, 33-64, 65-1024, >1024.
 M_BUCKETS: tuple[tuple[int, float], ...] = tuple(
@@ -150,7 +163,7 @@ def _device_reason(d: GemmDevice) -> Optional[str]:
 
 def _epilogue_reason(p: GemmProblem) -> Optional[str]:
     if p.out_dtype not in FLOATS or any(t not in (None, p.out_dtype) for t in (p.bias_dtype, p.residual_dtype)):
-        return ("bias / residual dtype differs from the output dtype" if p.op == "int8_gemm_dequant" else
+        return ("bias / residual dtype differs from the output dtype" if p.op != "weight_only_gemm" else
                 "bias / residual dtype differs from x's") if p.out_dtype in FLOATS else f"{p.out_dtype} output"
     return None
 
@@ -318,6 +331,32 @@ class Simt(GemmKernel):
         return None
 
 
+class Sm90Fp8(GemmKernel):
+    name, c_id, may_decline_at_run_time = "sm90_fp8", 4, True  # x / wq / out / residual 16-byte aligned
+    summary = ("CUTLASS 3 Hopper wgmma, FP8 E4M3 x FP8 E4M3 with row scales, fp32 accumulation, the epilogue fused "
+               "(fp16 / bf16 out); off unless ZQ_GEMM_SM90_FP8=1 (not yet measured against scaled_mm)")
+
+    def can_implement(self, p, d):
+        if d.tensorrt:
+            return "the TensorRT dialect exports FP8 GEMMs as standard ONNX (no zq plugin takes FP8)"
+        why = _device_reason(d) or _epilogue_reason(p)
+        if why:
+            return why
+        if p.op != "fp8_gemm_dequant":
+            return "FP8 x FP8 only"
+        if d.capability != (9, 0):
+            return "needs compute capability 9.0 (sm_90a code)"
+        if not d.sm90_library:
+            return "the kernel library was built without it (ZQ_WITH_SM90_GEMM=OFF or no CUTLASS)"
+        if p.out_dtype not in HALF:
+            return "float32 output: its epilogue writes fp16 / bf16"
+        if p.k % 16 or p.n % 16:
+            return "needs K % 16 == 0 and N % 16 == 0"
+        if SM90_FP8_MODE != "1":
+            return "policy: not yet measured against scaled_mm: off unless ZQ_GEMM_SM90_FP8=1"
+        return None
+
+
 class ScaledMm(GemmKernel):
     name = "scaled_mm"
     summary = ("torch._scaled_mm (cuBLASLt / CUTLASS in PyTorch), FP8 E4M3 x FP8 E4M3 with row-wise scales, bf16 "
@@ -350,10 +389,9 @@ class Reference(GemmKernel):
 
 
 SKINNY, MMA, SM90, FP16_DEQUANT, SIMT, REFERENCE = Skinny(), Mma(), Sm90(), Fp16Dequant(), Simt(), Reference()
-SCALED_MM = ScaledMm()
-# priority order; TODO: a CUTLASS sm90 FP8 wgmma kernel with the fused epilogue in the C library (so TensorRT can
-# run FP8 too) would go before SCALED_MM
-KERNELS: tuple[GemmKernel, ...] = (SKINNY, MMA, SM90, FP16_DEQUANT, SIMT, SCALED_MM, REFERENCE)
+SM90_FP8, SCALED_MM = Sm90Fp8(), ScaledMm()
+# priority order
+KERNELS: tuple[GemmKernel, ...] = (SKINNY, MMA, SM90, FP16_DEQUANT, SIMT, SM90_FP8, SCALED_MM, REFERENCE)
 BY_NAME = {k.name: k for k in KERNELS}
 
 
@@ -400,17 +438,29 @@ def _choose(problem: GemmProblem, device: GemmDevice) -> GemmChoice:
 
 
 @contextlib.contextmanager
-def skinny_mode(mode: str):
-    """The decode-shaped kernel's policy set to `mode` (SKINNY_MODES) inside the block, the memoized choices
-    dropped on the way in and out (A/B measurements, tests). CUDA graphs captured before keep their kernels."""
-    global SKINNY_MODE
-    old, SKINNY_MODE = SKINNY_MODE, _check_skinny_mode(mode, "skinny_mode")
+def _policy(name: str, mode: str):
+    """This module's policy variable `name` set to `mode` inside the block, the memoized choices dropped on the way
+    in and out. CUDA graphs captured before keep their kernels."""
+    old = globals()[name]
+    globals()[name] = mode
     _choose.cache_clear()
     try:
         yield
     finally:
-        SKINNY_MODE = old
+        globals()[name] = old
         _choose.cache_clear()
+
+
+def skinny_mode(mode: str):
+    """`with skinny_mode(mode):` the decode-shaped kernel's policy (SKINNY_MODES) inside the block (A/B
+    measurements, tests)."""
+    return _policy("SKINNY_MODE", _check_skinny_mode(mode, "skinny_mode"))
+
+
+def sm90_fp8_mode(mode: str):
+    """`with sm90_fp8_mode(mode):` the Hopper FP8 kernel's gate (SM90_FP8_MODES) inside the block (benchmarks,
+    tests)."""
+    return _policy("SM90_FP8_MODE", _check_sm90_fp8_mode(mode, "sm90_fp8_mode"))
 
 
 def plan_buckets(problem: GemmProblem, device: GemmDevice) -> list[GemmChoice]:

@@ -11,21 +11,22 @@
 #define ZQ_API __attribute__((visibility("default")))
 #endif
 
-// Element types of float tensors (activations, norm weights, bias, residual, GEMM outputs).
-typedef enum { ZQ_F32 = 0, ZQ_F16 = 1, ZQ_BF16 = 2 } zq_dtype;
+// Element types of float tensors (activations, norm weights, bias, residual, GEMM outputs); ZQ_FP8_E4M3 only
+// as the x_dt of an FP8 GEMM (zq_gemm_sm90_fp8), never as an output or a row kernel's input.
+typedef enum { ZQ_F32 = 0, ZQ_F16 = 1, ZQ_BF16 = 2, ZQ_FP8_E4M3 = 3 } zq_dtype;
 
 // Activations, the same names and order as zqcompile.ops.quant_math.ACTIVATIONS.
 typedef enum { ZQ_ACT_NONE = 0, ZQ_ACT_GELU = 1, ZQ_ACT_GELU_TANH = 2, ZQ_ACT_RELU = 3, ZQ_ACT_SILU = 4 } zq_act;
 
 // Library version, bumped when a launch signature changes (the binding checks it).
-#define ZQ_ABI_VERSION 7
+#define ZQ_ABI_VERSION 8
 ZQ_API int zq_abi_version(void);
 // Per-token row kernels (quantize_per_token, norm_quant, act_quant) on sm_90+: rows at or under which a long
 // row (K > 1024) is split over a cluster of 8 blocks. -1 (default): the library's choice (act_quant only, 8 x
 // rows at most twice the SM count), 0: never, n > 0: up to n rows, every row kernel. For A/B measurements and
 // tests; process-wide.
 ZQ_API void zq_set_row_split(int max_rows);
-// 1 when the Hopper (CUTLASS 3 sm90, wgmma) INT8 GEMM was compiled in.
+// 1 when the Hopper (CUTLASS 3 sm90, wgmma) INT8 and FP8 GEMMs were compiled in.
 ZQ_API int zq_has_sm90_gemm(void);
 // Text of a cudaError_t returned by a launch function.
 ZQ_API const char* zq_error_string(cudaError_t e);

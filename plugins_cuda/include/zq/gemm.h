@@ -3,6 +3,9 @@
 //   epilogue(y) = act(y + bias[n]) + residual[m, n], written once in out_dt.
 // x: [M, K] int8 (A8, x_scale [M] fp32) or float in x_dt (A16, x_scale null).
 // wq: [N, K] int8 (w_bits 8) or [N, K/2] uint8 packed INT4 (w_bits 4: even k in the low nibble).
+// FP8 (w_fp8 = 1): x [M, K] FP8 E4M3 (x_dt ZQ_FP8_E4M3, x_is_int8 0, x_scale [M]) times wq [N, K] FP8 E4M3
+// (w_bits 8), the products summed in fp32 (quant_math.fp8_gemm_dequant); only zq_gemm_sm90_fp8 takes it, the
+// integer kernels decline it (zq_gemm_run says no for every other kernel).
 // w_scale: [N, groups] fp32, groups = 1 (row groups, per tensor) or K / group_k (K groups).
 // bias [N] and residual [M, N] are in out_dt and may be null. All tensors contiguous.
 #pragma once
@@ -10,7 +13,7 @@
 
 typedef struct {
   const void* x; zq_dtype x_dt; int x_is_int8; const float* x_scale;
-  const void* wq; int w_bits; const float* w_scale; int64_t groups;
+  const void* wq; int w_bits; int w_fp8; const float* w_scale; int64_t groups;
   const void* bias; const void* residual; int act;
   void* out; zq_dtype out_dt;
   int64_t m, n, k;
@@ -21,9 +24,21 @@ typedef struct {
 ZQ_API cudaError_t zq_gemm_simt(const zq_gemm_args* a, cudaStream_t stream);
 
 // Hopper path (CUTLASS 3.x, wgmma, TMA; sm_90a): A8 x INT8 weights with one scale per weight row
-// (groups == 1), fp16/bf16 out, K % 16 == 0, N % 8 == 0. Returns cudaErrorNotSupported when the problem is
-// outside that, or when the library was built without it (zq_has_sm90_gemm() == 0).
+// (groups == 1), fp16/bf16 out, K % 16 == 0, N % 8 == 0, x, wq, out and residual 16-byte aligned (TMA), x_scale
+// and w_scale non-null. Returns cudaErrorNotSupported without launching when the problem is outside that, or when
+// the library was built without it (zq_has_sm90_gemm() == 0).
 ZQ_API cudaError_t zq_gemm_sm90(const zq_gemm_args* a, cudaStream_t stream);
+
+// The Hopper FP8 GEMM (the same CUTLASS 3.x template and epilogue, FP8 E4M3 wgmma with fp32 accumulation, not the
+// FastAccum schedule): out = act((acc * w_scale[n]) * x_scale[m] + bias[n]) + residual. Takes: w_fp8 = 1, x_dt
+// ZQ_FP8_E4M3, x_is_int8 = 0, w_bits 8, groups == 1; fp16/bf16 out; K % 16 == 0, N % 16 == 0; x, wq, out and
+// residual 16-byte aligned, bias 2-byte aligned; x_scale and w_scale non-null; M, N, K < 2^31. Anything else, or
+// a library without the Hopper GEMMs, returns cudaErrorNotSupported without launching.
+ZQ_API cudaError_t zq_gemm_sm90_fp8(const zq_gemm_args* a, cudaStream_t stream);
+// Benchmarks and tests: configuration cfg (0..zq_gemm_sm90_fp8_num_configs()-1: gemm_sm90.cuh's FP8 table; -1
+// picks one). 0 configurations when the library has no sm90 GEMM.
+ZQ_API cudaError_t zq_gemm_sm90_fp8_config(const zq_gemm_args* a, int cfg, cudaStream_t stream);
+ZQ_API int zq_gemm_sm90_fp8_num_configs(void);
 
 // Tensor-core path for sm_80 and later (mma.sync m16n8k32 s8; the A100 path, and on Hopper the path of INT4
 // weights and of K-group scales): A8 x INT8 or packed INT4 weights (unpacked in the mainloop, never in memory),
@@ -69,18 +84,20 @@ ZQ_API int zq_gemm_sm90_num_configs(void);
 // and M bucket, recorded in the compile plan and handed to the TensorRT plugin as its kernel_plan field). Nothing
 // here chooses: zq_gemm_run runs the kernel it is told to.
 typedef enum {
-  ZQ_GEMM_SIMT = 0, ZQ_GEMM_MMA = 1, ZQ_GEMM_SM90 = 2, ZQ_GEMM_SKINNY = 3, ZQ_GEMM_NUM_KERNELS = 4
+  ZQ_GEMM_SIMT = 0, ZQ_GEMM_MMA = 1, ZQ_GEMM_SM90 = 2, ZQ_GEMM_SKINNY = 3, ZQ_GEMM_SM90_FP8 = 4,
+  ZQ_GEMM_NUM_KERNELS = 5
 } zq_gemm_kernel;
 
-// "simt", "mma", "sm90", "skinny"; NULL for an unknown id.
+// "simt", "mma", "sm90", "skinny", "sm90_fp8"; NULL for an unknown id.
 ZQ_API const char* zq_gemm_kernel_name(int kernel);
-// 1 when `kernel` can run on the current device with this library (mma, skinny: sm_80+; sm90: sm_90 and the library
-// built with it), else 0.
+// 1 when `kernel` can run on the current device with this library (mma, skinny: sm_80+; sm90, sm90_fp8: sm_90 and
+// the library built with them), else 0.
 ZQ_API int zq_gemm_kernel_available(int kernel);
 // Workspace zq_gemm_run needs: N * K bytes for sm90 with INT4 weights (unpacked to int8 per call), else 0.
 ZQ_API size_t zq_gemm_workspace_bytes(int kernel, int64_t n, int64_t k, int w_bits);
 // Run GEMM kernel `kernel` (its default tile configuration) on `a`. cudaErrorNotSupported, with nothing launched,
-// when that kernel declines the problem or cannot run on this device: the caller then runs its plan's fallback.
+// when that kernel declines the problem or cannot run on this device (FP8 operands, w_fp8 = 1, to any kernel but
+// sm90_fp8, and integer ones to sm90_fp8, included): the caller then runs its plan's fallback.
 // cudaErrorInvalidValue for an unknown id or a workspace smaller than zq_gemm_workspace_bytes.
 ZQ_API cudaError_t zq_gemm_run(int kernel, const zq_gemm_args* a, void* workspace, size_t workspace_bytes,
                                cudaStream_t stream);
