@@ -380,7 +380,8 @@ ZQ_API cudaError_t zq_gemm_skinny_config(const zq_gemm_args* a, int cfg, cudaStr
   using zq::misaligned;
   if (a->m < 0 || a->n < 0 || a->k < 0) return cudaErrorInvalidValue;
   const int64_t group_k = a->groups > 0 ? a->k / a->groups : 0;
-  if (!a->x_is_int8 || (a->w_bits != 8 && a->w_bits != 4) || (a->out_dt != ZQ_F16 && a->out_dt != ZQ_BF16) ||
+  if (!a->x_is_int8 || a->w_fp8 || (a->w_bits != 8 && a->w_bits != 4) ||
+      (a->out_dt != ZQ_F16 && a->out_dt != ZQ_BF16) ||
       a->m > kMaxM || a->k == 0 || a->k % kChunk || a->n % 16 || a->groups < 1 || a->k % a->groups ||
       (a->groups == 1 ? a->k > kMaxRowK : group_k % kChunk != 0) || !a->x_scale || !a->w_scale ||
       misaligned(a->x, 16) || misaligned(a->wq, 16) || misaligned(a->out, 2) || misaligned(a->residual, 2) ||

@@ -7,7 +7,8 @@ Runtime's CPU provider runs. The constants (EPS, QMAX) are imported from quant_m
 Numerics, and why they match the reference:
 - per-token quant: ReduceMax(Abs) -> Max(EPS) -> 127/amax -> Mul -> Round (half to even, as torch.round)
   -> Clip(+-127) -> Cast int8: the same fp32 operations in the same order, so q and scale are bit-exact.
-- INT8 GEMM: MatMulInteger (int8 activations shifted to uint8 with zero point 128, x int8 -> int32, exact). Row groups: Cast to
+- INT8 GEMM: MatMulInteger (int8 activations and weights shifted to uint8 with zero point 128, -> int32, exact on
+  every CPU: see matmul_integer). Row groups: Cast to
   fp32 then * w_scale[n] * x_scale[m] in fp32 (the shape ORT runs fastest; exact in the cast while |acc| <
   2^24, then two fp32 roundings like the reference's, so results agree to ~1 ulp; measured in the bench, a
   float64 scale product made this 1.5x slower). K-groups: per-group int32 sums scaled and added in float64,
@@ -157,13 +158,20 @@ def epilogue(y, bias, act: str, residual, out_dtype: int):
     return op.Cast(y, to=out_dtype)
 
 
+def _to_uint8_128(t):
+    """int8 -> uint8 + 128 (the same integers with zero point 128)."""
+    return op.Cast(op.Add(op.Cast(t, to=INT32), op.Constant(value=ir.tensor(np.array(128, dtype=np.int32)))),
+                   to=UINT8)
+
+
 def matmul_integer(xq, w):
-    """Exact int32 xq @ w with the int8 activations shifted to uint8 + zero point 128: ORT's CPU kernels are
-    built for u8 x s8 (measured 22x faster than s8 x s8 on [1024, 256] x [256, 1024]); the integer result is
-    identical since (xq + 128) - 128 = xq."""
-    xu = op.Cast(op.Add(op.Cast(xq, to=INT32), op.Constant(value=ir.tensor(np.array(128, dtype=np.int32)))), to=UINT8)
+    """Exact int32 xq @ w as MatMulInteger on uint8 operands with zero point 128 each ((q + 128) - 128 = q).
+    Both are shifted: ORT's u8 x s8 CPU kernel uses VPMADDUBSW on AVX2 / AVX-512 machines without VNNI, whose
+    int16 sums of two products saturate (2 * 255 * 127 > 32767), so u8 x s8 results were wrong there (a tiny GPT-2's
+    first GEMM off by up to 24,085 on an AVX2-only CPU; exact on VNNI machines). u8 x u8 widens before it
+    multiplies: exact on every CPU. The weight's shift is a constant subgraph ORT folds at session load."""
     zero = op.Constant(value=ir.tensor(np.array(128, dtype=np.uint8)))
-    return op.MatMulInteger(xu, w, zero)
+    return op.MatMulInteger(_to_uint8_128(xq), _to_uint8_128(w), zero, zero)
 
 
 def int_gemm_k_groups(xq, wq, w_scale, w_bits: int):
