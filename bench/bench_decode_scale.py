@@ -41,7 +41,7 @@ SHAPES = {  # hidden, layers, MLP, tied embeddings (Llama-3.2-1B ties them, Llam
 }
 SMOKE_SHAPE = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, tie_word_embeddings=False,
                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
-ENGINES = ("hf-static-compile", "none", "w8a8", "w4/8a8")
+ENGINES = ("hf-static-compile", "none", "w8a8", "w4/8a8", "fp8")  # zq presets but the first
 GEMM_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # K x N: qkv, o, gate+up, down
 SMOKE_GEMM_SHAPES = [(64, 96), (128, 64)]
 GEMM_MS = [1, 4, 16, 64]

@@ -4,6 +4,7 @@ ops). CUDA-graph replays, medians. Prints a markdown table, writes JSON.
 
     python bench/bench_elementwise.py [--out bench/results]
     python bench/bench_elementwise.py --decode   # decode rows (M = 1-64): split rows vs one block a row
+    python bench/bench_elementwise.py --fp8      # the FP8 E4M3-emitting kernels (zq_*_fp8) beside the INT8 ones
 
 --decode times the kernels at decode sizes (Llama-3-8B's K = 4096 / 14336), the split-row layout (a row over a
 cluster of 8 blocks, the library's choice) against one block a row (`cuda.set_row_split(0)`), 20 calls a graph.
@@ -51,6 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--decode", action="store_true", help="decode sizes: split rows vs one block a row")
+    ap.add_argument("--fp8", action="store_true", help="also the FP8-emitting kernels (rows op_fp8), same sizes")
     args = ap.parse_args()
     if not torch.cuda.is_available() or not plugins.load():
         sys.exit(f"needs a CUDA GPU and the kernel library: {plugins.status()}")
@@ -84,11 +86,14 @@ def main() -> None:
             "act_quant(bias+gelu)": (lambda f: f(x, b, None, "gelu", False), "act_quant", m * k * 2 + m * k),
             "quantize_per_token": (lambda f: f(x), "quantize_per_token", m * k * 2 + m * k),
         }
+        if args.fp8:  # the same calls and bytes (one-byte codes either way) on the FP8 E4M3 ops
+            cases.update({f"{name} fp8": (call, f"{op}_fp8", nbytes) for name, (call, op, nbytes) in cases.items()})
         for name, (call, op, nbytes) in cases.items():
             ours = time_graph(lambda i: call(getattr(torch.ops.zq, op)), 1)
             ref = time_graph(lambda i: call(registry.op(op).reference), 1)
             rows.append({"op": name, "m": m, "k": k, "ours_us": ours * 1e3, "ref_us": ref * 1e3,
                          "ours_gbs": nbytes / ours / 1e6, "speedup": ref / ours})
+    tag = f"fp8_{tag}" if args.fp8 else tag
     (out / f"elementwise_{tag}.json").write_text(json.dumps(
         {"meta": {"device": props.name, "torch": torch.__version__, "command": " ".join([sys.executable] + sys.argv)},
          "rows": rows}, indent=1))

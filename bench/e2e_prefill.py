@@ -59,9 +59,10 @@ from bench.bench_decode_scale import csv, elapsed_ms, free, is_oom, make_model a
 
 LLAMA = "llama-3-8b"
 BERTS = ("bert-base", "bert-large")
-ENGINES = ("hf-eager-fp16", "compile-fp16", "compile-max-autotune-fp16", "zq-fp16", "zq-w8a8", "zq-w4/8a8")
+ENGINES = ("hf-eager-fp16", "compile-fp16", "compile-max-autotune-fp16", "zq-fp16", "zq-w8a8", "zq-w4/8a8", "zq-fp8")
+DEFAULT_ENGINES = ENGINES[:-1]  # issue 15's grid; zq-fp8 (issue 14) only when asked for
 CHEAP = ("hf-eager-fp16", "zq-w8a8", "zq-w4/8a8")
-ZQ_CONFIGS = {"zq-w8a8": "w8a8", "zq-w4/8a8": "w4/8a8", "zq-fp16": "none"}
+ZQ_CONFIGS = {"zq-w8a8": "w8a8", "zq-w4/8a8": "w4/8a8", "zq-fp16": "none", "zq-fp8": "fp8"}
 COMPILE_MODES = {"compile-fp16": None, "compile-max-autotune-fp16": "max-autotune"}
 BERT_SHAPES = {"bert-base": dict(), "bert-large": dict(hidden_size=1024, num_hidden_layers=24,
                                                       num_attention_heads=16, intermediate_size=4096)}
@@ -101,6 +102,10 @@ def plan(models: list[str], seqs: list[int], batches: list[int], llama_seq: int,
             rows += bert_rows(m, [head], (e,))
         for m in berts:
             rows += bert_rows(m, rest, (e,))
+    for m in berts:  # the FP8 engine (issue 14), only when asked for: the head shape first
+        rows += bert_rows(m, [head] + rest, ("zq-fp8",))
+    if llama:
+        rows += [(LLAMA, llama_seq, b, "zq-fp8") for b in llama_batches]
     return [r for r in dict.fromkeys(rows) if r[3] in engines]
 
 
@@ -357,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_e2e.py --prefill", description=__doc__.splitlines()[0])
     p.add_argument("--models", type=csv(str), default=[*BERTS, LLAMA],
                    help=f"comma list of {', '.join(BERTS)}, {LLAMA}")
-    p.add_argument("--engines", type=csv(str), default=list(ENGINES), help=f"comma list of {', '.join(ENGINES)}")
+    p.add_argument("--engines", type=csv(str), default=list(DEFAULT_ENGINES),
+                   help=f"comma list of {', '.join(ENGINES)} (default: all but zq-fp8)")
     p.add_argument("--seqs", type=csv(int), default=[128, 384], help="BERT sequence lengths (the first is the head)")
     p.add_argument("--batches", type=csv(int), default=[1, 16, 128], help="BERT batches (the largest is the head)")
     p.add_argument("--llama-seq", type=int, default=2048)

@@ -9,6 +9,11 @@
 # wheel (pure Python; the device image lacks only it: numpy, pyyaml, tqdm, requests are there) and the gzipped
 # kernel library, which `smol` installs as build/libzq_kernels.so (unless one is there) for the stages after it.
 # Results go to $OUT: accuracy_gpu/accuracy_engine.json / .md, lkd.log, gpu_lkd_test.txt.
+# Item 2's FP8 kernels (after scripts/gpu_issue13.sh build, same warm machine; no carry):
+#   bash scripts/gpu_issue14.sh fp8-tests      the GPU tests (every row kernel, the FP8 ones) + the producer table
+#   bash scripts/gpu_issue14.sh fp8-engines    FP8 engines vs W8A8: BERT-base / 8B prefill with the Hopper FP8 GEMM
+#                                              (ZQ_GEMM_SM90_FP8=1) and with scaled_mm (=0); 1B decode
+#   bash scripts/gpu_issue14.sh fp8-decode     1B decode: fp8 (the decode kernel's E4M3 path) vs w8a8 vs FP16
 # CPU check: PY=/work/main/.venv/bin/python SMOL_DIR=/tmp/x LKD_DEVICE=cpu LKD_ARGS="--max-eval-tokens 1024" ...
 # Developer tooling, not CI.
 STAGE_DEFAULT=200  # the lkd stage's share of the device call (STAGE_TIMEOUT or DEADLINE: another)
@@ -25,13 +30,13 @@ pack() {  # here: the GGUF in two parts + its sha256, the gguf wheel, the kernel
   local src lib="${LIB:-build/libzq_kernels.so}" ver
   src="$("$PY" -c 'from zqcompile.models import packaged_path; print(packaged_path("smollm2"))')" || return 1
   ver="$("$PY" -c 'import importlib.metadata as m; print(m.version("gguf"))')" || return 1
-  [ -f "$lib" ] || { echo "no $lib: build it (cmake) or set LIB"; return 1; }
+  [ "$lib" = none ] || [ -f "$lib" ] || { echo "no $lib: build it (cmake), set LIB, or LIB=none (built on the device)"; return 1; }
   rm -rf "$CARRY" && mkdir -p "$CARRY/part1" "$CARRY/part2/whl" || return 1
   head -c $((PART1_MIB * 1024 * 1024)) "$src" > "$CARRY/part1/smol.gguf.part1"
   tail -c +$((PART1_MIB * 1024 * 1024 + 1)) "$src" > "$CARRY/part2/smol.gguf.part2"
   echo "$(sha "$src")  $(basename "$GGUF")" > "$CARRY/part2/smol.gguf.sha256"
-  gzip -c "$lib" > "$CARRY/part2/libzq_kernels.so.gz" &&
-    echo "$(sha "$lib")  libzq_kernels.so" > "$CARRY/part2/libzq_kernels.so.sha256"
+  [ "$lib" = none ] || { gzip -c "$lib" > "$CARRY/part2/libzq_kernels.so.gz" &&
+    echo "$(sha "$lib")  libzq_kernels.so" > "$CARRY/part2/libzq_kernels.so.sha256"; }
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform any \
     -d "$CARRY/part2/whl" "gguf==$ver" || return 1
   du -sh "$CARRY"/part1 "$CARRY"/part2; }
@@ -82,7 +87,27 @@ for stage in "$@"; do
         --device "${LKD_DEVICE:-cuda}" --threads "${THREADS:-8}" --rows "$ROWS" --time-budget-s "$budget" \
         --out "$OUT/accuracy_gpu" ${LKD_ARGS:-} 2>&1 | tee "$OUT/lkd.log" | grep -v -i warn
       r=${PIPESTATUS[0]}; [ $r -eq 0 ] || { echo "run.py exited $r"; rc=$r; } ;;
-    *) echo "unknown stage $stage (pack smol-part1 smol lkd)"; exit 2 ;;
+    fp8-tests)
+      ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout "$(left)" "$PY" -m pytest -q -p no:cacheprovider \
+        ${TEST_WORKERS:+-n "$TEST_WORKERS" --dist loadfile} tests/gpu tests/plugins/test_gemm_sm90_fp8.py \
+        > "$OUT/gpu_tests_fp8_producers.txt" 2>&1
+      r=$?; tail -3 "$OUT/gpu_tests_fp8_producers.txt"; [ $r -eq 0 ] || rc=$r
+      timeout "$(left)" "$PY" bench/bench_elementwise.py --fp8 --out "$OUT" > "$OUT/elementwise_fp8.log" 2>&1 || rc=$?
+      tail -14 "$OUT/elementwise_fp8.log" ;;
+    fp8-engines)
+      for gate in 1 0; do
+        engines=zq-fp8; [ $gate = 1 ] && engines=zq-w8a8,zq-fp8
+        ZQ_GEMM_SM90_FP8=$gate timeout "$(left)" "$PY" bench/bench_e2e.py --prefill --models bert-base,llama-3-8b \
+          --engines "$engines" --seqs 128 --batches 1,16,128 --llama-batches 1 --budget-s "${FP8_BUDGET_S:-200}" \
+          --out "$OUT/prefill_fp8_gate${gate}_H200.json" 2>&1 | tee -a "$OUT/prefill_fp8.log" | grep -v -i warn
+        r=${PIPESTATUS[0]}; [ $r -eq 0 ] || rc=$r
+      done
+      ZQ_GEMM_SM90_FP8=1 timeout "$(left)" "$PY" bench/bench_decode_scale.py --shapes 1b --engines w8a8,fp8 \
+        --batches 1,16 --cache-lens 128 --repeat 2 --out "$OUT/decode_scale_1b_fp8_H200.json" || rc=$? ;;
+    fp8-decode)  # FP8 decode with the decode kernel's E4M3 path against W8A8, the 1B shape
+      timeout "$(left)" "$PY" bench/bench_decode_scale.py --shapes 1b --engines w8a8,fp8,none --batches 1,16 \
+        --cache-lens 128 --repeat 2 --out "$OUT/decode_scale_1b_fp8_skinny_H200.json" || rc=$? ;;
+    *) echo "unknown stage $stage (pack smol-part1 smol lkd fp8-tests fp8-engines fp8-decode)"; exit 2 ;;
   esac
 done
 exit $rc

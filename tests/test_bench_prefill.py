@@ -12,12 +12,14 @@ from tests.subproc import REPO, _env
 
 
 def test_plan_puts_the_targets_first_and_holds_every_row_once():
-    rows = P.plan([*P.BERTS, P.LLAMA], [128, 384], [1, 16, 128], 2048, [1, 4], list(P.ENGINES))
+    rows = P.plan([*P.BERTS, P.LLAMA], [128, 384], [1, 16, 128], 2048, [1, 4], list(P.DEFAULT_ENGINES))
     assert rows[:4] == [("bert-base", 128, 128, e) for e in ("hf-eager-fp16", "zq-w8a8", "zq-w4/8a8", "compile-fp16")]
     assert rows[4:10] == [(P.LLAMA, 2048, b, e) for e in ("hf-eager-fp16", "zq-w8a8", "zq-fp16") for b in (1, 4)]
     assert rows.index(("bert-base", 128, 128, "compile-max-autotune-fp16")) == 13  # after BERT-large's head rows
     assert len(rows) == len(set(rows)) == 2 * 6 * 5 + 2 * 4  # BERT: 2 models x 6 shapes x 5 engines; 8B: 2 x 4
     assert rows[-1][3] == "compile-max-autotune-fp16"
+    with_fp8 = P.plan([*P.BERTS, P.LLAMA], [128, 384], [1, 16, 128], 2048, [1, 4], list(P.ENGINES))
+    assert with_fp8[:len(rows)] == rows and len(with_fp8) == len(rows) + 2 * 6 + 2  # the FP8 rows last
     assert P.plan(["bert-base"], [128], [1, 128], 2048, [1], ["zq-w8a8"]) == [("bert-base", 128, 128, "zq-w8a8"),
                                                                                  ("bert-base", 128, 1, "zq-w8a8")]
 
@@ -31,9 +33,9 @@ def test_smoke_run_writes_every_engine_errors_skips_and_ratios(tmp_path):
     rows = res["rows"]
     a = res["args"]
     assert [(x["model"], x["seq"], x["batch"], x["engine"]) for x in rows] == P.plan(
-        ["bert-base", P.LLAMA], a["seqs"], a["batches"], a["llama_seq"], a["llama_batches"], list(P.ENGINES))
+        ["bert-base", P.LLAMA], a["seqs"], a["batches"], a["llama_seq"], a["llama_batches"], list(P.DEFAULT_ENGINES))
     assert all({"model", "seq", "batch", "engine", "ms"} <= set(x) for x in rows)
-    assert {x["engine"] for x in rows if x["ms"] is not None and x["ms"] > 0} == set(P.ENGINES)
+    assert {x["engine"] for x in rows if x["ms"] is not None and x["ms"] > 0} == set(P.DEFAULT_ENGINES)
     by = {(x["model"], x["seq"], x["batch"], x["engine"]): x for x in rows}
     oom = by[(P.LLAMA, 32, 2, "hf-eager-fp16")]
     assert oom["ms"] is None and oom["oom"] and "OutOfMemoryError" in oom["error"]

@@ -1,5 +1,6 @@
 // Bias + activation (GeLU for BERT/GPT FC1 outputs, SiLU gating for Llama MLPs) with the token-wise
-// quantization of the next GEMM's input fused in: one read of the row, int8 + scale written once.
+// quantization of the next GEMM's input fused in: one read of the row, the codes (INT8, or FP8 E4M3 from
+// zq_act_quant_fp8) + scale written once.
 // The vector path (zq/row_vec.cuh) keeps the row in registers; the scalar kernel (row cached in shared
 // memory) takes unaligned pointers, K % 8 != 0 and very long rows. Both do the same per-element fp32 math.
 #include "zq/act_quant.h"
@@ -8,7 +9,7 @@
 
 namespace zq {
 
-template <class T>
+template <class C, class T>
 __global__ void act_quant_kernel(const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ gate,
                                  int64_t k, int act, int8_t* __restrict__ q, float* __restrict__ scale,
                                  T* __restrict__ out) {
@@ -30,12 +31,12 @@ __global__ void act_quant_kernel(const T* __restrict__ x, const T* __restrict__ 
     amax = fmaxf(amax, fabsf(y));
   }
   amax = fmaxf(block_max(amax, red), kEps);
-  const float inv = 127.f / amax;
-  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) q[off + i] = quantize_one(row[i], inv);
-  if (threadIdx.x == 0) scale[blockIdx.x] = amax / 127.f;
+  const float inv = code_inv<C>(amax);
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) q[off + i] = C::encode(row[i], inv);
+  if (threadIdx.x == 0) scale[blockIdx.x] = amax / C::kMax;
 }
 
-template <class T, int kRow, int kVecs>
+template <class C, class T, int kRow, int kVecs>
 __global__ void __launch_bounds__(row_block_threads<T, kRow>())
 act_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ gate,
                      int64_t rows, int64_t k, int act, int8_t* __restrict__ q, float* __restrict__ scale,
@@ -76,33 +77,45 @@ act_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ bias, const 
       for (int i = 0; i < kPack; ++i) amax = fmaxf(amax, fabsf(y[i]));
     }
   }
-  quantize_held_row<T, kVecs, kRow>(yv, amax, p, k8, q + off, scale, red);
+  quantize_held_row<C, T, kVecs, kRow>(yv, amax, p, k8, q + off, scale, red);
 }
 
-}  // namespace zq
-
-ZQ_API cudaError_t zq_act_quant(const void* x, const void* bias, const void* gate, zq_dtype dt, int64_t rows,
-                                int64_t k, int act, int8_t* q, float* scale, void* out, cudaStream_t stream) {
+template <class C>
+cudaError_t act_quant_codes(const void* x, const void* bias, const void* gate, zq_dtype dt, int64_t rows, int64_t k,
+                            int act, int8_t* q, float* scale, void* out, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   if (k <= 0 || k > 56 * 1024 || rows > INT32_MAX) return cudaErrorInvalidValue;
-  zq::RowLaunch l;
-  if (zq::vec_row_launch(rows, k, zq::max_row_threads(dt), {x, bias, gate, q, out}, &l, /*split_by_default=*/true)) {
-    ZQ_DISPATCH_DTYPE(dt, T, ZQ_DISPATCH_ROW(l, return zq::launch_row(
-                                                    l, stream, zq::act_quant_vec_kernel<T, kRow, kVecs>,
+  RowLaunch l;
+  if (vec_row_launch(rows, k, max_row_threads(dt), {x, bias, gate, q, out}, &l, /*split_by_default=*/true)) {
+    ZQ_DISPATCH_DTYPE(dt, T, ZQ_DISPATCH_ROW(l, return launch_row(
+                                                    l, stream, act_quant_vec_kernel<C, T, kRow, kVecs>,
                                                     static_cast<const T*>(x), static_cast<const T*>(bias),
                                                     static_cast<const T*>(gate), rows, k, act, q, scale,
                                                     static_cast<T*>(out))));
   }
   const size_t smem = (size_t)k * sizeof(float);
   ZQ_DISPATCH_DTYPE(dt, T, {
-    auto kernel = zq::act_quant_kernel<T>;
+    auto kernel = act_quant_kernel<C, T>;
     if (smem > 48 * 1024) {
       cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
       if (e != cudaSuccess) return e;
     }
-    kernel<<<(unsigned)rows, zq::row_threads(k), smem, stream>>>(
+    kernel<<<(unsigned)rows, row_threads(k), smem, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(bias), static_cast<const T*>(gate), k, act, q, scale,
         static_cast<T*>(out));
   });
   return cudaGetLastError();
+}
+
+}  // namespace zq
+
+ZQ_API cudaError_t zq_act_quant(const void* x, const void* bias, const void* gate, zq_dtype dt, int64_t rows,
+                                int64_t k, int act, int8_t* q, float* scale, void* out, cudaStream_t stream) {
+  return zq::act_quant_codes<zq::Int8Code>(x, bias, gate, dt, rows, k, act, q, scale, out, stream);
+}
+
+ZQ_API cudaError_t zq_act_quant_fp8(const void* x, const void* bias, const void* gate, zq_dtype dt, int64_t rows,
+                                    int64_t k, int act, void* q, float* scale, void* out, cudaStream_t stream) {
+  return zq::act_quant_codes<zq::Fp8Code>(x, bias, gate, dt, rows, k, act, static_cast<int8_t*>(q), scale, out,
+                                          stream);
 }

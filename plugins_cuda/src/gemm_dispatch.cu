@@ -65,10 +65,11 @@ ZQ_API size_t zq_gemm_workspace_bytes(int kernel, int64_t n, int64_t k, int w_bi
 ZQ_API cudaError_t zq_gemm_run(int kernel, const zq_gemm_args* a, void* workspace, size_t workspace_bytes,
                                cudaStream_t stream) {
   if (a == nullptr || kernel < 0 || kernel >= ZQ_GEMM_NUM_KERNELS) return cudaErrorInvalidValue;
-  // FP8 operands are the FP8 kernel's alone (the integer kernels would read the codes as int8), and it takes no
-  // other.
+  // FP8 operands are the FP8 kernel's and the decode kernel's alone (the other integer kernels would read the codes
+  // as int8), and the FP8 kernel takes no other.
   const bool fp8 = a->w_fp8 || a->x_dt == ZQ_FP8_E4M3;
-  if (fp8 != (kernel == ZQ_GEMM_SM90_FP8)) return cudaErrorNotSupported;
+  if (fp8 ? kernel != ZQ_GEMM_SM90_FP8 && kernel != ZQ_GEMM_SKINNY : kernel == ZQ_GEMM_SM90_FP8)
+    return cudaErrorNotSupported;
   switch (kernel) {
     case ZQ_GEMM_SIMT: return zq_gemm_simt(a, stream);
     case ZQ_GEMM_MMA: return zq_gemm_mma(a, stream);

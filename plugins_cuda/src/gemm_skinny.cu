@@ -15,16 +15,18 @@
 // Row scales: int32 partial sums, exact (K <= 65536), float(sum) * w_scale as the other kernels; K groups
 // (group_k % 128 == 0, so a chunk lies in one group): each chunk's int32 sum folded into fp32 with its scale.
 // INT4 is unpacked to int8 x 16 (mma_sm80.cuh unpack_int4x16), the 16 divided out through the scale (exact).
+// FP8 (configurations 0-2, sm_90): E4M3 weights with row scales times E4M3 tokens on mma.sync m16n8k32 e4m3 (the
+// same fragments, fp32 accumulators), the fp32 partials summed in warp order, then * w_scale as for INT8.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cooperative_groups.h>
+#include <type_traits>
 
 #include "gemm_launch.h"
 #include "gemm_skinny.cuh"
 
 namespace zq::skinny {
 
-using mma::mma_s8;
 
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
@@ -73,9 +75,9 @@ __device__ __forceinline__ void load_chunk(const zq_gemm_args& a, int64_t n0, in
   }
 }
 
-// iacc += the chunk's products (four k32 steps).
-template <int RT, int NT, int WBITS, bool KG>
-__device__ __forceinline__ void multiply(const Chunk<RT, NT, WBITS, KG>& ch, int (&iacc)[RT][NT][4]) {
+// iacc += the chunk's products (four k32 steps): int8 (Acc int) or FP8 E4M3 codes (Acc float, WBITS 8).
+template <int RT, int NT, int WBITS, bool KG, class Acc>
+__device__ __forceinline__ void multiply(const Chunk<RT, NT, WBITS, KG>& ch, Acc (&iacc)[RT][NT][4]) {
   uint32_t wa[RT][2][8];  // int8 words (INT4: x 16): word q holds physical k 32t + 4q .. + 3
 #pragma unroll
   for (int i = 0; i < RT; ++i)
@@ -101,7 +103,7 @@ __device__ __forceinline__ void multiply(const Chunk<RT, NT, WBITS, KG>& ch, int
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const uint32_t bf[2] = {ch.x[j][2 * s], ch.x[j][2 * s + 1]};
-        mma_s8(iacc[i][j], af, bf);
+        mma::mma_k32(iacc[i][j], af, bf);
       }
     }
 }
@@ -119,10 +121,13 @@ __device__ __forceinline__ void fold(const Chunk<RT, NT, WBITS, KG>& ch, int (&i
 
 // TG token groups: the warps split into TG groups of kWarps / TG, group i multiplying tokens 8 NT i .. by every
 // k chunk its warps take (split-K over kWarps / TG); a group's weight reads after the first come from L2. TG blocks an
-// SM are asked of the register allocator (TG = 2: <= 128 registers a thread).
-template <int RT, int NT, int TG, int WBITS, bool KG, class OutT>
+// SM are asked of the register allocator (TG = 2: <= 128 registers a thread). F8: FP8 E4M3 operands (WBITS 8, row
+// scales), fp32 accumulators.
+template <int RT, int NT, int TG, int WBITS, bool KG, class OutT, bool F8 = false>
 __global__ void __launch_bounds__(kThreads, TG) gemm_skinny_kernel(const zq_gemm_args a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  static_assert(!F8 || (WBITS == 8 && !KG), "FP8 weights: one byte a weight, row scales");
+  using Acc = std::conditional_t<F8, float, int>;
   constexpr int R = 16 * RT, MP = 8 * NT, kSplit = kWarps / TG;
   static_assert(kWarps % TG == 0, "whole warp groups");
   constexpr float kUnscale = WBITS == 4 ? 1.f / 16 : 1.f;
@@ -132,7 +137,7 @@ __global__ void __launch_bounds__(kThreads, TG) gemm_skinny_kernel(const zq_gemm
   const int64_t n0 = (int64_t)blockIdx.x * R;
   const int64_t chunks = a.k / kChunk;
 
-  int iacc[RT][NT][4];
+  Acc iacc[RT][NT][4];
   float facc[RT][NT][4];
 #pragma unroll
   for (int i = 0; i < RT; ++i)
@@ -158,9 +163,13 @@ __global__ void __launch_bounds__(kThreads, TG) gemm_skinny_kernel(const zq_gemm
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int r = 0; r < 4; ++r)
-        red[warp][16 * i + g + 8 * (r >> 1)][8 * j + 2 * t + (r & 1)] =
-            KG ? __float_as_uint(facc[i][j][r]) : (uint32_t)iacc[i][j][r];
+      for (int r = 0; r < 4; ++r) {
+        uint32_t word;  // fp32 bits (K groups, FP8) or the int32 sum
+        if constexpr (KG) word = __float_as_uint(facc[i][j][r]);
+        else if constexpr (F8) word = __float_as_uint(iacc[i][j][r]);
+        else word = (uint32_t)iacc[i][j][r];
+        red[warp][16 * i + g + 8 * (r >> 1)][8 * j + 2 * t + (r & 1)] = word;
+      }
   __syncthreads();
 
   const int mv = (int)a.m;  // <= 64
@@ -174,6 +183,11 @@ __global__ void __launch_bounds__(kThreads, TG) gemm_skinny_kernel(const zq_gemm
 #pragma unroll
       for (int w = 0; w < kSplit; ++w) v += __uint_as_float(red[w0 + w][r][ml]);
       v *= kUnscale;  // the fold used the stored scales (exact: a power of two)
+    } else if constexpr (F8) {
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < kSplit; ++w) s += __uint_as_float(red[w0 + w][r][ml]);
+      v = s * a.w_scale[n];
     } else {
       int s = 0;
 #pragma unroll
@@ -185,22 +199,22 @@ __global__ void __launch_bounds__(kThreads, TG) gemm_skinny_kernel(const zq_gemm
 #endif
 }
 
-template <int RT, int NT, int TG, int WBITS, bool KG, class OutT>
+template <int RT, int NT, int TG, int WBITS, bool KG, class OutT, bool F8>
 cudaError_t launch(const zq_gemm_args& a, cudaStream_t stream) {
   const int64_t blocks = a.n / (16 * RT);
   if (blocks > INT32_MAX) return cudaErrorNotSupported;
-  gemm_skinny_kernel<RT, NT, TG, WBITS, KG, OutT><<<(unsigned)blocks, kThreads, 0, stream>>>(a);
+  gemm_skinny_kernel<RT, NT, TG, WBITS, KG, OutT, F8><<<(unsigned)blocks, kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
 // Token tiles a warp (NT) from the tokens of its group.
-template <int RT, int TG, int WBITS, bool KG, class OutT>
+template <int RT, int TG, int WBITS, bool KG, class OutT, bool F8 = false>
 cudaError_t launch_nt(const zq_gemm_args& a, cudaStream_t stream) {
   const int64_t per_group = (a.m + TG - 1) / TG;
-  if (per_group <= 8) return launch<RT, 1, TG, WBITS, KG, OutT>(a, stream);
-  if (per_group <= 16) return launch<RT, 2, TG, WBITS, KG, OutT>(a, stream);
-  if (per_group <= 32) return launch<RT, 4, TG, WBITS, KG, OutT>(a, stream);
-  if constexpr (RT == 1 && TG == 1) return launch<1, 8, 1, WBITS, KG, OutT>(a, stream);
+  if (per_group <= 8) return launch<RT, 1, TG, WBITS, KG, OutT, F8>(a, stream);
+  if (per_group <= 16) return launch<RT, 2, TG, WBITS, KG, OutT, F8>(a, stream);
+  if (per_group <= 32) return launch<RT, 4, TG, WBITS, KG, OutT, F8>(a, stream);
+  if constexpr (RT == 1 && TG == 1) return launch<1, 8, 1, WBITS, KG, OutT, F8>(a, stream);
   return cudaErrorNotSupported;  // RT = 2 stops at M = 32 (the partial tiles' shared memory)
 }
 
@@ -209,6 +223,10 @@ struct Launch {
   template <int WBITS, bool KG, class OutT>
   static cudaError_t run(const zq_gemm_args& a, cudaStream_t stream) {
     return launch_nt<RT, TG, WBITS, KG, OutT>(a, stream);
+  }
+  static cudaError_t run_fp8(const zq_gemm_args& a, cudaStream_t stream) {  // out fp16 or bf16 (checked)
+    return a.out_dt == ZQ_F16 ? launch_nt<RT, TG, 8, false, __half, true>(a, stream)
+                              : launch_nt<RT, TG, 8, false, __nv_bfloat16, true>(a, stream);
   }
 };
 
@@ -240,7 +258,7 @@ __device__ __forceinline__ void multiply(const WChunk<WBITS, KG>& ch, const uint
     for (int s = 0; s < 4; ++s) {
       const uint32_t af[4] = {wa[0][2 * s], wa[1][2 * s], wa[0][2 * s + 1], wa[1][2 * s + 1]};
       const uint32_t bf[2] = {xw[2 * s], xw[2 * s + 1]};
-      mma_s8(iacc[j], af, bf);
+      mma::mma_s8(iacc[j], af, bf);
     }
   }
 }
@@ -373,12 +391,31 @@ int pick_config(int64_t m, int64_t n, int sm_count) {
   return m > 32 && waves % 2 == 0 ? 2 : 0;
 }
 
+// FP8 E4M3 weights (row scales) times FP8 E4M3 tokens: configurations 0-2 on compute capability 9.0 or later.
+cudaError_t run_fp8(const zq_gemm_args& a, int cfg, cudaStream_t stream) {
+  using zq::misaligned;
+  if (a.x_dt != ZQ_FP8_E4M3 || a.x_is_int8 || a.w_bits != 8 || a.groups != 1 ||
+      (a.out_dt != ZQ_F16 && a.out_dt != ZQ_BF16) || a.m > kMaxM || a.k == 0 || a.k % kChunk || a.n % 16 ||
+      !a.x_scale || !a.w_scale || misaligned(a.x, 16) || misaligned(a.wq, 16) || misaligned(a.out, 2) ||
+      misaligned(a.residual, 2) || misaligned(a.bias, 2))
+    return cudaErrorNotSupported;
+  zq::DeviceInfo dev;
+  if (const cudaError_t e = zq::sm80_device(cfg, kNumConfigs, &dev); e != cudaSuccess) return e;
+  if (dev.cc_major < 9) return cudaErrorNotSupported;  // E4M3 mma.sync: sm_89+, measured on sm_90 only
+  if (a.m == 0 || a.n == 0) return cudaSuccess;
+  if (cfg < 0) cfg = pick_config(a.m, a.n, dev.sm_count);
+  if (cfg > 2 || (cfg == 1 && (a.n % 32 || a.m > 32))) return cudaErrorNotSupported;
+  if (cfg == 2) return Launch<1, 2>::run_fp8(a, stream);
+  return cfg == 1 ? Launch<2, 1>::run_fp8(a, stream) : Launch<1, 1>::run_fp8(a, stream);
+}
+
 }  // namespace zq::skinny
 
 ZQ_API cudaError_t zq_gemm_skinny_config(const zq_gemm_args* a, int cfg, cudaStream_t stream) {
   using namespace zq::skinny;
   using zq::misaligned;
   if (a->m < 0 || a->n < 0 || a->k < 0) return cudaErrorInvalidValue;
+  if (a->w_fp8) return run_fp8(*a, cfg, stream);
   const int64_t group_k = a->groups > 0 ? a->k / a->groups : 0;
   if (!a->x_is_int8 || a->w_fp8 || (a->w_bits != 8 && a->w_bits != 4) ||
       (a->out_dt != ZQ_F16 && a->out_dt != ZQ_BF16) ||

@@ -1,7 +1,8 @@
 // The sm_80+ warp-level instructions of the INT8 tensor-core GEMM (gemm_mma.cu) as inline PTX: cp.async
-// (global -> shared, 16 bytes, zero-fill), ldmatrix, mma.sync m16n8k32 s8 x s8 -> s32, and the INT4 -> int8
-// fragment unpack. Fragment layouts are the PTX ISA's for mma.m16n8k32 with .s8 operands (the same as CUTLASS's
-// SM80_16x8x32_S32S8S8S32_TN traits); with g = lane / 4 and t = lane % 4:
+// (global -> shared, 16 bytes, zero-fill), ldmatrix, mma.sync m16n8k32 s8 x s8 -> s32 (and E4M3 x E4M3 -> f32,
+// sm_89+, for the decode kernel's FP8 weights), and the INT4 -> int8 fragment unpack. Fragment layouts are the
+// PTX ISA's for mma.m16n8k32 with .s8 operands (the same as CUTLASS's SM80_16x8x32_S32S8S8S32_TN traits); with
+// g = lane / 4 and t = lane % 4:
 //   A (16x32, row-major, 4 regs of 4 int8): a0 = A[g][4t..4t+3], a1 = A[g+8][4t..], a2 = A[g][16+4t..],
 //     a3 = A[g+8][16+4t..]
 //   B (32x8, "col": each column n holds 32 consecutive k, 2 regs): b0 = B[4t..4t+3][g], b1 = B[16+4t..][g]
@@ -41,6 +42,27 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], cons
       "{%0, %1, %2, %3};\n"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// c += A (16x32 FP8 E4M3) * B (32x8 FP8 E4M3), fp32 accumulation: the same A / B fragment layouts as the s8 MMA
+// above (PTX ISA, mma.m16n8k32 with 8-bit types) and C in its four registers; sm_89 and later (elsewhere a trap:
+// the entry points check the device first).
+__device__ __forceinline__ void mma_e4m3(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();
+#endif
+}
+
+// The k32 MMA of a fragment's accumulator type: int (s8 x s8) or float (E4M3 x E4M3).
+__device__ __forceinline__ void mma_k32(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) { mma_s8(c, a, b); }
+__device__ __forceinline__ void mma_k32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  mma_e4m3(c, a, b);
 }
 
 // Eight packed INT4 weights -> two B registers of four int8 each, every value multiplied by 16: nibble q becomes

@@ -1,6 +1,6 @@
 // LayerNorm / RMSNorm with the token-wise quantization fused (ZeroQuant Sec. 4.3: quantization is fused
 // into the producer of a GEMM input). Intermediates are rounded to the model dtype exactly where the torch
-// reference materialises them, so the int8 codes match it up to ties. The vector path (zq/row_vec.cuh) keeps
+// reference materialises them, so the codes (INT8, or FP8 E4M3 from zq_norm_quant_fp8) match it up to ties. The vector path (zq/row_vec.cuh) keeps
 // the row in registers; the scalar kernel (row cached in shared memory) takes the other shapes and pointers.
 #include "zq/device_math.cuh"
 #include "zq/norm_quant.h"
@@ -20,7 +20,7 @@ __device__ __forceinline__ float norm_affine(float h, float mean, float rstd, fl
   }
 }
 
-template <class T, bool kRms>
+template <class C, class T, bool kRms>
 __global__ void norm_quant_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                                   const T* __restrict__ weight, const T* __restrict__ bias, int64_t k, float eps,
                                   int8_t* __restrict__ q, float* __restrict__ scale, T* __restrict__ out,
@@ -61,12 +61,12 @@ __global__ void norm_quant_kernel(const T* __restrict__ x, const T* __restrict__
     amax = fmaxf(amax, fabsf(y));
   }
   amax = fmaxf(block_max(amax, red), kEps);
-  const float inv = 127.f / amax;
-  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) q[off + i] = quantize_one(row[i], inv);
-  if (threadIdx.x == 0) scale[blockIdx.x] = amax / 127.f;
+  const float inv = code_inv<C>(amax);
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) q[off + i] = C::encode(row[i], inv);
+  if (threadIdx.x == 0) scale[blockIdx.x] = amax / C::kMax;
 }
 
-template <class T, bool kRms, int kRow, int kVecs>
+template <class C, class T, bool kRms, int kRow, int kVecs>
 __global__ void __launch_bounds__(row_block_threads<T, kRow>())
 norm_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ weight,
                       const T* __restrict__ bias, int64_t rows, int64_t k, float eps, int8_t* __restrict__ q,
@@ -152,22 +152,22 @@ norm_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ residual, c
       for (int i = 0; i < kPack; ++i) amax = fmaxf(amax, fabsf(y[i]));
     }
   }
-  quantize_held_row<T, kVecs, kRow>(hv, amax, p, k8, q + off, scale, red);
+  quantize_held_row<C, T, kVecs, kRow>(hv, amax, p, k8, q + off, scale, red);
 }
 
-template <class T, bool kRms>
+template <class C, class T, bool kRms>
 cudaError_t launch_norm_quant(const void* x, const void* residual, const void* weight, const void* bias,
                               int64_t rows, int64_t k, float eps, int8_t* q, float* scale, void* out, void* hsum,
                               cudaStream_t stream) {
   RowLaunch l;
   if (vec_row_launch(rows, k, zq::max_row_threads<T>(), {x, residual, weight, bias, q, out, hsum}, &l)) {
-    ZQ_DISPATCH_ROW(l, return launch_row(l, stream, norm_quant_vec_kernel<T, kRms, kRow, kVecs>,
+    ZQ_DISPATCH_ROW(l, return launch_row(l, stream, norm_quant_vec_kernel<C, T, kRms, kRow, kVecs>,
                                          static_cast<const T*>(x), static_cast<const T*>(residual),
                                          static_cast<const T*>(weight), static_cast<const T*>(bias), rows, k, eps,
                                          q, scale, static_cast<T*>(out), static_cast<T*>(hsum)));
   }
   const size_t smem = (size_t)k * sizeof(float);
-  auto kernel = norm_quant_kernel<T, kRms>;
+  auto kernel = norm_quant_kernel<C, T, kRms>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
@@ -178,17 +178,32 @@ cudaError_t launch_norm_quant(const void* x, const void* residual, const void* w
   return cudaGetLastError();
 }
 
+template <class C>
+cudaError_t norm_quant_codes(const void* x, const void* residual, const void* weight, const void* bias, zq_dtype dt,
+                             int64_t rows, int64_t k, float eps, int is_rms, int8_t* q, float* scale, void* out,
+                             void* hsum, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  if (k <= 0 || k > 56 * 1024 || rows > INT32_MAX || weight == nullptr) return cudaErrorInvalidValue;
+  ZQ_DISPATCH_DTYPE(dt, T,
+                    return is_rms ? launch_norm_quant<C, T, true>(x, residual, weight, nullptr, rows, k, eps, q,
+                                                                  scale, out, hsum, stream)
+                                  : launch_norm_quant<C, T, false>(x, residual, weight, bias, rows, k, eps, q,
+                                                                   scale, out, hsum, stream));
+  return cudaSuccess;
+}
+
 }  // namespace zq
 
 ZQ_API cudaError_t zq_norm_quant(const void* x, const void* residual, const void* weight, const void* bias,
                                  zq_dtype dt, int64_t rows, int64_t k, float eps, int is_rms, int8_t* q,
                                  float* scale, void* out, void* hsum, cudaStream_t stream) {
-  if (rows == 0) return cudaSuccess;
-  if (k <= 0 || k > 56 * 1024 || rows > INT32_MAX || weight == nullptr) return cudaErrorInvalidValue;
-  ZQ_DISPATCH_DTYPE(dt, T,
-                    return is_rms ? zq::launch_norm_quant<T, true>(x, residual, weight, nullptr, rows, k, eps, q,
-                                                                   scale, out, hsum, stream)
-                                  : zq::launch_norm_quant<T, false>(x, residual, weight, bias, rows, k, eps, q,
-                                                                    scale, out, hsum, stream));
-  return cudaSuccess;
+  return zq::norm_quant_codes<zq::Int8Code>(x, residual, weight, bias, dt, rows, k, eps, is_rms, q, scale, out,
+                                            hsum, stream);
+}
+
+ZQ_API cudaError_t zq_norm_quant_fp8(const void* x, const void* residual, const void* weight, const void* bias,
+                                     zq_dtype dt, int64_t rows, int64_t k, float eps, int is_rms, void* q,
+                                     float* scale, void* out, void* hsum, cudaStream_t stream) {
+  return zq::norm_quant_codes<zq::Fp8Code>(x, residual, weight, bias, dt, rows, k, eps, is_rms,
+                                           static_cast<int8_t*>(q), scale, out, hsum, stream);
 }

@@ -1,4 +1,4 @@
-// Per-token and per-tensor INT8 quantization of activations. Per token: the vector path (zq/row_vec.cuh)
+// Per-token (INT8 or FP8 E4M3 codes) and per-tensor INT8 quantization of activations. Per token: the vector path (zq/row_vec.cuh)
 // reads the row once into registers; the scalar fallback takes one block per token and reads the row twice
 // (the second read hits L2), so any K and alignment works.
 #include "device_info.h"
@@ -8,7 +8,7 @@
 
 namespace zq {
 
-template <class T>
+template <class C, class T>
 __global__ void quantize_per_token_kernel(const T* __restrict__ x, int64_t k, int8_t* __restrict__ q,
                                           float* __restrict__ scale) {
   __shared__ float red[32];
@@ -17,13 +17,13 @@ __global__ void quantize_per_token_kernel(const T* __restrict__ x, int64_t k, in
   float amax = 0.f;
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x) amax = fmaxf(amax, fabsf(to_f<T>(xr[i])));
   amax = fmaxf(block_max(amax, red), kEps);
-  const float inv = 127.f / amax;
+  const float inv = code_inv<C>(amax);
   int8_t* qr = q + row * k;
-  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) qr[i] = quantize_one(to_f<T>(xr[i]), inv);
-  if (threadIdx.x == 0) scale[row] = amax / 127.f;
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) qr[i] = C::encode(to_f<T>(xr[i]), inv);
+  if (threadIdx.x == 0) scale[row] = amax / C::kMax;
 }
 
-template <class T, int kRow, int kVecs>
+template <class C, class T, int kRow, int kVecs>
 __global__ void __launch_bounds__(row_block_threads<T, kRow>())
 quantize_per_token_vec_kernel(const T* __restrict__ x, int64_t rows, int64_t k, int8_t* __restrict__ q,
                               float* __restrict__ scale) {
@@ -44,7 +44,7 @@ quantize_per_token_vec_kernel(const T* __restrict__ x, int64_t rows, int64_t k, 
       for (int i = 0; i < kPack; ++i) amax = fmaxf(amax, fabsf(f[i]));
     }
   }
-  quantize_held_row<T, kVecs, kRow>(xv, amax, p, k8, q + off, scale, red);
+  quantize_held_row<C, T, kVecs, kRow>(xv, amax, p, k8, q + off, scale, red);
 }
 
 template <class T>
@@ -70,24 +70,35 @@ bool split_rows(int64_t rows, bool by_default) {
   return rows <= (g_split_rows > 0 ? g_split_rows : 2 * dev.sm_count / kSplit);
 }
 
+template <class C>
+cudaError_t launch_quantize_per_token(const void* x, zq_dtype dt, int64_t rows, int64_t k, int8_t* q, float* scale,
+                                      cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  if (k <= 0 || rows > INT32_MAX) return cudaErrorInvalidValue;
+  RowLaunch l;
+  if (vec_row_launch(rows, k, max_row_threads(dt), {x, q}, &l)) {
+    ZQ_DISPATCH_DTYPE(dt, T, ZQ_DISPATCH_ROW(l, return launch_row(
+                                                    l, stream, quantize_per_token_vec_kernel<C, T, kRow, kVecs>,
+                                                    static_cast<const T*>(x), rows, k, q, scale)));
+  }
+  const int threads = row_threads(k);
+  ZQ_DISPATCH_DTYPE(dt, T, quantize_per_token_kernel<C, T><<<(unsigned)rows, threads, 0, stream>>>(
+                               static_cast<const T*>(x), k, q, scale));
+  return cudaGetLastError();
+}
+
 }  // namespace zq
 
 ZQ_API void zq_set_row_split(int max_rows) { zq::g_split_rows = max_rows < 0 ? -1 : max_rows; }
 
 ZQ_API cudaError_t zq_quantize_per_token(const void* x, zq_dtype dt, int64_t rows, int64_t k, int8_t* q,
                                          float* scale, cudaStream_t stream) {
-  if (rows == 0) return cudaSuccess;
-  if (k <= 0 || rows > INT32_MAX) return cudaErrorInvalidValue;
-  zq::RowLaunch l;
-  if (zq::vec_row_launch(rows, k, zq::max_row_threads(dt), {x, q}, &l)) {
-    ZQ_DISPATCH_DTYPE(dt, T, ZQ_DISPATCH_ROW(l, return zq::launch_row(
-                                                    l, stream, zq::quantize_per_token_vec_kernel<T, kRow, kVecs>,
-                                                    static_cast<const T*>(x), rows, k, q, scale)));
-  }
-  const int threads = zq::row_threads(k);
-  ZQ_DISPATCH_DTYPE(dt, T, zq::quantize_per_token_kernel<T><<<(unsigned)rows, threads, 0, stream>>>(
-                               static_cast<const T*>(x), k, q, scale));
-  return cudaGetLastError();
+  return zq::launch_quantize_per_token<zq::Int8Code>(x, dt, rows, k, q, scale, stream);
+}
+
+ZQ_API cudaError_t zq_quantize_per_token_fp8(const void* x, zq_dtype dt, int64_t rows, int64_t k, void* q,
+                                             float* scale, cudaStream_t stream) {
+  return zq::launch_quantize_per_token<zq::Fp8Code>(x, dt, rows, k, static_cast<int8_t*>(q), scale, stream);
 }
 
 ZQ_API cudaError_t zq_quantize_per_tensor(const void* x, zq_dtype dt, int64_t rows, int64_t k,

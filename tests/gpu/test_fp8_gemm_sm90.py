@@ -108,10 +108,82 @@ def test_the_library_pick_and_the_dispatcher():
     out = torch.full((64, 256), float("nan"), dtype=torch.float16, device=DEV)
     assert cuda_gemm.launch_gemm("sm90_fp8", xq, xs.reshape(-1), wq, ws, bias, None, "gelu", 8, out) == 0
     assert_fp8_close(out, y_ref, xq, xs, wq, ws)
-    for kernel in ("simt", "mma", "sm90", "skinny"):
+    for kernel in ("simt", "mma", "sm90"):  # the decode kernel takes FP8 (below)
         out.fill_(float("nan"))
         assert cuda_gemm.launch_gemm(kernel, xq, xs.reshape(-1), wq, ws, bias, None, "gelu", 8, out) == NOT_SUPPORTED
         assert torch.isnan(out).all(), f"{kernel} wrote FP8 operands"
+
+
+# ---- FP8 in the decode kernel (zq_gemm_skinny configurations 0-2: mma.sync m16n8k32 e4m3) -------------------------
+SKINNY_MS = [1, 2, 7, 8, 9, 16, 17, 31, 32, 33, 63, 64]
+
+
+def run_skinny_fp8(xq, xs, wq, ws, bias, res, act, out_dtype, cfg):
+    m, n = xq.shape[0], wq.shape[0]
+    buf = torch.full((m + 1, n), float("nan"), dtype=out_dtype, device=DEV)
+    rc = cuda_gemm.launch_gemm("skinny", xq, xs.reshape(m), wq, ws, bias, res, act, 8, buf[:m], config=cfg)
+    torch.cuda.synchronize()
+    return rc, buf
+
+
+@pytest.mark.parametrize("m", SKINNY_MS)
+@pytest.mark.parametrize("n,k", [(16, 128), (144, 1152), (528, 1024), (4096, 4096)])
+def test_skinny_fp8_every_configuration(m, n, k):
+    """Configurations 0-2 and the library's pick (-1) against the reference, NaN-poisoned outputs with a guard
+    row; configuration 1 (32 rows a block) declines N % 32 != 0 and M > 32 with nothing written."""
+    seed = 11 * m + n + k
+    out_dtype = torch.float16 if seed % 2 else torch.bfloat16
+    xq, xs, wq, ws, bias, res = fp8_gemm(m, n, k, out_dtype, seed, with_bias=seed % 3 != 0, with_res=seed % 4 == 0)
+    act = ACTS[seed % 5]
+    y_ref = ref("fp8_gemm_dequant")(xq, xs, wq, ws, bias, res, act, out_dtype)
+    for cfg in (0, 1, 2, -1):
+        rc, buf = run_skinny_fp8(xq, xs, wq, ws, bias, res, act, out_dtype, cfg)
+        if cfg == 1 and (n % 32 or m > 32):
+            assert rc == NOT_SUPPORTED and torch.isnan(buf).all(), "declined, yet wrote"
+            continue
+        assert rc == 0, f"config {cfg}: cudaError {rc}"
+        assert_fp8_close(buf[:m], y_ref, xq, xs, wq, ws)
+        assert torch.isnan(buf[m]).all(), f"config {cfg} wrote past row M"
+
+
+@pytest.mark.parametrize("case", ["m65", "k_not_128", "config3", "config4", "x_int8", "float32_out"])
+def test_skinny_fp8_declines_outside_its_contract(case):
+    m, n, k = (65 if case == "m65" else 8), 256, (1040 if case == "k_not_128" else 1024)
+    out_dtype = torch.float32 if case == "float32_out" else torch.bfloat16
+    xq, xs, wq, ws, bias, _ = fp8_gemm(m, n, k, torch.bfloat16, seed=9)
+    if case == "x_int8":  # FP8 weights with int8 activations: not a problem any kernel takes
+        xq = xq.float().clamp(-127, 127).to(torch.int8)
+    cfg = {"config3": 3, "config4": 4}.get(case, -1)
+    buf = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEV)
+    rc = cuda_gemm.launch_gemm("skinny", xq, xs.reshape(m), wq, ws, None if out_dtype == torch.float32 else bias, None,
+                               "none", 8, buf, config=cfg)
+    torch.cuda.synchronize()
+    assert rc == NOT_SUPPORTED and torch.isnan(buf).all()
+
+
+def test_skinny_fp8_through_the_dispatcher_chooser_and_op():
+    """zq_gemm_run with the skinny id serves FP8; the chooser plans skinny for decode M (sm90_fp8 its fallback),
+    the op runs it, and a CUDA graph of it replays to the same bits."""
+    xq, xs, wq, ws, bias, res = fp8_gemm(4, 1024, 2048, torch.bfloat16, seed=12, with_res=True)
+    y_ref = ref("fp8_gemm_dequant")(xq, xs, wq, ws, bias, res, "silu", torch.bfloat16)
+    out = torch.full((4, 1024), float("nan"), dtype=torch.bfloat16, device=DEV)
+    assert cuda_gemm.launch_gemm("skinny", xq, xs.reshape(-1), wq, ws, bias, res, "silu", 8, out) == 0
+    assert_fp8_close(out, y_ref, xq, xs, wq, ws)
+    choice = cuda_gemm.chosen("fp8_gemm_dequant", xq, wq, ws, out_dtype=torch.bfloat16)
+    assert choice.kernel is G.SKINNY and choice.fallback is G.SM90_FP8, choice
+    with cuda_gemm.served_by() as s:
+        y = torch.ops.zq.fp8_gemm_dequant(xq.reshape(2, 2, 2048), xs.reshape(2, 2, 1), wq, ws, bias,
+                                          res.reshape(2, 2, 1024), "silu", torch.bfloat16)
+    assert s == {"skinny": 1}
+    assert torch.equal(y.reshape(4, 1024), out)
+    graph, static = torch.cuda.CUDAGraph(), torch.empty_like(out)
+    with torch.cuda.graph(graph):
+        static.copy_(torch.ops.zq.fp8_gemm_dequant(xq, xs, wq, ws, bias, res, "silu", torch.bfloat16))
+    for _ in range(3):
+        static.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static, out)
 
 
 def _offset(t: torch.Tensor, elems: int) -> torch.Tensor:
@@ -171,8 +243,8 @@ def test_int8_sm90_declines_misaligned_pointers_and_missing_scales(case):
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
 def test_op_path_serves_sm90_fp8_when_on_and_scaled_mm_otherwise(out_dtype):
-    """torch.ops.zq.fp8_gemm_dequant on 3-D activations: the chooser's kernel serves the call (sm90_fp8 when
-    ZQ_GEMM_SM90_FP8 is on, scaled_mm by default), both within their tolerance of the reference."""
+    """torch.ops.zq.fp8_gemm_dequant on 3-D activations: the chooser's kernel serves the call (sm90_fp8, the
+    default; scaled_mm with ZQ_GEMM_SM90_FP8=0), both within their tolerance of the reference."""
     xq, xs, wq, ws, bias, res = fp8_gemm(2 * 65, 1024, 2048, out_dtype, seed=5, with_res=True)
     x3, xs3, res3 = xq.reshape(2, 65, 2048), xs.reshape(2, 65, 1), res.reshape(2, 65, 1024)
     y_ref = ref("fp8_gemm_dequant")(xq, xs, wq, ws, bias, res, "silu", out_dtype)
@@ -180,7 +252,7 @@ def test_op_path_serves_sm90_fp8_when_on_and_scaled_mm_otherwise(out_dtype):
         y = torch.ops.zq.fp8_gemm_dequant(x3, xs3, wq, ws, bias, res3, "silu", out_dtype)
     assert s == {"sm90_fp8": 1} and y.shape == (2, 65, 1024) and y.dtype == out_dtype
     assert_fp8_close(y.reshape(130, 1024), y_ref, xq, xs, wq, ws)
-    with cuda_gemm.served_by() as s:
+    with G.sm90_fp8_mode("0"), cuda_gemm.served_by() as s:
         y = torch.ops.zq.fp8_gemm_dequant(x3, xs3, wq, ws, bias, res3, "silu", out_dtype)
     assert s == {"scaled_mm": 1}
     # scaled_mm's row-wise path writes bf16 before the PyTorch epilogue: 2^-8 relative (tests/gpu/test_fp8_gpu.py)

@@ -1,8 +1,8 @@
-"""FP8 E4M3 on the GPU (issue 14 item 2): the FP8 GEMM (torch._scaled_mm with row-wise scales, plugins/cuda_gemm.py)
-against the reference op, the plan's choice per device, and fp8 / w8a8-fp8act engines of a tiny Llama on CUDA
-against the same engine on the CPU reference ops. The FP8 producers (norm / activation + quantize) have no fused
-kernel: on CUDA their torch ops run, which must give the reference's codes. Written on a CPU-only machine; run on
-an H200 (sm_90) with the kernel library built; skips elsewhere."""
+"""FP8 E4M3 on the GPU (issue 14 item 2): the scaled_mm FP8 GEMM (torch._scaled_mm with row-wise scales, the
+fallback of the Hopper kernel, plugins/cuda_gemm.py) against the reference op, the plan's choice per device, and
+fp8 / w8a8-fp8act engines of a tiny Llama on CUDA against the same engine on the CPU reference ops. The FP8
+producers' kernels (norm / activation + quantize, zq_*_fp8) must give the reference's codes (sizes, dtypes and
+split rows: tests/gpu/test_kernels.py). Run on an H200 (sm_90) with the kernel library built; skips elsewhere."""
 from __future__ import annotations
 
 import copy
@@ -19,7 +19,7 @@ from . import require_cuda
 pytestmark = pytest.mark.gpu
 require_cuda()
 
-from zqcompile.plugins import cuda_gemm  # noqa: E402
+from zqcompile.plugins import cuda, cuda_gemm  # noqa: E402
 from zqcompile.plugins import gemm_kernels as G  # noqa: E402
 
 DEV = "cuda"
@@ -48,7 +48,7 @@ def test_fp8_gemm_scaled_mm_matches_the_reference(m, n, k, out_dtype):
     xq, xs, wq, ws = fp8_operands(m, n, k)
     bias = torch.randn(n, device=DEV, dtype=out_dtype)
     res = torch.randn(m, n, device=DEV, dtype=out_dtype)
-    with cuda_gemm.served_by() as s:
+    with G.sm90_fp8_mode("0"), cuda_gemm.served_by() as s:  # the Hopper FP8 kernel: tests/gpu/test_fp8_gemm_sm90.py
         y = torch.ops.zq.fp8_gemm_dequant(xq, xs, wq, ws, bias, res, "silu", out_dtype)
     assert s == {"scaled_mm": 1}
     ref = registry.op("fp8_gemm_dequant").reference(xq.cpu(), xs.cpu(), wq.cpu(), ws.cpu(), bias.cpu(), res.cpu(),
@@ -59,11 +59,13 @@ def test_fp8_gemm_scaled_mm_matches_the_reference(m, n, k, out_dtype):
     assert err <= 2 ** -7 * ref.float().abs().max().item(), err
 
 
-def test_fp8_gemm_plan_names_scaled_mm_on_sm90_and_the_reference_elsewhere():
-    xq, xs, wq, ws = fp8_operands(64, 256, 512)
+def test_fp8_gemm_plan_names_sm90_fp8_on_sm90_and_the_reference_elsewhere():
+    xq, xs, wq, ws = fp8_operands(130, 256, 512)
     choice = cuda_gemm.chosen("fp8_gemm_dequant", xq, wq, ws, out_dtype=torch.bfloat16)
+    decode = cuda_gemm.chosen("fp8_gemm_dequant", xq[:64], wq, ws, out_dtype=torch.bfloat16)
     if SM90:
-        assert choice.kernel is G.SCALED_MM, choice
+        assert choice.kernel is (G.SM90_FP8 if cuda.has_sm90_gemm() else G.SCALED_MM), choice
+        assert decode.kernel is G.SKINNY, decode  # M <= 64: the decode kernel's FP8 path
     else:
         assert choice.kernel is G.REFERENCE and "sm_90" in choice.reason("scaled_mm")
     odd = cuda_gemm.chosen("fp8_gemm_dequant", xq[:, :500].contiguous(), wq[:, :500].contiguous(), ws,
@@ -107,4 +109,4 @@ def test_fp8_engine_on_cuda_matches_the_cpu_reference_engine(preset):
     kernels = {g["kernel"] for g in gpu.record.gemms if g["scheme_spec"]["weight"]}
     assert kernels == ({"zq.fp8_gemm_dequant"} if preset == "fp8" else {"zq.weight_only_gemm"})
     if preset == "fp8" and SM90:
-        assert "scaled_mm" in gpu.report()
+        assert ("sm90_fp8" if cuda.has_sm90_gemm() else "scaled_mm") in gpu.report()

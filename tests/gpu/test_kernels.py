@@ -49,6 +49,16 @@ def assert_q_close(q, q_ref, max_diff=1, frac=1e-3):
     assert (d > 0).float().mean().item() <= frac, f"{(d > 0).float().mean().item():.2e} of the codes differ"
 
 
+def assert_fp8_close(q, q_ref, frac):
+    """FP8 E4M3 codes within one step of the reference's (a float input an ulp apart can round to the next
+    code: 2^-3 relative, 2^-9 among subnormals), and at most `frac` of them different."""
+    assert q.dtype == q_ref.dtype == qm.FP8_DTYPE
+    a, b = q.float(), q_ref.float()
+    assert not torch.isnan(a).any(), "NaN code (0x7f / 0xff: an element left unwritten?)"
+    assert ((a - b).abs() <= 2 ** -3 * b.abs() + 2 ** -9).all(), f"codes differ by {(a - b).abs().max().item()}"
+    assert (a != b).float().mean().item() <= frac, f"{(a != b).float().mean().item():.2e} of the codes differ"
+
+
 def assert_close(y, y_ref, rel):
     assert not torch.isnan(y).any(), "NaN in output (an element left unwritten?)"
     err = (y.float() - y_ref.float()).abs().max().item()
@@ -115,12 +125,44 @@ def test_act_quant(dtype, act, mode, m, k):
     assert_close(got[2], exp[2], rel=1e-2)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("op", ["quantize_per_token_fp8", "norm_quant_fp8 layer", "norm_quant_fp8 rms+res",
+                                "act_quant_fp8 gelu bias", "act_quant_fp8 silu gate"])
+@pytest.mark.parametrize("m,k", [(1, 768), (3, 1000), (37, 4096), (1000, 777), (16384, 1024), (2, 20000)])
+def test_fp8_producers_match_the_reference(dtype, op, m, k):
+    """The FP8-emitting row kernels (zq_*_fp8) against the reference ops on the same GPU: codes within one E4M3
+    step (saturation at 448 included: the outlier tokens sit at a row's amax), scales amax / 448."""
+    x = rand_act((m, k), dtype, seed=m * 13 + k)
+    w = (1 + 0.1 * torch.randn(k, device=DEV)).to(dtype)
+    b = (0.1 * torch.randn(k, device=DEV)).to(dtype)
+    args = {"quantize_per_token_fp8": (x,),
+            "norm_quant_fp8 layer": (x, None, w, b, 1e-5, "layer", True, False),
+            "norm_quant_fp8 rms+res": (x, 0.5 * x.flip(0), w, None, 1e-5, "rms", False, True),
+            "act_quant_fp8 gelu bias": (x, b, None, "gelu", True),
+            "act_quant_fp8 silu gate": (x, None, 0.02 * x.flip(1), "silu", False)}[op]
+    name = op.split()[0]
+    poison()
+    got = getattr(torch.ops.zq, name)(*args)
+    exp = ref(name)(*args)
+    assert_fp8_close(got[0], exp[0], frac=1e-4 if name == "quantize_per_token_fp8" else 2e-3)
+    assert got[0].float().abs().amax().item() == 448.0  # every row's amax maps to the largest code
+    torch.testing.assert_close(got[1], exp[1], rtol=1e-6 if name == "quantize_per_token_fp8" else 1e-2, atol=0)
+    for g, e in zip(got[2:], exp[2:]):
+        assert g.shape == e.shape
+        if e.numel():
+            assert_close(g, e, rel=1e-2)
+
+
 ROW_OPS = {  # op -> (inputs from x, the call): every row kernel with the split-row layout
     "quantize_per_token": lambda x, d: torch.ops.zq.quantize_per_token(x),
     "norm_quant rms+res": lambda x, d: torch.ops.zq.norm_quant(x, 0.5 * x.flip(0), d["w"], None, 1e-5, "rms", True, True),
     "norm_quant layer": lambda x, d: torch.ops.zq.norm_quant(x, None, d["w"], d["b"], 1e-5, "layer", True, False),
     "act_quant silu gate": lambda x, d: torch.ops.zq.act_quant(x, None, 0.002 * x.flip(1), "silu", True),
     "act_quant gelu bias": lambda x, d: torch.ops.zq.act_quant(x, d["b"], None, "gelu", False),
+    "quantize_per_token_fp8": lambda x, d: torch.ops.zq.quantize_per_token_fp8(x),
+    "norm_quant_fp8 rms+res": lambda x, d: torch.ops.zq.norm_quant_fp8(x, 0.5 * x.flip(0), d["w"], None, 1e-5, "rms",
+                                                                      True, True),
+    "act_quant_fp8 silu gate": lambda x, d: torch.ops.zq.act_quant_fp8(x, None, 0.002 * x.flip(1), "silu", True),
 }
 
 
@@ -142,7 +184,12 @@ def test_row_kernels_split_rows_match_one_block_rows(dtype, m, k):
             exact = not name.startswith("norm_quant")
             for g, b in zip(got, base):
                 assert g.shape == b.shape, name
-                if g.dtype == torch.int8:
+                if g.dtype == qm.FP8_DTYPE:
+                    if exact:
+                        assert torch.equal(g.view(torch.uint8), b.view(torch.uint8)), name
+                    else:
+                        assert_fp8_close(g, b, frac=2e-3)
+                elif g.dtype == torch.int8:
                     if exact:
                         assert torch.equal(g, b), name
                     else:

@@ -19,7 +19,6 @@ from zqcompile.ops import quant_math as qm
 from zqcompile.plugins import trt_spec
 
 DECLS = registry.declared()
-FP8_TORCH_OPS = {"quantize_per_token_fp8", "norm_quant_fp8", "act_quant_fp8"}
 
 
 def acts(*shape: int, seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -180,10 +179,9 @@ def test_every_op_has_a_cuda_kernel_or_is_declared_reference_only():
         else:
             assert decl.cuda == "reference" and decl.cuda_kernel is None, decl.qualname
     # the QDQ forms are fused away before an engine runs; everything that runs on CUDA has a kernel, but for the
-    # collectives, which torch.distributed runs (NCCL), and the FP8 quantizers, which no kernel emits yet (their
-    # torch ops run; the fusion records say so)
+    # collectives, which torch.distributed runs (NCCL)
     assert {d.name for d in DECLS if d.cuda == "reference"} == {d.name for d in DECLS
-                                                                if d.category in ("qdq", "collective")} | FP8_TORCH_OPS
+                                                                if d.category in ("qdq", "collective")}
 
 
 def test_every_exported_op_has_both_onnx_dialects():

@@ -42,6 +42,7 @@ def test_kernel_library_builds_and_loads(tmp_path):
     assert lib.zq_has_sm90_gemm() == int(sm90 == "ON")
     assert lib.zq_gemm_mma_num_configs() > 0  # the sm_80+ tensor-core GEMM is always built
     for sym in ["zq_quantize_per_token", "zq_quantize_per_tensor", "zq_norm_quant", "zq_act_quant",
+                "zq_quantize_per_token_fp8", "zq_norm_quant_fp8", "zq_act_quant_fp8",
                 "zq_gemm_simt", "zq_gemm_sm90", "zq_gemm_mma", "zq_gemm_mma_config", "zq_gemm_skinny",
                 "zq_gemm_skinny_config", "zq_gemm_skinny_num_configs", "zq_unpack_int4",
                 "zq_dequantize_weight", "zq_rope", "zq_rope_kv", "zq_decode_attention", "zq_decode_attention_split",

@@ -153,14 +153,23 @@ def test_tensorrt_never_picks_pytorch_paths(cap, sm90):
         assert G.choose_gemm(p, _device(cap, sm90)).kernel is G.FP16_DEQUANT
 
 
-def test_fp8_gemm_is_scaled_mm_on_sm90_and_the_reference_elsewhere():
-    p = G.GemmProblem("fp8_gemm_dequant", 1536, 576, 8, 0, "float8_e4m3fn", "bfloat16", "bfloat16", None)
-    for lo, _ in G.M_BUCKETS:  # one kernel for every M: no integer kernel reads FP8, the FP8 one is gated off
+def test_fp8_gemm_is_skinny_sm90_fp8_or_scaled_mm_on_sm90_and_the_reference_elsewhere():
+    p = G.GemmProblem("fp8_gemm_dequant", 1536, 640, 8, 0, "float8_e4m3fn", "bfloat16", "bfloat16", None)
+    for lo, _ in G.M_BUCKETS:  # decode M: the decode kernel (FP8 mma.sync), else the Hopper FP8 kernel
         c = G.choose_gemm(G.replace(p, m=lo), _device((9, 0), True))
-        assert c.kernel is G.SCALED_MM and c.fallback is None
-        assert c.reason("sm90_fp8").startswith("policy: not yet measured")
-        assert {r for k, r in c.skipped if k != "sm90_fp8"} == {"FP8 x FP8: the library's kernels read INT8 / INT4 "
-                                                                "weights"}
+        if lo <= G.SKINNY_MAX_M:
+            assert c.kernel is G.SKINNY and c.fallback is G.SM90_FP8 and c.skipped == ()
+        else:
+            assert c.kernel is G.SM90_FP8 and c.fallback is G.SCALED_MM
+            assert {r for k, r in c.skipped if k != "skinny"} == {"FP8 x FP8: the library's kernels read INT8 / "
+                                                                  "INT4 weights"}
+        c = G.choose_gemm(G.replace(p, m=lo), _device((9, 0), False))  # a library without the Hopper GEMMs
+        assert c.kernel is (G.SKINNY if lo <= G.SKINNY_MAX_M else G.SCALED_MM)
+    wide = G.replace(p, n=28672, m=33)  # the INT8 row-scale policy: the Hopper kernel at M 33-64 past N 2048
+    assert G.choose_gemm(wide, _device((9, 0), True)).reason("skinny").startswith("policy: FP8 row scales")
+    assert G.choose_gemm(G.replace(p, k=576), _device((9, 0), True)).reason("skinny") == \
+        "needs K % 128 == 0 and N % 16 == 0"
+    assert G.choose_gemm(p, _device((8, 9), False)).kernel is G.REFERENCE  # neither FP8 kernel below sm_90
     assert G.choose_gemm(p, _device((8, 0), False)).kernel is G.REFERENCE
     assert G.choose_gemm(p, _device((8, 0), False)).reason("scaled_mm").startswith("policy: row-wise FP8")
     assert G.choose_gemm(G.replace(p, k=584), _device((9, 0), True)).reason("scaled_mm").startswith("needs K % 16")

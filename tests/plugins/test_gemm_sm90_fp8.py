@@ -1,4 +1,4 @@
-"""The Hopper FP8 GEMM kernel (sm90_fp8) on the CPU side: the chooser takes it only when ZQ_GEMM_SM90_FP8=1, on
+"""The Hopper FP8 GEMM kernel (sm90_fp8) on the CPU side: the chooser takes it unless ZQ_GEMM_SM90_FP8=0, on
 sm_90 with the Hopper library, fp16 / bf16 out, K and N multiples of 16, never for TensorRT; the plan records it,
 with scaled_mm as its fallback; the binding's mirrors of the C API (zq_gemm_args's layout, the zq_dtype and kernel
 ids, the ABI version) match the headers; a built library declines what the kernel's contract leaves out without
@@ -25,17 +25,20 @@ P = G.GemmProblem("fp8_gemm_dequant", 4096, 4096, 8, 0, "float8_e4m3fn", "bfloat
 NOT_SUPPORTED = 801
 
 
-def test_sm90_fp8_is_off_by_default_and_taken_at_every_m_when_on():
-    assert G.SM90_FP8_MODE == "0" and G.KERNELS.index(G.SM90_FP8) == G.KERNELS.index(G.SCALED_MM) - 1
-    c = G.choose_gemm(P, H200)
-    assert c.kernel is G.SCALED_MM
-    assert c.reason("sm90_fp8") == "policy: not yet measured against scaled_mm: off unless ZQ_GEMM_SM90_FP8=1"
-    with G.sm90_fp8_mode("1"):
-        for lo, _ in G.M_BUCKETS:
-            c = G.choose_gemm(G.replace(P, m=lo), H200)
-            assert c.kernel is G.SM90_FP8 and c.fallback is G.SCALED_MM, c
-        assert G.choose_gemm(G.replace(P, out_dtype="float16", bias_dtype="float16"), H200).kernel is G.SM90_FP8
-    assert G.SM90_FP8_MODE == "0" and G.choose_gemm(P, H200).kernel is G.SCALED_MM
+def test_sm90_fp8_is_on_by_default_at_every_m_and_scaled_mm_when_off():
+    assert G.SM90_FP8_MODE == "1" and G.KERNELS.index(G.SM90_FP8) == G.KERNELS.index(G.SCALED_MM) - 1
+    for lo, _ in G.M_BUCKETS:  # decode M: the decode kernel first, the Hopper FP8 kernel its fallback; N = 4096
+        c = G.choose_gemm(G.replace(P, m=lo), H200)  # is within the decode kernel's row-scale limit up to M = 32
+        want = (G.SKINNY, G.SM90_FP8) if lo <= G.SKINNY_INT8_MID_M else (G.SM90_FP8, G.SCALED_MM)
+        assert (c.kernel, c.fallback) == want, c
+    big = G.replace(P, m=256)
+    assert G.choose_gemm(G.replace(big, out_dtype="float16", bias_dtype="float16"), H200).kernel is G.SM90_FP8
+    with G.sm90_fp8_mode("0"):
+        c = G.choose_gemm(big, H200)
+        assert c.kernel is G.SCALED_MM
+        assert c.reason("sm90_fp8") == "policy: turned off (ZQ_GEMM_SM90_FP8=0)"
+        assert G.choose_gemm(P, H200).fallback is G.SCALED_MM  # the decode kernel's fallback
+    assert G.SM90_FP8_MODE == "1" and G.choose_gemm(big, H200).kernel is G.SM90_FP8
 
 
 @pytest.mark.parametrize("change,device,kernel,reason", [
@@ -67,8 +70,8 @@ def test_tensorrt_declines_sm90_fp8_in_one_line():
 
 
 def test_plan_and_report_name_sm90_fp8_when_on():
-    """An fp8 engine planned for an H200 with the kernel on records sm90_fp8 in every M bucket (scaled_mm the
-    fallback) and report() shows it; with it off, scaled_mm and the reason sm90_fp8 was skipped."""
+    """An fp8 engine planned for an H200 (the kernel on, the default) records sm90_fp8 in every M bucket (scaled_mm
+    the fallback) and report() shows it; with it off, scaled_mm and the reason sm90_fp8 was skipped."""
     import torch
 
     import zqcompile as zq
@@ -89,18 +92,20 @@ def test_plan_and_report_name_sm90_fp8_when_on():
     row = next(line for line in text[text.index("Kernels per M bucket"):].splitlines()
                if line.startswith(gemms[0]["fqn"]))
     assert row.split().count("sm90_fp8") == len(G.M_BUCKETS), row
-    off = plan_gemm(G.GemmProblem(**gemms[0]["problem"]), H200)
+    with G.sm90_fp8_mode("0"):
+        off = plan_gemm(G.GemmProblem(**gemms[0]["problem"]), H200)
     assert set(off["buckets"].values()) == {"scaled_mm"}
-    assert all(s["sm90_fp8"].startswith("policy: not yet measured") for s in off["skipped"].values())
+    assert all(s["sm90_fp8"] == "policy: turned off (ZQ_GEMM_SM90_FP8=0)" for s in off["skipped"].values())
 
 
-def test_env_turns_it_on_and_a_bad_value_fails_in_one_line():
+def test_env_turns_it_off_and_a_bad_value_fails_in_one_line():
     code = ("from zqcompile.plugins import gemm_kernels as G; d = G.GemmDevice('h', (9, 0), True, True); "
             "print(G.SM90_FP8_MODE, G.choose_gemm(G.GemmProblem('fp8_gemm_dequant', 64, 64, 8, 0, 'float8_e4m3fn', "
             "'float16'), d).kernel.name)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={**os.environ, "ZQ_GEMM_SM90_FP8": "1"})
-    assert r.returncode == 0 and r.stdout.split() == ["1", "sm90_fp8"], r.stderr[-2000:]
+    for mode, kernel in (("0", "scaled_mm"), ("1", "sm90_fp8")):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "ZQ_GEMM_SM90_FP8": mode})
+        assert r.returncode == 0 and r.stdout.split() == [mode, kernel], r.stderr[-2000:]
     r = subprocess.run([sys.executable, "-c", "import zqcompile.plugins.gemm_kernels"], capture_output=True,
                        text=True, env={**os.environ, "ZQ_GEMM_SM90_FP8": "yes"})
     assert r.returncode != 0 and "ZQ_GEMM_SM90_FP8 must be 0 or 1" in r.stderr and "'yes'" in r.stderr
@@ -119,7 +124,7 @@ def test_binding_mirrors_the_headers():
     from zqcompile.plugins import cuda, cuda_gemm
     assert [f for f, _ in cuda_gemm.GemmArgs._fields_] == _header_fields()
     common = (INCLUDE / "common.h").read_text()
-    assert cuda.ABI_VERSION == int(re.search(r"#define ZQ_ABI_VERSION (\d+)", common).group(1)) == 8
+    assert cuda.ABI_VERSION == int(re.search(r"#define ZQ_ABI_VERSION (\d+)", common).group(1))
     dtypes = dict(re.findall(r"ZQ_(F32|F16|BF16|FP8_E4M3) = (\d+)", common))
     assert {str(k).removeprefix("torch."): v for k, v in cuda.DTYPES.items()} == {
         "float32": int(dtypes["F32"]), "float16": int(dtypes["F16"]), "bfloat16": int(dtypes["BF16"])}
@@ -158,9 +163,9 @@ def _sm90_library():
     if path is None:
         pytest.skip("no libzq_kernels.so (build it, or point ZQ_CUDA_LIB at one)")
     lib = ctypes.CDLL(str(path))
-    if lib.zq_abi_version() != 8 or not lib.zq_has_sm90_gemm():
-        pytest.skip(f"{path}: not an ABI 8 library with the Hopper GEMMs")
     from zqcompile.plugins import cuda
+    if lib.zq_abi_version() != cuda.ABI_VERSION or not lib.zq_has_sm90_gemm():
+        pytest.skip(f"{path}: not an ABI {cuda.ABI_VERSION} library with the Hopper GEMMs")
     cuda._bind(lib)
     return lib
 

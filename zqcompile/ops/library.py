@@ -35,10 +35,9 @@ def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
-@declare("quant", cuda="reference", tensorrt="standard")
+@declare("quant", cuda="kernel", tensorrt="standard")
 def quantize_per_token_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [..., K] float -> (float8_e4m3fn [..., K], fp32 scale [..., 1] = max|row| / 448); dynamic per token.
-    No zq CUDA kernel: on CUDA these torch ops run (a few elementwise kernels, not one)."""
+    """x [..., K] float -> (float8_e4m3fn [..., K], fp32 scale [..., 1] = max|row| / 448); dynamic per token."""
     return qm.quantize_per_token_fp8(x)
 
 
@@ -105,11 +104,11 @@ def _norm_quant_fake(x, residual, weight, bias, eps, kind, emit_out, emit_sum):
             out, hsum)
 
 
-@declare("fused", cuda="reference", tensorrt="standard")
+@declare("fused", cuda="kernel", tensorrt="standard")
 def norm_quant_fp8(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
                    kind: str, emit_out: bool, emit_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """norm_quant with FP8 E4M3 codes (quantize_per_token_fp8) instead of int8. No CUDA kernel emits FP8 yet:
-    on CUDA the reference's torch ops run (the norm, then the quantization), which the plan says."""
+    """norm_quant with FP8 E4M3 codes (quantize_per_token_fp8) instead of int8; one pass over the row in a
+    kernel (zq_norm_quant_fp8)."""
     return _norm_then(qm.quantize_per_token_fp8, x, residual, weight, bias, eps, kind, emit_out, emit_sum)
 
 
@@ -140,10 +139,10 @@ def _act_quant_fake(x, bias, gate, act, emit_out):
             x.new_empty(x.shape) if emit_out else x.new_empty((0,)))
 
 
-@declare("fused", cuda="reference", tensorrt="standard")
+@declare("fused", cuda="kernel", tensorrt="standard")
 def act_quant_fp8(x: Tensor, bias: Optional[Tensor], gate: Optional[Tensor], act: str,
                   emit_out: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """act_quant with FP8 E4M3 codes; on CUDA the reference's torch ops run (no FP8-emitting kernel yet)."""
+    """act_quant with FP8 E4M3 codes (zq_act_quant_fp8)."""
     return _act_then(qm.quantize_per_token_fp8, x, bias, gate, act, emit_out)
 
 

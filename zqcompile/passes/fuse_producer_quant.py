@@ -4,8 +4,8 @@ Sec. 4.3), so one kernel reads the float input and writes int8 + per-token scale
 Matches `zq.quantize_per_token(p)` where p is: `layer_norm` / `rms_norm` (with a residual `add` in front of
 it when there is one), `gelu`, `relu`, `silu`, or a gated MLP's `mul(act(gate), up)` (SiLU: LLaMA; tanh-GeLU:
 Gemma). Emits `zq.norm_quant` / `zq.act_quant` (from `zq.quantize_per_token_fp8`: `zq.norm_quant_fp8` /
-`zq.act_quant_fp8`, which no CUDA kernel fuses yet: their records say so); the float output (and the residual
-sum) are emitted only when another consumer still needs them.
+`zq.act_quant_fp8`, whose kernels write FP8 E4M3 codes); the float output (and the residual sum) are emitted
+only when another consumer still needs them.
 A view / reshape that keeps the last dim (the token's row) between producer and quant is moved after the quant
 first: per-token quantization commutes with it (Mixtral's experts read the norm's output as [tokens, hidden]).
 """
@@ -37,15 +37,10 @@ def gelu(x: P, approximate: str, name: str = "prod") -> P:
 # per-token quantization -> the fused (norm, activation) ops that emit its codes
 FUSED = {zq.quantize_per_token.default: (zq.norm_quant.default, zq.act_quant.default),
          zq.quantize_per_token_fp8.default: (zq.norm_quant_fp8.default, zq.act_quant_fp8.default)}
-FP8_NOTE = "FP8 codes: no CUDA kernel fuses this yet, on CUDA it runs as torch ops (producer, then quantize)"
 
 
 def quant(prod: P) -> P:
     return P(tuple(FUSED), prod)
-
-
-def _fp8_note(quant: fx.Node, notes: list[str]) -> str:
-    return "; ".join(([FP8_NOTE] if quant.target == zq.quantize_per_token_fp8.default else []) + notes)
 
 
 def layer_norm(x: P) -> P:
@@ -96,7 +91,7 @@ def _norm_quant(gm: fx.GraphModule, m: Match) -> Fused:
                      f"in float: quant fused, float copy kept")
     if sum_users:
         notes.append("residual sum also feeds the next residual: sum emitted by the same kernel")
-    return Fused(fused, op_name(fused), _fp8_note(quant, notes))
+    return Fused(fused, op_name(fused), "; ".join(notes))
 
 
 def _act_quant(gm: fx.GraphModule, m: Match) -> Fused:
@@ -110,8 +105,7 @@ def _act_quant(gm: fx.GraphModule, m: Match) -> Fused:
     out.meta["val"] = prod.meta.get("val")
     prod.replace_all_uses_with(out)
     erase_unused(gm, m.inner)
-    return Fused(fused, op_name(fused),
-                 _fp8_note(quant, ["activation output also has float consumers: float copy kept"] if users else []))
+    return Fused(fused, op_name(fused), "activation output also has float consumers: float copy kept" if users else "")
 
 
 def _quant_of(x) -> str:

@@ -24,9 +24,9 @@ from zqcompile.ops import quant_math as qm
 from zqcompile.ops import registry
 from zqcompile.ops.registry import cuda_kernel
 
-ABI_VERSION = 8  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
+ABI_VERSION = 9  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # zq_dtype of the float tensors the kernels take
-FP8_E4M3 = 3  # zq_dtype ZQ_FP8_E4M3: only the x_dt of an FP8 GEMM (not in DTYPES: no row kernel reads FP8)
+FP8_E4M3 = 3  # zq_dtype ZQ_FP8_E4M3: only the x_dt of an FP8 GEMM (not in DTYPES: no kernel reads FP8 rows)
 
 _lib: Optional[ctypes.CDLL] = None
 _path: Optional[Path] = None
@@ -80,9 +80,12 @@ def _bind(lib: ctypes.CDLL) -> None:
         "zq_set_row_split": (None, [I]),
         "zq_error_string": (ctypes.c_char_p, [I]),
         "zq_quantize_per_token": (I, [P, I, I64, I64, P, P, P]),
+        "zq_quantize_per_token_fp8": (I, [P, I, I64, I64, P, P, P]),
         "zq_quantize_per_tensor": (I, [P, I, I64, I64, P, P, P, P]),
         "zq_norm_quant": (I, [P, P, P, P, I, I64, I64, F, I, P, P, P, P, P]),
+        "zq_norm_quant_fp8": (I, [P, P, P, P, I, I64, I64, F, I, P, P, P, P, P]),
         "zq_act_quant": (I, [P, P, P, I, I64, I64, I, P, P, P, P]),
+        "zq_act_quant_fp8": (I, [P, P, P, I, I64, I64, I, P, P, P, P]),
         "zq_gemm_run": (I, [I, P, P, ctypes.c_size_t, P]), "zq_gemm_workspace_bytes": (ctypes.c_size_t, [I, I64, I64, I]),
         "zq_gemm_kernel_name": (ctypes.c_char_p, [I]), "zq_gemm_kernel_available": (I, [I]),
         "zq_gemm_sm90_config": (I, [P, I, P]), "zq_gemm_mma_config": (I, [P, I, P]),
@@ -126,18 +129,33 @@ def describe() -> str:
 
 
 # ---- activation quantization -------------------------------------------------------------------------
-@cuda_kernel("quantize_per_token")
-def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+def _codes(x: Tensor, fp8: bool) -> Tensor:
+    """The per-token codes of x: int8, or float8_e4m3fn bytes (the *_fp8 kernels)."""
+    return torch.empty(x.shape, dtype=qm.FP8_DTYPE if fp8 else torch.int8, device=x.device)
+
+
+def _quantize_per_token(x: Tensor, fp8: bool) -> tuple[Tensor, Tensor]:
     if x.dtype not in DTYPES or x.numel() == 0:
-        return qm.quantize_per_token(x)
+        return (qm.quantize_per_token_fp8 if fp8 else qm.quantize_per_token)(x)
     x = x.contiguous()
     k = x.shape[-1]
-    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    q = _codes(x, fp8)
     s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    name = "quantize_per_token_fp8" if fp8 else "quantize_per_token"
     with torch.cuda.device(x.device):
-        _check(_lib.zq_quantize_per_token(x.data_ptr(), DTYPES[x.dtype], x.numel() // k, k, q.data_ptr(),
-                                          s.data_ptr(), _stream(x)), "quantize_per_token")
+        _check(getattr(_lib, f"zq_{name}")(x.data_ptr(), DTYPES[x.dtype], x.numel() // k, k, q.data_ptr(),
+                                            s.data_ptr(), _stream(x)), name)
     return q, s
+
+
+@cuda_kernel("quantize_per_token")
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    return _quantize_per_token(x, fp8=False)
+
+
+@cuda_kernel("quantize_per_token_fp8")
+def quantize_per_token_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
+    return _quantize_per_token(x, fp8=True)
 
 
 @cuda_kernel("quantize_per_tensor")
@@ -160,45 +178,63 @@ def _same_dtype(x: Tensor, *others: Optional[Tensor]) -> bool:
     return x.dtype in DTYPES and all(o is None or (o.dtype == x.dtype and o.device == x.device) for o in others)
 
 
-@cuda_kernel("norm_quant")
-def norm_quant(x, residual, weight, bias, eps, kind, emit_out, emit_sum):
+def _norm_quant(op, x, residual, weight, bias, eps, kind, emit_out, emit_sum):
     k = x.shape[-1]
     if x.numel() == 0:
-        return _ref("norm_quant")(x, residual, weight, bias, eps, kind, emit_out, emit_sum)
+        return _ref(op)(x, residual, weight, bias, eps, kind, emit_out, emit_sum)
     if not _same_dtype(x, residual, weight, bias) or k > 56 * 1024 or kind not in ("layer", "rms"):
-        return _fallback("norm_quant", "mixed or fp64 dtypes, rows over 56K, or an unknown norm", x, residual, weight,
+        return _fallback(op, "mixed or fp64 dtypes, rows over 56K, or an unknown norm", x, residual, weight,
                          bias, eps, kind, emit_out, emit_sum)
     x = x.contiguous()
     residual = None if residual is None else residual.contiguous()
-    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    q = _codes(x, op.endswith("_fp8"))
     s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
     out = torch.empty_like(x) if emit_out else x.new_empty((0,))
     hsum = torch.empty_like(x) if emit_sum and residual is not None else x.new_empty((0,))
     with torch.cuda.device(x.device):
-        _check(_lib.zq_norm_quant(x.data_ptr(), _ptr(residual), weight.contiguous().data_ptr(),
-                                  _ptr(None if bias is None else bias.contiguous()), DTYPES[x.dtype],
-                                  x.numel() // k, k, float(eps), int(kind == "rms"), q.data_ptr(), s.data_ptr(),
-                                  _ptr(out), _ptr(hsum), _stream(x)), "norm_quant")
+        _check(getattr(_lib, f"zq_{op}")(x.data_ptr(), _ptr(residual), weight.contiguous().data_ptr(),
+                                          _ptr(None if bias is None else bias.contiguous()), DTYPES[x.dtype],
+                                          x.numel() // k, k, float(eps), int(kind == "rms"), q.data_ptr(),
+                                          s.data_ptr(), _ptr(out), _ptr(hsum), _stream(x)), op)
     return q, s, out, hsum
+
+
+@cuda_kernel("norm_quant")
+def norm_quant(x, residual, weight, bias, eps, kind, emit_out, emit_sum):
+    return _norm_quant("norm_quant", x, residual, weight, bias, eps, kind, emit_out, emit_sum)
+
+
+@cuda_kernel("norm_quant_fp8")
+def norm_quant_fp8(x, residual, weight, bias, eps, kind, emit_out, emit_sum):
+    return _norm_quant("norm_quant_fp8", x, residual, weight, bias, eps, kind, emit_out, emit_sum)
+
+
+def _act_quant(op, x, bias, gate, act, emit_out):
+    k = x.shape[-1]
+    if x.numel() == 0:
+        return _ref(op)(x, bias, gate, act, emit_out)
+    if not _same_dtype(x, bias, gate) or k > 56 * 1024:
+        return _fallback(op, "mixed or fp64 dtypes, or rows over 56K", x, bias, gate, act, emit_out)
+    x = x.contiguous()
+    q = _codes(x, op.endswith("_fp8"))
+    s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    out = torch.empty_like(x) if emit_out else x.new_empty((0,))
+    with torch.cuda.device(x.device):
+        _check(getattr(_lib, f"zq_{op}")(x.data_ptr(), _ptr(None if bias is None else bias.contiguous()),
+                                          _ptr(None if gate is None else gate.contiguous()), DTYPES[x.dtype],
+                                          x.numel() // k, k, qm.ACTIVATIONS.index(act), q.data_ptr(),
+                                          s.data_ptr(), _ptr(out), _stream(x)), op)
+    return q, s, out
 
 
 @cuda_kernel("act_quant")
 def act_quant(x, bias, gate, act, emit_out):
-    k = x.shape[-1]
-    if x.numel() == 0:
-        return _ref("act_quant")(x, bias, gate, act, emit_out)
-    if not _same_dtype(x, bias, gate) or k > 56 * 1024:
-        return _fallback("act_quant", "mixed or fp64 dtypes, or rows over 56K", x, bias, gate, act, emit_out)
-    x = x.contiguous()
-    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
-    out = torch.empty_like(x) if emit_out else x.new_empty((0,))
-    with torch.cuda.device(x.device):
-        _check(_lib.zq_act_quant(x.data_ptr(), _ptr(None if bias is None else bias.contiguous()),
-                                 _ptr(None if gate is None else gate.contiguous()), DTYPES[x.dtype],
-                                 x.numel() // k, k, qm.ACTIVATIONS.index(act), q.data_ptr(), s.data_ptr(),
-                                 _ptr(out), _stream(x)), "act_quant")
-    return q, s, out
+    return _act_quant("act_quant", x, bias, gate, act, emit_out)
+
+
+@cuda_kernel("act_quant_fp8")
+def act_quant_fp8(x, bias, gate, act, emit_out):
+    return _act_quant("act_quant_fp8", x, bias, gate, act, emit_out)
 
 
 # ---- attention around the KV cache (generation graphs) ---------------------------------------------------

@@ -6,3 +6,7 @@
 
 ZQ_API cudaError_t zq_act_quant(const void* x, const void* bias, const void* gate, zq_dtype dt, int64_t rows,
                                 int64_t k, int act, int8_t* q, float* scale, void* out, cudaStream_t stream);
+// The same with FP8 E4M3 codes (quant_math.quantize_per_token_fp8 of the activation): q [rows, k]
+// float8_e4m3fn bytes, scale = amax / 448 per token.
+ZQ_API cudaError_t zq_act_quant_fp8(const void* x, const void* bias, const void* gate, zq_dtype dt, int64_t rows,
+                                    int64_t k, int act, void* q, float* scale, void* out, cudaStream_t stream);

@@ -12,14 +12,15 @@
 #endif
 
 // Element types of float tensors (activations, norm weights, bias, residual, GEMM outputs); ZQ_FP8_E4M3 only
-// as the x_dt of an FP8 GEMM (zq_gemm_sm90_fp8), never as an output or a row kernel's input.
+// as the x_dt of an FP8 GEMM (zq_gemm_sm90_fp8), never as an output or a row kernel's input (the row kernels'
+// FP8 codes come from their *_fp8 entry points).
 typedef enum { ZQ_F32 = 0, ZQ_F16 = 1, ZQ_BF16 = 2, ZQ_FP8_E4M3 = 3 } zq_dtype;
 
 // Activations, the same names and order as zqcompile.ops.quant_math.ACTIVATIONS.
 typedef enum { ZQ_ACT_NONE = 0, ZQ_ACT_GELU = 1, ZQ_ACT_GELU_TANH = 2, ZQ_ACT_RELU = 3, ZQ_ACT_SILU = 4 } zq_act;
 
 // Library version, bumped when a launch signature changes (the binding checks it).
-#define ZQ_ABI_VERSION 8
+#define ZQ_ABI_VERSION 9
 ZQ_API int zq_abi_version(void);
 // Per-token row kernels (quantize_per_token, norm_quant, act_quant) on sm_90+: rows at or under which a long
 // row (K > 1024) is split over a cluster of 8 blocks. -1 (default): the library's choice (act_quant only, 8 x

@@ -1,8 +1,10 @@
 // Device-side helpers shared by the kernel families: dtype conversion, the activation functions and the
-// per-token INT8 rounding of zqcompile/ops/quant_math.py (multiply by 127/amax in fp32, round half to even,
-// clamp to +-127, amax floored at EPS).
+// per-token code formats of zqcompile/ops/quant_math.py: INT8 (multiply by 127/amax in fp32, round half to
+// even, clamp to +-127) and FP8 E4M3 (multiply by 448/amax, round to nearest even, saturate at +-448), amax
+// floored at EPS.
 #pragma once
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <cuda_fp16.h>
 #include <math.h>
 #include "zq/common.h"
@@ -42,6 +44,25 @@ __device__ __forceinline__ int8_t quantize_one(float v, float inv) {
   q = fminf(fmaxf(q, -127.f), 127.f);
   return static_cast<int8_t>(q);
 }
+
+// The per-token code of a row kernel's output: kMax (the code's largest magnitude: scale = amax / kMax) and
+// the byte of one value already multiplied by kMax / amax. Row kernels are templates on it, so the INT8 and
+// the FP8 E4M3 producers share every other line.
+struct Int8Code {
+  static constexpr float kMax = 127.f;
+  __device__ __forceinline__ static int8_t encode(float v, float inv) { return quantize_one(v, inv); }
+};
+struct Fp8Code {  // quant_math.quantize_per_token_fp8: fp8(clamp(x * (448 / amax), -448, 448))
+  static constexpr float kMax = 448.f;
+  __device__ __forceinline__ static int8_t encode(float v, float inv) {
+    return static_cast<int8_t>(__nv_cvt_float_to_fp8(v * inv, __NV_SATFINITE, __NV_E4M3));
+  }
+};
+
+// The multiplier kMax / amax exactly as quant_math.token_scale gets it: torch evaluates `qmax / amax` (a Python
+// float over a tensor) as reciprocal(amax) * qmax, which differs from a true division by an ulp in about a quarter
+// of the rows; with bf16 inputs that ulp moves ~0.1% of the FP8 codes (exact E4M3 ties).
+template <class C> __device__ __forceinline__ float code_inv(float amax) { return C::kMax * (1.f / amax); }
 
 // Block-wide reductions (blockDim.x a multiple of 32, at most 1024). `red` is 32 floats of shared memory.
 __device__ __forceinline__ float warp_sum(float v) {

@@ -4,8 +4,8 @@
 // x: [M, K] int8 (A8, x_scale [M] fp32) or float in x_dt (A16, x_scale null).
 // wq: [N, K] int8 (w_bits 8) or [N, K/2] uint8 packed INT4 (w_bits 4: even k in the low nibble).
 // FP8 (w_fp8 = 1): x [M, K] FP8 E4M3 (x_dt ZQ_FP8_E4M3, x_is_int8 0, x_scale [M]) times wq [N, K] FP8 E4M3
-// (w_bits 8), the products summed in fp32 (quant_math.fp8_gemm_dequant); only zq_gemm_sm90_fp8 takes it, the
-// integer kernels decline it (zq_gemm_run says no for every other kernel).
+// (w_bits 8), the products summed in fp32 (quant_math.fp8_gemm_dequant); zq_gemm_sm90_fp8 and, at M <= 64,
+// zq_gemm_skinny take it, the other kernels decline it (zq_gemm_run says no for them).
 // w_scale: [N, groups] fp32, groups = 1 (row groups, per tensor) or K / group_k (K groups).
 // bias [N] and residual [M, N] are in out_dt and may be null. All tensors contiguous.
 #pragma once
@@ -57,7 +57,9 @@ ZQ_API int zq_gemm_mma_num_configs(void);
 // packed INT4 weights, row scales or K-group scales, M <= 64 tokens. Takes: x_is_int8; w_bits 8 or 4; out_dt
 // fp16 or bf16; 1 <= M <= 64; K % 128 == 0; N % 16 == 0; groups == 1 with K <= 65536, or group_k = K / groups with
 // group_k % 128 == 0; x and wq 16-byte aligned, out, bias and residual 2-byte aligned; x_scale and w_scale non-null;
-// compute capability 8.0 or later. Anything else returns cudaErrorNotSupported without launching.
+// compute capability 8.0 or later. Or FP8 (w_fp8 = 1: x_dt ZQ_FP8_E4M3, x_is_int8 0, w_bits 8, groups 1; the same
+// shape and alignment rules, any K, mma.sync e4m3 with fp32 sums) on compute capability 9.0 or later,
+// configurations 0-2 only. Anything else returns cudaErrorNotSupported without launching.
 ZQ_API cudaError_t zq_gemm_skinny(const zq_gemm_args* a, cudaStream_t stream);
 // Benchmarks and tests: configuration cfg (0: 16 weight rows a block, 1: 32 rows, M <= 32 and N % 32 == 0 only,
 // 2: 16 rows with the tokens split over two groups of 4 warps, 3: 128 rows a block sharing x through shared memory,

@@ -8,3 +8,8 @@
 ZQ_API cudaError_t zq_norm_quant(const void* x, const void* residual, const void* weight, const void* bias,
                                  zq_dtype dt, int64_t rows, int64_t k, float eps, int is_rms, int8_t* q,
                                  float* scale, void* out, void* hsum, cudaStream_t stream);
+// The same with FP8 E4M3 codes (quant_math.quantize_per_token_fp8 of the normalised row): q [rows, k]
+// float8_e4m3fn bytes, scale = amax / 448 per token.
+ZQ_API cudaError_t zq_norm_quant_fp8(const void* x, const void* residual, const void* weight, const void* bias,
+                                     zq_dtype dt, int64_t rows, int64_t k, float eps, int is_rms, void* q,
+                                     float* scale, void* out, void* hsum, cudaStream_t stream);

@@ -106,11 +106,11 @@ template <class T> __device__ __forceinline__ Raw<T> load_unpack(const T* p, flo
   return r;
 }
 
-// 8 codes (quantize_one each) in one 8-byte store.
-__device__ __forceinline__ void store_q8(int8_t* p, const float (&f)[kPack], float inv) {
+// 8 codes (C::encode each: Int8Code or Fp8Code) in one 8-byte store.
+template <class C> __device__ __forceinline__ void store_q8(int8_t* p, const float (&f)[kPack], float inv) {
   uint32_t u[2] = {0u, 0u};
 #pragma unroll
-  for (int i = 0; i < kPack; ++i) u[i / 4] |= (uint32_t)(uint8_t)quantize_one(f[i], inv) << (8 * (i % 4));
+  for (int i = 0; i < kPack; ++i) u[i / 4] |= (uint32_t)(uint8_t)C::encode(f[i], inv) << (8 * (i % 4));
   *reinterpret_cast<uint2*>(p) = make_uint2(u[0], u[1]);
 }
 
@@ -222,8 +222,6 @@ inline bool vec_row_launch(int64_t rows, int64_t k, int max_threads, std::initia
 }
 
 
-// The end of every per-token kernel (quant_math.quantize_per_token): the row's amax from each thread's part,
-// then the int8 codes of the packs the thread holds and, once per row, the scale.
 // This thread's packs of a row (`row` points at the row's first element): pack v is element pack
 // p.t + v * p.nthr; packs past the row's k8 are left unset (every loop over held packs checks j < k8).
 template <class T, int kVecs>
@@ -235,21 +233,24 @@ __device__ __forceinline__ void load_held_row(const T* __restrict__ row, const R
   }
 }
 
-template <class T, int kVecs, int kRow>
+// The end of every per-token kernel (quant_math.quantize_per_token / quantize_per_token_fp8): the row's amax
+// from each thread's part, then the codes (C: Int8Code or Fp8Code) of the packs the thread holds and, once per
+// row, the scale.
+template <class C, class T, int kVecs, int kRow>
 __device__ __forceinline__ void quantize_held_row(const Raw<T> (&held)[kVecs], float amax, const RowPos& p, int k8,
                                                   int8_t* q_row, float* scale, float* red) {
   amax = fmaxf(row_max<kRow>(amax, red), kEps);
-  const float inv = 127.f / amax;
+  const float inv = code_inv<C>(amax);
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {
     const int j = p.t + v * p.nthr;
     if (j < k8) {
       float f[kPack];
       unpack<T>(held[v], f);
-      store_q8(q_row + (int64_t)j * kPack, f, inv);
+      store_q8<C>(q_row + (int64_t)j * kPack, f, inv);
     }
   }
-  if (p.t == 0) scale[p.row] = amax / 127.f;
+  if (p.t == 0) scale[p.row] = amax / C::kMax;
 }
 
 }  // namespace zq
