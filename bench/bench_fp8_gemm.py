@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import zqcompile  # noqa: E402,F401
-from bench.bench_gemm import L2_DEFEAT_BYTES, time_graph  # noqa: E402
+from bench.bench_gemm import L2_DEFEAT_BYTES, run_meta, time_graph  # noqa: E402
 from zqcompile import plugins  # noqa: E402
 from zqcompile.ops import quant_math as qm  # noqa: E402
 
@@ -117,17 +116,13 @@ def main() -> None:
         print(f"M={m:6d} N={n:6d} K={k:5d}  scaled_mm+epi {r['scaled_mm_epilogue_us']:8.1f} us  sm90_fp8 "
               f"{r['sm90_fp8_us']:8.1f} us (best {r['sm90_fp8_best_us']:.1f}, {r['sm90_fp8_best_tops']:.0f} TOP/s)  "
               f"INT8 sm90 {r['int8_sm90_us']:8.1f} us  fp16 {r['fp16_us']:8.1f} us", flush=True)
-    props = torch.cuda.get_device_properties(0)
-    meta = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "python": platform.python_version(), "library": plugins.status(),
-            "command": " ".join([sys.executable] + sys.argv), "seconds": round(time.time() - t0, 1),
-            "fp8_peak_tops": FP8_PEAK_TOPS,
-            "method": f"CUDA graph over distinct weight copies (L2 defeated where the weight dominates), CUDA events, "
-                      f"median of {REPLAYS} replays; epilogue: bf16 bias, no activation, bf16 out (fp16 for cuBLAS "
-                      f"FP16, no epilogue); sm90_fp8 = the library's pick (zq_gemm_run), cfgN = forced"}
+    meta = run_meta(f"CUDA graph over distinct weight copies (L2 defeated where the weight dominates), CUDA events, "
+                    f"median of {REPLAYS} replays; epilogue: bf16 bias, no activation, bf16 out (fp16 for cuBLAS "
+                    f"FP16, no epilogue); sm90_fp8 = the library's pick (zq_gemm_run), cfgN = forced", t0,
+                    fp8_peak_tops=FP8_PEAK_TOPS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = props.name.replace(" ", "_")
+    tag = meta["device"].replace(" ", "_")
     (out / f"fp8_gemm_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = markdown(meta, rows, fp8_configs)
     (out / f"fp8_gemm_{tag}.md").write_text(text)

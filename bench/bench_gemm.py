@@ -46,6 +46,18 @@ MS = [1, 4, 16, 64, 256, 1024, 4096, 8192, 16384]
 L2_DEFEAT_BYTES = 160 << 20
 
 
+def run_meta(method: str, t0: float | None = None, **extra) -> dict:
+    """A GPU benchmark's "meta": the device, the software, the command line, the seconds since t0, `extra` and
+    how it timed (`method`); every bench result file carries one."""
+    props = torch.cuda.get_device_properties(0)
+    meta = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version(), "library": plugins.status(),
+            "command": " ".join([sys.executable] + sys.argv)}
+    if t0 is not None:
+        meta["seconds"] = round(time.time() - t0, 1)
+    return {**meta, **extra, "method": method}
+
+
 def time_graph(fn_per_copy, copies: int, reps: int = 15) -> float:
     """Median ms of one call: capture `copies` calls (each on its own operands) in a CUDA graph, replay."""
     s = torch.cuda.Stream()
@@ -104,9 +116,8 @@ W4_SHAPES = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (2048, 8192),
 
 
 def w4_crossover(cuda_mod, out: Path, tag: str) -> None:
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "command": " ".join([sys.executable] + sys.argv), "method": "CUDA graphs, median of 15 replays; fp16: "
-            "torch.matmul on one weight (L2 may hold it), W4A8: distinct weight copies (L2 defeated)"}
+    meta = run_meta("CUDA graphs, median of 15 replays; fp16: torch.matmul on one weight (L2 may hold it), W4A8: "
+                    "distinct weight copies (L2 defeated)")
     rows = []
     for m in (256, 1024, 2048, 512, 4096, 8192):  # the likely crossovers first (written after every row)
         for k, n in W4_SHAPES:
@@ -141,11 +152,9 @@ def decode_table(cuda_mod, out: Path, tag: str, names: list[str], ms: list[int] 
                  only: list[str] | None = None) -> None:
     """Every C kernel forced on the decode shapes (or those in `only`, at the M of `ms`); a kernel that declines a
     problem is left out of its row."""
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "library": plugins.status(),
-            "command": " ".join([sys.executable] + sys.argv), "hbm_peak_tb_s": HBM_PEAK_TB_S,
-            "method": "CUDA graph over distinct weight copies (>= 160 MiB of weights: L2 defeated), median of 15 "
-                      "replays; TB/s = (weight + scales + x + out bytes) / time; fp16 = torch.matmul, fp16 out, on "
-                      "one weight (L2 may hold the smaller ones: its time a lower bound)"}
+    meta = run_meta("CUDA graph over distinct weight copies (>= 160 MiB of weights: L2 defeated), median of 15 "
+                    "replays; TB/s = (weight + scales + x + out bytes) / time; fp16 = torch.matmul, fp16 out, on "
+                    "one weight (L2 may hold the smaller ones: its time a lower bound)", hbm_peak_tb_s=HBM_PEAK_TB_S)
     sk = ["skinny0", "skinny1", "skinny2", "skinny3", "skinny4"]
     variants = {"int8": (8, None, ["simt", "mma", "sm90", *sk]), "int4g128": (4, 128, ["simt", "mma", *sk]),
                 "int4": (4, None, ["simt", "mma", "sm90", *sk]), "int8g128": (8, 128, ["simt", "mma", *sk])}
@@ -290,13 +299,10 @@ def main() -> None:
               f"x{r['speedup']:.2f}  ({r['ours_tops']:.0f} TOP/s)  mma {r['mma_ms']*1e3:9.1f} us  "
               f"W4A8-g128 mma {r['w4g128_mma_ms']*1e3:9.1f} us x{r['w4g128_speedup']:.2f}", flush=True)
     props = torch.cuda.get_device_properties(0)
-    meta = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "python": platform.python_version(), "library": plugins.status(),
-            "command": " ".join([sys.executable] + sys.argv), "seconds": round(time.time() - t0, 1),
-            "method": "CUDA graph over distinct weight copies (L2 defeated), median of 15 replays, "
-                      "INT8 GEMM incl. per-token x per-row dequant + fp16 bias epilogue; fp16 = torch.matmul; "
-                      "W4A8-g128: INT4 weights, group-128 K scales, no bias; fp16-deq = dequantize_weight + "
-                      "torch.matmul per call (the path the mma kernel replaces)"}
+    meta = run_meta("CUDA graph over distinct weight copies (L2 defeated), median of 15 replays, INT8 GEMM incl. "
+                    "per-token x per-row dequant + fp16 bias epilogue; fp16 = torch.matmul; W4A8-g128: INT4 weights, "
+                    "group-128 K scales, no bias; fp16-deq = dequantize_weight + torch.matmul per call (the path the "
+                    "mma kernel replaces)", t0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = props.name.replace(" ", "_")
