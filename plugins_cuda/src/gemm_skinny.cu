@@ -27,7 +27,6 @@
 
 namespace zq::skinny {
 
-
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kNumConfigs = 5;
@@ -391,44 +390,35 @@ int pick_config(int64_t m, int64_t n, int sm_count) {
   return m > 32 && waves % 2 == 0 ? 2 : 0;
 }
 
-// FP8 E4M3 weights (row scales) times FP8 E4M3 tokens: configurations 0-2 on compute capability 9.0 or later.
-cudaError_t run_fp8(const zq_gemm_args& a, int cfg, cudaStream_t stream) {
-  using zq::misaligned;
-  if (a.x_dt != ZQ_FP8_E4M3 || a.x_is_int8 || a.w_bits != 8 || a.groups != 1 ||
-      (a.out_dt != ZQ_F16 && a.out_dt != ZQ_BF16) || a.m > kMaxM || a.k == 0 || a.k % kChunk || a.n % 16 ||
-      !a.x_scale || !a.w_scale || misaligned(a.x, 16) || misaligned(a.wq, 16) || misaligned(a.out, 2) ||
-      misaligned(a.residual, 2) || misaligned(a.bias, 2))
-    return cudaErrorNotSupported;
-  zq::DeviceInfo dev;
-  if (const cudaError_t e = zq::sm80_device(cfg, kNumConfigs, &dev); e != cudaSuccess) return e;
-  if (dev.cc_major < 9) return cudaErrorNotSupported;  // E4M3 mma.sync: sm_89+, measured on sm_90 only
-  if (a.m == 0 || a.n == 0) return cudaSuccess;
-  if (cfg < 0) cfg = pick_config(a.m, a.n, dev.sm_count);
-  if (cfg > 2 || (cfg == 1 && (a.n % 32 || a.m > 32))) return cudaErrorNotSupported;
-  if (cfg == 2) return Launch<1, 2>::run_fp8(a, stream);
-  return cfg == 1 ? Launch<2, 1>::run_fp8(a, stream) : Launch<1, 1>::run_fp8(a, stream);
-}
-
 }  // namespace zq::skinny
 
 ZQ_API cudaError_t zq_gemm_skinny_config(const zq_gemm_args* a, int cfg, cudaStream_t stream) {
   using namespace zq::skinny;
   using zq::misaligned;
   if (a->m < 0 || a->n < 0 || a->k < 0) return cudaErrorInvalidValue;
-  if (a->w_fp8) return run_fp8(*a, cfg, stream);
   const int64_t group_k = a->groups > 0 ? a->k / a->groups : 0;
-  if (!a->x_is_int8 || a->w_fp8 || (a->w_bits != 8 && a->w_bits != 4) ||
-      (a->out_dt != ZQ_F16 && a->out_dt != ZQ_BF16) ||
-      a->m > kMaxM || a->k == 0 || a->k % kChunk || a->n % 16 || a->groups < 1 || a->k % a->groups ||
-      (a->groups == 1 ? a->k > kMaxRowK : group_k % kChunk != 0) || !a->x_scale || !a->w_scale ||
-      misaligned(a->x, 16) || misaligned(a->wq, 16) || misaligned(a->out, 2) || misaligned(a->residual, 2) ||
-      misaligned(a->bias, 2))
+  // The operands' formats: FP8 E4M3 x E4M3 with row scales (configurations 0-2, compute capability 9.0+), or
+  // int8 x INT8 / INT4 with row scales (K within the exact int32 sum) or K groups of a multiple of 128.
+  const bool fp8 = a->w_fp8;
+  const bool formats = fp8 ? a->x_dt == ZQ_FP8_E4M3 && !a->x_is_int8 && a->w_bits == 8 && a->groups == 1
+                           : a->x_is_int8 && (a->w_bits == 8 || a->w_bits == 4) && a->groups >= 1 &&
+                                 a->k % a->groups == 0 &&
+                                 (a->groups == 1 ? a->k <= kMaxRowK : group_k % kChunk == 0);
+  if (!formats || (a->out_dt != ZQ_F16 && a->out_dt != ZQ_BF16) || a->m > kMaxM || a->k == 0 || a->k % kChunk ||
+      a->n % 16 || !a->x_scale || !a->w_scale || misaligned(a->x, 16) || misaligned(a->wq, 16) ||
+      misaligned(a->out, 2) || misaligned(a->residual, 2) || misaligned(a->bias, 2))
     return cudaErrorNotSupported;
   zq::DeviceInfo dev;
   if (const cudaError_t e = zq::sm80_device(cfg, kNumConfigs, &dev); e != cudaSuccess) return e;
+  if (fp8 && dev.cc_major < 9) return cudaErrorNotSupported;  // E4M3 mma.sync: sm_89+, measured on sm_90 only
   if (a->m == 0 || a->n == 0) return cudaSuccess;
   if (cfg < 0) cfg = pick_config(a->m, a->n, dev.sm_count);
   if (cfg == 1 && (a->n % 32 || a->m > 32)) return cudaErrorNotSupported;
+  if (fp8) {
+    if (cfg > 2) return cudaErrorNotSupported;
+    if (cfg == 2) return Launch<1, 2>::run_fp8(*a, stream);
+    return cfg == 1 ? Launch<2, 1>::run_fp8(*a, stream) : Launch<1, 1>::run_fp8(*a, stream);
+  }
   if (cfg == 3 && (dev.cc_major < 9 || a->n % cl::kRows)) return cudaErrorNotSupported;
   if (cfg == 3) return zq::launch_by_type<cl::Launch3>(*a, stream);
   if (cfg == 4) return wg::run(*a, stream);

@@ -1,7 +1,8 @@
 // LayerNorm / RMSNorm with the token-wise quantization fused (ZeroQuant Sec. 4.3: quantization is fused
 // into the producer of a GEMM input). Intermediates are rounded to the model dtype exactly where the torch
-// reference materialises them, so the codes (INT8, or FP8 E4M3 from zq_norm_quant_fp8) match it up to ties. The vector path (zq/row_vec.cuh) keeps
-// the row in registers; the scalar kernel (row cached in shared memory) takes the other shapes and pointers.
+// reference materialises them, so the codes (INT8, or FP8 E4M3 from zq_norm_quant_fp8) match it up to ties. The
+// vector path (zq/row_vec.cuh) keeps the row in registers; the scalar kernel (row cached in shared memory) takes
+// the other shapes and pointers.
 #include "zq/device_math.cuh"
 #include "zq/norm_quant.h"
 #include "zq/row_vec.cuh"

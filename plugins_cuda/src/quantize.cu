@@ -1,6 +1,6 @@
-// Per-token (INT8 or FP8 E4M3 codes) and per-tensor INT8 quantization of activations. Per token: the vector path (zq/row_vec.cuh)
-// reads the row once into registers; the scalar fallback takes one block per token and reads the row twice
-// (the second read hits L2), so any K and alignment works.
+// Per-token (INT8 or FP8 E4M3 codes) and per-tensor INT8 quantization of activations. Per token: the vector path
+// (zq/row_vec.cuh) reads the row once into registers; the scalar fallback takes one block per token and reads the
+// row twice (the second read hits L2), so any K and alignment works.
 #include "device_info.h"
 #include "zq/device_math.cuh"
 #include "zq/quantize.h"

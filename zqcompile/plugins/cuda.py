@@ -134,28 +134,27 @@ def _codes(x: Tensor, fp8: bool) -> Tensor:
     return torch.empty(x.shape, dtype=qm.FP8_DTYPE if fp8 else torch.int8, device=x.device)
 
 
-def _quantize_per_token(x: Tensor, fp8: bool) -> tuple[Tensor, Tensor]:
+def _quantize_per_token(op: str, x: Tensor) -> tuple[Tensor, Tensor]:
     if x.dtype not in DTYPES or x.numel() == 0:
-        return (qm.quantize_per_token_fp8 if fp8 else qm.quantize_per_token)(x)
+        return _ref(op)(x)
     x = x.contiguous()
     k = x.shape[-1]
-    q = _codes(x, fp8)
+    q = _codes(x, op.endswith("_fp8"))
     s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
-    name = "quantize_per_token_fp8" if fp8 else "quantize_per_token"
     with torch.cuda.device(x.device):
-        _check(getattr(_lib, f"zq_{name}")(x.data_ptr(), DTYPES[x.dtype], x.numel() // k, k, q.data_ptr(),
-                                            s.data_ptr(), _stream(x)), name)
+        _check(getattr(_lib, f"zq_{op}")(x.data_ptr(), DTYPES[x.dtype], x.numel() // k, k, q.data_ptr(),
+                                          s.data_ptr(), _stream(x)), op)
     return q, s
 
 
 @cuda_kernel("quantize_per_token")
 def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
-    return _quantize_per_token(x, fp8=False)
+    return _quantize_per_token("quantize_per_token", x)
 
 
 @cuda_kernel("quantize_per_token_fp8")
 def quantize_per_token_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
-    return _quantize_per_token(x, fp8=True)
+    return _quantize_per_token("quantize_per_token_fp8", x)
 
 
 @cuda_kernel("quantize_per_tensor")

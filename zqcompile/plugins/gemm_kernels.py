@@ -82,6 +82,7 @@ M_BUCKETS: tuple[tuple[int, float], ...] = tuple(
     zip((1, *(e + 1 for e in sorted({SMALL_M, SMALL_M_KGROUPS, SKINNY_INT8_MID_M, MMA_ROW_MAX_M, MMA_KGROUP_MAX_M}))),
         (*sorted({SMALL_M, SMALL_M_KGROUPS, SKINNY_INT8_MID_M, MMA_ROW_MAX_M, MMA_KGROUP_MAX_M}), math.inf)))
 HALF = ("float16", "bfloat16")
+FP8_TENSORRT = "the TensorRT dialect exports FP8 GEMMs as standard ONNX (no zq plugin takes FP8)"
 FLOATS = ("float32", *HALF)
 
 
@@ -275,7 +276,7 @@ class Skinny(GemmKernel):
     @staticmethod
     def _fp8_reason(p, d):
         if d.tensorrt:
-            return "the TensorRT dialect exports FP8 GEMMs as standard ONNX (no zq plugin takes FP8)"
+            return FP8_TENSORRT
         why = _device_reason(d) or _epilogue_reason(p)
         if why:
             return why
@@ -355,7 +356,7 @@ class Sm90Fp8(GemmKernel):
 
     def can_implement(self, p, d):
         if d.tensorrt:
-            return "the TensorRT dialect exports FP8 GEMMs as standard ONNX (no zq plugin takes FP8)"
+            return FP8_TENSORRT
         why = _device_reason(d) or _epilogue_reason(p)
         if why:
             return why
