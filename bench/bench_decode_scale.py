@@ -22,6 +22,7 @@ The device calls of issue 13, in order: scripts/gpu_issue13.sh (bench/NOTES_kern
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -213,6 +214,8 @@ def bench_rows(model, shape: str, engine_name: str, args, peak, rows: list[dict]
                                                - kernel_count(lambda: run(ids, 2), args.device))
                     if args.ab_skinny and engine is not None and engine_name != "none":
                         row.update(skinny_ab(engine, run, ids, args))
+                    if args.ab_pdl and engine is not None:
+                        row.update(pdl_ab(engine, run, ids, args))
             except Exception as e:  # noqa: BLE001
                 row["error"] = repr(e)[:300]
                 rows.append(row)
@@ -231,21 +234,43 @@ def bench_rows(model, shape: str, engine_name: str, args, peak, rows: list[dict]
         free(args.device)
 
 
-def skinny_ab(engine, run, ids, args) -> dict:
-    """The same engine with the decode-shaped GEMM kernel turned off, then on again as the chooser has it (its
-    decode graphs re-captured each time, the choices re-made): decode ms of each, interleaved, in this process."""
-    from zqcompile.plugins import gemm_kernels as G
-    out, mode = {}, G.SKINNY_MODE
+def interleaved_ab(engine, run, ids, args, name: str, off, on) -> dict:
+    """The same engine under `off()` then `on()` (context managers), twice, interleaved, its decode graphs
+    re-captured under each: decode ms of each and off / on, keys decode_ms_<name>_{off,on,off2,on2}."""
+    out = {}
     try:
-        for tag, m in (("off", "0"), ("on", mode), ("off2", "0"), ("on2", mode)):
-            with G.skinny_mode(m):
+        for tag, ctx in (("off", off), ("on", on), ("off2", off), ("on2", on)):
+            with ctx():
                 engine._generator.reset_runners()
-                out[f"decode_ms_skinny_{tag}"] = measure(run, ids, args.new, args.device, args.repeat)["decode_ms"]
+                out[f"decode_ms_{name}_{tag}"] = measure(run, ids, args.new, args.device, args.repeat)["decode_ms"]
     finally:
         engine._generator.reset_runners()  # graphs captured under the last mode: the next call re-captures
-    out["skinny_speedup"] = (out["decode_ms_skinny_off"] + out["decode_ms_skinny_off2"]) / (
-        out["decode_ms_skinny_on"] + out["decode_ms_skinny_on2"])
+    out[f"{name}_speedup"] = (out[f"decode_ms_{name}_off"] + out[f"decode_ms_{name}_off2"]) / (
+        out[f"decode_ms_{name}_on"] + out[f"decode_ms_{name}_on2"])
     return out
+
+
+def skinny_ab(engine, run, ids, args) -> dict:
+    """The decode-shaped GEMM kernel off, then on as the chooser has it (the choices re-made each time)."""
+    from zqcompile.plugins import gemm_kernels as G
+    mode = G.SKINNY_MODE
+    return interleaved_ab(engine, run, ids, args, "skinny", lambda: G.skinny_mode("0"), lambda: G.skinny_mode(mode))
+
+
+@contextlib.contextmanager
+def pdl_mode(mode: int):
+    from zqcompile.plugins import cuda as C
+    before = C.pdl_mode
+    C.set_pdl(mode)
+    try:
+        yield
+    finally:
+        C.set_pdl(before)
+
+
+def pdl_ab(engine, run, ids, args) -> dict:
+    """Programmatic dependent launch of the library's kernels off, then on (zq/launch.cuh)."""
+    return interleaved_ab(engine, run, ids, args, "pdl", lambda: pdl_mode(0), lambda: pdl_mode(-1))
 
 
 # ---- decode GEMMs ------------------------------------------------------------------------------------------
@@ -334,14 +359,15 @@ def markdown(rows: list[dict], gemms: list[dict], attn: list[dict]) -> str:
                      f"{fmt(r.get('tokens_per_s'), '.0f')} | {r.get('kernels_per_step', '-')} | "
                      f"{fmt(r.get('weight_read_tb_s'), '.2f')} | {fmt(r.get('peak_fraction'), '.2f')} | "
                      f"{r['method']} |")
-    ab = [r for r in rows if "skinny_speedup" in r]
-    if ab:
-        lines += ["", "Decode-shaped GEMM kernel A/B (same engine, same process, decode graphs re-captured; ms/token in "
-                  "the order run):", "", "| shape | engine | batch | off | on | off | on | off / on |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['shape']} | {r['engine']} | {r['batch']} | " + " | ".join(
-            f"{r[f'decode_ms_skinny_{t}']:.3f}" for t in ("off", "on", "off2", "on2")) + f" | {r['skinny_speedup']:.2f}x |"
-            for r in ab]
+    for name, what in (("skinny", "Decode-shaped GEMM kernel"), ("pdl", "Programmatic dependent launch")):
+        ab = [r for r in rows if f"{name}_speedup" in r]
+        if ab:
+            lines += ["", f"{what} A/B (same engine, same process, decode graphs re-captured; ms/token in the order "
+                      "run):", "", "| shape | engine | batch | off | on | off | on | off / on |",
+                      "|---|---|---|---|---|---|---|---|"]
+            lines += [f"| {r['shape']} | {r['engine']} | {r['batch']} | " + " | ".join(
+                f"{r[f'decode_ms_{name}_{t}']:.3f}" for t in ("off", "on", "off2", "on2"))
+                + f" | {r[f'{name}_speedup']:.2f}x |" for r in ab]
     if gemms:
         lines += ["", "| K | N | M | cuBLAS fp16 us (TB/s) | INT8 us (TB/s) [kernel] | INT4 us (TB/s) [kernel] |",
                   "|---|---|---|---|---|---|"]
@@ -393,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode-attention kernel of the engines (A/B: single = one block per (row, head))")
     p.add_argument("--ab-skinny", action="store_true",
                    help="A/B per zq row: the decode-shaped GEMM kernel off and on, same engine, same process")
+    p.add_argument("--ab-pdl", action="store_true",
+                   help="A/B per zq row: programmatic dependent launch off and on, same engine, same process")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shape, reference ops (timings meaningless)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="no run: join these results (one device call "
                    "each) into --out and its markdown table")

@@ -112,11 +112,26 @@ for stage in "$@"; do
         ${TEST_WORKERS:+-n "$TEST_WORKERS" --dist loadfile} tests/gpu/test_gemm_skinny.py tests/gpu/test_kernels.py \
         tests/gpu/test_generation_gpu.py tests/gpu/test_rope_kv_gpu.py > "$OUT/gpu_tests_skinny_policy.txt" 2>&1
       r=$?; tail -3 "$OUT/gpu_tests_skinny_policy.txt"; [ $r -eq 0 ] || rc=$r ;;
+    lib-out)  # the built library back through $OUT, gzipped in parts of 12 MiB (16 MiB a file comes back)
+      gzip -c build/libzq_kernels.so | split -b 12M - "$OUT/libzq_kernels.so.gz.part" && ls -l "$OUT"/libzq_kernels.so.gz.part* ;;
+    lib-in)  # a library returned by lib-out, its parts carried back in libparts/
+      mkdir -p build && cat libparts/libzq_kernels.so.gz.part* | gzip -dc > build/libzq_kernels.so && ls -l build/libzq_kernels.so ;;
+    tests-pdl)  # programmatic dependent launch: its bit-for-bit test, then the kernel / generation tests under it
+      ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout "$(left)" "$PY" -m pytest -q -p no:cacheprovider \
+        ${TEST_WORKERS:+-n "$TEST_WORKERS" --dist loadfile} tests/gpu/test_pdl_gpu.py tests/gpu/test_kernels.py \
+        tests/gpu/test_generation_gpu.py tests/gpu/test_rope_kv_gpu.py tests/gpu/test_gemm_skinny.py \
+        tests/gpu/test_decode_attention_split.py tests/gpu/test_fp8_gemm_sm90.py > "$OUT/gpu_tests_pdl.txt" 2>&1
+      r=$?; tail -3 "$OUT/gpu_tests_pdl.txt"; [ $r -eq 0 ] || rc=$r ;;
+    8b-pdl | 1b-pdl)  # the engines with PDL as the library has it, each zq row A/B'd in the same process (off / on)
+      shape=${stage%%-*}
+      bench --shapes "$shape" --engines ${PDL_ENGINES:-none,w8a8,w4/8a8} --batches ${PDL_BATCHES:-1,16} --cache-lens 128 \
+        --repeat 2 --ab-pdl --out "$OUT/decode_scale_${shape}_pdl_H200.json" || rc=$? ;;
     8b-single)  # A/B: the engines with the old single-block decode attention
       bench --shapes 8b --engines w8a8 --batches 1,16 --attention single \
         --out "$OUT/decode_scale_8b_single_H200.json" || rc=$? ;;
     *) echo "unknown stage $stage (stage build tests kernels attn profile-8b 1b 8b-fp16-w8a8 8b-w4-hf 8b-single" \
-            "streaming-8b rope-kv row-split row-split-ab skinny 8b-skinny 1b-skinny gemm-decode tests-skinny)"; exit 2 ;;
+            "streaming-8b rope-kv row-split row-split-ab skinny 8b-skinny 1b-skinny gemm-decode tests-skinny lib-out lib-in" \
+            "tests-pdl 8b-pdl 1b-pdl)"; exit 2 ;;
   esac
 done
 exit $rc

@@ -13,6 +13,7 @@ template <class C, class T>
 __global__ void act_quant_kernel(const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ gate,
                                  int64_t k, int act, int8_t* __restrict__ q, float* __restrict__ scale,
                                  T* __restrict__ out) {
+  zq::pdl_begin();
   extern __shared__ float row[];
   __shared__ float red[32];
   const int64_t off = (int64_t)blockIdx.x * k;
@@ -41,6 +42,7 @@ __global__ void __launch_bounds__(row_block_threads<T, kRow>())
 act_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ gate,
                      int64_t rows, int64_t k, int act, int8_t* __restrict__ q, float* __restrict__ scale,
                      T* __restrict__ out) {
+  zq::pdl_begin();
   __shared__ float red[32];
   const RowPos p = row_pos<kRow>();
   if (p.row >= rows) return;  // a whole warp (warp rows); never taken with block or split rows
@@ -100,11 +102,10 @@ cudaError_t act_quant_codes(const void* x, const void* bias, const void* gate, z
       cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
       if (e != cudaSuccess) return e;
     }
-    kernel<<<(unsigned)rows, row_threads(k), smem, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(bias), static_cast<const T*>(gate), k, act, q, scale,
-        static_cast<T*>(out));
+    return zq::launch(kernel, dim3((unsigned)rows), dim3(row_threads(k)), smem, stream, static_cast<const T*>(x),
+                      static_cast<const T*>(bias), static_cast<const T*>(gate), k, act, q, scale, static_cast<T*>(out));
   });
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;  // not reached: every dtype case returns
 }
 
 }  // namespace zq

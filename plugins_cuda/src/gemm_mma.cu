@@ -175,6 +175,7 @@ __device__ __forceinline__ void store_tile(const zq_gemm_args& a, int64_t m0, in
 
 template <class Cfg, int WBITS, bool KG, class OutT>
 __global__ void __launch_bounds__(Cfg::kThreads) gemm_mma_kernel(const zq_gemm_args a) {
+  zq::pdl_begin();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int MT = Cfg::MT, NT = Cfg::NT, STAGES = Cfg::STAGES;
   constexpr int kStageA = Cfg::BM * kRow8, kStageB = Cfg::BN * Cfg::template b_row<WBITS>();
@@ -275,8 +276,7 @@ cudaError_t launch(const zq_gemm_args& a, cudaStream_t stream) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
   }
-  kernel<<<dim3((unsigned)n_tiles, (unsigned)m_tiles), Cfg::kThreads, smem, stream>>>(a);
-  return cudaGetLastError();
+  return zq::launch(kernel, dim3((unsigned)n_tiles, (unsigned)m_tiles), dim3(Cfg::kThreads), smem, stream, a);
 }
 
 template <class Cfg>

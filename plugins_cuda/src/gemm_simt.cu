@@ -95,6 +95,7 @@ __device__ __forceinline__ int reduce_rows(T (&v)[MT], int lane) {
 // (A8) or the float type (A16); KG: K-group scales; VEC: 16-wide chunks (K and group size multiples of 16).
 template <int MT, int NW, class XT, int WBITS, bool KG, bool VEC>
 __global__ void __launch_bounds__(128) gemm_simt_kernel(zq_gemm_args a) {
+  zq::pdl_begin();
   constexpr bool kA8 = std::is_same_v<XT, int8_t>;
   const int lane = threadIdx.x & 31;
   const int64_t n0 = ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * NW;
@@ -201,9 +202,9 @@ template <int MT, int NW, class XT, int WBITS, bool KG>
 cudaError_t launch_simt_kernel(const zq_gemm_args& a, bool vec, cudaStream_t stream) {
   constexpr int64_t kColsPerBlock = 4 * NW;
   const dim3 grid((unsigned)((a.n + kColsPerBlock - 1) / kColsPerBlock), (unsigned)((a.m + MT - 1) / MT));
-  if (vec) gemm_simt_kernel<MT, NW, XT, WBITS, KG, true><<<grid, 128, 0, stream>>>(a);
-  else gemm_simt_kernel<MT, 1, XT, WBITS, KG, false><<<dim3((unsigned)((a.n + 3) / 4), grid.y), 128, 0, stream>>>(a);
-  return cudaGetLastError();
+  if (vec) return zq::launch(gemm_simt_kernel<MT, NW, XT, WBITS, KG, true>, grid, dim3(128), 0, stream, a);
+  return zq::launch(gemm_simt_kernel<MT, 1, XT, WBITS, KG, false>, dim3((unsigned)((a.n + 3) / 4), grid.y), dim3(128),
+                    0, stream, a);
 }
 
 // Rows of x per warp (MT) from M; columns per warp (NW, INT8 x only: each x chunk, re-read from L1/L2 by
@@ -263,6 +264,7 @@ ZQ_API cudaError_t zq_gemm_simt(const zq_gemm_args* a, cudaStream_t stream) {
 namespace zq {
 
 __global__ void unpack_int4_kernel(const uint8_t* __restrict__ wq, int64_t nbytes, int8_t* __restrict__ out) {
+  zq::pdl_begin();
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < nbytes; i += (int64_t)gridDim.x * blockDim.x) {
     const int b = wq[i];
     const int lo = b & 0xF, hi = b >> 4;
@@ -276,6 +278,7 @@ __global__ void unpack_int4_kernel(const uint8_t* __restrict__ wq, int64_t nbyte
 template <int WBITS>
 __global__ void dequantize_weight_kernel(const uint8_t* __restrict__ wq, const float* __restrict__ ws, int64_t groups,
                                          int64_t n, int64_t k, void* out, zq_dtype dt) {
+  zq::pdl_begin();
   const int64_t total = n * k, gk = k / groups;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t r = i / k, c = i % k;
@@ -294,8 +297,7 @@ inline unsigned grid_for(int64_t n) {
 ZQ_API cudaError_t zq_unpack_int4(const uint8_t* wq, int64_t n, int64_t k, int8_t* out, cudaStream_t stream) {
   if (n * k == 0) return cudaSuccess;
   if (k % 2) return cudaErrorInvalidValue;
-  zq::unpack_int4_kernel<<<zq::grid_for(n * k / 2), 256, 0, stream>>>(wq, n * k / 2, out);
-  return cudaGetLastError();
+  return zq::launch(zq::unpack_int4_kernel, dim3(zq::grid_for(n * k / 2)), dim3(256), 0, stream, wq, n * k / 2, out);
 }
 
 ZQ_API cudaError_t zq_dequantize_weight(const void* wq, int w_bits, const float* w_scale, int64_t groups, int64_t n,
@@ -303,9 +305,6 @@ ZQ_API cudaError_t zq_dequantize_weight(const void* wq, int w_bits, const float*
   if (n * k == 0) return cudaSuccess;
   if (groups <= 0 || k % groups) return cudaErrorInvalidValue;
   const auto* w = static_cast<const uint8_t*>(wq);
-  if (w_bits == 4)
-    zq::dequantize_weight_kernel<4><<<zq::grid_for(n * k), 256, 0, stream>>>(w, w_scale, groups, n, k, out, out_dt);
-  else
-    zq::dequantize_weight_kernel<8><<<zq::grid_for(n * k), 256, 0, stream>>>(w, w_scale, groups, n, k, out, out_dt);
-  return cudaGetLastError();
+  return zq::launch(w_bits == 4 ? zq::dequantize_weight_kernel<4> : zq::dequantize_weight_kernel<8>,
+                    dim3(zq::grid_for(n * k)), dim3(256), 0, stream, w, w_scale, groups, n, k, out, out_dt);
 }

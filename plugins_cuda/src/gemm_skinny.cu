@@ -124,6 +124,7 @@ __device__ __forceinline__ void fold(const Chunk<RT, NT, WBITS, KG>& ch, int (&i
 // scales), fp32 accumulators.
 template <int RT, int NT, int TG, int WBITS, bool KG, class OutT, bool F8 = false>
 __global__ void __launch_bounds__(kThreads, TG) gemm_skinny_kernel(const zq_gemm_args a) {
+  zq::pdl_begin();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   static_assert(!F8 || (WBITS == 8 && !KG), "FP8 weights: one byte a weight, row scales");
   using Acc = std::conditional_t<F8, float, int>;
@@ -202,8 +203,8 @@ template <int RT, int NT, int TG, int WBITS, bool KG, class OutT, bool F8>
 cudaError_t launch(const zq_gemm_args& a, cudaStream_t stream) {
   const int64_t blocks = a.n / (16 * RT);
   if (blocks > INT32_MAX) return cudaErrorNotSupported;
-  gemm_skinny_kernel<RT, NT, TG, WBITS, KG, OutT, F8><<<(unsigned)blocks, kThreads, 0, stream>>>(a);
-  return cudaGetLastError();
+  return zq::launch(gemm_skinny_kernel<RT, NT, TG, WBITS, KG, OutT, F8>, dim3((unsigned)blocks), dim3(kThreads), 0,
+                    stream, a);
 }
 
 // Token tiles a warp (NT) from the tokens of its group.
@@ -273,6 +274,7 @@ __host__ __device__ constexpr size_t smem_bytes(int mp, int cps) {
 
 template <int NT, int WBITS, bool KG, class OutT>
 __global__ void __launch_bounds__(kThreads, 2) gemm_skinny_cluster_kernel(const zq_gemm_args a, int cps) {
+  zq::pdl_begin();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) uint8_t smem[];
   constexpr int P = WBITS == 8 ? 2 : 3;

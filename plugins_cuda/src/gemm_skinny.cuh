@@ -128,17 +128,8 @@ __device__ __forceinline__ void cluster_sum_store(const zq_gemm_args& a, uint32_
 // Launch a K-split kernel(a, cps): grid (split, N / rows), clusters of (split, 1, 1), so rank = blockIdx.x.
 inline cudaError_t launch_split_k(void (*kernel)(const zq_gemm_args, int), const zq_gemm_args& a, int split,
                                   int rows, int threads, size_t smem, int cps, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)split, (unsigned)(a.n / rows), 1);
-  cfg.blockDim = dim3((unsigned)threads, 1, 1);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute at[1];
-  at[0].id = cudaLaunchAttributeClusterDimension;
-  at[0].val.clusterDim.x = (unsigned)split, at[0].val.clusterDim.y = 1, at[0].val.clusterDim.z = 1;
-  cfg.attrs = at, cfg.numAttrs = 1;
-  const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, a, cps);
-  return e != cudaSuccess ? e : cudaGetLastError();
+  return zq::launch_cluster(kernel, dim3((unsigned)split, (unsigned)(a.n / rows), 1), dim3((unsigned)threads),
+                            dim3((unsigned)split, 1, 1), smem, stream, a, cps);
 }
 
 namespace wg {

@@ -178,6 +178,7 @@ __device__ __forceinline__ void chunk_step(const zq_gemm_args& a, State<WBITS, K
 
 template <int WBITS, bool KG, class OutT>
 __global__ void __launch_bounds__(kThreads, 2) gemm_skinny_wgmma_kernel(const zq_gemm_args a, int cps) {
+  zq::pdl_begin();
 #ifdef ZQ_WGMMA
   __shared__ __align__(128) uint8_t smem[kStages * kStageBytes];
   constexpr int P = State<WBITS, KG>::P;

@@ -23,6 +23,14 @@ namespace zq::sm90 {
 
 using namespace cute;
 
+// Whether CUTLASS's kernels hold griddepcontrol.wait (compiled with CUTLASS_ENABLE_GDC_FOR_SM90 for sm_90a, as
+// CMake builds them): only then may they be launched with PDL.
+#ifdef CUTLASS_ENABLE_GDC_FOR_SM90
+constexpr bool kGdc = true;
+#else
+constexpr bool kGdc = false;
+#endif
+
 struct ActArgs { int act = ZQ_ACT_NONE; };
 
 // Sm90Compute passes a functor's `Arguments` back to it at run time.
@@ -179,7 +187,9 @@ struct Gemm {
     if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
     if (Adapter::get_workspace_size(args) != 0) return cudaErrorNotSupported;  // persistent scheduler needs none
     if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
-    if (gemm.run(stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
+    // PDL only where CUTLASS compiled its griddepcontrol.wait in (CUTLASS_ENABLE_GDC_FOR_SM90, sm_90a)
+    if (gemm.run(stream, nullptr, kGdc && zq::pdl_enabled()) != cutlass::Status::kSuccess)
+      return cudaErrorLaunchFailure;
     return cudaGetLastError();
   }
 };

@@ -26,6 +26,7 @@ __global__ void norm_quant_kernel(const T* __restrict__ x, const T* __restrict__
                                   const T* __restrict__ weight, const T* __restrict__ bias, int64_t k, float eps,
                                   int8_t* __restrict__ q, float* __restrict__ scale, T* __restrict__ out,
                                   T* __restrict__ hsum) {
+  zq::pdl_begin();
   extern __shared__ float row[];
   __shared__ float red[32];
   const int64_t off = (int64_t)blockIdx.x * k;
@@ -72,6 +73,7 @@ __global__ void __launch_bounds__(row_block_threads<T, kRow>())
 norm_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ weight,
                       const T* __restrict__ bias, int64_t rows, int64_t k, float eps, int8_t* __restrict__ q,
                       float* __restrict__ scale, T* __restrict__ out, T* __restrict__ hsum) {
+  zq::pdl_begin();
   __shared__ float red[32];
   const RowPos p = row_pos<kRow>();
   if (p.row >= rows) return;  // a whole warp (warp rows); never taken with block or split rows
@@ -173,10 +175,9 @@ cudaError_t launch_norm_quant(const void* x, const void* residual, const void* w
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
   }
-  kernel<<<(unsigned)rows, row_threads(k), smem, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const T*>(weight),
-      static_cast<const T*>(bias), k, eps, q, scale, static_cast<T*>(out), static_cast<T*>(hsum));
-  return cudaGetLastError();
+  return zq::launch(kernel, dim3((unsigned)rows), dim3(row_threads(k)), smem, stream, static_cast<const T*>(x),
+                    static_cast<const T*>(residual), static_cast<const T*>(weight), static_cast<const T*>(bias), k, eps,
+                    q, scale, static_cast<T*>(out), static_cast<T*>(hsum));
 }
 
 template <class C>

@@ -11,6 +11,7 @@ namespace zq {
 template <class C, class T>
 __global__ void quantize_per_token_kernel(const T* __restrict__ x, int64_t k, int8_t* __restrict__ q,
                                           float* __restrict__ scale) {
+  zq::pdl_begin();
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * k;
@@ -27,6 +28,7 @@ template <class C, class T, int kRow, int kVecs>
 __global__ void __launch_bounds__(row_block_threads<T, kRow>())
 quantize_per_token_vec_kernel(const T* __restrict__ x, int64_t rows, int64_t k, int8_t* __restrict__ q,
                               float* __restrict__ scale) {
+  zq::pdl_begin();
   __shared__ float red[32];
   const RowPos p = row_pos<kRow>();
   if (p.row >= rows) return;  // a whole warp (warp rows); never taken with block or split rows
@@ -51,6 +53,7 @@ template <class T>
 __global__ void quantize_per_tensor_kernel(const T* __restrict__ x, int64_t rows, int64_t k,
                                            const float* __restrict__ scale, int8_t* __restrict__ q,
                                            float* __restrict__ row_scale) {
+  zq::pdl_begin();
   const float s = *scale;
   const float inv = 1.f / s;
   const int64_t n = rows * k;
@@ -82,9 +85,9 @@ cudaError_t launch_quantize_per_token(const void* x, zq_dtype dt, int64_t rows, 
                                                     static_cast<const T*>(x), rows, k, q, scale)));
   }
   const int threads = row_threads(k);
-  ZQ_DISPATCH_DTYPE(dt, T, quantize_per_token_kernel<C, T><<<(unsigned)rows, threads, 0, stream>>>(
-                               static_cast<const T*>(x), k, q, scale));
-  return cudaGetLastError();
+  ZQ_DISPATCH_DTYPE(dt, T, return zq::launch(quantize_per_token_kernel<C, T>, dim3((unsigned)rows), dim3(threads), 0,
+                                             stream, static_cast<const T*>(x), k, q, scale));
+  return cudaErrorInvalidValue;  // not reached: every dtype case returns
 }
 
 }  // namespace zq
@@ -108,7 +111,7 @@ ZQ_API cudaError_t zq_quantize_per_tensor(const void* x, zq_dtype dt, int64_t ro
   const int threads = 256;
   const int64_t want = (n + threads * 4 - 1) / (threads * 4);
   const unsigned blocks = (unsigned)(want < 1 ? 1 : (want > 65535 ? 65535 : want));
-  ZQ_DISPATCH_DTYPE(dt, T, zq::quantize_per_tensor_kernel<T><<<blocks, threads, 0, stream>>>(
-                               static_cast<const T*>(x), rows, k, scale, q, row_scale));
-  return cudaGetLastError();
+  ZQ_DISPATCH_DTYPE(dt, T, return zq::launch(zq::quantize_per_tensor_kernel<T>, dim3(blocks), dim3(threads), 0, stream,
+                                             static_cast<const T*>(x), rows, k, scale, q, row_scale));
+  return cudaErrorInvalidValue;  // not reached: every dtype case returns
 }

@@ -35,6 +35,7 @@ __global__ void __launch_bounds__(kRopeThreads)
 rope_kernel(const T* __restrict__ q, Strides4 qs, const T* __restrict__ k, Strides4 ks, const T* __restrict__ cos_t,
             const T* __restrict__ sin_t, int64_t hq, int64_t hkv, int64_t s, int64_t d, int64_t pairs,
             T* __restrict__ q_out, T* __restrict__ k_out, KvWrite<T> kv) {
+  zq::pdl_begin();
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= pairs) return;
   // idx = ((bi * heads + h) * s + pos) * half + i: consecutive threads walk a row, then its positions,
@@ -102,6 +103,7 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
 decode_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, const T* __restrict__ k,
                         const T* __restrict__ v, const uint8_t* __restrict__ mask, int hq, int group, int hkv,
                         int64_t l, int d, float scale, T* __restrict__ out) {
+  zq::pdl_begin();
   extern __shared__ float score[];             // [l]
   __shared__ float red[32];
   __shared__ float part[kAttnThreads * kPack];  // [slot][kLanes * kPack] partial sums of phase 3
@@ -206,10 +208,9 @@ cudaError_t launch_decode_attention(const void* q, int64_t q_sb, int64_t q_sh, c
   const size_t smem = (size_t)l * sizeof(float);
   const cudaError_t e = allow_smem(reinterpret_cast<const void*>(kernel), smem, kAttnStaticSmem);
   if (e != cudaSuccess) return e;
-  kernel<<<(unsigned)(b * hq), kAttnThreads, smem, stream>>>(
-      static_cast<const T*>(q), q_sb, q_sh, static_cast<const T*>(k), static_cast<const T*>(v), mask, (int)hq,
-      (int)(hq / hkv), (int)hkv, l, (int)d, scale, static_cast<T*>(out));
-  return cudaGetLastError();
+  return zq::launch(kernel, dim3((unsigned)(b * hq)), dim3(kAttnThreads), smem, stream, static_cast<const T*>(q), q_sb,
+                    q_sh, static_cast<const T*>(k), static_cast<const T*>(v), mask, (int)hq, (int)(hq / hkv), (int)hkv,
+                    l, (int)d, scale, static_cast<T*>(out));
 }
 
 template <class T>
@@ -306,6 +307,7 @@ __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
 split_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, const T* __restrict__ k,
                        const T* __restrict__ v, const uint8_t* __restrict__ mask, int hq, int group, int hkv,
                        int64_t l, int d, int64_t chunk, float scale, SplitWorkspace ws, T* __restrict__ out) {
+  zq::pdl_begin();
   extern __shared__ float dyn[];
   float* score = dyn;                      // [group][chunk]
   float* qs = dyn + group * chunk;         // [group][d], fp32
@@ -471,6 +473,7 @@ split_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, cons
 template <class T>
 __global__ void __launch_bounds__(kCombineThreads)
 combine_kernel(SplitWorkspace ws, int64_t splits, int d, T* __restrict__ out) {
+  zq::pdl_begin();
   extern __shared__ float w[];  // [splits]: e^(m_i - M)
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
@@ -510,17 +513,16 @@ cudaError_t launch_split_attention(const void* q, int64_t q_sb, int64_t q_sh, co
   cudaError_t e = allow_smem(reinterpret_cast<const void*>(kernel), smem, kSplitStaticSmem);
   if (e != cudaSuccess) return e;
   const SplitWorkspace ws = splits > 1 ? split_workspace(workspace, b * hq, splits) : SplitWorkspace{};
-  kernel<<<dim3((unsigned)splits, (unsigned)hkv, (unsigned)b), kAttnThreads, smem, stream>>>(
-      static_cast<const T*>(q), q_sb, q_sh, static_cast<const T*>(k), static_cast<const T*>(v), mask, (int)hq,
-      (int)group, (int)hkv, l, (int)d, chunk, scale, ws, static_cast<T*>(out));
-  e = cudaGetLastError();
+  e = zq::launch(kernel, dim3((unsigned)splits, (unsigned)hkv, (unsigned)b), dim3(kAttnThreads), smem, stream,
+                 static_cast<const T*>(q), q_sb, q_sh, static_cast<const T*>(k), static_cast<const T*>(v), mask,
+                 (int)hq, (int)group, (int)hkv, l, (int)d, chunk, scale, ws, static_cast<T*>(out));
   if (e != cudaSuccess || splits == 1) return e;
   auto comb = combine_kernel<T>;
   const size_t csmem = sizeof(float) * (size_t)splits;
   e = allow_smem(reinterpret_cast<const void*>(comb), csmem, sizeof(float) * 32);
   if (e != cudaSuccess) return e;
-  comb<<<(unsigned)(b * hq), kCombineThreads, csmem, stream>>>(ws, splits, (int)d, static_cast<T*>(out));
-  return cudaGetLastError();
+  return zq::launch(comb, dim3((unsigned)(b * hq)), dim3(kCombineThreads), csmem, stream, ws, splits, (int)d,
+                    static_cast<T*>(out));
 }
 
 template <class T>
@@ -571,17 +573,10 @@ cudaError_t launch_rope(const void* q, const int64_t* q_stride, const void* k, c
   const int64_t blocks = (pairs + kRopeThreads - 1) / kRopeThreads;
   if (blocks > INT32_MAX) return cudaErrorNotSupported;
   const Strides4 qs = strides4(q_stride), ks = strides4(hkv > 0 ? k_stride : nullptr);
-  if (kv) {
-    rope_kernel<T, true><<<(unsigned)blocks, kRopeThreads, 0, stream>>>(
-        static_cast<const T*>(q), qs, static_cast<const T*>(k), ks, static_cast<const T*>(cos),
-        static_cast<const T*>(sin), hq, hkv, s, d, pairs, static_cast<T*>(q_out), nullptr, *kv);
-  } else {
-    rope_kernel<T, false><<<(unsigned)blocks, kRopeThreads, 0, stream>>>(
-        static_cast<const T*>(q), qs, static_cast<const T*>(k), ks, static_cast<const T*>(cos),
-        static_cast<const T*>(sin), hq, hkv, s, d, pairs, static_cast<T*>(q_out), static_cast<T*>(k_out),
-        KvWrite<T>{});
-  }
-  return cudaGetLastError();
+  return zq::launch(kv ? rope_kernel<T, true> : rope_kernel<T, false>, dim3((unsigned)blocks), dim3(kRopeThreads), 0,
+                    stream, static_cast<const T*>(q), qs, static_cast<const T*>(k), ks, static_cast<const T*>(cos),
+                    static_cast<const T*>(sin), hq, hkv, s, d, pairs, static_cast<T*>(q_out),
+                    kv ? nullptr : static_cast<T*>(k_out), kv ? *kv : KvWrite<T>{});
 }
 }  // namespace zq
 

@@ -48,7 +48,8 @@ def test_kernel_library_builds_and_loads(tmp_path):
                 "zq_dequantize_weight", "zq_rope", "zq_rope_kv", "zq_decode_attention", "zq_decode_attention_split",
                 "zq_decode_attention_splits", "zq_decode_attention_workspace_bytes", "zq_gemm_run",
                 "zq_gemm_workspace_bytes", "zq_gemm_kernel_name", "zq_gemm_kernel_available", "zq_gemm_plan_parse", "zq_gemm_plan_find",
-                "zq_set_row_split", "zq_gemm_sm90_fp8", "zq_gemm_sm90_fp8_config", "zq_gemm_sm90_fp8_num_configs"]:
+                "zq_set_row_split", "zq_set_pdl", "zq_gemm_sm90_fp8", "zq_gemm_sm90_fp8_config",
+                "zq_gemm_sm90_fp8_num_configs"]:
         assert hasattr(lib, sym), sym
     # split-L decode attention's host-side plan (no device here: 132 SMs assumed), through the binding's types
     cuda._bind(lib)
@@ -63,3 +64,23 @@ def test_kernel_library_builds_and_loads(tmp_path):
     assert lib.zq_decode_attention_splits(64, 32, 8, 65536, 0) == 64  # at most 1024 slots a split
     assert lib.zq_decode_attention_workspace_bytes(1, 32, 8, 4096, 128, 0) == 2 * 32 * 32 * 4 + 32 * 32 * 128 * 4
     assert lib.zq_decode_attention_workspace_bytes(64, 32, 8, 128, 128, 0) == 0
+
+
+def test_every_kernel_waits_on_the_kernel_ahead_first():
+    """Programmatic dependent launch (zq/launch.cuh) is correct only if every kernel of the library runs
+    zq::pdl_begin() (griddepcontrol.wait) before anything else, on every path, and every launch goes through
+    zq::launch / zq::launch_cluster (which set the attribute): checked on the sources."""
+    sources = sorted((REPO / "plugins_cuda").rglob("*.cu")) + sorted((REPO / "plugins_cuda").rglob("*.cuh"))
+    kernels = 0
+    for path in sources:
+        text = path.read_text()
+        for m in re.finditer(r"__global__", text):
+            body = text.index("{", m.end())
+            first = text[body + 1:].lstrip().split("\n", 1)[0]
+            line = text.count("\n", 0, m.start()) + 1
+            assert first == "zq::pdl_begin();", f"{path.name}:{line}: the kernel starts with {first!r}"
+            kernels += 1
+        if path.name != "launch.cuh":
+            assert "<<<" not in text, f"{path.name}: a kernel launched with <<<>>> (use zq::launch)"
+            assert "cudaLaunchKernelEx" not in text, f"{path.name}: a direct cudaLaunchKernelEx (use zq::launch)"
+    assert kernels >= 18

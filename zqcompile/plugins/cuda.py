@@ -24,7 +24,7 @@ from zqcompile.ops import quant_math as qm
 from zqcompile.ops import registry
 from zqcompile.ops.registry import cuda_kernel
 
-ABI_VERSION = 9  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
+ABI_VERSION = 10  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # zq_dtype of the float tensors the kernels take
 FP8_E4M3 = 3  # zq_dtype ZQ_FP8_E4M3: only the x_dt of an FP8 GEMM (not in DTYPES: no kernel reads FP8 rows)
 
@@ -70,6 +70,11 @@ rope_kv_path = os.environ.get("ZQ_ROPE_KV", "fused")
 # others were slower split), 0: never (one block a row, A/B), n: up to n rows, every row kernel (tests).
 # Set with set_row_split (env ZQ_ROW_SPLIT at load).
 row_split_rows = int(os.environ.get("ZQ_ROW_SPLIT", "-1"))
+# Programmatic dependent launch of the library's kernels (plugins_cuda/include/zq/launch.cuh) on sm_90+: each
+# kernel is scheduled while the one ahead of it finishes and waits for it on the device (griddepcontrol), so the
+# launch gaps of a decode step's CUDA graph overlap the kernels. -1: on where the device supports it (default),
+# 0: off (A/B). Set with set_pdl (env ZQ_PDL at load); graphs captured before keep their launches.
+pdl_mode = int(os.environ.get("ZQ_PDL", "-1"))
 CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: the kernel declined the inputs, nothing was launched
 
 
@@ -77,7 +82,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     P, I, I64, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     sigs = {
         "zq_abi_version": (I, []), "zq_has_sm90_gemm": (I, []), "zq_gemm_sm90_num_configs": (I, []),
-        "zq_set_row_split": (None, [I]),
+        "zq_set_row_split": (None, [I]), "zq_set_pdl": (None, [I]),
         "zq_error_string": (ctypes.c_char_p, [I]),
         "zq_quantize_per_token": (I, [P, I, I64, I64, P, P, P]),
         "zq_quantize_per_token_fp8": (I, [P, I, I64, I64, P, P, P]),
@@ -370,6 +375,15 @@ def set_row_split(max_rows: int) -> None:
         _lib.zq_set_row_split(row_split_rows)
 
 
+def set_pdl(mode: int) -> None:
+    """Programmatic dependent launch on (-1 / 1) or off (0) for kernels launched (or CUDA graphs captured)
+    after the call (pdl_mode); process-wide."""
+    global pdl_mode
+    pdl_mode = int(mode)
+    if _lib is not None:
+        _lib.zq_set_pdl(pdl_mode)
+
+
 # ---- registration --------------------------------------------------------------------------------------
 def _ref(name: str):
     """The reference implementation of op `name` (the function it was declared with), called directly so a
@@ -390,6 +404,7 @@ def register(path: Path) -> None:
     _bind(lib)
     _lib, _path = lib, path
     set_row_split(row_split_rows)
+    set_pdl(pdl_mode)
     for decl in registry.declared(namespace=None):
         if decl.cuda_kernel is not None:
             torch.library.register_kernel(decl.qualname, "cuda", decl.cuda_kernel)

@@ -20,13 +20,17 @@ typedef enum { ZQ_F32 = 0, ZQ_F16 = 1, ZQ_BF16 = 2, ZQ_FP8_E4M3 = 3 } zq_dtype;
 typedef enum { ZQ_ACT_NONE = 0, ZQ_ACT_GELU = 1, ZQ_ACT_GELU_TANH = 2, ZQ_ACT_RELU = 3, ZQ_ACT_SILU = 4 } zq_act;
 
 // Library version, bumped when a launch signature changes (the binding checks it).
-#define ZQ_ABI_VERSION 9
+#define ZQ_ABI_VERSION 10
 ZQ_API int zq_abi_version(void);
 // Per-token row kernels (quantize_per_token, norm_quant, act_quant) on sm_90+: rows at or under which a long
 // row (K > 1024) is split over a cluster of 8 blocks. -1 (default): the library's choice (act_quant only, 8 x
 // rows at most twice the SM count), 0: never, n > 0: up to n rows, every row kernel. For A/B measurements and
 // tests; process-wide.
 ZQ_API void zq_set_row_split(int max_rows);
+// Programmatic dependent launch (zq/launch.cuh) of the library's kernels on sm_90+: -1 (default) or 1 = on where
+// the device supports it, 0 = off (every kernel waits for the one ahead to finish before it is scheduled). For
+// A/B measurements; process-wide; a CUDA graph keeps the launches it captured.
+ZQ_API void zq_set_pdl(int mode);
 // 1 when the Hopper (CUTLASS 3 sm90, wgmma) INT8 and FP8 GEMMs were compiled in.
 ZQ_API int zq_has_sm90_gemm(void);
 // Text of a cudaError_t returned by a launch function.

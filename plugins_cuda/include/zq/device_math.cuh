@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 #include <math.h>
 #include "zq/common.h"
+#include "zq/launch.cuh"
 
 namespace zq {
 

@@ -170,22 +170,10 @@ bool split_rows(int64_t rows, bool by_default);
 // Launch a row kernel with a RowLaunch's geometry (clusters of kSplit blocks for split rows).
 template <class... KArgs, class... Args>
 cudaError_t launch_row(const RowLaunch& l, cudaStream_t stream, void (*kernel)(KArgs...), Args&&... args) {
-  if (l.layout != kSplitRow) {
-    kernel<<<l.blocks, l.threads, 0, stream>>>(std::forward<Args>(args)...);
-    return cudaGetLastError();
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(kSplit, l.blocks, 1);
-  cfg.blockDim = dim3(l.threads, 1, 1);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = kSplit;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+  if (l.layout != kSplitRow)
+    return zq::launch(kernel, dim3(l.blocks), dim3(l.threads), 0, stream, std::forward<Args>(args)...);
+  return zq::launch_cluster(kernel, dim3(kSplit, l.blocks, 1), dim3(l.threads), dim3(kSplit, 1, 1), 0, stream,
+                            std::forward<Args>(args)...);
 }
 // `split_by_default`: the kernel takes the split layout at the library's choice (zq_set_row_split(-1)); H200,
 // fp16, K = 4096 / 14336, M = 1-33 (bench/results/elementwise_decode_NVIDIA_H200.md): act_quant (gate) 1.5-1.7x
