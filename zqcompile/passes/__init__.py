@@ -1,5 +1,7 @@
 """The pass pipeline: one ordered list, run by `run_pipeline`, which lints the graph and re-derives every
-node's shape/dtype with fake tensors after each pass that changed the graph, and hands a snapshot to the caller (for dumps).
+node's shape/dtype with fake tensors after each pass that changed the graph (the nodes it changed and those
+downstream whose inputs changed: ShapeCheck; a full check ends the pipeline), and hands a snapshot to the caller
+(for dumps).
 
 Order matters and is the method: fold decomposed ops -> simplify shape-only attention masks -> canonicalize -> classify -> feature-wise scales (HERO, when configured) -> FP16 mode switches to an accuracy budget (when configured) -> merge sibling GEMMs -> quantize weights -> insert activation quant ->
 calibrate (static baseline only) -> fuse quant into producers -> fuse dequant into GEMMs -> GEMM epilogues
@@ -79,10 +81,75 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     FakeTensorProp(gm, mode).propagate(*fake)
 
 
+_SIG = "zq_shape_sig"  # node.meta key: what the node computed when ShapeCheck last gave it its meta['val']
+
+
+def _signature(gm: fx.GraphModule, n: fx.Node) -> tuple:
+    """What a node's meta['val'] depends on besides its inputs' values: its op, target and arguments (input nodes
+    by identity, tensors by identity and metadata); for get_attr / call_module the object the target names now."""
+    def arg(a):
+        if isinstance(a, fx.Node):
+            return ("node", id(a), a.name)
+        if isinstance(a, torch.Tensor):
+            return ("tensor", id(a), tuple(a.shape), a.dtype, a.device)
+        return a if isinstance(a, (int, float, bool, str, type(None))) else ("obj", id(a), type(a).__name__)
+    target = n.target if isinstance(n.target, str) else ("fn", id(n.target))
+    owned = ()
+    if n.op in ("get_attr", "call_module"):
+        obj = gm
+        for part in n.target.split("."):
+            obj = getattr(obj, part, None)
+        owned = arg(obj) if isinstance(obj, torch.Tensor) else ("obj", id(obj), type(obj).__name__)
+    return (n.op, target, owned, fx.node.map_aggregate(n.args, arg), fx.node.map_aggregate(n.kwargs, arg))
+
+
+def _meta_key(v):
+    """The part of a meta['val'] that downstream shapes can depend on."""
+    if isinstance(v, torch.Tensor):
+        return ("t", tuple(v.shape), v.dtype, v.device, v.stride() if v.layout == torch.strided else None)
+    if isinstance(v, (tuple, list)):
+        return tuple(_meta_key(x) for x in v)
+    return v if isinstance(v, (int, float, bool, str, type(None))) else ("obj", type(v).__name__)
+
+
+class ShapeCheck:
+    """propagate_shapes for a pipeline, incremental: one fake mode for every pass; after a pass, only the nodes
+    it added or changed (their signature differs from the last check's) are re-run, then the nodes whose inputs'
+    shapes / dtypes / strides changed, and so on; every other node keeps its meta['val']. The first check runs
+    every node (captured graphs carry their capture's fake tensors); `run_pipeline` ends with a full
+    `propagate_shapes` in a fresh mode, so what it returns never depends on the incremental bookkeeping."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: tuple):
+        self.mode = (fake_mode_of(itertools.chain(gm.parameters(), gm.buffers()))
+                     or FakeTensorMode(allow_non_fake_inputs=True))
+        self.example_inputs = example_inputs
+        self.inputs = [self.mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        self.rerun = 0  # nodes run, over all checks (for tests)
+
+    def __call__(self, gm: fx.GraphModule, full: bool = False) -> None:
+        prop = FakeTensorProp(gm, self.mode)
+        prop.args_iter = iter(self.inputs)
+        changed: set[fx.Node] = set()
+        with self.mode:
+            for n in gm.graph.nodes:
+                sig = _signature(gm, n)
+                if (not full and n.op != "placeholder" and "val" in n.meta and n.meta.get(_SIG) == sig
+                        and not any(a in changed for a in n.all_input_nodes)):
+                    prop.env[n] = n.meta["val"]
+                    continue
+                before = _meta_key(n.meta["val"]) if "val" in n.meta else object()
+                prop.env[n] = prop.run_node(n)
+                n.meta[_SIG] = sig
+                self.rerun += 1
+                if "val" not in n.meta or _meta_key(n.meta["val"]) != before:
+                    changed.add(n)
+
+
 def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: list[Pass] | None = None,
                  on_pass: Callable[[str, fx.GraphModule], None] | None = None) -> list[PassRecord]:
     records = []
-    propagate_shapes(gm, ctx.example_inputs)
+    check = ShapeCheck(gm, ctx.example_inputs)
+    check(gm, full=True)
     if on_pass:
         on_pass("00_captured", gm)
     for i, p in enumerate(passes or PIPELINE, start=1):
@@ -92,11 +159,13 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: list[Pass] | None
         gm.graph.lint()
         gm.recompile()
         if res.modified:  # a pass that changed nothing left every node's meta valid
-            propagate_shapes(gm, ctx.example_inputs)
+            check(gm)
         records.append(PassRecord(p.__name__, res.matched, res.rewritten, time.perf_counter() - t0, res.notes))
         if on_pass:
             on_pass(f"{i:02d}_{p.__name__}", gm)
+    propagate_shapes(gm, ctx.example_inputs)  # the result's meta from scratch, in a fresh mode
     return records
 
 
-__all__ = ["GENERATION_PIPELINE", "PIPELINE", "PassContext", "PassRecord", "PassResult", "WeightError", "propagate_shapes", "run_pipeline"]
+__all__ = ["GENERATION_PIPELINE", "PIPELINE", "PassContext", "PassRecord", "PassResult", "ShapeCheck", "WeightError",
+           "propagate_shapes", "run_pipeline"]
