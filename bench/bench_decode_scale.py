@@ -216,6 +216,8 @@ def bench_rows(model, shape: str, engine_name: str, args, peak, rows: list[dict]
                         row.update(skinny_ab(engine, run, ids, args))
                     if args.ab_pdl and engine is not None:
                         row.update(pdl_ab(engine, run, ids, args))
+                    if args.ab_act_strided and engine is not None and engine_name != "none":
+                        row.update(act_strided_ab(engine, run, ids, args))
             except Exception as e:  # noqa: BLE001
                 row["error"] = repr(e)[:300]
                 rows.append(row)
@@ -271,6 +273,22 @@ def pdl_mode(mode: int):
 def pdl_ab(engine, run, ids, args) -> dict:
     """Programmatic dependent launch of the library's kernels off, then on (zq/launch.cuh)."""
     return interleaved_ab(engine, run, ids, args, "pdl", lambda: pdl_mode(0), lambda: pdl_mode(-1))
+
+
+@contextlib.contextmanager
+def act_strided(on: bool):
+    from zqcompile.plugins import cuda as C
+    before = C.act_quant_strided
+    C.act_quant_strided = on
+    try:
+        yield
+    finally:
+        C.act_quant_strided = before
+
+
+def act_strided_ab(engine, run, ids, args) -> dict:
+    """act_quant copying the gate / up halves to contiguous tensors, then reading them in place."""
+    return interleaved_ab(engine, run, ids, args, "act_strided", lambda: act_strided(False), lambda: act_strided(True))
 
 
 # ---- decode GEMMs ------------------------------------------------------------------------------------------
@@ -359,7 +377,8 @@ def markdown(rows: list[dict], gemms: list[dict], attn: list[dict]) -> str:
                      f"{fmt(r.get('tokens_per_s'), '.0f')} | {r.get('kernels_per_step', '-')} | "
                      f"{fmt(r.get('weight_read_tb_s'), '.2f')} | {fmt(r.get('peak_fraction'), '.2f')} | "
                      f"{r['method']} |")
-    for name, what in (("skinny", "Decode-shaped GEMM kernel"), ("pdl", "Programmatic dependent launch")):
+    for name, what in (("skinny", "Decode-shaped GEMM kernel"), ("pdl", "Programmatic dependent launch"),
+                       ("act_strided", "act_quant reading the gate / up halves in place")):
         ab = [r for r in rows if f"{name}_speedup" in r]
         if ab:
             lines += ["", f"{what} A/B (same engine, same process, decode graphs re-captured; ms/token in the order "
@@ -421,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="A/B per zq row: the decode-shaped GEMM kernel off and on, same engine, same process")
     p.add_argument("--ab-pdl", action="store_true",
                    help="A/B per zq row: programmatic dependent launch off and on, same engine, same process")
+    p.add_argument("--ab-act-strided", action="store_true",
+                   help="A/B per quantized zq row: act_quant copying the gate / up halves, then reading them in place")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shape, reference ops (timings meaningless)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="no run: join these results (one device call "
                    "each) into --out and its markdown table")

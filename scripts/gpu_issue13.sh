@@ -126,12 +126,22 @@ for stage in "$@"; do
       shape=${stage%%-*}
       bench --shapes "$shape" --engines ${PDL_ENGINES:-none,w8a8,w4/8a8} --batches ${PDL_BATCHES:-1,16} --cache-lens 128 \
         --repeat 2 --ab-pdl --out "$OUT/decode_scale_${shape}_pdl_H200.json" || rc=$? ;;
+    act-strided)  # act_quant reading the fused gate/up halves in place: its GPU tests, then 8B / 1B W8A8 A/B
+      ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout "$(left)" "$PY" -m pytest -q -p no:cacheprovider \
+        tests/gpu/test_kernels.py -k "act_quant or row_kernels" > "$OUT/gpu_tests_act_strided.txt" 2>&1
+      r=$?; tail -3 "$OUT/gpu_tests_act_strided.txt"
+      if [ $r -eq 0 ]; then
+        for shape in 8b 1b; do
+          bench --shapes $shape --engines w8a8 --batches 1,16,64 --cache-lens 128 --repeat 2 --ab-act-strided \
+            --out "$OUT/decode_scale_${shape}_act_strided_H200.json" || rc=$?
+        done
+      else rc=$r; fi ;;
     8b-single)  # A/B: the engines with the old single-block decode attention
       bench --shapes 8b --engines w8a8 --batches 1,16 --attention single \
         --out "$OUT/decode_scale_8b_single_H200.json" || rc=$? ;;
     *) echo "unknown stage $stage (stage build tests kernels attn profile-8b 1b 8b-fp16-w8a8 8b-w4-hf 8b-single" \
             "streaming-8b rope-kv row-split row-split-ab skinny 8b-skinny 1b-skinny gemm-decode tests-skinny lib-out lib-in" \
-            "tests-pdl 8b-pdl 1b-pdl)"; exit 2 ;;
+            "tests-pdl 8b-pdl 1b-pdl act-strided)"; exit 2 ;;
   esac
 done
 exit $rc

@@ -11,19 +11,19 @@ namespace zq {
 
 template <class C, class T>
 __global__ void act_quant_kernel(const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ gate,
-                                 int64_t k, int act, int8_t* __restrict__ q, float* __restrict__ scale,
+                                 int64_t k, int64_t ld, int act, int8_t* __restrict__ q, float* __restrict__ scale,
                                  T* __restrict__ out) {
   zq::pdl_begin();
   extern __shared__ float row[];
   __shared__ float red[32];
-  const int64_t off = (int64_t)blockIdx.x * k;
+  const int64_t off = (int64_t)blockIdx.x * k, in = (int64_t)blockIdx.x * ld;
   float amax = 0.f;
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
-    float v = to_f<T>(x[off + i]);
+    float v = to_f<T>(x[in + i]);
     if (bias) v = round_to<T>(v + to_f<T>(bias[i]));
     float y;
     if (gate) {
-      y = round_to<T>(round_to<T>(apply_act(to_f<T>(gate[off + i]), act)) * v);
+      y = round_to<T>(round_to<T>(apply_act(to_f<T>(gate[in + i]), act)) * v);
     } else {
       y = round_to<T>(apply_act(v, act));
     }
@@ -40,17 +40,17 @@ __global__ void act_quant_kernel(const T* __restrict__ x, const T* __restrict__ 
 template <class C, class T, int kRow, int kVecs>
 __global__ void __launch_bounds__(row_block_threads<T, kRow>())
 act_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ gate,
-                     int64_t rows, int64_t k, int act, int8_t* __restrict__ q, float* __restrict__ scale,
+                     int64_t rows, int64_t k, int64_t ld, int act, int8_t* __restrict__ q, float* __restrict__ scale,
                      T* __restrict__ out) {
   zq::pdl_begin();
   __shared__ float red[32];
   const RowPos p = row_pos<kRow>();
   if (p.row >= rows) return;  // a whole warp (warp rows); never taken with block or split rows
-  const int64_t off = p.row * k;
+  const int64_t off = p.row * k, in = p.row * ld;
   const int k8 = (int)(k / kPack);
   Raw<T> yv[kVecs], gv[kVecs];  // x, then act(...) rounded to T; the gate (both loads in flight at once)
-  load_held_row(x + off, p, k8, yv);
-  if (gate) load_held_row(gate + off, p, k8, gv);
+  load_held_row(x + in, p, k8, yv);
+  if (gate) load_held_row(gate + in, p, k8, gv);
   float amax = 0.f;
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {
@@ -84,15 +84,17 @@ act_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ bias, const 
 
 template <class C>
 cudaError_t act_quant_codes(const void* x, const void* bias, const void* gate, zq_dtype dt, int64_t rows, int64_t k,
-                            int act, int8_t* q, float* scale, void* out, cudaStream_t stream) {
+                            int64_t ld, int act, int8_t* q, float* scale, void* out, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  if (k <= 0 || k > 56 * 1024 || rows > INT32_MAX) return cudaErrorInvalidValue;
+  if (k <= 0 || k > 56 * 1024 || rows > INT32_MAX || ld < k) return cudaErrorInvalidValue;
   RowLaunch l;
-  if (vec_row_launch(rows, k, max_row_threads(dt), {x, bias, gate, q, out}, &l, /*split_by_default=*/true)) {
+  // the vector path loads 16-byte packs: every row of x / gate must start aligned (ld a multiple of the pack)
+  if (ld % kPack == 0 &&
+      vec_row_launch(rows, k, max_row_threads(dt), {x, bias, gate, q, out}, &l, /*split_by_default=*/true)) {
     ZQ_DISPATCH_DTYPE(dt, T, ZQ_DISPATCH_ROW(l, return launch_row(
                                                     l, stream, act_quant_vec_kernel<C, T, kRow, kVecs>,
                                                     static_cast<const T*>(x), static_cast<const T*>(bias),
-                                                    static_cast<const T*>(gate), rows, k, act, q, scale,
+                                                    static_cast<const T*>(gate), rows, k, ld, act, q, scale,
                                                     static_cast<T*>(out))));
   }
   const size_t smem = (size_t)k * sizeof(float);
@@ -103,7 +105,8 @@ cudaError_t act_quant_codes(const void* x, const void* bias, const void* gate, z
       if (e != cudaSuccess) return e;
     }
     return zq::launch(kernel, dim3((unsigned)rows), dim3(row_threads(k)), smem, stream, static_cast<const T*>(x),
-                      static_cast<const T*>(bias), static_cast<const T*>(gate), k, act, q, scale, static_cast<T*>(out));
+                      static_cast<const T*>(bias), static_cast<const T*>(gate), k, ld, act, q, scale,
+                      static_cast<T*>(out));
   });
   return cudaErrorInvalidValue;  // not reached: every dtype case returns
 }
@@ -111,12 +114,14 @@ cudaError_t act_quant_codes(const void* x, const void* bias, const void* gate, z
 }  // namespace zq
 
 ZQ_API cudaError_t zq_act_quant(const void* x, const void* bias, const void* gate, zq_dtype dt, int64_t rows,
-                                int64_t k, int act, int8_t* q, float* scale, void* out, cudaStream_t stream) {
-  return zq::act_quant_codes<zq::Int8Code>(x, bias, gate, dt, rows, k, act, q, scale, out, stream);
+                                int64_t k, int64_t ld, int act, int8_t* q, float* scale, void* out,
+                                cudaStream_t stream) {
+  return zq::act_quant_codes<zq::Int8Code>(x, bias, gate, dt, rows, k, ld, act, q, scale, out, stream);
 }
 
 ZQ_API cudaError_t zq_act_quant_fp8(const void* x, const void* bias, const void* gate, zq_dtype dt, int64_t rows,
-                                    int64_t k, int act, void* q, float* scale, void* out, cudaStream_t stream) {
-  return zq::act_quant_codes<zq::Fp8Code>(x, bias, gate, dt, rows, k, act, static_cast<int8_t*>(q), scale, out,
+                                    int64_t k, int64_t ld, int act, void* q, float* scale, void* out,
+                                    cudaStream_t stream) {
+  return zq::act_quant_codes<zq::Fp8Code>(x, bias, gate, dt, rows, k, ld, act, static_cast<int8_t*>(q), scale, out,
                                           stream);
 }

@@ -68,7 +68,7 @@ cudaError_t launchNormQuant(void const* x, void const* residual, void const* wei
 cudaError_t launchActQuant(void const* x, void const* bias, void const* gate, FloatType xType, int64_t rows,
     int64_t cols, Act act, int8_t* q, float* scale, void* out, cudaStream_t stream)
 {
-    return zq_act_quant(x, bias, gate, dtype(xType), rows, cols, static_cast<int>(act), q, scale, out, stream);
+    return zq_act_quant(x, bias, gate, dtype(xType), rows, cols, cols, static_cast<int>(act), q, scale, out, stream);
 }
 
 bool parseGemmPlan(std::string const& text, GemmPlan& plan, std::string& error)

@@ -444,3 +444,36 @@ def test_fallback_for_unsupported_dtypes_matches_reference():
     assert sum(n for (op, _), n in cuda.fallbacks.items() if op == "norm_quant") == before + 1  # counted, warned
     exp = ref("norm_quant")(x, None, w, None, 1e-5, "rms", True, False)
     assert torch.equal(got[0], exp[0])
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("op", ["act_quant", "act_quant_fp8"])
+@pytest.mark.parametrize("m,k,split", [(1, 14336, -1), (16, 4096, -1), (16, 4096, 0), (33, 1000, -1),
+                                       (64, 256, 0), (3, 100, -1), (2048, 4096, -1)])
+def test_act_quant_reads_the_halves_of_a_fused_gate_up_output_in_place(dtype, op, m, k, split):
+    """x and gate as the two halves of a [m, 2k] gate/up GEMM output (strided rows, pitch 2k): read in place
+    (cuda.act_quant_strided) the codes, scales and output equal the contiguous copies' bit for bit (vector,
+    split-row and scalar paths: k % 8 != 0 takes the scalar kernel), and the reference's within one code."""
+    # gate * x with both carrying outliers would overflow fp16: the gate half scaled down
+    y = torch.cat([0.02 * rand_act((m, 1, k), dtype, seed=m * 7 + k), rand_act((m, 1, k), dtype, seed=m + k)], -1)
+    gate, x = y[..., :k], y[..., k:]
+    assert m == 1 or (not x.is_contiguous() and not gate.is_contiguous())
+    fn = getattr(torch.ops.zq, op)
+    try:
+        cuda.set_row_split(split)
+        outs = []
+        for strided in (False, True):
+            cuda.act_quant_strided = strided
+            poison()
+            outs.append(fn(x, None, gate, "silu", True))
+    finally:
+        cuda.act_quant_strided = False
+        cuda.set_row_split(-1)
+    (q0, s0, o0), (q1, s1, o1) = outs
+    view = (lambda t: t.view(torch.uint8)) if op.endswith("fp8") else (lambda t: t)
+    assert torch.equal(view(q1), view(q0)) and torch.equal(s1, s0) and torch.equal(o1, o0)
+    exp = ref(op)(x, None, gate, "silu", True)
+    if not op.endswith("fp8"):
+        assert_q_close(q1, exp[0], max_diff=1, frac=2e-3)
+    torch.testing.assert_close(s1, exp[1], rtol=1e-2, atol=0)
+    assert_close(o1, exp[2], rel=1e-2)

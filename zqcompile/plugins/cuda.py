@@ -24,7 +24,7 @@ from zqcompile.ops import quant_math as qm
 from zqcompile.ops import registry
 from zqcompile.ops.registry import cuda_kernel
 
-ABI_VERSION = 10  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
+ABI_VERSION = 11  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # zq_dtype of the float tensors the kernels take
 FP8_E4M3 = 3  # zq_dtype ZQ_FP8_E4M3: only the x_dt of an FP8 GEMM (not in DTYPES: no kernel reads FP8 rows)
 
@@ -75,6 +75,11 @@ row_split_rows = int(os.environ.get("ZQ_ROW_SPLIT", "-1"))
 # launch gaps of a decode step's CUDA graph overlap the kernels. -1: on where the device supports it (default),
 # 0: off (A/B). Set with set_pdl (env ZQ_PDL at load); graphs captured before keep their launches.
 pdl_mode = int(os.environ.get("ZQ_PDL", "-1"))
+# act_quant reading x and gate in place when they are rows with a common pitch (the two halves of the fused
+# gate/up GEMM's output: at batch > 1 each is a strided view, and copying both to contiguous tensors was two copy
+# kernels a layer, 64 of the 68 torch kernels of an 8B batch-16 decode step). Off until tests/gpu/test_kernels.py
+# has run it on a GPU (the copies run, as before); env ZQ_ACT_QUANT_STRIDED=1.
+act_quant_strided = os.environ.get("ZQ_ACT_QUANT_STRIDED", "0") == "1"
 CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: the kernel declined the inputs, nothing was launched
 
 
@@ -89,8 +94,8 @@ def _bind(lib: ctypes.CDLL) -> None:
         "zq_quantize_per_tensor": (I, [P, I, I64, I64, P, P, P, P]),
         "zq_norm_quant": (I, [P, P, P, P, I, I64, I64, F, I, P, P, P, P, P]),
         "zq_norm_quant_fp8": (I, [P, P, P, P, I, I64, I64, F, I, P, P, P, P, P]),
-        "zq_act_quant": (I, [P, P, P, I, I64, I64, I, P, P, P, P]),
-        "zq_act_quant_fp8": (I, [P, P, P, I, I64, I64, I, P, P, P, P]),
+        "zq_act_quant": (I, [P, P, P, I, I64, I64, I64, I, P, P, P, P]),
+        "zq_act_quant_fp8": (I, [P, P, P, I, I64, I64, I64, I, P, P, P, P]),
         "zq_gemm_run": (I, [I, P, P, ctypes.c_size_t, P]), "zq_gemm_workspace_bytes": (ctypes.c_size_t, [I, I64, I64, I]),
         "zq_gemm_kernel_name": (ctypes.c_char_p, [I]), "zq_gemm_kernel_available": (I, [I]),
         "zq_gemm_sm90_config": (I, [P, I, P]), "zq_gemm_mma_config": (I, [P, I, P]),
@@ -219,16 +224,39 @@ def _act_quant(op, x, bias, gate, act, emit_out):
         return _ref(op)(x, bias, gate, act, emit_out)
     if not _same_dtype(x, bias, gate) or k > 56 * 1024:
         return _fallback(op, "mixed or fp64 dtypes, or rows over 56K", x, bias, gate, act, emit_out)
-    x = x.contiguous()
+    xr, gr, ld = _pitched_rows(x, gate, k) if act_quant_strided else (None, None, k)
+    if xr is None:
+        xr, gr, ld = x.contiguous(), None if gate is None else gate.contiguous(), k
     q = _codes(x, op.endswith("_fp8"))
     s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
-    out = torch.empty_like(x) if emit_out else x.new_empty((0,))
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if emit_out else x.new_empty((0,))
     with torch.cuda.device(x.device):
-        _check(getattr(_lib, f"zq_{op}")(x.data_ptr(), _ptr(None if bias is None else bias.contiguous()),
-                                          _ptr(None if gate is None else gate.contiguous()), DTYPES[x.dtype],
-                                          x.numel() // k, k, qm.ACTIVATIONS.index(act), q.data_ptr(),
-                                          s.data_ptr(), _ptr(out), _stream(x)), op)
+        _check(getattr(_lib, f"zq_{op}")(xr.data_ptr(), _ptr(None if bias is None else bias.contiguous()),
+                                          _ptr(gr), DTYPES[x.dtype], x.numel() // k, k, ld,
+                                          qm.ACTIVATIONS.index(act), q.data_ptr(), s.data_ptr(), _ptr(out),
+                                          _stream(x)), op)
     return q, s, out
+
+
+def _pitched_rows(x: Tensor, gate: Tensor | None, k: int) -> tuple[Tensor | None, Tensor | None, int]:
+    """x (and gate) as [rows, k] views in place, with the row pitch they share (>= k: rows never overlap), or
+    (None, None, k) when their layout is not that (the caller copies them)."""
+    def rows(t):
+        try:
+            v = t.view(-1, k)
+        except RuntimeError:  # the leading dims do not merge into one strided dim
+            return None
+        return v if v.stride(1) == 1 else None
+    xr = rows(x)
+    gr = None if gate is None else rows(gate)
+    if xr is None or (gate is not None and gr is None):
+        return None, None, k
+    if xr.shape[0] <= 1:
+        return xr, gr, k  # one row: its pitch is never used
+    ld = xr.stride(0)
+    if ld < k or (gr is not None and gr.stride(0) != ld):
+        return None, None, k
+    return xr, gr, ld
 
 
 @cuda_kernel("act_quant")

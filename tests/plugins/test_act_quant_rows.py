@@ -1,0 +1,30 @@
+"""The act_quant binding's in-place row layout (cuda._pitched_rows, no GPU needed): x and gate are read in place
+only as [rows, k] with one shared row pitch >= k and unit column stride; anything else is copied as before."""
+import torch
+
+from zqcompile.plugins import cuda
+
+
+def test_halves_of_a_fused_output_are_read_in_place_with_its_pitch():
+    y = torch.randn(16, 1, 2 * 64)
+    xr, gr, ld = cuda._pitched_rows(y[..., 64:], y[..., :64], 64)
+    assert ld == 128 and xr.data_ptr() == y[..., 64:].data_ptr() and gr.data_ptr() == y.data_ptr()
+    assert xr.shape == gr.shape == (16, 64)
+
+
+def test_contiguous_and_single_rows_keep_pitch_k():
+    x = torch.randn(4, 3, 64)
+    assert cuda._pitched_rows(x, None, 64)[2] == 64
+    y = torch.randn(1, 1, 128)
+    assert cuda._pitched_rows(y[..., 64:], y[..., :64], 64)[2] == 64
+
+
+def test_other_layouts_are_copied():
+    x = torch.randn(64, 8).t()  # column stride 64
+    assert cuda._pitched_rows(x, None, 64)[0] is None
+    e = torch.randn(1, 64).expand(4, 64)  # rows overlap (pitch 0)
+    assert cuda._pitched_rows(e, None, 64)[0] is None
+    y, z = torch.randn(4, 128), torch.randn(4, 192)
+    assert cuda._pitched_rows(y[:, :64], z[:, :64], 64)[0] is None  # pitches differ
+    w = torch.randn(2, 3, 128)[:, :2, :64]  # leading dims do not merge into one strided dim
+    assert cuda._pitched_rows(w.transpose(0, 1), None, 64)[0] is None
