@@ -238,12 +238,14 @@ def bench_rows(model, shape: str, engine_name: str, args, peak, rows: list[dict]
 
 def interleaved_ab(engine, run, ids, args, name: str, off, on) -> dict:
     """The same engine under `off()` then `on()` (context managers), twice, interleaved, its decode graphs
-    re-captured under each: decode ms of each and off / on, keys decode_ms_<name>_{off,on,off2,on2}."""
+    re-captured under each (the previous graphs and their memory pool released first, as before the row's first
+    measurement): decode ms of each and off / on, keys decode_ms_<name>_{off,on,off2,on2}."""
     out = {}
     try:
         for tag, ctx in (("off", off), ("on", on), ("off2", off), ("on2", on)):
             with ctx():
                 engine._generator.reset_runners()
+                free(args.device)
                 out[f"decode_ms_{name}_{tag}"] = measure(run, ids, args.new, args.device, args.repeat)["decode_ms"]
     finally:
         engine._generator.reset_runners()  # graphs captured under the last mode: the next call re-captures
