@@ -28,3 +28,19 @@ def test_other_layouts_are_copied():
     assert cuda._pitched_rows(y[:, :64], z[:, :64], 64)[0] is None  # pitches differ
     w = torch.randn(2, 3, 128)[:, :2, :64]  # leading dims do not merge into one strided dim
     assert cuda._pitched_rows(w.transpose(0, 1), None, 64)[0] is None
+
+
+def test_a_bad_kernel_switch_fails_at_import_in_one_line():
+    """ZQ_PDL, ZQ_ACT_QUANT_STRIDED, ZQ_ROW_SPLIT, ZQ_DECODE_ATTENTION, ZQ_ROPE_KV outside their values: the
+    import fails with one line naming the variable, the values it takes and the value given."""
+    import os
+    import subprocess
+    import sys
+    for name, bad, says in [("ZQ_PDL", "on", "-1, 0, 1"), ("ZQ_ACT_QUANT_STRIDED", "yes", "0, 1"),
+                            ("ZQ_ROW_SPLIT", "many", "a row count"), ("ZQ_DECODE_ATTENTION", "flash", "split, single"),
+                            ("ZQ_ROPE_KV", "both", "fused, split")]:
+        r = subprocess.run([sys.executable, "-c", "import zqcompile.plugins.cuda"], capture_output=True, text=True,
+                           env={**os.environ, name: bad})
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode != 0 and last.startswith(f"ValueError: {name} must be") and says in last, r.stderr
+        assert repr(bad) in last

@@ -30,6 +30,21 @@ FP8_E4M3 = 3  # zq_dtype ZQ_FP8_E4M3: only the x_dt of an FP8 GEMM (not in DTYPE
 
 _lib: Optional[ctypes.CDLL] = None
 _path: Optional[Path] = None
+
+
+def _env(name: str, default: str, choices: tuple[str, ...], what: str) -> str:
+    """An environment switch of the kernels, read at import: one of `choices`, else one line saying so."""
+    value = os.environ.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)} ({what}), got {value!r}")
+    return value
+
+
+def _env_rows(name: str) -> int:
+    value = os.environ.get(name, "-1")
+    if not value.lstrip("-").isdigit() or int(value) < -1:
+        raise ValueError(f"{name} must be -1 (the library's choice), 0 (never) or a row count, got {value!r}")
+    return int(value)
 # (op, reason) -> calls on a CUDA tensor that took a slower path than the planned kernel: the reference
 # implementation (inputs no kernel covers), or a GEMM kernel's fallback after it declined at run time. Each new
 # pair warns once, so a slow path is never silent; engine.report() shows the counts.
@@ -56,30 +71,30 @@ attention_paths: Counter = Counter()  # "rope" / "decode_attention" (kernels) or
 # One-token attention: "split" runs the split-L (flash-decoding) kernel at every cache length; "single" the
 # one-block-per-(row, query head) kernel where its scores fit in shared memory, split-L past that (A/B in
 # benchmarks; env ZQ_DECODE_ATTENTION). decode_attention_splits: 0 = the library's choice (tests force counts).
-decode_attention_path = os.environ.get("ZQ_DECODE_ATTENTION", "split")
+decode_attention_path = _env("ZQ_DECODE_ATTENTION", "split", ("split", "single"), "the one-token attention kernel")
 decode_attention_splits = 0
 # zq.rope_kv_write: "fused" runs RoPE and the KV-cache write in one kernel (zq_rope_kv); "split" runs the zq_rope
 # kernel and two index_copy_ (what the graph did before the fusion; A/B in benchmarks). "fused" is the default
 # since tests/gpu/test_rope_kv_gpu.py passed on the H200 (39 tests, bench/results/gpu_tests_rope_kv_H200.txt:
 # 8B W8A8 decode 3.99 -> 3.80 ms/token at batch 1, 5.42 -> 4.85 at batch 16, 64 kernels a step fewer); env
 # ZQ_ROPE_KV.
-rope_kv_path = os.environ.get("ZQ_ROPE_KV", "fused")
+rope_kv_path = _env("ZQ_ROPE_KV", "fused", ("fused", "split"), "RoPE and the KV-cache write in one kernel or two")
 # Per-token row kernels (quantize_per_token, norm_quant, act_quant) on sm_90+: rows at or under which a row of
 # K > 1024 is split over a cluster of 8 blocks (decode: one row would otherwise be one SM's work). -1: the
 # library's choice (act_quant only, 8 x rows <= 2 x SMs: 1.5-1.7x faster at M <= 33 on the H200, where the
 # others were slower split), 0: never (one block a row, A/B), n: up to n rows, every row kernel (tests).
 # Set with set_row_split (env ZQ_ROW_SPLIT at load).
-row_split_rows = int(os.environ.get("ZQ_ROW_SPLIT", "-1"))
+row_split_rows = _env_rows("ZQ_ROW_SPLIT")
 # Programmatic dependent launch of the library's kernels (plugins_cuda/include/zq/launch.cuh) on sm_90+: each
 # kernel is scheduled while the one ahead of it finishes and waits for it on the device (griddepcontrol), so the
 # launch gaps of a decode step's CUDA graph overlap the kernels. -1: on where the device supports it (default),
 # 0: off (A/B). Set with set_pdl (env ZQ_PDL at load); graphs captured before keep their launches.
-pdl_mode = int(os.environ.get("ZQ_PDL", "-1"))
+pdl_mode = int(_env("ZQ_PDL", "-1", ("-1", "0", "1"), "programmatic dependent launch: default, off, on"))
 # act_quant reading x and gate in place when they are rows with a common pitch (the two halves of the fused
 # gate/up GEMM's output: at batch > 1 each is a strided view, and copying both to contiguous tensors was two copy
 # kernels a layer, 64 of the 68 torch kernels of an 8B batch-16 decode step). Off until tests/gpu/test_kernels.py
 # has run it on a GPU (the copies run, as before); env ZQ_ACT_QUANT_STRIDED=1.
-act_quant_strided = os.environ.get("ZQ_ACT_QUANT_STRIDED", "0") == "1"
+act_quant_strided = _env("ZQ_ACT_QUANT_STRIDED", "0", ("0", "1"), "act_quant reading gate / up in place") == "1"
 CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: the kernel declined the inputs, nothing was launched
 
 
