@@ -75,10 +75,16 @@ class PassRecord:
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Fake-tensor type check: every node gets meta['val'] (shape, dtype) or the pass broke the graph. A graph
     whose weights are fake already (a streamed compile's skeleton) is checked in their fake mode."""
+    mode, fake = _fake_inputs(gm, example_inputs)
+    FakeTensorProp(gm, mode).propagate(*fake)
+
+
+def _fake_inputs(gm: fx.GraphModule, example_inputs: tuple) -> tuple[FakeTensorMode, list]:
+    """The fake mode to check `gm` in (its weights' own where they are fake, else a new one) and the example
+    inputs as fake tensors of it."""
     mode = (fake_mode_of(itertools.chain(gm.parameters(), gm.buffers()))
             or FakeTensorMode(allow_non_fake_inputs=True))
-    fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
-    FakeTensorProp(gm, mode).propagate(*fake)
+    return mode, [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
 
 
 _SIG = "zq_shape_sig"  # node.meta key: what the node computed when ShapeCheck last gave it its meta['val']
@@ -120,10 +126,8 @@ class ShapeCheck:
     `propagate_shapes` in a fresh mode, so what it returns never depends on the incremental bookkeeping."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: tuple):
-        self.mode = (fake_mode_of(itertools.chain(gm.parameters(), gm.buffers()))
-                     or FakeTensorMode(allow_non_fake_inputs=True))
+        self.mode, self.inputs = _fake_inputs(gm, example_inputs)
         self.example_inputs = example_inputs
-        self.inputs = [self.mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
         self.rerun = 0  # nodes run, over all checks (for tests)
 
     def __call__(self, gm: fx.GraphModule, full: bool = False) -> None:
