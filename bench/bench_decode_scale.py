@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -277,20 +278,13 @@ def pdl_ab(engine, run, ids, args) -> dict:
     return interleaved_ab(engine, run, ids, args, "pdl", lambda: pdl_mode(0), lambda: pdl_mode(-1))
 
 
-@contextlib.contextmanager
-def act_strided(on: bool):
-    from zqcompile.plugins import cuda as C
-    before = C.act_quant_strided
-    C.act_quant_strided = on
-    try:
-        yield
-    finally:
-        C.act_quant_strided = before
-
-
 def act_strided_ab(engine, run, ids, args) -> dict:
     """act_quant copying the gate / up halves to contiguous tensors, then reading them in place."""
-    return interleaved_ab(engine, run, ids, args, "act_strided", lambda: act_strided(False), lambda: act_strided(True))
+    from zqcompile.plugins import cuda as C
+
+    def strided(on: bool):
+        return lambda: mock.patch.object(C, "act_quant_strided", on)
+    return interleaved_ab(engine, run, ids, args, "act_strided", strided(False), strided(True))
 
 
 # ---- decode GEMMs ------------------------------------------------------------------------------------------

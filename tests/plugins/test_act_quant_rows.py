@@ -33,14 +33,37 @@ def test_other_layouts_are_copied():
 def test_a_bad_kernel_switch_fails_at_import_in_one_line():
     """ZQ_PDL, ZQ_ACT_QUANT_STRIDED, ZQ_ROW_SPLIT, ZQ_DECODE_ATTENTION, ZQ_ROPE_KV outside their values: the
     import fails with one line naming the variable, the values it takes and the value given."""
+    import json
     import os
     import subprocess
     import sys
-    for name, bad, says in [("ZQ_PDL", "on", "-1, 0, 1"), ("ZQ_ACT_QUANT_STRIDED", "yes", "0, 1"),
-                            ("ZQ_ROW_SPLIT", "many", "a row count"), ("ZQ_DECODE_ATTENTION", "flash", "split, single"),
-                            ("ZQ_ROPE_KV", "both", "fused, split")]:
-        r = subprocess.run([sys.executable, "-c", "import zqcompile.plugins.cuda"], capture_output=True, text=True,
-                           env={**os.environ, name: bad})
-        last = r.stderr.strip().splitlines()[-1]
-        assert r.returncode != 0 and last.startswith(f"ValueError: {name} must be") and says in last, r.stderr
-        assert repr(bad) in last
+    cases = [("ZQ_PDL", "on", "-1, 0, 1"), ("ZQ_ACT_QUANT_STRIDED", "yes", "0, 1"), ("ZQ_ROW_SPLIT", "many",
+             "a row count"), ("ZQ_DECODE_ATTENTION", "flash", "split, single"), ("ZQ_ROPE_KV", "both", "fused, split")]
+    # the process as a user meets it: the import fails, its last line is the message
+    r = subprocess.run([sys.executable, "-c", "import zqcompile.plugins.cuda"], capture_output=True, text=True,
+                       env={**os.environ, "ZQ_PDL": "on"})
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and last.startswith("ValueError: ZQ_PDL must be") and "'on'" in last, r.stderr
+    # every switch, each a fresh import of the module in one child process (one interpreter start, not five)
+    child = """
+import importlib, json, os, sys
+out = {}
+for name, bad in json.loads(sys.argv[1]):
+    os.environ[name] = bad
+    sys.modules.pop("zqcompile.plugins.cuda", None)
+    try:
+        importlib.import_module("zqcompile.plugins.cuda")
+        out[name] = None
+    except ValueError as e:
+        out[name] = str(e)
+    del os.environ[name]
+print(json.dumps(out))
+"""
+    r = subprocess.run([sys.executable, "-c", child, json.dumps([(n, b) for n, b, _ in cases])], capture_output=True,
+                       text=True, env={k: v for k, v in os.environ.items() if k not in {n for n, _, _ in cases}})
+    assert r.returncode == 0, r.stderr
+    msgs = json.loads(r.stdout.strip().splitlines()[-1])
+    for name, bad, says in cases:
+        msg = msgs[name]
+        assert msg is not None and msg.startswith(f"{name} must be") and says in msg and repr(bad) in msg, (name, msg)
+        assert "\n" not in msg
