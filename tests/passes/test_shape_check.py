@@ -66,3 +66,25 @@ def test_a_pass_that_breaks_shapes_fails_at_that_pass():
 
     with pytest.raises(Exception, match="reduction dim"):
         P.run_pipeline(gm, P.PassContext(get_config("w8a8"), (torch.randn(2, 3),)), passes=[bad])
+
+
+def test_a_number_node_gets_its_value_from_this_check_not_from_the_capture(monkeypatch):
+    """torch < 2.13's FakeTensorProp leaves meta['val'] alone where a node's result is a plain number (a sym_size
+    of a static input): the capture's symbol stayed there, a later incremental check read it back as the node's
+    value, and the H200's torch 2.11 failed every LLaMA W8A8 compile whose example batch was 1 while batches up to
+    4 were asked for (view to (s33, 16, 32 // s33, 64)). Emulated here on any torch version."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    run_node = FakeTensorProp.run_node
+
+    def old_run_node(self, n):
+        kept = n.meta.get("val", None)
+        out = run_node(self, n)
+        if isinstance(out, (int, float, bool)) and kept is not None:
+            n.meta["val"] = kept  # what torch 2.11 does: a number result is not stored
+        return out
+
+    monkeypatch.setattr(FakeTensorProp, "run_node", old_run_node)
+    model = tiny_model("llama")
+    ids = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    engine = zq.compile(model, (ids,), config="w8a8", generation=zq.CacheSpec(4, 64))
+    torch.testing.assert_close(engine(ids).logits.float(), model(ids).logits.float(), atol=0.5, rtol=0.1)

@@ -143,6 +143,10 @@ class ShapeCheck:
                     continue
                 before = _meta_key(n.meta["val"]) if "val" in n.meta else object()
                 prop.env[n] = prop.run_node(n)
+                if isinstance(prop.env[n], (int, float, bool)):
+                    # torch < 2.13's FakeTensorProp keeps no plain-number result in meta['val'] (a sym_size of a
+                    # static input): the capture's symbol would stay there and be reused as this node's value
+                    n.meta["val"] = prop.env[n]
                 n.meta[_SIG] = sig
                 self.rerun += 1
                 if "val" not in n.meta or _meta_key(n.meta["val"]) != before:
