@@ -48,11 +48,51 @@ def decode_rows(dev: str, dt) -> list[dict]:
     return rows
 
 
+ROW_FUNCS = ("zq_error_string", "zq_set_row_split", "zq_set_pdl", "zq_quantize_per_token", "zq_quantize_per_token_fp8",
+             "zq_norm_quant", "zq_norm_quant_fp8", "zq_act_quant", "zq_act_quant_fp8")
+
+
+def other_lib(path: str):
+    """The row kernels of another build (e.g. the previous commit's act_quant / norm_quant / quantize / launch
+    sources alone, same ABI), swapped in for this one's with `with other_lib(p)():`."""
+    import ctypes
+    from unittest import mock
+    from zqcompile.plugins import cuda
+    lib = ctypes.CDLL(path)
+    cuda._bind(lib, ROW_FUNCS)
+    return lambda: mock.patch.object(cuda, "_lib", lib)
+
+
+def ab_rows(rows: list[dict], cases: dict, m: int, k: int, swap) -> None:
+    """Each case timed with the other build's kernels and this one's, interleaved (old, new, old, new), the
+    medians' ratio, and whether both builds' outputs are equal bit for bit."""
+    for name, (call, op, nbytes) in cases.items():
+        fn = getattr(torch.ops.zq, op)
+        t = {"old": [], "new": []}
+        for _ in range(2):
+            for label in ("old", "new"):
+                if label == "old":
+                    with swap():
+                        t[label].append(time_graph(lambda i: call(fn), 1))
+                else:
+                    t[label].append(time_graph(lambda i: call(fn), 1))
+        with swap():
+            old_out = call(fn)
+        new_out = call(fn)
+        same = all(torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a, b.view(torch.uint8)
+                               if b.dtype.itemsize == 1 else b) for a, b in zip(old_out, new_out))
+        o, n = min(t["old"]), min(t["new"])
+        rows.append({"op": name, "m": m, "k": k, "old_us": o * 1e3, "new_us": n * 1e3, "old_gbs": nbytes / o / 1e6,
+                     "new_gbs": nbytes / n / 1e6, "speedup": o / n, "bit_equal": same})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--decode", action="store_true", help="decode sizes: split rows vs one block a row")
     ap.add_argument("--fp8", action="store_true", help="also the FP8-emitting kernels (rows op_fp8), same sizes")
+    ap.add_argument("--ab-lib", metavar="SO", help="A/B against the row kernels of another build (same ABI), "
+                    "interleaved in this process, outputs compared bit for bit")
     args = ap.parse_args()
     if not torch.cuda.is_available() or not plugins.load():
         sys.exit(f"needs a CUDA GPU and the kernel library: {plugins.status()}")
@@ -74,8 +114,10 @@ def main() -> None:
         (out / f"elementwise_decode_{tag}.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
         return
-    rows = []
-    for m, k in [(16384, 768), (16384, 1024), (8192, 4096), (128, 768)]:
+    rows, ab = [], []
+    swap = other_lib(args.ab_lib) if args.ab_lib else None
+    # BERT-base / -large rows at batch 128 (K = 768 / 1024; their FC1 outputs 3072 / 4096), Llama-3-8B prefill rows
+    for m, k in [(16384, 768), (16384, 1024), (16384, 3072), (16384, 4096), (8192, 4096), (128, 768)]:
         x = torch.randn(m, k, device=dev, dtype=dt)
         r = torch.randn(m, k, device=dev, dtype=dt)
         w = torch.ones(k, device=dev, dtype=dt)
@@ -86,13 +128,35 @@ def main() -> None:
             "act_quant(bias+gelu)": (lambda f: f(x, b, None, "gelu", False), "act_quant", m * k * 2 + m * k),
             "quantize_per_token": (lambda f: f(x), "quantize_per_token", m * k * 2 + m * k),
         }
+        if m > 128:  # the prefill shapes of the gated MLPs (Llama) and a RMSNorm, beside BERT's
+            g = 0.1 * torch.randn(m, k, device=dev, dtype=dt)
+            cases.update({
+                "act_quant(silu gate)": (lambda f: f(x, None, g, "silu", False), "act_quant", 2 * m * k * 2 + m * k),
+                "norm_quant(rms,+res,sum)": (lambda f: f(x, r, w, None, 1e-6, "rms", False, True), "norm_quant",
+                                             2 * m * k * 2 + m * k * 2 + m * k)})
         if args.fp8:  # the same calls and bytes (one-byte codes either way) on the FP8 E4M3 ops
             cases.update({f"{name} fp8": (call, f"{op}_fp8", nbytes) for name, (call, op, nbytes) in cases.items()})
+        if swap is not None:
+            ab_rows(ab, cases, m, k, swap)
+            continue
         for name, (call, op, nbytes) in cases.items():
             ours = time_graph(lambda i: call(getattr(torch.ops.zq, op)), 1)
             ref = time_graph(lambda i: call(registry.op(op).reference), 1)
             rows.append({"op": name, "m": m, "k": k, "ours_us": ours * 1e3, "ref_us": ref * 1e3,
                          "ours_gbs": nbytes / ours / 1e6, "speedup": ref / ours})
+    if swap is not None:
+        meta = {"device": props.name, "torch": torch.__version__, "command": " ".join([sys.executable] + sys.argv)}
+        (out / f"elementwise_ab_{tag}.json").write_text(json.dumps({"meta": meta, "rows": ab}, indent=1))
+        lines = [f"# Fused producers, this build vs {args.ab_lib}, fp16 in — {props.name}", "",
+                 "Same process, interleaved old/new/old/new, best of two CUDA-graph medians each; bytes read + written "
+                 "once; bit-equal: every output (codes, scales, out / sum) of the two builds equal", "",
+                 "| op | M | K | old µs | new µs | old GB/s | new GB/s | old / new | bit-equal |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['op']} | {r['m']} | {r['k']} | {r['old_us']:.1f} | {r['new_us']:.1f} | {r['old_gbs']:.0f} | "
+                  f"{r['new_gbs']:.0f} | {r['speedup']:.2f} | {r['bit_equal']} |" for r in ab]
+        (out / f"elementwise_ab_{tag}.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     tag = f"fp8_{tag}" if args.fp8 else tag
     (out / f"elementwise_{tag}.json").write_text(json.dumps(
         {"meta": {"device": props.name, "torch": torch.__version__, "command": " ".join([sys.executable] + sys.argv)},

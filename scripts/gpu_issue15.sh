@@ -27,7 +27,32 @@ for stage in "$@"; do
     w4-crossover)  # INT4 K groups: the mma kernel vs the fp16-dequant path, M = 256-8192 (MMA_KGROUP_MAX_M)
       timeout "$(left)" "$PY" bench/bench_gemm.py --w4-crossover --out "$OUT" > "$OUT/gemm_w4_crossover.log" 2>&1 || rc=$?
       tail -4 "$OUT/gemm_w4_crossover.log" ;;
-    *) echo "unknown stage $stage (prefill prefill-resume w4-crossover)"; exit 2 ;;
+    profile-bert)  # BERT-base s128 b128 W8A8: the kernel table (PDL off, so each kernel's time is its own)
+      ZQ_PDL=0 timeout "$(left)" "$PY" bench/profile_engine.py --model bert-base --batch 128 --seq 128 \
+        > "$OUT/profile_bert_base_b128_H200.txt" 2>&1 || rc=$?
+      grep -E "zq::|cutlass|Self CUDA time" "$OUT/profile_bert_base_b128_H200.txt" | cut -c1-60,100-200 | head -20 ;;
+    elementwise)  # the fused producers at M = 16384 (BERT b128 rows) and 8192 x 4096: µs and GB/s
+      timeout "$(left)" "$PY" bench/bench_elementwise.py --out "$OUT" || rc=$? ;;
+    rows-old)  # the previous commit's row kernels alone (act_quant, norm_quant, quantize, launch, version) as
+      # build/librows_old.so, from .rows_old/ (here: `rm -rf .rows_old && mkdir .rows_old && git archive REF
+      # plugins_cuda | tar -x -C .rows_old`; carry it), for `rows-ab`
+      (cd .rows_old/plugins_cuda/src && nvcc -shared -Xcompiler -fPIC -O3 -std=c++17 --expt-relaxed-constexpr \
+        -gencode=arch=compute_90,code=sm_90 -I ../include -I . act_quant.cu norm_quant.cu quantize.cu launch.cu \
+        version.cu -o "$OLDPWD/build/librows_old.so") > "$OUT/rows_old_build.log" 2>&1 ||
+        { rc=1; tail -3 "$OUT/rows_old_build.log"; } ;;
+    rows-tests)  # the row kernels' GPU tests (INT8 and FP8 producers, in-place halves, decode splits)
+      ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout "$(left)" "$PY" -m pytest -q -p no:cacheprovider -n 4 \
+        tests/gpu/test_kernels.py -k "quantize or norm_quant or act_quant or fp8_producers or row" \
+        > "$OUT/gpu_tests_rows.txt" 2>&1 || rc=$?
+      tail -2 "$OUT/gpu_tests_rows.txt" ;;
+    rows-ab)  # this build's row kernels vs build/librows_old.so: interleaved, same process, bit-for-bit check
+      timeout "$(left)" "$PY" bench/bench_elementwise.py --ab-lib build/librows_old.so --fp8 --out "$OUT" || rc=$? ;;
+    bert-b128)  # BERT-base s128 b128: HF eager FP16 and zq W8A8 / W4/8A8 in one process (bench_e2e)
+      timeout "$(left)" "$PY" bench/bench_e2e.py --models bert-base --batches 128 --seqs 128 --compile-batches 0 \
+        --torchao-batches 0 --configs w8a8,w4/8a8 --out "$OUT/e2e_bert_b128_H200.json" 2>&1 | grep -v -i warn
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
+    *) echo "unknown stage $stage (prefill prefill-resume w4-crossover profile-bert elementwise rows-old rows-tests" \
+            "rows-ab bert-b128)"; exit 2 ;;
   esac
 done
 exit $rc

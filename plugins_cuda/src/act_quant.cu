@@ -37,15 +37,14 @@ __global__ void act_quant_kernel(const T* __restrict__ x, const T* __restrict__ 
   if (threadIdx.x == 0) scale[blockIdx.x] = amax / C::kMax;
 }
 
-template <class C, class T, int kRow, int kVecs>
-__global__ void __launch_bounds__(row_block_threads<T, kRow>())
-act_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ gate,
-                     int64_t rows, int64_t k, int64_t ld, int act, int8_t* __restrict__ q, float* __restrict__ scale,
-                     T* __restrict__ out) {
-  zq::pdl_begin();
-  __shared__ float red[32];
-  const RowPos p = row_pos<kRow>();
-  if (p.row >= rows) return;  // a whole warp (warp rows); never taken with block or split rows
+// One row of the vector path with the activation fixed at compile time (the kernel switches on it once, not per
+// element). Bias add and gating multiply run on the packs in T (add_raw / mul_raw: the reference's bits); the
+// activation in fp32.
+template <int kAct, class C, class T, int kRow, int kVecs>
+__device__ __forceinline__ void act_quant_row(const T* __restrict__ x, const T* __restrict__ bias,
+                                              const T* __restrict__ gate, const RowPos& p, int64_t k, int64_t ld,
+                                              int8_t* __restrict__ q, float* __restrict__ scale,
+                                              T* __restrict__ out, float* red) {
   const int64_t off = p.row * k, in = p.row * ld;
   const int k8 = (int)(k / kPack);
   Raw<T> yv[kVecs], gv[kVecs];  // x, then act(...) rounded to T; the gate (both loads in flight at once)
@@ -56,30 +55,43 @@ act_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ bias, const 
   for (int v = 0; v < kVecs; ++v) {
     const int j = p.t + v * p.nthr;
     if (j < k8) {
-      float xs[kPack], y[kPack];
-      unpack<T>(yv[v], xs);
-      if (bias) {
-        float b[kPack];
-        load_unpack(bias + (int64_t)j * kPack, b);
+      Raw<T> xv = yv[v];
+      if (bias) xv = add_raw<T>(xv, load_raw(bias + (int64_t)j * kPack));
+      float f[kPack];
+      if (gate) {  // round(round(act(gate)) * x)
+        unpack<T>(gv[v], f);
 #pragma unroll
-        for (int i = 0; i < kPack; ++i) xs[i] = round_to<T>(xs[i] + b[i]);
+        for (int i = 0; i < kPack; ++i) f[i] = apply_act(f[i], kAct);
+        yv[v] = mul_raw<T>(pack<T>(f), xv);
+      } else {  // round(act(x))
+        unpack<T>(xv, f);
+#pragma unroll
+        for (int i = 0; i < kPack; ++i) f[i] = apply_act(f[i], kAct);
+        yv[v] = pack<T>(f);
       }
-      if (gate) {
-        float g[kPack];
-        unpack<T>(gv[v], g);
-#pragma unroll
-        for (int i = 0; i < kPack; ++i) y[i] = round_to<T>(round_to<T>(apply_act(g[i], act)) * xs[i]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < kPack; ++i) y[i] = round_to<T>(apply_act(xs[i], act));
-      }
-      yv[v] = pack<T>(y);
       if (out) store_raw(out + off + (int64_t)j * kPack, yv[v]);
-#pragma unroll
-      for (int i = 0; i < kPack; ++i) amax = fmaxf(amax, fabsf(y[i]));
+      amax = abs_max_raw<T>(amax, yv[v]);
     }
   }
   quantize_held_row<C, T, kVecs, kRow>(yv, amax, p, k8, q + off, scale, red);
+}
+
+template <class C, class T, int kRow, int kVecs>
+__global__ void __launch_bounds__(row_block_threads<T, kRow>())
+act_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ gate,
+                     int64_t rows, int64_t k, int64_t ld, int act, int8_t* __restrict__ q, float* __restrict__ scale,
+                     T* __restrict__ out) {
+  zq::pdl_begin();
+  __shared__ float red[32];
+  const RowPos p = row_pos<kRow>();
+  if (p.row >= rows) return;  // a whole warp (warp rows); never taken with block or split rows
+#define ZQ_ACT_ROW(A) \
+  case A: act_quant_row<A, C, T, kRow, kVecs>(x, bias, gate, p, k, ld, q, scale, out, red); break;
+  switch (act) {
+    ZQ_ACT_ROW(ZQ_ACT_GELU) ZQ_ACT_ROW(ZQ_ACT_GELU_TANH) ZQ_ACT_ROW(ZQ_ACT_RELU) ZQ_ACT_ROW(ZQ_ACT_SILU)
+    default: act_quant_row<ZQ_ACT_NONE, C, T, kRow, kVecs>(x, bias, gate, p, k, ld, q, scale, out, red);
+  }
+#undef ZQ_ACT_ROW
 }
 
 template <class C>

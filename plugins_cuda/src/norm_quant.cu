@@ -9,16 +9,19 @@
 
 namespace zq {
 
-// The normalised, scaled output of one element, rounded to T; shared by both kernels so they round alike.
+// The normalised, scaled output of one element, rounded to T (kRound; the vector kernel leaves the last rounding
+// to pack<T>, which rounds the same way); shared by both kernels so they round alike.
 // The bias add is an explicit fma: what nvcc contracts `t * w + b` to, and what torch's layer_norm computes.
-template <class T, bool kRms>
+template <class T, bool kRms, bool kRound = true>
 __device__ __forceinline__ float norm_affine(float h, float mean, float rstd, float w, float b, bool has_bias) {
+  float y;
   if constexpr (kRms) {
-    return round_to<T>(w * round_to<T>(h * rstd));
+    y = w * round_to<T>(h * rstd);
   } else {
     const float t = (h - mean) * rstd;
-    return round_to<T>(has_bias ? __fmaf_rn(t, w, b) : t * w);
+    y = has_bias ? __fmaf_rn(t, w, b) : t * w;
   }
+  return kRound ? round_to<T>(y) : y;
 }
 
 template <class C, class T, bool kRms>
@@ -90,12 +93,7 @@ norm_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ residual, c
     for (int v = 0; v < kVecs; ++v) {
       const int j = p.t + v * p.nthr;
       if (j < k8) {
-        float h[kPack], r[kPack];
-        unpack<T>(hv[v], h);
-        unpack<T>(rv[v], r);
-#pragma unroll
-        for (int i = 0; i < kPack; ++i) h[i] = round_to<T>(h[i] + r[i]);
-        hv[v] = pack<T>(h);
+        hv[v] = add_raw<T>(hv[v], rv[v]);
         if (hsum) store_raw(hsum + off + (int64_t)j * kPack, hv[v]);
       }
     }
@@ -144,15 +142,14 @@ norm_quant_vec_kernel(const T* __restrict__ x, const T* __restrict__ residual, c
         float b[kPack];
         load_unpack(bias + (int64_t)j * kPack, b);
 #pragma unroll
-        for (int i = 0; i < kPack; ++i) y[i] = norm_affine<T, kRms>(h[i], mean, rstd, w[i], b[i], true);
+        for (int i = 0; i < kPack; ++i) y[i] = norm_affine<T, kRms, false>(h[i], mean, rstd, w[i], b[i], true);
       } else {
 #pragma unroll
-        for (int i = 0; i < kPack; ++i) y[i] = norm_affine<T, kRms>(h[i], mean, rstd, w[i], 0.f, false);
+        for (int i = 0; i < kPack; ++i) y[i] = norm_affine<T, kRms, false>(h[i], mean, rstd, w[i], 0.f, false);
       }
       hv[v] = pack<T>(y);
       if (out) store_raw(out + off + (int64_t)j * kPack, hv[v]);
-#pragma unroll
-      for (int i = 0; i < kPack; ++i) amax = fmaxf(amax, fabsf(y[i]));
+      amax = abs_max_raw<T>(amax, hv[v]);
     }
   }
   quantize_held_row<C, T, kVecs, kRow>(hv, amax, p, k8, q + off, scale, red);

@@ -39,12 +39,7 @@ quantize_per_token_vec_kernel(const T* __restrict__ x, int64_t rows, int64_t k, 
   float amax = 0.f;
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {
-    if (p.t + v * p.nthr < k8) {
-      float f[kPack];
-      unpack<T>(xv[v], f);
-#pragma unroll
-      for (int i = 0; i < kPack; ++i) amax = fmaxf(amax, fabsf(f[i]));
-    }
+    if (p.t + v * p.nthr < k8) amax = abs_max_raw<T>(amax, xv[v]);
   }
   quantize_held_row<C, T, kVecs, kRow>(xv, amax, p, k8, q + off, scale, red);
 }

@@ -98,7 +98,9 @@ act_quant_strided = _env("ZQ_ACT_QUANT_STRIDED", "0", ("0", "1"), "act_quant rea
 CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: the kernel declined the inputs, nothing was launched
 
 
-def _bind(lib: ctypes.CDLL) -> None:
+def _bind(lib: ctypes.CDLL, only: tuple[str, ...] | None = None) -> None:
+    """Set the C signatures of the library's functions (`only` these: a partial build, e.g. the row kernels of
+    another checkout that bench_elementwise --ab-lib times beside this one)."""
     P, I, I64, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     sigs = {
         "zq_abi_version": (I, []), "zq_has_sm90_gemm": (I, []), "zq_gemm_sm90_num_configs": (I, []),
@@ -128,6 +130,8 @@ def _bind(lib: ctypes.CDLL) -> None:
                                           ctypes.c_size_t, P, P]),
     }
     for name, (res, args) in sigs.items():
+        if only is not None and name not in only:
+            continue
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
 

@@ -106,12 +106,78 @@ template <class T> __device__ __forceinline__ Raw<T> load_unpack(const T* p, flo
   return r;
 }
 
-// 8 codes (C::encode each: Int8Code or Fp8Code) in one 8-byte store.
+// 8 codes (C::encode4: Int8Code or Fp8Code) in one 8-byte store; the values' row amax set `inv`.
 template <class C> __device__ __forceinline__ void store_q8(int8_t* p, const float (&f)[kPack], float inv) {
-  uint32_t u[2] = {0u, 0u};
+  *reinterpret_cast<uint2*>(p) = make_uint2(C::encode4(f[0], f[1], f[2], f[3], inv),
+                                            C::encode4(f[4], f[5], f[6], f[7], inv));
+}
+
+// Packs added / multiplied element by element in T, rounded once to T as the reference does (fp32 math, then
+// the model dtype). fp16 / bf16 add and fp16 multiply run packed (HADD2 / HMUL2): the same bits, since fp32's 24
+// bits are >= 2p + 2 for p = 11 (fp16) and 8 (bf16), so rounding the fp32 sum to T equals rounding the exact sum,
+// and an fp16 x fp16 product is exact in fp32. bf16 multiply (products can fall below fp32's normal range) and
+// fp32 take the fp32 path.
+template <class T> __device__ __forceinline__ Raw<T> add_raw(const Raw<T>& a, const Raw<T>& b) {
+  float fa[kPack], fb[kPack];
+  unpack<T>(a, fa);
+  unpack<T>(b, fb);
 #pragma unroll
-  for (int i = 0; i < kPack; ++i) u[i / 4] |= (uint32_t)(uint8_t)C::encode(f[i], inv) << (8 * (i % 4));
-  *reinterpret_cast<uint2*>(p) = make_uint2(u[0], u[1]);
+  for (int i = 0; i < kPack; ++i) fa[i] += fb[i];
+  return pack<T>(fa);
+}
+template <class T> __device__ __forceinline__ Raw<T> mul_raw(const Raw<T>& a, const Raw<T>& b) {
+  float fa[kPack], fb[kPack];
+  unpack<T>(a, fa);
+  unpack<T>(b, fb);
+#pragma unroll
+  for (int i = 0; i < kPack; ++i) fa[i] *= fb[i];
+  return pack<T>(fa);
+}
+template <class T2, class T> __device__ __forceinline__ Raw<T> map2_raw(const Raw<T>& a, const Raw<T>& b,
+                                                                       T2 (*op)(T2, T2)) {
+  uint32_t u[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t x = word(a.w[0], i), y = word(b.w[0], i);
+    const T2 r = op(*reinterpret_cast<const T2*>(&x), *reinterpret_cast<const T2*>(&y));
+    u[i] = *reinterpret_cast<const uint32_t*>(&r);
+  }
+  return Raw<T>{{make_words(u)}};
+}
+__device__ __forceinline__ __half2 hadd2_rn(__half2 a, __half2 b) { return __hadd2(a, b); }
+__device__ __forceinline__ __half2 hmul2_rn(__half2 a, __half2 b) { return __hmul2(a, b); }
+__device__ __forceinline__ __nv_bfloat162 badd2_rn(__nv_bfloat162 a, __nv_bfloat162 b) { return __hadd2(a, b); }
+template <> __device__ __forceinline__ Raw<__half> add_raw<__half>(const Raw<__half>& a, const Raw<__half>& b) {
+  return map2_raw<__half2>(a, b, hadd2_rn);
+}
+template <> __device__ __forceinline__ Raw<__half> mul_raw<__half>(const Raw<__half>& a, const Raw<__half>& b) {
+  return map2_raw<__half2>(a, b, hmul2_rn);
+}
+template <> __device__ __forceinline__ Raw<__nv_bfloat16> add_raw<__nv_bfloat16>(const Raw<__nv_bfloat16>& a,
+                                                                                 const Raw<__nv_bfloat16>& b) {
+  return map2_raw<__nv_bfloat162>(a, b, badd2_rn);
+}
+
+// max(m, |v|) over a pack's values, NaN dropped as fmaxf drops it (packed HMNMX2 for fp16 / bf16).
+template <class T> __device__ __forceinline__ float abs_max_raw(float m, const Raw<T>& r) {
+  float f[kPack];
+  unpack<T>(r, f);
+#pragma unroll
+  for (int i = 0; i < kPack; ++i) m = fmaxf(m, fabsf(f[i]));
+  return m;
+}
+template <class T2> __device__ __forceinline__ float abs_max_words(float m, const uint4& w) {
+  T2 acc = __habs2(*reinterpret_cast<const T2*>(&w.x));
+  const uint32_t rest[3] = {w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 3; ++i) acc = __hmax2(acc, __habs2(*reinterpret_cast<const T2*>(&rest[i])));
+  return fmaxf(m, fmaxf(__low2float(acc), __high2float(acc)));
+}
+template <> __device__ __forceinline__ float abs_max_raw<__half>(float m, const Raw<__half>& r) {
+  return abs_max_words<__half2>(m, r.w[0]);
+}
+template <> __device__ __forceinline__ float abs_max_raw<__nv_bfloat16>(float m, const Raw<__nv_bfloat16>& r) {
+  return abs_max_words<__nv_bfloat162>(m, r.w[0]);
 }
 
 // Where a thread sits: its row, its index within the row's threads, and how many threads share the row.
