@@ -26,25 +26,31 @@ from zqcompile import plugins  # noqa: E402
 from zqcompile.ops import registry  # noqa: E402
 
 
-def decode_rows(dev: str, dt) -> list[dict]:
+def decode_cases(m: int, k: int, dev: str, dt) -> dict:
+    x, r = torch.randn(m, k, device=dev, dtype=dt), torch.randn(m, k, device=dev, dtype=dt)
+    g, w = 0.1 * torch.randn(m, k, device=dev, dtype=dt), torch.ones(k, device=dev, dtype=dt)
+    return {"act_quant(silu gate)": (lambda f: f(x, None, g, "silu", False), "act_quant", 2 * m * k * 2 + m * k),
+            "norm_quant(rms,+res,sum)": (lambda f: f(x, r, w, None, 1e-6, "rms", False, True), "norm_quant",
+                                         3 * m * k * 2 + m * k),
+            "quantize_per_token": (lambda f: f(x), "quantize_per_token", m * k * 2 + m * k)}
+
+
+def decode_rows(dev: str, dt, swap=None) -> list[dict]:
     from zqcompile.plugins import cuda
     rows = []
     for m in (1, 4, 16, 33, 64):
-        for k in (4096, 14336):
-            x, r = torch.randn(m, k, device=dev, dtype=dt), torch.randn(m, k, device=dev, dtype=dt)
-            g, w = 0.1 * torch.randn(m, k, device=dev, dtype=dt), torch.ones(k, device=dev, dtype=dt)
-            cases = {"act_quant(silu gate)": (lambda: torch.ops.zq.act_quant(x, None, g, "silu", False), 2 * m * k * 2),
-                     "norm_quant(rms,+res,sum)": (lambda: torch.ops.zq.norm_quant(x, r, w, None, 1e-6, "rms", False,
-                                                                                  True), 3 * m * k * 2),
-                     "quantize_per_token": (lambda: torch.ops.zq.quantize_per_token(x), m * k * 2)}
-            for name, (call, nbytes) in cases.items():
-                t = {}
+        for k in (2048, 8192) if swap else (4096, 14336):
+            if swap:  # the 1B shape's rows (hidden 2048, MLP 8192), each build at the library's row layout
+                ab_rows(rows, decode_cases(m, k, dev, dt), m, k, swap, copies=20)
+                continue
+            for name, (call, op, nbytes) in decode_cases(m, k, dev, dt).items():
+                fn, t = getattr(torch.ops.zq, op), {}
                 for label, split in (("split", -1), ("block", 0)):
                     cuda.set_row_split(split)
-                    t[label] = time_graph(lambda i: call(), 20)
+                    t[label] = time_graph(lambda i: call(fn), 20)
                 cuda.set_row_split(-1)
                 rows.append({"op": name, "m": m, "k": k, "split_us": t["split"] * 1e3, "block_us": t["block"] * 1e3,
-                             "split_gbs": (nbytes + m * k) / t["split"] / 1e6, "speedup": t["block"] / t["split"]})
+                             "split_gbs": nbytes / t["split"] / 1e6, "speedup": t["block"] / t["split"]})
     return rows
 
 
@@ -63,7 +69,7 @@ def other_lib(path: str):
     return lambda: mock.patch.object(cuda, "_lib", lib)
 
 
-def ab_rows(rows: list[dict], cases: dict, m: int, k: int, swap) -> None:
+def ab_rows(rows: list[dict], cases: dict, m: int, k: int, swap, copies: int = 1) -> None:
     """Each case timed with the other build's kernels and this one's, interleaved (old, new, old, new), the
     medians' ratio, and whether both builds' outputs are equal bit for bit."""
     for name, (call, op, nbytes) in cases.items():
@@ -73,9 +79,9 @@ def ab_rows(rows: list[dict], cases: dict, m: int, k: int, swap) -> None:
             for label in ("old", "new"):
                 if label == "old":
                     with swap():
-                        t[label].append(time_graph(lambda i: call(fn), 1))
+                        t[label].append(time_graph(lambda i: call(fn), copies))
                 else:
-                    t[label].append(time_graph(lambda i: call(fn), 1))
+                    t[label].append(time_graph(lambda i: call(fn), copies))
         with swap():
             old_out = call(fn)
         new_out = call(fn)
@@ -84,6 +90,21 @@ def ab_rows(rows: list[dict], cases: dict, m: int, k: int, swap) -> None:
         o, n = min(t["old"]), min(t["new"])
         rows.append({"op": name, "m": m, "k": k, "old_us": o * 1e3, "new_us": n * 1e3, "old_gbs": nbytes / o / 1e6,
                      "new_gbs": nbytes / n / 1e6, "speedup": o / n, "bit_equal": same})
+
+
+def write_ab(ab: list[dict], out: Path, tag: str, other: str, device: str) -> None:
+    meta = {"device": device, "torch": torch.__version__, "command": " ".join([sys.executable] + sys.argv)}
+    (out / f"elementwise_ab_{tag}.json").write_text(json.dumps({"meta": meta, "rows": ab}, indent=1))
+    lines = [f"# Fused producers, this build vs {other}, fp16 in — {device}", "",
+             "Same process, interleaved old/new/old/new, best of two CUDA-graph medians each (decode rows: 20 calls a "
+             "graph, µs a call); bytes read + written once; bit-equal: every output (codes, scales, out / sum) of the "
+             "two builds equal", "",
+             "| op | M | K | old µs | new µs | old GB/s | new GB/s | old / new | bit-equal |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['op']} | {r['m']} | {r['k']} | {r['old_us']:.1f} | {r['new_us']:.1f} | {r['old_gbs']:.0f} | "
+              f"{r['new_gbs']:.0f} | {r['speedup']:.2f} | {r['bit_equal']} |" for r in ab]
+    (out / f"elementwise_ab_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main() -> None:
@@ -101,6 +122,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = props.name.replace(" ", "_")
+    swap = other_lib(args.ab_lib) if args.ab_lib else None
+    if args.decode and swap:
+        return write_ab(decode_rows(dev, dt, swap), out, f"decode_{tag}", args.ab_lib, props.name)
     if args.decode:
         rows = decode_rows(dev, dt)
         meta = {"device": props.name, "torch": torch.__version__, "command": " ".join([sys.executable] + sys.argv)}
@@ -115,7 +139,6 @@ def main() -> None:
         print("\n".join(lines))
         return
     rows, ab = [], []
-    swap = other_lib(args.ab_lib) if args.ab_lib else None
     # BERT-base / -large rows at batch 128 (K = 768 / 1024; their FC1 outputs 3072 / 4096), Llama-3-8B prefill rows
     for m, k in [(16384, 768), (16384, 1024), (16384, 3072), (16384, 4096), (8192, 4096), (128, 768)]:
         x = torch.randn(m, k, device=dev, dtype=dt)
@@ -145,18 +168,7 @@ def main() -> None:
             rows.append({"op": name, "m": m, "k": k, "ours_us": ours * 1e3, "ref_us": ref * 1e3,
                          "ours_gbs": nbytes / ours / 1e6, "speedup": ref / ours})
     if swap is not None:
-        meta = {"device": props.name, "torch": torch.__version__, "command": " ".join([sys.executable] + sys.argv)}
-        (out / f"elementwise_ab_{tag}.json").write_text(json.dumps({"meta": meta, "rows": ab}, indent=1))
-        lines = [f"# Fused producers, this build vs {args.ab_lib}, fp16 in — {props.name}", "",
-                 "Same process, interleaved old/new/old/new, best of two CUDA-graph medians each; bytes read + written "
-                 "once; bit-equal: every output (codes, scales, out / sum) of the two builds equal", "",
-                 "| op | M | K | old µs | new µs | old GB/s | new GB/s | old / new | bit-equal |",
-                 "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['op']} | {r['m']} | {r['k']} | {r['old_us']:.1f} | {r['new_us']:.1f} | {r['old_gbs']:.0f} | "
-                  f"{r['new_gbs']:.0f} | {r['speedup']:.2f} | {r['bit_equal']} |" for r in ab]
-        (out / f"elementwise_ab_{tag}.md").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines))
-        return
+        return write_ab(ab, out, tag, args.ab_lib, props.name)
     tag = f"fp8_{tag}" if args.fp8 else tag
     (out / f"elementwise_{tag}.json").write_text(json.dumps(
         {"meta": {"device": props.name, "torch": torch.__version__, "command": " ".join([sys.executable] + sys.argv)},

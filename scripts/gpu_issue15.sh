@@ -47,12 +47,14 @@ for stage in "$@"; do
       tail -2 "$OUT/gpu_tests_rows.txt" ;;
     rows-ab)  # this build's row kernels vs build/librows_old.so: interleaved, same process, bit-for-bit check
       timeout "$(left)" "$PY" bench/bench_elementwise.py --ab-lib build/librows_old.so --fp8 --out "$OUT" || rc=$? ;;
+    rows-ab-decode)  # the same A/B at decode sizes (M = 1-64, the 1B shape's K = 2048 / 8192, 20 calls a graph)
+      timeout "$(left)" "$PY" bench/bench_elementwise.py --decode --ab-lib build/librows_old.so --out "$OUT" || rc=$? ;;
     bert-b128)  # BERT-base s128 b128: HF eager FP16 and zq W8A8 / W4/8A8 in one process (bench_e2e)
       timeout "$(left)" "$PY" bench/bench_e2e.py --models bert-base --batches 128 --seqs 128 --compile-batches 0 \
         --torchao-batches 0 --configs w8a8,w4/8a8 --out "$OUT/e2e_bert_b128_H200.json" 2>&1 | grep -v -i warn
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
     *) echo "unknown stage $stage (prefill prefill-resume w4-crossover profile-bert elementwise rows-old rows-tests" \
-            "rows-ab bert-b128)"; exit 2 ;;
+            "rows-ab rows-ab-decode bert-b128)"; exit 2 ;;
   esac
 done
 exit $rc

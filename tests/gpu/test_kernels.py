@@ -459,6 +459,7 @@ def test_act_quant_reads_the_halves_of_a_fused_gate_up_output_in_place(dtype, op
     gate, x = y[..., :k], y[..., k:]
     assert m == 1 or (not x.is_contiguous() and not gate.is_contiguous())
     fn = getattr(torch.ops.zq, op)
+    before = cuda.act_quant_strided  # the library's default (on)
     try:
         cuda.set_row_split(split)
         outs = []
@@ -467,7 +468,7 @@ def test_act_quant_reads_the_halves_of_a_fused_gate_up_output_in_place(dtype, op
             poison()
             outs.append(fn(x, None, gate, "silu", True))
     finally:
-        cuda.act_quant_strided = False
+        cuda.act_quant_strided = before
         cuda.set_row_split(-1)
     (q0, s0, o0), (q1, s1, o1) = outs
     view = (lambda t: t.view(torch.uint8)) if op.endswith("fp8") else (lambda t: t)
