@@ -45,6 +45,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
 
 
+def dequantized_load_quantizes_activations(hf_model) -> bool:
+    """Whether a compressed-tensors folder loaded with CompressedTensorsConfig(dequantize=True) still quantizes the
+    activations: transformers 5.17 + compressed-tensors 0.20.1 (the H200 image) keep each layer's input-activation
+    scheme after decompressing (0.7% of the largest logit from W8A16 on the tiny llama); 5.24 drops it."""
+    return any(getattr(getattr(m, "quantization_scheme", None), "input_activations", None) is not None
+               for m in hf_model.modules())
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)

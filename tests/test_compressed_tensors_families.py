@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 import zqcompile as zq
-from tests.conftest import ids, rel_err
+from tests.conftest import dequantized_load_quantizes_activations, ids, rel_err
 from tests.test_decoder_families import w8a8
+from zqcompile.errors import ExportError
 from zqcompile.experts import is_stacked_experts
 from zqcompile.models import DECODER_FAMILIES, tiny_model
 from zqcompile.ops import quant_math as qm
@@ -61,10 +62,27 @@ def _saved_names(model: nn.Module, tmp) -> set[str]:
     return set(load_file(os.path.join(tmp / "float", "model.safetensors")))
 
 
+def _export(engine, folder):
+    """zq.export_compressed_tensors, or None where transformers < 5.24 (5.17, the H200 image, checked) saves a
+    model's stacked experts as per-expert vectors the export cannot fill from whole rows: there the user gets one
+    line (cause, what to do) and nothing is written; 5.24 saves whole expert layers."""
+    try:
+        return zq.export_compressed_tensors(engine, folder)
+    except ExportError as e:
+        import transformers
+        if tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (5, 24):
+            raise
+        assert "not as whole rows of one expert's Linear layer" in str(e) and "export to ONNX instead" in str(e)
+        assert not os.path.exists(folder)
+        return None
+
+
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
 def test_family_folder_loads_in_transformers_and_imports_back(family, tmp_path):
     model, engine = w8a8(family)
-    out = zq.export_compressed_tensors(engine, tmp_path / "ct")
+    out = _export(engine, tmp_path / "ct")
+    if out is None:
+        return
     sd = load_file(os.path.join(out, "model.safetensors"))
     # the names transformers saves the float model with, each quantized layer's scale next to its weight
     names = {k.removesuffix("_packed") for k in sd if not k.endswith(COMPANIONS)}
@@ -83,15 +101,17 @@ def test_family_folder_loads_in_transformers_and_imports_back(family, tmp_path):
     if family == "mixtral":  # see the module docstring: the W8A16 engine's folder is the one transformers loads
         assert len(quantized) == 4 + 3 * 4  # q/k/v/o + w1/w2/w3 per expert (the router stays float)
         w8a16 = zq.compile(model, (ids(2, 16),), "w8a16", generation=False)
-        dense = _logits(_hf(zq.export_compressed_tensors(w8a16, tmp_path / "w8a16"), dequantize=True))
+        dense_model = _hf(zq.export_compressed_tensors(w8a16, tmp_path / "w8a16"), dequantize=True)
     else:
-        dense = _logits(_hf(out, dequantize=True))
+        dense_model = _hf(out, dequantize=True)
         a8 = rel_err(_logits(_hf(out, dequantize=False)), engine(X).logits)  # + compressed-tensors' own A8
         print(f"{family}: rel. L2 |transformers as stored - engine| = {a8:.4f}")
         assert a8 < 0.03
+    dense = _logits(dense_model)
     err = float((dense - ref).abs().max() / ref.abs().max())
     print(f"{family}: max |transformers dequantized - W8A16 reference| / max |logit| = {err:.2e}")
-    assert err <= 1e-5
+    # exact where transformers drops the activation scheme on dequantize (5.24); 5.17 still quantizes them
+    assert err <= (3e-2 if dequantized_load_quantizes_activations(dense_model) else 1e-5)
     if family.startswith("gemma"):  # the embedding scale is the config's, as in the model
         assert torch.equal(_hf(out, dequantize=True).model.embed_tokens.embed_scale,
                            model.model.embed_tokens.embed_scale)
@@ -141,7 +161,9 @@ def test_qwen2_moe_compiles_and_exports(tmp_path):
     assert plan.pop("lm_head") == ("head", "aten.linear")
     assert set(plan.values()) == {(r, "zq.int8_gemm_dequant") for r in ("qkv", "attn_out", "fc1", "fc2")}
     assert len(plan) == 3 + 4 + 1  # q/k/v, o_proj, the merged gate/up; 4 experts' and the shared down_proj
-    out = zq.export_compressed_tensors(engine, tmp_path / "ct")
+    out = _export(engine, tmp_path / "ct")
+    if out is None:
+        return
     sd = load_file(os.path.join(out, "model.safetensors"))
     assert {k.removesuffix("_packed") for k in sd if not k.endswith(COMPANIONS)} == _saved_names(model, tmp_path)
     assert sd["model.layers.0.mlp.experts.3.up_proj.weight"].dtype == torch.int8
