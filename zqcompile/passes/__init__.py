@@ -72,11 +72,23 @@ class PassRecord:
     notes: list[str]
 
 
+class _FakeProp(FakeTensorProp):
+    """FakeTensorProp that keeps a plain-number result in meta['val'] too: torch < 2.13's keeps none (a sym_size of
+    a static input), so a capture's symbol stayed there and was reused as the node's value (on the H200's torch
+    2.11 every LLaMA W8A8 compile with example batch 1 and max_batch > 1 failed)."""
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if isinstance(out, (int, float, bool)):
+            n.meta["val"] = out
+        return out
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Fake-tensor type check: every node gets meta['val'] (shape, dtype) or the pass broke the graph. A graph
     whose weights are fake already (a streamed compile's skeleton) is checked in their fake mode."""
     mode, fake = _fake_inputs(gm, example_inputs)
-    FakeTensorProp(gm, mode).propagate(*fake)
+    _FakeProp(gm, mode).propagate(*fake)
 
 
 def _fake_inputs(gm: fx.GraphModule, example_inputs: tuple) -> tuple[FakeTensorMode, list]:
@@ -131,7 +143,7 @@ class ShapeCheck:
         self.rerun = 0  # nodes run, over all checks (for tests)
 
     def __call__(self, gm: fx.GraphModule, full: bool = False) -> None:
-        prop = FakeTensorProp(gm, self.mode)
+        prop = _FakeProp(gm, self.mode)
         prop.args_iter = iter(self.inputs)
         changed: set[fx.Node] = set()
         with self.mode:
@@ -143,10 +155,6 @@ class ShapeCheck:
                     continue
                 before = _meta_key(n.meta["val"]) if "val" in n.meta else object()
                 prop.env[n] = prop.run_node(n)
-                if isinstance(prop.env[n], (int, float, bool)):
-                    # torch < 2.13's FakeTensorProp keeps no plain-number result in meta['val'] (a sym_size of a
-                    # static input): the capture's symbol would stay there and be reused as this node's value
-                    n.meta["val"] = prop.env[n]
                 n.meta[_SIG] = sig
                 self.rerun += 1
                 if "val" not in n.meta or _meta_key(n.meta["val"]) != before:
