@@ -12,6 +12,7 @@ cluster of 8 blocks, the library's choice) against one block a row (`cuda.set_ro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -74,19 +75,17 @@ def ab_rows(rows: list[dict], cases: dict, m: int, k: int, swap, copies: int = 1
     medians' ratio, and whether both builds' outputs are equal bit for bit."""
     for name, (call, op, nbytes) in cases.items():
         fn = getattr(torch.ops.zq, op)
+        builds = {"old": swap, "new": contextlib.nullcontext}
         t = {"old": [], "new": []}
         for _ in range(2):
-            for label in ("old", "new"):
-                if label == "old":
-                    with swap():
-                        t[label].append(time_graph(lambda i: call(fn), copies))
-                else:
+            for label, build in builds.items():
+                with build():
                     t[label].append(time_graph(lambda i: call(fn), copies))
-        with swap():
-            old_out = call(fn)
-        new_out = call(fn)
-        same = all(torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a, b.view(torch.uint8)
-                               if b.dtype.itemsize == 1 else b) for a, b in zip(old_out, new_out))
+        outs = {}
+        for label, build in builds.items():
+            with build():
+                outs[label] = [o.view(torch.uint8) if o.element_size() == 1 else o for o in call(fn)]
+        same = all(torch.equal(a, b) for a, b in zip(outs["old"], outs["new"]))
         o, n = min(t["old"]), min(t["new"])
         rows.append({"op": name, "m": m, "k": k, "old_us": o * 1e3, "new_us": n * 1e3, "old_gbs": nbytes / o / 1e6,
                      "new_gbs": nbytes / n / 1e6, "speedup": o / n, "bit_equal": same})

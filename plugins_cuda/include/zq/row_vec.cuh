@@ -133,8 +133,8 @@ template <class T> __device__ __forceinline__ Raw<T> mul_raw(const Raw<T>& a, co
   for (int i = 0; i < kPack; ++i) fa[i] *= fb[i];
   return pack<T>(fa);
 }
-template <class T2, class T> __device__ __forceinline__ Raw<T> map2_raw(const Raw<T>& a, const Raw<T>& b,
-                                                                       T2 (*op)(T2, T2)) {
+template <class T2, class T, class Op> __device__ __forceinline__ Raw<T> map2_raw(const Raw<T>& a, const Raw<T>& b,
+                                                                                 Op op) {
   uint32_t u[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -144,18 +144,15 @@ template <class T2, class T> __device__ __forceinline__ Raw<T> map2_raw(const Ra
   }
   return Raw<T>{{make_words(u)}};
 }
-__device__ __forceinline__ __half2 hadd2_rn(__half2 a, __half2 b) { return __hadd2(a, b); }
-__device__ __forceinline__ __half2 hmul2_rn(__half2 a, __half2 b) { return __hmul2(a, b); }
-__device__ __forceinline__ __nv_bfloat162 badd2_rn(__nv_bfloat162 a, __nv_bfloat162 b) { return __hadd2(a, b); }
 template <> __device__ __forceinline__ Raw<__half> add_raw<__half>(const Raw<__half>& a, const Raw<__half>& b) {
-  return map2_raw<__half2>(a, b, hadd2_rn);
+  return map2_raw<__half2>(a, b, [](__half2 x, __half2 y) { return __hadd2(x, y); });
 }
 template <> __device__ __forceinline__ Raw<__half> mul_raw<__half>(const Raw<__half>& a, const Raw<__half>& b) {
-  return map2_raw<__half2>(a, b, hmul2_rn);
+  return map2_raw<__half2>(a, b, [](__half2 x, __half2 y) { return __hmul2(x, y); });
 }
 template <> __device__ __forceinline__ Raw<__nv_bfloat16> add_raw<__nv_bfloat16>(const Raw<__nv_bfloat16>& a,
                                                                                  const Raw<__nv_bfloat16>& b) {
-  return map2_raw<__nv_bfloat162>(a, b, badd2_rn);
+  return map2_raw<__nv_bfloat162>(a, b, [](__nv_bfloat162 x, __nv_bfloat162 y) { return __hadd2(x, y); });
 }
 
 // max(m, |v|) over a pack's values, NaN dropped as fmaxf drops it (packed HMNMX2 for fp16 / bf16).
