@@ -219,6 +219,10 @@ def bench_rows(model, shape: str, engine_name: str, args, peak, rows: list[dict]
                         row.update(pdl_ab(engine, run, ids, args))
                     if args.ab_act_strided and engine is not None and engine_name != "none":
                         row.update(act_strided_ab(engine, run, ids, args))
+                    if args.ab_merge and engine is not None:
+                        row.update(merge_ab(engine, run, ids, args))
+                    if args.ab_prefetch and engine is not None and engine_name != "none":
+                        row.update(prefetch_sweep(engine, run, ids, args))
             except Exception as e:  # noqa: BLE001
                 row["error"] = repr(e)[:300]
                 rows.append(row)
@@ -262,20 +266,40 @@ def skinny_ab(engine, run, ids, args) -> dict:
     return interleaved_ab(engine, run, ids, args, "skinny", lambda: G.skinny_mode("0"), lambda: G.skinny_mode(mode))
 
 
-@contextlib.contextmanager
-def pdl_mode(mode: int):
+def switched(name: str, value):
+    """The kernel library's switch `name` set for a block (zqcompile.plugins.cuda.switched)."""
     from zqcompile.plugins import cuda as C
-    before = C.pdl_mode
-    C.set_pdl(mode)
-    try:
-        yield
-    finally:
-        C.set_pdl(before)
+    return C.switched(name, value)
 
 
 def pdl_ab(engine, run, ids, args) -> dict:
     """Programmatic dependent launch of the library's kernels off, then on (zq/launch.cuh)."""
-    return interleaved_ab(engine, run, ids, args, "pdl", lambda: pdl_mode(0), lambda: pdl_mode(-1))
+    return interleaved_ab(engine, run, ids, args, "pdl", lambda: switched("pdl", 0), lambda: switched("pdl", -1))
+
+
+def merge_ab(engine, run, ids, args) -> dict:
+    """Split-L attention merging 2-8 splits by the combine kernel, then inside its cluster."""
+    return interleaved_ab(engine, run, ids, args, "merge", lambda: switched("attention_merge", "kernel"),
+                          lambda: switched("attention_merge", "cluster"))
+
+
+def prefetch_sweep(engine, run, ids, args) -> dict:
+    """The decode GEMMs' L2 prefetch of their weight rows before the PDL wait, at each budget of
+    --prefetch-budgets (bytes from a weight's start; 0 none, -1 the library's choice), interleaved, twice, the
+    decode graphs re-captured under each: keys decode_ms_prefetch_<budget>_<round>."""
+    out = {}
+    try:
+        for rnd in (1, 2):
+            for budget in args.prefetch_budgets:
+                with switched("gemm_prefetch", budget):
+                    engine._generator.reset_runners()
+                    free(args.device)
+                    out[f"decode_ms_prefetch_{budget}_{rnd}"] = measure(run, ids, args.new, args.device,
+                                                                        args.repeat)["decode_ms"]
+    finally:
+        engine._generator.reset_runners()
+    out["prefetch_budgets"] = list(args.prefetch_budgets)
+    return out
 
 
 def act_strided_ab(engine, run, ids, args) -> dict:
@@ -374,7 +398,8 @@ def markdown(rows: list[dict], gemms: list[dict], attn: list[dict]) -> str:
                      f"{fmt(r.get('weight_read_tb_s'), '.2f')} | {fmt(r.get('peak_fraction'), '.2f')} | "
                      f"{r['method']} |")
     for name, what in (("skinny", "Decode-shaped GEMM kernel"), ("pdl", "Programmatic dependent launch"),
-                       ("act_strided", "act_quant reading the gate / up halves in place")):
+                       ("act_strided", "act_quant reading the gate / up halves in place"),
+                       ("merge", "Split-L attention's merge of 2-8 splits (off: combine kernel, on: in the cluster)")):
         ab = [r for r in rows if f"{name}_speedup" in r]
         if ab:
             lines += ["", f"{what} A/B (same engine, same process, decode graphs re-captured; ms/token in the order "
@@ -383,6 +408,15 @@ def markdown(rows: list[dict], gemms: list[dict], attn: list[dict]) -> str:
             lines += [f"| {r['shape']} | {r['engine']} | {r['batch']} | " + " | ".join(
                 f"{r[f'decode_ms_{name}_{t}']:.3f}" for t in ("off", "on", "off2", "on2"))
                 + f" | {r[f'{name}_speedup']:.2f}x |" for r in ab]
+    sweeps = [r for r in rows if "prefetch_budgets" in r]
+    if sweeps:
+        budgets = sweeps[0]["prefetch_budgets"]
+        lines += ["", "Decode GEMMs' L2 prefetch of their weight rows before the PDL wait, by budget (bytes from a "
+                  "weight's start; 0 none, -1 the library's choice; same engine, same process, interleaved, two "
+                  "rounds; ms/token):", "", "| shape | engine | batch | " + " | ".join(
+                      f"{b} r{i}" for i in (1, 2) for b in budgets) + " |", "|---|---|---|" + "---|" * 2 * len(budgets)]
+        lines += [f"| {r['shape']} | {r['engine']} | {r['batch']} | " + " | ".join(
+            f"{r[f'decode_ms_prefetch_{b}_{i}']:.3f}" for i in (1, 2) for b in budgets) + " |" for r in sweeps]
     if gemms:
         lines += ["", "| K | N | M | cuBLAS fp16 us (TB/s) | INT8 us (TB/s) [kernel] | INT4 us (TB/s) [kernel] |",
                   "|---|---|---|---|---|---|"]
@@ -438,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="A/B per zq row: programmatic dependent launch off and on, same engine, same process")
     p.add_argument("--ab-act-strided", action="store_true",
                    help="A/B per quantized zq row: act_quant copying the gate / up halves, then reading them in place")
+    p.add_argument("--ab-merge", action="store_true",
+                   help="A/B per zq row: split-L attention merging by the combine kernel, then in the cluster")
+    p.add_argument("--ab-prefetch", action="store_true",
+                   help="per quantized zq row: the decode GEMMs' L2 weight prefetch at each of --prefetch-budgets")
+    p.add_argument("--prefetch-budgets", type=csv(int), default=[0, -1],
+                   help="--ab-prefetch: budgets in bytes (0 none, -1 the library's choice)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shape, reference ops (timings meaningless)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="no run: join these results (one device call "
                    "each) into --out and its markdown table")

@@ -118,45 +118,14 @@ __device__ __forceinline__ void fold(const Chunk<RT, NT, WBITS, KG>& ch, int (&i
       for (int r = 0; r < 4; ++r) fold_one(iacc[i][j][r], facc[i][j][r], ch.sc[i][r >> 1]);
 }
 
-// TG token groups: the warps split into TG groups of kWarps / TG, group i multiplying tokens 8 NT i .. by every
-// k chunk its warps take (split-K over kWarps / TG); a group's weight reads after the first come from L2. TG blocks an
-// SM are asked of the register allocator (TG = 2: <= 128 registers a thread). F8: FP8 E4M3 operands (WBITS 8, row
-// scales), fp32 accumulators.
-template <int RT, int NT, int TG, int WBITS, bool KG, class OutT, bool F8 = false>
-__global__ void __launch_bounds__(kThreads, TG) gemm_skinny_kernel(const zq_gemm_args a) {
-  zq::pdl_begin();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  static_assert(!F8 || (WBITS == 8 && !KG), "FP8 weights: one byte a weight, row scales");
-  using Acc = std::conditional_t<F8, float, int>;
+// The warps' partial tiles summed in warp order through shared memory (red: [warp][row][token], +1 so the rows of
+// a warp's store land in different banks), then out[m, n0 + r] for the block's R rows.
+template <int RT, int NT, int TG, int WBITS, bool KG, class OutT, bool F8, class Acc>
+__device__ __forceinline__ void reduce_store(const zq_gemm_args& a, uint32_t (&red)[kWarps][16 * RT][8 * NT + 1],
+                                             const Acc (&iacc)[RT][NT][4], const float (&facc)[RT][NT][4],
+                                             int64_t n0, int warp, int g, int t) {
   constexpr int R = 16 * RT, MP = 8 * NT, kSplit = kWarps / TG;
-  static_assert(kWarps % TG == 0, "whole warp groups");
   constexpr float kUnscale = WBITS == 4 ? 1.f / 16 : 1.f;
-  // The warps' partial tiles, [warp][row][token] (+1: rows of a warp's store land in different banks).
-  __shared__ uint32_t red[kWarps][R][MP + 1];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int64_t n0 = (int64_t)blockIdx.x * R;
-  const int64_t chunks = a.k / kChunk;
-
-  Acc iacc[RT][NT][4];
-  float facc[RT][NT][4];
-#pragma unroll
-  for (int i = 0; i < RT; ++i)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) iacc[i][j][r] = 0, facc[i][j][r] = 0.f;
-
-  const int m0 = MP * (warp / kSplit);  // the warp's first token
-  Chunk<RT, NT, WBITS, KG> cur, nxt;
-  int64_t c = m0 < a.m ? warp % kSplit : chunks;  // a group past M has nothing to do
-  if (c < chunks) load_chunk(a, n0, m0, c, g, t, cur);
-  for (; c < chunks; c += kSplit) {
-    if (c + kSplit < chunks) load_chunk(a, n0, m0, c + kSplit, g, t, nxt);
-    multiply(cur, iacc);
-    if constexpr (KG) fold(cur, iacc, facc);
-    cur = nxt;
-  }
-
   // c0 = C[g][2t], c1 = C[g][2t + 1], c2 = C[g + 8][2t], c3 = C[g + 8][2t + 1] of each 16 x 8 tile
 #pragma unroll
   for (int i = 0; i < RT; ++i)
@@ -196,6 +165,49 @@ __global__ void __launch_bounds__(kThreads, TG) gemm_skinny_kernel(const zq_gemm
     }
     store_out<OutT>(a, m, n, v);
   }
+}
+
+// TG token groups: the warps split into TG groups of kWarps / TG, group i multiplying tokens 8 NT i .. by every
+// k chunk its warps take (split-K over kWarps / TG); a group's weight reads after the first come from L2. TG blocks an
+// SM are asked of the register allocator (TG = 2: <= 128 registers a thread). F8: FP8 E4M3 operands (WBITS 8, row
+// scales), fp32 accumulators.
+// Before its wait the block asks L2 for its weight rows when they lie within the first `prefetch` bytes of the
+// weight (weight_rows): under PDL they stream in while the kernel ahead runs. Budget 0 unless set (launch.cu: measured
+// no faster).
+template <int RT, int NT, int TG, int WBITS, bool KG, class OutT, bool F8 = false>
+__global__ void __launch_bounds__(kThreads, TG) gemm_skinny_kernel(const zq_gemm_args a, int64_t prefetch) {
+  zq::pdl_begin(weight_rows(a, (int64_t)blockIdx.x * 16 * RT, 16 * RT, WBITS, prefetch));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  static_assert(!F8 || (WBITS == 8 && !KG), "FP8 weights: one byte a weight, row scales");
+  using Acc = std::conditional_t<F8, float, int>;
+  constexpr int R = 16 * RT, MP = 8 * NT, kSplit = kWarps / TG;
+  static_assert(kWarps % TG == 0, "whole warp groups");
+  __shared__ uint32_t red[kWarps][R][MP + 1];  // the warps' partial tiles (reduce_store)
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t n0 = (int64_t)blockIdx.x * R;
+  const int64_t chunks = a.k / kChunk;
+
+  Acc iacc[RT][NT][4];
+  float facc[RT][NT][4];
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) iacc[i][j][r] = 0, facc[i][j][r] = 0.f;
+
+  const int m0 = MP * (warp / kSplit);  // the warp's first token
+  Chunk<RT, NT, WBITS, KG> cur, nxt;
+  int64_t c = m0 < a.m ? warp % kSplit : chunks;  // a group past M has nothing to do
+  if (c < chunks) load_chunk(a, n0, m0, c, g, t, cur);
+  for (; c < chunks; c += kSplit) {
+    if (c + kSplit < chunks) load_chunk(a, n0, m0, c + kSplit, g, t, nxt);
+    multiply(cur, iacc);
+    if constexpr (KG) fold(cur, iacc, facc);
+    cur = nxt;
+  }
+
+  reduce_store<RT, NT, TG, WBITS, KG, OutT, F8>(a, red, iacc, facc, n0, warp, g, t);
 #endif
 }
 
@@ -204,7 +216,7 @@ cudaError_t launch(const zq_gemm_args& a, cudaStream_t stream) {
   const int64_t blocks = a.n / (16 * RT);
   if (blocks > INT32_MAX) return cudaErrorNotSupported;
   return zq::launch(gemm_skinny_kernel<RT, NT, TG, WBITS, KG, OutT, F8>, dim3((unsigned)blocks), dim3(kThreads), 0,
-                    stream, a);
+                    stream, a, zq::gemm_prefetch_bytes());
 }
 
 // Token tiles a warp (NT) from the tokens of its group.

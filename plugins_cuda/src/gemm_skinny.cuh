@@ -12,6 +12,7 @@
 #include "mma_sm80.cuh"
 #include "zq/device_math.cuh"
 #include "zq/gemm.h"
+#include "zq/launch.cuh"
 
 namespace zq::skinny {
 
@@ -26,6 +27,16 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
+}
+
+// Weight rows n0 .. n0 + rows of the block (contiguous: the weight is [N, K] row-major) as an L2 prefetch when
+// they end within `budget` bytes of the weight's start (the first blocks of the grid, those that run first), else
+// none. Kernel arguments only: no memory is read before the wait.
+__device__ __forceinline__ zq::L2Prefetch weight_rows(const zq_gemm_args& a, int64_t n0, int rows, int wbits,
+                                                     int64_t budget) {
+  const int64_t row_bytes = a.k * wbits / 8, begin = n0 * row_bytes, bytes = rows * row_bytes;
+  if (begin + bytes > budget || bytes > UINT32_MAX) return {nullptr, 0};
+  return {static_cast<const uint8_t*>(a.wq) + begin, (uint32_t)bytes};
 }
 
 // One lane's raw bytes of a 16-row weight chunk: 32 k of rows g and g + 8 (INT8: 8 words, INT4: 4 words a row)

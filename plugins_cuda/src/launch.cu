@@ -5,7 +5,8 @@
 
 namespace zq {
 
-static int g_pdl = -1;  // zq_set_pdl
+static int g_pdl = -1;              // zq_set_pdl
+static int64_t g_gemm_prefetch = -1;  // zq_set_gemm_prefetch
 
 bool pdl_enabled() {
   if (g_pdl == 0) return false;
@@ -13,6 +14,12 @@ bool pdl_enabled() {
   return current_device_info(&dev) && dev.cc_major >= 9;
 }
 
+// The library's choice: none. Measured on the H200 (8B / 1B W8A8 decode, budgets of 1, 4, 12 and 25 MB against
+// none in one process, bench/results/decode_scale_*_prefetch_sweep_H200.md) the prefetch never helped and cost
+// 4-8 % from 12 MB: its traffic lands on the row kernel ahead, which is latency-bound and on the critical path.
+int64_t gemm_prefetch_bytes() { return g_gemm_prefetch > 0 ? g_gemm_prefetch : 0; }
+
 }  // namespace zq
 
 ZQ_API void zq_set_pdl(int mode) { zq::g_pdl = mode < 0 ? -1 : (mode > 0 ? 1 : 0); }
+ZQ_API void zq_set_gemm_prefetch(int64_t bytes) { zq::g_gemm_prefetch = bytes < 0 ? -1 : bytes; }

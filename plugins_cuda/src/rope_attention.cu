@@ -2,6 +2,8 @@
 // forms are launch-bound: a dozen elementwise kernels for the rotary embedding, and repeat_kv copies of the
 // whole cache before SDPA. Here each is one launch, the KV heads are read in place (h / group), and the
 // cache slots the mask excludes (most of a preallocated cache early in generation) are never loaded.
+#include <cooperative_groups.h>
+
 #include "zq/attention.h"
 #include "zq/device_math.cuh"
 #include "zq/row_vec.cuh"
@@ -249,6 +251,18 @@ constexpr size_t kSplitStaticSmem = sizeof(float) * kAttnThreads * kPack * kSpli
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Merging in the cluster (sm_90+): 2..kClusterMaxSplits splits of a (batch row, KV head) run as one thread-block
+// cluster and merge their states through distributed shared memory, with no workspace and no combine kernel
+// (zq_set_attention_merge: -1 = there, 0 = always the combine kernel, for A/B).
+constexpr int64_t kClusterMaxSplits = 8;  // the portable cluster size
+static int g_attention_merge = -1;
+
+inline bool merge_in_cluster(int64_t splits) {
+  if (splits <= 1 || splits > kClusterMaxSplits || g_attention_merge == 0) return false;
+  DeviceInfo info;
+  return current_device_info(&info) && info.cc_major >= 9;
+}
+
 // Largest chunk whose scores of `group` heads stay within 32 KB (and kSplitMaxChunk), a multiple of 16.
 inline int64_t split_chunk_cap(int64_t group) {
   const int64_t cap = (8192 / group) / kSplitChunkAlign * kSplitChunkAlign;
@@ -265,6 +279,9 @@ inline int64_t split_chunk(int64_t b, int64_t hq, int64_t hkv, int64_t l, int64_
     splits = ceil_div(2 * sms, b * hkv);
     const int64_t most = ceil_div(l, kSplitMinChunk);
     if (splits > most) splits = most;
+    // a cache of <= 8 x 64 slots: at most 8 splits of up to 64, merged in the cluster (one kernel, no combine)
+    if (splits > kClusterMaxSplits && l <= kClusterMaxSplits * 2 * kSplitMinChunk && merge_in_cluster(2))
+      splits = kClusterMaxSplits;
     if (splits < 1) splits = 1;
   }
   int64_t chunk = ceil_div(ceil_div(l, splits), kSplitChunkAlign) * kSplitChunkAlign;
@@ -288,7 +305,7 @@ inline size_t split_stats_bytes(int64_t rows, int64_t splits) {
 }
 
 inline size_t split_workspace_bytes(int64_t rows, int64_t splits, int64_t d) {
-  if (splits <= 1) return 0;
+  if (splits <= 1 || merge_in_cluster(splits)) return 0;
   return 2 * split_stats_bytes(rows, splits) + (size_t)(rows * splits * d) * sizeof(float);
 }
 
@@ -299,14 +316,50 @@ inline SplitWorkspace split_workspace(void* ws, int64_t rows, int64_t splits) {
           reinterpret_cast<float*>(base + 2 * stats)};
 }
 
+// The splits of one (batch row, KV head), a cluster of gridDim.x blocks, each with its heads' states in its own
+// shared memory (max m[group], sum s[group], unnormalized output o[group][d]), merged through distributed shared
+// memory: block `rank` writes elements rank * blockDim .. (stride splits * blockDim) of the group's outputs, each
+// out = sum_i e^(m_i - M) o_i / sum_i e^(m_i - M) s_i over the splits in order (deterministic), M = max_i m_i;
+// zeros where no split attended anything. The closing barrier keeps every block's states alive until all have read.
+template <class T>
+__device__ __forceinline__ void cluster_merge(float* stat_m, float* stat_s, float* o, int group, int d,
+                                              T* __restrict__ out_rows) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  const int splits = (int)cluster.num_blocks(), rank = (int)cluster.block_rank();
+  for (int e = rank * blockDim.x + threadIdx.x; e < group * d; e += splits * blockDim.x) {
+    const int g = e / d;
+    float mx = -INFINITY;
+    for (int i = 0; i < splits; ++i) mx = fmaxf(mx, cluster.map_shared_rank(stat_m, i)[g]);
+    float y = 0.f, sum = 0.f;
+    if (mx != -INFINITY) {
+      for (int i = 0; i < splits; ++i) {
+        const float mi = cluster.map_shared_rank(stat_m, i)[g];
+        const float wi = mi == -INFINITY ? 0.f : expf(mi - mx);
+        sum += wi * cluster.map_shared_rank(stat_s, i)[g];
+        y += wi * cluster.map_shared_rank(o, i)[e];
+      }
+      y *= 1.f / sum;  // sum >= 1: the split holding the max
+    }
+    out_rows[e] = from_f<T>(y);
+  }
+  cluster.sync();
+#endif
+}
+
 // kG > 0: the group has exactly kG heads and each lane holds its 8 columns of every head's q in registers
 // (read from shared memory, 8 scalar loads a head a key row, 4-way bank conflicts, phase 1 was bound by
 // shared-memory bandwidth: 0.8 TB/s at batch 16, 2K cache); kG == 0: any group, q read from shared memory.
+// in_cluster: the grid's splits are one cluster (merge_in_cluster) and merge there (cluster_merge), the block's
+// outputs kept over q's fp32 copy in shared memory.
 template <class T, int kLanes, int kG>
 __global__ void __launch_bounds__(kAttnThreads, kAttnMinBlocks)
 split_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, const T* __restrict__ k,
                        const T* __restrict__ v, const uint8_t* __restrict__ mask, int hq, int group, int hkv,
-                       int64_t l, int d, int64_t chunk, float scale, SplitWorkspace ws, T* __restrict__ out) {
+                       int64_t l, int d, int64_t chunk, float scale, SplitWorkspace ws, bool in_cluster,
+                       T* __restrict__ out) {
   zq::pdl_begin();
   extern __shared__ float dyn[];
   float* score = dyn;                      // [group][chunk]
@@ -457,6 +510,8 @@ split_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, cons
       const int64_t row = bi * hq + kvh * group + g;
       if (splits == 1) {
         out[row * d + c] = from_f<T>(stat_m[g] == -INFINITY ? 0.f : y / stat_s[g]);
+      } else if (in_cluster) {
+        qs[g * d + c] = y;  // q's fp32 copy is no longer read (phase 1 is over)
       } else {
         ws.o[(row * splits + split) * d + c] = y;
         if (c == 0) {
@@ -467,6 +522,7 @@ split_attention_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sh, cons
     }
     __syncthreads();  // part is rewritten by the next pass
   }
+  if (in_cluster) cluster_merge(stat_m, stat_s, qs, group, d, out + (bi * hq + (int64_t)kvh * group) * d);
 }
 
 // One block per (batch row, query head): merges the splits' states, in split order (deterministic).
@@ -512,11 +568,13 @@ cudaError_t launch_split_attention(const void* q, int64_t q_sb, int64_t q_sh, co
   const size_t smem = split_dyn_smem(group, chunk, d);
   cudaError_t e = allow_smem(reinterpret_cast<const void*>(kernel), smem, kSplitStaticSmem);
   if (e != cudaSuccess) return e;
-  const SplitWorkspace ws = splits > 1 ? split_workspace(workspace, b * hq, splits) : SplitWorkspace{};
-  e = zq::launch(kernel, dim3((unsigned)splits, (unsigned)hkv, (unsigned)b), dim3(kAttnThreads), smem, stream,
-                 static_cast<const T*>(q), q_sb, q_sh, static_cast<const T*>(k), static_cast<const T*>(v), mask,
-                 (int)hq, (int)group, (int)hkv, l, (int)d, chunk, scale, ws, static_cast<T*>(out));
-  if (e != cudaSuccess || splits == 1) return e;
+  const bool in_cluster = merge_in_cluster(splits);
+  const SplitWorkspace ws = splits > 1 && !in_cluster ? split_workspace(workspace, b * hq, splits) : SplitWorkspace{};
+  e = zq::launch_cluster(kernel, dim3((unsigned)splits, (unsigned)hkv, (unsigned)b), dim3(kAttnThreads),
+                         dim3(in_cluster ? (unsigned)splits : 1u, 1, 1), smem, stream, static_cast<const T*>(q), q_sb,
+                         q_sh, static_cast<const T*>(k), static_cast<const T*>(v), mask, (int)hq, (int)group,
+                         (int)hkv, l, (int)d, chunk, scale, ws, in_cluster, static_cast<T*>(out));
+  if (e != cudaSuccess || splits == 1 || in_cluster) return e;
   auto comb = combine_kernel<T>;
   const size_t csmem = sizeof(float) * (size_t)splits;
   e = allow_smem(reinterpret_cast<const void*>(comb), csmem, sizeof(float) * 32);
@@ -646,3 +704,5 @@ ZQ_API cudaError_t zq_decode_attention_split(const void* q, int64_t q_sb, int64_
                                                               l, d, scale, chunk, workspace, out, stream));
   return cudaErrorNotSupported;
 }
+
+ZQ_API void zq_set_attention_merge(int mode) { zq::g_attention_merge = mode < 0 ? -1 : (mode > 0 ? 1 : 0); }

@@ -134,19 +134,87 @@ def test_single_block_path_for_ab(attention_path):
     assert_close(out, attention_ref(ql, kl, vl, ml, 0.125), rel=5e-3)
 
 
+def captured(q, k, v, mask, scale):
+    """gqa_attention captured in a CUDA graph (after a warm-up on a side stream): (graph, its output)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        torch.ops.zq.gqa_attention(q, k, v, mask, scale)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = torch.ops.zq.gqa_attention(q, k, v, mask, scale)
+    return g, out
+
+
 def test_split_attention_in_a_cuda_graph(attention_path):
     """Captured with its workspace and combine kernel, replayed on new cache contents."""
     attention_path("split")
     q, k, v, mask = inputs(torch.float16, 128, 32, 8, 3, 4097, seed=51)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        torch.ops.zq.gqa_attention(q, k, v, mask, 0.088)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = torch.ops.zq.gqa_attention(q, k, v, mask, 0.088)
+    g, out = captured(q, k, v, mask, 0.088)
     k.copy_(cache(3, 8, 4097, 128, torch.float16, seed=52))
     g.replay()
     torch.cuda.synchronize()
     assert_close(out, attention_ref(q, k, v, mask, 0.088), rel=ATTN_REL[torch.float16])
+
+
+@pytest.fixture
+def merge():
+    """merge("cluster" | "kernel"): where split-L merges 2-8 splits, for one test."""
+    with cuda.switched("attention_merge", cuda.attention_merge):
+        yield cuda.set_attention_merge
+
+
+def cluster_merges(n_splits):
+    return 2 <= n_splits <= 8 and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.parametrize("splits", [2, 5, 8, 9])
+@pytest.mark.parametrize("dtype,d,hq,hkv,b,l", [(torch.float16, 128, 32, 8, 1, 200),
+                                               (torch.bfloat16, 64, 4, 4, 3, 4097),
+                                               (torch.float16, 128, 32, 8, 2, 33)])
+def test_merge_in_the_cluster_matches_the_combine_kernel(attention_path, merge, splits, dtype, d, hq, hkv, b, l):
+    """The same states merged in the cluster (no workspace) and by the combine kernel (through the workspace),
+    both against the fp32 reference; a chunk wholly masked (the decode mask's padding) contributes nothing."""
+    attention_path("split", splits)
+    q, k, v, mask = inputs(dtype, d, hq, hkv, b, l, seed=splits * 10 + l)
+    n = cuda._lib.zq_decode_attention_splits(b, hq, hkv, l, splits)
+    expect = attention_ref(q, k, v, mask, d ** -0.5)
+    outs = {}
+    for where in ("kernel", "cluster"):
+        merge(where)
+        nbytes = cuda._lib.zq_decode_attention_workspace_bytes(b, hq, hkv, l, d, splits)
+        assert (nbytes == 0) == (n == 1 or (where == "cluster" and cluster_merges(n))), (where, n, nbytes)
+        outs[where] = run(q, k, v, mask, d ** -0.5)
+        assert_close(outs[where], expect, rel=ATTN_REL[dtype])
+    assert_close(outs["cluster"], outs["kernel"], rel=ATTN_REL[dtype])
+
+
+def test_short_caches_take_at_most_8_splits_merged_in_the_cluster(merge):
+    """Auto choice on sm_90: batch 1 at a cache of <= 512 slots takes <= 8 splits (one cluster, no combine kernel);
+    with the combine kernel forced, the count is the SM-filling one (up to one split per 32 slots)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the cluster merge needs sm_90")
+    merge("cluster")
+    assert cuda._lib.zq_decode_attention_splits(1, 32, 8, 300, 0) <= 8
+    assert cuda._lib.zq_decode_attention_workspace_bytes(1, 32, 8, 300, 128, 0) == 0
+    assert cuda._lib.zq_decode_attention_splits(1, 32, 8, 4096, 0) > 8  # long caches: many splits, combine kernel
+    merge("kernel")
+    assert cuda._lib.zq_decode_attention_splits(1, 32, 8, 300, 0) == 10
+
+
+def test_cluster_merge_in_a_cuda_graph(attention_path, merge):
+    """Captured with the cluster merge (no workspace), replayed on new cache contents and a longer mask."""
+    attention_path("split")
+    merge("cluster")
+    b, l = 2, 256
+    q, k, v, mask = inputs(torch.float16, 128, 32, 8, b, l, seed=61)
+    g, out = captured(q, k, v, mask, 0.088)
+    for i in range(3):
+        k.copy_(cache(b, 8, l, 128, torch.float16, seed=62 + i))
+        mask.copy_(decode_mask(b, l))
+        mask[..., : 60 * i] = False
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert_close(out, attention_ref(q, k, v, mask, 0.088), rel=ATTN_REL[torch.float16])

@@ -48,8 +48,8 @@ def test_kernel_library_builds_and_loads(tmp_path):
                 "zq_dequantize_weight", "zq_rope", "zq_rope_kv", "zq_decode_attention", "zq_decode_attention_split",
                 "zq_decode_attention_splits", "zq_decode_attention_workspace_bytes", "zq_gemm_run",
                 "zq_gemm_workspace_bytes", "zq_gemm_kernel_name", "zq_gemm_kernel_available", "zq_gemm_plan_parse", "zq_gemm_plan_find",
-                "zq_set_row_split", "zq_set_pdl", "zq_gemm_sm90_fp8", "zq_gemm_sm90_fp8_config",
-                "zq_gemm_sm90_fp8_num_configs"]:
+                "zq_set_row_split", "zq_set_pdl", "zq_set_gemm_prefetch", "zq_set_attention_merge",
+                "zq_gemm_sm90_fp8", "zq_gemm_sm90_fp8_config", "zq_gemm_sm90_fp8_num_configs"]:
         assert hasattr(lib, sym), sym
     # split-L decode attention's host-side plan (no device here: 132 SMs assumed), through the binding's types
     cuda._bind(lib)
@@ -78,7 +78,9 @@ def test_every_kernel_waits_on_the_kernel_ahead_first():
             body = text.index("{", m.end())
             first = text[body + 1:].lstrip().split("\n", 1)[0]
             line = text.count("\n", 0, m.start()) + 1
-            assert first == "zq::pdl_begin();", f"{path.name}:{line}: the kernel starts with {first!r}"
+            # pdl_begin(L2Prefetch): an L2 prefetch of the kernel's own reads, then the same wait
+            assert first == "zq::pdl_begin();" or first.startswith("zq::pdl_begin(weight_rows("), \
+                f"{path.name}:{line}: the kernel starts with {first!r}"
             kernels += 1
         if path.name != "launch.cuh":
             assert "<<<" not in text, f"{path.name}: a kernel launched with <<<>>> (use zq::launch)"

@@ -10,6 +10,7 @@ the attention path counter and cuda_gemm.served say what ran.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import warnings
@@ -24,7 +25,7 @@ from zqcompile.ops import quant_math as qm
 from zqcompile.ops import registry
 from zqcompile.ops.registry import cuda_kernel
 
-ABI_VERSION = 11  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
+ABI_VERSION = 12  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # zq_dtype of the float tensors the kernels take
 FP8_E4M3 = 3  # zq_dtype ZQ_FP8_E4M3: only the x_dt of an FP8 GEMM (not in DTYPES: no kernel reads FP8 rows)
 
@@ -40,10 +41,10 @@ def _env(name: str, default: str, choices: tuple[str, ...], what: str) -> str:
     return value
 
 
-def _env_rows(name: str) -> int:
+def _env_rows(name: str, unit: str = "a row count") -> int:
     value = os.environ.get(name, "-1")
     if not value.lstrip("-").isdigit() or int(value) < -1:
-        raise ValueError(f"{name} must be -1 (the library's choice), 0 (never) or a row count, got {value!r}")
+        raise ValueError(f"{name} must be -1 (the library's choice), 0 (never) or {unit}, got {value!r}")
     return int(value)
 # (op, reason) -> calls on a CUDA tensor that took a slower path than the planned kernel: the reference
 # implementation (inputs no kernel covers), or a GEMM kernel's fallback after it declined at run time. Each new
@@ -95,6 +96,15 @@ pdl_mode = int(_env("ZQ_PDL", "-1", ("-1", "0", "1"), "programmatic dependent la
 # kernels a layer, 64 of the 68 torch kernels of an 8B batch-16 decode step). On by default: H200, 8B W8A8, same
 # engine off / on interleaved (bench/results/decode_scale_8b_act_strided_H200.md): b16 1.04x, b64 1.07x, b1 1.0x
 # (a single row is contiguous: nothing changes there). ZQ_ACT_QUANT_STRIDED=0: the copies, as before.
+# Split-L decode attention with 2-8 splits merges them inside its kernel ("cluster": the splits of a (row, KV
+# head) as one thread-block cluster, sm_90+) or with a second, combine kernel ("kernel": A/B). Set with
+# set_attention_merge (env ZQ_ATTENTION_MERGE at load).
+attention_merge = _env("ZQ_ATTENTION_MERGE", "cluster", ("cluster", "kernel"), "where split-L merges its splits")
+# The decode-shaped GEMM's L2 prefetch of its weight rows before its PDL wait (zq_set_gemm_prefetch): the blocks
+# whose rows end within this many bytes of the weight's start. -1: the library's choice (none: on the H200 no
+# budget of 1-25 MB was faster, 12 MB and more 4-8 % slower, bench/results/decode_scale_8b_prefetch_sweep_H200.md),
+# 0: none, n: n bytes (A/B). Results never change. Set with set_gemm_prefetch (env ZQ_GEMM_PREFETCH at load).
+gemm_prefetch_bytes = _env_rows("ZQ_GEMM_PREFETCH", "a byte count")
 act_quant_strided = _env("ZQ_ACT_QUANT_STRIDED", "1", ("0", "1"), "act_quant reading gate / up in place") == "1"
 CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported: the kernel declined the inputs, nothing was launched
 
@@ -105,7 +115,8 @@ def _bind(lib: ctypes.CDLL, only: tuple[str, ...] | None = None) -> None:
     P, I, I64, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     sigs = {
         "zq_abi_version": (I, []), "zq_has_sm90_gemm": (I, []), "zq_gemm_sm90_num_configs": (I, []),
-        "zq_set_row_split": (None, [I]), "zq_set_pdl": (None, [I]),
+        "zq_set_row_split": (None, [I]), "zq_set_pdl": (None, [I]), "zq_set_gemm_prefetch": (None, [I64]),
+        "zq_set_attention_merge": (None, [I]),
         "zq_error_string": (ctypes.c_char_p, [I]),
         "zq_quantize_per_token": (I, [P, I, I64, I64, P, P, P]),
         "zq_quantize_per_token_fp8": (I, [P, I, I64, I64, P, P, P]),
@@ -432,6 +443,43 @@ def set_pdl(mode: int) -> None:
         _lib.zq_set_pdl(pdl_mode)
 
 
+def set_attention_merge(where: str) -> None:
+    """Split-L attention's merge of 2-8 splits in the cluster ("cluster") or by the combine kernel ("kernel"),
+    for kernels launched (or CUDA graphs captured) after the call; process-wide."""
+    global attention_merge
+    if where not in ("cluster", "kernel"):
+        raise ValueError(f"attention merge must be 'cluster' or 'kernel', got {where!r}")
+    attention_merge = where
+    if _lib is not None:
+        _lib.zq_set_attention_merge(-1 if where == "cluster" else 0)
+
+
+def set_gemm_prefetch(nbytes: int) -> None:
+    """The decode GEMMs' L2 prefetch budget (gemm_prefetch_bytes: -1 the library's choice, 0 none) for kernels
+    launched (or CUDA graphs captured) after the call; process-wide."""
+    global gemm_prefetch_bytes
+    gemm_prefetch_bytes = int(nbytes)
+    if _lib is not None:
+        _lib.zq_set_gemm_prefetch(gemm_prefetch_bytes)
+
+
+_SWITCHES = {"pdl": ("pdl_mode", "set_pdl"), "gemm_prefetch": ("gemm_prefetch_bytes", "set_gemm_prefetch"),
+             "attention_merge": ("attention_merge", "set_attention_merge"), "row_split": ("row_split_rows", "set_row_split")}
+
+
+@contextlib.contextmanager
+def switched(name: str, value):
+    """`with switched("pdl", 0):` one of the library's process-wide switches (_SWITCHES: its module variable and
+    setter) set for the block and restored after it; A/B measurements and tests."""
+    var, setter = _SWITCHES[name]
+    before = globals()[var]
+    globals()[setter](value)
+    try:
+        yield
+    finally:
+        globals()[setter](before)
+
+
 # ---- registration --------------------------------------------------------------------------------------
 def _ref(name: str):
     """The reference implementation of op `name` (the function it was declared with), called directly so a
@@ -453,6 +501,8 @@ def register(path: Path) -> None:
     _lib, _path = lib, path
     set_row_split(row_split_rows)
     set_pdl(pdl_mode)
+    set_gemm_prefetch(gemm_prefetch_bytes)
+    set_attention_merge(attention_merge)
     for decl in registry.declared(namespace=None):
         if decl.cuda_kernel is not None:
             torch.library.register_kernel(decl.qualname, "cuda", decl.cuda_kernel)

@@ -22,11 +22,13 @@
 //
 // zq_decode_attention_split: the same contract and result for any cache length l (split-L, flash-decoding):
 //   grid (split, KV head, batch row), each block scoring `chunk` slots for every query head of its KV head
-//   (K and V read once per group), then, when there is more than one split, a combine kernel merging the
-//   splits' (max, sum, output) states in split order. splits <= 0: chosen from l and the SM count (about two
-//   blocks per SM, splits of >= 32 slots); a split takes at most 1024 slots (fewer for groups over 8 heads),
-//   so the count may be raised. zq_decode_attention_splits gives the count a call with `splits` uses;
-//   the workspace (16-byte aligned) holds zq_decode_attention_workspace_bytes(...) bytes (0 for one split).
+//   (K and V read once per group), then, when there is more than one split, the splits' (max, sum, output)
+//   states merged in split order: on sm_90+ with 2-8 splits inside the kernel (the splits of a (row, KV head)
+//   are one thread-block cluster, merging through distributed shared memory), else by a combine kernel through
+//   the workspace. splits <= 0: chosen from l and the SM count (about two blocks per SM, splits of >= 32
+//   slots); a split takes at most 1024 slots (fewer for groups over 8 heads), so the count may be raised.
+//   zq_decode_attention_splits gives the count a call with `splits` uses; the workspace (16-byte aligned) holds
+//   zq_decode_attention_workspace_bytes(...) bytes (0 for one split or a merge in the cluster).
 //   b, hkv <= 65535. cudaErrorInvalidValue when the workspace is too small.
 //
 // All return cudaErrorNotSupported, launching nothing, for inputs outside their contract (the caller falls
@@ -48,6 +50,9 @@ ZQ_API cudaError_t zq_decode_attention(const void* q, int64_t q_sb, int64_t q_sh
                                        const uint8_t* mask, zq_dtype dt, int64_t b, int64_t hq, int64_t hkv,
                                        int64_t l, int64_t d, float scale, void* out, cudaStream_t stream);
 
+// Where split-L merges 2-8 splits: -1 (default) in the cluster on sm_90+, 0 always the combine kernel (A/B,
+// tests); process-wide; read when the workspace is sized and at launch (set it before both).
+ZQ_API void zq_set_attention_merge(int mode);
 ZQ_API int64_t zq_decode_attention_splits(int64_t b, int64_t hq, int64_t hkv, int64_t l, int64_t splits);
 ZQ_API size_t zq_decode_attention_workspace_bytes(int64_t b, int64_t hq, int64_t hkv, int64_t l, int64_t d,
                                                   int64_t splits);

@@ -20,7 +20,7 @@ typedef enum { ZQ_F32 = 0, ZQ_F16 = 1, ZQ_BF16 = 2, ZQ_FP8_E4M3 = 3 } zq_dtype;
 typedef enum { ZQ_ACT_NONE = 0, ZQ_ACT_GELU = 1, ZQ_ACT_GELU_TANH = 2, ZQ_ACT_RELU = 3, ZQ_ACT_SILU = 4 } zq_act;
 
 // Library version, bumped when a launch signature changes (the binding checks it).
-#define ZQ_ABI_VERSION 11
+#define ZQ_ABI_VERSION 12
 ZQ_API int zq_abi_version(void);
 // Per-token row kernels (quantize_per_token, norm_quant, act_quant) on sm_90+: rows at or under which a long
 // row (K > 1024) is split over a cluster of 8 blocks. -1 (default): the library's choice (act_quant only, 8 x
@@ -31,6 +31,11 @@ ZQ_API void zq_set_row_split(int max_rows);
 // the device supports it, 0 = off (every kernel waits for the one ahead to finish before it is scheduled). For
 // A/B measurements; process-wide; a CUDA graph keeps the launches it captured.
 ZQ_API void zq_set_pdl(int mode);
+// The decode-shaped GEMM (zq_gemm_skinny) asks L2 to prefetch its blocks' weight rows before it waits on the
+// kernel ahead (programmatic dependent launch), for the blocks whose rows end within `bytes` of the weight's
+// start: -1 (default) = the library's choice (none: measured slower on the H200), 0 = none, n = n bytes. Results
+// do not change. For A/B measurements; process-wide; a CUDA graph keeps the value its launches were captured with.
+ZQ_API void zq_set_gemm_prefetch(int64_t bytes);
 // 1 when the Hopper (CUTLASS 3 sm90, wgmma) INT8 and FP8 GEMMs were compiled in.
 ZQ_API int zq_has_sm90_gemm(void);
 // Text of a cudaError_t returned by a launch function.
