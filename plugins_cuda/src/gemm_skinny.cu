@@ -433,7 +433,7 @@ ZQ_API cudaError_t zq_gemm_skinny_config(const zq_gemm_args* a, int cfg, cudaStr
     if (cfg == 2) return Launch<1, 2>::run_fp8(*a, stream);
     return cfg == 1 ? Launch<2, 1>::run_fp8(*a, stream) : Launch<1, 1>::run_fp8(*a, stream);
   }
-  if (cfg == 3 && (dev.cc_major < 9 || a->n % cl::kRows)) return cudaErrorNotSupported;
+  if (cfg == 3 && (!zq::sm90_code() || a->n % cl::kRows)) return cudaErrorNotSupported;
   if (cfg == 3) return zq::launch_by_type<cl::Launch3>(*a, stream);
   if (cfg == 4) return wg::run(*a, stream);
   if (cfg == 2) return zq::launch_by_type<Launch<1, 2>>(*a, stream);

@@ -8,6 +8,25 @@ namespace zq {
 static int g_pdl = -1;              // zq_set_pdl
 static int64_t g_gemm_prefetch = -1;  // zq_set_gemm_prefetch
 
+// Compiled like every kernel of the library (one architecture list), so its binary version says which code the
+// current device runs.
+__global__ void arch_probe_kernel() {
+  zq::pdl_begin();
+}
+
+bool sm90_code() {
+  DeviceInfo dev;
+  if (!current_device_info(&dev) || dev.cc_major < 9) return false;
+  static int version[64] = {};  // per device: 0 = not asked yet, -1 = unknown
+  int& v = version[dev.device];
+  if (v == 0) {
+    cudaFuncAttributes fa;
+    v = cudaFuncGetAttributes(&fa, reinterpret_cast<const void*>(arch_probe_kernel)) == cudaSuccess ? fa.binaryVersion
+                                                                                                    : -1;
+  }
+  return v >= 90;
+}
+
 bool pdl_enabled() {
   if (g_pdl == 0) return false;
   DeviceInfo dev;

@@ -63,7 +63,7 @@ static int g_split_rows = -1;  // zq_set_row_split
 bool split_rows(int64_t rows, bool by_default) {
   DeviceInfo dev;
   if (g_split_rows == 0 || (g_split_rows < 0 && !by_default) || rows > 65535 || !current_device_info(&dev) ||
-      dev.cc_major < 9)
+      !sm90_code())
     return false;
   return rows <= (g_split_rows > 0 ? g_split_rows : 2 * dev.sm_count / kSplit);
 }

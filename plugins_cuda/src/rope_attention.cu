@@ -258,9 +258,7 @@ constexpr int64_t kClusterMaxSplits = 8;  // the portable cluster size
 static int g_attention_merge = -1;
 
 inline bool merge_in_cluster(int64_t splits) {
-  if (splits <= 1 || splits > kClusterMaxSplits || g_attention_merge == 0) return false;
-  DeviceInfo info;
-  return current_device_info(&info) && info.cc_major >= 9;
+  return splits > 1 && splits <= kClusterMaxSplits && g_attention_merge != 0 && sm90_code();
 }
 
 // Largest chunk whose scores of `group` heads stay within 32 KB (and kSplitMaxChunk), a multiple of 16.

@@ -58,6 +58,11 @@ __device__ __forceinline__ void pdl_begin(L2Prefetch pf) {
 // is sm_90+, 0 = never, 1 = on sm_90+ too; the attribute needs compute capability 9.0).
 bool pdl_enabled();
 
+// Host: whether the current device is sm_90+ and runs the library's sm_90 code (not an older architecture's
+// build of it): the kernels' thread-block-cluster paths are compiled for sm_90 only, so their hosts ask this,
+// not the device's compute capability alone.
+bool sm90_code();
+
 // Host: how many bytes from the start of a weight the decode GEMMs prefetch into L2 before their wait
 // (zq_set_gemm_prefetch: -1 = the library's choice, 0 = none, n = the blocks whose rows end within n bytes).
 int64_t gemm_prefetch_bytes();

@@ -207,7 +207,7 @@ template <bool kMax> __device__ __forceinline__ float split_reduce(float v, floa
   cluster.sync();
   return acc;
 #else
-  return v;  // not compiled for sm_90: the host never launches the split layout there
+  return v;  // not compiled for sm_90: the host never launches the split layout there (split_rows: sm90_code)
 #endif
 }
 template <int kRow> __device__ __forceinline__ float row_sum(float v, float* red) {
