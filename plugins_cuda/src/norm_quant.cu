@@ -4,25 +4,11 @@
 // vector path (zq/row_vec.cuh) keeps the row in registers; the scalar kernel (row cached in shared memory) takes
 // the other shapes and pointers.
 #include "zq/device_math.cuh"
+#include "zq/norm_affine.cuh"
 #include "zq/norm_quant.h"
 #include "zq/row_vec.cuh"
 
 namespace zq {
-
-// The normalised, scaled output of one element, rounded to T (kRound; the vector kernel leaves the last rounding
-// to pack<T>, which rounds the same way); shared by both kernels so they round alike.
-// The bias add is an explicit fma: what nvcc contracts `t * w + b` to, and what torch's layer_norm computes.
-template <class T, bool kRms, bool kRound = true>
-__device__ __forceinline__ float norm_affine(float h, float mean, float rstd, float w, float b, bool has_bias) {
-  float y;
-  if constexpr (kRms) {
-    y = w * round_to<T>(h * rstd);
-  } else {
-    const float t = (h - mean) * rstd;
-    y = has_bias ? __fmaf_rn(t, w, b) : t * w;
-  }
-  return kRound ? round_to<T>(y) : y;
-}
 
 template <class C, class T, bool kRms>
 __global__ void norm_quant_kernel(const T* __restrict__ x, const T* __restrict__ residual,
