@@ -147,7 +147,10 @@ for stage in "$@"; do
       ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout "$(left)" "$PY" -m pytest -q -p no:cacheprovider \
         ${TEST_WORKERS:+-n "$TEST_WORKERS" --dist loadfile} tests/gpu/test_gemm_skinny_rmsnorm.py \
         tests/gpu/test_gemm_skinny.py tests/gpu/test_kernels.py > "$OUT/gpu_tests_rmsnorm.txt" 2>&1
-      r=$?; tail -3 "$OUT/gpu_tests_rmsnorm.txt"; [ $r -eq 0 ] || rc=$r ;;
+      r=$?; tail -3 "$OUT/gpu_tests_rmsnorm.txt"
+      if [ $r -eq 0 ]; then  # then one kernel vs norm_quant + the GEMM, in a graph (bench/bench_gemm.py --rmsnorm)
+        timeout "$(left)" "$PY" bench/bench_gemm.py --rmsnorm --out "$OUT" || rc=$?
+      else rc=$r; fi ;;
     8b-ab | 1b-ab)  # each zq row A/B'd in the same process: GEMM prefetch none / half the L2 / every block, and
                     # split-L's merge by the combine kernel / in the cluster
       shape=${stage%%-*}
