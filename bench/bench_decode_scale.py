@@ -22,7 +22,6 @@ The device calls of issue 13, in order: scripts/gpu_issue13.sh (bench/NOTES_kern
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import statistics
@@ -241,19 +240,27 @@ def bench_rows(model, shape: str, engine_name: str, args, peak, rows: list[dict]
         free(args.device)
 
 
-def interleaved_ab(engine, run, ids, args, name: str, off, on) -> dict:
-    """The same engine under `off()` then `on()` (context managers), twice, interleaved, its decode graphs
+def measure_under(engine, run, ids, args, modes) -> dict:
+    """Decode ms of the same engine under each (key, context manager) of `modes`, in order, its decode graphs
     re-captured under each (the previous graphs and their memory pool released first, as before the row's first
-    measurement): decode ms of each and off / on, keys decode_ms_<name>_{off,on,off2,on2}."""
+    measurement): {key: ms}."""
     out = {}
     try:
-        for tag, ctx in (("off", off), ("on", on), ("off2", off), ("on2", on)):
+        for key, ctx in modes:
             with ctx():
                 engine._generator.reset_runners()
                 free(args.device)
-                out[f"decode_ms_{name}_{tag}"] = measure(run, ids, args.new, args.device, args.repeat)["decode_ms"]
+                out[key] = measure(run, ids, args.new, args.device, args.repeat)["decode_ms"]
     finally:
         engine._generator.reset_runners()  # graphs captured under the last mode: the next call re-captures
+    return out
+
+
+def interleaved_ab(engine, run, ids, args, name: str, off, on) -> dict:
+    """The same engine under `off()` then `on()` (context managers), twice, interleaved (measure_under): decode ms
+    of each and off / on, keys decode_ms_<name>_{off,on,off2,on2}."""
+    out = measure_under(engine, run, ids, args, [(f"decode_ms_{name}_{tag}", ctx) for tag, ctx in (
+        ("off", off), ("on", on), ("off2", off), ("on2", on))])
     out[f"{name}_speedup"] = (out[f"decode_ms_{name}_off"] + out[f"decode_ms_{name}_off2"]) / (
         out[f"decode_ms_{name}_on"] + out[f"decode_ms_{name}_on2"])
     return out
@@ -286,18 +293,10 @@ def merge_ab(engine, run, ids, args) -> dict:
 def prefetch_sweep(engine, run, ids, args) -> dict:
     """The decode GEMMs' L2 prefetch of their weight rows before the PDL wait, at each budget of
     --prefetch-budgets (bytes from a weight's start; 0 none, -1 the library's choice), interleaved, twice, the
-    decode graphs re-captured under each: keys decode_ms_prefetch_<budget>_<round>."""
-    out = {}
-    try:
-        for rnd in (1, 2):
-            for budget in args.prefetch_budgets:
-                with switched("gemm_prefetch", budget):
-                    engine._generator.reset_runners()
-                    free(args.device)
-                    out[f"decode_ms_prefetch_{budget}_{rnd}"] = measure(run, ids, args.new, args.device,
-                                                                        args.repeat)["decode_ms"]
-    finally:
-        engine._generator.reset_runners()
+    decode graphs re-captured under each (measure_under): keys decode_ms_prefetch_<budget>_<round>."""
+    out = measure_under(engine, run, ids, args, [
+        (f"decode_ms_prefetch_{budget}_{rnd}", lambda budget=budget: switched("gemm_prefetch", budget))
+        for rnd in (1, 2) for budget in args.prefetch_budgets])
     out["prefetch_budgets"] = list(args.prefetch_budgets)
     return out
 

@@ -23,20 +23,22 @@ inline cudaError_t sm80_device(int cfg, int num_configs, DeviceInfo* dev) {
   return cudaSuccess;
 }
 
-template <class Launch, class OutT>
-cudaError_t launch_by_weights(const zq_gemm_args& a, cudaStream_t stream) {
+template <class Launch, class OutT, class... Extra>
+cudaError_t launch_by_weights(const zq_gemm_args& a, cudaStream_t stream, const Extra&... extra) {
   const bool kg = a.groups > 1;
   if (a.w_bits == 4)
-    return kg ? Launch::template run<4, true, OutT>(a, stream) : Launch::template run<4, false, OutT>(a, stream);
-  return kg ? Launch::template run<8, true, OutT>(a, stream) : Launch::template run<8, false, OutT>(a, stream);
+    return kg ? Launch::template run<4, true, OutT>(a, stream, extra...)
+              : Launch::template run<4, false, OutT>(a, stream, extra...);
+  return kg ? Launch::template run<8, true, OutT>(a, stream, extra...)
+            : Launch::template run<8, false, OutT>(a, stream, extra...);
 }
 
-// Launch::template run<WBITS, KG, OutT>(a, stream) for a's w_bits (8 or 4), K groups (groups > 1) and out_dt
-// (fp16, else bf16: the callers' contracts take only those).
-template <class Launch>
-cudaError_t launch_by_type(const zq_gemm_args& a, cudaStream_t stream) {
-  return a.out_dt == ZQ_F16 ? launch_by_weights<Launch, __half>(a, stream)
-                            : launch_by_weights<Launch, __nv_bfloat16>(a, stream);
+// Launch::template run<WBITS, KG, OutT>(a, stream, extra...) for a's w_bits (8 or 4), K groups (groups > 1) and
+// out_dt (fp16, else bf16: the callers' contracts take only those).
+template <class Launch, class... Extra>
+cudaError_t launch_by_type(const zq_gemm_args& a, cudaStream_t stream, const Extra&... extra) {
+  return a.out_dt == ZQ_F16 ? launch_by_weights<Launch, __half>(a, stream, extra...)
+                            : launch_by_weights<Launch, __nv_bfloat16>(a, stream, extra...);
 }
 
 }  // namespace zq

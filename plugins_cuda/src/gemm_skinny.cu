@@ -423,8 +423,8 @@ cudaError_t launch(const zq_gemm_args& a, const NormArgs& na, const RowLaunch& l
 // 32 weight rows a block where N / 32 still covers every SM (configuration 1's rule at M <= 16), else 16.
 struct Launch {
   template <int WBITS, bool KG, class T>
-  static cudaError_t run(const zq_gemm_args& a, const NormArgs& na, const RowLaunch& l, int sm_count,
-                         cudaStream_t stream) {
+  static cudaError_t run(const zq_gemm_args& a, cudaStream_t stream, const NormArgs& na, const RowLaunch& l,
+                         int sm_count) {
     if (a.n % 32 == 0 && a.n / 32 >= sm_count) return launch<2, WBITS, KG, T>(a, na, l, stream);
     return launch<1, WBITS, KG, T>(a, na, l, stream);
   }
@@ -595,21 +595,31 @@ int pick_config(int64_t m, int64_t n, int sm_count) {
 
 }  // namespace zq::skinny
 
+namespace zq::skinny {
+// What zq_gemm_skinny_config and zq_gemm_skinny_rmsnorm both need of their INT8 / INT4 weights (row scales with K
+// within the exact int32 sum, or K groups of a multiple of 128), out (fp16 / bf16, 2-byte aligned, with the bias
+// and the residual) and shape (K a multiple of 128, N of 16).
+inline bool int_weights(const zq_gemm_args& a) {
+  return (a.w_bits == 8 || a.w_bits == 4) && a.groups >= 1 && a.k % a.groups == 0 &&
+         (a.groups == 1 ? a.k <= kMaxRowK : (a.k / a.groups) % kChunk == 0);
+}
+inline bool shape_and_out(const zq_gemm_args& a) {
+  using zq::misaligned;
+  return (a.out_dt == ZQ_F16 || a.out_dt == ZQ_BF16) && a.k != 0 && a.k % kChunk == 0 && a.n % 16 == 0 && a.w_scale &&
+         !misaligned(a.wq, 16) && !misaligned(a.out, 2) && !misaligned(a.residual, 2) && !misaligned(a.bias, 2);
+}
+}  // namespace zq::skinny
+
 ZQ_API cudaError_t zq_gemm_skinny_config(const zq_gemm_args* a, int cfg, cudaStream_t stream) {
   using namespace zq::skinny;
   using zq::misaligned;
   if (a->m < 0 || a->n < 0 || a->k < 0) return cudaErrorInvalidValue;
-  const int64_t group_k = a->groups > 0 ? a->k / a->groups : 0;
   // The operands' formats: FP8 E4M3 x E4M3 with row scales (configurations 0-2, compute capability 9.0+), or
-  // int8 x INT8 / INT4 with row scales (K within the exact int32 sum) or K groups of a multiple of 128.
+  // int8 x INT8 / INT4 (int_weights).
   const bool fp8 = a->w_fp8;
   const bool formats = fp8 ? a->x_dt == ZQ_FP8_E4M3 && !a->x_is_int8 && a->w_bits == 8 && a->groups == 1
-                           : a->x_is_int8 && (a->w_bits == 8 || a->w_bits == 4) && a->groups >= 1 &&
-                                 a->k % a->groups == 0 &&
-                                 (a->groups == 1 ? a->k <= kMaxRowK : group_k % kChunk == 0);
-  if (!formats || (a->out_dt != ZQ_F16 && a->out_dt != ZQ_BF16) || a->m > kMaxM || a->k == 0 || a->k % kChunk ||
-      a->n % 16 || !a->x_scale || !a->w_scale || misaligned(a->x, 16) || misaligned(a->wq, 16) ||
-      misaligned(a->out, 2) || misaligned(a->residual, 2) || misaligned(a->bias, 2))
+                           : a->x_is_int8 && int_weights(*a);
+  if (!formats || !shape_and_out(*a) || a->m > kMaxM || !a->x_scale || misaligned(a->x, 16))
     return cudaErrorNotSupported;
   zq::DeviceInfo dev;
   if (const cudaError_t e = zq::sm80_device(cfg, kNumConfigs, &dev); e != cudaSuccess) return e;
@@ -644,14 +654,9 @@ ZQ_API cudaError_t zq_gemm_skinny_rmsnorm(const zq_gemm_args* a, const void* x, 
                                           const void* gamma, float eps, void* hsum, int8_t* q, float* scale,
                                           cudaStream_t stream) {
   using namespace zq::skinny;
-  using zq::misaligned;
   if (a->m < 0 || a->n < 0 || a->k < 0) return cudaErrorInvalidValue;
-  const int64_t group_k = a->groups > 0 ? a->k / a->groups : 0;
-  const bool formats = !a->w_fp8 && (a->w_bits == 8 || a->w_bits == 4) && a->groups >= 1 && a->k % a->groups == 0 &&
-                       (a->groups == 1 ? a->k <= kMaxRowK : group_k % kChunk == 0);
-  if (!formats || (a->out_dt != ZQ_F16 && a->out_dt != ZQ_BF16) || a->m > 8 || a->k == 0 || a->k % kChunk ||
-      a->n % 16 || !a->w_scale || !x || !gamma || misaligned(a->wq, 16) || misaligned(a->out, 2) ||
-      misaligned(a->residual, 2) || misaligned(a->bias, 2) || (q != nullptr) != (scale != nullptr))
+  if (a->w_fp8 || !int_weights(*a) || !shape_and_out(*a) || a->m > 8 || !x || !gamma ||
+      (q != nullptr) != (scale != nullptr))
     return cudaErrorNotSupported;
   zq::DeviceInfo dev;
   if (const cudaError_t e = zq::sm80_device(0, kNumConfigs, &dev); e != cudaSuccess) return e;
@@ -662,17 +667,5 @@ ZQ_API cudaError_t zq_gemm_skinny_rmsnorm(const zq_gemm_args* a, const void* x, 
       l.layout != zq::kBlockRow || l.threads > kThreads)
     return cudaErrorNotSupported;
   const nq::NormArgs na{x, residual, gamma, eps, hsum, q, scale};
-  const bool kg = a->groups > 1;
-  if (a->out_dt == ZQ_F16) {
-    if (a->w_bits == 4)
-      return kg ? nq::Launch::run<4, true, __half>(*a, na, l, dev.sm_count, stream)
-                : nq::Launch::run<4, false, __half>(*a, na, l, dev.sm_count, stream);
-    return kg ? nq::Launch::run<8, true, __half>(*a, na, l, dev.sm_count, stream)
-              : nq::Launch::run<8, false, __half>(*a, na, l, dev.sm_count, stream);
-  }
-  if (a->w_bits == 4)
-    return kg ? nq::Launch::run<4, true, __nv_bfloat16>(*a, na, l, dev.sm_count, stream)
-              : nq::Launch::run<4, false, __nv_bfloat16>(*a, na, l, dev.sm_count, stream);
-  return kg ? nq::Launch::run<8, true, __nv_bfloat16>(*a, na, l, dev.sm_count, stream)
-            : nq::Launch::run<8, false, __nv_bfloat16>(*a, na, l, dev.sm_count, stream);
+  return zq::launch_by_type<nq::Launch>(*a, stream, na, l, dev.sm_count);
 }

@@ -1,9 +1,9 @@
 """The decode GEMM's L2 prefetch of its weight rows before its programmatic-dependent-launch wait
 (zq_set_gemm_prefetch, zq/launch.cuh pdl_begin(L2Prefetch); off by default, measured slower) never changes a
 result: the same bits with no prefetch, the library's choice, a budget that stops after the first block and every
-block, for configurations 0-2 of zq_gemm_skinny; and a weight written by the kernel right ahead of the GEMM on the stream (a zq
-quantize_per_token launched with PDL, so the GEMM's blocks issue their prefetch while it writes) is read as
-written, replay after replay of a CUDA graph. Runs on a CUDA machine with the library built; skips elsewhere."""
+block, for configurations 0-2 of zq_gemm_skinny; and a weight written by the kernel right ahead of the GEMM on
+the stream (a zq quantize_per_token launched with PDL, so the GEMM's blocks issue their prefetch while it writes)
+is read as written, replay after replay of a CUDA graph. Runs on a CUDA machine with the library built; skips elsewhere."""
 from __future__ import annotations
 
 import pytest

@@ -464,7 +464,8 @@ def set_gemm_prefetch(nbytes: int) -> None:
 
 
 _SWITCHES = {"pdl": ("pdl_mode", "set_pdl"), "gemm_prefetch": ("gemm_prefetch_bytes", "set_gemm_prefetch"),
-             "attention_merge": ("attention_merge", "set_attention_merge"), "row_split": ("row_split_rows", "set_row_split")}
+             "attention_merge": ("attention_merge", "set_attention_merge"),
+             "row_split": ("row_split_rows", "set_row_split")}
 
 
 @contextlib.contextmanager
