@@ -211,67 +211,6 @@ def decode_table(cuda_mod, out: Path, tag: str, names: list[str], ms: list[int] 
     (out / f"gemm_decode_{tag}{suffix}.md").write_text("\n".join(lines) + "\n")
 
 
-RMSNORM_SHAPES = [(4096, 6144), (4096, 28672), (2048, 3072), (2048, 16384)]  # 8B / 1B qkv and gate+up: K x N
-
-
-def rmsnorm_table(cuda_mod, out: Path, tag: str) -> None:
-    """The decode GEMM with RMSNorm + quantization in its prologue (zq_gemm_skinny_rmsnorm) against the two kernels
-    it replaces (zq_norm_quant, then the library's skinny pick), both in one CUDA graph over distinct weight copies,
-    with the library's launch attributes (PDL); the outputs compared bit for bit first."""
-    from zqcompile.plugins import cuda as lib
-    meta = run_meta("CUDA graph over distinct weight copies (>= 160 MiB: L2 defeated), median of 15 replays; "
-                    "two = zq_norm_quant (residual add, RMSNorm, INT8 codes) + zq_gemm_skinny; one = "
-                    "zq_gemm_skinny_rmsnorm; outputs equal bit for bit (checked)")
-    rows = []
-    for k, n in RMSNORM_SHAPES:
-        for bits, group in ((8, None), (4, 128)):
-            w = torch.randn(n, k, device="cuda") * 0.05
-            wbytes = n * k * bits // 8
-            copies = max(2, min(32, -(-L2_DEFEAT_BYTES // wbytes)))
-            gran = "k_groups" if group else "row_groups"
-            wqs = [qm.quantize_weight(w * (1 + 0.01 * i), bits, gran, group_size=group) for i in range(copies)]
-            gamma = (1 + 0.1 * torch.randn(k, device="cuda")).half()
-            for m in (1, 2, 4, 8):
-                x = torch.randn(m, k, device="cuda").half()
-                res = torch.randn(m, k, device="cuda").half()
-                q = torch.empty(m, k, dtype=torch.int8, device="cuda")
-                sc = torch.empty(m, device="cuda")
-                hsum = torch.empty_like(x)
-                outs = [torch.empty(m, n, dtype=torch.float16, device="cuda") for _ in range(copies)]
-                fused = torch.empty_like(outs[0])
-
-                def two(i):
-                    lib._check(lib._lib.zq_norm_quant(x.data_ptr(), res.data_ptr(), gamma.data_ptr(), None,
-                                                      lib.DTYPES[torch.float16], m, k, 1e-5, 1, q.data_ptr(),
-                                                      sc.data_ptr(), None, hsum.data_ptr(), lib._stream(x)), "nq")
-                    cuda_mod.run_gemm("skinny", q, sc, wqs[i][0], wqs[i][1], None, None, "none", bits, outs[i])
-
-                def one(i, dst=None):
-                    rc = cuda_mod.launch_gemm_rmsnorm(x, res, gamma, 1e-5, wqs[i][0], wqs[i][1], None, None, "none",
-                                                      bits, outs[i] if dst is None else dst, hsum=hsum)
-                    lib._check(rc, "gemm_skinny_rmsnorm")
-
-                two(0)
-                one(0, fused)
-                torch.cuda.synchronize()
-                r = {"k": k, "n": n, "m": m, "weights": f"int{bits}" + (f"g{group}" if group else ""),
-                     "same_bits": bool(torch.equal(fused, outs[0]))}
-                r["two_us"] = 1e3 * time_graph(two, copies)
-                r["one_us"] = 1e3 * time_graph(one, copies)
-                r["speedup"] = r["two_us"] / r["one_us"]
-                rows.append(r)
-                print(f"K={k} N={n} M={m} {r['weights']}: two kernels {r['two_us']:.1f} us, one {r['one_us']:.1f} "
-                      f"us ({r['speedup']:.2f}x){'' if r['same_bits'] else '  DIFFERENT BITS'}", flush=True)
-            wqs.clear()
-    (out / f"gemm_rmsnorm_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"# Decode GEMM with RMSNorm + quantization in its prologue — {meta['device']}", "",
-             f"`{meta['command']}`; {meta['method']}", "", "| K | N | M | weights | two kernels µs | one µs | "
-             "speedup | same bits |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['k']} | {r['n']} | {r['m']} | {r['weights']} | {r['two_us']:.1f} | {r['one_us']:.1f} | "
-              f"{r['speedup']:.2f} | {r['same_bits']} |" for r in rows]
-    (out / f"gemm_rmsnorm_{tag}.md").write_text("\n".join(lines) + "\n")
-
-
 def l2_copies(m: int, k: int, n: int) -> int:
     """Distinct weight copies per graph: enough fp16 weight bytes to defeat L2 (2 when x dominates)."""
     return max(1, min(32, -(-L2_DEFEAT_BYTES // (n * k * 2)))) if m * k < 64 * n * k else 2
@@ -327,20 +266,16 @@ def main() -> None:
                     help="--decode: weight formats, of int8, int4g128, int4 (row scales), int8g128")
     ap.add_argument("--ms", default="", help="--decode: only these M (comma-separated)")
     ap.add_argument("--kernels", default="", help="--decode: only these kernels (e.g. sm90,skinny2,skinny4)")
-    ap.add_argument("--rmsnorm", action="store_true",
-                    help="the decode GEMM with RMSNorm + quantization in its prologue vs norm_quant + the GEMM")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available() or not plugins.load():
         sys.exit(f"needs a CUDA GPU and the kernel library: {plugins.status()}")
     from zqcompile.plugins import cuda as lib
     from zqcompile.plugins import cuda_gemm as cuda_mod
-    if args.w4_crossover or args.decode or args.rmsnorm:
+    if args.w4_crossover or args.decode:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         tag = torch.cuda.get_device_name().replace(" ", "_")
-        if args.rmsnorm:
-            return rmsnorm_table(cuda_mod, out, tag)
         if args.decode:
             return decode_table(cuda_mod, out, tag, args.variants.split(","),
                                 [int(m) for m in args.ms.split(",") if m] or None,

@@ -143,14 +143,6 @@ for stage in "$@"; do
         tests/gpu/test_decode_attention_split.py tests/gpu/test_gemm_skinny.py tests/gpu/test_pdl_gpu.py \
         tests/gpu/test_generation_gpu.py tests/gpu/test_attention_kernels.py > "$OUT/gpu_tests_prefetch_merge.txt" 2>&1
       r=$?; tail -3 "$OUT/gpu_tests_prefetch_merge.txt"; [ $r -eq 0 ] || rc=$r ;;
-    tests-rmsnorm)  # the decode GEMM with RMSNorm + quantization in its prologue, against norm_quant + the GEMM
-      ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout "$(left)" "$PY" -m pytest -q -p no:cacheprovider \
-        ${TEST_WORKERS:+-n "$TEST_WORKERS" --dist loadfile} tests/gpu/test_gemm_skinny_rmsnorm.py \
-        tests/gpu/test_gemm_skinny.py tests/gpu/test_kernels.py > "$OUT/gpu_tests_rmsnorm.txt" 2>&1
-      r=$?; tail -3 "$OUT/gpu_tests_rmsnorm.txt"
-      if [ $r -eq 0 ]; then  # then one kernel vs norm_quant + the GEMM, in a graph (bench/bench_gemm.py --rmsnorm)
-        timeout "$(left)" "$PY" bench/bench_gemm.py --rmsnorm --out "$OUT" || rc=$?
-      else rc=$r; fi ;;
     8b-ab | 1b-ab)  # each zq row A/B'd in the same process: GEMM prefetch none / half the L2 / every block, and
                     # split-L's merge by the combine kernel / in the cluster
       shape=${stage%%-*}
@@ -161,7 +153,7 @@ for stage in "$@"; do
         --out "$OUT/decode_scale_8b_single_H200.json" || rc=$? ;;
     *) echo "unknown stage $stage (stage build tests kernels attn profile-8b 1b 8b-fp16-w8a8 8b-w4-hf 8b-single" \
             "streaming-8b rope-kv row-split row-split-ab skinny 8b-skinny 1b-skinny gemm-decode tests-skinny lib-out lib-in" \
-            "tests-pdl 8b-pdl 1b-pdl act-strided tests-prefetch-merge 8b-ab 1b-ab tests-rmsnorm)"; exit 2 ;;
+            "tests-pdl 8b-pdl 1b-pdl act-strided tests-prefetch-merge 8b-ab 1b-ab)"; exit 2 ;;
   esac
 done
 exit $rc

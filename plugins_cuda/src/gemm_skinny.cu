@@ -24,8 +24,6 @@
 
 #include "gemm_launch.h"
 #include "gemm_skinny.cuh"
-#include "zq/norm_affine.cuh"
-#include "zq/row_vec.cuh"
 
 namespace zq::skinny {
 
@@ -263,174 +261,6 @@ struct Launch {
   }
 };
 
-// ---- configuration 0 with RMSNorm and the per-token quantization in its prologue (zq_gemm_skinny_rmsnorm) ----
-// out = GEMM(norm_quant(x, residual, gamma)) for decode M (<= 8 tokens) in one kernel: every block first puts its
-// first two weight chunks in flight, then computes the M rows' INT8 codes itself into shared memory, exactly as
-// zq_norm_quant's vector kernel does for them (the same packs a thread and the same block_sum: its block row of kNT
-// threads are warps 0 .. kNT / 32 - 1 here, the other warps add 0.f, and block_sum's last butterfly then sees the
-// same values, so the sum, rstd, codes and scales are norm_quant's bits), then runs configuration 0's loop with x
-// read from shared memory. The row's loads and reductions run under the weight's DRAM latency instead of as a
-// kernel (and a launch) of their own. Block 0 also writes the residual sum (hsum) and, when given, the codes and
-// scales (q, scale) for other readers.
-namespace nq {
-struct NormArgs {
-  const void* x;         // [M, K] the norm's input (the model dtype, = out's)
-  const void* residual;  // [M, K] or null
-  const void* gamma;     // [K]
-  float eps;
-  void* hsum;            // [M, K] x + residual, or null
-  int8_t* q;             // [M, K] codes, or null
-  float* scale;          // [M], or null (written with q)
-};
-
-template <int RT, int WBITS, bool KG, class T, int kNT, int kVecs>
-__global__ void __launch_bounds__(kThreads, 1) gemm_skinny_rmsnorm_kernel(const zq_gemm_args a, const NormArgs na) {
-  zq::pdl_begin();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  static_assert(kNT % 32 == 0 && kNT <= kThreads, "the norm's block row fits the block");
-  constexpr int NT = 1, R = 16 * RT;
-  extern __shared__ __align__(16) uint8_t nq_smem[];  // [M][K] codes, then [M] scales
-  __shared__ float red[32];
-  __shared__ uint32_t tiles[kWarps][R][8 * NT + 1];  // reduce_store's partial tiles
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int64_t n0 = (int64_t)blockIdx.x * R, chunks = a.k / kChunk;
-  const int mv = (int)a.m, k8 = (int)(a.k / kPack);
-  int8_t* xq = reinterpret_cast<int8_t*>(nq_smem);
-  float* xs = reinterpret_cast<float*>(nq_smem + (size_t)mv * a.k);
-
-  // 1. the warp's first two weight chunks (configuration 0's split-K: chunks warp, warp + 8, ...)
-  Chunk<RT, NT, WBITS, KG> cur, nxt;
-  int64_t c = warp;
-  if (c < chunks) load_chunk_w(a, n0, c, g, t, cur);
-  if (c + kWarps < chunks) load_chunk_w(a, n0, c + kWarps, g, t, nxt);
-
-  // 2. the M rows' codes (norm_quant_vec_kernel<Int8Code, T, true, kBlockRow, kVecs> with kNT threads a row)
-  const auto* x = static_cast<const T*>(na.x);
-  const auto* res = static_cast<const T*>(na.residual);
-  const auto* gamma = static_cast<const T*>(na.gamma);
-  auto* hsum = blockIdx.x == 0 ? static_cast<T*>(na.hsum) : nullptr;
-  int8_t* q_out = blockIdx.x == 0 ? na.q : nullptr;
-  const bool on = threadIdx.x < kNT;
-  for (int m = 0; m < mv; ++m) {
-    const RowPos p{m, (int)threadIdx.x, kNT};
-    const int64_t off = (int64_t)m * a.k;
-    Raw<T> hv[kVecs];
-    if (on) {
-      load_held_row(x + off, p, k8, hv);
-      if (res) {
-        Raw<T> rv[kVecs];
-        load_held_row(res + off, p, k8, rv);
-#pragma unroll
-        for (int v = 0; v < kVecs; ++v) {
-          const int j = p.t + v * p.nthr;
-          if (j < k8) {
-            hv[v] = add_raw<T>(hv[v], rv[v]);
-            if (hsum) store_raw(hsum + off + (int64_t)j * kPack, hv[v]);
-          }
-        }
-      }
-    }
-    float sum = 0.f;
-    if (on) {
-#pragma unroll
-      for (int v = 0; v < kVecs; ++v) {
-        if (p.t + v * p.nthr < k8) {
-          float h[kPack];
-          unpack<T>(hv[v], h);
-#pragma unroll
-          for (int i = 0; i < kPack; ++i) sum += h[i] * h[i];
-        }
-      }
-    }
-    sum = block_sum(sum, red);
-    const float rstd = rsqrtf(sum / (float)a.k + na.eps);
-    float amax = 0.f;
-    if (on) {
-#pragma unroll
-      for (int v = 0; v < kVecs; ++v) {
-        const int j = p.t + v * p.nthr;
-        if (j < k8) {
-          float h[kPack], w[kPack], y[kPack];
-          unpack<T>(hv[v], h);
-          load_unpack(gamma + (int64_t)j * kPack, w);
-#pragma unroll
-          for (int i = 0; i < kPack; ++i) y[i] = norm_affine<T, true, false>(h[i], 0.f, rstd, w[i], 0.f, false);
-          hv[v] = pack<T>(y);
-          amax = abs_max_raw<T>(amax, hv[v]);
-        }
-      }
-    }
-    amax = fmaxf(block_max(amax, red), kEps);  // quantize_held_row's end, the codes into shared memory
-    const float inv = code_inv<Int8Code>(amax);
-    if (on) {
-#pragma unroll
-      for (int v = 0; v < kVecs; ++v) {
-        const int j = p.t + v * p.nthr;
-        if (j < k8) {
-          float f[kPack];
-          unpack<T>(hv[v], f);
-          store_q8<Int8Code>(xq + off + (int64_t)j * kPack, f, inv);
-          if (q_out) store_q8<Int8Code>(q_out + off + (int64_t)j * kPack, f, inv);
-        }
-      }
-    }
-    if (threadIdx.x == 0) {
-      xs[m] = amax / Int8Code::kMax;
-      if (q_out && na.scale) na.scale[m] = xs[m];
-    }
-  }
-  __syncthreads();
-
-  // 3. configuration 0's loop (one token group: M <= 8), x from shared memory
-  int iacc[RT][NT][4];
-  float facc[RT][NT][4];
-#pragma unroll
-  for (int i = 0; i < RT; ++i)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) iacc[i][0][r] = 0, facc[i][0][r] = 0.f;
-  for (; c < chunks; c += kWarps) {
-    load_chunk_x<false>(xq, mv, a.k, 0, c, g, t, cur);
-    multiply(cur, iacc);
-    if constexpr (KG) fold(cur, iacc, facc);
-    cur = nxt;
-    if (c + 2 * kWarps < chunks) load_chunk_w(a, n0, c + 2 * kWarps, g, t, nxt);
-  }
-  zq_gemm_args b = a;  // the epilogue's x scales: the prologue's, in shared memory
-  b.x_scale = xs;
-  reduce_store<RT, NT, 1, WBITS, KG, T, false>(b, tiles, iacc, facc, n0, warp, g, t);
-#endif
-}
-
-template <int RT, int WBITS, bool KG, class T>
-cudaError_t launch(const zq_gemm_args& a, const NormArgs& na, const RowLaunch& l, cudaStream_t stream) {
-  const size_t smem = (size_t)(a.m * a.k) + (size_t)a.m * sizeof(float);
-  const dim3 grid((unsigned)(a.n / (16 * RT)));
-#define ZQ_NQ_CASE(NT_, V_)                                                                                    \
-  if (l.threads == NT_ && l.vecs == V_) {                                                                      \
-    auto* kernel = gemm_skinny_rmsnorm_kernel<RT, WBITS, KG, T, NT_, V_>;                                      \
-    if (smem > 48 * 1024) {                                                                                    \
-      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem); \
-      if (e != cudaSuccess) return e;                                                                          \
-    }                                                                                                          \
-    return zq::launch(kernel, grid, dim3(kThreads), smem, stream, a, na);                                      \
-  }
-  ZQ_NQ_CASE(128, 1) ZQ_NQ_CASE(128, 2) ZQ_NQ_CASE(128, 3) ZQ_NQ_CASE(128, 4)
-  ZQ_NQ_CASE(256, 3) ZQ_NQ_CASE(256, 4)
-#undef ZQ_NQ_CASE
-  return cudaErrorNotSupported;
-}
-
-// 32 weight rows a block where N / 32 still covers every SM (configuration 1's rule at M <= 16), else 16.
-struct Launch {
-  template <int WBITS, bool KG, class T>
-  static cudaError_t run(const zq_gemm_args& a, cudaStream_t stream, const NormArgs& na, const RowLaunch& l,
-                         int sm_count) {
-    if (a.n % 32 == 0 && a.n / 32 >= sm_count) return launch<2, WBITS, KG, T>(a, na, l, stream);
-    return launch<1, WBITS, KG, T>(a, na, l, stream);
-  }
-};
-}  // namespace nq
-
 // Configuration 3 (sm_90): 128 weight rows a block, 16 a warp, and the 8 warps walk the same K chunks, so the x of
 // the block's K slice, staged once in shared memory, serves all of them (configurations 0-2 read every x row once
 // per 16 weight rows: at M = 64 that is 8x the INT4 weight's bytes, from L2). K is split over a thread-block
@@ -596,7 +426,7 @@ int pick_config(int64_t m, int64_t n, int sm_count) {
 }  // namespace zq::skinny
 
 namespace zq::skinny {
-// What zq_gemm_skinny_config and zq_gemm_skinny_rmsnorm both need of their INT8 / INT4 weights (row scales with K
+// What zq_gemm_skinny_config needs of its INT8 / INT4 weights (row scales with K
 // within the exact int32 sum, or K groups of a multiple of 128), out (fp16 / bf16, 2-byte aligned, with the bias
 // and the residual) and shape (K a multiple of 128, N of 16).
 inline bool int_weights(const zq_gemm_args& a) {
@@ -644,28 +474,3 @@ ZQ_API cudaError_t zq_gemm_skinny(const zq_gemm_args* a, cudaStream_t stream) {
 }
 
 ZQ_API int zq_gemm_skinny_num_configs(void) { return zq::skinny::kNumConfigs; }
-
-// out = GEMM(norm_quant(x, residual, gamma)) in one kernel (nq above): a's weight, scales, bias, residual (the
-// GEMM's), act and out as for zq_gemm_skinny; a->x / a->x_scale unused (the codes are the prologue's); INT8
-// codes; x, residual, gamma and hsum in out's type (fp16 / bf16). Declines (cudaErrorNotSupported, nothing
-// launched) past M = 8, or where zq_norm_quant would lay the row out otherwise than as one block row of <= 256
-// threads (1024 < K <= 8192 in fp16 / bf16), or any pointer its vector path cannot take.
-ZQ_API cudaError_t zq_gemm_skinny_rmsnorm(const zq_gemm_args* a, const void* x, const void* residual,
-                                          const void* gamma, float eps, void* hsum, int8_t* q, float* scale,
-                                          cudaStream_t stream) {
-  using namespace zq::skinny;
-  if (a->m < 0 || a->n < 0 || a->k < 0) return cudaErrorInvalidValue;
-  if (a->w_fp8 || !int_weights(*a) || !shape_and_out(*a) || a->m > 8 || !x || !gamma ||
-      (q != nullptr) != (scale != nullptr))
-    return cudaErrorNotSupported;
-  zq::DeviceInfo dev;
-  if (const cudaError_t e = zq::sm80_device(0, kNumConfigs, &dev); e != cudaSuccess) return e;
-  if (a->m == 0 || a->n == 0) return cudaSuccess;
-  // the layout zq_norm_quant takes for these rows (its vector kernel, block rows, no split), or decline
-  zq::RowLaunch l;
-  if (!zq::vec_row_launch(a->m, a->k, zq::max_row_threads(a->out_dt), {x, residual, gamma, q, hsum}, &l) ||
-      l.layout != zq::kBlockRow || l.threads > kThreads)
-    return cudaErrorNotSupported;
-  const nq::NormArgs na{x, residual, gamma, eps, hsum, q, scale};
-  return zq::launch_by_type<nq::Launch>(*a, stream, na, l, dev.sm_count);
-}

@@ -104,23 +104,6 @@ def launch_gemm(path: str, x, x_scale, wq, w_scale, bias, residual, act: str, w_
         return lib._lib.zq_gemm_run(kernel.c_id, ctypes.byref(a), lib._ptr(ws), ws_bytes, stream)
 
 
-def launch_gemm_rmsnorm(x: Tensor, residual: Optional[Tensor], gamma: Tensor, eps: float, wq: Tensor,
-                        w_scale: Tensor, bias, gemm_residual, act: str, w_bits: int, out: Tensor,
-                        hsum: Optional[Tensor] = None, q: Optional[Tensor] = None,
-                        scale: Optional[Tensor] = None) -> int:
-    """zq_gemm_skinny_rmsnorm: out = GEMM(norm_quant(x, residual, gamma)) in one decode kernel (block 0 also writes
-    hsum = x + residual and, given, the codes q and scales); the cudaError_t (cudaErrorNotSupported: declined,
-    nothing written; also when x and out differ in dtype: the kernel reads x as out's type). Tests and benchmarks;
-    not yet planned by the compiler."""
-    if x.dtype != out.dtype:
-        return CUDA_ERROR_NOT_SUPPORTED
-    a = _args(x, None, wq, w_scale, bias, gemm_residual, act, w_bits, out)
-    with torch.cuda.device(x.device):
-        return lib._lib.zq_gemm_skinny_rmsnorm(ctypes.byref(a), x.data_ptr(), lib._ptr(residual), gamma.data_ptr(),
-                                               float(eps), lib._ptr(hsum), lib._ptr(q), lib._ptr(scale),
-                                               lib._stream(x))
-
-
 def run_gemm(path: str, x, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out: Tensor,
              config: int = -1) -> None:
     """launch_gemm, raising on any error (cudaErrorNotSupported included); benchmarks and tests use it."""

@@ -68,14 +68,6 @@ ZQ_API cudaError_t zq_gemm_skinny(const zq_gemm_args* a, cudaStream_t stream);
 // block, K split over a cluster, compute capability 9.0 and N % 64 == 0 only (gemm_skinny_wgmma.cu); -1 picks one).
 ZQ_API cudaError_t zq_gemm_skinny_config(const zq_gemm_args* a, int cfg, cudaStream_t stream);
 ZQ_API int zq_gemm_skinny_num_configs(void);
-// The decode GEMM with its input's RMSNorm and per-token INT8 quantization in the prologue: out = GEMM(codes of
-// zq_norm_quant(x, residual, gamma, eps, is_rms = 1)), the codes and scales bit for bit norm_quant's, in one
-// kernel. a as for zq_gemm_skinny except a->x / a->x_scale (unused); x, residual, gamma, hsum in a->out_dt; block 0
-// writes hsum = x + residual and, both non-null, q / scale. M <= 8 and 1024 < K <= 8192 (fp16 / bf16), else
-// cudaErrorNotSupported with nothing launched (gemm_skinny.cu has the whole contract).
-ZQ_API cudaError_t zq_gemm_skinny_rmsnorm(const zq_gemm_args* a, const void* x, const void* residual,
-                                          const void* gamma, float eps, void* hsum, int8_t* q, float* scale,
-                                          cudaStream_t stream);
 
 // Weight helpers for the large-M paths that reuse the INT8 / fp16 tensor-core GEMMs.
 // INT4 packed [N, K/2] -> int8 [N, K].
