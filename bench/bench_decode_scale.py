@@ -22,6 +22,7 @@ The device calls of issue 13, in order: scripts/gpu_issue13.sh (bench/NOTES_kern
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -220,6 +221,8 @@ def bench_rows(model, shape: str, engine_name: str, args, peak, rows: list[dict]
                         row.update(act_strided_ab(engine, run, ids, args))
                     if args.ab_merge and engine is not None:
                         row.update(merge_ab(engine, run, ids, args))
+                    if args.ab_attn_rule and engine is not None:
+                        row.update(attn_rule_ab(engine, run, ids, args))
                     if args.ab_prefetch and engine is not None and engine_name != "none":
                         row.update(prefetch_sweep(engine, run, ids, args))
             except Exception as e:  # noqa: BLE001
@@ -290,6 +293,23 @@ def merge_ab(engine, run, ids, args) -> dict:
                           lambda: switched("attention_merge", "cluster"))
 
 
+@contextlib.contextmanager
+def attention_splits(n: int):
+    """Split-L's split count for a block (0 the library's choice, -2 its earlier two-blocks-an-SM rule)."""
+    from zqcompile.plugins import cuda as C
+    before, C.decode_attention_splits = C.decode_attention_splits, n
+    try:
+        yield
+    finally:
+        C.decode_attention_splits = before
+
+
+def attn_rule_ab(engine, run, ids, args) -> dict:
+    """Split-L's split counts by the earlier rule (two blocks an SM), then by the library's choice."""
+    return interleaved_ab(engine, run, ids, args, "attn_rule", lambda: attention_splits(-2),
+                          lambda: attention_splits(0))
+
+
 def prefetch_sweep(engine, run, ids, args) -> dict:
     """The decode GEMMs' L2 prefetch of their weight rows before the PDL wait, at each budget of
     --prefetch-budgets (bytes from a weight's start; 0 none, -1 the library's choice), interleaved, twice, the
@@ -346,30 +366,77 @@ def gemm_table(args) -> list[dict]:
     return rows
 
 
+def attn_variant(name: str) -> dict:
+    """An --attn-variants entry: "auto" (the library's choices), or "+"-joined settings: sN (N splits), old (the
+    earlier two-blocks-an-SM rule), kernel (2-8 splits merged by the combine kernel), e.g. "s8+kernel"."""
+    out = {"splits": 0, "merge": "cluster"}
+    for part in ([] if name == "auto" else name.split("+")):
+        if part.startswith("s") and part[1:].isdigit():
+            out["splits"] = int(part[1:])
+        elif part == "old":
+            out["splits"] = -2
+        elif part == "kernel":
+            out["merge"] = "kernel"
+        else:
+            raise SystemExit(f"--attn-variants: {part!r} in {name!r} is none of sN, old, kernel")
+    return out
+
+
 def attention_table(args) -> list[dict]:
     """One decode-attention call (the 8B layer: 32 query / 8 KV heads, head dim 128, the whole cache attended)
-    per batch and cache length, for each kernel path; TB/s counts the K and V bytes read."""
+    per batch and cache length, for each split-L variant (args.attn_variants) and the single-block kernel; each
+    timed over distinct K / V copies in one CUDA graph (>= 160 MiB in all where memory allows: the cache read
+    from HBM, as in a decode step, where 32 layers' caches exceed L2); TB/s counts the K and V bytes read."""
     from zqcompile.plugins import cuda as C
     hq, hkv, d = (4, 2, 16) if args.smoke else (32, 8, 128)
     dt = torch.float16 if args.device == "cuda" else torch.float32
+    variants = [v for v in args.attn_variants.split(",") if v]
+    settings = {v: attn_variant(v) for v in variants}
     rows = []
     for b in args.batches:
-        for l in ([16, 32] if args.smoke else [128, 2048, 4096, 8192]):
+        for l in ([16, 32] if args.smoke else [int(x) for x in args.attn_cache_lens.split(",")]):
+            kv_bytes = 2 * b * hkv * l * d * (2 if dt == torch.float16 else 4)
+            copies = 1 if args.device != "cuda" else max(1, min(20, -(-(160 << 20) // kv_bytes)))
             q = torch.randn(b, hq, 1, d, device=args.device, dtype=dt)
-            k, v = (torch.randn(b, hkv, l, d, device=args.device, dtype=dt) for _ in range(2))
+            kvs = [tuple(torch.randn(b, hkv, l, d, device=args.device, dtype=dt) for _ in range(2))
+                   for _ in range(copies)]
             mask = torch.ones(b, 1, 1, l, dtype=torch.bool, device=args.device)
-            row = dict(batch=b, cache_len=l, kv_bytes=2 * k.numel() * k.element_size())
-            for path in ("split", "single"):
-                C.decode_attention_path = path
+            row = dict(batch=b, cache_len=l, kv_bytes=kv_bytes, copies=copies)
+            ref = None
+
+            def timed(name: str):
                 with_path = C.attention_paths.copy()
-                us = 1e3 * gemm_ms(lambda: torch.ops.zq.gqa_attention(q, k, v, mask, d ** -0.5), args.device)
+                us = 1e3 * attn_ms(lambda i: torch.ops.zq.gqa_attention(q, *kvs[i], mask, d ** -0.5), copies,
+                                   args.device)
                 ran = [key for key in C.attention_paths if C.attention_paths[key] != with_path.get(key, 0)]
-                row[f"{path}_us"], row[f"{path}_tb_s"] = us, row["kv_bytes"] / us / 1e6
-                row[f"{path}_ran"] = ",".join(sorted(ran))
+                row[f"{name}_us"], row[f"{name}_tb_s"] = us, kv_bytes / us / 1e6
+                row[f"{name}_ran"] = ",".join(sorted(ran))
+                out = torch.ops.zq.gqa_attention(q, *kvs[0], mask, d ** -0.5)
+                return out
+
+            for v in variants:
+                st = settings[v]
+                C.decode_attention_path, C.decode_attention_splits = "split", st["splits"]
+                with C.switched("attention_merge", st["merge"]):
+                    out = timed("split" if v == "auto" else f"split_{v}")
+                ref = out if ref is None else ref
+                if v != variants[0]:  # the same attention: close to the first variant's (split counts differ)
+                    row[f"split_{v}_max_diff"] = float((out.float() - ref.float()).abs().max())
+            C.decode_attention_splits = 0
+            C.decode_attention_path = "single"
+            timed("single")
             C.decode_attention_path = args.attention
             rows.append(row)
-            print(f"  attention b{b} L{l}: split {row['split_us']:.1f} us, single {row['single_us']:.1f} us", flush=True)
+            print(f"  attention b{b} L{l} ({copies} copies): " + ", ".join(
+                f"{k[:-3]} {row[k]:.1f} us" for k in row if k.endswith("_us")), flush=True)
     return rows
+
+
+def attn_ms(fn_per_copy, copies: int, device: str) -> float:
+    if device != "cuda":
+        return median_ms(lambda: fn_per_copy(0), device, 5)
+    from bench.bench_gemm import time_graph
+    return time_graph(fn_per_copy, copies, reps=20)
 
 
 def gemm_ms(fn, device: str) -> float:
@@ -398,7 +465,8 @@ def markdown(rows: list[dict], gemms: list[dict], attn: list[dict]) -> str:
                      f"{r['method']} |")
     for name, what in (("skinny", "Decode-shaped GEMM kernel"), ("pdl", "Programmatic dependent launch"),
                        ("act_strided", "act_quant reading the gate / up halves in place"),
-                       ("merge", "Split-L attention's merge of 2-8 splits (off: combine kernel, on: in the cluster)")):
+                       ("merge", "Split-L attention's merge of 2-8 splits (off: combine kernel, on: in the cluster)"),
+                       ("attn_rule", "Split-L's split counts (off: two blocks an SM, on: the current rule)")):
         ab = [r for r in rows if f"{name}_speedup" in r]
         if ab:
             lines += ["", f"{what} A/B (same engine, same process, decode graphs re-captured; ms/token in the order "
@@ -424,10 +492,16 @@ def markdown(rows: list[dict], gemms: list[dict], attn: list[dict]) -> str:
                                                                      else "") for p in ("fp16", "int8", "int4")]
             lines.append(f"| {g['k']} | {g['n']} | {g['m']} | " + " | ".join(cells) + " |")
     if attn:
-        lines += ["", "| batch | cache | split-L us (TB/s) | single-block us (TB/s) | paths that ran |", "|---|---|---|---|---|"]
+        names = [k[:-3] for k in attn[0] if k.endswith("_us")]  # split (auto), split_<variant>..., single
+        lines += ["", "Decode attention, us (K + V TB/s); split = split-L with the library's choices, split_<v> the "
+                  "variant v (sN: N splits, old: the earlier two-blocks-an-SM rule, kernel: 2-8 splits merged by "
+                  "the combine kernel), single = one block per (row, head):", "",
+                  "| batch | cache | " + " | ".join(names) + " | paths that ran |",
+                  "|---|---|" + "---|" * (len(names) + 1)]
         for a in attn:
-            lines.append(f"| {a['batch']} | {a['cache_len']} | {a['split_us']:.1f} ({a['split_tb_s']:.2f}) | "
-                         f"{a['single_us']:.1f} ({a['single_tb_s']:.2f}) | {a['split_ran']}; {a['single_ran']} |")
+            lines.append(f"| {a['batch']} | {a['cache_len']} | " + " | ".join(
+                f"{a[n + '_us']:.1f} ({a[n + '_tb_s']:.2f})" if n + "_us" in a else "-" for n in names)
+                + f" | {'; '.join(a[n + '_ran'] for n in names if n + '_ran' in a)} |")
     return "\n".join(lines)
 
 
@@ -463,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gemm-only", action="store_true", help="only the decode GEMM (and --attn) tables")
     p.add_argument("--attn", action="store_true", help="also the decode-attention table (split-L vs single block)")
     p.add_argument("--attn-only", action="store_true", help="only the decode-attention table")
+    p.add_argument("--attn-variants", default="auto",
+                   help="decode-attention table: split-L variants (auto, or +-joined sN / pfM / kernel: 's8+pf2')")
+    p.add_argument("--attn-cache-lens", default="128,2048,4096,8192", help="decode-attention table: cache lengths")
     p.add_argument("--attention", choices=["split", "single"], default="split",
                    help="decode-attention kernel of the engines (A/B: single = one block per (row, head))")
     p.add_argument("--ab-skinny", action="store_true",
@@ -473,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="A/B per quantized zq row: act_quant copying the gate / up halves, then reading them in place")
     p.add_argument("--ab-merge", action="store_true",
                    help="A/B per zq row: split-L attention merging by the combine kernel, then in the cluster")
+    p.add_argument("--ab-attn-rule", action="store_true",
+                   help="A/B per zq row: split-L's split counts by the earlier two-blocks rule, then the current one")
     p.add_argument("--ab-prefetch", action="store_true",
                    help="per quantized zq row: the decode GEMMs' L2 weight prefetch at each of --prefetch-budgets")
     p.add_argument("--prefetch-budgets", type=csv(int), default=[0, -1],

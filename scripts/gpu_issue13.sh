@@ -30,6 +30,10 @@ for stage in "$@"; do
       bench --gemm-only --attn --out "$OUT/decode_kernels_H200.json" || rc=$? ;;
     attn)  # the decode-attention table alone
       bench --attn-only --out "$OUT/decode_attention_H200.json" || rc=$? ;;
+    attn-sweep)  # split-L variants: split counts, the earlier rule, the combine kernel (caches read from HBM)
+      bench --attn-only --batches ${SWEEP_BATCHES:-1,4,16,64} --attn-cache-lens ${SWEEP_LENS:-128,512,2048,4096,8192} \
+        --attn-variants "${SWEEP_VARIANTS:-auto,old,s8,s16,s32,s64}" \
+        --out "$OUT/decode_attention_sweep_H200.json" || rc=$? ;;
     1b)
       bench --shapes 1b --out "$OUT/decode_scale_1b_H200.json" || rc=$? ;;
     8b-fp16-w8a8)
@@ -148,12 +152,21 @@ for stage in "$@"; do
       shape=${stage%%-*}
       bench --shapes "$shape" --engines ${AB_ENGINES:-w8a8} --batches ${AB_BATCHES:-1,16,64} --cache-lens 128 \
         --repeat 2 --ab-prefetch --ab-merge --out "$OUT/decode_scale_${shape}_prefetch_merge_H200.json" || rc=$? ;;
+    tests-attn)  # split-L's tests (the split rule, the 16-block cluster merge) and generation with it
+      ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout "$(left)" "$PY" -m pytest -q -p no:cacheprovider \
+        ${TEST_WORKERS:+-n "$TEST_WORKERS" --dist loadfile} tests/gpu/test_decode_attention_split.py \
+        tests/gpu/test_attention_kernels.py tests/gpu/test_generation_gpu.py > "$OUT/gpu_tests_attn.txt" 2>&1
+      r=$?; tail -3 "$OUT/gpu_tests_attn.txt"; [ $r -eq 0 ] || rc=$r ;;
+    8b-attn-ab | 1b-attn-ab)  # a 4K cache: split-L's split rule (earlier / current), same engine
+      shape=${stage%%-*}
+      bench --shapes "$shape" --engines ${AB_ENGINES:-w8a8} --batches ${AB_BATCHES:-1,4,16} --cache-lens 4096 \
+        --repeat 1 --ab-attn-rule --out "$OUT/decode_scale_${shape}_attn_ab_H200.json" || rc=$? ;;
     8b-single)  # A/B: the engines with the old single-block decode attention
       bench --shapes 8b --engines w8a8 --batches 1,16 --attention single \
         --out "$OUT/decode_scale_8b_single_H200.json" || rc=$? ;;
     *) echo "unknown stage $stage (stage build tests kernels attn profile-8b 1b 8b-fp16-w8a8 8b-w4-hf 8b-single" \
             "streaming-8b rope-kv row-split row-split-ab skinny 8b-skinny 1b-skinny gemm-decode tests-skinny lib-out lib-in" \
-            "tests-pdl 8b-pdl 1b-pdl act-strided tests-prefetch-merge 8b-ab 1b-ab)"; exit 2 ;;
+            "tests-pdl 8b-pdl 1b-pdl act-strided tests-prefetch-merge 8b-ab 1b-ab attn-sweep tests-attn 8b-attn-ab 1b-attn-ab)"; exit 2 ;;
   esac
 done
 exit $rc

@@ -253,7 +253,9 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Merging in the cluster (sm_90+): 2..kClusterMaxSplits splits of a (batch row, KV head) run as one thread-block
 // cluster and merge their states through distributed shared memory, with no workspace and no combine kernel
-// (zq_set_attention_merge: -1 = there, 0 = always the combine kernel, for A/B).
+// (zq_set_attention_merge: -1 = there, 0 = always the combine kernel, for A/B). 9-16 splits in a non-portable
+// cluster of 16 were slower than the combine kernel on the H200 (8B heads, 2-8K caches: 0.65-0.8x at batch 4 and
+// 16, bench/results/decode_attention_sweep_c16_H200.md; 8B W8A8 batch 16 at a 4K cache 0.85x): 8 stays the most.
 constexpr int64_t kClusterMaxSplits = 8;  // the portable cluster size
 static int g_attention_merge = -1;
 
@@ -267,15 +269,22 @@ inline int64_t split_chunk_cap(int64_t group) {
   return cap < kSplitChunkAlign ? kSplitChunkAlign : (cap > kSplitMaxChunk ? kSplitMaxChunk : cap);
 }
 
-// Slots per split for `splits` requested (<= 0: chosen from the SM count: about two blocks per SM over the
-// (batch, KV head) blocks, splits of >= 32 slots); the actual split count is ceil(l / chunk).
+// Slots per split for `splits` requested (<= 0: chosen from the SM count); the actual split count is
+// ceil(l / chunk). The choice: about two blocks per SM over the (batch, KV head) pairs, splits of >= 32 slots;
+// past 512 slots with no more pairs than SMs, as many splits as keep four blocks per SM in one wave, at least 16,
+// of >= 64 slots (H200, 8B heads, caches in HBM, bench/results/decode_attention_sweep_H200.md: batch 4 at 2-8K
+// slots 1.35-1.42x the two-blocks rule, batch 16 at 4K / 8K 1.40x / 1.24x, batch 1 at 8K 1.17x; 17 splits at
+// batch 4, one block a split past the wave, took 81.5 us where 16 took 62.8; batch 64 and caches <= 512 keep the
+// two-blocks rule, the fastest there or within 5%). splits = -2: the two-blocks rule alone (A/B).
 inline int64_t split_chunk(int64_t b, int64_t hq, int64_t hkv, int64_t l, int64_t splits) {
   if (l <= 0) return kSplitChunkAlign;
   if (splits <= 0) {
     DeviceInfo info;
     const int64_t sms = current_device_info(&info) ? info.sm_count : 132;
-    splits = ceil_div(2 * sms, b * hkv);
-    const int64_t most = ceil_div(l, kSplitMinChunk);
+    const bool long_cache = splits != -2 && l > kClusterMaxSplits * 2 * kSplitMinChunk && b * hkv <= sms;
+    splits = long_cache ? 4 * sms / (b * hkv) : ceil_div(2 * sms, b * hkv);
+    if (long_cache && splits < 16) splits = 16;
+    const int64_t most = ceil_div(l, long_cache ? 2 * kSplitMinChunk : kSplitMinChunk);
     if (splits > most) splits = most;
     // a cache of <= 8 x 64 slots: at most 8 splits of up to 64, merged in the cluster (one kernel, no combine)
     if (splits > kClusterMaxSplits && l <= kClusterMaxSplits * 2 * kSplitMinChunk && merge_in_cluster(2))

@@ -218,3 +218,18 @@ def test_cluster_merge_in_a_cuda_graph(attention_path, merge):
         g.replay()
         torch.cuda.synchronize()
         assert_close(out, attention_ref(q, k, v, mask, 0.088), rel=ATTN_REL[torch.float16])
+
+
+def test_long_caches_split_finer(merge):
+    """Auto choice past 512 slots with no more (row, KV head) pairs than SMs: at least 16 splits of >= 64 slots
+    (4 blocks an SM in one wave); a short cache or many pairs keeps about 2 blocks an SM."""
+    merge("cluster")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for b, l in ((1, 2048), (1, 8192), (4, 2048), (16, 4096)):
+        n = cuda._lib.zq_decode_attention_splits(b, 32, 8, l, 0)
+        assert n >= 16 and l / n >= 64, (b, l, n)
+    n = cuda._lib.zq_decode_attention_splits(4, 32, 8, 8192, 0)
+    assert n == max(16, 4 * sms // 32) and 32 * n <= max(4 * sms, 32 * 16)  # one wave of 4 blocks an SM
+    assert cuda._lib.zq_decode_attention_splits(16, 32, 8, 512, 0) == -(-2 * sms // 128)
+    assert cuda._lib.zq_decode_attention_splits(64, 32, 8, 2048, 0) <= 2
+

@@ -59,10 +59,14 @@ def test_kernel_library_builds_and_loads(tmp_path):
     assert lib.zq_gemm_plan_parse(b"64:sm90_fp8/sm90,inf:sm90_fp8", ctypes.byref(plan)) == 0
     assert (plan.count, list(plan.kernel[:2]), list(plan.fallback[:2])) == (2, [4, 4], [2, -1])
     assert lib.zq_decode_attention_splits(64, 32, 8, 128, 0) == 1  # 512 blocks already: no split, no combine
-    assert lib.zq_decode_attention_splits(1, 32, 8, 4096, 0) == 32  # 8 KV heads x 32 splits of 128 slots
+    assert lib.zq_decode_attention_splits(1, 32, 8, 4096, 0) == 64  # a long cache: 8 KV heads x 64 splits of 64
+    assert lib.zq_decode_attention_splits(4, 32, 8, 2048, 0) == 16  # 32 pairs: 16 splits of 128 slots
+    assert lib.zq_decode_attention_splits(16, 32, 8, 4096, 0) == 16  # 128 pairs: at least 16 splits
+    assert lib.zq_decode_attention_splits(16, 32, 8, 512, 0) == 3  # a short cache: about two blocks an SM
+    assert lib.zq_decode_attention_splits(1, 32, 8, 4096, -2) == 32  # the two-blocks rule alone (A/B)
     assert lib.zq_decode_attention_splits(3, 32, 8, 4097, 100000) == 257  # forced: 16-slot chunks
     assert lib.zq_decode_attention_splits(64, 32, 8, 65536, 0) == 64  # at most 1024 slots a split
-    assert lib.zq_decode_attention_workspace_bytes(1, 32, 8, 4096, 128, 0) == 2 * 32 * 32 * 4 + 32 * 32 * 128 * 4
+    assert lib.zq_decode_attention_workspace_bytes(1, 32, 8, 4096, 128, 0) == 2 * 32 * 64 * 4 + 32 * 64 * 128 * 4
     assert lib.zq_decode_attention_workspace_bytes(64, 32, 8, 128, 128, 0) == 0
 
 

@@ -73,7 +73,7 @@ attention_paths: Counter = Counter()  # "rope" / "decode_attention" (kernels) or
 # one-block-per-(row, query head) kernel where its scores fit in shared memory, split-L past that (A/B in
 # benchmarks; env ZQ_DECODE_ATTENTION). decode_attention_splits: 0 = the library's choice (tests force counts).
 decode_attention_path = _env("ZQ_DECODE_ATTENTION", "split", ("split", "single"), "the one-token attention kernel")
-decode_attention_splits = 0
+decode_attention_splits = 0  # -2: the library's earlier two-blocks-an-SM rule (A/B)
 # zq.rope_kv_write: "fused" runs RoPE and the KV-cache write in one kernel (zq_rope_kv); "split" runs the zq_rope
 # kernel and two index_copy_ (what the graph did before the fusion; A/B in benchmarks). "fused" is the default
 # since tests/gpu/test_rope_kv_gpu.py passed on the H200 (39 tests, bench/results/gpu_tests_rope_kv_H200.txt:

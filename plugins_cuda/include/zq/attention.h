@@ -26,7 +26,9 @@
 //   states merged in split order: on sm_90+ with 2-8 splits inside the kernel (the splits of a (row, KV head)
 //   are one thread-block cluster, merging through distributed shared memory), else by a combine kernel through
 //   the workspace. splits <= 0: chosen from l and the SM count (about two blocks per SM, splits of >= 32
-//   slots); a split takes at most 1024 slots (fewer for groups over 8 heads), so the count may be raised.
+//   slots; past 512 slots with at most one (row, KV head) pair an SM, four blocks per SM in one wave and >= 16
+//   splits of >= 64 slots; splits = -2: the two-blocks rule alone, for A/B); a split takes at most 1024 slots (fewer
+//   for groups over 8 heads), so the count may be raised.
 //   zq_decode_attention_splits gives the count a call with `splits` uses; the workspace (16-byte aligned) holds
 //   zq_decode_attention_workspace_bytes(...) bytes (0 for one split or a merge in the cluster).
 //   b, hkv <= 65535. cudaErrorInvalidValue when the workspace is too small.
