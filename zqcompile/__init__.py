@@ -15,7 +15,7 @@ _EXPORTS = {
     "CaptureError": "capture", "InputError": "capture",
     "Engine": "runtime.engine", "EngineFileError": "runtime.engine",
     "WeightError": "passes",
-    "AccuracyBudget": "config", "ActQuant": "config", "FeatureScales": "config", "ConfigError": "config", "ConfigWarning": "config", "GemmScheme": "config", "LKDConfig": "config",
+    "AccuracyBudget": "config", "ActQuant": "config", "AttentionQuant": "config", "FeatureScales": "config", "ConfigError": "config", "ConfigWarning": "config", "GemmScheme": "config", "LKDConfig": "config",
     "PRESETS": "config", "QuantConfig": "config", "WeightQuant": "config", "get_config": "config",
     "OutputPathError": "files", "TensorParallelError": "errors", "ExportError": "errors", "ModelLoadError": "errors",
 }

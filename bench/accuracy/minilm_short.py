@@ -4,6 +4,8 @@ model, per preset. Issue 14's target: W8A8 (with feature-wise scales) min cosine
 
 Usage: python bench/accuracy/minilm_short.py [--configs w8a8,w8a8-fws] [--budgets 0.01,0.005]
                                             [--out bench/accuracy/results/minilm_short.json]
+A config "PRESET+attn-int8" (or "+attn-fp8", "+attn-int8-fp8", with "-token" after: per-token Q / K scales) adds
+HERO's quantized attention products (QuantConfig.attention).
 --budgets: rows of w8a8 with accuracy_budget (metric: 1 - min cosine of the calibration sentences' embeddings),
 with the share of GEMM FLOPs left in 8-bit.
 """
@@ -17,6 +19,7 @@ import torch
 
 import zqcompile as zq
 from zqcompile.accuracy.eval import encoder_agreement
+from zqcompile.config import get_config, with_attention
 from zqcompile.models import load_model, load_tokenizer
 
 SENTENCES = ["Hi there.", "A man is playing a guitar.", "Quantization keeps the embeddings close.",
@@ -35,6 +38,13 @@ def eight_bit_flops(engine) -> float:
     return sum(f for f, q in flops if q) / sum(f for f, _ in flops)
 
 
+def config_of(name: str):
+    """A preset name, or "PRESET+attn-DTYPE[-token]": the preset with quantized attention products."""
+    preset, _, attn = name.partition("+attn-")
+    dtype, gran = (attn[: -len("-token")], "token") if attn.endswith("-token") else (attn, "head")
+    return with_attention(get_config(preset), dtype, gran) if attn else preset
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="w8a8,w8a8-fws")
@@ -46,7 +56,7 @@ def main() -> None:
     cal = tok(CALIB, padding=True, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     rows = []
-    runs = [(name, name, None) for name in args.configs.split(",") if name]
+    runs = [(name, config_of(name), None) for name in args.configs.split(",") if name]
     runs += [(f"w8a8, accuracy_budget={b}", "w8a8", float(b)) for b in args.budgets.split(",") if b]
     for name, config, budget in runs:
         engine = zq.compile(model, (cal["input_ids"], cal["attention_mask"]), config, accuracy_budget=budget,

@@ -110,6 +110,15 @@ def _gqa_attention():
     return [(q, k, v, causal, 0.25), (q[:, :, :1], k, v, torch.ones(2, 1, 1, 7, dtype=torch.bool), 0.25)]
 
 
+def _quant_attention():
+    q, k, v = acts(2, 4, 3, 16, seed=24), acts(2, 2, 7, 16, seed=25), acts(2, 2, 7, 16, seed=26)
+    pad = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    pad[1, ..., :2] = False
+    additive = torch.zeros(2, 1, 3, 7).masked_fill(~pad, float("-inf"))
+    return [(q, k, v, None, 0.25, True, False, False, False), (q, k, v, pad, 0.25, False, True, False, True),
+            (q, k, v, additive, 0.25, False, False, True, True), (q[:, :, :1], k, v, pad, 0.25, False, True, True, True)]
+
+
 def _all_reduce():
     """A process group of one rank (in memory: no port, no peer) makes the sum the input itself."""
     import torch.distributed as dist
@@ -126,7 +135,7 @@ SAMPLES: dict[str, Callable[[], list[tuple]]] = {
     "quantize_per_token_fp8": _quantize_per_token_fp8, "norm_quant_fp8": _norm_quant, "act_quant_fp8": _act_quant,
     "fp8_gemm_dequant": _fp8_gemm_dequant,
     "weight_only_gemm": _weight_only_gemm, "rope": _rope, "rope_kv_write": _rope_kv_write,
-    "gqa_attention": _gqa_attention,
+    "gqa_attention": _gqa_attention, "quant_attention": _quant_attention,
     "all_reduce": _all_reduce,
 }
 
@@ -179,9 +188,10 @@ def test_every_op_has_a_cuda_kernel_or_is_declared_reference_only():
         else:
             assert decl.cuda == "reference" and decl.cuda_kernel is None, decl.qualname
     # the QDQ forms are fused away before an engine runs; everything that runs on CUDA has a kernel, but for the
-    # collectives, which torch.distributed runs (NCCL)
+    # collectives, which torch.distributed runs (NCCL), and HERO's quantized attention (an option, no kernel yet)
     assert {d.name for d in DECLS if d.cuda == "reference"} == {d.name for d in DECLS
-                                                                if d.category in ("qdq", "collective")}
+                                                                if d.category in ("qdq", "collective")} | {
+                                                                    "quant_attention"}
 
 
 def test_every_exported_op_has_both_onnx_dialects():
@@ -201,7 +211,8 @@ def test_every_exported_op_has_both_onnx_dialects():
 
 def test_runtime_only_ops_are_declared_so_and_have_no_lowering():
     runtime = [d for d in DECLS if not d.exported]
-    assert {d.name for d in runtime} == set(GENERATION_OPS) == {"rope", "rope_kv_write", "gqa_attention", "all_reduce"}
+    assert {d.name for d in runtime} == set(GENERATION_OPS) == {"rope", "rope_kv_write", "gqa_attention", "all_reduce",
+                                                                "quant_attention"}
     for decl in runtime:
         assert decl.translations == {} and decl.tensorrt is None and decl.name not in trt_spec.PLUGINS
         assert decl.overload not in translation_table("standard")

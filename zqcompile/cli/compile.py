@@ -27,7 +27,7 @@ def check_seq_fits(model, seq: int, what: str = "--seq") -> None:
 def cmd_compile(args) -> int:
     from dataclasses import replace
 
-    from zqcompile.config import AccuracyBudget, get_config
+    from zqcompile.config import AccuracyBudget, get_config, with_attention
     from zqcompile.errors import InputError
     from zqcompile.export.compressed_tensors import WHAT, check_exportable, export_compressed_tensors, folder_bytes
     from zqcompile.export.compressed_tensors_import import load_compressed_tensors
@@ -55,6 +55,14 @@ def cmd_compile(args) -> int:
     if imported and args.accuracy_budget is not None:
         raise InputError(f"{args.model} is a compressed-tensors checkpoint: its stored weights run as they are; "
                          f"drop --accuracy-budget (or compile the float model with it)")
+    if imported and args.attention:
+        raise InputError(f"{args.model} is a compressed-tensors checkpoint: its quantization_config decides the "
+                         f"scheme; drop --attention (or compile the float model with it)")
+    if args.attention:
+        if as_ct:
+            raise InputError("--attention has no compressed-tensors form (a Hugging Face model runs float "
+                             "attention): drop it, or write a zqcompile engine (--format zq)")
+        cfg = with_attention(cfg, args.attention, args.attention_scales)
     if args.accuracy_budget is not None:  # in the config, as zq.compile(accuracy_budget=) puts it
         cfg = replace(cfg, accuracy_budget=AccuracyBudget(budget=args.accuracy_budget))
     import torch
@@ -182,6 +190,10 @@ def add_compile_commands(sub) -> None:
                         "--accuracy-budget)")
     c.add_argument("--calib-text", default=None, metavar="PATH",
                    help="calibration text (ptq-static ranges, w8a8-fws feature scales, --accuracy-budget)")
+    c.add_argument("--attention", choices=["int8", "fp8", "int8-fp8"], default=None,
+                   help="also quantize the attention products Q.K^T and P.V (ZeroQuant-HERO; int8-fp8: P.V in FP8)")
+    c.add_argument("--attention-scales", choices=["head", "token"], default="token",
+                   help="--attention's scales: per token for Q / K and per channel for V (default), or per head")
     c.add_argument("--accuracy-budget", type=budget_fraction, default=None, metavar="PCT",
                    help="feature-wise scales first, then the fewest GEMMs in FP16 for which the expected "
                         "perplexity increase on --calib-text (exp of the next-token KL to the float model) stays "

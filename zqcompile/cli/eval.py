@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from zqcompile.config import LKDConfig, get_config
+from zqcompile.config import LKDConfig, get_config, with_attention
 from zqcompile.errors import InputError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -47,6 +47,11 @@ def add_eval_command(subparsers) -> argparse.ArgumentParser:
                    help="feature-wise scales first, then the fewest GEMMs in FP16 for which the expected "
                         "perplexity increase on the calibration text (exp of the next-token KL to the float model) "
                         "stays within PCT (e.g. 1%%) (--path engine)")
+    p.add_argument("--attention", choices=["int8", "fp8", "int8-fp8"], default=None,
+                   help="also quantize the attention products Q.K^T and P.V (ZeroQuant-HERO; int8-fp8: P.V in FP8; "
+                        "--path engine)")
+    p.add_argument("--attention-scales", choices=["head", "token"], default="token",
+                   help="--attention's scales: per token for Q / K and per channel for V (default), or per head")
     p.add_argument("--path", choices=["fakequant", "engine"], default="fakequant",
                    help="measure the quantized model by fake quantization or through the compiled engine")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -122,6 +127,8 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str | None]:
     text = _read_text(args.text, "--text")
     if args.accuracy_budget is not None and args.path != "engine":
         raise InputError("--accuracy-budget chooses FP16 GEMMs in the compiler: use --path engine")
+    if args.attention and args.path != "engine":
+        raise InputError("--attention quantizes the attention products in the compiler: use --path engine")
     if get_config(args.config).feature_scales is not None and args.path != "engine":
         raise InputError(f"--config {args.config} uses feature-wise scales, which the compiler applies: "
                          f"use --path engine")
@@ -161,6 +168,8 @@ def run_eval(args: argparse.Namespace) -> dict:
     from zqcompile.models import load_model, load_tokenizer
     config = get_config(args.config)
     text, lkd_text = _check_args(args)
+    if args.attention:
+        config = with_attention(config, args.attention, args.attention_scales)
     tokenizer = load_tokenizer(args.model)  # before the model: a folder without one fails fast
     ids = tokenize_text(tokenizer, text)[: args.max_tokens]
     fp_model = load_model(args.model)

@@ -65,6 +65,9 @@ def check_exportable(cfg) -> None:
             _scheme({"fqn": f"the GEMMs of config {cfg.name!r}", "scheme_spec": asdict(s)})
     if all(s.is_float for s in schemes):
         raise _nothing_quantized(cfg.name)
+    if cfg.attention is not None:
+        raise ExportError(f"cannot export config {cfg.name!r} to compressed-tensors: its quantized attention "
+                          f"(QuantConfig.attention) has no place in a Hugging Face model; compile without it")
 
 
 def _scheme(gemm: dict) -> tuple[dict, dict | None] | None:
@@ -281,6 +284,10 @@ def export_compressed_tensors(engine, out_dir: str | os.PathLike, tokenizer=None
         raise ExportError(f"cannot export to compressed-tensors: the GEMMs after {copies[0]} read a feature-scaled "
                           f"copy of that norm, which a Hugging Face model has no place for; compile with "
                           f"FeatureScales(norm_copies=False)")
+    quant_attn = [f["fqn"] for f in record.fusions if f["kind"] == "quant-attention"]
+    if quant_attn:
+        raise ExportError(f"cannot export to compressed-tensors: {quant_attn[0]} runs HERO's quantized attention "
+                          f"(QuantConfig.attention), which a Hugging Face model does not; compile without it")
     model = _skeleton(record)
     layers, groups = _plan(record, model)
     tensors = _state_dict(engine, model, layers, groups)

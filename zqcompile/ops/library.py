@@ -234,6 +234,21 @@ def _(q, k, v, mask, scale):
     return q.new_empty(q.shape)
 
 
+@declare("attention", cuda="reference", runtime_only=True)
+def quant_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool,
+                    fp8: bool, per_token: bool, pv_fp8: bool) -> Tensor:
+    """ZeroQuant-HERO's quantized attention (QuantConfig.attention): Q.K^T on INT8 (fp8: FP8 E4M3) codes and P.V
+    on INT8 (pv_fp8: FP8) codes, with dynamic scales per head (per_token: Q / K per token, V per channel; P per
+    query row); q [B, Hq, S, D], k / v [B, Hkv, L, D], mask None / boolean / additive -> [B, Hq, S, D]
+    (ops/quant_math.quant_attention). No CUDA kernel yet: the reference runs."""
+    return qm.quant_attention(q, k, v, mask, scale, is_causal, fp8, per_token, pv_fp8)
+
+
+@quant_attention.register_fake
+def _(q, k, v, mask, scale, is_causal, fp8, per_token, pv_fp8):
+    return q.new_empty(q.shape)
+
+
 # ---- tensor parallelism (zqcompile/parallel) -------------------------------------------------------------
 @declare("collective", cuda="reference", runtime_only=True)
 def all_reduce(x: Tensor, group: str) -> Tensor:

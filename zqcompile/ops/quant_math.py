@@ -378,3 +378,59 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _codes(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x (fp32, last dim) -> (their INT8 or FP8 E4M3 codes as fp32, the per-row scale [..., 1])."""
+    q, scale = quantize_per_token_fp8(x) if fp8 else quantize_per_token(x)
+    return q.float(), scale
+
+
+def _head_codes(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, H, T, D] fp32 -> (codes [B, H, T, D] as fp32, one scale per (batch row, head) [B, H, 1, 1])."""
+    b, h, t, d = x.shape
+    q, scale = _codes(x.reshape(b, h, t * d), fp8)
+    return q.reshape(b, h, t, d), scale.reshape(b, h, 1, 1)
+
+
+def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                    is_causal: bool, fp8: bool, per_token: bool = False, pv_fp8: bool | None = None) -> torch.Tensor:
+    """ZeroQuant-HERO's quantized attention: softmax(Q.K^T * scale) . V with both products on 8-bit codes.
+    q [B, Hq, S, D], k / v [B, Hkv, L, D] (Hq % Hkv == 0: query head h reads KV head h // (Hq / Hkv)); mask
+    None, boolean (True = attend) or additive float, broadcastable to [B, Hq, S, L]; is_causal: query i sees
+    key j <= i + L - S. Dynamic scales: per_token False: Q, K and V one per (batch row, head); per_token True: Q
+    and K one per token (row) of each head, V one per channel of each head -- the scales an INT8 GEMM applies in
+    its epilogue (rows of Q.K^T by Q's, columns by K's; columns of P.V by V's). K and V over the key slots some
+    query attends (a preallocated cache's unused slots set no scale); the softmax output P one per query row (P
+    in [0, 1]). INT8 codes (scale = max / 127) or FP8 E4M3 (max / 448): `fp8` for Q.K^T, `pv_fp8` for P.V (None:
+    as Q.K^T). The products run on the codes in fp32 and are rescaled after; a row that attends nothing gives
+    zeros. Returns q's dtype."""
+    pv_fp8 = fp8 if pv_fp8 is None else pv_fp8
+    groups = q.shape[1] // k.shape[1]
+    s_len, l_len = q.shape[2], k.shape[2]
+    bias = torch.zeros((1, 1, s_len, l_len), dtype=torch.float32, device=q.device)
+    if is_causal:
+        keep = torch.ones((s_len, l_len), dtype=torch.bool, device=q.device).tril(l_len - s_len)
+        bias = bias.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        bias = bias + (torch.zeros_like(mask, dtype=torch.float32).masked_fill(~mask, float("-inf"))
+                       if mask.dtype == torch.bool else mask.float())
+    bias = bias.expand(q.shape[0], q.shape[1], s_len, l_len)
+    seen = (bias > float("-inf")).reshape(q.shape[0], k.shape[1], groups * s_len, l_len).any(dim=2)  # [B, Hkv, L]
+    kv_keep = seen[..., None].float()
+    if per_token:
+        qc, sq = _codes(q.float(), fp8)  # [B, Hq, S, 1]
+        kc, sk = _codes(k.float() * kv_keep, fp8)
+        vt, svt = _codes((v.float() * kv_keep).transpose(-1, -2), pv_fp8)  # V's channels as rows: [B, Hkv, D, 1]
+        vc, sv, sk = vt.transpose(-1, -2), svt.transpose(-1, -2), sk.transpose(-1, -2)  # sv [.., 1, D], sk [.., 1, L]
+    else:
+        qc, sq = _head_codes(q.float(), fp8)
+        kc, sk = _head_codes(k.float() * kv_keep, fp8)
+        vc, sv = _head_codes(v.float() * kv_keep, pv_fp8)
+    if groups > 1:
+        kc, sk, vc, sv = (t.repeat_interleave(groups, dim=1) for t in (kc, sk, vc, sv))
+    scores = (qc @ kc.transpose(-1, -2)) * (sq * sk * scale) + bias
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with every slot masked: zeros
+    pc, sp = _codes(p, pv_fp8)
+    return ((pc @ vc) * (sp * sv)).to(q.dtype)
+

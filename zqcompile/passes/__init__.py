@@ -5,7 +5,7 @@ downstream whose inputs changed: ShapeCheck; a full check ends the pipeline), an
 
 Order matters and is the method: fold decomposed ops -> simplify shape-only attention masks -> canonicalize -> classify -> feature-wise scales (HERO, when configured) -> FP16 mode switches to an accuracy budget (when configured) -> merge sibling GEMMs -> quantize weights -> insert activation quant ->
 calibrate (static baseline only) -> fuse quant into producers -> fuse dequant into GEMMs -> GEMM epilogues
--> cleanup.
+-> HERO's quantized attention (when configured) -> cleanup.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from zqcompile.passes.fuse_producer_quant import fuse_producer_quant
 from zqcompile.passes.fuse_rotary import fuse_rotary
 from zqcompile.passes.group_wise_weight import group_wise_weight
 from zqcompile.passes.mixed_precision import mixed_precision
+from zqcompile.passes.quantize_attention import quantize_attention
 from zqcompile.passes.simplify_attention_masks import simplify_attention_masks
 from zqcompile.passes.token_wise_quant import token_wise_quant
 
@@ -55,12 +56,14 @@ PIPELINE: list[Pass] = [
     fuse_producer_quant,
     fuse_gemm_dequant,
     fuse_gemm_epilogue,
+    quantize_attention,
     cleanup,
 ]
 # The prefill / decode graphs around the KV cache (generation.py) also fuse their attention: the rotary
 # embedding of q and k into one op, then with the KV-cache write of k and v, and SDPA over the cache without the
 # repeat_kv copies.
-GENERATION_PIPELINE: list[Pass] = PIPELINE[:-1] + [fuse_rotary, fuse_kv_write, fuse_gqa_attention, cleanup]
+GENERATION_PIPELINE: list[Pass] = PIPELINE[:-2] + [
+    fuse_rotary, fuse_kv_write, fuse_gqa_attention, quantize_attention, cleanup]
 
 
 @dataclass
