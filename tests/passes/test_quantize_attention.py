@@ -237,3 +237,34 @@ def test_compressed_tensors_export_refuses_an_engine_with_quantized_attention(tm
     with pytest.raises(zq.ExportError, match="quantized attention"):
         zq.export_compressed_tensors(engine, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
+
+
+def test_additive_masks_with_the_dtypes_lowest_value_count_as_masked():
+    """Hugging Face writes masked slots of an additive mask as the dtype's lowest value, not -inf: those slots
+    must set no K / V scale, exactly like a boolean mask's."""
+    q, k, v = qkv(b=1, s=2, l=10)
+    keep = torch.ones(1, 1, 2, 10, dtype=torch.bool)
+    keep[..., 7:] = False
+    k[..., 7:, :], v[..., 7:, :] = 1e3, -1e3  # padding rows with large values
+    lowest = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    for per_token in (False, True):
+        want = qm.quant_attention(q, k, v, keep, 0.25, False, False, per_token)
+        assert torch.equal(qm.quant_attention(q, k, v, lowest, 0.25, False, False, per_token), want)
+
+
+class EagerAttn(Attn):
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) * (d // self.h) ** -0.5, dim=-1) @ v
+        return self.o(a.transpose(1, 2).reshape(b, s, d))
+
+
+def test_a_graph_without_sdpa_says_its_attention_stays_float():
+    x = torch.randn(2, 6, 32)
+    gm = captured(EagerAttn(), x)
+    ctx = PassContext(replace(get_config("w8a8"), attention=AttentionQuant()), (x,))
+    run_until(gm, ctx, "fuse_gemm_epilogue")
+    with pytest.warns(zq.ConfigWarning, match="no SDPA call .* attention stays float"):
+        res = quantize_attention(gm, ctx)
+    assert res.rewritten == 0 and any(n.candidate == "quant_attention" for n in ctx.not_fused)

@@ -398,7 +398,8 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     """ZeroQuant-HERO's quantized attention: softmax(Q.K^T * scale) . V with both products on 8-bit codes.
     q [B, Hq, S, D], k / v [B, Hkv, L, D] (Hq % Hkv == 0: query head h reads KV head h // (Hq / Hkv)); mask
     None, boolean (True = attend) or additive float, broadcastable to [B, Hq, S, L]; is_causal: query i sees
-    key j <= i + L - S. Dynamic scales: per_token False: Q, K and V one per (batch row, head); per_token True: Q
+    key j <= i + L - S (an additive mask's values at or under half the dtype's lowest count as masked, as Hugging
+    Face writes them). Dynamic scales: per_token False: Q, K and V one per (batch row, head); per_token True: Q
     and K one per token (row) of each head, V one per channel of each head -- the scales an INT8 GEMM applies in
     its epilogue (rows of Q.K^T by Q's, columns by K's; columns of P.V by V's). K and V over the key slots some
     query attends (a preallocated cache's unused slots set no scale); the softmax output P one per query row (P
@@ -416,7 +417,9 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
         bias = bias + (torch.zeros_like(mask, dtype=torch.float32).masked_fill(~mask, float("-inf"))
                        if mask.dtype == torch.bool else mask.float())
     bias = bias.expand(q.shape[0], q.shape[1], s_len, l_len)
-    seen = (bias > float("-inf")).reshape(q.shape[0], k.shape[1], groups * s_len, l_len).any(dim=2)  # [B, Hkv, L]
+    # masked: -inf, or an additive mask's "minus infinity" (Hugging Face fills with the dtype's lowest value)
+    attended = bias > torch.finfo(q.dtype).min / 2
+    seen = attended.reshape(q.shape[0], k.shape[1], groups * s_len, l_len).any(dim=2)  # [B, Hkv, L]
     kv_keep = seen[..., None].float()
     if per_token:
         qc, sq = _codes(q.float(), fp8)  # [B, Hq, S, 1]

@@ -6,6 +6,9 @@ A pass is `fn(gm, ctx) -> PassResult`; it mutates `gm` in place and says what it
 """
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Iterable
@@ -15,11 +18,21 @@ from torch import fx
 
 from zqcompile import ops  # noqa: F401 - registers the zq ops the passes emit
 from zqcompile.capture import fqn_of, get_tensor, is_placeholder, module_stack, param_fqn
-from zqcompile.config import GemmScheme, QuantConfig
+from zqcompile.config import ConfigWarning, GemmScheme, QuantConfig
 from zqcompile.passes.constants import SharedConstants
 
 aten = torch.ops.aten
 zq = torch.ops.zq
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def warn_at_caller(message: str) -> None:
+    """A ConfigWarning pointing at the first frame outside zqcompile (the user's zq.compile call), so the
+    warning shows the line to fix; Python 3.12's skip_file_prefixes does this, 3.10 lacks it."""
+    level, frame = 2, sys._getframe(1)
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, ConfigWarning, stacklevel=level)
 
 
 @dataclass
@@ -234,7 +247,7 @@ def copy_meta(dst: fx.Node, src: fx.Node) -> None:
 __all__ = ["ACTIVATION_OPS", "act_of", "GemmInfo", "StoredWeight", "FusionRecord", "NotFused", "PassResult",
            "PassContext", "aten", "zq", "is_call", "calls", "arg", "set_arg", "last_of", "gemm_fqn", "val", "dtype_of",
            "shape_of", "get_tensor", "is_placeholder", "param_name", "param_offset", "same_param", "add_constant",
-           "getitems", "copy_meta", "fqn_of", "module_stack"]
+           "getitems", "copy_meta", "fqn_of", "module_stack", "warn_at_caller"]
 
 
 def delete_attr(gm: fx.GraphModule, target: str) -> bool:

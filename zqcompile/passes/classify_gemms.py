@@ -12,35 +12,21 @@ families, so that is no error, but a typo in a key must not pass silently.
 from __future__ import annotations
 
 import difflib
-import os
 import re
-import sys
-import warnings
 from collections import Counter
 from dataclasses import replace
 
 import torch
 from torch import fx
 
-from zqcompile.config import (ConfigError, ConfigWarning, GemmScheme, OverrideKey, classify_role, matching_overrides,
-                              override_text, resolve_scheme, weight_groups_error)
+from zqcompile.config import (ConfigError, GemmScheme, OverrideKey, classify_role, matching_overrides, override_text,
+                              resolve_scheme, weight_groups_error)
 from zqcompile.ops import quant_math as qm
 from zqcompile.passes.base import (GemmInfo, PassContext, PassResult, WeightShard, aten, calls, fqn_of, get_tensor,
-                                   is_call, is_placeholder,
-                                   module_stack, param_name)
+                                   is_call, is_placeholder, module_stack, param_name, warn_at_caller)
 from zqcompile.errors import WeightError  # noqa: F401 - raised here, defined there
 
 _MAX_NEAR = 5
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _warn_at_caller(message: str) -> None:
-    """warnings.warn pointing at the first frame outside zqcompile (the user's zq.compile call), so the
-    warning shows the line to fix; Python 3.12's skip_file_prefixes does this, 3.10 lacks it."""
-    level, frame = 2, sys._getframe(1)
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, ConfigWarning, stacklevel=level)
 
 
 def _literal(pattern: str) -> str:
@@ -221,6 +207,6 @@ def classify_gemms(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
               for (g, k), c in sorted(smaller_groups.items())]
     for line in _unmatched_override_notes(keys, hits, decided, fqns, class_names):
         if ctx.warn:
-            _warn_at_caller(line)
+            warn_at_caller(line)
         notes.append(line)
     return PassResult(gm, False, len(fqns), 0, notes)

@@ -15,7 +15,8 @@ import math
 from torch import fx
 
 from zqcompile.config import AttentionQuant
-from zqcompile.passes.base import PassContext, PassResult, aten, calls, copy_meta, shape_of, zq
+from zqcompile.passes.base import NotFused, PassContext, PassResult, aten, calls, copy_meta, shape_of, warn_at_caller
+from zqcompile.passes.base import zq
 from zqcompile.passes.match import Fused, Match, P, Rule, rewrite, substitute
 
 SDPA = P(aten.scaled_dot_product_attention.default, P.any("q"), P.any("k"), P.any("v"), attn_mask=P.any("mask"),
@@ -59,6 +60,12 @@ def quantize_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     anchors = calls(gm, aten.scaled_dot_product_attention.default, zq.gqa_attention.default)
     done = rewrite(gm, ctx, _rules(attn), anchors)
     gm.graph.eliminate_dead_code()
+    if not anchors:  # eager attention (matmul + softmax): nothing to quantize, and the user asked for it
+        why = ("the graph has no SDPA call (the model's attention runs as matmul + softmax): the attention stays "
+               "float; load the model with attn_implementation='sdpa'")
+        ctx.not_fused.append(NotFused("quant_attention", "(model)", why))
+        if ctx.warn:
+            warn_at_caller(f"QuantConfig.attention: {why}")
     return PassResult(gm, bool(done.rewritten), done.matched, done.rewritten,
                       [f"{done.rewritten} of {done.matched} attentions -> zq.quant_attention ({attn.dtype}, "
                        f"{attn.granularity} scales)"])
