@@ -194,6 +194,25 @@ def test_engine_and_generation_equal_hf_with_the_same_quantized_attention(dtype,
     assert "quant-attention" in engine.report()
 
 
+def test_left_padded_generation_equals_hf_and_each_row_alone():
+    """Left padding: the padded slots set no K / V scale, so a padded row generates what it generates alone, and
+    the batch equals Hugging Face's generate with the same quantized attention."""
+    model = tiny_model("llama")
+    ids = make_ids(3, 10, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    engine = zq.compile(model, (ids,), config=replace(get_config("none"), attention=AttentionQuant()),
+                        generation=CacheSpec(3, 40))
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=12)
+    with torch.no_grad(), _hf_with_quant_attention(model, False, True, True):
+        hf = model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert torch.equal(out, hf)
+    alone = engine.generate(ids[1:2, 4:], max_new_tokens=12)
+    assert torch.equal(alone[0, 6:], out[1, 10:])
+
+
 def test_encoder_w8a8_with_quantized_attention_stays_close_to_fp32():
     model = tiny_model("bert")
     ids = make_ids(2, 12, seed=5)
