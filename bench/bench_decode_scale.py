@@ -406,8 +406,8 @@ def attention_table(args) -> list[dict]:
 
             def timed(name: str):
                 with_path = C.attention_paths.copy()
-                us = 1e3 * attn_ms(lambda i: torch.ops.zq.gqa_attention(q, *kvs[i], mask, d ** -0.5), copies,
-                                   args.device)
+                us = 1e3 * graph_ms(lambda i: torch.ops.zq.gqa_attention(q, *kvs[i], mask, d ** -0.5), copies,
+                                    args.device, reps=20)
                 ran = [key for key in C.attention_paths if C.attention_paths[key] != with_path.get(key, 0)]
                 row[f"{name}_us"], row[f"{name}_tb_s"] = us, kv_bytes / us / 1e6
                 row[f"{name}_ran"] = ",".join(sorted(ran))
@@ -416,13 +416,12 @@ def attention_table(args) -> list[dict]:
 
             for v in variants:
                 st = settings[v]
-                C.decode_attention_path, C.decode_attention_splits = "split", st["splits"]
-                with C.switched("attention_merge", st["merge"]):
+                C.decode_attention_path = "split"
+                with C.switched("attention_merge", st["merge"]), attention_splits(st["splits"]):
                     out = timed("split" if v == "auto" else f"split_{v}")
                 ref = out if ref is None else ref
                 if v != variants[0]:  # the same attention: close to the first variant's (split counts differ)
                     row[f"split_{v}_max_diff"] = float((out.float() - ref.float()).abs().max())
-            C.decode_attention_splits = 0
             C.decode_attention_path = "single"
             timed("single")
             C.decode_attention_path = args.attention
@@ -432,18 +431,17 @@ def attention_table(args) -> list[dict]:
     return rows
 
 
-def attn_ms(fn_per_copy, copies: int, device: str) -> float:
+def graph_ms(fn_per_copy, copies: int, device: str, reps: int = 15) -> float:
+    """Median ms of one call: on CUDA `copies` calls (each on its own operands) in one graph, replayed `reps`
+    times (bench_gemm.time_graph); elsewhere the first copy's call timed eagerly."""
     if device != "cuda":
         return median_ms(lambda: fn_per_copy(0), device, 5)
     from bench.bench_gemm import time_graph
-    return time_graph(fn_per_copy, copies, reps=20)
+    return time_graph(fn_per_copy, copies, reps=reps)
 
 
 def gemm_ms(fn, device: str) -> float:
-    if device != "cuda":
-        return median_ms(fn, device, 5)
-    from bench.bench_gemm import time_graph
-    return time_graph(lambda i: fn(), 20)  # one weight, L2 may hold part of it: an upper bound on TB/s
+    return graph_ms(lambda i: fn(), 20, device)  # one weight, L2 may hold part of it: an upper bound on TB/s
 
 
 # ---- output ------------------------------------------------------------------------------------------------

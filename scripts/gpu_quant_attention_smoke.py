@@ -1,16 +1,21 @@
 """GPU smoke of ZeroQuant-HERO's quantized attention (QuantConfig.attention, reference op only): the op on CUDA
 tensors against CPU, and a tiny LLaMA W8A8 + AttentionQuant() engine generating on CUDA against the same engine on
 CPU. Developer tooling (a device call: `PYTHONPATH=. python scripts/gpu_quant_attention_smoke.py`), not CI."""
-import torch, time
+import time
 from dataclasses import replace
+
+import torch
+
 import zqcompile as zq
-from zqcompile.models import tiny_model
-from zqcompile.config import get_config, AttentionQuant
+from zqcompile.config import AttentionQuant, get_config
 from zqcompile.generation.kv_cache import CacheSpec
+from zqcompile.models import tiny_model
 from zqcompile.ops import quant_math as qm
+
 t0 = time.time()
 g = torch.Generator().manual_seed(0)
-q, k, v = torch.randn(2, 4, 8, 16, generator=g), torch.randn(2, 2, 8, 16, generator=g), torch.randn(2, 2, 8, 16, generator=g)
+q = torch.randn(2, 4, 8, 16, generator=g)
+k, v = torch.randn(2, 2, 8, 16, generator=g), torch.randn(2, 2, 8, 16, generator=g)
 for fp8, pt, pv in ((False, False, False), (False, True, True), (True, True, True)):
     a = qm.quant_attention(q, k, v, None, 0.25, True, fp8, pt, pv)
     b = qm.quant_attention(q.cuda(), k.cuda(), v.cuda(), None, 0.25, True, fp8, pt, pv).cpu()

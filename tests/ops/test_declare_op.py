@@ -119,4 +119,6 @@ def test_declarations_refuse_backends_their_scope_rules_out():
         registry.declare("attention", cuda="kernel", tensorrt="plugin", runtime_only=True)
     with pytest.raises(ValueError, match="unknown op category"):
         registry.declare("gemm", cuda="kernel", tensorrt="plugin")
+    with pytest.raises(ValueError, match="not_exported= explains a runtime-only op's refusal"):
+        registry.declare("fused", cuda="kernel", tensorrt="plugin", not_exported="no")
     assert registry.op("rope").translations == {} and registry.op("dequantize_weight").cuda_kernel is None

@@ -92,13 +92,8 @@ def check_translatable(gm: torch.nn.Module, table: dict[Any, Callable], dialect:
         where = f"(node {node.name!r}) in module {module_fqn(node)!r}"
         keep_out = f"keep that module out of quantization (override={{{module_fqn(node)!r}: 'fp16'}})"
         decl = registry.lookup(node.target)
-        if decl is not None and decl.name == "quant_attention":
-            raise ExportError(f"op {decl.qualname} {where}: HERO's quantized attention (QuantConfig.attention) runs "
-                              f"on the engine's runtime only and has no ONNX lowering; compile without `attention` "
-                              f"to export")
         if decl is not None and not decl.exported:
-            raise ExportError(f"op {decl.qualname} {where} is runtime-only: the generation graphs' ops run on the "
-                              f"engine's runtime and have no ONNX lowering; export the engine (its forward graph)")
+            raise ExportError(f"op {decl.qualname} {where} is runtime-only: {decl.not_exported}")
         if decl is not None:
             raise ExportError(f"no {dialect} ONNX translation for op {decl.qualname} {where}. Register one with "
                               f"@onnx_translation({decl.name!r}, dialect={dialect!r}) in zqcompile/export/, or "

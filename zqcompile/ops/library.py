@@ -234,7 +234,9 @@ def _(q, k, v, mask, scale):
     return q.new_empty(q.shape)
 
 
-@declare("attention", cuda="reference", runtime_only=True)
+@declare("attention", cuda="reference", runtime_only=True,
+         not_exported="HERO's quantized attention (QuantConfig.attention) runs on the engine's runtime only and "
+                      "has no ONNX lowering; compile without `attention` to export")
 def quant_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool,
                     fp8: bool, per_token: bool, pv_fp8: bool) -> Tensor:
     """ZeroQuant-HERO's quantized attention (QuantConfig.attention): Q.K^T on INT8 (fp8: FP8 E4M3) codes and P.V

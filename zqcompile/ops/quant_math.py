@@ -436,4 +436,3 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with every slot masked: zeros
     pc, sp = _codes(p, pv_fp8)
     return ((pc @ vc) * (sp * sv)).to(q.dtype)
-

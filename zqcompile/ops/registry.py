@@ -40,6 +40,9 @@ class OpDecl:
     fake: Optional[Callable] = None
     cuda_kernel: Optional[Callable] = None
     translations: dict[str, Callable] = field(default_factory=dict)  # ONNX dialect -> translator
+    # a runtime-only op: why no export takes it and what to do instead (the exporters' refusal says it)
+    not_exported: str = ("the generation graphs' ops run on the engine's runtime and have no ONNX lowering; export "
+                         "the engine (its forward graph)")
 
     @property
     def namespace(self) -> str:
@@ -80,19 +83,23 @@ def _qualname(name: str) -> str:
 
 
 def declare(category: str, *, cuda: str, tensorrt: Optional[str] = None, runtime_only: bool = False,
-            mutates: tuple[str, ...] = (), namespace: str = NAMESPACE) -> Callable[[Callable], OpDecl]:
+            mutates: tuple[str, ...] = (), namespace: str = NAMESPACE,
+            not_exported: Optional[str] = None) -> Callable[[Callable], OpDecl]:
     """Declare the op named like the decorated function, which is its reference implementation.
 
     category: one of CATEGORIES. cuda: "kernel" when zqcompile/plugins/cuda.py must provide a kernel, "reference"
     when the op runs its reference on CUDA (QDQ forms the passes fuse away). tensorrt: "plugin" or "standard" for
     an exported op; runtime_only=True (and no tensorrt) for an op that only the engine's runtime runs. mutates:
-    the parameters the op writes in place (a runtime-only op's KV cache; torch.library's mutates_args)."""
+    the parameters the op writes in place (a runtime-only op's KV cache; torch.library's mutates_args).
+    not_exported: for a runtime-only op outside the generation graphs, why an export refuses it and what to do."""
     if category not in CATEGORIES:
         raise ValueError(f"unknown op category {category!r}; known: {CATEGORIES}")
     if cuda not in CUDA_SUPPORT:
         raise ValueError(f"cuda={cuda!r}: say 'kernel' or 'reference'")
     if runtime_only and tensorrt is not None:
         raise ValueError("a runtime-only op has no TensorRT lowering: leave tensorrt out")
+    if not_exported is not None and not runtime_only:
+        raise ValueError("not_exported= explains a runtime-only op's refusal: set runtime_only=True")
     if mutates and not runtime_only:
         raise ValueError("only a runtime-only op may write its inputs in place (exported graphs are functional)")
     if not runtime_only and tensorrt not in TENSORRT_LOWERINGS:
@@ -104,6 +111,8 @@ def declare(category: str, *, cuda: str, tensorrt: Optional[str] = None, runtime
             raise ValueError(f"op {qualname} is already declared")
         custom = torch.library.custom_op(qualname, mutates_args=tuple(mutates))(fn)
         decl = OpDecl(qualname, category, cuda, tensorrt, fn, custom)
+        if not_exported is not None:
+            decl.not_exported = not_exported
         _DECLS[qualname] = decl
         return decl
 

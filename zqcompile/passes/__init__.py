@@ -62,8 +62,8 @@ PIPELINE: list[Pass] = [
 # The prefill / decode graphs around the KV cache (generation.py) also fuse their attention: the rotary
 # embedding of q and k into one op, then with the KV-cache write of k and v, and SDPA over the cache without the
 # repeat_kv copies.
-GENERATION_PIPELINE: list[Pass] = PIPELINE[:-2] + [
-    fuse_rotary, fuse_kv_write, fuse_gqa_attention, quantize_attention, cleanup]
+_AT = PIPELINE.index(quantize_attention)  # the attention fusions go before HERO's quantized attention
+GENERATION_PIPELINE: list[Pass] = PIPELINE[:_AT] + [fuse_rotary, fuse_kv_write, fuse_gqa_attention] + PIPELINE[_AT:]
 
 
 @dataclass
