@@ -13,6 +13,7 @@ configuration too.
     python bench/bench_gemm.py --w4-crossover   # W4A8 K groups: mma vs fp16 dequant, M = 256-8192, model shapes
 
     python bench/bench_gemm.py --decode   # decode shapes, M = 1-64: every kernel forced, INT8 and INT4
+    python bench/bench_gemm.py --wgmma    # the Hopper K-group kernel at M = 128-16384 vs mma / fp16 dequant / W8A8
 
 --decode: the decode GEMMs of the Llama-3-8B and Llama-3.2-1B layers at M = 1..64, each C kernel forced (simt,
 mma, sm90, skinny and its five configurations) for INT8 row scales and INT4 K groups of 128, against cuBLAS FP16;
@@ -142,6 +143,78 @@ def w4_crossover(cuda_mod, out: Path, tag: str) -> None:
             (out / f"gemm_w4_crossover_{tag}.md").write_text("\n".join(lines) + "\n")
 
 
+WGMMA_MS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+INT8_PEAK_TOPS = 1979  # H200 dense INT8 tensor-core peak (FACTS.md)
+
+
+def wgmma_table(cuda_mod, out: Path, tag: str, ms: list[int] | None = None) -> None:
+    """The Hopper K-group kernel (wgmma, both configurations: the fold's two conversions) against what it competes
+    with at large M, on the W4 shapes: INT4 with K groups of 128 on the mma kernel and the fp16-dequant path, the
+    same on wgmma; INT8 with K groups on mma and wgmma; and W8A8 row scales on the CUTLASS kernel (the speed W4/8A8
+    is held to) and cuBLAS FP16. TOP/s and the fraction of the INT8 peak; writes gemm_wgmma_<device>.json / .md
+    after every row."""
+    meta = run_meta("CUDA graphs over distinct weight copies (L2 defeated for the weights), median of 15 replays; "
+                    "fp16: torch.matmul on one weight", int8_peak_tops=INT8_PEAK_TOPS)
+    rows, dev = [], "cuda"
+    cfgs = range(cuda_mod.lib._lib.zq_gemm_wgmma_num_configs())
+    for m in ms or WGMMA_MS:
+        for k, n in W4_SHAPES:
+            copies = l2_copies(m, k, n)
+            x16 = torch.randn(m, k, device=dev, dtype=torch.float16)
+            xq, xs = qm.quantize_per_token(x16)
+            xs = xs.reshape(m).contiguous()
+            w = torch.randn(n, k, device=dev) * 0.05
+            outs = [torch.empty(m, n, device=dev, dtype=torch.float16) for _ in range(copies)]
+            r = {"m": m, "k": k, "n": n, "tera_ops": 2 * m * k * n / 1e12}
+            o, w16 = outs[0], w.half()
+            r["fp16_us"] = 1e3 * time_graph(lambda i: torch.matmul(x16, w16.t(), out=o), 1)
+            for name, bits, group, kernels in (("int8", 8, None, [("sm90", -1)]),
+                                               ("int4g128", 4, 128, [("mma", -1), *(("wgmma", c) for c in cfgs)]),
+                                               ("int8g128", 8, 128, [("mma", -1), *(("wgmma", c) for c in cfgs)])):
+                gran = "k_groups" if group else "row_groups"
+                wqs = [qm.quantize_weight(w * (1 + 0.01 * i), bits, gran, group_size=group) for i in range(copies)]
+                for path, cfg in kernels:
+                    key = f"{name}_{path}" + (f"{cfg}" if cfg >= 0 else "")
+                    if cuda_mod.launch_gemm(path, xq, xs, wqs[0][0], wqs[0][1], None, None, "none", bits, outs[0],
+                                            config=cfg) != 0:
+                        continue
+                    t = time_graph(lambda i, p=path, c=cfg: cuda_mod.run_gemm(
+                        p, xq, xs, wqs[i][0], wqs[i][1], None, None, "none", bits, outs[i], config=c), copies)
+                    r[f"{key}_us"] = 1e3 * t
+                if name == "int4g128":
+                    r["int4g128_fp16_dequant_us"] = 1e3 * time_graph(lambda i: torch.matmul(
+                        (xq.float() * xs[:, None]).half(), cuda_mod.dequantize_weight(
+                            wqs[i][0], wqs[i][1], 4, torch.float16).t(), out=outs[i]), copies)
+                wqs.clear()
+            w4 = [kk for kk in r if kk.startswith("int4g128_wgmma") and kk.endswith("_us")]
+            if w4:
+                best = min(r[kk] for kk in w4)
+                r["int4g128_wgmma_best_us"] = best
+                r["int4g128_wgmma_tops"] = r["tera_ops"] / (best * 1e-6)
+                r["int4g128_wgmma_of_peak"] = r["int4g128_wgmma_tops"] / INT8_PEAK_TOPS
+                r["int4g128_wgmma_vs_mma"] = r["int4g128_mma_us"] / best
+                r["int4g128_wgmma_vs_w8a8"] = best / r["int8_sm90_us"] if "int8_sm90_us" in r else None
+            rows.append(r)
+            print(f"M={m:6d} K={k:5d} N={n:5d} " + "  ".join(f"{kk[:-3]} {v:.1f}" for kk, v in r.items()
+                                                              if kk.endswith("_us")), flush=True)
+            (out / f"gemm_wgmma_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            lines = [f"# The Hopper K-group GEMM (wgmma) at large M -- {meta['device']}", "",
+                     f"`{meta['command']}`; {meta['method']}", "",
+                     "| M | K | N | fp16 us | W8A8 sm90 us | W4 mma us | W4 fp16-dequant us | W4 wgmma0 us | "
+                     "W4 wgmma1 us | W4 wgmma TOP/s | of INT8 peak | vs mma | / W8A8 | W8g mma us | W8g wgmma0 us |",
+                     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+            def f(v, d=1):
+                return "" if v is None else f"{v:.{d}f}"
+            lines += [f"| {q['m']} | {q['k']} | {q['n']} | {f(q.get('fp16_us'))} | {f(q.get('int8_sm90_us'))} | "
+                      f"{f(q.get('int4g128_mma_us'))} | {f(q.get('int4g128_fp16_dequant_us'))} | "
+                      f"{f(q.get('int4g128_wgmma0_us'))} | {f(q.get('int4g128_wgmma1_us'))} | "
+                      f"{f(q.get('int4g128_wgmma_tops'), 0)} | {f(q.get('int4g128_wgmma_of_peak'), 2)} | "
+                      f"{f(q.get('int4g128_wgmma_vs_mma'), 2)} | {f(q.get('int4g128_wgmma_vs_w8a8'), 2)} | "
+                      f"{f(q.get('int8g128_mma_us'))} | {f(q.get('int8g128_wgmma0_us'))} |" for q in rows]
+            (out / f"gemm_wgmma_{tag}.md").write_text("\n".join(lines) + "\n")
+
+
 DECODE_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096),  # Llama-3-8B: QKV, o, gate+up, down
                  (2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048)]  # Llama-3.2-1B
 DECODE_MS = [1, 2, 4, 8, 16, 32, 64]
@@ -262,9 +335,10 @@ def main() -> None:
     ap.add_argument("--mma-configs", action="store_true", help="time every mma tile configuration too")
     ap.add_argument("--w4-crossover", action="store_true", help="W4A8 K groups only: mma vs fp16 dequant")
     ap.add_argument("--decode", action="store_true", help="decode shapes, M = 1-64: every kernel forced")
+    ap.add_argument("--wgmma", action="store_true", help="the Hopper K-group kernel vs mma / fp16 dequant / W8A8")
     ap.add_argument("--variants", default="int8,int4g128",
                     help="--decode: weight formats, of int8, int4g128, int4 (row scales), int8g128")
-    ap.add_argument("--ms", default="", help="--decode: only these M (comma-separated)")
+    ap.add_argument("--ms", default="", help="--decode / --wgmma: only these M (comma-separated)")
     ap.add_argument("--kernels", default="", help="--decode: only these kernels (e.g. sm90,skinny2,skinny4)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
@@ -272,10 +346,12 @@ def main() -> None:
         sys.exit(f"needs a CUDA GPU and the kernel library: {plugins.status()}")
     from zqcompile.plugins import cuda as lib
     from zqcompile.plugins import cuda_gemm as cuda_mod
-    if args.w4_crossover or args.decode:
+    if args.w4_crossover or args.decode or args.wgmma:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         tag = torch.cuda.get_device_name().replace(" ", "_")
+        if args.wgmma:
+            return wgmma_table(cuda_mod, out, tag, [int(m) for m in args.ms.split(",") if m] or None)
         if args.decode:
             return decode_table(cuda_mod, out, tag, args.variants.split(","),
                                 [int(m) for m in args.ms.split(",") if m] or None,

@@ -53,8 +53,26 @@ for stage in "$@"; do
       timeout "$(left)" "$PY" bench/bench_e2e.py --models bert-base --batches 128 --seqs 128 --compile-batches 0 \
         --torchao-batches 0 --configs w8a8,w4/8a8 --out "$OUT/e2e_bert_b128_H200.json" 2>&1 | grep -v -i warn
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
+    wgmma-tests)  # the Hopper K-group GEMM (gemm_wgmma.cu): against the mma kernel's bits and the reference
+      ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout "$(left)" "$PY" -m pytest -q -p no:cacheprovider \
+        tests/gpu/test_gemm_wgmma.py > "$OUT/gpu_tests_wgmma.txt" 2>&1 || rc=$?
+      tail -3 "$OUT/gpu_tests_wgmma.txt" ;;
+    wgmma-bench)  # its table at large M (WGMMA_MS: the M, comma-separated) vs mma / fp16 dequant / W8A8 / fp16
+      timeout "$(left)" "$PY" bench/bench_gemm.py --wgmma --ms "${WGMMA_MS:-}" --out "$OUT" \
+        > "$OUT/gemm_wgmma.log" 2>&1 || rc=$?
+      tail -3 "$OUT/gemm_wgmma.log" ;;
+    bert-b128-wgmma)  # BERT-base s128 b128 W4/8A8 with the wgmma kernel on (auto policy) and off, one process each
+      for mode in auto 0; do
+        ZQ_GEMM_WGMMA=$mode timeout "$(left)" "$PY" bench/bench_e2e.py --models bert-base --batches 128 --seqs 128 \
+          --compile-batches 0 --torchao-batches 0 --configs w8a8,w4/8a8 \
+          --out "$OUT/e2e_bert_b128_wgmma_${mode}_H200.json" 2>&1 | grep -v -i warn | tail -6
+        [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      done ;;
+    prefill-8b-wgmma)  # Llama-3-8B prefill, 2048 tokens, batch 1: W8A8 and W4/8A8 with the wgmma kernel's policy
+      ZQ_GEMM_WGMMA=${WGMMA_MODE:-auto} prefill --models llama-3-8b --engines zq-w8a8,zq-w4/8a8 --llama-batches 1 \
+        --out "$OUT/prefill_8b_wgmma_H200.json" || rc=$? ;;
     *) echo "unknown stage $stage (prefill prefill-resume w4-crossover profile-bert elementwise rows-old rows-tests" \
-            "rows-ab rows-ab-decode bert-b128)"; exit 2 ;;
+            "rows-ab rows-ab-decode bert-b128 wgmma-tests wgmma-bench bert-b128-wgmma prefill-8b-wgmma)"; exit 2 ;;
   esac
 done
 exit $rc

@@ -9,7 +9,7 @@
 
 namespace {
 
-const char* const kNames[ZQ_GEMM_NUM_KERNELS] = {"simt", "mma", "sm90", "skinny", "sm90_fp8"};
+const char* const kNames[ZQ_GEMM_NUM_KERNELS] = {"simt", "mma", "sm90", "skinny", "sm90_fp8", "wgmma"};
 
 // Compute capability of the current device, read once per device.
 bool current_cc(int* major, int* minor) {
@@ -52,6 +52,7 @@ ZQ_API int zq_gemm_kernel_available(int kernel) {
     case ZQ_GEMM_SIMT: return 1;
     case ZQ_GEMM_MMA:
     case ZQ_GEMM_SKINNY: return current_cc(&major, &minor) && major >= 8;
+    case ZQ_GEMM_WGMMA: return current_cc(&major, &minor) && major == 9 && minor == 0;
     case ZQ_GEMM_SM90:
     case ZQ_GEMM_SM90_FP8: return zq_has_sm90_gemm() && current_cc(&major, &minor) && major == 9 && minor == 0;
     default: return 0;
@@ -74,6 +75,7 @@ ZQ_API cudaError_t zq_gemm_run(int kernel, const zq_gemm_args* a, void* workspac
     case ZQ_GEMM_SIMT: return zq_gemm_simt(a, stream);
     case ZQ_GEMM_MMA: return zq_gemm_mma(a, stream);
     case ZQ_GEMM_SKINNY: return zq_gemm_skinny(a, stream);
+    case ZQ_GEMM_WGMMA: return zq_gemm_wgmma(a, stream);
     default: break;
   }
   // sm90, sm90_fp8: the sm_90a code runs on compute capability 9.0 only, so say no (and let the fallback run)

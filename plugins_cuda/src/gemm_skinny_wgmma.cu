@@ -28,6 +28,7 @@
 
 #include "gemm_launch.h"
 #include "gemm_skinny.cuh"
+#include "wgmma_sm90.cuh"
 
 namespace zq::skinny::wg {
 
@@ -42,34 +43,11 @@ constexpr int kMaxSplit = 8;
 constexpr int kPartPitch = kRows + 4;  // words; a fragment's store hits 32 distinct banks
 static_assert(kStages * kStageBytes >= kTok * kPartPitch * 4, "the partial tile fits over the x stages");
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define ZQ_WGMMA 1
-#endif
-
 __device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
 }
 
-// The shared-memory matrix descriptor of one k32 tile of x: no swizzle, leading (k-half) offset 128 B, stride
-// (token-group) offset 256 B, both in 16-byte units.
-__device__ __forceinline__ uint64_t desc_b(uint32_t saddr) {
-  return (uint64_t)((saddr >> 4) & 0x3FFF) | ((uint64_t)(128 >> 4) << 16) | ((uint64_t)(256 >> 4) << 32);
-}
-
 #ifdef ZQ_WGMMA
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void proxy_fence() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// Keeps the compiler from moving reads or writes of these registers across a wgmma wait / fence.
-template <int N>
-__device__ __forceinline__ void reg_fence(uint32_t (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
-}
-
 // d (+)= A (64 x 32 s8, registers) * B (64 tokens x 32 k s8, shared memory); scale_d 0 ignores d's old value.
 __device__ __forceinline__ void wgmma_64x64x32(uint32_t (&d)[32], const uint32_t (&a)[4], uint64_t desc,
                                                int scale_d) {
@@ -135,7 +113,7 @@ __device__ __forceinline__ void chunk_step(const zq_gemm_args& a, State<WBITS, K
   constexpr int P = State<WBITS, KG>::P, set = p & 1;
   const int g = lane >> 2, t = lane & 3;
   mma::cp_async_wait<kAhead - 1>();  // this thread's copies of chunk ci,
-  proxy_fence();                     // made visible to the MMAs' (async-proxy) reads,
+  wgmma::proxy_fence();              // made visible to the MMAs' (async-proxy) reads,
   __syncthreads();                   // everyone's; and chunk ci - 2's MMAs are complete (the wait below)
   if (ci + kAhead < nc) copy_x(a, c0 + ci + kAhead, sbase + ((ci + kAhead) % kStages) * kStageBytes, warp, lane);
   mma::cp_async_commit();
@@ -153,23 +131,23 @@ __device__ __forceinline__ void chunk_step(const zq_gemm_args& a, State<WBITS, K
   uint32_t(&acc)[32] = st.acc[KG ? set : 0];
   const uint32_t tile = sbase + (ci % kStages) * kStageBytes;
 #pragma unroll
-  for (int s = 0; s < 4; ++s) reg_fence(st.af[set][s]);  // every A word defined before the MMAs start
+  for (int s = 0; s < 4; ++s) wgmma::reg_fence(st.af[set][s]);  // every A word defined before the MMAs start
   // K groups: this set's last MMAs (chunk ci - 2) are complete. Row scales: the chain's previous MMAs may still
   // be in flight, so nothing but wgmma may touch acc until the final wait.
-  if constexpr (KG) reg_fence(acc);
-  wgmma_fence();
+  if constexpr (KG) wgmma::reg_fence(acc);
+  wgmma::fence();
 #pragma unroll
   for (int s = 0; s < 4; ++s)
-    wgmma_64x64x32(acc, st.af[set][s], desc_b(tile + s * kTileBytes), KG ? s > 0 : (ci > 0 || s > 0));
-  wgmma_commit();
+    wgmma_64x64x32(acc, st.af[set][s], wgmma::desc_k32(tile + s * kTileBytes), KG ? s > 0 : (ci > 0 || s > 0));
+  wgmma::commit();
   // K groups: chunk ci - 1 is complete (its set is folded below while chunk ci runs). Row scales: each chunk is
   // waited for before the next is issued (with chunk ci - 1 left in flight the INT8 results were wrong on the H200:
   // ptxas gives the four k steps' A fragments the same registers, see the note at the top).
-  if constexpr (KG) wgmma_wait<1>();
-  else wgmma_wait<0>();
+  if constexpr (KG) wgmma::wait<1>();
+  else wgmma::wait<0>();
   if constexpr (KG) {
     if (ci > 0) {
-      reg_fence(st.acc[set ^ 1]);
+      wgmma::reg_fence(st.acc[set ^ 1]);
       fold_set(st, set ^ 1);
     }
   }
@@ -209,9 +187,9 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_skinny_wgmma_kernel(const zq
       if (i + 3 < nc) chunk_step<3>(a, st, i + 3, nc, c0, n0, sbase, warp, lane);
     }
   }
-  wgmma_wait<0>();
-  reg_fence(st.acc[0]);
-  reg_fence(st.acc[1]);
+  wgmma::wait<0>();
+  wgmma::reg_fence(st.acc[0]);
+  wgmma::reg_fence(st.acc[1]);
   if constexpr (KG) {
     if (nc > 0) {
       if ((nc - 1) & 1) fold_set(st, 1);

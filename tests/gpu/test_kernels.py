@@ -392,15 +392,15 @@ def test_gemm_mma_declines_outside_contract(case):
     (5, 1024, 768, 4, None, "skinny or mma"), (4, 1024, 768, 4, None, "skinny or simt"),
     (2048, 4096, 1024, 4, 64, "mma"), (64, 1024, 768, 8, None, "skinny or mma"), (65, 1024, 768, 8, None, "sm90 or mma"),
     (64, 2048, 768, 8, None, "skinny or mma"), (64, 1024, 4096, 8, None, "mma"), (33, 4096, 6144, 8, None, "sm90 or mma"),
-    (65, 1024, 768, 4, None, "sm90 or mma"), (1025, 1024, 3072, 4, 128, "fp16_dequant or mma"),
-    (2049, 1024, 768, 4, 128, "mma"), (64, 1024, 768, 4, 32, "mma")])
+    (65, 1024, 768, 4, None, "sm90 or mma"), (1025, 1024, 3072, 4, 128, "wgmma or mma"),
+    (2049, 1024, 768, 4, 128, "wgmma or mma"), (65, 1024, 768, 8, 128, "wgmma or mma"), (64, 1024, 768, 4, 32, "mma")])
 def test_int8_gemm_dequant_routes_to_mma(m, k, n, bits, group_size, path):
     """On sm_90 the decode-shaped kernel takes M <= 64 where its contract holds (K % 128, N % 16, K groups of a
     multiple of 128) and, for INT8 row scales, where it was measured fastest (N <= 4096 at M 17-32, N <= 2048 at
     33-64). Else the mma kernel takes K-group scales for SMALL_M_KGROUPS < M <= MMA_KGROUP_MAX_M (every M for
     N <= 1024), INT4 row scales and short-K INT8 row scales for SMALL_M < M <= MMA_ROW_MAX_M, and every M above
-    SMALL_M where there is no Hopper kernel (A100); past those limits Hopper runs its own kernel or the fp16
-    dequant path."""
+    SMALL_M where there is no Hopper kernel (A100); past those limits Hopper runs its own kernels: for K groups
+    (K, N and the group size multiples of 128) at M > 64 the Hopper K-group kernel, for row scales the CUTLASS one."""
     if not mma_usable():
         pytest.skip("the mma GEMM needs sm_80 or later")
     if " or " in path:
@@ -412,7 +412,7 @@ def test_int8_gemm_dequant_routes_to_mma(m, k, n, bits, group_size, path):
     assert served == {path: 1}
     assert cuda_gemm.chosen("int8_gemm_dequant", xq, wq, ws, bias, res, bits, torch.bfloat16).kernel.name == path
     y_ref = ref("int8_gemm_dequant")(xq, xs, wq, ws, bias, res, "silu", bits, torch.bfloat16)
-    if path in ("mma", "skinny"):
+    if path in ("mma", "skinny", "wgmma"):
         assert_gemm_exact(y, y_ref)
     else:
         assert_close(y, y_ref, rel=4e-3 if path != "fp16_dequant" else 1e-2)

@@ -49,12 +49,15 @@ def test_kernel_library_builds_and_loads(tmp_path):
                 "zq_decode_attention_splits", "zq_decode_attention_workspace_bytes", "zq_gemm_run",
                 "zq_gemm_workspace_bytes", "zq_gemm_kernel_name", "zq_gemm_kernel_available", "zq_gemm_plan_parse", "zq_gemm_plan_find",
                 "zq_set_row_split", "zq_set_pdl", "zq_set_gemm_prefetch", "zq_set_attention_merge",
-                "zq_gemm_sm90_fp8", "zq_gemm_sm90_fp8_config", "zq_gemm_sm90_fp8_num_configs"]:
+                "zq_gemm_sm90_fp8", "zq_gemm_sm90_fp8_config", "zq_gemm_sm90_fp8_num_configs", "zq_gemm_wgmma",
+                "zq_gemm_wgmma_config", "zq_gemm_wgmma_num_configs"]:
         assert hasattr(lib, sym), sym
     # split-L decode attention's host-side plan (no device here: 132 SMs assumed), through the binding's types
     cuda._bind(lib)
     assert (lib.zq_gemm_sm90_fp8_num_configs() > 0) == (sm90 == "ON")
-    assert [lib.zq_gemm_kernel_name(i) for i in range(6)] == [b"simt", b"mma", b"sm90", b"skinny", b"sm90_fp8", None]
+    assert [lib.zq_gemm_kernel_name(i) for i in range(7)] == [b"simt", b"mma", b"sm90", b"skinny", b"sm90_fp8",
+                                                              b"wgmma", None]
+    assert lib.zq_gemm_wgmma_num_configs() == 2  # sm_90a code, always built
     plan = GemmPlan()
     assert lib.zq_gemm_plan_parse(b"64:sm90_fp8/sm90,inf:sm90_fp8", ctypes.byref(plan)) == 0
     assert (plan.count, list(plan.kernel[:2]), list(plan.fallback[:2])) == (2, [4, 4], [2, -1])

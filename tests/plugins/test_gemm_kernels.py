@@ -58,6 +58,17 @@ def skinny_takes(m, k, n, w_bits, groups, out_dtype, capability):
     return True
 
 
+def wgmma_takes(m, k, n, w_bits, groups, out_dtype, capability):
+    """The Hopper K-group kernel (gemm_wgmma.cu's contract and gemm_kernels' measured policy), which the chooser puts
+    after the decode-shaped kernel and before the old ladder's."""
+    group_k = k // groups if groups > 1 else 0
+    if capability != (9, 0) or out_dtype not in ("float16", "bfloat16") or k % 128 or n % 128:
+        return False
+    if not group_k or group_k % 128 or group_k > 65536 or m <= 64:  # row scales: the CUTLASS kernel (policy)
+        return False
+    return True
+
+
 def old_weight_only_ladder(m, x_dtype, epilogue_ok):
     """zqcompile/plugins/cuda.py:weight_only_gemm before the chooser, decisions only."""
     if not epilogue_ok:
@@ -91,6 +102,7 @@ def test_int8_chooser_equals_the_old_ladder():
         sm90_usable = sm90_lib and cap == (9, 0)
         for m in MS:
             want = "skinny" if epilogue_ok and skinny_takes(m, k, n, w_bits, groups, out, cap) else \
+                "wgmma" if epilogue_ok and wgmma_takes(m, k, n, w_bits, groups, out, cap) else \
                 old_int8_ladder(m, k, n, w_bits, groups, out, epilogue_ok, sm90_usable, cap)
             p = G.GemmProblem("int8_gemm_dequant", n, k, w_bits, group_k, "int8", out, bias, res, m)
             got = G.choose_gemm(p, _device(cap, sm90_lib))
@@ -144,13 +156,17 @@ def test_tensorrt_never_picks_pytorch_paths(cap, sm90):
         p = G.GemmProblem(op, 1024, 4096, 4, group_k, x, out, out, None)
         for c in G.plan_buckets(p, device):
             assert c.kernel.c_id is not None and (c.fallback is None or c.fallback.c_id is not None)
-    # K groups past M = 1024 with N > 1024: the mma kernel (there is no fp16 dequant path in the C library), as
-    # the TensorRT adapter did before; the PyTorch runtime on the same device takes the fp16 dequant path there
-    p = G.GemmProblem("int8_gemm_dequant", 4096, 4096, 4, 128, "int8", "float16", m=4096)
+    # K groups past M = 1024 with N > 1024: on sm_90 the Hopper K-group kernel, elsewhere the mma kernel (there is
+    # no fp16 dequant path in the C library), as the TensorRT adapter did before; the PyTorch runtime takes the
+    # Hopper K-group kernel on sm_90 too, and the fp16 dequant path there only with it turned off
+    p = G.GemmProblem("int8_gemm_dequant", 6144, 4096, 4, 128, "int8", "float16", m=8192)
     if cap >= (8, 0):
-        assert G.choose_gemm(p, device).kernel is G.MMA
+        assert G.choose_gemm(p, device).kernel is (G.WGMMA if cap == (9, 0) else G.MMA)
     if cap == (9, 0) and sm90:
-        assert G.choose_gemm(p, _device(cap, sm90)).kernel is G.FP16_DEQUANT
+        assert G.choose_gemm(p, _device(cap, sm90)).kernel is G.WGMMA
+        with G.wgmma_mode("0"):
+            c = G.choose_gemm(p, _device(cap, sm90))
+            assert c.kernel is G.FP16_DEQUANT and c.reason("wgmma") == "policy: turned off (ZQ_GEMM_WGMMA=0)"
 
 
 def test_fp8_gemm_is_skinny_sm90_fp8_or_scaled_mm_on_sm90_and_the_reference_elsewhere():
@@ -186,7 +202,8 @@ def test_plan_text():
     wide = G.GemmProblem("int8_gemm_dequant", 6144, 4096, 8, 0, "int8", "float16")  # sm90 ahead from M = 17
     assert G.plan_text(wide, trt) == "4:skinny/simt,16:skinny/sm90,32:sm90/simt,64:sm90/simt,1024:sm90/simt,inf:sm90/simt"
     kg = G.GemmProblem("int8_gemm_dequant", 768, 768, 4, 128, "int8", "float16")
-    assert G.plan_text(kg, trt) == "4:skinny/simt,16:skinny/simt,32:skinny/mma,64:skinny/mma,1024:mma/simt,inf:mma/simt"
+    assert G.plan_text(kg, trt) == ("4:skinny/simt,16:skinny/simt,32:skinny/mma,64:skinny/mma,1024:wgmma/mma,"
+                                    "inf:wgmma/mma")
     with pytest.raises(ValueError, match="tensorrt=True"):
         G.plan_text(row, _device((9, 0), True))
     with pytest.raises(G.NoGemmKernel, match="simt: float32 activations.*reference: no reference"):
@@ -290,3 +307,26 @@ def test_skinny_mode_switches_the_choice_and_a_bad_value_fails_in_one_line():
     r = subprocess.run([sys.executable, "-c", "import zqcompile.plugins.gemm_kernels"], capture_output=True,
                        text=True, env={**os.environ, "ZQ_GEMM_SKINNY": "off"})
     assert r.returncode != 0 and "ZQ_GEMM_SKINNY must be one of auto, 0, 1" in r.stderr and "'off'" in r.stderr
+
+
+def test_wgmma_policy_follows_the_measured_table():
+    """On the H200 large-M table (bench/bench_gemm.py --wgmma: INT4 K groups of 128 on the BERT / Llama MLP shapes,
+    M = 256-16384, every kernel forced) the chooser takes the Hopper K-group kernel at every M > 64; the
+    configuration the library picks (gemm_wgmma.cu pick_config, 132 SMs) is within 1.07x of its better one, no
+    slower than the mma kernel from M = 512 (1.00x at worst) and 1.5x faster or more from M = 1024."""
+    import json
+    from pathlib import Path
+
+    rows = json.loads((Path(__file__).resolve().parents[2] / "bench" / "results" /
+                       "gemm_wgmma_NVIDIA_H200.json").read_text())["rows"]
+    dev = G.GemmDevice("H200", (9, 0), library=True, sm90_library=True)
+    assert len(rows) == 56
+    for r in rows:
+        p = G.GemmProblem("int8_gemm_dequant", r["n"], r["k"], 4, 128, "int8", "float16", m=r["m"])
+        assert G.choose_gemm(p, dev).kernel is G.WGMMA, r
+        grid128 = (r["n"] // 128) * -(-r["m"] // 128)
+        cfg = 1 if r["k"] <= 2048 or 2 * grid128 < 132 else 0
+        mine = r[f"int4g128_wgmma{cfg}_us"]
+        assert mine <= 1.07 * min(r["int4g128_wgmma0_us"], r["int4g128_wgmma1_us"]), r
+        if r["m"] >= 512:
+            assert r["int4g128_mma_us"] / mine >= (1.5 if r["m"] >= 1024 else 0.99), r

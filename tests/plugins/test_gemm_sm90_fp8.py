@@ -130,7 +130,7 @@ def test_binding_mirrors_the_headers():
         "float32": int(dtypes["F32"]), "float16": int(dtypes["F16"]), "bfloat16": int(dtypes["BF16"])}
     assert cuda.FP8_E4M3 == int(dtypes["FP8_E4M3"]) == 3
     ids = {k.lower(): int(v) for k, v in re.findall(r"ZQ_GEMM_(\w+) = (\d+)", (INCLUDE / "gemm.h").read_text())}
-    assert ids.pop("num_kernels") == 5
+    assert ids.pop("num_kernels") == 6
     assert ids == {k.name: k.c_id for k in G.KERNELS if k.c_id is not None}
     names = re.search(r"kNames\[ZQ_GEMM_NUM_KERNELS\] = \{(.*?)\};",
                       (REPO / "plugins_cuda/src/gemm_dispatch.cu").read_text()).group(1)
@@ -192,10 +192,10 @@ def test_library_declines_outside_the_fp8_contract_without_a_device(change):
 
 def test_library_dispatch_keeps_fp8_and_integer_operands_apart():
     lib = _sm90_library()
-    assert lib.zq_gemm_kernel_name(4) == b"sm90_fp8" and lib.zq_gemm_kernel_name(5) is None
+    assert lib.zq_gemm_kernel_name(4) == b"sm90_fp8" and lib.zq_gemm_kernel_name(6) is None
     assert lib.zq_gemm_sm90_fp8_num_configs() == 3
     fp8, int8 = _fp8_args(), _fp8_args(x_dt=0, x_is_int8=1, w_fp8=0)
-    for kernel in (0, 1, 2, 3):  # simt, mma, sm90, skinny never read FP8 codes
+    for kernel in (0, 1, 2, 3, 5):  # simt, mma, sm90, skinny, wgmma never read FP8 codes
         assert lib.zq_gemm_run(kernel, ctypes.byref(fp8), None, 0, None) == NOT_SUPPORTED
     assert lib.zq_gemm_run(4, ctypes.byref(int8), None, 0, None) == NOT_SUPPORTED
     assert lib.zq_gemm_sm90_config(ctypes.byref(fp8), -1, None) == NOT_SUPPORTED

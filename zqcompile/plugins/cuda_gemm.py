@@ -88,12 +88,13 @@ skinny_config = int(os.environ.get("ZQ_SKINNY_CONFIG", "-1"))
 
 def launch_gemm(path: str, x, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out: Tensor,
                 config: int = -1) -> int:
-    """Launch C kernel `path` ("simt", "mma", "sm90", "skinny", "sm90_fp8") on 2-D contiguous operands into `out`;
-    the cudaError_t. config -1: through zq_gemm_run (INT4 weights unpacked into a workspace for sm90); >= 0: that
-    tile configuration of mma / sm90 / skinny / sm90_fp8 (benchmarks, tests)."""
+    """Launch C kernel `path` ("simt", "mma", "sm90", "skinny", "sm90_fp8", "wgmma") on 2-D contiguous operands into
+    `out`; the cudaError_t. config -1: through zq_gemm_run (INT4 weights unpacked into a workspace for sm90); >= 0:
+    that tile configuration of mma / sm90 / skinny / sm90_fp8 / wgmma (benchmarks, tests)."""
     kernel = BY_NAME[path]
     if kernel.c_id is None:
-        raise ValueError(f"{path!r} is not a kernel of the C library; those are simt, mma, sm90, skinny, sm90_fp8")
+        raise ValueError(f"{path!r} is not a kernel of the C library; those are simt, mma, sm90, skinny, sm90_fp8, "
+                         f"wgmma")
     a = _args(x, x_scale, wq, w_scale, bias, residual, act, w_bits, out)
     with torch.cuda.device(x.device):
         stream = lib._stream(x)

@@ -53,11 +53,16 @@ SKINNY_INT8_MAX_N = ((16, math.inf), (SKINNY_INT8_MID_M, 4096), (SKINNY_MAX_M, 2
 SKINNY_MODES = ("auto", "0", "1")
 
 
-def _check_skinny_mode(mode: str, where: str) -> str:
-    if mode not in SKINNY_MODES:
-        raise ValueError(f"{where} must be one of auto, 0, 1 (the decode-shaped GEMM kernel: measured policy, "
-                         f"never, wherever it can), got {mode!r}")
+def _check_policy_mode(mode: str, where: str, kernel: str) -> str:
+    """A kernel's policy switch (auto / 0 / 1), or ValueError naming `where` and the values it takes."""
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"{where} must be one of auto, 0, 1 ({kernel}: measured policy, never, wherever it can), "
+                         f"got {mode!r}")
     return mode
+
+
+def _check_skinny_mode(mode: str, where: str) -> str:
+    return _check_policy_mode(mode, where, "the decode-shaped GEMM kernel")
 
 
 SKINNY_MODE = _check_skinny_mode(os.environ.get("ZQ_GEMM_SKINNY", "auto"), "ZQ_GEMM_SKINNY")
@@ -76,6 +81,28 @@ def _check_sm90_fp8_mode(mode: str, where: str) -> str:
 
 
 SM90_FP8_MODE = _check_sm90_fp8_mode(os.environ.get("ZQ_GEMM_SM90_FP8", "1"), "ZQ_GEMM_SM90_FP8")
+
+# The Hopper K-group kernel (gemm_wgmma.cu: wgmma with INT4 unpacked in shared memory, the same bits as mma): its
+# contract's bounds, then where it is taken, measured with each kernel forced on the BERT / Llama MLP shapes at
+# M = 256-16384 (bench/results/gemm_wgmma_NVIDIA_H200.md: `python bench/bench_gemm.py --wgmma`, H200, INT4 K groups
+# of 128): 1.5-2.7x the mma kernel at M >= 512 on every shape (0.8x at M = 256 on the short-N long-K BERT fc2 /
+# 1B down shapes, within the 65-1024 bucket). Against the fp16-dequant path the GEMM table has it ahead up to
+# M = 2048 and, above 4096, 1.1-1.3x behind where N > K; but that column times the dequantized matmul alone, and
+# end to end the path's PyTorch x dequantization and epilogue cost more: BERT-base s128 b128 W4/8A8 8.82 ms with
+# this kernel on every MLP GEMM, 12.70 with fc1 (N > K) on the fp16-dequant path (bench/results/
+# e2e_bert_b128_wgmma_*_H200.json). So it takes every K-group GEMM past M = 64. "auto": that policy; "1": wherever
+# its contract holds; "0": never. Read from ZQ_GEMM_WGMMA at import; `wgmma_mode(...)` changes it for a block.
+WGMMA_K = 128  # its k per stage, and the K-group sizes it takes are multiples of it
+WGMMA_N = 128  # weight rows a block
+WGMMA_MIN_M = 64  # at or under: the decode-shaped kernel's range
+WGMMA_MODES = ("auto", "0", "1")
+
+
+def _check_wgmma_mode(mode: str, where: str) -> str:
+    return _check_policy_mode(mode, where, "the Hopper K-group GEMM kernel")
+
+
+WGMMA_MODE = _check_wgmma_mode(os.environ.get("ZQ_GEMM_WGMMA", "auto"), "ZQ_GEMM_WGMMA")
 
 # Every threshold above is a bucket edge, so each M bucket has one choice: 1-4, 5-16, 17-32, 33-64, 65-1024, >1024.
 M_BUCKETS: tuple[tuple[int, float], ...] = tuple(
@@ -244,6 +271,33 @@ class Mma(GemmKernel):
         return None
 
 
+class Wgmma(GemmKernel):
+    name, c_id, may_decline_at_run_time = "wgmma", 5, True  # x / wq 16-byte aligned, M under its grid limit
+    summary = ("Hopper wgmma (both operands in shared memory, INT4 unpacked there), INT8 or INT4 with K-group "
+               "scales folded per group: large M")
+
+    def can_implement(self, p, d):
+        why = _sm80_int8_reason(p, d)
+        if why:
+            return why
+        if d.capability != (9, 0):
+            return "needs compute capability 9.0 (sm_90a code)"
+        if p.k % WGMMA_K or p.n % WGMMA_N:
+            return f"needs K % {WGMMA_K} == 0 and N % {WGMMA_N} == 0"
+        if p.group_k and p.group_k % WGMMA_K:
+            return f"needs a K-group size that is a multiple of {WGMMA_K}"
+        if (p.group_k or p.k) > MMA_MAX_GROUP_K:
+            return f"K (or its K-group size) over {MMA_MAX_GROUP_K}: the int32 group sum could overflow"
+        if WGMMA_MODE == "0":
+            return "policy: turned off (ZQ_GEMM_WGMMA=0)"
+        if WGMMA_MODE == "auto":
+            if p.row_scales:
+                return "policy: row scales: the Hopper CUTLASS kernel (INT4 unpacked per call) is faster"
+            if p.m <= WGMMA_MIN_M:
+                return f"policy: M <= {WGMMA_MIN_M}: the decode-shaped and mma kernels' range"
+        return None
+
+
 class Skinny(GemmKernel):
     name, c_id, may_decline_at_run_time = "skinny", 3, True  # x / wq 16-byte aligned
     summary = ("decode-shaped tensor cores (swap-AB mma.sync, the weight streamed into the fragments, split-K "
@@ -407,9 +461,9 @@ class Reference(GemmKernel):
 
 
 SKINNY, MMA, SM90, FP16_DEQUANT, SIMT, REFERENCE = Skinny(), Mma(), Sm90(), Fp16Dequant(), Simt(), Reference()
-SM90_FP8, SCALED_MM = Sm90Fp8(), ScaledMm()
+SM90_FP8, SCALED_MM, WGMMA = Sm90Fp8(), ScaledMm(), Wgmma()
 # priority order
-KERNELS: tuple[GemmKernel, ...] = (SKINNY, MMA, SM90, FP16_DEQUANT, SIMT, SM90_FP8, SCALED_MM, REFERENCE)
+KERNELS: tuple[GemmKernel, ...] = (SKINNY, WGMMA, MMA, SM90, FP16_DEQUANT, SIMT, SM90_FP8, SCALED_MM, REFERENCE)
 BY_NAME = {k.name: k for k in KERNELS}
 
 
@@ -473,6 +527,12 @@ def skinny_mode(mode: str):
     """`with skinny_mode(mode):` the decode-shaped kernel's policy (SKINNY_MODES) inside the block (A/B
     measurements, tests)."""
     return _policy("SKINNY_MODE", _check_skinny_mode(mode, "skinny_mode"))
+
+
+def wgmma_mode(mode: str):
+    """`with wgmma_mode(mode):` the Hopper K-group kernel's policy (WGMMA_MODES) inside the block (A/B
+    measurements, tests)."""
+    return _policy("WGMMA_MODE", _check_wgmma_mode(mode, "wgmma_mode"))
 
 
 def sm90_fp8_mode(mode: str):

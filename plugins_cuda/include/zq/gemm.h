@@ -69,6 +69,19 @@ ZQ_API cudaError_t zq_gemm_skinny(const zq_gemm_args* a, cudaStream_t stream);
 ZQ_API cudaError_t zq_gemm_skinny_config(const zq_gemm_args* a, int cfg, cudaStream_t stream);
 ZQ_API int zq_gemm_skinny_num_configs(void);
 
+// Large-M Hopper path for K-group weights (gemm_wgmma.cu, sm_90a: wgmma s8 with both operands in shared memory,
+// INT4 unpacked there per stage, the K groups folded into fp32 per group; the same bits as zq_gemm_mma):
+// A8 x INT8 or packed INT4 weights, K-group scales (or one scale a row). Takes: x_is_int8; w_bits 8 or 4; out_dt
+// fp16 or bf16; K % 128 == 0; N % 128 == 0; groups == 1 (K <= 65536) or group_k = K / groups with
+// group_k % 128 == 0 and group_k <= 65536; x and wq 16-byte aligned, out and residual 4-byte aligned; x_scale and
+// w_scale non-null; M <= 65535 * 64; compute capability 9.x. Anything else returns cudaErrorNotSupported without
+// launching.
+ZQ_API cudaError_t zq_gemm_wgmma(const zq_gemm_args* a, cudaStream_t stream);
+// Benchmarks and tests: configuration cfg (tokens a block, 0: 128, one block an SM; 1: 64, two blocks an SM; the
+// same bits; -1 picks one).
+ZQ_API cudaError_t zq_gemm_wgmma_config(const zq_gemm_args* a, int cfg, cudaStream_t stream);
+ZQ_API int zq_gemm_wgmma_num_configs(void);
+
 // Weight helpers for the large-M paths that reuse the INT8 / fp16 tensor-core GEMMs.
 // INT4 packed [N, K/2] -> int8 [N, K].
 ZQ_API cudaError_t zq_unpack_int4(const uint8_t* wq, int64_t n, int64_t k, int8_t* out, cudaStream_t stream);
@@ -87,13 +100,13 @@ ZQ_API int zq_gemm_sm90_num_configs(void);
 // here chooses: zq_gemm_run runs the kernel it is told to.
 typedef enum {
   ZQ_GEMM_SIMT = 0, ZQ_GEMM_MMA = 1, ZQ_GEMM_SM90 = 2, ZQ_GEMM_SKINNY = 3, ZQ_GEMM_SM90_FP8 = 4,
-  ZQ_GEMM_NUM_KERNELS = 5
+  ZQ_GEMM_WGMMA = 5, ZQ_GEMM_NUM_KERNELS = 6
 } zq_gemm_kernel;
 
-// "simt", "mma", "sm90", "skinny", "sm90_fp8"; NULL for an unknown id.
+// "simt", "mma", "sm90", "skinny", "sm90_fp8", "wgmma"; NULL for an unknown id.
 ZQ_API const char* zq_gemm_kernel_name(int kernel);
-// 1 when `kernel` can run on the current device with this library (mma, skinny: sm_80+; sm90, sm90_fp8: sm_90 and
-// the library built with them), else 0.
+// 1 when `kernel` can run on the current device with this library (mma, skinny: sm_80+; wgmma: sm_90; sm90,
+// sm90_fp8: sm_90 and the library built with them), else 0.
 ZQ_API int zq_gemm_kernel_available(int kernel);
 // Workspace zq_gemm_run needs: N * K bytes for sm90 with INT4 weights (unpacked to int8 per call), else 0.
 ZQ_API size_t zq_gemm_workspace_bytes(int kernel, int64_t n, int64_t k, int w_bits);
