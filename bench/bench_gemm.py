@@ -201,14 +201,15 @@ def wgmma_table(cuda_mod, out: Path, tag: str, ms: list[int] | None = None) -> N
             lines = [f"# The Hopper K-group GEMM (wgmma) at large M -- {meta['device']}", "",
                      f"`{meta['command']}`; {meta['method']}", "",
                      "| M | K | N | fp16 us | W8A8 sm90 us | W4 mma us | W4 fp16-dequant us | W4 wgmma0 us | "
-                     "W4 wgmma1 us | W4 wgmma TOP/s | of INT8 peak | vs mma | / W8A8 | W8g mma us | W8g wgmma0 us |",
-                     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                     "W4 wgmma1 us | W4 wgmma2 us | W4 wgmma TOP/s | of INT8 peak | vs mma | / W8A8 | W8g mma us | "
+                     "W8g wgmma0 us |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
             def f(v, d=1):
                 return "" if v is None else f"{v:.{d}f}"
             lines += [f"| {q['m']} | {q['k']} | {q['n']} | {f(q.get('fp16_us'))} | {f(q.get('int8_sm90_us'))} | "
                       f"{f(q.get('int4g128_mma_us'))} | {f(q.get('int4g128_fp16_dequant_us'))} | "
                       f"{f(q.get('int4g128_wgmma0_us'))} | {f(q.get('int4g128_wgmma1_us'))} | "
+                      f"{f(q.get('int4g128_wgmma2_us'))} | "
                       f"{f(q.get('int4g128_wgmma_tops'), 0)} | {f(q.get('int4g128_wgmma_of_peak'), 2)} | "
                       f"{f(q.get('int4g128_wgmma_vs_mma'), 2)} | {f(q.get('int4g128_wgmma_vs_w8a8'), 2)} | "
                       f"{f(q.get('int8g128_mma_us'))} | {f(q.get('int8g128_wgmma0_us'))} |" for q in rows]

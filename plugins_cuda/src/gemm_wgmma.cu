@@ -14,6 +14,7 @@
 //  - The epilogue stages the tile in shared memory ([token][row] fp32) and writes rows of out with the bias,
 //    activation and residual in the mma kernel's order: the same bits as zq_gemm_mma.
 #include <cuda_bf16.h>
+#include <type_traits>
 #include <cuda_fp16.h>
 
 #include "gemm_launch.h"
@@ -52,8 +53,9 @@ template <int WBITS, int T> struct Smem {
 // A thread's share of a stage's copies, set up once (the per-stage cost is then one add and one cp.async a copy:
 // 64-bit row arithmetic per copy was most of the mainloop's instructions). 128 (or T) rows x 128 k of int8 (INT8
 // weights; x) into the MMA layout: copy i of the thread's 4 (x: T / 32) is row r0 + 32 i (r0 = tid % 8 +
-// 8 (tid / 64)), 16-byte chunk p = (tid / 8) % 8, so a warp reads 8 rows x 64 contiguous bytes and each 8 lanes write 8 rows' chunk p at 8
-// distinct chunk positions (the swizzle); its shared offset is sw128_offset(r0, p) + 4096 i. Packed INT4 weight
+// 8 (tid / 64)), 16-byte chunk p = (tid / 8) % 8, so a warp reads 8 rows x 64 contiguous bytes and each 8 lanes
+// write 8 rows' chunk p at 8 distinct chunk positions (the swizzle); its shared offset is sw128_offset(r0, p) +
+// 4096 i. Packed INT4 weight
 // rows (128 x 64 bytes, kPacked pitch): copy i of 2 is row tid / 4 + 64 i, piece tid % 4.
 struct CopyPlan {
   const int8_t* x;     // x row r0 of the block's tokens, at chunk p (k 0)
@@ -178,17 +180,13 @@ struct Acc {
   float sc[2];           // K groups: the rows' scales of the current group
 };
 
-// facc += float(iacc) * the rows' scales: gemm_mma.cu fold_group's arithmetic, so the same bits. kI2F: the
-// conversion instruction (I2FP on sm_90; exact for |v| < 2^24); else through the float bit pattern (IADD + FADD,
-// exact for |v| < 2^22, i.e. group_k <= 128). Configuration 1 and 0 of the kernel; above group_k 128 both convert.
-template <bool kI2F, bool KG, int T>
-__device__ __forceinline__ void fold(Acc<KG, T>& acc) {
+// f += float(i) * the rows' scales sc: gemm_mma.cu fold_group's arithmetic, so the same bits (the conversion is
+// I2FP on sm_90, exact for |v| < 2^24, where the mma kernel's bit-pattern conversion is exact; above, both round
+// the same). Two instructions an accumulator; the bit-pattern add (three) measured slower (bench/NOTES_kernels.md).
+template <int N>
+__device__ __forceinline__ void fold(const uint32_t (&i)[N], float (&f)[N], const float (&sc)[2]) {
 #pragma unroll
-  for (int e = 0; e < Acc<KG, T>::kN; ++e) {
-    const int v = (int)acc.i[e];
-    const float fv = kI2F ? (float)v : __int_as_float(0x4B400000 + v) - 12582912.f;
-    acc.f[e] = fmaf(fv, acc.sc[(e & 3) >> 1], acc.f[e]);
-  }
+  for (int e = 0; e < N; ++e) f[e] = fmaf((float)(int)i[e], sc[(e & 3) >> 1], f[e]);
 }
 
 struct Ctx {
@@ -198,18 +196,41 @@ struct Ctx {
   int wg, row;            // warpgroup; this thread's first weight row in the block (64 wg + 16 warp + g)
   int spg;                // steps a K group (K groups), or nk (row scales)
   CopyPlan cp;            // this thread's copies
-  bool fast;              // group_k <= 128: the bit-pattern conversion is exact
 };
+
+// Step kt's MMAs (4 k32 steps of the block's 64 weight rows a warpgroup x T tokens), committed as one group; a K
+// group's first step reads the group's scales first (their latency hidden under the MMAs) and overwrites the tile.
+template <int WBITS, bool KG, int T>
+__device__ __forceinline__ void issue_mmas(const zq_gemm_args& a, const Ctx& c, Acc<KG, T>& acc, int kt, bool first,
+                                           uint32_t stage, uint32_t wtile) {
+#ifdef ZQ_WGMMA
+  constexpr float kUnscale = WBITS == 4 ? 1.f / 16 : 1.f;
+  if constexpr (KG) {
+    if (first) {
+      const int64_t grp = kt / c.spg;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        acc.sc[h] = __ldg(a.w_scale + (c.n0 + c.row + 8 * h) * a.groups + grp) * kUnscale;
+    }
+  }
+  wgmma::reg_fence(acc.i);
+  wgmma::fence();
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+    mma_64xT(acc.i, wgmma::desc_sw128(wtile + c.wg * 64 * kBK + 32 * s), wgmma::desc_sw128(stage + 32 * s),
+             first && s == 0 ? 0 : 1);
+  wgmma::commit();
+#endif
+}
 
 // Step kt of the mainloop; s_in_group = kt's index in its K group (row scales: in K): 0 opens the accumulator (its
 // first MMA ignores the old value); a group's last step waits for its MMAs and folds them (the other warpgroup's
 // MMAs run meanwhile); other steps leave one step's MMAs in flight.
-template <int WBITS, bool KG, bool kI2F, int T>
+template <int WBITS, bool KG, int T>
 __device__ __forceinline__ void step(const zq_gemm_args& a, const Ctx& c, Acc<KG, T>& acc, int kt, int nk,
                                      int s_in_group) {
 #ifdef ZQ_WGMMA
   using S = Smem<WBITS, T>;
-  constexpr float kUnscale = WBITS == 4 ? 1.f / 16 : 1.f;
   mma::cp_async_wait<kAhead - 1>();  // this thread's copies of stage kt
   if constexpr (WBITS == 8) wgmma::proxy_fence();
   __syncthreads();  // everyone's; and every warpgroup's step kt - 2 MMAs are complete (the wait of step kt - 1)
@@ -226,32 +247,83 @@ __device__ __forceinline__ void step(const zq_gemm_args& a, const Ctx& c, Acc<KG
     wgmma::proxy_fence();
     __syncthreads();  // every thread's unpacked rows
   }
-  const bool first = s_in_group == 0;
-  if constexpr (KG) {
-    if (first) {  // the group's scales, read while its MMAs run
-      const int64_t grp = kt / c.spg;
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        acc.sc[h] = __ldg(a.w_scale + (c.n0 + c.row + 8 * h) * a.groups + grp) * kUnscale;
-    }
-  }
-  wgmma::reg_fence(acc.i);
-  wgmma::fence();
-#pragma unroll
-  for (int s = 0; s < 4; ++s)
-    mma_64xT(acc.i, wgmma::desc_sw128(wtile + c.wg * 64 * kBK + 32 * s), wgmma::desc_sw128(stage + 32 * s),
-             first && s == 0 ? 0 : 1);
-  wgmma::commit();
+  issue_mmas<WBITS>(a, c, acc, kt, s_in_group == 0, stage, wtile);
   if constexpr (KG) {
     if (s_in_group == c.spg - 1) {  // the group's last step: wait for all of it, then fold
       wgmma::wait<0>();
       wgmma::reg_fence(acc.i);
-      if (kI2F || !c.fast) fold<true>(acc);
-      else fold<false>(acc);
+      fold(acc.i, acc.f, acc.sc);
       return;
     }
   }
   wgmma::wait<1>();  // step kt - 1 is complete (its operand tiles)
+#endif
+}
+
+// Configuration 2 (written after the device time of stop 34 ran out: compiled, not run; pick_config never takes
+// it): the same tiles as configuration 0 with the CUDA-core work of a step under its MMAs. Step kt issues its
+// MMAs, then, while they run, folds the K group that ended at step kt - 1 (from a register copy: ptxas serializes
+// every wgmma when a non-wgmma instruction reads an in-flight accumulator, C7514), waits for stage kt + 1's copies,
+// unpacks it into the other int8 tile and refills the ring three stages ahead; then waits for its MMAs (copying
+// the accumulator out at a group's end) and meets the other warpgroup at one barrier. Shared-memory hazards:
+//  - stage kt + 1's unpacked tile ub[(kt + 1) & 1] was last read by step kt - 1's MMAs: every warpgroup waited for
+//    them before step kt - 1's closing barrier;
+//  - the refill of step kt writes the ring slot of stage kt - 1 (kt + 3 mod 4), whose MMAs the same wait covered;
+//    stage kt's slot, read by the MMAs in flight, is not touched;
+//  - everyone's copies of stage kt + 1 are visible after the barrier that opens its unpack (each thread waited for
+//    its own first); the unpacked rows and the copies reach the MMAs' async proxy through each thread's proxy fence
+//    before the closing barrier.
+template <bool KG, int T>
+struct PipeAcc : Acc<KG, T> {
+  uint32_t held[KG ? Acc<KG, T>::kN : 1];  // a finished K group's int32 tile, folded under the next step's MMAs
+  float held_sc[2];
+};
+
+template <int WBITS, int T>
+__device__ __forceinline__ void prepare_stage(const Ctx& c, int j, int nk) {
+  using S = Smem<WBITS, T>;
+  // stage j's copies, this thread's: committed groups are stages 0 .. j + 1 (or fewer at the end, as empty groups)
+  mma::cp_async_wait<1>();
+  __syncthreads();  // everyone's copies of stage j; everyone's MMAs of step j - 2 complete (ub[j & 1], its slot)
+  if constexpr (WBITS == 4) {
+    const uint32_t stage = c.sbase + (j % kStages) * S::kStage;
+    unpack_stage(c.smem + (stage - c.sbase) + S::kXBytes, c.smem + (c.ubase - c.sbase) + (j & 1) * kOpBytes);
+  }
+  if (j + 2 < nk) load_stage<WBITS, T>(c.cp, j + 2, c.sbase + ((j + 2) % kStages) * S::kStage);
+  mma::cp_async_commit();
+#ifdef ZQ_WGMMA
+  wgmma::proxy_fence();
+#endif
+}
+
+template <int WBITS, bool KG, int T>
+__device__ __forceinline__ void step_pipe(const zq_gemm_args& a, const Ctx& c, PipeAcc<KG, T>& acc, int kt, int nk,
+                                          bool& held) {
+#ifdef ZQ_WGMMA
+  using S = Smem<WBITS, T>;
+  const int s_in_group = kt % c.spg;
+  const bool first = s_in_group == 0;
+  const uint32_t stage = c.sbase + (kt % kStages) * S::kStage;
+  const uint32_t wtile = WBITS == 4 ? c.ubase + (kt & 1) * kOpBytes : stage + S::kXBytes;
+  issue_mmas<WBITS>(a, c, acc, kt, first, stage, wtile);
+  if constexpr (KG) {
+    if (held) {  // the group that ended at step kt - 1, under this step's MMAs
+      fold(acc.held, acc.f, acc.held_sc);
+      held = false;
+    }
+  }
+  if (kt + 1 < nk) prepare_stage<WBITS, T>(c, kt + 1, nk);
+  wgmma::wait<0>();
+  wgmma::reg_fence(acc.i);
+  if constexpr (KG) {
+    if (s_in_group == c.spg - 1) {
+#pragma unroll
+      for (int e = 0; e < Acc<KG, T>::kN; ++e) acc.held[e] = acc.i[e];
+      acc.held_sc[0] = acc.sc[0], acc.held_sc[1] = acc.sc[1];
+      held = true;
+    }
+  }
+  __syncthreads();  // everyone's stage kt + 1 (unpacked, landed) visible; everyone's step kt MMAs complete
 #endif
 }
 
@@ -287,7 +359,7 @@ __device__ __forceinline__ void store_tile(const zq_gemm_args& a, const Ctx& c, 
   }
 }
 
-template <int WBITS, bool KG, bool kI2F, int T, class OutT>
+template <int WBITS, bool KG, bool kPipe, int T, class OutT>
 __global__ void __launch_bounds__(kThreads, 128 / T) gemm_wgmma_kernel(const zq_gemm_args a) {
   zq::pdl_begin();
 #ifdef ZQ_WGMMA
@@ -305,21 +377,36 @@ __global__ void __launch_bounds__(kThreads, 128 / T) gemm_wgmma_kernel(const zq_
   c.wg = threadIdx.x >> 7;
   c.row = 64 * c.wg + 16 * warp + g;
   c.spg = KG ? (int)(a.k / a.groups / kBK) : nk;
-  c.fast = KG && a.k / a.groups <= 128;
   c.cp = copy_plan<WBITS, T>(a, c.m0, c.n0);
 
-  Acc<KG, T> acc;
+  std::conditional_t<kPipe, PipeAcc<KG, T>, Acc<KG, T>> acc;
 #pragma unroll
   for (int e = 0; e < Acc<KG, T>::kN; ++e) {
     acc.i[e] = 0u;
     if constexpr (KG) acc.f[e] = 0.f;
   }
+  if constexpr (kPipe) {
+    // stages 0 and 1 in flight, then stage 0 prepared (unpacked, stage 2 in flight) before the first MMAs
 #pragma unroll
-  for (int q = 0; q < kAhead; ++q) {
-    if (q < nk) load_stage<WBITS, T>(c.cp, q, c.sbase + q * S::kStage);
-    mma::cp_async_commit();
+    for (int q = 0; q < 2; ++q) {
+      if (q < nk) load_stage<WBITS, T>(c.cp, q, c.sbase + q * S::kStage);
+      mma::cp_async_commit();
+    }
+    prepare_stage<WBITS, T>(c, 0, nk);
+    __syncthreads();
+    bool held = false;
+    for (int kt = 0; kt < nk; ++kt) step_pipe<WBITS, KG, T>(a, c, acc, kt, nk, held);
+    if constexpr (KG) {
+      if (held) fold(acc.held, acc.f, acc.held_sc);
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < kAhead; ++q) {
+      if (q < nk) load_stage<WBITS, T>(c.cp, q, c.sbase + q * S::kStage);
+      mma::cp_async_commit();
+    }
+    for (int kt = 0; kt < nk; ++kt) step<WBITS, KG, T>(a, c, acc, kt, nk, kt % c.spg);
   }
-  for (int kt = 0; kt < nk; ++kt) step<WBITS, KG, kI2F, T>(a, c, acc, kt, nk, kt % c.spg);
   wgmma::wait<0>();
   wgmma::reg_fence(acc.i);
 
@@ -352,12 +439,12 @@ __global__ void __launch_bounds__(kThreads, 128 / T) gemm_wgmma_kernel(const zq_
 #endif
 }
 
-template <int T>
+template <int T, bool kPipe>
 struct Launch {
   template <int WBITS, bool KG, class OutT>
   static cudaError_t run(const zq_gemm_args& a, cudaStream_t stream) {
     constexpr int smem = Smem<WBITS, T>::kBytes;
-    auto* kernel = gemm_wgmma_kernel<WBITS, KG, true, T, OutT>;
+    auto* kernel = gemm_wgmma_kernel<WBITS, KG, kPipe, T, OutT>;
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
     const int64_t m_tiles = (a.m + T - 1) / T;
@@ -365,7 +452,7 @@ struct Launch {
   }
 };
 
-constexpr int kNumConfigs = 2;  // tokens a block: 0: 128 (one block an SM), 1: 64 (two)
+constexpr int kNumConfigs = 3;  // 0: 128 tokens a block (one block an SM), 1: 64 (two), 2: 128, pipelined
 
 // 64 tokens a block where K is short or the 128-token grid would leave more than half the SMs idle, else 128: on the
 // H200 table (bench/results/gemm_wgmma_NVIDIA_H200.md, the BERT / Llama MLP shapes at M = 256-16384) within 7 % of
@@ -394,7 +481,9 @@ ZQ_API cudaError_t zq_gemm_wgmma_config(const zq_gemm_args* a, int cfg, cudaStre
   if ((a->m + 63) / 64 > 65535) return cudaErrorNotSupported;
   if (a->m == 0 || a->n == 0) return cudaSuccess;
   if (cfg < 0) cfg = pick_config(a->m, a->n, a->k, dev.sm_count);
-  return cfg == 0 ? zq::launch_by_type<Launch<128>>(*a, stream) : zq::launch_by_type<Launch<64>>(*a, stream);
+  if (cfg == 2) return zq::launch_by_type<Launch<128, true>>(*a, stream);
+  return cfg == 0 ? zq::launch_by_type<Launch<128, false>>(*a, stream)
+                  : zq::launch_by_type<Launch<64, false>>(*a, stream);
 }
 
 ZQ_API cudaError_t zq_gemm_wgmma(const zq_gemm_args* a, cudaStream_t stream) {

@@ -57,7 +57,7 @@ def test_kernel_library_builds_and_loads(tmp_path):
     assert (lib.zq_gemm_sm90_fp8_num_configs() > 0) == (sm90 == "ON")
     assert [lib.zq_gemm_kernel_name(i) for i in range(7)] == [b"simt", b"mma", b"sm90", b"skinny", b"sm90_fp8",
                                                               b"wgmma", None]
-    assert lib.zq_gemm_wgmma_num_configs() == 2  # sm_90a code, always built
+    assert lib.zq_gemm_wgmma_num_configs() == 3  # sm_90a code, always built
     plan = GemmPlan()
     assert lib.zq_gemm_plan_parse(b"64:sm90_fp8/sm90,inf:sm90_fp8", ctypes.byref(plan)) == 0
     assert (plan.count, list(plan.kernel[:2]), list(plan.fallback[:2])) == (2, [4, 4], [2, -1])

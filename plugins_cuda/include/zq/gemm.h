@@ -77,8 +77,9 @@ ZQ_API int zq_gemm_skinny_num_configs(void);
 // w_scale non-null; M <= 65535 * 64; compute capability 9.x. Anything else returns cudaErrorNotSupported without
 // launching.
 ZQ_API cudaError_t zq_gemm_wgmma(const zq_gemm_args* a, cudaStream_t stream);
-// Benchmarks and tests: configuration cfg (tokens a block, 0: 128, one block an SM; 1: 64, two blocks an SM; the
-// same bits; -1 picks one).
+// Benchmarks and tests: configuration cfg (tokens a block, 0: 128, one block an SM; 1: 64, two blocks an SM;
+// 2: 128 with the fold and the next stage's unpack under the MMAs, not yet run on a GPU; the same bits; -1 picks
+// 0 or 1).
 ZQ_API cudaError_t zq_gemm_wgmma_config(const zq_gemm_args* a, int cfg, cudaStream_t stream);
 ZQ_API int zq_gemm_wgmma_num_configs(void);
 
