@@ -1,8 +1,10 @@
 // The large-M GEMM of K-group weights on Hopper (zq_gemm_wgmma, sm_90a): A8 x INT8 or packed INT4 weights with K-group
-// scales (or one scale a row) on wgmma m64n128k32 s8, where the sm80-style mma.sync kernel (gemm_mma.cu) reaches
-// ~480 TOP/s and the CUTLASS kernel (gemm_sm90.cu) takes row scales only. Swap-AB: a block's 128 weight rows are
-// the MMA's M (warpgroup w: rows 64w .. 64w + 63), its 128 tokens the MMA's N, so a K-group scale belongs to an
-// accumulator row (two a thread) and the fold multiplies by a register.
+// scales (or one scale a row) on wgmma m64n{128,64}k32 s8, where the sm80-style mma.sync kernel (gemm_mma.cu) runs
+// at ~230-250 TOP/s on the 8B MLP shapes and the CUTLASS kernel (gemm_sm90.cu) takes row scales only. Swap-AB: a
+// block's 128 weight rows are the MMA's M (warpgroup w: rows 64w .. 64w + 63), its 128 (configurations 0, 2) or 64
+// (1) tokens the MMA's N, so a K-group scale belongs to an accumulator row (two a thread) and the fold multiplies
+// by a register. H200: 1.5-2.7x the mma kernel from M = 1024, 15-23 % of the INT8 peak
+// (bench/results/gemm_wgmma_NVIDIA_H200.md; bench/NOTES_kernels.md "Stop 34" has the steps and the profile).
 //  - Operands go global -> shared by cp.async (16 bytes a copy), kStages stages of 128 k deep, refilled kAhead =
 //    kStages - 2 ahead: the stage refilled at step i was last read by step i - 2's MMAs, which the wait at step
 //    i - 1 completed. x and INT8 weights land in the 128-byte-swizzled K-major layout (wgmma_sm90.cuh) the MMAs
@@ -14,8 +16,9 @@
 //  - The epilogue stages the tile in shared memory ([token][row] fp32) and writes rows of out with the bias,
 //    activation and residual in the mma kernel's order: the same bits as zq_gemm_mma.
 #include <cuda_bf16.h>
-#include <type_traits>
 #include <cuda_fp16.h>
+
+#include <type_traits>
 
 #include "gemm_launch.h"
 #include "mma_sm80.cuh"
