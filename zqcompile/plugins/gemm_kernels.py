@@ -55,7 +55,7 @@ SKINNY_MODES = ("auto", "0", "1")
 
 def _check_policy_mode(mode: str, where: str, kernel: str) -> str:
     """A kernel's policy switch (auto / 0 / 1), or ValueError naming `where` and the values it takes."""
-    if mode not in ("auto", "0", "1"):
+    if mode not in SKINNY_MODES:  # the same three for every kernel's switch
         raise ValueError(f"{where} must be one of auto, 0, 1 ({kernel}: measured policy, never, wherever it can), "
                          f"got {mode!r}")
     return mode
@@ -95,7 +95,7 @@ SM90_FP8_MODE = _check_sm90_fp8_mode(os.environ.get("ZQ_GEMM_SM90_FP8", "1"), "Z
 WGMMA_K = 128  # its k per stage, and the K-group sizes it takes are multiples of it
 WGMMA_N = 128  # weight rows a block
 WGMMA_MIN_M = 64  # at or under: the decode-shaped kernel's range
-WGMMA_MODES = ("auto", "0", "1")
+WGMMA_MODES = SKINNY_MODES
 
 
 def _check_wgmma_mode(mode: str, where: str) -> str:
@@ -292,7 +292,8 @@ class Wgmma(GemmKernel):
             return "policy: turned off (ZQ_GEMM_WGMMA=0)"
         if WGMMA_MODE == "auto":
             if p.row_scales:
-                return "policy: row scales: the Hopper CUTLASS kernel (INT4 unpacked per call) is faster"
+                return ("policy: row scales: the Hopper CUTLASS kernel's (INT4 unpacked per call; not timed against "
+                        "this one)")
             if p.m <= WGMMA_MIN_M:
                 return f"policy: M <= {WGMMA_MIN_M}: the decode-shaped and mma kernels' range"
         return None
