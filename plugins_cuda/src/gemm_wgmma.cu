@@ -3,7 +3,7 @@
 // at ~230-250 TOP/s on the 8B MLP shapes and the CUTLASS kernel (gemm_sm90.cu) takes row scales only. Swap-AB: a
 // block's 128 weight rows are the MMA's M (warpgroup w: rows 64w .. 64w + 63), its 128 (configurations 0, 2) or 64
 // (1) tokens the MMA's N, so a K-group scale belongs to an accumulator row (two a thread) and the fold multiplies
-// by a register. H200: 1.5-2.7x the mma kernel from M = 1024, 15-23 % of the INT8 peak
+// by a register. H200: 1.5-2.7x the mma kernel from M = 1024, 14-23 % of the INT8 peak from M = 2048
 // (bench/results/gemm_wgmma_NVIDIA_H200.md; bench/NOTES_kernels.md "Stop 34" has the steps and the profile).
 //  - Operands go global -> shared by cp.async (16 bytes a copy), kStages stages of 128 k deep, refilled kAhead =
 //    kStages - 2 ahead: the stage refilled at step i was last read by step i - 2's MMAs, which the wait at step
