@@ -477,11 +477,11 @@ ZQ_API cudaError_t zq_gemm_wgmma_config(const zq_gemm_args* a, int cfg, cudaStre
       a->k % a->groups || group_k % kBK || group_k > kMaxGroupK || !a->x_scale || !a->w_scale ||
       misaligned(a->x, 16) || misaligned(a->wq, 16) || misaligned(a->out, 4) || misaligned(a->residual, 4))
     return cudaErrorNotSupported;
+  if ((a->m + 63) / 64 > 65535) return cudaErrorNotSupported;  // the grid's y (the 64-token configuration's tiles)
   zq::DeviceInfo dev;
   if (!zq::current_device_info(&dev)) return cudaErrorInvalidDevice;
   if (dev.cc_major != 9) return cudaErrorNotSupported;
   if (cfg >= kNumConfigs) return cudaErrorInvalidValue;
-  if ((a->m + 63) / 64 > 65535) return cudaErrorNotSupported;
   if (a->m == 0 || a->n == 0) return cudaSuccess;
   if (cfg < 0) cfg = pick_config(a->m, a->n, a->k, dev.sm_count);
   if (cfg == 2) return zq::launch_by_type<Launch<128, true>>(*a, stream);

@@ -210,3 +210,24 @@ def test_library_dispatch_keeps_fp8_and_integer_operands_apart():
 def _has_cuda() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+def _int_args(**change):
+    from zqcompile.plugins.cuda_gemm import GemmArgs
+    a = dict(x=0x10000, x_dt=0, x_is_int8=1, x_scale=0x20000, wq=0x30000, w_bits=4, w_fp8=0, w_scale=0x40000,
+             groups=32, bias=None, residual=None, act=0, out=0x60000, out_dt=1, m=2048, n=1024, k=4096)
+    a.update(change)
+    return GemmArgs(**a)
+
+
+@pytest.mark.parametrize("change", [dict(x=0x10008), dict(wq=0x30004), dict(out=0x60002), dict(residual=0x70002),
+                                    dict(x_scale=None), dict(w_scale=None), dict(n=1000), dict(n=1088), dict(k=4160),
+                                    dict(groups=64), dict(groups=3), dict(out_dt=0), dict(x_is_int8=0), dict(w_bits=2),
+                                    dict(w_fp8=1), dict(k=131072, groups=1), dict(m=65535 * 64 + 1)])
+def test_wgmma_declines_outside_its_contract_without_a_device(change):
+    """zq_gemm_wgmma's contract (gemm.h) is checked on the host before any device call: each violation returns
+    cudaErrorNotSupported for every configuration, here on a machine without a GPU. K groups of 64 (groups=64 at
+    K = 4096) and N not a multiple of 128 are among them."""
+    lib = _sm90_library()
+    for cfg in (-1, 0, 1, 2):
+        assert lib.zq_gemm_wgmma_config(ctypes.byref(_int_args(**change)), cfg, None) == NOT_SUPPORTED, change
