@@ -403,8 +403,10 @@ def test_int8_gemm_dequant_routes_to_mma(m, k, n, bits, group_size, path):
     (K, N and the group size multiples of 128) at M > 64 the Hopper K-group kernel, for row scales the CUTLASS one."""
     if not mma_usable():
         pytest.skip("the mma GEMM needs sm_80 or later")
-    if " or " in path:
-        path = path.split(" or ")[0 if cuda_gemm.sm90_usable(DEV) else 1]
+    if " or " in path:  # the first on sm_90 (wgmma: sm_90a code, always built; sm90 / skinny: with the library's)
+        first = path.split(" or ")[0]
+        hopper = torch.cuda.get_device_capability() == (9, 0) if first == "wgmma" else cuda_gemm.sm90_usable(DEV)
+        path = path.split(" or ")[0 if hopper else 1]
     xq, xs, wq, ws, bias, res = make_gemm(m, k, n, bits, group_size, torch.bfloat16, seed=m + k, with_res=True)
     poison()
     with cuda_gemm.served_by() as served:
