@@ -34,7 +34,7 @@ def fake_quant_weight(w_nk: torch.Tensor, scheme: GemmScheme) -> torch.Tensor:
     """W [N, K] -> dequantize(quantize(W)) with the engine's scales; differentiable through the STE."""
     wq = scheme.weight
     return _ste(w_nk, qm.qdq_weight(w_nk, wq.bits, wq.granularity, wq.num_groups, wq.group_size, wq.dtype == "fp8",
-                                    w_nk.dtype))
+                                    w_nk.dtype, wq.group_scales == "two-level"))
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:

@@ -119,14 +119,14 @@ def check_weight_groups(shape: tuple[int, int], bits: int, granularity: str, num
 
 def quantize_weight(w: torch.Tensor, bits: int, granularity: str = "row_groups",
                     num_groups: int | None = None, group_size: int | None = None,
-                    chunk_elems: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+                    chunk_elems: int = 1 << 24, two_level: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """W [N, K] float -> (wq int8 [N, K] or packed uint8 [N, K/2], scale fp32 [N, K // group_k]).
 
     Rows are quantized `chunk_elems` elements at a time (whole row groups), so the fp32 temporaries of a large
     weight (Llama-3-8B's gate+up, 28672 x 4096) are 64 MiB, not 2 GiB, at the compile's peak; every element is
     computed exactly as in one piece. Shape errors (groups not fitting the dims) raise ValueError; callers add
     the module name."""
-    scale = weight_scales(w, bits, granularity, num_groups, group_size, chunk_elems)
+    scale = weight_scales(w, bits, granularity, num_groups, group_size, chunk_elems, two_level)
     return quantize_with_scales(w, scale, bits, chunk_elems), scale
 
 
@@ -140,9 +140,11 @@ def _row_chunks(n: int, k: int, rows_per_group: int, chunk_elems: int) -> list[t
 
 
 def weight_scales(w: torch.Tensor, bits: int, granularity: str = "row_groups", num_groups: int | None = None,
-                  group_size: int | None = None, chunk_elems: int = 1 << 24) -> torch.Tensor:
+                  group_size: int | None = None, chunk_elems: int = 1 << 24, two_level: bool = False) -> torch.Tensor:
     """The fp32 scales [N, K // group_k] quantize_weight gives W [N, K] (amax / qmax per group, read in row
-    chunks)."""
+    chunks); two_level (INT4 K groups): those rounded up by two_level_scales."""
+    if two_level and (bits != 4 or granularity != "k_groups"):
+        raise ValueError(f"two-level scales are for INT4 K groups, got INT{bits} {granularity}")
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     n, k = w.shape
@@ -162,7 +164,31 @@ def weight_scales(w: torch.Tensor, bits: int, granularity: str = "row_groups", n
         amax = amax.amax(dim=1).clamp_min(EPS).repeat_interleave(rows_per_group).reshape(n, 1)
     else:
         amax = torch.cat([row_amax(r0, r1) for r0, r1 in chunks]).clamp_min(EPS)
-    return (amax / QMAX[bits]).contiguous()
+    scale = (amax / QMAX[bits]).contiguous()
+    return two_level_scales(scale) if two_level else scale
+
+
+TWO_LEVEL_MAX = 15  # two-level K-group scales: u x base_row with u in 1..15, so code x u fits int8 (7 x 15 = 105)
+
+
+def two_level_scales(scale: torch.Tensor) -> torch.Tensor:
+    """K-group scales [N, G] rounded up to u x base (QServe's progressive group quantization): base_row =
+    max_g scale / TWO_LEVEL_MAX with its 4 lowest mantissa bits rounded up (so u x base, u < 16, is exact in fp32)
+    and u = ceil(scale / base) in 1..TWO_LEVEL_MAX. No code is clipped (every scale only grows); the row's
+    largest group gets u = TWO_LEVEL_MAX, so base = max_g / TWO_LEVEL_MAX is exact again from the result."""
+    base = (scale.float().amax(dim=1, keepdim=True) / TWO_LEVEL_MAX).contiguous()
+    base = ((base.view(torch.int32) + 0xF) & ~0xF).view(torch.float32)
+    u = torch.ceil(scale.float() / base).clamp_(1, TWO_LEVEL_MAX)
+    return (u * base).contiguous()
+
+
+def is_two_level(scale: torch.Tensor) -> bool:
+    """Whether K-group scales [N, G] are two_level_scales' form: every scale an integer multiple (1..15) of its
+    row's max / TWO_LEVEL_MAX, exactly."""
+    s = scale.float()
+    base = s.amax(dim=1, keepdim=True) / TWO_LEVEL_MAX
+    u = s / base
+    return bool(((u == torch.round(u)) & (u >= 1) & (u <= TWO_LEVEL_MAX)).all())
 
 
 def quantize_with_scales(w: torch.Tensor, scale: torch.Tensor, bits: int,
@@ -229,7 +255,7 @@ def check_shard_groups(shape: tuple[int, int], dim: int, start: int, size: int, 
 
 def quantize_weight_shard(full: torch.Tensor, shard: torch.Tensor, dim: int, start: int, bits: int,
                           granularity: str = "row_groups", num_groups: int | None = None,
-                          group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          group_size: int | None = None, two_level: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_weight(full) sliced to `shard` = full.narrow(dim, start, shard.shape[dim]), computed on the shard:
     a tensor-parallel rank's weight and scales are exactly its slice of the single-process ones. Row scales
     follow their rows (dim 0) and are whole on every K slice (dim 1: computed from `full`); K-group scales
@@ -237,10 +263,14 @@ def quantize_weight_shard(full: torch.Tensor, shard: torch.Tensor, dim: int, sta
     size = shard.shape[dim]
     gk = check_shard_groups(tuple(full.shape), dim, start, size, bits, granularity, num_groups, group_size)
     rows_per_group = _rows_per_group(full.shape[0], granularity, num_groups)
-    if granularity == "k_groups" or (granularity == "row_groups" and dim == 0):
+    if two_level and dim == 1:  # a two-level base is the whole row's: the K slice of the full weight's scales
+        scale = weight_scales(full, bits, granularity, num_groups, gk, two_level=True)
+        scale = scale[:, start // gk:(start + size) // gk].to(shard.device).contiguous()
+    elif granularity == "k_groups" or (granularity == "row_groups" and dim == 0):
         # every group lies inside the shard: its own scales are the slice of the full weight's
         groups = None if num_groups is None or granularity != "row_groups" else size // rows_per_group
-        scale = weight_scales(shard, bits, granularity, groups, gk if granularity == "k_groups" else None)
+        scale = weight_scales(shard, bits, granularity, groups, gk if granularity == "k_groups" else None,
+                              two_level=two_level)
     else:  # whole-row or per-tensor scales of a K slice, or a per-tensor scale: from the full weight
         scale = weight_scales(full, bits, granularity, num_groups, group_size)
         scale = (scale[start:start + size] if dim == 0 else scale).to(shard.device).contiguous()
@@ -273,12 +303,12 @@ def dequantize_weight(wq: torch.Tensor, scale: torch.Tensor, bits: int, dtype: t
 
 
 def qdq_weight(w: torch.Tensor, bits: int, granularity: str, num_groups: int | None, group_size: int | None,
-               fp8: bool, dtype: torch.dtype) -> torch.Tensor:
+               fp8: bool, dtype: torch.dtype, two_level: bool = False) -> torch.Tensor:
     """dequantize(quantize(W)) as the engine quantizes it: INT (bits, groups) or FP8 E4M3 per row."""
     if fp8:
         q, scale = quantize_weight_fp8(w)
         return dequantize_weight(q, scale, 8, dtype)
-    q, scale = quantize_weight(w, bits, granularity, num_groups, group_size)
+    q, scale = quantize_weight(w, bits, granularity, num_groups, group_size, two_level=two_level)
     return dequantize_weight(q, scale, bits, dtype)
 
 

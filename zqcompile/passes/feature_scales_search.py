@@ -135,7 +135,8 @@ def calibration_batches(gm: fx.GraphModule, ctx: PassContext) -> tuple[list[tupl
 
 def fake_w(w: torch.Tensor, node: fx.Node) -> torch.Tensor:
     wq = node.meta["zq_gemm"].scheme.weight
-    return qm.qdq_weight(w, wq.bits, wq.granularity, wq.num_groups, wq.group_size, wq.dtype == "fp8", torch.float32)
+    return qm.qdq_weight(w, wq.bits, wq.granularity, wq.num_groups, wq.group_size, wq.dtype == "fp8", torch.float32,
+                         wq.group_scales == "two-level")
 
 
 def fake_x(x: torch.Tensor, node: fx.Node) -> torch.Tensor:

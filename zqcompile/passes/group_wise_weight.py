@@ -46,11 +46,11 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def quantized_parts(bits: int, granularity: str, num_groups: int | None, group_size: int | None,
+def quantized_parts(bits: int, granularity: str, num_groups: int | None, group_size: int | None, two_level: bool,
                     *parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_weight of the parts' concatenation (a derived constant's recipe: the concatenation is made
     only while the rows are quantized)."""
-    return qm.quantize_weight(_cat(list(parts)), bits, granularity, num_groups, group_size)
+    return qm.quantize_weight(_cat(list(parts)), bits, granularity, num_groups, group_size, two_level=two_level)
 
 
 def fp8_parts(*parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +78,9 @@ def _stored(ctx: PassContext, info: GemmInfo, weights: list[torch.Tensor], wq_cf
                 or tuple(p.scale.shape) != (rows, shape[1] // gk):
             raise ConfigError(f"{fqn}: the checkpoint stores INT{p.bits} values {tuple(p.values.shape)} with scales "
                               f"{tuple(p.scale.shape)}, the plan reads {wq_cfg.describe()} of [{rows}, {shape[1]}]")
+        if wq_cfg.group_scales == "two-level" and not qm.is_two_level(p.scale):
+            raise ConfigError(f"{fqn}: the plan reads two-level group scales and the checkpoint's are not (they "
+                              f"would be re-quantized, which is never done): compile it with group_scales='fp32'")
 
     def make():
         values, scale = torch.cat([p.values for p in parts]), torch.cat([p.scale for p in parts])
@@ -101,7 +104,8 @@ def group_wise_weight(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         wq_cfg = scheme.weight
         parts = _weight_parts(gm, node.args[1])
         fp8 = wq_cfg.dtype == "fp8"  # E4M3 weights, one scale per row
-        groups = ("fp8",) if fp8 else (wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size)
+        groups = ("fp8",) if fp8 else (wq_cfg.bits, wq_cfg.granularity, wq_cfg.num_groups, wq_cfg.group_size,
+                                       wq_cfg.group_scales == "two-level")
         # A tensor-parallel rank's weight is exactly its slice of the full weight's quantization. Merged parts are
         # column-parallel rows whose scales are per row or K group (classify_gemms refused the rest): the rows
         # carry them, so quantizing their concatenation is that slice already.
