@@ -84,7 +84,10 @@ def test_unattended_cache_slots_set_no_scale_and_empty_rows_give_zeros():
     k2[..., 5:, :], v2[..., 5:, :] = 1e4, -1e4
     a = qm.quant_attention(q, k, v, mask, 0.25, False, False)
     assert torch.equal(a, qm.quant_attention(q, k2, v2, mask, 0.25, False, False))
-    assert torch.equal(a, qm.quant_attention(q, k[..., :5, :], v[..., :5, :], None, 0.25, False, False))
+    # the cache cut to its 5 attended slots: the same products, summed over 5 terms instead of 12 (7 zeros), which
+    # a CPU matmul may order differently (torch 2.13: last bits)
+    torch.testing.assert_close(a, qm.quant_attention(q, k[..., :5, :], v[..., :5, :], None, 0.25, False, False),
+                               rtol=1e-6, atol=1e-6)
     none = torch.zeros_like(mask)
     assert torch.equal(qm.quant_attention(q, k, v, none, 0.25, False, False), torch.zeros_like(q))
 
