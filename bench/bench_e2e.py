@@ -10,6 +10,9 @@ per shape).
 
     python bench/bench_e2e.py --out bench/results/e2e.json [--quick] [--max-autotune]
 
+A config name ending in "-fp32" (e.g. "w4/8a8-fp32") is that preset with fp32 INT4 K-group scales instead of
+two-level ones (the K-group kernels at every M), see bench_config.
+
 Issue 15's prefill grid (rows {model, seq, batch, engine, ms}, priority order, time budget, the 8B prefill):
     python bench/bench_e2e.py --prefill [--smoke] ...     (bench/e2e_prefill.py says what it runs)
 """
@@ -30,6 +33,22 @@ sys.path.insert(0, str(ROOT))
 
 import zqcompile as zq  # noqa: E402
 from zqcompile.passes.base import get_tensor  # noqa: E402
+
+
+def bench_config(name: str):
+    """A preset name, or one ending in "-fp32": that preset with its INT4 K-group scales fp32, not two-level
+    (the W4/8A8 preset before stop 36: the K-group kernels at every M, for A/B runs)."""
+    from dataclasses import replace
+    if not name.endswith("-fp32"):
+        return zq.config.get_config(name)
+    cfg = zq.config.get_config(name[:-5])
+
+    def fp32(s):
+        w = s.weight
+        return s if w is None or w.group_scales != "two-level" else replace(s, weight=replace(w, group_scales="fp32"))
+    return replace(cfg, name=name, default=fp32(cfg.default), roles={r: fp32(s) for r, s in cfg.roles.items()},
+                   overrides=tuple((k, fp32(s) if isinstance(s, zq.config.GemmScheme) else s)
+                                   for k, s in cfg.overrides))
 
 
 def make_model(name: str):
@@ -126,7 +145,7 @@ def main() -> None:
         seq_list = [128] if causal else seqs
         ids0 = torch.randint(0, 1000, (2, 128), device=dev)
         t0 = time.perf_counter()
-        engines = {c: zq.compile(model, (ids0,), c) for c in args.configs.split(",")}
+        engines = {c: zq.compile(model, (ids0,), bench_config(c)) for c in args.configs.split(",")}
         print(f"# {name}: zq.compile x{len(engines)} in {time.perf_counter() - t0:.1f} s", flush=True)
         fp_gemm = gemm_weight_bytes(model)
         fp_all = sum(p.numel() * p.element_size() for p in model.parameters())

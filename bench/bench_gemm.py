@@ -151,8 +151,9 @@ def wgmma_table(cuda_mod, out: Path, tag: str, ms: list[int] | None = None) -> N
     """The Hopper K-group kernel (wgmma, both configurations: the fold's two conversions) against what it competes
     with at large M, on the W4 shapes: INT4 with K groups of 128 on the mma kernel and the fp16-dequant path, the
     same on wgmma; INT8 with K groups on mma and wgmma; and W8A8 row scales on the CUTLASS kernel (the speed W4/8A8
-    is held to) and cuBLAS FP16. TOP/s and the fraction of the INT8 peak; writes gemm_wgmma_<device>.json / .md
-    after every row."""
+    is held to) and cuBLAS FP16; and INT4 with two-level K-group scales (unpack, then the W8A8 CUTLASS kernel: the
+    sm90_two_level path, and its unpack alone). TOP/s and the fraction of the INT8 peak; writes
+    gemm_wgmma_<device>.json / .md after every row."""
     meta = run_meta("CUDA graphs over distinct weight copies (L2 defeated for the weights), median of 15 replays; "
                     "fp16: torch.matmul on one weight", int8_peak_tops=INT8_PEAK_TOPS)
     rows, dev = [], "cuda"
@@ -186,6 +187,18 @@ def wgmma_table(cuda_mod, out: Path, tag: str, ms: list[int] | None = None) -> N
                         (xq.float() * xs[:, None]).half(), cuda_mod.dequantize_weight(
                             wqs[i][0], wqs[i][1], 4, torch.float16).t(), out=outs[i]), copies)
                 wqs.clear()
+            if hasattr(cuda_mod, "unpack_int4_two_level"):  # two-level scales: unpack to code x u, then W8A8 sm90
+                wqs = [qm.quantize_weight(w * (1 + 0.01 * i), 4, "k_groups", group_size=128, two_level=True)
+                       for i in range(copies)]
+
+                def two_level(i):
+                    w8, base = cuda_mod.unpack_int4_two_level(*wqs[i])
+                    cuda_mod.run_gemm("sm90", xq, xs, w8, base, None, None, "none", 8, outs[i])
+                r["int4g128_2l_us"] = 1e3 * time_graph(two_level, copies)
+                r["int4g128_2l_unpack_us"] = 1e3 * time_graph(lambda i: cuda_mod.unpack_int4_two_level(*wqs[i]),
+                                                               copies)
+                r["int4g128_2l_vs_w8a8"] = r["int4g128_2l_us"] / r["int8_sm90_us"] if "int8_sm90_us" in r else None
+                wqs.clear()
             w4 = [kk for kk in r if kk.startswith("int4g128_wgmma") and kk.endswith("_us")]
             if w4:
                 best = min(r[kk] for kk in w4)
@@ -202,7 +215,8 @@ def wgmma_table(cuda_mod, out: Path, tag: str, ms: list[int] | None = None) -> N
                      f"`{meta['command']}`; {meta['method']}", "",
                      "| M | K | N | fp16 us | W8A8 sm90 us | W4 mma us | W4 fp16-dequant us | W4 wgmma0 us | "
                      "W4 wgmma1 us | W4 wgmma2 us | W4 wgmma TOP/s | of INT8 peak | vs mma | / W8A8 | W8g mma us | "
-                     "W8g wgmma0 us |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                     "W8g wgmma0 us | W4 two-level us | its unpack us | two-level / W8A8 |",
+                     "|---" * 19 + "|"]
 
             def f(v, d=1):
                 return "" if v is None else f"{v:.{d}f}"
@@ -212,7 +226,9 @@ def wgmma_table(cuda_mod, out: Path, tag: str, ms: list[int] | None = None) -> N
                       f"{f(q.get('int4g128_wgmma2_us'))} | "
                       f"{f(q.get('int4g128_wgmma_tops'), 0)} | {f(q.get('int4g128_wgmma_of_peak'), 2)} | "
                       f"{f(q.get('int4g128_wgmma_vs_mma'), 2)} | {f(q.get('int4g128_wgmma_vs_w8a8'), 2)} | "
-                      f"{f(q.get('int8g128_mma_us'))} | {f(q.get('int8g128_wgmma0_us'))} |" for q in rows]
+                      f"{f(q.get('int8g128_mma_us'))} | {f(q.get('int8g128_wgmma0_us'))} | "
+                      f"{f(q.get('int4g128_2l_us'))} | {f(q.get('int4g128_2l_unpack_us'))} | "
+                      f"{f(q.get('int4g128_2l_vs_w8a8'), 2)} |" for q in rows]
             (out / f"gemm_wgmma_{tag}.md").write_text("\n".join(lines) + "\n")
 
 

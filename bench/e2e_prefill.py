@@ -56,13 +56,16 @@ sys.path.insert(0, str(ROOT))
 
 import zqcompile as zq  # noqa: E402
 from bench.bench_decode_scale import csv, elapsed_ms, free, is_oom, make_model as make_llama, sync  # noqa: E402
+from bench.bench_e2e import bench_config  # noqa: E402
 
 LLAMA = "llama-3-8b"
 BERTS = ("bert-base", "bert-large")
-ENGINES = ("hf-eager-fp16", "compile-fp16", "compile-max-autotune-fp16", "zq-fp16", "zq-w8a8", "zq-w4/8a8", "zq-fp8")
-DEFAULT_ENGINES = ENGINES[:-1]  # issue 15's grid; zq-fp8 (issue 14) only when asked for
+ENGINES = ("hf-eager-fp16", "compile-fp16", "compile-max-autotune-fp16", "zq-fp16", "zq-w8a8", "zq-w4/8a8", "zq-fp8",
+           "zq-w4/8a8-fp32")
+DEFAULT_ENGINES = ENGINES[:-2]  # issue 15's grid; zq-fp8 (issue 14) and fp32-scale W4 only when asked for
 CHEAP = ("hf-eager-fp16", "zq-w8a8", "zq-w4/8a8")
-ZQ_CONFIGS = {"zq-w8a8": "w8a8", "zq-w4/8a8": "w4/8a8", "zq-fp16": "none", "zq-fp8": "fp8"}
+ZQ_CONFIGS = {"zq-w8a8": "w8a8", "zq-w4/8a8": "w4/8a8", "zq-fp16": "none", "zq-fp8": "fp8",
+              "zq-w4/8a8-fp32": "w4/8a8-fp32"}
 COMPILE_MODES = {"compile-fp16": None, "compile-max-autotune-fp16": "max-autotune"}
 BERT_SHAPES = {"bert-base": dict(), "bert-large": dict(hidden_size=1024, num_hidden_layers=24,
                                                       num_attention_heads=16, intermediate_size=4096)}
@@ -106,6 +109,10 @@ def plan(models: list[str], seqs: list[int], batches: list[int], llama_seq: int,
         rows += bert_rows(m, [head] + rest, ("zq-fp8",))
     if llama:
         rows += [(LLAMA, llama_seq, b, "zq-fp8") for b in llama_batches]
+    for m in berts:  # W4/8A8 with fp32 INT4 K-group scales (before stop 36), only when asked for
+        rows += bert_rows(m, [head] + rest, ("zq-w4/8a8-fp32",))
+    if llama:
+        rows += [(LLAMA, llama_seq, b, "zq-w4/8a8-fp32") for b in llama_batches]
     return [r for r in dict.fromkeys(rows) if r[3] in engines]
 
 
@@ -146,7 +153,7 @@ class Grid:
             fn = lambda ids: compiled(ids, **kw)  # noqa: E731
         else:
             ids0 = torch.randint(3, min(1000, model.config.vocab_size), (2, 64), device=self.args.device)
-            fn = zq.compile(model, (ids0,), ZQ_CONFIGS[e], generation=False)
+            fn = zq.compile(model, (ids0,), bench_config(ZQ_CONFIGS[e]), generation=False)
         self.engines[(m, e)] = fn
         return fn, time.perf_counter() - t0
 
@@ -252,6 +259,7 @@ def ratios(rows: list[dict]) -> list[dict]:
                  w8a8_vs_hf_eager=ms["hf-eager-fp16"] / w8 if w8 and "hf-eager-fp16" in ms else None,
                  w8a8_vs_best_compile=compiled[best] / w8 if w8 and best else None,
                  w4_over_w8a8=ms["zq-w4/8a8"] / w8 if w8 and "zq-w4/8a8" in ms else None,
+                 w4_fp32_over_w8a8=ms["zq-w4/8a8-fp32"] / w8 if w8 and "zq-w4/8a8-fp32" in ms else None,
                  w8a8_vs_zq_fp16=ms["zq-fp16"] / w8 if w8 and "zq-fp16" in ms else None)
         fp16 = [ms[e] for e in ENGINES if e in ms and e.endswith("fp16")]
         r["w8a8_vs_fastest_fp16"] = min(fp16) / w8 if w8 and fp16 else None
@@ -276,6 +284,8 @@ def targets(rat: list[dict], head: tuple, llama_seq: int) -> list[dict]:
         shape = f"{r['model']} s{r['seq']} b{r['batch']}"
         if r["w4_over_w8a8"] is not None:
             add(f"{shape} W4/8A8 / W8A8", r["w4_over_w8a8"], 1.15, at_most=True)
+        if r.get("w4_fp32_over_w8a8") is not None:
+            add(f"{shape} W4/8A8 fp32 scales / W8A8", r["w4_fp32_over_w8a8"], 1.15, at_most=True)
         if r["model"] == LLAMA and r["seq"] == llama_seq:
             add(f"{shape} W8A8 vs our FP16", r["w8a8_vs_zq_fp16"], 1.6)
         if r["batch"] == 1:

@@ -71,8 +71,22 @@ for stage in "$@"; do
     prefill-8b-wgmma)  # Llama-3-8B prefill, 2048 tokens, batch 1: W8A8 and W4/8A8 with the wgmma kernel's policy
       ZQ_GEMM_WGMMA=${WGMMA_MODE:-auto} prefill --models llama-3-8b --engines zq-w8a8,zq-w4/8a8 --llama-batches 1 \
         --out "$OUT/prefill_8b_wgmma_H200.json" || rc=$? ;;
+    two-level-tests)  # the two-level W4 path (unpack kernel + the INT8 GEMM): kernel bits, routing, an engine
+      ZQ_CUDA_LIB="$PWD/build/libzq_kernels.so" timeout "$(left)" "$PY" -m pytest -q -p no:cacheprovider \
+        tests/gpu/test_gemm_two_level.py tests/plugins/test_gemm_kernels.py > "$OUT/gpu_tests_two_level.txt" 2>&1 ||
+        rc=$?
+      tail -3 "$OUT/gpu_tests_two_level.txt" ;;
+    bert-b128-2l)  # BERT-base s128 b128: W8A8, W4/8A8 (two-level scales) and W4/8A8 with fp32 scales, one process
+      timeout "$(left)" "$PY" bench/bench_e2e.py --models bert-base --batches 128 --seqs 128 --compile-batches 0 \
+        --torchao-batches 0 --configs w8a8,w4/8a8,w4/8a8-fp32 --out "$OUT/e2e_bert_b128_2l_H200.json" 2>&1 |
+        grep -v -i warn | tail -8
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1 ;;
+    prefill-8b-2l)  # Llama-3-8B prefill, 2048 tokens: W8A8, W4/8A8 and W4/8A8 with fp32 scales (LLAMA_BATCHES: 1)
+      prefill --models llama-3-8b --engines zq-w8a8,zq-w4/8a8,zq-w4/8a8-fp32 --llama-batches "${LLAMA_BATCHES:-1}" \
+        --out "$OUT/prefill_8b_2l_H200.json" || rc=$? ;;
     *) echo "unknown stage $stage (prefill prefill-resume w4-crossover profile-bert elementwise rows-old rows-tests" \
-            "rows-ab rows-ab-decode bert-b128 wgmma-tests wgmma-bench bert-b128-wgmma prefill-8b-wgmma)"; exit 2 ;;
+            "rows-ab rows-ab-decode bert-b128 wgmma-tests wgmma-bench bert-b128-wgmma prefill-8b-wgmma" \
+            "two-level-tests bert-b128-2l prefill-8b-2l)"; exit 2 ;;
   esac
 done
 exit $rc

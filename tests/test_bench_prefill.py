@@ -19,7 +19,8 @@ def test_plan_puts_the_targets_first_and_holds_every_row_once():
     assert len(rows) == len(set(rows)) == 2 * 6 * 5 + 2 * 4  # BERT: 2 models x 6 shapes x 5 engines; 8B: 2 x 4
     assert rows[-1][3] == "compile-max-autotune-fp16"
     with_fp8 = P.plan([*P.BERTS, P.LLAMA], [128, 384], [1, 16, 128], 2048, [1, 4], list(P.ENGINES))
-    assert with_fp8[:len(rows)] == rows and len(with_fp8) == len(rows) + 2 * 6 + 2  # the FP8 rows last
+    assert with_fp8[:len(rows)] == rows and len(with_fp8) == len(rows) + 2 * (2 * 6 + 2)  # FP8, fp32-scale W4 last
+    assert {r[3] for r in with_fp8[len(rows):]} == {"zq-fp8", "zq-w4/8a8-fp32"}
     assert P.plan(["bert-base"], [128], [1, 128], 2048, [1], ["zq-w8a8"]) == [("bert-base", 128, 128, "zq-w8a8"),
                                                                                  ("bert-base", 128, 1, "zq-w8a8")]
 

@@ -287,6 +287,43 @@ __global__ void dequantize_weight_kernel(const uint8_t* __restrict__ wq, const f
   }
 }
 
+// INT4 codes with two-level K-group scales (zqcompile's qm.two_level_scales: each scale u x the row's base, base =
+// max_g scale / 15, exact in fp32) -> int8 code x u (|code x u| <= 105) and the base as the row's scale, so the
+// Hopper INT8 GEMM computes the same products. One block a weight row; 16 codes (one group: gk % 16 == 0) a step.
+__device__ __forceinline__ uint32_t two_level_word(uint32_t packed, int shift, int u) {
+  uint32_t word = 0;
+  for (int j = 0; j < 2; ++j) {  // two packed bytes -> four int8 (low nibble first)
+    const int b = (packed >> (shift + 8 * j)) & 0xFF;
+    const int lo = (b & 0xF) >= 8 ? (b & 0xF) - 16 : (b & 0xF), hi = (b >> 4) >= 8 ? (b >> 4) - 16 : (b >> 4);
+    word |= (uint32_t)(uint8_t)(int8_t)(lo * u) << (16 * j);
+    word |= (uint32_t)(uint8_t)(int8_t)(hi * u) << (16 * j + 8);
+  }
+  return word;
+}
+
+__global__ void unpack_int4_two_level_kernel(const uint8_t* __restrict__ wq, const float* __restrict__ ws,
+                                             int64_t groups, int64_t k, int8_t* __restrict__ out,
+                                             float* __restrict__ row_scale) {
+  zq::pdl_begin();
+  __shared__ float red[32];
+  const int64_t r = blockIdx.x;
+  const float* s = ws + r * groups;
+  float m = 0.f;
+  for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) m = fmaxf(m, s[g]);
+  m = block_max(m, red);
+  const float base = __fdiv_rn(m, 15.f);
+  if (threadIdx.x == 0) row_scale[r] = base;
+  const int64_t gk = k / groups;
+  const uint2* src = reinterpret_cast<const uint2*>(wq + r * (k / 2));
+  uint4* dst = reinterpret_cast<uint4*>(out + r * k);
+  for (int64_t c = threadIdx.x; c < k / 16; c += blockDim.x) {
+    const int u = min(max(__float2int_rn(__fdiv_rn(s[c * 16 / gk], base)), 1), 15);
+    const uint2 p = src[c];
+    dst[c] = make_uint4(two_level_word(p.x, 0, u), two_level_word(p.x, 16, u), two_level_word(p.y, 0, u),
+                        two_level_word(p.y, 16, u));
+  }
+}
+
 inline unsigned grid_for(int64_t n) {
   const int64_t b = (n + 255) / 256;
   return (unsigned)(b < 1 ? 1 : (b > 65535 * 4 ? 65535 * 4 : b));
@@ -298,6 +335,15 @@ ZQ_API cudaError_t zq_unpack_int4(const uint8_t* wq, int64_t n, int64_t k, int8_
   if (n * k == 0) return cudaSuccess;
   if (k % 2) return cudaErrorInvalidValue;
   return zq::launch(zq::unpack_int4_kernel, dim3(zq::grid_for(n * k / 2)), dim3(256), 0, stream, wq, n * k / 2, out);
+}
+
+ZQ_API cudaError_t zq_unpack_int4_two_level(const uint8_t* wq, const float* w_scale, int64_t groups, int64_t n,
+                                            int64_t k, int8_t* out, float* row_scale, cudaStream_t stream) {
+  if (n * k == 0) return cudaSuccess;
+  if (groups <= 0 || k % groups || k % 16 || (k / groups) % 16 || n > INT32_MAX) return cudaErrorInvalidValue;
+  if (reinterpret_cast<uintptr_t>(wq) % 8 || reinterpret_cast<uintptr_t>(out) % 16) return cudaErrorNotSupported;
+  return zq::launch(zq::unpack_int4_two_level_kernel, dim3((unsigned)n), dim3(128), 0, stream, wq, w_scale, groups, k,
+                    out, row_scale);
 }
 
 ZQ_API cudaError_t zq_dequantize_weight(const void* wq, int w_bits, const float* w_scale, int64_t groups, int64_t n,

@@ -99,8 +99,8 @@ def _kernel_plans(model) -> list[tuple[str, str]]:
 def test_gemm_plugins_carry_the_chosen_kernel_plan(trt_model):
     """fp32 outputs: the CUDA-core kernel at every M (the tensor-core kernels write fp16/bf16); the weight-only
     plugin takes fp16 x, whose one TensorRT kernel is the CUDA-core one."""
-    assert _kernel_plans(trt_model) == [("ZqInt8GemmDequant", "4:simt,16:simt,32:simt,64:simt,1024:simt,inf:simt")] * 2 + [
-        ("ZqWeightOnlyGemm", "4:simt,16:simt,32:simt,64:simt,1024:simt,inf:simt")]
+    simt = "4:simt,16:simt,32:simt,64:simt,128:simt,1024:simt,inf:simt"
+    assert _kernel_plans(trt_model) == [("ZqInt8GemmDequant", simt)] * 2 + [("ZqWeightOnlyGemm", simt)]
     meta = {p.key: p.value for p in trt_model.metadata_props}
     if not torch.cuda.is_available():
         assert meta["zqcompile.gemm_kernels_planned_for"].startswith("sm_90 (assumed: no CUDA device at export)")
@@ -124,10 +124,11 @@ class HalfGemms(torch.nn.Module):
 
 
 @pytest.mark.parametrize("device,plans", [
-    (("H200", (9, 0), True), ["4:skinny/simt,16:skinny/mma,32:skinny/mma,64:skinny/mma,1024:sm90/simt,inf:sm90/simt",
-                              "4:simt,16:simt,32:mma/simt,64:mma/simt,1024:mma/simt,inf:mma/simt"]),
-    (("A100", (8, 0), False), ["4:simt,16:mma/simt,32:mma/simt,64:mma/simt,1024:mma/simt,inf:mma/simt",
-                               "4:simt,16:simt,32:mma/simt,64:mma/simt,1024:mma/simt,inf:mma/simt"])])
+    (("H200", (9, 0), True), ["4:skinny/simt,16:skinny/mma,32:skinny/mma,64:skinny/mma,128:sm90/simt,"
+                              "1024:sm90/simt,inf:sm90/simt",
+                              "4:simt,16:simt,32:mma/simt,64:mma/simt,128:mma/simt,1024:mma/simt,inf:mma/simt"]),
+    (("A100", (8, 0), False), ["4:simt,16:mma/simt,32:mma/simt,64:mma/simt,128:mma/simt,1024:mma/simt,inf:mma/simt",
+                               "4:simt,16:simt,32:mma/simt,64:mma/simt,128:mma/simt,1024:mma/simt,inf:mma/simt"])])
 def test_kernel_plan_follows_the_target_device(tmp_path, device, plans):
     from zqcompile.export.onnx import export_onnx
     from zqcompile.plugins.gemm_kernels import GemmDevice

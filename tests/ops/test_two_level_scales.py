@@ -5,6 +5,7 @@ with fp32 group scales."""
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -67,7 +68,49 @@ def test_engine_with_two_level_scales_matches_the_reference():
     assert err < 0.5 and abs(err - err_fp) < 0.1, (err, err_fp)
 
 
+_LOAD = """
+import sys, torch
+import zqcompile as zq
+e = zq.load(sys.argv[1])
+out = e(torch.load(sys.argv[1] + ".in.pt"))
+flags = [bool(n.args[9]) if len(n.args) > 9 else False for n in e.gm.graph.nodes
+         if n.target == torch.ops.zq.int8_gemm_dequant.default and n.args[7] == 4]
+torch.save({"out": out.logits if hasattr(out, "logits") else out, "flags": flags}, sys.argv[1] + ".out.pt")
+"""
+
+
+def test_the_gemm_op_is_told_and_the_flag_survives_save_and_load(tmp_path):
+    """The INT4 GEMMs carry two_level=True (so an H200 plan takes the INT8 route past M = 64, 128 where N > K), the
+    INT8 ones do not; an engine saved here and loaded in a new process keeps the flag and its outputs bit-exact."""
+    from tests._tiny import tiny_llama
+    from tests.subproc import run_python
+    from zqcompile.plugins import gemm_kernels as G
+    from zqcompile.plugins.gemm_plan import problem_of_node
+    model = tiny_llama().eval()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(3))
+    w4 = GemmScheme(WeightQuant(4, "k_groups", group_size=32, group_scales="two-level"), ActQuant("token"))
+    engine = zq.compile(model, (ids,), QuantConfig("w4-2l", GemmScheme(WeightQuant(8), ActQuant("token")),
+                                                   {"fc1": w4, "fc2": w4}), generation=False)
+    gemms = [n for n in engine.gm.graph.nodes if n.target == torch.ops.zq.int8_gemm_dequant.default]
+    problems = [problem_of_node(n) for n in gemms]
+    assert sorted(p.two_level for p in problems) == [False] * 5 + [True] * 4  # qkv, o, head (INT8) | fc1, fc2
+    h200 = G.GemmDevice("H200", (9, 0), library=True, sm90_library=True)
+    for p in problems:
+        if p.two_level and p.k % 16 == 0 and p.n % 8 == 0:
+            half = replace(p, m=256, out_dtype="float16", residual_dtype=p.residual_dtype and "float16")
+            assert G.choose_gemm(half, h200).kernel is G.SM90_TWO_LEVEL
+    path = tmp_path / "two_level.zq"
+    engine.save(path)
+    torch.save(ids, str(path) + ".in.pt")
+    with torch.no_grad():
+        ref = engine(ids)
+    ref = ref.logits if hasattr(ref, "logits") else ref
+    res = run_python(_LOAD, str(path))
+    assert res.returncode == 0, res.stderr
+    got = torch.load(str(path) + ".out.pt")
+    assert got["flags"] == [True] * 4 and torch.equal(got["out"], ref)
+
+
 def replace_two_level(cfg):
-    from dataclasses import replace
     return replace(cfg, name="w4-fp32-scales",
                    roles={k: replace(v, weight=replace(v.weight, group_scales="fp32")) for k, v in cfg.roles.items()})

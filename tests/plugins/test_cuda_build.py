@@ -44,7 +44,7 @@ def test_kernel_library_builds_and_loads(tmp_path):
     for sym in ["zq_quantize_per_token", "zq_quantize_per_tensor", "zq_norm_quant", "zq_act_quant",
                 "zq_quantize_per_token_fp8", "zq_norm_quant_fp8", "zq_act_quant_fp8",
                 "zq_gemm_simt", "zq_gemm_sm90", "zq_gemm_mma", "zq_gemm_mma_config", "zq_gemm_skinny",
-                "zq_gemm_skinny_config", "zq_gemm_skinny_num_configs", "zq_unpack_int4",
+                "zq_gemm_skinny_config", "zq_gemm_skinny_num_configs", "zq_unpack_int4", "zq_unpack_int4_two_level",
                 "zq_dequantize_weight", "zq_rope", "zq_rope_kv", "zq_decode_attention", "zq_decode_attention_split",
                 "zq_decode_attention_splits", "zq_decode_attention_workspace_bytes", "zq_gemm_run",
                 "zq_gemm_workspace_bytes", "zq_gemm_kernel_name", "zq_gemm_kernel_available", "zq_gemm_plan_parse", "zq_gemm_plan_find",

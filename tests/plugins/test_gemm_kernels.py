@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
+import torch
 
 from zqcompile.plugins import gemm_kernels as G
 
@@ -121,8 +123,8 @@ def test_weight_only_chooser_equals_the_old_ladder():
 
 
 def test_buckets_follow_the_thresholds_and_each_has_one_choice():
-    assert G.M_BUCKETS == ((1, 4), (5, 16), (17, 32), (33, 64), (65, 1024), (1025, math.inf))
-    assert [G.bucket_name(i) for i in range(6)] == ["1-4", "5-16", "17-32", "33-64", "65-1024", ">1024"]
+    assert G.M_BUCKETS == ((1, 4), (5, 16), (17, 32), (33, 64), (65, 128), (129, 1024), (1025, math.inf))
+    assert [G.bucket_name(i) for i in range(7)] == ["1-4", "5-16", "17-32", "33-64", "65-128", "129-1024", ">1024"]
     device = _device((9, 0), True)
     for k, w_bits, group_k in itertools.product((1024, 4096), (8, 4), (0, 128)):
         p = G.GemmProblem("int8_gemm_dequant", 1024, k, w_bits, group_k, "int8", "float16")
@@ -198,12 +200,14 @@ def test_fp8_gemm_is_skinny_sm90_fp8_or_scaled_mm_on_sm90_and_the_reference_else
 def test_plan_text():
     trt = G.GemmDevice("trt", (9, 0), True, True, tensorrt=True)
     row = G.GemmProblem("int8_gemm_dequant", 768, 768, 8, 0, "int8", "float16")
-    assert G.plan_text(row, trt) == "4:skinny/simt,16:skinny/mma,32:skinny/mma,64:skinny/mma,1024:sm90/simt,inf:sm90/simt"
+    assert G.plan_text(row, trt) == ("4:skinny/simt,16:skinny/mma,32:skinny/mma,64:skinny/mma,128:sm90/simt,"
+                                     "1024:sm90/simt,inf:sm90/simt")
     wide = G.GemmProblem("int8_gemm_dequant", 6144, 4096, 8, 0, "int8", "float16")  # sm90 ahead from M = 17
-    assert G.plan_text(wide, trt) == "4:skinny/simt,16:skinny/sm90,32:sm90/simt,64:sm90/simt,1024:sm90/simt,inf:sm90/simt"
+    assert G.plan_text(wide, trt) == ("4:skinny/simt,16:skinny/sm90,32:sm90/simt,64:sm90/simt,128:sm90/simt,"
+                                      "1024:sm90/simt,inf:sm90/simt")
     kg = G.GemmProblem("int8_gemm_dequant", 768, 768, 4, 128, "int8", "float16")
-    assert G.plan_text(kg, trt) == ("4:skinny/simt,16:skinny/simt,32:skinny/mma,64:skinny/mma,1024:wgmma/mma,"
-                                    "inf:wgmma/mma")
+    assert G.plan_text(kg, trt) == ("4:skinny/simt,16:skinny/simt,32:skinny/mma,64:skinny/mma,128:wgmma/mma,"
+                                    "1024:wgmma/mma,inf:wgmma/mma")
     with pytest.raises(ValueError, match="tensorrt=True"):
         G.plan_text(row, _device((9, 0), True))
     with pytest.raises(G.NoGemmKernel, match="simt: float32 activations.*reference: no reference"):
@@ -234,7 +238,7 @@ def test_engine_plan_in_report_dump_and_file(tmp_path):
     q = next(g for g in engine.record.gemms if g["role"] == "qkv")
     assert q["problem"]["k"] == 64 and q["problem"]["x_dtype"] == "int8"
     want = [G.choose_gemm(G.GemmProblem(**q["problem"], m=lo), h200).label for lo, _ in G.M_BUCKETS]
-    assert list(q["kernels"]["buckets"].values()) == want == ["simt", "mma", "mma", "mma", "sm90", "sm90"]
+    assert list(q["kernels"]["buckets"].values()) == want == ["simt", "mma", "mma", "mma", "sm90", "sm90", "sm90"]
     text = engine.report()
     assert "planned for cuda:0 NVIDIA H200 (sm_90" in text and "1-4" in text and ">1024" in text
     section = text[text.index("Kernels per M bucket"):]
@@ -330,3 +334,33 @@ def test_wgmma_policy_follows_the_measured_table():
         assert mine <= 1.07 * min(r["int4g128_wgmma0_us"], r["int4g128_wgmma1_us"]), r
         if r["m"] >= 512:
             assert r["int4g128_mma_us"] / mine >= (1.5 if r["m"] >= 1024 else 0.99), r
+
+
+def test_two_level_int4_runs_the_hopper_int8_gemm_past_m_64():
+    """Two-level INT4 K-group scales (int8_gemm_dequant's two_level): past M = 64 (128 where N > K) on sm_90 the
+    weight is unpacked to int8 code x u and the CUTLASS INT8 GEMM runs it (sm90_two_level, the K-group kernel its
+    fallback); at M <= 64 the decode-shaped kernel reads the fp32 scales as before; never inside TensorRT, never
+    without the flag, off with its switch; and the flag means nothing for INT8 or row-scaled weights."""
+    dev = G.GemmDevice("H200", (9, 0), library=True, sm90_library=True)
+    p = G.GemmProblem("int8_gemm_dequant", 14336, 4096, 4, 128, "int8", "float16", m=2048, two_level=True)
+    c = G.choose_gemm(p, dev)
+    assert c.kernel is G.SM90_TWO_LEVEL and c.fallback is G.WGMMA
+    assert "two-level" in p.describe()
+    assert G.choose_gemm(replace(p, m=64), dev).kernel is G.SKINNY
+    assert G.choose_gemm(replace(p, n=p.k, k=p.n, m=65), dev).kernel is G.SM90_TWO_LEVEL  # N < K: past 64
+    assert G.choose_gemm(replace(p, m=128), dev).kernel is G.WGMMA  # N > K: the unpack pays off past M = 128
+    assert "N > K" in G.choose_gemm(replace(p, m=128), dev).reason("sm90_two_level")
+    assert G.choose_gemm(replace(p, m=129), dev).kernel is G.SM90_TWO_LEVEL
+    assert G.choose_gemm(replace(p, two_level=False), dev).kernel is G.WGMMA
+    assert G.choose_gemm(p, replace(dev, sm90_library=False)).kernel is G.WGMMA  # no CUTLASS GEMM in the library
+    trt = G.choose_gemm(p, replace(dev, tensorrt=True))
+    assert trt.kernel is not G.SM90_TWO_LEVEL and "TensorRT" in trt.reason("sm90_two_level")
+    with G.two_level_mode("0"):
+        assert G.choose_gemm(p, dev).kernel is G.WGMMA
+    with G.two_level_mode("1"):
+        assert G.choose_gemm(replace(p, m=64), dev).kernel is G.SKINNY  # earlier in the priority order
+        assert G.choose_gemm(replace(p, m=64), dev).reason("sm90_two_level") is None
+    with pytest.raises(ValueError, match="one of auto, 0, 1"):
+        G.two_level_mode("on")
+    x, wq, ws = torch.empty(8, 256, dtype=torch.int8), torch.empty(16, 256, dtype=torch.int8), torch.empty(16, 1)
+    assert not G.problem_of("int8_gemm_dequant", x, wq, ws, None, None, 8, torch.float16, two_level=True).two_level

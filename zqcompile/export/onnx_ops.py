@@ -190,7 +190,8 @@ def int_gemm_k_groups(xq, wq, w_scale, w_bits: int):
 
 
 @onnx_translation("int8_gemm_dequant", dialect="standard")
-def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out_dtype: int):
+def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out_dtype: int,
+                      two_level: bool = False):  # the same values either way (an fp32 K-group scale each)
     if _num_groups(w_scale) == 1:
         acc = op.Cast(matmul_integer(xq, op.Transpose(weight_int8(wq, w_bits), perm=[1, 0])), to=FLOAT)
         y = op.Mul(op.Mul(acc, op.Reshape(op.Cast(w_scale, to=FLOAT), _ints(-1))), op.Cast(x_scale, to=FLOAT))

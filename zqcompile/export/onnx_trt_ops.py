@@ -110,7 +110,8 @@ def act_quant(x, bias, gate, act: str, emit_out: bool):
 
 
 @onnx_translation("int8_gemm_dequant", dialect="tensorrt")
-def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out_dtype: int):
+def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out_dtype: int,
+                      two_level: bool = False):  # the same values either way (an fp32 K-group scale each)
     attrs = dict(act=act, w_bits=int(w_bits), out_dtype=int(out_dtype), has_bias=_flag(bias),
                  has_residual=_flag(residual),
                  kernel_plan=kernel_plan("int8_gemm_dequant", xq, wq, w_scale, w_bits, _ONNX_DTYPES[int(out_dtype)]))

@@ -155,14 +155,19 @@ def _(x, bias, gate, act, emit_out):
 # ---- GEMMs with the dequantization fused ---------------------------------------------------------------
 @declare("fused", cuda="kernel", tensorrt="plugin")
 def int8_gemm_dequant(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor],
-                      residual: Optional[Tensor], act: str, w_bits: int, out_dtype: torch.dtype) -> Tensor:
+                      residual: Optional[Tensor], act: str, w_bits: int, out_dtype: torch.dtype,
+                      two_level: bool = False) -> Tensor:
     """int8 x [..., K] (per-token scales [..., 1]) times INT8/INT4 W [N, K] (scales [N, K/group_k]) ->
-    (acc * x_scale * w_scale) (+ bias) -> act -> (+ residual), written once in out_dtype."""
+    (acc * x_scale * w_scale) (+ bias) -> act -> (+ residual), written once in out_dtype.
+
+    two_level: the compile's promise that the INT4 K-group scales are two-level (qm.two_level_scales: u x a row
+    base, u in 1..15), so a kernel may run the GEMM as INT8 x (code x u) with the base as a row scale; the value
+    computed is the same (the reference ignores the flag)."""
     return qm.int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype)
 
 
 @int8_gemm_dequant.register_fake
-def _(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype):
+def _(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype, two_level=False):
     return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=out_dtype)
 
 

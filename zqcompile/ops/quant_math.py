@@ -176,18 +176,24 @@ def two_level_scales(scale: torch.Tensor) -> torch.Tensor:
     max_g scale / TWO_LEVEL_MAX with its 4 lowest mantissa bits rounded up (so u x base, u < 16, is exact in fp32)
     and u = ceil(scale / base) in 1..TWO_LEVEL_MAX. No code is clipped (every scale only grows); the row's
     largest group gets u = TWO_LEVEL_MAX, so base = max_g / TWO_LEVEL_MAX is exact again from the result."""
-    base = (scale.float().amax(dim=1, keepdim=True) / TWO_LEVEL_MAX).contiguous()
+    base = two_level_base(scale).contiguous()
     base = ((base.view(torch.int32) + 0xF) & ~0xF).view(torch.float32)
     u = torch.ceil(scale.float() / base).clamp_(1, TWO_LEVEL_MAX)
     return (u * base).contiguous()
+
+
+def two_level_base(scale: torch.Tensor) -> torch.Tensor:
+    """Each row's max_g scale / TWO_LEVEL_MAX [N, 1] fp32, correctly rounded on every device (a tensor divisor:
+    CUDA turns a division by a Python number into a product with its rounded reciprocal)."""
+    m = scale.float().amax(dim=1, keepdim=True)
+    return m / torch.full_like(m, TWO_LEVEL_MAX)
 
 
 def is_two_level(scale: torch.Tensor) -> bool:
     """Whether K-group scales [N, G] are two_level_scales' form: every scale an integer multiple (1..15) of its
     row's max / TWO_LEVEL_MAX, exactly."""
     s = scale.float()
-    base = s.amax(dim=1, keepdim=True) / TWO_LEVEL_MAX
-    u = s / base
+    u = s / two_level_base(s)
     return bool(((u == torch.round(u)) & (u >= 1) & (u <= TWO_LEVEL_MAX)).all())
 
 

@@ -30,9 +30,16 @@ W, W_FP8 = _weight(torch.int8) | _weight(torch.uint8), _weight(torch.float8_e4m3
 A8, A_FP8 = _acts(torch.int8), _acts(torch.float8_e4m3fn)
 
 
+def _two_level(node: fx.Node) -> bool:
+    """The GEMM's INT4 K-group scales are two-level (WeightQuant.group_scales): the op is told, so a kernel may
+    run it as an INT8 GEMM with row scales."""
+    info = node.meta.get("zq_gemm")
+    return info is not None and getattr(info.scheme.weight, "group_scales", "fp32") == "two-level"
+
+
 def _int8_gemm_dequant(gm: fx.GraphModule, m: Match) -> Fused:
-    return _emit(gm, m, zq.int8_gemm_dequant.default,
-                 (m["q"], m["s"], m["wq"], m["ws"], m["bias"], None, "none", m["bits"], dtype_of(m.root)))
+    args = (m["q"], m["s"], m["wq"], m["ws"], m["bias"], None, "none", m["bits"], dtype_of(m.root))
+    return _emit(gm, m, zq.int8_gemm_dequant.default, args + ((True,) if _two_level(m.root) else ()))
 
 
 def _fp8_gemm_dequant(gm: fx.GraphModule, m: Match) -> Fused:

@@ -25,7 +25,7 @@ from zqcompile.ops import quant_math as qm
 from zqcompile.ops import registry
 from zqcompile.ops.registry import cuda_kernel
 
-ABI_VERSION = 15  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
+ABI_VERSION = 16  # plugins_cuda/include/zq/common.h ZQ_ABI_VERSION
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # zq_dtype of the float tensors the kernels take
 FP8_E4M3 = 3  # zq_dtype ZQ_FP8_E4M3: only the x_dt of an FP8 GEMM (not in DTYPES: no kernel reads FP8 rows)
 
@@ -134,6 +134,7 @@ def _bind(lib: ctypes.CDLL, only: tuple[str, ...] | None = None) -> None:
         "zq_gemm_skinny_num_configs": (I, []), "zq_gemm_wgmma_config": (I, [P, I, P]),
         "zq_gemm_wgmma_num_configs": (I, []),
         "zq_dequantize_weight": (I, [P, I, P, I64, I64, I64, P, I, P]),
+        "zq_unpack_int4_two_level": (I, [P, P, I64, I64, I64, P, P, P]),
         "zq_rope": (I, [P, P, P, P, P, P, I, I64, I64, I64, I64, I64, P, P, P]),
         "zq_rope_kv": (I, [P, P, P, P, P, P, P, P, I, I64, I64, I64, I64, I64, P, P, P, P, P, I64, P, P]),
         "zq_decode_attention": (I, [P, I64, I64, P, P, P, I, I64, I64, I64, I64, I64, F, P, P]),

@@ -122,6 +122,19 @@ def dequantize_weight(wq: Tensor, w_scale: Tensor, w_bits: int, dtype: torch.dty
     return out
 
 
+def unpack_int4_two_level(wq: Tensor, w_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """INT4 [N, K/2] with two-level K-group scales [N, G] -> (int8 code x u [N, K], the row base [N, 1] fp32):
+    the operands of the INT8 GEMM with row scales that computes the same products (zq_unpack_int4_two_level)."""
+    n, k = wq.shape[0], wq.shape[1] * 2
+    w8 = torch.empty((n, k), dtype=torch.int8, device=wq.device)
+    base = torch.empty((n, 1), dtype=torch.float32, device=wq.device)
+    with torch.cuda.device(wq.device):
+        lib._check(lib._lib.zq_unpack_int4_two_level(wq.data_ptr(), w_scale.data_ptr(), w_scale.shape[1], n, k,
+                                                     w8.data_ptr(), base.data_ptr(), lib._stream(wq)),
+                   "unpack_int4_two_level")
+    return w8, base
+
+
 def _fp16_dequant(x, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype) -> Tensor:
     """The weight dequantized to the output dtype per call, the activations dequantized per token (A8), then
     cuBLAS; numerically within fp16 rounding of the spec."""
@@ -150,9 +163,13 @@ def _run(op: str, choice: GemmChoice, x, x_scale, wq, w_scale, bias, residual, a
         return _scaled_mm(x, x_scale, wq, w_scale, bias, residual, act, out_dtype)
     out = torch.empty((x.shape[0], wq.shape[0]), dtype=out_dtype, device=x.device)
     rc = CUDA_ERROR_NOT_SUPPORTED
-    if kernel.name == "skinny" and skinny_config >= 0:
+    if kernel.name == "sm90_two_level":  # the INT8 GEMM on code x u with the row base (its workspace: this call's)
+        w8, base = unpack_int4_two_level(wq, w_scale)
+        rc = launch_gemm("sm90", x, x_scale, w8, base, bias, residual, act, 8, out)
+        del w8
+    elif kernel.name == "skinny" and skinny_config >= 0:
         rc = launch_gemm(kernel.name, x, x_scale, wq, w_scale, bias, residual, act, w_bits, out, skinny_config)
-    if rc == CUDA_ERROR_NOT_SUPPORTED:
+    if rc == CUDA_ERROR_NOT_SUPPORTED and kernel.name != "sm90_two_level":
         rc = launch_gemm(kernel.name, x, x_scale, wq, w_scale, bias, residual, act, w_bits, out)
     if rc == CUDA_ERROR_NOT_SUPPORTED and choice.fallback is not None:
         lib.note_fallback(op, f"{kernel.name} declined at run time (pointer alignment or grid size); ran "
@@ -164,12 +181,13 @@ def _run(op: str, choice: GemmChoice, x, x_scale, wq, w_scale, bias, residual, a
     return out
 
 
-def _gemm(op: str, x, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out_dtype, ref_args: tuple):
+def _gemm(op: str, x, x_scale, wq, w_scale, bias, residual, act: str, w_bits: int, out_dtype, ref_args: tuple,
+          two_level: bool = False):
     k, n = x.shape[-1], wq.shape[0]
     m = x.numel() // k if k else 0
     if m == 0 or k == 0:
         return lib._ref(op)(*ref_args)
-    choice = choose_gemm(problem_of(op, x, wq, w_scale, bias, residual, w_bits, out_dtype, m),
+    choice = choose_gemm(problem_of(op, x, wq, w_scale, bias, residual, w_bits, out_dtype, m, two_level),
                          device_of(x.device.index))
     if choice.kernel.name == "reference":
         _served("reference")
@@ -183,9 +201,9 @@ def _gemm(op: str, x, x_scale, wq, w_scale, bias, residual, act: str, w_bits: in
 
 
 @cuda_kernel("int8_gemm_dequant")
-def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype):
+def int8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype, two_level=False):
     return _gemm("int8_gemm_dequant", xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype,
-                 (xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype))
+                 (xq, x_scale, wq, w_scale, bias, residual, act, w_bits, out_dtype), two_level)
 
 
 @cuda_kernel("weight_only_gemm")
@@ -203,9 +221,9 @@ def fp8_gemm_dequant(xq, x_scale, wq, w_scale, bias, residual, act, out_dtype):
 
 
 def chosen(op: str, x, wq, w_scale, bias=None, residual=None, w_bits: int = 8, out_dtype=None,
-           device: Optional[GemmDevice] = None) -> GemmChoice:
+           device: Optional[GemmDevice] = None, two_level: bool = False) -> GemmChoice:
     """The choice a call with these operands gets (tests, benchmarks)."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
     m = x.numel() // x.shape[-1]
-    return choose_gemm(problem_of(op, x, wq, w_scale, bias, residual, w_bits, out_dtype, m),
+    return choose_gemm(problem_of(op, x, wq, w_scale, bias, residual, w_bits, out_dtype, m, two_level),
                        device or device_of(x.device.index))

@@ -104,10 +104,29 @@ def _check_wgmma_mode(mode: str, where: str) -> str:
 
 WGMMA_MODE = _check_wgmma_mode(os.environ.get("ZQ_GEMM_WGMMA", "auto"), "ZQ_GEMM_WGMMA")
 
-# Every threshold above is a bucket edge, so each M bucket has one choice: 1-4, 5-16, 17-32, 33-64, 65-1024, >1024.
-M_BUCKETS: tuple[tuple[int, float], ...] = tuple(
-    zip((1, *(e + 1 for e in sorted({SMALL_M, SMALL_M_KGROUPS, SKINNY_INT8_MID_M, MMA_ROW_MAX_M, MMA_KGROUP_MAX_M}))),
-        (*sorted({SMALL_M, SMALL_M_KGROUPS, SKINNY_INT8_MID_M, MMA_ROW_MAX_M, MMA_KGROUP_MAX_M}), math.inf)))
+# Two-level INT4 K-group scales (WeightQuant(group_scales="two-level"): each u x a row base, u in 1..15): past
+# M = 64 the weight is unpacked per call to int8 code x u (|code x u| <= 105, zq_unpack_int4_two_level) and the
+# Hopper INT8 GEMM runs it with the base as its row scale, the INT8 tensor-core speed for W4A8 prefill at the cost
+# of an N x K int8 workspace per call. "auto": past M = 64 on sm_90; "1": wherever its contract holds; "0":
+# never. Read from ZQ_GEMM_TWO_LEVEL at import; `two_level_mode(...)` changes it for a block.
+TWO_LEVEL_MODES = SKINNY_MODES
+TWO_LEVEL_MIN_M = WGMMA_MIN_M  # at or under: the decode-shaped and mma kernels (which read the fp32 scales)
+# N > K (BERT fc1, gate+up): at M = 128 the per-call unpack (N x K bytes written) costs more than the K-group
+# kernel's whole GEMM (4096 x 14336: 63.3 us vs wgmma 46.2; 0.45-0.92x of it from M = 512 on every shape;
+# bench/results/gemm_wgmma_NVIDIA_H200.md, stop 36). M = 129-511 is not measured.
+TWO_LEVEL_MIN_M_WIDE = 128
+
+
+def _check_two_level_mode(mode: str, where: str) -> str:
+    return _check_policy_mode(mode, where, "the two-level INT4 path (unpack, then the Hopper INT8 GEMM)")
+
+
+TWO_LEVEL_MODE = _check_two_level_mode(os.environ.get("ZQ_GEMM_TWO_LEVEL", "auto"), "ZQ_GEMM_TWO_LEVEL")
+
+# Every threshold above is a bucket edge, so each M bucket has one choice: 1-4, 5-16, 17-32, 33-64, 65-128,
+# 129-1024, >1024 (at most ZQ_GEMM_PLAN_MAX = 8: the TensorRT plugin's plan).
+_M_EDGES = sorted({SMALL_M, SMALL_M_KGROUPS, SKINNY_INT8_MID_M, MMA_ROW_MAX_M, MMA_KGROUP_MAX_M, TWO_LEVEL_MIN_M_WIDE})
+M_BUCKETS: tuple[tuple[int, float], ...] = tuple(zip((1, *(e + 1 for e in _M_EDGES)), (*_M_EDGES, math.inf)))
 HALF = ("float16", "bfloat16")
 FP8_TENSORRT = "the TensorRT dialect exports FP8 GEMMs as standard ONNX (no zq plugin takes FP8)"
 FLOATS = ("float32", *HALF)
@@ -140,6 +159,7 @@ class GemmProblem:
     bias_dtype: Optional[str] = None
     residual_dtype: Optional[str] = None
     m: int = 1
+    two_level: bool = False  # INT4 K-group scales that are u x a row base (int8_gemm_dequant's two_level)
 
     @property
     def row_scales(self) -> bool:
@@ -154,15 +174,18 @@ class GemmProblem:
             return f"W FP8 A FP8 M={self.m} N={self.n} K={self.k}, row scales, out {self.out_dtype}"
         a = "A8" if self.x_dtype == "int8" else f"A16 ({self.x_dtype})"
         scales = "row scales" if self.row_scales else f"K groups of {self.group_k}"
+        scales += ", two-level" if self.two_level else ""
         return f"W{self.w_bits}{a} M={self.m} N={self.n} K={self.k}, {scales}, out {self.out_dtype}"
 
 
-def problem_of(op: str, x, wq, w_scale, bias, residual, w_bits: int, out_dtype, m: int = 1) -> GemmProblem:
+def problem_of(op: str, x, wq, w_scale, bias, residual, w_bits: int, out_dtype, m: int = 1,
+               two_level: bool = False) -> GemmProblem:
     """The problem of a zq GEMM call from its operands (tensors, or the fake tensors of a graph node)."""
     k, groups = int(x.shape[-1]), int(w_scale.shape[1])
+    two_level = bool(two_level) and groups > 1 and int(w_bits) == 4  # the flag means nothing for other weights
     return GemmProblem(op, int(wq.shape[0]), k, int(w_bits), 0 if groups == 1 else k // groups, dtype_name(x.dtype),
                        dtype_name(out_dtype), dtype_name(getattr(bias, "dtype", None)),
-                       dtype_name(getattr(residual, "dtype", None)), m)
+                       dtype_name(getattr(residual, "dtype", None)), m, two_level)
 
 
 @dataclass(frozen=True)
@@ -296,6 +319,34 @@ class Wgmma(GemmKernel):
                         "this one)")
             if p.m <= WGMMA_MIN_M:
                 return f"policy: M <= {WGMMA_MIN_M}: the decode-shaped and mma kernels' range"
+        return None
+
+
+class Sm90TwoLevel(GemmKernel):
+    name, may_decline_at_run_time = "sm90_two_level", True  # the Hopper kernel's limits (M past 2^31)
+    summary = ("INT4 with two-level K-group scales unpacked per call to int8 code x u, then the CUTLASS Hopper INT8 "
+               "GEMM with the row base as its scale (a workspace of N x K bytes; not in the C dispatcher)")
+
+    def can_implement(self, p, d):
+        why = _int_weights(p) or _device_reason(d)
+        if why:
+            return why
+        if d.tensorrt:
+            return "not in the C kernel library's dispatcher (an unpack, then the sm90 kernel): TensorRT cannot run it"
+        why = SM90.can_implement(replace(p, w_bits=8, group_k=0, two_level=False, m=max(p.m, SMALL_M + 1)), d)
+        if why:  # the INT8 row-scaled GEMM it runs: its contract (M past its policy edge)
+            return why
+        if not p.two_level:
+            return "needs two-level INT4 K-group scales (WeightQuant(group_scales='two-level'))"
+        if p.group_k % 16:
+            return "needs a K-group size that is a multiple of 16"
+        if TWO_LEVEL_MODE == "0":
+            return "policy: turned off (ZQ_GEMM_TWO_LEVEL=0)"
+        if TWO_LEVEL_MODE == "auto" and p.m <= TWO_LEVEL_MIN_M:
+            return f"policy: M <= {TWO_LEVEL_MIN_M}: the decode-shaped and mma kernels read the weight once"
+        if TWO_LEVEL_MODE == "auto" and p.n > p.k and p.m <= TWO_LEVEL_MIN_M_WIDE:
+            return (f"policy: N > K and M <= {TWO_LEVEL_MIN_M_WIDE}: the per-call unpack costs more than the "
+                    f"K-group kernel (measured)")
         return None
 
 
@@ -462,9 +513,10 @@ class Reference(GemmKernel):
 
 
 SKINNY, MMA, SM90, FP16_DEQUANT, SIMT, REFERENCE = Skinny(), Mma(), Sm90(), Fp16Dequant(), Simt(), Reference()
-SM90_FP8, SCALED_MM, WGMMA = Sm90Fp8(), ScaledMm(), Wgmma()
+SM90_FP8, SCALED_MM, WGMMA, SM90_TWO_LEVEL = Sm90Fp8(), ScaledMm(), Wgmma(), Sm90TwoLevel()
 # priority order
-KERNELS: tuple[GemmKernel, ...] = (SKINNY, WGMMA, MMA, SM90, FP16_DEQUANT, SIMT, SM90_FP8, SCALED_MM, REFERENCE)
+KERNELS: tuple[GemmKernel, ...] = (SKINNY, SM90_TWO_LEVEL, WGMMA, MMA, SM90, FP16_DEQUANT, SIMT, SM90_FP8, SCALED_MM,
+                                   REFERENCE)
 BY_NAME = {k.name: k for k in KERNELS}
 
 
@@ -534,6 +586,12 @@ def wgmma_mode(mode: str):
     """`with wgmma_mode(mode):` the Hopper K-group kernel's policy (WGMMA_MODES) inside the block (A/B
     measurements, tests)."""
     return _policy("WGMMA_MODE", _check_wgmma_mode(mode, "wgmma_mode"))
+
+
+def two_level_mode(mode: str):
+    """`with two_level_mode(mode):` the two-level INT4 path's policy (TWO_LEVEL_MODES) inside the block (A/B
+    measurements, tests)."""
+    return _policy("TWO_LEVEL_MODE", _check_two_level_mode(mode, "two_level_mode"))
 
 
 def sm90_fp8_mode(mode: str):

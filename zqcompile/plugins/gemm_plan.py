@@ -30,8 +30,10 @@ def problem_of_node(node: fx.Node) -> Optional[GemmProblem]:
     def val(a):
         return a.meta.get("val") if isinstance(a, fx.Node) else None
 
+    two_level = False
     if name == "int8_gemm_dequant":
-        x, _, wq, ws, bias, res, _, bits, out_dtype = node.args
+        x, _, wq, ws, bias, res, _, bits, out_dtype = node.args[:9]
+        two_level = bool(node.args[9] if len(node.args) > 9 else node.kwargs.get("two_level", False))
     elif name == "fp8_gemm_dequant":
         (x, _, wq, ws, bias, res, _, out_dtype), bits = node.args, 8
     else:
@@ -39,7 +41,7 @@ def problem_of_node(node: fx.Node) -> Optional[GemmProblem]:
         out_dtype = val(x).dtype
     if any(val(a) is None for a in (x, wq, ws)):
         return None
-    return problem_of(name, val(x), val(wq), val(ws), val(bias), val(res), bits, out_dtype)
+    return problem_of(name, val(x), val(wq), val(ws), val(bias), val(res), bits, out_dtype, two_level=two_level)
 
 
 def gemm_device(device: Union[torch.device, str, GemmDevice]) -> GemmDevice:

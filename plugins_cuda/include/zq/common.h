@@ -20,7 +20,7 @@ typedef enum { ZQ_F32 = 0, ZQ_F16 = 1, ZQ_BF16 = 2, ZQ_FP8_E4M3 = 3 } zq_dtype;
 typedef enum { ZQ_ACT_NONE = 0, ZQ_ACT_GELU = 1, ZQ_ACT_GELU_TANH = 2, ZQ_ACT_RELU = 3, ZQ_ACT_SILU = 4 } zq_act;
 
 // Library version, bumped when a launch signature changes (the binding checks it).
-#define ZQ_ABI_VERSION 15
+#define ZQ_ABI_VERSION 16
 ZQ_API int zq_abi_version(void);
 // Per-token row kernels (quantize_per_token, norm_quant, act_quant) on sm_90+: rows at or under which a long
 // row (K > 1024) is split over a cluster of 8 blocks. -1 (default): the library's choice (act_quant only, 8 x

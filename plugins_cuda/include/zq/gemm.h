@@ -86,6 +86,12 @@ ZQ_API int zq_gemm_wgmma_num_configs(void);
 // Weight helpers for the large-M paths that reuse the INT8 / fp16 tensor-core GEMMs.
 // INT4 packed [N, K/2] -> int8 [N, K].
 ZQ_API cudaError_t zq_unpack_int4(const uint8_t* wq, int64_t n, int64_t k, int8_t* out, cudaStream_t stream);
+// INT4 packed [N, K/2] with two-level K-group scales [N, groups] (each u x the row's base = max / 15, u in 1..15:
+// zqcompile's WeightQuant(group_scales="two-level")) -> int8 code x u [N, K] and the base [N], so the INT8 GEMM
+// with row scales computes the same products. K and K / groups multiples of 16 (else cudaErrorInvalidValue); wq
+// 8-byte and out 16-byte aligned (else cudaErrorNotSupported).
+ZQ_API cudaError_t zq_unpack_int4_two_level(const uint8_t* wq, const float* w_scale, int64_t groups, int64_t n,
+                                            int64_t k, int8_t* out, float* row_scale, cudaStream_t stream);
 // [N, K] int8 or packed INT4 with scales [N, groups] -> float [N, K] in out_dt.
 ZQ_API cudaError_t zq_dequantize_weight(const void* wq, int w_bits, const float* w_scale, int64_t groups, int64_t n,
                                         int64_t k, void* out, zq_dtype out_dt, cudaStream_t stream);
