@@ -53,8 +53,8 @@ def test_group_size_larger_than_k_names_the_module_and_what_fits():
 def test_plan_names_the_k_group_size_actually_used():
     e = engine_for("gpt2", "w4/8a8")  # INT4 fc1 / fc2: K = 64 and 256; the default group is 128
     plan = {g["fqn"]: g["scheme"] for g in e.record.gemms}
-    assert plan["transformer.h.0.mlp.c_fc"] == "W: INT4 K groups of 64 | A8 per-token"
-    assert plan["transformer.h.0.mlp.c_proj"] == "W: INT4 K groups of 128 | A8 per-token"
+    assert plan["transformer.h.0.mlp.c_fc"] == "W: INT4 K groups of 64, two-level scales | A8 per-token"
+    assert plan["transformer.h.0.mlp.c_proj"] == "W: INT4 K groups of 128, two-level scales | A8 per-token"
     assert e.gm.get_buffer("zq_transformer_h_0_mlp_c_fc_w_scale").shape == (256, 1)
     notes = {p["name"]: p["notes"] for p in e.record.passes}["classify_gemms"]
     assert "K groups of 64 for 2 GEMM(s) with K=64 (the default 128 does not fit K)" in notes

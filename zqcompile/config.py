@@ -58,9 +58,10 @@ class WeightQuant:
 
     group_scales (INT4 K groups only): "fp32", each K group's scale max|w_group| / 7; or "two-level", each rounded
     up to an integer multiple u (1..15) of a per-row base (QServe's progressive group quantization), so that
-    code x u is an exact int8 and a large-M GEMM could run as an INT8 one (no kernel does yet: today every kernel
-    reads them as fp32 K-group scales). SmolLM2-135M W4/8A8 perplexity 28.94 against 29.68 with fp32 group scales
-    (bench/accuracy/README.md).
+    code x u is an exact int8: past M = 64 tokens on sm_90 the weight is unpacked per call and the CUTLASS INT8
+    GEMM runs it (kernel sm90_two_level; ZQ_GEMM_TWO_LEVEL=0 turns it off), at M <= 64 the decode kernels read
+    them as fp32 K-group scales. The "w4/8a8" preset uses them. SmolLM2-135M W4/8A8 perplexity 28.94 against
+    29.68 with fp32 group scales (bench/accuracy/README.md).
     """
 
     bits: int = 8
@@ -548,6 +549,7 @@ def as_scheme(value: GemmScheme | str) -> GemmScheme:
 _HEAD_FP = {"head": FP, "router": FP}
 _W8 = WeightQuant(8)
 _W4 = WeightQuant(4, "k_groups")  # groups of 128 along K, smaller where K needs it
+_W4_TWO_LEVEL = WeightQuant(4, "k_groups", group_scales="two-level")  # W4/8A8's MLP: the INT8 GEMM at large M
 
 
 def _preset_w8a8() -> QuantConfig:
@@ -570,7 +572,7 @@ def _preset_w8a8_fp8act() -> QuantConfig:
 
 
 def _preset_w4_8a8() -> QuantConfig:
-    w4 = GemmScheme(_W4, ActQuant("token"))
+    w4 = GemmScheme(_W4_TWO_LEVEL, ActQuant("token"))
     return QuantConfig("w4/8a8", GemmScheme(_W8, ActQuant("token")), {**_HEAD_FP, "fc1": w4, "fc2": w4})
 
 

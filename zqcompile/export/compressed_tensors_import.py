@@ -26,6 +26,7 @@ from zqcompile.errors import ModelLoadError
 from zqcompile.export import ct_format as ctf
 from zqcompile.export.ct_layout import checkpoint_name, expert_linears, stacked_parameters
 from zqcompile.models import is_compressed_tensors, quantization_config
+from zqcompile.ops import quant_math as qm
 from zqcompile.passes.base import StoredWeight
 
 _FORMATS = (ctf.INT_QUANTIZED, ctf.NAIVE_QUANTIZED, ctf.PACK_QUANTIZED)
@@ -137,6 +138,27 @@ def _stored(path: str, fqn: str, scheme: GemmScheme, tensors: dict) -> StoredWei
     return StoredWeight(values.contiguous(), scale.contiguous(), w.bits)
 
 
+def _config(qc: dict, schemes: dict[str, GemmScheme], layers: dict[str, nn.Module]) -> QuantConfig:
+    """The QuantConfig of the checkpoint's ignore list and config groups (targets as overrides, in order)."""
+    ignore = [t for t in (qc.get("ignore") or []) if any(_matches(t, n, m) for n, m in layers.items())]
+    overrides: list = [(_override_key(t), FP) for t in ignore]
+    for name, group in qc["config_groups"].items():
+        overrides += [(_override_key(t), schemes[name]) for t in group.get("targets", [])
+                      if any(_matches(t, n, m) for n, m in layers.items())]
+    return QuantConfig("compressed-tensors", FP, {}, tuple(overrides), merge_gemms=True)
+
+
+def _all_two_level(cfg: QuantConfig, scheme: GemmScheme, stored: dict[str, StoredWeight],
+                   layers: dict[str, nn.Module]) -> bool:
+    """Whether an INT4 K-group scheme's stored weights all have two-level scales (qm.is_two_level)."""
+    w = scheme.weight
+    if w is None or w.bits != 4 or w.granularity != "k_groups":
+        return False
+    mine = [s for fqn, s in stored.items()
+            if resolve_scheme(cfg, fqn, classify_role(fqn), [type(layers[fqn])])[0] is scheme]
+    return bool(mine) and all(qm.is_two_level(s.scale) for s in mine)
+
+
 def load_compressed_tensors(path: str) -> tuple[nn.Module, QuantConfig, dict[str, StoredWeight]]:
     """(the float model with dequantized weights, the QuantConfig the checkpoint's config amounts to, the stored
     quantized weights by module FQN) of a compressed-tensors folder; ModelLoadError for what cannot be taken."""
@@ -154,12 +176,7 @@ def load_compressed_tensors(path: str) -> tuple[nn.Module, QuantConfig, dict[str
     modules = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     experts = expert_linears(model)  # checkpoint Linear layers that are rows of the model's stacked experts
     layers = {**modules, **{x.name: nn.Linear(1, 1, device="meta") for x in experts}}
-    ignore = [t for t in (qc.get("ignore") or []) if any(_matches(t, n, m) for n, m in layers.items())]
-    overrides: list = [(_override_key(t), FP) for t in ignore]
-    for name, group in qc["config_groups"].items():
-        overrides += [(_override_key(t), schemes[name]) for t in group.get("targets", [])
-                      if any(_matches(t, n, m) for n, m in layers.items())]
-    cfg = QuantConfig("compressed-tensors", FP, {}, tuple(overrides), merge_gemms=True)
+    cfg = _config(qc, schemes, layers)
     stored, state = {}, {}
     for fqn, mod in layers.items():
         scheme, _ = resolve_scheme(cfg, fqn, classify_role(fqn), [type(mod)])
@@ -172,6 +189,10 @@ def load_compressed_tensors(path: str) -> tuple[nn.Module, QuantConfig, dict[str
             stored[fqn] = s = _stored(path, fqn, scheme, tensors)
             gk = s.values.shape[1] // s.scale.shape[1]
             state[f"{fqn}.weight"] = (s.values.float() * s.scale.repeat_interleave(gk, dim=1)).to(mod.weight.dtype)
+    two_level = {name: replace(sch, weight=replace(sch.weight, group_scales="two-level"))
+                 for name, sch in schemes.items() if _all_two_level(cfg, sch, stored, layers)}
+    if two_level:  # INT4 groups whose stored scales are all two-level: the engine may run them as INT8 GEMMs
+        cfg = _config(qc, {**schemes, **two_level}, layers)
     if experts:
         cfg, stored = _stack_experts(model, experts, cfg, stored, state, tensors)
     state.update(tensors)
