@@ -60,8 +60,8 @@ class WeightQuant:
     up to an integer multiple u (1..15) of a per-row base (QServe's progressive group quantization), so that
     code x u is an exact int8: past M = 64 tokens (128 where N > K) on sm_90 the weight is unpacked per call and
     the CUTLASS INT8 GEMM runs it (kernel sm90_two_level; ZQ_GEMM_TWO_LEVEL=0 turns it off); below that the
-    K-group kernels read them as fp32 K-group scales. The "w4/8a8" preset uses them. SmolLM2-135M W4/8A8 perplexity 28.94 against
-    29.68 with fp32 group scales (bench/accuracy/README.md).
+    K-group kernels read them as fp32 K-group scales. The "w4/8a8" preset uses them. SmolLM2-135M W4/8A8
+    perplexity 28.94 against 29.68 with fp32 group scales (bench/accuracy/README.md).
     """
 
     bits: int = 8

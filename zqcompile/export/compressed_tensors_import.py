@@ -148,15 +148,12 @@ def _config(qc: dict, schemes: dict[str, GemmScheme], layers: dict[str, nn.Modul
     return QuantConfig("compressed-tensors", FP, {}, tuple(overrides), merge_gemms=True)
 
 
-def _all_two_level(cfg: QuantConfig, scheme: GemmScheme, stored: dict[str, StoredWeight],
-                   layers: dict[str, nn.Module]) -> bool:
+def _all_two_level(scheme: GemmScheme, stored: list[StoredWeight]) -> bool:
     """Whether an INT4 K-group scheme's stored weights all have two-level scales (qm.is_two_level)."""
     w = scheme.weight
     if w is None or w.bits != 4 or w.granularity != "k_groups":
         return False
-    mine = [s for fqn, s in stored.items()
-            if resolve_scheme(cfg, fqn, classify_role(fqn), [type(layers[fqn])])[0] is scheme]
-    return bool(mine) and all(qm.is_two_level(s.scale) for s in mine)
+    return bool(stored) and all(qm.is_two_level(s.scale) for s in stored)
 
 
 def load_compressed_tensors(path: str) -> tuple[nn.Module, QuantConfig, dict[str, StoredWeight]]:
@@ -177,7 +174,7 @@ def load_compressed_tensors(path: str) -> tuple[nn.Module, QuantConfig, dict[str
     experts = expert_linears(model)  # checkpoint Linear layers that are rows of the model's stacked experts
     layers = {**modules, **{x.name: nn.Linear(1, 1, device="meta") for x in experts}}
     cfg = _config(qc, schemes, layers)
-    stored, state = {}, {}
+    stored, state, scheme_of = {}, {}, {}
     for fqn, mod in layers.items():
         scheme, _ = resolve_scheme(cfg, fqn, classify_role(fqn), [type(mod)])
         has = f"{fqn}.weight_scale" in tensors
@@ -187,10 +184,12 @@ def load_compressed_tensors(path: str) -> tuple[nn.Module, QuantConfig, dict[str
             if not has:
                 raise _fail(path, f"{fqn} is quantized by the config but stores no weight_scale")
             stored[fqn] = s = _stored(path, fqn, scheme, tensors)
+            scheme_of[fqn] = scheme
             gk = s.values.shape[1] // s.scale.shape[1]
             state[f"{fqn}.weight"] = (s.values.float() * s.scale.repeat_interleave(gk, dim=1)).to(mod.weight.dtype)
     two_level = {name: replace(sch, weight=replace(sch.weight, group_scales="two-level"))
-                 for name, sch in schemes.items() if _all_two_level(cfg, sch, stored, layers)}
+                 for name, sch in schemes.items()
+                 if _all_two_level(sch, [s for fqn, s in stored.items() if scheme_of[fqn] is sch])}
     if two_level:  # INT4 groups whose stored scales are all two-level: the engine may run them as INT8 GEMMs
         cfg = _config(qc, {**schemes, **two_level}, layers)
     if experts:

@@ -162,15 +162,16 @@ def _run(op: str, choice: GemmChoice, x, x_scale, wq, w_scale, bias, residual, a
         _served(kernel.name)
         return _scaled_mm(x, x_scale, wq, w_scale, bias, residual, act, out_dtype)
     out = torch.empty((x.shape[0], wq.shape[0]), dtype=out_dtype, device=x.device)
-    rc = CUDA_ERROR_NOT_SUPPORTED
     if kernel.name == "sm90_two_level":  # the INT8 GEMM on code x u with the row base (its workspace: this call's)
         w8, base = unpack_int4_two_level(wq, w_scale)
         rc = launch_gemm("sm90", x, x_scale, w8, base, bias, residual, act, 8, out)
         del w8
-    elif kernel.name == "skinny" and skinny_config >= 0:
-        rc = launch_gemm(kernel.name, x, x_scale, wq, w_scale, bias, residual, act, w_bits, out, skinny_config)
-    if rc == CUDA_ERROR_NOT_SUPPORTED and kernel.name != "sm90_two_level":
-        rc = launch_gemm(kernel.name, x, x_scale, wq, w_scale, bias, residual, act, w_bits, out)
+    else:
+        rc = CUDA_ERROR_NOT_SUPPORTED
+        if kernel.name == "skinny" and skinny_config >= 0:
+            rc = launch_gemm(kernel.name, x, x_scale, wq, w_scale, bias, residual, act, w_bits, out, skinny_config)
+        if rc == CUDA_ERROR_NOT_SUPPORTED:
+            rc = launch_gemm(kernel.name, x, x_scale, wq, w_scale, bias, residual, act, w_bits, out)
     if rc == CUDA_ERROR_NOT_SUPPORTED and choice.fallback is not None:
         lib.note_fallback(op, f"{kernel.name} declined at run time (pointer alignment or grid size); ran "
                               f"{choice.fallback.name}, the plan's fallback")

@@ -107,13 +107,13 @@ WGMMA_MODE = _check_wgmma_mode(os.environ.get("ZQ_GEMM_WGMMA", "auto"), "ZQ_GEMM
 # Two-level INT4 K-group scales (WeightQuant(group_scales="two-level"): each u x a row base, u in 1..15): past
 # M = 64 the weight is unpacked per call to int8 code x u (|code x u| <= 105, zq_unpack_int4_two_level) and the
 # Hopper INT8 GEMM runs it with the base as its row scale, the INT8 tensor-core speed for W4A8 prefill at the cost
-# of an N x K int8 workspace per call. "auto": past M = 64 on sm_90; "1": wherever its contract holds; "0":
-# never. Read from ZQ_GEMM_TWO_LEVEL at import; `two_level_mode(...)` changes it for a block.
+# of an N x K int8 workspace per call. "auto": past M = 64 on sm_90 (past 128 where N > K); "1": wherever its
+# contract holds; "0": never. Read from ZQ_GEMM_TWO_LEVEL at import; `two_level_mode(...)` changes it for a block.
 TWO_LEVEL_MODES = SKINNY_MODES
 TWO_LEVEL_MIN_M = WGMMA_MIN_M  # at or under: the decode-shaped and mma kernels (which read the fp32 scales)
 # N > K (BERT fc1, gate+up): at M = 128 the per-call unpack (N x K bytes written) costs more than the K-group
 # kernel's whole GEMM (4096 x 14336: 63.3 us vs wgmma 46.2; 0.45-0.92x of it from M = 512 on every shape;
-# bench/results/gemm_wgmma_NVIDIA_H200.md, stop 36). M = 129-511 is not measured.
+# bench/results/gemm_two_level_NVIDIA_H200.md, stop 36). M = 129-511 is not measured.
 TWO_LEVEL_MIN_M_WIDE = 128
 
 
