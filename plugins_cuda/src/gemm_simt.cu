@@ -36,6 +36,14 @@ __device__ __forceinline__ int w_at(const uint8_t* wrow, int64_t k) {
   }
 }
 
+// Two packed INT4 bytes (bits 16p..16p+15 of `word`, low nibble first) -> four int8 (code x u) in one word.
+__device__ __forceinline__ uint32_t int4_word(uint32_t word, int p, int u = 1) {
+  const uint32_t b0 = (word >> (16 * p)) & 0xFF, b1 = (word >> (16 * p + 8)) & 0xFF;
+  const int e0 = ((int)(b0 << 28) >> 28) * u, e1 = ((int)(b0 << 24) >> 28) * u;
+  const int e2 = ((int)(b1 << 28) >> 28) * u, e3 = ((int)(b1 << 24) >> 28) * u;
+  return (e0 & 0xFF) | ((e1 & 0xFF) << 8) | ((e2 & 0xFF) << 16) | ((uint32_t)(e3 & 0xFF) << 24);
+}
+
 // 16 consecutive weights starting at k0 (k0 % 16 == 0) as four words of packed int8.
 template <int WBITS>
 __device__ __forceinline__ void w_chunk(const uint8_t* wrow, int64_t k0, int (&w)[4]) {
@@ -48,12 +56,7 @@ __device__ __forceinline__ void w_chunk(const uint8_t* wrow, int64_t k0, int (&w
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
-      for (int p = 0; p < 2; ++p) {  // two bytes -> four int8 (lo, hi, lo, hi)
-        const uint32_t b0 = (words[h] >> (16 * p)) & 0xFF, b1 = (words[h] >> (16 * p + 8)) & 0xFF;
-        const int e0 = (int)(b0 << 28) >> 28, e1 = (int)(b0 << 24) >> 28;
-        const int e2 = (int)(b1 << 28) >> 28, e3 = (int)(b1 << 24) >> 28;
-        w[2 * h + p] = (e0 & 0xFF) | ((e1 & 0xFF) << 8) | ((e2 & 0xFF) << 16) | ((uint32_t)(e3 & 0xFF) << 24);
-      }
+      for (int p = 0; p < 2; ++p) w[2 * h + p] = (int)int4_word(words[h], p);
     }
   }
 }
@@ -290,17 +293,6 @@ __global__ void dequantize_weight_kernel(const uint8_t* __restrict__ wq, const f
 // INT4 codes with two-level K-group scales (zqcompile's qm.two_level_scales: each scale u x the row's base, base =
 // max_g scale / 15, exact in fp32) -> int8 code x u (|code x u| <= 105) and the base as the row's scale, so the
 // Hopper INT8 GEMM computes the same products. One block a weight row; 16 codes (one group: gk % 16 == 0) a step.
-__device__ __forceinline__ uint32_t two_level_word(uint32_t packed, int shift, int u) {
-  uint32_t word = 0;
-  for (int j = 0; j < 2; ++j) {  // two packed bytes -> four int8 (low nibble first)
-    const int b = (packed >> (shift + 8 * j)) & 0xFF;
-    const int lo = (b & 0xF) >= 8 ? (b & 0xF) - 16 : (b & 0xF), hi = (b >> 4) >= 8 ? (b >> 4) - 16 : (b >> 4);
-    word |= (uint32_t)(uint8_t)(int8_t)(lo * u) << (16 * j);
-    word |= (uint32_t)(uint8_t)(int8_t)(hi * u) << (16 * j + 8);
-  }
-  return word;
-}
-
 __global__ void unpack_int4_two_level_kernel(const uint8_t* __restrict__ wq, const float* __restrict__ ws,
                                              int64_t groups, int64_t k, int8_t* __restrict__ out,
                                              float* __restrict__ row_scale) {
@@ -319,8 +311,7 @@ __global__ void unpack_int4_two_level_kernel(const uint8_t* __restrict__ wq, con
   for (int64_t c = threadIdx.x; c < k / 16; c += blockDim.x) {
     const int u = min(max(__float2int_rn(__fdiv_rn(s[c * 16 / gk], base)), 1), 15);
     const uint2 p = src[c];
-    dst[c] = make_uint4(two_level_word(p.x, 0, u), two_level_word(p.x, 16, u), two_level_word(p.y, 0, u),
-                        two_level_word(p.y, 16, u));
+    dst[c] = make_uint4(int4_word(p.x, 0, u), int4_word(p.x, 1, u), int4_word(p.y, 0, u), int4_word(p.y, 1, u));
   }
 }
 
